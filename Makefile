@@ -1,0 +1,33 @@
+# ecgvlm: `make test` and `make demo` build .venv themselves when it is missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_PIN := torch==2.13.0
+
+.PHONY: venv test test-unit demo bench clean
+
+# torch first: a plain `torch` requirement would pull a multi-GB CUDA build, while
+# torch==2.13.0 resolves to the CPU wheel already on this machine's disk. The rest is then
+# installed with that pin as a constraint, and DS_BUILD_OPS=0 keeps DeepSpeed from
+# compiling its C++/CUDA ops at install time (the CPU comm op it needs is JIT-built on use).
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PIN)
+	echo "$(TORCH_PIN)" > $(VENV)/constraints.txt
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -c $(VENV)/constraints.txt -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	$(PY) -m pytest -q tests
+
+test-unit: venv
+	$(PY) -m pytest -q tests/unit
+
+demo: venv
+	$(PY) -m ecgvlm.cli demo
+
+clean:
+	rm -rf $(VENV) build *.egg-info

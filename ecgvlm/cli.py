@@ -1,0 +1,125 @@
+"""The ``ecgvlm`` command: a thin shell over the same functions the jobs call.
+
+Each subcommand imports what it needs inside its handler, so ``ecgvlm inspect`` does not pay
+for importing torch or ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    raise NotImplementedError("ecgvlm inspect: see issue 2")
+
+
+def _cmd_datasets(args: argparse.Namespace) -> int:
+    raise NotImplementedError("ecgvlm datasets: see issue 2")
+
+
+def _cmd_render(args: argparse.Namespace) -> int:
+    raise NotImplementedError("ecgvlm render: see issue 3")
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    raise NotImplementedError("ecgvlm prepare: see issue 4")
+
+
+def _cmd_model(args: argparse.Namespace) -> int:
+    raise NotImplementedError("ecgvlm model: see issue 5")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    raise NotImplementedError("ecgvlm train: see issue 6")
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    raise NotImplementedError("ecgvlm serve: see issue 7")
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    raise NotImplementedError("ecgvlm evaluate: see issue 8")
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    raise NotImplementedError("ecgvlm demo: see issue 9")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ecgvlm", description="Read ECGs with vision-language models, on Ray."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="show leads, fs, duration and labels of a record")
+    p.add_argument("path", help="record path as wfdb takes it (no extension)")
+    p.add_argument("--dataset", default=None, help="dataset key when it cannot be recognised")
+    p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("datasets", help="dataset utilities")
+    dsub = p.add_subparsers(dest="datasets_command", required=True)
+    s = dsub.add_parser("summarize", help="table of records and label counts per dataset")
+    s.add_argument("root", help="a dataset folder or a folder of dataset folders")
+    s.add_argument("--dataset", default=None)
+    s.set_defaults(func=_cmd_datasets)
+
+    p = sub.add_parser("render", help="draw a record as a clinical printout PNG")
+    p.add_argument("path")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--layout", default=None)
+    p.add_argument("--dpi", type=int, default=None)
+    p.add_argument("--style", default=None)
+    p.add_argument("--augment", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_render)
+
+    p = sub.add_parser("prepare", help="build the MCQ data set with Ray Data")
+    p.add_argument("--config", required=True)
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser("model", help="PULSE checkpoint utilities")
+    msub = p.add_subparsers(dest="model_command", required=True)
+    s = msub.add_parser("make-tiny", help="write a tiny random PULSE-layout checkpoint")
+    s.add_argument("output_dir")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--merge", default="flat", choices=["flat", "spatial_unpad"])
+    s.set_defaults(func=_cmd_model)
+
+    p = sub.add_parser("train", help="LoRA-fine-tune PULSE with Ray Train + DeepSpeed")
+    p.add_argument("--config", required=True)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("serve", help="serve pulse, pulse-lora and gpt-4o on one endpoint")
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1")
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("evaluate", help="evaluate models through the endpoint")
+    p.add_argument("--config", required=True)
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("demo", help="run the whole pipeline on the bundled records")
+    p.add_argument("--output-dir", default="runs/demo")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as e:
+        # Bad input is the user's to fix: say what it is without a traceback.
+        print(f"ecgvlm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

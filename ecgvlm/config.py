@@ -1,0 +1,168 @@
+"""Loading frozen dataclass configs from one YAML file per job plus ``key=value`` overrides.
+
+Each stage defines its own frozen dataclass config (``RenderConfig`` in ``render.py``,
+``McqConfig`` in ``mcq.py``, ...) and validates it in ``__post_init__``; this module only
+turns YAML and overrides into those dataclasses, rejecting unknown keys by name. YAML is
+parsed with ``yaml.safe_load``: a config file is data, never code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit its dataclass; the message names the field."""
+
+
+def check_choice(name: str, value: Any, allowed: Iterable[Any]) -> None:
+    """Raise ConfigError unless ``value`` is one of ``allowed``, naming field and choices."""
+    allowed = list(allowed)
+    if value not in allowed:
+        choices = ", ".join(repr(a) for a in allowed)
+        raise ConfigError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_range(
+    name: str, value: float, low: float | None = None, high: float | None = None
+) -> None:
+    """Raise ConfigError unless ``low <= value <= high`` (either bound may be None)."""
+    if (low is not None and value < low) or (high is not None and value > high):
+        lo = "-inf" if low is None else low
+        hi = "inf" if high is None else high
+        raise ConfigError(f"{name} must be in [{lo}, {hi}], got {value!r}")
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    """Convert a YAML value to the annotated type where the conversion is unambiguous."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if value is None:
+        return None
+    if _is_dataclass_type(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return config_from_dict(tp, value, prefix=f"{where}.")
+    if origin in (typing.Union, types.UnionType):
+        non_none = [a for a in args if a is not type(None)]
+        if len(non_none) == 1:
+            return _coerce(non_none[0], value, where)
+        return value
+    if origin is tuple:
+        if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        item_tp = args[0] if args else Any
+        return tuple(_coerce(item_tp, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        val_tp = args[1] if len(args) == 2 else Any
+        return {str(k): _coerce(val_tp, v, f"{where}.{k}") for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, bool, str) and not isinstance(value, tp):
+        raise ConfigError(f"{where} must be {tp.__name__}, got {value!r}")
+    return value
+
+
+def config_from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
+    """Build dataclass ``cls`` from a mapping, recursing into nested dataclass fields.
+
+    Raises:
+        ConfigError: on unknown keys (listing the allowed ones) or values of the wrong type;
+            errors raised by the dataclass's own validation are re-raised with the field path.
+    """
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix or cls.__name__} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {', '.join(prefix + k for k in unknown)} for {cls.__name__}; "
+            f"allowed: {', '.join(sorted(known))}"
+        )
+    kwargs = {k: _coerce(hints[k], v, prefix + k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        if prefix:
+            raise ConfigError(f"{prefix.rstrip('.')}: {e}") from e
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from e
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply ``dotted.key=value`` overrides (values parsed as YAML) to a nested dict."""
+    data = dict(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like key=value")
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            child = dict(child) if isinstance(child, Mapping) else {}
+            node[part] = child
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterable[str] = ()) -> T:
+    """Load ``cls`` from a YAML file (or defaults when ``path`` is None) plus overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except FileNotFoundError as e:
+            raise ConfigError(f"config file not found: {path}") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from e
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, Mapping):
+            raise ConfigError(f"{path} must hold a mapping at top level, got {type(loaded).__name__}")
+        data = dict(loaded)
+    return config_from_dict(cls, apply_overrides(data, overrides))
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A resolved config as plain YAML/JSON-friendly data (tuples become lists)."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, Mapping):
+            return {str(k): plain(v) for k, v in value.items()}
+        if isinstance(value, Path):
+            return str(value)
+        return value
+
+    return plain(config)
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML next to a job's outputs."""
+    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))

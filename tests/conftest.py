@@ -1,0 +1,52 @@
+"""Shared fixtures: paths to real records, and one local Ray per test session.
+
+The repo's sample records (``data/samples``) travel with every clone; the larger staged set in
+``../shared/data/ecg`` exists on the team's machines and in CI, and tests that sweep it skip
+with a reason where it is absent.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SAMPLES_DIR = REPO_ROOT / "data" / "samples"
+SHARED_ECG_DIR = REPO_ROOT.parent / "shared" / "data" / "ecg"
+
+# DeepSpeed asks for an accelerator at import; on CPU machines say so up front.
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+@pytest.fixture(scope="session")
+def samples_dir() -> Path:
+    return SAMPLES_DIR
+
+
+@pytest.fixture(scope="session")
+def shared_ecg_dir() -> Path:
+    if not SHARED_ECG_DIR.is_dir():
+        pytest.skip(f"staged ECG set not present at {SHARED_ECG_DIR}")
+    return SHARED_ECG_DIR
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session: start-up is paid once.
+
+    Logical CPUs are raised above the machine's 2 so that a Serve replica and a 2-worker
+    trainer can coexist (DESIGN.md: a replica holding 1 CPU starves the trainer otherwise).
+    """
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=8,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+            runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}},
+        )
+    yield ray
+    ray.shutdown()
