@@ -29,14 +29,14 @@ def _record(labels, record_id="cpsc2018/A0001", dataset="cpsc2018", patient_id="
 
 
 GOLDEN_OPTIONS = (
-    "Right bundle branch block: QRS at least 120 ms with an rsR' (M-shaped) complex in V1-V2 "
-    "and a wide, slurred S wave in I and V6.",
-    "Incomplete right bundle branch block: QRS of 110-119 ms with an rsr' pattern in V1-V2 and "
-    "a small slurred S wave in I and V6.",
-    "Left axis deviation: Frontal QRS axis between -30 and -90 degrees: positive QRS in lead I, "
-    "negative in II and aVF.",
-    "Nonspecific intraventricular conduction disorder: QRS longer than 110 ms that fits neither "
-    "right nor left bundle branch block criteria.",
+    ("Right bundle branch block: QRS at least 120 ms with an rsR' (M-shaped) complex in V1-V2 "
+     "and a wide, slurred S wave in I and V6."),
+    ("Incomplete right bundle branch block: QRS of 110-119 ms with an rsr' pattern in V1-V2 and "
+     "a small slurred S wave in I and V6."),
+    ("Left axis deviation: Frontal QRS axis between -30 and -90 degrees: positive QRS in lead I, "
+     "negative in II and aVF."),
+    ("Nonspecific intraventricular conduction disorder: QRS longer than 110 ms that fits neither "
+     "right nor left bundle branch block criteria."),
 )
 GOLDEN_TARGET = (
     "The answer is A. Right bundle branch block: the right ventricle is activated late through "
