@@ -18,6 +18,7 @@ same files and skips every shard whose marker carries the same data set id. The 
 ```
 output_dir/
   manifest.json        counts per split and label, resolved configs, code version, sources
+  prepare_config.yaml  the resolved config
   rejects.jsonl        one line per record (or window) that failed, with stage and reason
   train/part-00000.parquet  train/part-00000.done.json  ...  val/...  test/...
   llava/train.json llava/images/...   (with llava: true)
@@ -45,7 +46,7 @@ from typing import Any
 import numpy as np
 
 import ecgvlm
-from ecgvlm.config import ConfigError, check_range, config_to_dict
+from ecgvlm.config import ConfigError, check_range, config_to_dict, save_config
 from ecgvlm.mcq import McqConfig, McqError, known_findings, make_mcq
 from ecgvlm.prompt import PROMPT_VERSION, conversation_json, llava_record
 from ecgvlm.records import EcgRecord, McqSample
@@ -54,6 +55,7 @@ from ecgvlm.render import RenderConfig
 MANIFEST_FORMAT = "ecgvlm-mcq/1"
 MANIFEST_NAME = "manifest.json"
 REJECTS_NAME = "rejects.jsonl"
+CONFIG_NAME = "prepare_config.yaml"
 LLAVA_DIR = "llava"
 
 # Parquet columns, in order. ``conversation`` is LLaVA's JSON turn list as a string.
@@ -64,7 +66,7 @@ COLUMNS = (
 )
 
 
-class PrepareError(RuntimeError):
+class PrepareError(ValueError):
     """The prepare job cannot go on (e.g. the output folder holds another data set)."""
 
 
@@ -187,6 +189,16 @@ class PrepareResult:
     @property
     def n_samples(self) -> int:
         return sum(s["n_samples"] for s in self.manifest["splits"].values())
+
+    def summary(self) -> dict[str, Any]:
+        """One JSON-friendly line for the command line."""
+        return {
+            "output_dir": self.output_dir,
+            "samples": {name: s["n_samples"] for name, s in self.manifest["splits"].items()},
+            "shards_written": self.shards_written,
+            "shards_skipped": self.shards_skipped,
+            "rejects": self.n_rejects,
+        }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -557,7 +569,7 @@ def _claim_output_dir(out_dir: Path, dataset_id: str, config: PrepareConfig) -> 
                 f"{out_dir} holds another data set (id {state.read_text().strip()}, this config "
                 f"gives {dataset_id}); choose a new output_dir or set overwrite=true"
             )
-        for name in [*config.splits, LLAVA_DIR, MANIFEST_NAME, REJECTS_NAME]:
+        for name in [*config.splits, LLAVA_DIR, MANIFEST_NAME, REJECTS_NAME, CONFIG_NAME]:
             target = out_dir / name
             if target.is_dir():
                 shutil.rmtree(target)
@@ -670,6 +682,7 @@ def prepare_dataset(config: PrepareConfig) -> PrepareResult:
     if config.llava:
         _merge_llava(out_dir, config.splits, shards)
     manifest = _manifest(config, dataset_id, summaries, rejects, items, started)
+    save_config(config, out_dir / CONFIG_NAME)
     _write_atomic(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True).encode())
     return PrepareResult(
         output_dir=str(out_dir),
