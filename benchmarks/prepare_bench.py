@@ -9,8 +9,13 @@ folder:
 
 - ``serial``: the same library functions called in one process, no Ray: the pipeline's own
   cost.
-- ``ray N cpu``: ``prepare_dataset`` on a local Ray with N CPUs, timed on a second run after
-  a first one has started the workers (the cold start is printed too).
+- ``ray N cpu``: ``prepare_dataset`` on one local Ray of max(--cpus) CPUs, each task
+  reserving max/N of them, so that at most N tasks run at once.
+
+Each variant runs once to warm up (imports, Ray workers; the cold times are printed), then
+the variants take turns ``--repeats`` times, each into a fresh folder, and the fastest run of
+each counts: on a shared machine the load drifts over minutes, and taking turns exposes every
+variant to the same drift (the load average at start and end is printed with the table).
 
 Ray overhead = 1 - serial time / Ray-on-1-CPU time: the share of the 1-CPU wall time that the
 pipeline itself does not explain (task scheduling, serialisation, Ray Data's executor,
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -75,41 +81,48 @@ def config_for(root: Path, out: Path, shard_size: int) -> PrepareConfig:
     )
 
 
+def _fresh(config: PrepareConfig, name: str) -> PrepareConfig:
+    return dataclasses.replace(config, output_dir=f"{config.output_dir}-{name}")
+
+
 def run_serial(config: PrepareConfig) -> tuple[float, Counter]:
     t0 = time.perf_counter()
     rows = [r for item in list_sources(config) for r in scan_path(item, config.window_s)]
     units = [_unit_from_json(r["unit"]) for r in rows if r["unit"]]
+    scan_s = time.perf_counter() - t0
     shards = plan_shards(assign_splits(units, config), config.shard_size)
     Path(config.output_dir).mkdir(parents=True, exist_ok=True)
     timing: Counter = Counter()
     for spec in shards:
         timing.update(build_shard(spec, config, config.output_dir, "bench")["timing"])
-    return time.perf_counter() - t0, timing
+    wall = time.perf_counter() - t0
+    timing.update({"scan_wall_s": scan_s, "build_wall_s": wall - scan_s})
+    return wall, timing
 
 
-def run_ray(config: PrepareConfig, cpus: int, work: Path) -> tuple[float, float, Counter]:
+def start_ray(cpus: int) -> None:
     import ray
 
     for attempt in range(3):
         try:
             ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False,
                      configure_logging=False)
-            break
+            return
         except Exception as e:  # Ray waits a fixed 30 s for its node: too short on a busy machine
             print(f"ray.init failed ({e}); retrying", file=sys.stderr)
             ray.shutdown()
             if attempt == 2:
                 raise
-    try:
-        t0 = time.perf_counter()
-        prepare_dataset(dataclasses.replace(config, output_dir=str(work / f"cold{cpus}")))
-        cold = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        result = prepare_dataset(config)
-        warm = time.perf_counter() - t0
-    finally:
-        ray.shutdown()
-    return cold, warm, Counter(result.manifest["task_time_s"])
+
+
+def run_ray(config: PrepareConfig) -> tuple[float, Counter]:
+    t0 = time.perf_counter()
+    result = prepare_dataset(config)
+    wall = time.perf_counter() - t0
+    timing = Counter(result.manifest["task_time_s"])
+    phases = result.manifest["phase_wall_s"]
+    timing.update({"scan_wall_s": phases["scan_s"], "build_wall_s": phases["build_s"]})
+    return wall, timing
 
 
 def main() -> int:
@@ -117,29 +130,53 @@ def main() -> int:
     parser.add_argument("--copies", type=int, default=4, help="copies of each sample record")
     parser.add_argument("--cpus", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--shard-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant (best counts)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="prepare-bench-"))
     try:
         n = make_inputs(work / "in", args.copies)
+        load_start = os.getloadavg()[0]
+        max_cpus = max(args.cpus)
+        start_ray(max_cpus)
+        base = config_for(work / "in", work / "out", args.shard_size)
+        variants = {"serial (no Ray)": None} | {
+            f"ray {c} cpu": dataclasses.replace(base, num_cpus_per_task=max_cpus / c)
+            for c in args.cpus
+        }
+
+        def run(name: str, tag: str) -> tuple[float, Counter]:
+            cfg = variants[name]
+            if cfg is None:
+                return run_serial(_fresh(base, f"serial-{tag}"))
+            return run_ray(_fresh(cfg, f"{name.replace(' ', '')}-{tag}"))
+
+        cold = {name: run(name, "cold")[0] for name in variants}
+        runs: dict[str, list[tuple[float, Counter]]] = {name: [] for name in variants}
+        for i in range(args.repeats):
+            for name in variants:
+                runs[name].append(run(name, str(i)))
+        import ray
+
+        ray.shutdown()
         results = []
-        serial_s, timing = run_serial(config_for(work / "in", work / "serial", args.shard_size))
-        results.append(("serial (no Ray)", None, serial_s, timing))
-        for cpus in args.cpus:
-            cold, warm, timing = run_ray(
-                config_for(work / "in", work / f"ray{cpus}", args.shard_size), cpus, work
-            )
-            results.append((f"ray {cpus} cpu", cold, warm, timing))
+        for name in variants:
+            wall, timing = min(runs[name], key=lambda r: r[0])
+            results.append((name, cold[name], wall, timing))
+        serial_s = results[0][2]
+        load_end = os.getloadavg()[0]
 
         print(f"\nprepare_bench: {n} 12-lead records, shard_size {args.shard_size}, "
-              "render 3x4+II at 100 dpi\n")
-        print("| variant | cold s | wall s | records/s | task s | render share of task time |")
-        print("| --- | --- | --- | --- | --- | --- |")
+              f"render 3x4+II at 100 dpi, best of {args.repeats}, {os.cpu_count()} cores, "
+              f"load average {load_start:.1f} at start, {load_end:.1f} at end\n")
+        print("| variant | cold s | wall s | records/s | scan s | build s | shard task s "
+              "| render share of shard task time |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         for name, cold, wall, t in results:
             share = t["render_s"] / t["total_s"] if t["total_s"] else float("nan")
-            cold_s = "-" if cold is None else f"{cold:.1f}"
-            print(f"| {name} | {cold_s} | {wall:.1f} | {n / wall:.2f} | {t['total_s']:.1f} | "
-                  f"{share:.0%} |")
+            cold_s = f"{cold:.1f}"
+            print(f"| {name} | {cold_s} | {wall:.1f} | {n / wall:.2f} | {t['scan_wall_s']:.1f} | "
+                  f"{t['build_wall_s']:.1f} | {t['total_s']:.1f} | {share:.0%} |")
         by_cpu = {name: wall for name, _, wall, _ in results}
         summary = {}
         if "ray 1 cpu" in by_cpu:
