@@ -27,7 +27,7 @@ import math
 import re
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
@@ -830,3 +830,48 @@ def iter_records(
                 failures.append(ReadFailure(str(p), e))
             continue
         yield from records
+
+
+@dataclass
+class DatasetSummary:
+    """Counts over the records of one dataset (see ``summarize_records``).
+
+    Attributes:
+        dataset: Dataset key.
+        n_records: Records yielded (MIT-BIH: windows).
+        n_recordings: Distinct source recordings (a MIT-BIH recording gives many windows).
+        n_patients: Distinct patients; a record without patient_id counts as its own.
+        duration_s: Total signal duration.
+        label_counts: Canonical label -> number of records carrying it (unknowns included).
+        unknown_codes: Raw code -> number of records carrying it as ``"UNK:<code>"``.
+    """
+
+    dataset: str
+    n_records: int = 0
+    n_recordings: int = 0
+    n_patients: int = 0
+    duration_s: float = 0.0
+    label_counts: Counter = field(default_factory=Counter)
+    unknown_codes: Counter = field(default_factory=Counter)
+
+
+def summarize_records(records: Iterable[EcgRecord]) -> dict[str, DatasetSummary]:
+    """Count records, recordings, patients, labels and unknown codes per dataset, streaming."""
+    out: dict[str, DatasetSummary] = {}
+    recordings: dict[str, set[str]] = {}
+    patients: dict[str, set[str]] = {}
+    for rec in records:
+        s = out.setdefault(rec.dataset, DatasetSummary(rec.dataset))
+        recording = rec.record_id.split("@", 1)[0]
+        s.n_records += 1
+        s.duration_s += rec.duration_s
+        recordings.setdefault(rec.dataset, set()).add(recording)
+        patients.setdefault(rec.dataset, set()).add(rec.patient_id or recording)
+        s.label_counts.update(rec.labels)
+        s.unknown_codes.update(
+            lab[len(L.UNKNOWN_PREFIX) :] for lab in rec.labels if L.is_unknown(lab)
+        )
+    for key, s in out.items():
+        s.n_recordings = len(recordings[key])
+        s.n_patients = len(patients[key])
+    return dict(sorted(out.items()))
