@@ -86,12 +86,26 @@ class EcgReadError(ValueError):
         self.problem = problem
         super().__init__(f"{self.record}: {problem}")
 
+    def __str__(self) -> str:
+        # Explicit, because OSError (a base of MissingFileError) formats its own way.
+        return f"{self.record}: {self.problem}"
+
     def __reduce__(self):  # keep picklable (Ray ships exceptions between processes)
         return (type(self), (self.record, self.problem))
 
 
-class MissingFileError(EcgReadError):
-    """A header, signal, annotation or label file the record needs does not exist."""
+class MissingFileError(EcgReadError, FileNotFoundError):
+    """A header, signal, annotation or label file the record needs does not exist.
+
+    Also a ``FileNotFoundError``, with ``filename`` set to the missing file where known.
+    """
+
+    def __init__(self, record: str | Path, problem: str, filename: str | Path | None = None):
+        super().__init__(record, problem)
+        self.filename = None if filename is None else str(filename)
+
+    def __reduce__(self):
+        return (type(self), (self.record, self.problem, self.filename))
 
 
 class HeaderError(EcgReadError):
@@ -152,6 +166,11 @@ def _resolve_dataset(path: Path, dataset: str | None) -> str:
         except ValueError as e:
             raise HeaderError(path, str(e)) from e
     key = detect_dataset(path)
+    if key is None and Path(f"{path}.hea").is_file():
+        # A WFDB record from no known collection: read it generically (SNOMED Dx codes).
+        return "wfdb"
+    if key is None and not any(Path(f"{path}{ext}").is_file() for ext in (".mat", ".csv")):
+        raise MissingFileError(path, f"no {path}.hea, {path}.mat or {path}.csv", f"{path}.hea")
     if key is None:
         raise HeaderError(
             path,
@@ -229,8 +248,9 @@ def _patient_id(dataset: str, name: str, path: Path) -> str | None:
         # PTB keeps each patient's records in a folder "patientNNN"; without it, unknown.
         folder = path.parent.name
         return f"ptbdb/{folder}" if re.fullmatch(r"patient\d+", folder) else None
-    if dataset == "ptbxl":
-        # PTB-XL has several records per patient, but the Challenge headers drop patient_id.
+    if dataset in ("ptbxl", "wfdb"):
+        # PTB-XL has several records per patient, but the Challenge headers drop patient_id;
+        # a generic WFDB record says nothing about its patient.
         return None
     # CPSC 2018, CPSC-Extra, Chapman-Shaoxing and Georgia publish one record per patient.
     return f"{dataset}/{name}"
@@ -259,7 +279,7 @@ def _read_wfdb_header(path: Path, rid: str) -> Any:
 
     hea = path.with_suffix(".hea") if path.suffix else Path(f"{path}.hea")
     if not hea.is_file():
-        raise MissingFileError(rid, f"header file {hea} does not exist")
+        raise MissingFileError(rid, f"header file {hea} does not exist", hea)
     try:
         return wfdb.rdheader(str(path))
     except Exception as e:  # wfdb raises bare ValueError/IndexError on malformed headers
@@ -275,7 +295,7 @@ def _read_wfdb_signal(path: Path, rid: str, header: Any) -> tuple[np.ndarray, li
     for file_name in dict.fromkeys(header.file_name):
         f = path.parent / file_name
         if not f.is_file():
-            raise MissingFileError(rid, f"signal file {f} does not exist")
+            raise MissingFileError(rid, f"signal file {f} does not exist", f)
         expected = _expected_file_bytes(header, file_name)
         actual = f.stat().st_size
         if expected is not None and actual < expected:
@@ -407,7 +427,7 @@ def _read_mitdb_annotations(path: Path, rid: str, n_samples: int) -> _MitdbAnnot
 
     atr = Path(f"{path}.atr")
     if not atr.is_file():
-        raise MissingFileError(rid, f"reference annotation file {atr} does not exist")
+        raise MissingFileError(rid, f"reference annotation file {atr} does not exist", atr)
     try:
         ann = wfdb.rdann(str(path), "atr")
     except Exception as e:
@@ -573,7 +593,7 @@ def _read_cpsc_original(path: Path, dataset: str) -> EcgRecord:
     _check_finite(rid, signal, STANDARD_LEADS)
     ref = path.parent / "REFERENCE.csv"
     if not ref.is_file():
-        raise MissingFileError(rid, f"label file {ref} does not exist")
+        raise MissingFileError(rid, f"label file {ref} does not exist", ref)
     table = _cpsc_reference(str(ref), ref.stat().st_mtime)
     if name not in table:
         raise HeaderError(rid, f"{ref} has no row for {name}")

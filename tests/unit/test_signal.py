@@ -179,7 +179,7 @@ def test_samples_all_read_and_cover_every_source(samples_dir):
     failures: list[S.ReadFailure] = []
     records = list(S.iter_records(samples_dir, failures=failures))
     assert failures == []
-    assert {r.dataset for r in records} == set(L.DATASETS)
+    assert {r.dataset for r in records} == set(L.DATASETS) - {"wfdb"}
     total = sum(f.stat().st_size for f in samples_dir.rglob("*") if f.is_file())
     assert total <= 10 * 1024 * 1024
     assert (samples_dir / "mitdb" / "106.atr").is_file()
@@ -223,6 +223,16 @@ def test_wfdb_leads_renamed_and_reordered(tmp_path):
     # Unknown codes are kept, explicitly, next to the known ones.
     assert rec.labels == ("NSR", "UNK:999999")
     assert rec.source_codes == ("426783006", "999999")
+
+
+def test_generic_wfdb_record_outside_known_datasets(tmp_path):
+    # An upload or a user's own file: no known folder or name, any lead set, SNOMED Dx codes.
+    path = _write_wfdb(tmp_path / "upload", "my_ecg", _sine_leads(800, 250, 3),
+                       ["ii", "V5", "aVF"], ["Dx: 164889003,42"], fs=250)  # fmt: skip
+    rec = S.read_record(path)
+    assert rec.dataset == "wfdb" and rec.record_id == "wfdb/my_ecg"
+    assert rec.leads == ("II", "V5", "aVF") and rec.fs_hz == 250
+    assert rec.labels == ("AF", "UNK:42") and rec.patient_id is None
 
 
 def test_cpsc_original_release(tmp_path):
@@ -373,12 +383,18 @@ def test_wrong_lead_count(tmp_path, mitdb_dir):
 
 
 def test_errors_are_value_errors_naming_record_and_picklable(tmp_path):
+    (tmp_path / "mystery.mat").write_bytes(b"")
     with pytest.raises(S.HeaderError, match="cannot tell which dataset") as info:
         S.read_record(tmp_path / "mystery")
     err = info.value
     assert isinstance(err, ValueError) and isinstance(err, S.EcgReadError)
     again = pickle.loads(pickle.dumps(err))
     assert type(again) is S.HeaderError and str(again) == str(err)
+    with pytest.raises(S.MissingFileError) as missing:
+        S.read_record(tmp_path / "nothing")
+    assert isinstance(missing.value, FileNotFoundError)
+    assert missing.value.filename == f"{tmp_path / 'nothing'}.hea"
+    assert pickle.loads(pickle.dumps(missing.value)).filename == missing.value.filename
     for cls in (S.MissingFileError, S.TruncatedSignalError, S.ChecksumMismatchError,
                 S.NonFiniteSignalError, S.LeadCountError, S.HeaderError):  # fmt: skip
         assert issubclass(cls, S.EcgReadError)
