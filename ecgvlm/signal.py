@@ -256,6 +256,29 @@ def _patient_id(dataset: str, name: str, path: Path) -> str | None:
     return f"{dataset}/{name}"
 
 
+def _labelled_record(
+    path: Path,
+    dataset: str,
+    signal: np.ndarray,
+    fs_hz: float,
+    leads: tuple[str, ...],
+    codes: tuple[str, ...],
+    meta: dict[str, Any],
+) -> EcgRecord:
+    """An EcgRecord whose labels are the canonical forms of the source ``codes``."""
+    return EcgRecord(
+        record_id=f"{dataset}/{path.name}",
+        dataset=dataset,
+        signal_mv=signal,
+        fs_hz=float(fs_hz),
+        leads=leads,
+        labels=L.canonical_labels(dataset, codes),
+        patient_id=_patient_id(dataset, path.name, path),
+        source_codes=codes,
+        meta=meta,
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # WFDB records
 
@@ -362,17 +385,7 @@ def _read_wfdb(path: Path, dataset: str) -> EcgRecord:
             out_leads, signal = _order_standard_leads(rid, leads, signal, dataset)
         else:
             out_leads = tuple(leads)
-    return EcgRecord(
-        record_id=rid,
-        dataset=dataset,
-        signal_mv=signal,
-        fs_hz=float(header.fs),
-        leads=out_leads,
-        labels=L.canonical_labels(dataset, codes),
-        patient_id=_patient_id(dataset, name, path),
-        source_codes=codes,
-        meta=meta,
-    )
+    return _labelled_record(path, dataset, signal, float(header.fs), out_leads, codes, meta)
 
 
 # --------------------------------------------------------------------------------------------
@@ -600,17 +613,7 @@ def _read_cpsc_original(path: Path, dataset: str) -> EcgRecord:
     codes = table[name]
     meta = _meta_age_sex({"age": str(getattr(ecg, "age", "")), "sex": str(getattr(ecg, "sex", ""))})
     meta["source_format"] = "cpsc2018_original"
-    return EcgRecord(
-        record_id=rid,
-        dataset=dataset,
-        signal_mv=signal,
-        fs_hz=CPSC_ORIGINAL_FS_HZ,
-        leads=STANDARD_LEADS,
-        labels=L.canonical_labels(dataset, codes),
-        patient_id=_patient_id(dataset, name, path),
-        source_codes=codes,
-        meta=meta,
-    )
+    return _labelled_record(path, dataset, signal, CPSC_ORIGINAL_FS_HZ, STANDARD_LEADS, codes, meta)
 
 
 # --------------------------------------------------------------------------------------------
@@ -689,17 +692,7 @@ def _read_chapman_original(path: Path, dataset: str) -> EcgRecord:
     codes = tuple(c for c in codes if c)
     meta = _meta_age_sex({"age": row.get("PatientAge", ""), "sex": row.get("Gender", "")})
     meta["source_format"] = "chapman_original"
-    return EcgRecord(
-        record_id=rid,
-        dataset=dataset,
-        signal_mv=signal,
-        fs_hz=CHAPMAN_ORIGINAL_FS_HZ,
-        leads=out_leads,
-        labels=L.canonical_labels(dataset, codes),
-        patient_id=_patient_id(dataset, name, path),
-        source_codes=codes,
-        meta=meta,
-    )
+    return _labelled_record(path, dataset, signal, CHAPMAN_ORIGINAL_FS_HZ, out_leads, codes, meta)
 
 
 # --------------------------------------------------------------------------------------------
