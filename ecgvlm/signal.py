@@ -468,6 +468,14 @@ def _mitdb_record(
     """The whole MIT-BIH record labelled with all its rhythms and beat findings."""
     if len(leads) != MITDB_N_LEADS:
         raise LeadCountError(rid, f"MIT-BIH records have 2 signals; found {leads}")
+    # MIT-BIH headers open their comments with "<age> <sex> ...", e.g. "68 M 1960 2851 x1".
+    first = re.match(r"^\s*(\d+)\s+([MF])\b", (header.comments or [""])[0])
+    if first:
+        meta = {
+            **meta,
+            "age": int(first.group(1)),
+            "sex": "Male" if first.group(2) == "M" else "Female",
+        }
     ann = _read_mitdb_annotations(path, rid, signal.shape[0])
     labels, codes, window_meta = ann.window_labels(0, signal.shape[0])
     record = EcgRecord(
@@ -779,7 +787,7 @@ def find_record_paths(root: str | Path) -> list[Path]:
         MissingFileError: ``root`` does not exist.
     """
     root = Path(root)
-    if root.is_file() or Path(f"{root}.hea").is_file():
+    if root.is_file() or any(Path(f"{root}{ext}").is_file() for ext in (".hea", ".mat", ".csv")):
         return [_strip_extension(root)]
     if not root.is_dir():
         raise MissingFileError(root, "no such file or directory")

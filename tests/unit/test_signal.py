@@ -93,6 +93,7 @@ def test_staged_metadata_and_patients(staged_records):
     assert by_id["ptbxl/HR06000"].patient_id is None  # PTB-XL headers drop the patient id
     assert by_id["mitdb/106"].patient_id == "mitdb/106"
     assert by_id["mitdb/202"].patient_id == "mitdb/201"  # same patient as 201
+    assert (by_id["mitdb/202"].meta["age"], by_id["mitdb/202"].meta["sex"]) == (68, "Male")
 
 
 def _rhythm_episodes(ann, n_samples):
@@ -253,6 +254,7 @@ def test_cpsc_original_release(tmp_path):
     # Found by the walker too, dataset recognised from the record names.
     found = list(S.iter_records(folder, failures=[]))
     assert [r.labels for r in found] == [("AF", "RBBB"), ("NSR",)]
+    assert [r.record_id for r in S.iter_records(folder / "A0008")] == ["cpsc2018/A0008"]
     # Bad inputs in this format.
     savemat(folder / "A0009.mat", {"ECG": {"sex": "Male", "age": 70.0, "data": data_mv[:11]}})
     with pytest.raises(S.LeadCountError, match="cpsc2018/A0009"):
