@@ -315,6 +315,9 @@ def _read_wfdb_signal(path: Path, rid: str, header: Any) -> tuple[np.ndarray, li
 
     if header.n_sig == 0 or not header.file_name:
         raise LeadCountError(rid, "header lists no signals")
+    if not header.sig_len:
+        # Without a sample count neither truncation nor the checksum can be verified.
+        raise HeaderError(rid, "header gives no number of samples")
     for file_name in dict.fromkeys(header.file_name):
         f = path.parent / file_name
         if not f.is_file():
