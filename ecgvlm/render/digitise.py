@@ -18,6 +18,50 @@ import numpy as np
 from ecgvlm.records import Panel
 
 DARK_THRESHOLD = 0.3
+# Path costs, in pixels: a jump between runs of neighbouring columns costs its gap (0 when
+# they touch) plus JUMP_WEIGHT x the change of centre; every column costs BASELINE_WEIGHT x
+# the distance from the panel's baseline. A trace that crosses this one for a few columns
+# cannot pull the path away, since staying on it costs the distance to its own baseline in
+# every column while the true trace returns to ours.
+JUMP_WEIGHT = 0.05
+BASELINE_WEIGHT = 0.05
+
+
+def _best_path(lo, hi, centre, bounds, baseline_px) -> list[tuple[int, int]]:
+    """Viterbi over the ink runs of each column: the cheapest left-to-right path.
+
+    ``lo``/``hi`` are each run's first and last row, ``bounds[c]:bounds[c + 1]`` the runs of
+    column c. Returns (column, run index) for every column that has ink.
+    """
+    columns = [c for c in range(len(bounds) - 1) if bounds[c + 1] > bounds[c]]
+    if not columns:
+        return []
+    lo, hi, centre = lo.astype(np.float64), hi.astype(np.float64), centre.astype(np.float64)
+    unary = BASELINE_WEIGHT * np.abs(centre - baseline_px)
+    backs: list[np.ndarray] = []
+    prev = np.arange(bounds[columns[0]], bounds[columns[0] + 1])
+    cost = unary[prev]
+    for c in columns[1:]:
+        cur = np.arange(bounds[c], bounds[c + 1])
+        if prev.size == 1 and cur.size == 1:  # the common case, without matrices
+            backs.append(prev)
+            cost = cost + unary[cur]
+            prev = cur
+            continue
+        gap = np.maximum(lo[cur][None, :] - hi[prev][:, None], lo[prev][:, None] - hi[cur][None, :])
+        step = np.maximum(gap - 1, 0) + JUMP_WEIGHT * np.abs(centre[cur][None, :] - centre[prev][:, None])
+        total = cost[:, None] + step
+        back = np.argmin(total, axis=0)
+        cost = total[back, np.arange(cur.size)] + unary[cur]
+        backs.append(prev[back])
+        prev = cur
+    k = int(prev[np.argmin(cost)])
+    path = [(columns[-1], k)]
+    for j in range(len(columns) - 2, -1, -1):
+        k = int(backs[j][k - bounds[columns[j + 1]]])
+        path.append((columns[j], k))
+    path.reverse()
+    return path
 
 
 @lru_cache(maxsize=2)
@@ -65,17 +109,9 @@ def trace_from_image(
 
     y = np.full(n_cols, np.nan)
     bounds = np.searchsorted(run_col, np.arange(n_cols + 1))
-    prev_lo = prev_hi = prev_c = panel.baseline_y_px
-    for c in range(n_cols):
-        a, b = bounds[c], bounds[c + 1]
-        if a == b:
-            continue
-        lo, hi, ce = run_start[a:b], run_stop[a:b] - 1, centre[a:b]
-        # Distance between the run and the previous column's run (0 when they touch).
-        gap = np.maximum(np.maximum(lo - prev_hi - 1, prev_lo - hi - 1), 0)
-        best = int(np.lexsort((np.abs(ce - prev_c), gap))[0])
-        y[c] = ce[best]
-        prev_lo, prev_hi, prev_c = lo[best], hi[best], ce[best]
+    chosen = _best_path(run_start, run_stop - 1, centre, bounds, panel.baseline_y_px)
+    for c, k in chosen:
+        y[c] = centre[k]
     t_s = panel.t_start_s + np.arange(n_cols) / panel.px_per_s
     mv = (panel.baseline_y_px - y) / panel.px_per_mv
     return t_s, mv
