@@ -18,47 +18,59 @@ import numpy as np
 from ecgvlm.records import Panel
 
 DARK_THRESHOLD = 0.3
-# Path costs, in pixels: a jump between runs of neighbouring columns costs its gap (0 when
-# they touch) plus JUMP_WEIGHT x the change of centre; every column costs BASELINE_WEIGHT x
-# the distance from the panel's baseline. A trace that crosses this one for a few columns
-# cannot pull the path away, since staying on it costs the distance to its own baseline in
-# every column while the true trace returns to ours.
+# Path costs, in pixels. Stepping from run k (previous column) to run j costs the distance
+# from the nearer end of k to j (0 when j contains or touches that end), plus JUMP_WEIGHT x
+# the change of centre, plus BASELINE_WEIGHT x j's distance from the panel's baseline. A
+# stroke leaves a column at one end of its run, so a steep stroke continues from its tip and
+# not into a label or another lead that merely touches the middle of it; the baseline term
+# keeps the path from following a crossing lead away from this panel's row.
 JUMP_WEIGHT = 0.05
 BASELINE_WEIGHT = 0.05
+END_WEIGHT = 0.3
 
 
-def _best_path(lo, hi, centre, bounds, baseline_px) -> list[tuple[int, int]]:
+def _best_path(lo, hi, centre, unary, bounds) -> list[tuple[int, int]]:
     """Viterbi over the ink runs of each column: the cheapest left-to-right path.
 
-    ``lo``/``hi`` are each run's first and last row, ``bounds[c]:bounds[c + 1]`` the runs of
-    column c. Returns (column, run index) for every column that has ink.
+    ``lo``/``hi`` are each run's first and last row, ``unary`` its own cost,
+    ``bounds[c]:bounds[c + 1]`` the runs of column c. Returns (column, run index) for every column that has ink. Plain Python: a
+    column holds a handful of runs, too few for numpy to pay off.
     """
+    lo, hi, centre, unary = lo.tolist(), hi.tolist(), centre.tolist(), unary.tolist()
+    bounds = bounds.tolist()
     columns = [c for c in range(len(bounds) - 1) if bounds[c + 1] > bounds[c]]
     if not columns:
         return []
-    lo, hi, centre = lo.astype(np.float64), hi.astype(np.float64), centre.astype(np.float64)
-    unary = BASELINE_WEIGHT * np.abs(centre - baseline_px)
-    backs: list[np.ndarray] = []
-    prev = np.arange(bounds[columns[0]], bounds[columns[0] + 1])
-    cost = unary[prev]
+    backs: list[list[int]] = []
+    prev = range(bounds[columns[0]], bounds[columns[0] + 1])
+    cost = [unary[k] for k in prev]
     for c in columns[1:]:
-        cur = np.arange(bounds[c], bounds[c + 1])
-        if prev.size == 1 and cur.size == 1:  # the common case, without matrices
-            backs.append(prev)
-            cost = cost + unary[cur]
-            prev = cur
-            continue
-        gap = np.maximum(lo[cur][None, :] - hi[prev][:, None], lo[prev][:, None] - hi[cur][None, :])
-        step = np.maximum(gap - 1, 0) + JUMP_WEIGHT * np.abs(centre[cur][None, :] - centre[prev][:, None])
-        total = cost[:, None] + step
-        back = np.argmin(total, axis=0)
-        cost = total[back, np.arange(cur.size)] + unary[cur]
-        backs.append(prev[back])
-        prev = cur
-    k = int(prev[np.argmin(cost)])
+        cur = range(bounds[c], bounds[c + 1])
+        new_cost, back = [], []
+        for j in cur:
+            lo_j, hi_j, c_j = lo[j], hi[j], centre[j]
+            best, best_k = float("inf"), 0
+            for i, k in enumerate(prev):
+                lo_k, hi_k = lo[k], hi[k]
+                gap = max(lo_j - hi_k - 1, lo_k - hi_j - 1, 0)
+                to_top = max(lo_j - lo_k - 1, lo_k - hi_j - 1, 0)
+                to_bottom = max(lo_j - hi_k - 1, hi_k - hi_j - 1, 0)
+                total = (
+                    cost[i]
+                    + gap
+                    + END_WEIGHT * min(to_top, to_bottom)
+                    + JUMP_WEIGHT * abs(c_j - centre[k])
+                )
+                if total < best:
+                    best, best_k = total, k
+            back.append(best_k)
+            new_cost.append(best + unary[j])
+        backs.append(back)
+        prev, cost = cur, new_cost
+    k = prev[min(range(len(prev)), key=cost.__getitem__)]
     path = [(columns[-1], k)]
     for j in range(len(columns) - 2, -1, -1):
-        k = int(backs[j][k - bounds[columns[j + 1]]])
+        k = backs[j][k - bounds[columns[j + 1]]]
         path.append((columns[j], k))
     path.reverse()
     return path
@@ -81,7 +93,7 @@ def trace_from_image(
     """Digitise ``panel`` of a printout PNG back to (seconds, millivolts).
 
     The whole page height is searched, so amplitudes that overflow the panel's band are read
-    too. Columns where no ink is found are NaN.
+    too. Columns where no ink is found, or where the trace runs off the page, are NaN.
 
     Args:
         png: The printout's PNG bytes.
@@ -107,11 +119,33 @@ def trace_from_image(
     mass = weight[run_col, run_stop] - weight[run_col, run_start]
     centre = (moment[run_col, run_stop] - moment[run_col, run_start]) / np.maximum(mass, 1e-9)
 
+    run_last = run_stop - 1
+    # Ink cannot leave the page: where the trace touches the top or bottom edge anywhere in
+    # the panel, every column gets a virtual run just beyond that edge, so the path can wait
+    # there (reading NaN) while the trace is off the page instead of jumping to another lead.
+    virtual = [row for row, touched in ((-1, (run_start == 0).any()),
+                                        (n_rows, (run_last == n_rows - 1).any())) if touched]
+    n_real = run_col.size
+    if virtual:
+        v_rows = np.repeat(np.asarray(virtual), n_cols)
+        run_col = np.concatenate([run_col, np.tile(np.arange(n_cols), len(virtual))])
+        run_start = np.concatenate([run_start, v_rows])
+        run_last = np.concatenate([run_last, v_rows])
+        centre = np.concatenate([centre, v_rows.astype(np.float64)])
+        order = np.argsort(run_col, kind="stable")
+        run_col, run_start, run_last, centre = (
+            run_col[order], run_start[order], run_last[order], centre[order]
+        )
+        is_real = order < n_real
+    else:
+        is_real = np.ones(n_real, dtype=bool)
+
     y = np.full(n_cols, np.nan)
     bounds = np.searchsorted(run_col, np.arange(n_cols + 1))
-    chosen = _best_path(run_start, run_stop - 1, centre, bounds, panel.baseline_y_px)
-    for c, k in chosen:
-        y[c] = centre[k]
+    unary = BASELINE_WEIGHT * np.abs(centre - panel.baseline_y_px)
+    for c, k in _best_path(run_start, run_last, centre, unary, bounds):
+        if is_real[k]:
+            y[c] = centre[k]
     t_s = panel.t_start_s + np.arange(n_cols) / panel.px_per_s
     mv = (panel.baseline_y_px - y) / panel.px_per_mv
     return t_s, mv
