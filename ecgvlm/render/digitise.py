@@ -27,6 +27,10 @@ DARK_THRESHOLD = 0.3
 JUMP_WEIGHT = 0.05
 BASELINE_WEIGHT = 0.05
 END_WEIGHT = 0.3
+# Paths costing this much more than the best one so far are dropped (beam search): other
+# leads' traces sit a row away and fall out within a few columns, which keeps the search
+# about linear in the number of columns.
+BEAM = 60.0
 
 
 def _best_path(lo, hi, centre, unary, bounds) -> list[tuple[int, int]]:
@@ -42,7 +46,7 @@ def _best_path(lo, hi, centre, unary, bounds) -> list[tuple[int, int]]:
     if not columns:
         return []
     backs: list[list[int]] = []
-    prev = range(bounds[columns[0]], bounds[columns[0] + 1])
+    prev = list(range(bounds[columns[0]], bounds[columns[0] + 1]))
     cost = [unary[k] for k in prev]
     for c in columns[1:]:
         cur = range(bounds[c], bounds[c + 1])
@@ -66,7 +70,9 @@ def _best_path(lo, hi, centre, unary, bounds) -> list[tuple[int, int]]:
             back.append(best_k)
             new_cost.append(best + unary[j])
         backs.append(back)
-        prev, cost = cur, new_cost
+        cutoff = min(new_cost) + BEAM
+        prev = [j for j, v in zip(cur, new_cost) if v <= cutoff]
+        cost = [v for v in new_cost if v <= cutoff]
     k = prev[min(range(len(prev)), key=cost.__getitem__)]
     path = [(columns[-1], k)]
     for j in range(len(columns) - 2, -1, -1):
@@ -87,13 +93,21 @@ def _darkness(png: bytes) -> np.ndarray:
     return dark
 
 
+def search_rows(panel: Panel, page_height_px: int) -> tuple[int, int]:
+    """Rows [first, stop) that ``trace_from_image`` searches: the panel's band and one band
+    height above and below it (+-1.5 rows' pitch from the row centre), within the page."""
+    _, y0, _, y1 = panel.box_px
+    return max(y0 - (y1 - y0), 0), min(y1 + (y1 - y0), page_height_px)
+
+
 def trace_from_image(
     png: bytes, panel: Panel, *, threshold: float = DARK_THRESHOLD
 ) -> tuple[np.ndarray, np.ndarray]:
     """Digitise ``panel`` of a printout PNG back to (seconds, millivolts).
 
-    The whole page height is searched, so amplitudes that overflow the panel's band are read
-    too. Columns where no ink is found, or where the trace runs off the page, are NaN.
+    The rows given by ``search_rows`` are searched, so amplitudes that overflow the panel's
+    band into the neighbouring rows are read too; ink beyond them counts as off the page.
+    Columns where no ink is found, or where the trace is off the searched rows, are NaN.
 
     Args:
         png: The printout's PNG bytes.
@@ -106,7 +120,8 @@ def trace_from_image(
     """
     dark = _darkness(png)
     x0, _, x1, _ = panel.box_px
-    cols = dark[:, x0:x1].T  # (columns, rows): row runs become contiguous
+    first_row, stop_row = search_rows(panel, dark.shape[0])
+    cols = dark[first_row:stop_row, x0:x1].T  # (columns, rows): row runs become contiguous
     n_cols, n_rows = cols.shape
     mask = cols > threshold
     edges = np.diff(mask.astype(np.int8), axis=1, prepend=0, append=0)
@@ -120,9 +135,9 @@ def trace_from_image(
     centre = (moment[run_col, run_stop] - moment[run_col, run_start]) / np.maximum(mass, 1e-9)
 
     run_last = run_stop - 1
-    # Ink cannot leave the page: where the trace touches the top or bottom edge anywhere in
-    # the panel, every column gets a virtual run just beyond that edge, so the path can wait
-    # there (reading NaN) while the trace is off the page instead of jumping to another lead.
+    # Where the trace touches the top or bottom of the searched rows anywhere in the panel,
+    # every column gets a virtual run just beyond that edge, so the path can wait there
+    # (reading NaN) while the trace is out of sight instead of jumping to another lead.
     virtual = [row for row, touched in ((-1, (run_start == 0).any()),
                                         (n_rows, (run_last == n_rows - 1).any())) if touched]
     n_real = run_col.size
@@ -142,6 +157,7 @@ def trace_from_image(
 
     y = np.full(n_cols, np.nan)
     bounds = np.searchsorted(run_col, np.arange(n_cols + 1))
+    centre = centre + first_row
     unary = BASELINE_WEIGHT * np.abs(centre - panel.baseline_y_px)
     for c, k in _best_path(run_start, run_last, centre, unary, bounds):
         if is_real[k]:

@@ -9,8 +9,8 @@ spans >= 0.2 mV. Columns whose pixels cannot say which lead they belong to are l
   from the image) comes within a few pixels of this one, in this or a nearby column: leads
   larger than their row's band overlap their neighbours, as on clinical paper;
 - the first column of panels after a lead change, which carries the change marker;
-- columns where the whole trace is off the page. Elsewhere the source is clipped to the
-  page's rows, since ink cannot leave the page.
+- columns where the whole trace is off the page, or beyond the rows the digitiser searches
+  (its band and one band above and below). Elsewhere the source is clipped to those rows.
 
 The sweep renders at the default dpi only, to stay well under a minute on 2 cores.
 """
@@ -24,6 +24,7 @@ import pytest
 
 from ecgvlm.records import EcgRecord, Panel, Printout
 from ecgvlm.render import STANDARD_LEADS, RenderConfig, render_printout, trace_from_image
+from ecgvlm.render.digitise import search_rows
 from ecgvlm.signal import find_record_paths, read_record
 
 MIN_R = 0.98
@@ -55,9 +56,11 @@ def _source_extent(
     inside = (k >= 0) & (k < x1 - x0)
     np.minimum.at(lo_mv, k[inside], signal[inside])
     np.maximum.at(hi_mv, k[inside], signal[inside])
-    # Ink stops at the page edge: the source is clipped to the page's rows the same way.
-    page_lo_mv = (panel.baseline_y_px - (height_px - 1)) / panel.px_per_mv
-    page_hi_mv = panel.baseline_y_px / panel.px_per_mv
+    # The digitiser sees only its search rows (the page stops ink, the search window stops
+    # the digitiser): the source is clipped to them the same way.
+    first_row, stop_row = search_rows(panel, height_px)
+    page_lo_mv = (panel.baseline_y_px - (stop_row - 1)) / panel.px_per_mv
+    page_hi_mv = (panel.baseline_y_px - first_row) / panel.px_per_mv
     raw_lo, raw_hi = lo_mv, hi_mv
     lo_mv = np.clip(lo_mv, page_lo_mv, page_hi_mv)
     hi_mv = np.clip(hi_mv, page_lo_mv, page_hi_mv)
@@ -69,25 +72,32 @@ def _source_extent(
     return value, top, bottom
 
 
-def ambiguous_columns(printout: Printout, extents: list, i: int) -> np.ndarray:
-    """Page columns where panel i's ink cannot be told apart (see the module docstring)."""
+def ambiguous_columns(printout: Printout, extents: list) -> np.ndarray:
+    """(panels, page columns): where each panel's ink cannot be told apart (module docstring)."""
     width, height = printout.size_px
-    _, top, bottom = extents[i]
-    ambiguous = np.zeros(width, dtype=bool)
+    top = np.stack([e[1] for e in extents])
+    bottom = np.stack([e[2] for e in extents])
+    n = len(extents)
+    ambiguous = np.zeros((n, width), dtype=bool)
     # A lead-change marker is drawn in the first column of every later column's panels.
-    ambiguous[[p.box_px[0] for p in printout.panels if p.t_start_s > 0]] = True
-    # Columns where the whole trace is off the page show nothing of this lead.
-    ambiguous |= (bottom < 0) | (top > height - 1)
+    ambiguous[:, [p.box_px[0] for p in printout.panels if p.t_start_s > 0]] = True
+    # Columns where the whole trace is off the page (or the search rows) show nothing of it.
+    for i, panel in enumerate(printout.panels):
+        first_row, stop_row = search_rows(panel, height)
+        ambiguous[i] |= (bottom[i] < first_row) | (top[i] > stop_row - 1)
     # Traces that touch diagonally (in nearby columns) are as ambiguous as overlapping ones,
     # and a digitiser that met another trace needs a few columns to be sure it left it.
-    touching = np.zeros(width, dtype=bool)
+    touching = np.zeros((n, width), dtype=bool)
+    others = ~np.eye(n, dtype=bool)[:, :, None]
     for shift in range(-NEAR_COLUMNS, NEAR_COLUMNS + 1):
-        for j, (_, other_top, other_bottom) in enumerate(extents):
-            if j != i:
-                other_top, other_bottom = np.roll(other_top, shift), np.roll(other_bottom, shift)
-                touching |= (other_top <= bottom + NEAR_PX) & (other_bottom >= top - NEAR_PX)
+        other_top = np.roll(top, shift, axis=1)[None, :, :]
+        other_bottom = np.roll(bottom, shift, axis=1)[None, :, :]
+        near = (other_top <= bottom[:, None, :] + NEAR_PX) & (
+            other_bottom >= top[:, None, :] - NEAR_PX
+        )
+        touching |= (near & others).any(axis=1)
     for shift in range(-NEAR_COLUMNS, NEAR_COLUMNS + 1):
-        ambiguous |= np.roll(touching, shift)
+        ambiguous |= np.roll(touching, shift, axis=1)
     return ambiguous
 
 
@@ -95,6 +105,7 @@ def panel_correlations(record: EcgRecord, printout: Printout) -> list[tuple[str,
     """(lead, t_start_s, r) for every panel whose lead spans >= MIN_SPAN_MV."""
     width, height = printout.size_px
     extents = [_source_extent(record, p, width, height) for p in printout.panels]
+    ambiguous = ambiguous_columns(printout, extents)
     out = []
     for i, panel in enumerate(printout.panels):
         source = extents[i][0]
@@ -103,7 +114,7 @@ def panel_correlations(record: EcgRecord, printout: Printout) -> list[tuple[str,
             continue
         x0, _, x1, _ = panel.box_px
         _, mv = trace_from_image(printout.png, panel)
-        keep = finite & np.isfinite(mv) & ~ambiguous_columns(printout, extents, i)[x0:x1]
+        keep = finite & np.isfinite(mv) & ~ambiguous[i, x0:x1]
         name = f"{record.record_id} {panel.lead}@{panel.t_start_s:g}s"
         assert keep.mean() > 0.5, f"{name}: only {keep.mean():.0%} of columns are clear"
         r = float(np.corrcoef(mv[keep], source[keep])[0, 1])
