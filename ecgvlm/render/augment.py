@@ -79,6 +79,7 @@ def apply_image_augmentations(
         low, high = JPEG_QUALITY_RANGE
         quality = int(round(high - (high - low) * min(float(rng.uniform(0, 1)) * strength, 1)))
         buf = io.BytesIO()
-        rgb.save(buf, format="JPEG", quality=quality)
+        # 4:4:4: chroma subsampling would smear the red channel that digitisers read.
+        rgb.save(buf, format="JPEG", quality=quality, subsampling=0)
         rgb = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
     return rgb

@@ -31,42 +31,50 @@ END_WEIGHT = 0.3
 # leads' traces sit a row away and fall out within a few columns, which keeps the search
 # about linear in the number of columns.
 BEAM = 60.0
+# Every column also offers "no ink of this lead here" (a NaN gap, or the record ended): it
+# costs NONE_COST per column plus NONE_ENTRY to enter, more than following a trace near this
+# row, less than following another lead a row away (which costs ~BASELINE_WEIGHT x a row).
+NONE_COST = 6.0
+NONE_ENTRY = 10.0
+NONE_ROW = -(10**6)  # placeholder geometry of the none state (never compared)
 
 
-def _best_path(lo, hi, centre, unary, bounds) -> list[tuple[int, int]]:
+def _best_path(lo, hi, centre, unary, is_none, bounds) -> list[int]:
     """Viterbi over the ink runs of each column: the cheapest left-to-right path.
 
-    ``lo``/``hi`` are each run's first and last row, ``unary`` its own cost,
-    ``bounds[c]:bounds[c + 1]`` the runs of column c. Returns (column, run index) for every column that has ink. Plain Python: a
-    column holds a handful of runs, too few for numpy to pay off.
+    ``lo``/``hi`` are each run's first and last row, ``unary`` its own cost, ``is_none``
+    marks each column's "no ink of this lead here" state, ``bounds[c]:bounds[c + 1]`` the
+    runs of column c (every column has at least its none state). Returns the run index
+    chosen in every column. Plain Python: a column holds a handful of runs, too few for
+    numpy to pay off.
     """
     lo, hi, centre, unary = lo.tolist(), hi.tolist(), centre.tolist(), unary.tolist()
-    bounds = bounds.tolist()
-    columns = [c for c in range(len(bounds) - 1) if bounds[c + 1] > bounds[c]]
-    if not columns:
-        return []
+    is_none, bounds = is_none.tolist(), bounds.tolist()
+    n_cols = len(bounds) - 1
     backs: list[list[int]] = []
-    prev = list(range(bounds[columns[0]], bounds[columns[0] + 1]))
+    prev = list(range(bounds[0], bounds[1]))
     cost = [unary[k] for k in prev]
-    for c in columns[1:]:
+    for c in range(1, n_cols):
         cur = range(bounds[c], bounds[c + 1])
         new_cost, back = [], []
         for j in cur:
-            lo_j, hi_j, c_j = lo[j], hi[j], centre[j]
+            lo_j, hi_j, c_j, none_j = lo[j], hi[j], centre[j], is_none[j]
             best, best_k = float("inf"), 0
             for i, k in enumerate(prev):
-                lo_k, hi_k = lo[k], hi[k]
-                gap = max(lo_j - hi_k - 1, lo_k - hi_j - 1, 0)
-                to_top = max(lo_j - lo_k - 1, lo_k - hi_j - 1, 0)
-                to_bottom = max(lo_j - hi_k - 1, hi_k - hi_j - 1, 0)
-                total = (
-                    cost[i]
-                    + gap
-                    + END_WEIGHT * min(to_top, to_bottom)
-                    + JUMP_WEIGHT * abs(c_j - centre[k])
-                )
-                if total < best:
-                    best, best_k = total, k
+                if is_none[k]:
+                    step = 0.0
+                elif none_j:
+                    step = NONE_ENTRY
+                else:
+                    lo_k, hi_k = lo[k], hi[k]
+                    gap = max(lo_j - hi_k - 1, lo_k - hi_j - 1, 0)
+                    to_top = max(lo_j - lo_k - 1, lo_k - hi_j - 1, 0)
+                    to_bottom = max(lo_j - hi_k - 1, hi_k - hi_j - 1, 0)
+                    step = (
+                        gap + END_WEIGHT * min(to_top, to_bottom) + JUMP_WEIGHT * abs(c_j - centre[k])
+                    )
+                if cost[i] + step < best:
+                    best, best_k = cost[i] + step, k
             back.append(best_k)
             new_cost.append(best + unary[j])
         backs.append(back)
@@ -74,10 +82,10 @@ def _best_path(lo, hi, centre, unary, bounds) -> list[tuple[int, int]]:
         prev = [j for j, v in zip(cur, new_cost) if v <= cutoff]
         cost = [v for v in new_cost if v <= cutoff]
     k = prev[min(range(len(prev)), key=cost.__getitem__)]
-    path = [(columns[-1], k)]
-    for j in range(len(columns) - 2, -1, -1):
-        k = backs[j][k - bounds[columns[j + 1]]]
-        path.append((columns[j], k))
+    path = [k]
+    for c in range(n_cols - 2, -1, -1):
+        k = backs[c][k - bounds[c + 1]]
+        path.append(k)
     path.reverse()
     return path
 
@@ -140,28 +148,26 @@ def trace_from_image(
     # (reading NaN) while the trace is out of sight instead of jumping to another lead.
     virtual = [row for row, touched in ((-1, (run_start == 0).any()),
                                         (n_rows, (run_last == n_rows - 1).any())) if touched]
-    n_real = run_col.size
-    if virtual:
-        v_rows = np.repeat(np.asarray(virtual), n_cols)
-        run_col = np.concatenate([run_col, np.tile(np.arange(n_cols), len(virtual))])
-        run_start = np.concatenate([run_start, v_rows])
-        run_last = np.concatenate([run_last, v_rows])
-        centre = np.concatenate([centre, v_rows.astype(np.float64)])
-        order = np.argsort(run_col, kind="stable")
-        run_col, run_start, run_last, centre = (
-            run_col[order], run_start[order], run_last[order], centre[order]
-        )
-        is_real = order < n_real
-    else:
-        is_real = np.ones(n_real, dtype=bool)
-
-    y = np.full(n_cols, np.nan)
+    # Kinds of state: 0 a real run, 1 beyond the searched rows, 2 no ink of this lead.
+    kinds = [np.zeros(run_col.size, dtype=np.int8)]
+    for row, kind_id in [(row, 1) for row in virtual] + [(NONE_ROW, 2)]:
+        run_col = np.concatenate([run_col, np.arange(n_cols)])
+        run_start = np.concatenate([run_start, np.full(n_cols, row)])
+        run_last = np.concatenate([run_last, np.full(n_cols, row)])
+        centre = np.concatenate([centre, np.full(n_cols, float(row))])
+        kinds.append(np.full(n_cols, kind_id, dtype=np.int8))
+    kind = np.concatenate(kinds)
+    order = np.argsort(run_col, kind="stable")
+    run_col, run_start, run_last, centre, kind = (
+        run_col[order], run_start[order], run_last[order], centre[order], kind[order]
+    )
     bounds = np.searchsorted(run_col, np.arange(n_cols + 1))
     centre = centre + first_row
-    unary = BASELINE_WEIGHT * np.abs(centre - panel.baseline_y_px)
-    for c, k in _best_path(run_start, run_last, centre, unary, bounds):
-        if is_real[k]:
-            y[c] = centre[k]
+    unary = np.where(
+        kind == 2, NONE_COST, BASELINE_WEIGHT * np.abs(centre - panel.baseline_y_px)
+    )
+    chosen = np.asarray(_best_path(run_start, run_last, centre, unary, kind == 2, bounds))
+    y = np.where(kind[chosen] == 0, centre[chosen], np.nan)
     t_s = panel.t_start_s + np.arange(n_cols) / panel.px_per_s
     mv = (panel.baseline_y_px - y) / panel.px_per_mv
     return t_s, mv

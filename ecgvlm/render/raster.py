@@ -148,14 +148,16 @@ def polyline_spans(
         col_hi = min(col_hi, int(np.floor(xs[-1] + 0.5)) + 1)
         if col_hi <= col_lo:
             continue
-        start = max(next_col, int(np.ceil(prev_x + 2.0 - xs[0] + col_lo)))
+        start = max(next_col, int(np.ceil(prev_x + 4.0 - xs[0] + col_lo)))
         shift = start - col_lo
-        shifted_x.append(xs + shift)
-        all_y.append(ys)
+        # One pixel of flat extension at both ends: a column edge beyond a line's last
+        # vertex then sees that vertex's value, never the next block's.
+        shifted_x.append(np.concatenate([[xs[0] - 1.0], xs, [xs[-1] + 1.0]]) + shift)
+        all_y.append(np.concatenate([ys[:1], ys, ys[-1:]]))
         real_cols.append(np.arange(col_lo, col_hi))
         virt_cols.append(np.arange(start, start + col_hi - col_lo))
         next_col = start + col_hi - col_lo + 1
-        prev_x = xs[-1] + shift
+        prev_x = xs[-1] + 1.0 + shift
     if not shifted_x:
         return np.zeros(0, dtype=np.intp), np.zeros(0), np.zeros(0)
     xs = np.concatenate(shifted_x)
