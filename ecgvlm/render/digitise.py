@@ -36,14 +36,14 @@ BEAM = 60.0
 # row, less than following another lead a row away (which costs ~BASELINE_WEIGHT x a row).
 NONE_COST = 6.0
 NONE_ENTRY = 10.0
-NONE_ROW = -(10**6)  # placeholder geometry of the none state (never compared)
+NONE_ROW = -(10**6)  # geometry of a none state that has not yet seen ink
 
 
 def _best_path(lo, hi, centre, unary, is_none, bounds) -> list[int]:
     """Viterbi over the ink runs of each column: the cheapest left-to-right path.
 
-    ``lo``/``hi`` are each run's first and last row, ``unary`` its own cost, ``is_none``
-    marks each column's "no ink of this lead here" state, ``bounds[c]:bounds[c + 1]`` the
+    ``lo``/``hi`` are each run's first and last row (``NONE_ROW`` for none states),
+    ``unary`` its own cost, ``is_none`` marks each column's "no ink of this lead here" state, ``bounds[c]:bounds[c + 1]`` the
     runs of column c (every column has at least its none state). Returns the run index
     chosen in every column. Plain Python: a column holds a handful of runs, too few for
     numpy to pay off.
@@ -61,10 +61,10 @@ def _best_path(lo, hi, centre, unary, is_none, bounds) -> list[int]:
             lo_j, hi_j, c_j, none_j = lo[j], hi[j], centre[j], is_none[j]
             best, best_k = float("inf"), 0
             for i, k in enumerate(prev):
-                if is_none[k]:
-                    step = 0.0
-                elif none_j:
-                    step = NONE_ENTRY
+                if none_j:
+                    step = 0.0 if is_none[k] else NONE_ENTRY
+                elif lo[k] == NONE_ROW:
+                    step = 0.0  # a none state that has never seen ink (panel start)
                 else:
                     lo_k, hi_k = lo[k], hi[k]
                     gap = max(lo_j - hi_k - 1, lo_k - hi_j - 1, 0)
@@ -77,6 +77,10 @@ def _best_path(lo, hi, centre, unary, is_none, bounds) -> list[int]:
                     best, best_k = cost[i] + step, k
             back.append(best_k)
             new_cost.append(best + unary[j])
+            if none_j:
+                # The none state remembers where the trace was last seen, so that leaving
+                # it costs the same jump as if the trace had been continuous.
+                lo[j], hi[j], centre[j] = lo[best_k], hi[best_k], centre[best_k]
         backs.append(back)
         cutoff = min(new_cost) + BEAM
         prev = [j for j, v in zip(cur, new_cost) if v <= cutoff]
