@@ -116,7 +116,12 @@ class Gpt4oProxy:
                 "attempts": self.proxy.attempts}
 
     async def complete(self, req: sv.ChatCompletionRequest) -> dict[str, Any]:
-        return await self.proxy.complete(req)
+        # Upstream failures are answers, not crashes: returned (not raised) so the replica
+        # log is not filled with tracebacks of every 429.
+        try:
+            return {"completion": await self.proxy.complete(req)}
+        except sv.ApiError as e:
+            return {"error": e}
 
 
 @serve.deployment
@@ -173,15 +178,10 @@ class Gateway:
         return await handle.generate.remote(req)
 
     async def _run_proxy(self, req: sv.ChatCompletionRequest) -> dict[str, Any]:
-        try:
-            return await self.proxy.complete.remote(req)
-        except sv.ApiError:
-            raise
-        except Exception as e:
-            cause = getattr(e, "cause", None)
-            if isinstance(cause, sv.ApiError):
-                raise cause from e
-            raise
+        out = await self.proxy.complete.remote(req)
+        if "error" in out:
+            raise out["error"]
+        return out["completion"]
 
     # -- routes --------------------------------------------------------------------------
     @app.get("/healthz")
