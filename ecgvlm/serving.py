@@ -720,7 +720,7 @@ DEFAULT_QUESTION = "Which of the following best describes the main finding on th
 #: ADC counts sent by mistake.
 MAX_ABS_MV = 50.0
 #: Extensions accepted in a WFDB upload.
-WFDB_UPLOAD_SUFFIXES = (".hea", ".dat", ".mat")
+WFDB_UPLOAD_SUFFIXES = (".hea", ".dat", ".mat", ".atr")
 
 
 class InterpretQuery(BaseModel):
@@ -737,6 +737,7 @@ class InterpretQuery(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     seed: int | None = None
+    dataset: str | None = Field(None, min_length=1, max_length=40)
 
 
 class InterpretJsonRequest(InterpretQuery):
@@ -856,7 +857,9 @@ def safe_upload_name(name: str | None, param: str) -> str:
     return base
 
 
-def record_from_wfdb_upload(files: dict[str, bytes], limits: ServeLimits) -> Any:
+def record_from_wfdb_upload(
+    files: dict[str, bytes], limits: ServeLimits, dataset: str | None = None
+) -> Any:
     """An ``EcgRecord`` from uploaded WFDB files: one ``.hea`` and its signal file(s).
 
     The files are written to a private temporary folder under their (checked) names and read
@@ -869,7 +872,7 @@ def record_from_wfdb_upload(files: dict[str, bytes], limits: ServeLimits) -> Any
     """
     import tempfile
 
-    from ecgvlm.signal import read_record
+    from ecgvlm.signal import detect_dataset, read_record
 
     headers = [n for n in files if n.lower().endswith(".hea")]
     if len(headers) != 1:
@@ -883,12 +886,21 @@ def record_from_wfdb_upload(files: dict[str, bytes], limits: ServeLimits) -> Any
             f"{headers[0]} names, not only the header",
             param="files", code="invalid_upload",
         )
+    stem = headers[0][: -len(".hea")]
+    if dataset is None and detect_dataset(stem) is None:
+        from ecgvlm.labels import DATASETS
+
+        raise bad_request(
+            f"cannot tell which dataset {stem!r} comes from by its name (its labels are read "
+            f"the dataset's way); send a dataset field, one of {', '.join(DATASETS)}",
+            param="dataset",
+        )
     with tempfile.TemporaryDirectory(prefix="ecgvlm-upload-") as tmp:
         for name, data in files.items():
             with open(os.path.join(tmp, name), "wb") as f:
                 f.write(data)
         try:
-            record = read_record(os.path.join(tmp, headers[0][: -len(".hea")]))
+            record = read_record(os.path.join(tmp, stem), dataset=dataset)
         except FileNotFoundError as e:
             missing = os.path.basename(str(e.filename or e))
             raise bad_request(
@@ -904,6 +916,29 @@ def record_from_wfdb_upload(files: dict[str, bytes], limits: ServeLimits) -> Any
             ) from e
     check_signal(record.signal_mv, record.fs_hz, record.leads, limits, param="files")
     return record
+
+
+def render_png(record: Any) -> bytes:
+    """The printout PULSE and GPT-4o are shown: 3x4+II for 12 standard leads, else strips.
+
+    Records with more leads than a strip page holds but not all 12 are drawn 3x4+II with the
+    missing panels blank.
+
+    Raises:
+        ApiError: 400 naming ``leads`` when the record cannot be drawn.
+    """
+    from ecgvlm.render import RenderConfig, RenderError, render_printout
+
+    try:
+        return render_printout(record, RenderConfig(layout="auto")).png
+    except RenderError as first:
+        try:
+            return render_printout(
+                record, RenderConfig(layout="3x4+II", missing_leads="skip")
+            ).png
+        except RenderError:
+            raise bad_request(f"cannot draw this ECG: {first}", param="leads",
+                              code="unrenderable") from first
 
 
 def split_explanation(text: str, letter: str | None) -> str:
