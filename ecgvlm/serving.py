@@ -985,7 +985,7 @@ class GenerateRequest:
     """One prompt for the PULSE replica; ``adapter`` None means the base model."""
 
     prompt: str
-    image: bytes | None
+    image: bytes
     adapter: str | None = None
     max_new_tokens: int = DEFAULT_MAX_TOKENS
     temperature: float = 0.0
@@ -1047,7 +1047,9 @@ class PulseRunner:
         self.device = device
         self.adapter_paths = dict(adapters or {})
         self._lock = threading.RLock()
-        self.model, self.processor = load_pulse(model_dir, dtype=dtype, device=device)
+        self.model, self.processor = load_pulse(
+            model_dir, dtype=getattr(torch, dtype), device=device
+        )
         self.base_loads = 1
         self.adapter_loads: Counter = Counter()
         self._loaded: list[str] = []
@@ -1094,11 +1096,7 @@ class PulseRunner:
         results: list[GenerateResult | None] = [None] * len(requests)
         for (adapter, max_new_tokens, temperature, seed), idxs in group_requests(requests).items():
             prompts = [requests[i].prompt for i in idxs]
-            images = [
-                Image.open(io.BytesIO(requests[i].image)).convert("RGB")
-                if requests[i].image is not None else None
-                for i in idxs
-            ]
+            images = [Image.open(io.BytesIO(requests[i].image)).convert("RGB") for i in idxs]
             with self._lock:
                 if adapter is None:
                     ctx = (self.model.disable_adapter() if self._loaded

@@ -246,9 +246,12 @@ class Gateway:
     ) -> dict[str, Any]:
         from ecgvlm.prompt import PromptError, prompt_from_messages
 
-        if len(images) > 1:
-            raise sv.bad_request(f"{route.name} reads one image per request, got {len(images)}",
-                                 param="messages")
+        if len(images) != 1:
+            raise sv.bad_request(
+                f"{route.name} reads exactly one image per request (an image_url part with a "
+                f"PNG or JPEG data URL), got {len(images)}",
+                param="messages", code="image_required",
+            )
         try:
             prompt, _ = prompt_from_messages([m.model_dump(exclude_none=True)
                                               for m in req.messages])
@@ -256,7 +259,7 @@ class Gateway:
             raise sv.bad_request(str(e), param="messages") from e
         max_new = sv.requested_max_tokens(req, self.limits)
         result = await self._run_pulse(route, sv.GenerateRequest(
-            prompt=prompt, image=images[0].data if images else None, adapter=route.adapter,
+            prompt=prompt, image=images[0].data, adapter=route.adapter,
             max_new_tokens=max_new, temperature=req.temperature or 0.0, seed=req.seed or 0,
         ))
         finish = "length" if result.completion_tokens >= max_new else "stop"
@@ -280,7 +283,7 @@ class Gateway:
                               param="content-type", code="unsupported_media_type")
         route = sv.resolve_model(query.model, self.adapters)
         question, options = sv.check_query(query, self.limits)
-        png = await asyncio.to_thread(_render_png, record)
+        png = await asyncio.to_thread(sv.render_png, record)
         max_new = query.max_tokens or self.limits.default_max_tokens
         try:
             if route.kind == "proxy":
@@ -336,14 +339,10 @@ class Gateway:
         if opts is not None and len(opts) == 1 and opts[0].lstrip().startswith("["):
             fields["options"] = sv.parse_json_body(opts[0].encode())
         query = sv.parse_model(sv.InterpretQuery, fields)
-        record = await asyncio.to_thread(sv.record_from_wfdb_upload, files, self.limits)
+        record = await asyncio.to_thread(
+            sv.record_from_wfdb_upload, files, self.limits, query.dataset
+        )
         return query, record
-
-
-def _render_png(record: Any) -> bytes:
-    from ecgvlm.render import RenderConfig, render_printout
-
-    return render_printout(record, RenderConfig()).png
 
 
 def build_app(args: sv.ServeArgs | dict[str, Any]) -> serve.Application:
