@@ -1017,6 +1017,38 @@ def group_requests(
     return groups
 
 
+def read_adapter(path: str) -> tuple[Any, dict[str, Any]]:
+    """A PEFT adapter directory's config and weights, ready to share base weights.
+
+    The study trains with ``bias="lora_only"``, and PEFT refuses a second adapter on one model
+    when any adapter's config names a bias mode. PULSE's language model (Llama) has no
+    biases in the attention projections LoRA targets, so such an adapter holds no bias
+    weights and is exactly a ``bias="none"`` adapter: it is loaded as one. An adapter that
+    does carry bias weights would change the shared base, and is refused.
+
+    Raises:
+        ValueError: the directory is not a PEFT adapter, or the adapter trains biases.
+    """
+    from peft import PeftConfig
+    from peft.utils import load_peft_weights
+
+    try:
+        config = PeftConfig.from_pretrained(path)
+        weights = load_peft_weights(path, device="cpu")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable PEFT adapter directory: {e}") from e
+    biases = [k for k in weights if k.endswith(".bias") and "lora_" not in k]
+    if biases:
+        raise ValueError(
+            f"adapter {path} trains bias weights ({biases[0]}, ...): they would change the base "
+            "weights every other model shares, so it cannot be multiplexed"
+        )
+    if getattr(config, "bias", "none") != "none":
+        config.bias = "none"
+    config.inference_mode = True
+    return config, weights
+
+
 class PulseRunner:
     """PULSE base weights loaded once, with LoRA adapters loaded onto the same weights.
 
@@ -1066,13 +1098,21 @@ class PulseRunner:
         with self._lock:
             if name in self._loaded:
                 return
+            config, weights = read_adapter(self.adapter_paths[name])
             from peft import PeftModel
+            from peft.utils import set_peft_model_state_dict
 
-            path = self.adapter_paths[name]
             if isinstance(self.model, PeftModel):
-                self.model.load_adapter(path, adapter_name=name)
+                self.model.add_adapter(name, config)
             else:
-                self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
+                self.model = PeftModel(self.model, config, adapter_name=name)
+            result = set_peft_model_state_dict(self.model, weights, adapter_name=name)
+            if result.unexpected_keys:
+                self.model.delete_adapter(name) if len(self._loaded) else None
+                raise ValueError(
+                    f"adapter {name} ({self.adapter_paths[name]}) does not fit this base "
+                    f"model: unexpected weights {result.unexpected_keys[:5]}"
+                )
             self.model.eval()
             self._loaded.append(name)
             self.adapter_loads[name] += 1

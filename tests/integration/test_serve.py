@@ -11,9 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import socket
-import time
 from pathlib import Path
 
 import numpy as np
@@ -42,13 +40,18 @@ def _free_port() -> int:
 
 
 def _make_adapter(model_dir: Path, out: Path, seed: int) -> Path:
-    """A LoRA adapter whose B matrices are random (non-zero), so it changes the output."""
+    """A LoRA adapter (the study's r=4, alpha=8 on the language model's attention) whose B
+    matrices are random instead of zero, so it changes the output as a trained one does."""
     import torch
+    from peft import LoraConfig, get_peft_model
 
-    from ecgvlm.model import attach_lora, load_pulse
+    from ecgvlm.model import load_pulse
 
-    model, _ = load_pulse(model_dir, dtype="float32", device="cpu")
-    peft_model = attach_lora(model)
+    model, _ = load_pulse(model_dir)
+    config = LoraConfig(r=4, lora_alpha=8, bias="lora_only",
+                        target_modules=r"model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj")
+    torch.manual_seed(seed)  # lora_A's initialisation
+    peft_model = get_peft_model(model, config)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
@@ -74,16 +77,14 @@ def png(record) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def endpoint(ray_local, tmp_path_factory):
-    """Start both applications once; yield their URLs, the fake upstream and the port."""
+def endpoint(ray_local, tiny_pulse_dir, tmp_path_factory):
+    """Start both applications once; yield their URLs and the fake upstream."""
     from ray import serve
 
-    from ecgvlm.model import make_tiny_pulse
     from serve.app import build_app
 
     root = tmp_path_factory.mktemp("serve")
-    model_dir = root / "tiny-pulse"
-    make_tiny_pulse(model_dir, seed=0)
+    model_dir = tiny_pulse_dir
     adapters = {
         "cpsc": str(_make_adapter(model_dir, root / "lora-cpsc", seed=1)),
         "chapman": str(_make_adapter(model_dir, root / "lora-chapman", seed=2)),
