@@ -877,12 +877,12 @@ def record_from_wfdb_upload(
     headers = [n for n in files if n.lower().endswith(".hea")]
     if len(headers) != 1:
         raise bad_request(
-            f"upload exactly one .hea header with its signal file(s); got {sorted(files)}",
+            f"files: upload exactly one .hea header with its signal file(s); got {sorted(files)}",
             param="files", code="invalid_upload",
         )
     if len(files) < 2:
         raise bad_request(
-            f"upload the signal file(s) ({'/'.join(WFDB_UPLOAD_SUFFIXES[1:])}) that "
+            f"files: upload the signal file(s) ({'/'.join(WFDB_UPLOAD_SUFFIXES[1:])}) that "
             f"{headers[0]} names, not only the header",
             param="files", code="invalid_upload",
         )
@@ -904,14 +904,14 @@ def record_from_wfdb_upload(
         except FileNotFoundError as e:
             missing = os.path.basename(str(e.filename or e))
             raise bad_request(
-                f"the header names a signal file that was not uploaded ({missing})",
+                f"files: the header names a signal file that was not uploaded ({missing})",
                 param="files", code="invalid_upload",
             ) from e
         except Exception as e:
             # wfdb raises many types on malformed input; all of them mean a bad upload.
             message = str(e).replace(tmp + os.sep, "").replace(tmp, "")
             raise bad_request(
-                f"could not read the WFDB upload: {type(e).__name__}: {message}",
+                f"files: could not read the WFDB upload: {type(e).__name__}: {message}",
                 param="files", code="invalid_upload",
             ) from e
     check_signal(record.signal_mv, record.fs_hz, record.leads, limits, param="files")

@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse
 from pydantic import SecretStr
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ecgvlm import serving as sv
@@ -278,9 +279,10 @@ class Gateway:
         elif ctype == "multipart/form-data":
             query, record = await self._parse_upload(request, body)
         else:
-            raise sv.ApiError(415, "send application/json (samples, fs_hz, leads) or "
-                              "multipart/form-data (a WFDB .hea with its .dat/.mat)",
-                              param="content-type", code="unsupported_media_type")
+            raise sv.ApiError(
+                415, f"content-type must be application/json (samples, fs_hz, leads) or "
+                f"multipart/form-data (a WFDB .hea with its .dat/.mat), got {ctype!r}",
+                param="content-type", code="unsupported_media_type")
         route = sv.resolve_model(query.model, self.adapters)
         question, options = sv.check_query(query, self.limits)
         png = await asyncio.to_thread(sv.render_png, record)
@@ -326,15 +328,17 @@ class Gateway:
             raise sv.bad_request(f"malformed multipart body: {e}", code="invalid_multipart") from e
         files: dict[str, bytes] = {}
         fields: dict[str, Any] = {}
-        async with form:
+        try:
             for key, value in form.multi_items():
-                if hasattr(value, "filename"):
+                if isinstance(value, UploadFile):
                     name = sv.safe_upload_name(value.filename, param=key)
                     files[name] = await value.read()
                 elif key == "options":
                     fields.setdefault("options", []).append(value)
                 else:
                     fields[key] = value
+        finally:
+            await form.close()
         opts = fields.get("options")
         if opts is not None and len(opts) == 1 and opts[0].lstrip().startswith("["):
             fields["options"] = sv.parse_json_body(opts[0].encode())

@@ -204,7 +204,8 @@ def test_gpt4o_retries_429_and_500_then_answers(endpoint):
     sent = fake.chat_requests[before:]
     assert len(sent) == 3  # 429, 500, then the answer
     assert sent[-1].json["model"] == "gpt-4o" and sent[-1].json["temperature"] == 0.3
-    assert sent[-1].headers.get("Authorization") == f"Bearer {UPSTREAM_KEY}"
+    headers = {k.lower(): v for k, v in sent[-1].headers.items()}
+    assert headers["authorization"] == f"Bearer {UPSTREAM_KEY}"
 
 
 @pytest.mark.parametrize(
