@@ -239,7 +239,8 @@ class ModelCard(BaseModel):
     created: int = 0
     owned_by: str = "ecgvlm"
     available: bool = True
-    reason: str | None = None
+    reason: str | None = None  # why it is unavailable
+    adapter: str | None = None  # the LoRA adapter a pulse-lora model answers with
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,8 @@ logger = logging.getLogger("ray.serve")
 #: How long /readyz waits for a model deployment to answer.
 READY_TIMEOUT_S = 5.0
 
-app = FastAPI(title="ecgvlm", description="PULSE, PULSE+LoRA and GPT-4o behind one API.")
+# No /docs or /openapi.json: every route but the health checks sits behind auth.
+app = FastAPI(title="ecgvlm", docs_url=None, redoc_url=None, openapi_url=None)
 
 
 @app.exception_handler(sv.ApiError)
@@ -214,8 +215,8 @@ class Gateway:
         no_pulse = None if self.pulse is not None else "started without model_dir"
         cards = [sv.ModelCard(id=sv.PULSE_MODEL, available=no_pulse is None, reason=no_pulse)]
         if self.adapters:
-            cards.append(sv.ModelCard(id=sv.LORA_MODEL, reason=f"adapter {self.adapters[0]}"))
-            cards += [sv.ModelCard(id=f"{sv.LORA_MODEL}:{a}") for a in self.adapters]
+            cards.append(sv.ModelCard(id=sv.LORA_MODEL, adapter=self.adapters[0]))
+            cards += [sv.ModelCard(id=f"{sv.LORA_MODEL}:{a}", adapter=a) for a in self.adapters]
         cards.append(sv.ModelCard(id=sv.GPT4O_MODEL, owned_by="openai",
                                   available=proxy["available"], reason=proxy["reason"]))
         return {"object": "list", "data": [c.model_dump() for c in cards]}

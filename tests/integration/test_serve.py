@@ -185,6 +185,8 @@ def test_models_lists_what_is_served(endpoint):
     assert set(cards) == {"pulse", "pulse-lora", "pulse-lora:cpsc", "pulse-lora:chapman",
                           "gpt-4o"}
     assert all(c["available"] for c in cards.values())
+    assert cards["pulse-lora"]["adapter"] == "cpsc"
+    assert cards["pulse-lora:chapman"]["adapter"] == "chapman"
     assert requests.get(f"{endpoint['url']}/healthz", timeout=30).json() == {"status": "ok"}
     ready = requests.get(f"{endpoint['url']}/readyz", timeout=30)
     assert ready.status_code == 200 and ready.json()["checks"]["pulse"]["base_loads"] == 1
