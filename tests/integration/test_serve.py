@@ -111,8 +111,9 @@ def endpoint(ray_local, tiny_pulse_dir, tmp_path_factory):
         mp.delenv("OPENAI_API_KEY")
         mp.setenv("ECGVLM_API_TOKEN", TOKEN)
         secure = build_app({"openai": {"api_key_env": "OPENAI_API_KEY"}, **common})
-    serve.run(main, name="ecgvlm", route_prefix="/")
-    serve.run(secure, name="secure", route_prefix="/secure")
+    # Both apps deploy together: their replicas start in parallel.
+    serve.run_many([serve.RunTarget(main, name="ecgvlm", route_prefix="/"),
+                    serve.RunTarget(secure, name="secure", route_prefix="/secure")])
     base = f"http://127.0.0.1:{port}"
     try:
         yield {"url": base, "secure": f"{base}/secure", "fake": fake}
