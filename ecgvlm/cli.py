@@ -68,7 +68,36 @@ def _cmd_datasets(args: argparse.Namespace) -> int:
 
 
 def _cmd_render(args: argparse.Namespace) -> int:
-    raise NotImplementedError("ecgvlm render: see issue 3")
+    from dataclasses import replace
+    from pathlib import Path
+
+    from ecgvlm.render import RenderConfig, render_printout
+    from ecgvlm.signal import read_record
+
+    record = read_record(args.path, dataset=args.dataset)
+    if args.start_s:
+        first = round(args.start_s * record.fs_hz)
+        if not 0 <= first < record.n_samples:
+            raise ValueError(
+                f"--start-s {args.start_s} is outside the record ({record.duration_s:g} s)"
+            )
+        record = replace(
+            record, signal_mv=record.signal_mv[first:], start_s=record.start_s + args.start_s
+        )
+    fields = {"layout": args.layout or "auto", "dpi": args.dpi, "style": args.style}
+    config = RenderConfig(
+        **{k: v for k, v in fields.items() if v is not None}, augment=bool(args.augment)
+    )
+    printout = render_printout(record, config, seed=args.seed)
+    Path(args.output).write_bytes(printout.png)
+    if args.geometry:
+        Path(args.geometry).write_text(printout.to_json())
+    width, height = printout.size_px
+    print(
+        f"{args.output}: {width}x{height} px, layout {printout.layout}, "
+        f"{len(printout.panels)} panels, config {config.config_hash()}"
+    )
+    return 0
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
@@ -173,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--style", default=None)
     p.add_argument("--augment", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dataset", default=None, help="dataset key when it cannot be recognised")
+    p.add_argument("--start-s", type=float, default=0.0, help="start this far into the record")
+    p.add_argument("--geometry", default=None, help="also write the panel geometry as JSON")
     p.set_defaults(func=_cmd_render)
 
     p = sub.add_parser("prepare", help="build the MCQ data set with Ray Data")
