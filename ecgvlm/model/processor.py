@@ -247,6 +247,7 @@ class LlamaSentencePieceTokenizer:
         import sentencepiece as spm
 
         directory = Path(directory)
+        self.source_dir = directory
         model_file = directory / "tokenizer.model"
         if not model_file.is_file():
             raise FileNotFoundError(f"{directory} has no tokenizer.model (sentencepiece)")

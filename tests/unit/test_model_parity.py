@@ -16,6 +16,7 @@ import torch
 
 from ecgvlm.model import load_pulse, make_tiny_pulse
 from ecgvlm.model.tiny import checkpoint_digest
+from tests.unit.pulse_support import llava_v1, one_torch_thread  # noqa: F401
 
 REFERENCE_DIR = Path(__file__).resolve().parents[1] / "reference"
 sys.path.insert(0, str(REFERENCE_DIR))
@@ -23,14 +24,6 @@ from make_golden import CASES, GREEDY_TOKENS, MERGES, SEED, TAIL, case_image  # 
 
 GOLDEN = np.load(REFERENCE_DIR / "golden_logits.npz")
 ATOL = 1e-4
-SYSTEM = (
-    "A chat between a curious human and an artificial intelligence assistant. The assistant "
-    "gives helpful, detailed, and polite answers to the human's questions."
-)
-
-
-def llava_v1(question: str) -> str:
-    return f"{SYSTEM} USER: <image>\n{question} ASSISTANT:"
 
 
 @pytest.fixture(scope="module", params=MERGES)

@@ -4,28 +4,13 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from ecgvlm.infer import Generation, generate
 from ecgvlm.model import load_pulse, make_tiny_pulse
 from ecgvlm.model.tiny import checkpoint_digest
-
-SYSTEM = (
-    "A chat between a curious human and an artificial intelligence assistant. The assistant "
-    "gives helpful, detailed, and polite answers to the human's questions."
-)
-
-
-def llava_v1(question: str) -> str:
-    return f"{SYSTEM} USER: <image>\n{question} ASSISTANT:"
-
-
-def noise_image(width: int, height: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+from tests.unit.pulse_support import llava_v1, noise_image, one_torch_thread  # noqa: F401
 
 
 @pytest.fixture(scope="module")
