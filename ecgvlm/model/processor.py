@@ -345,7 +345,13 @@ class LlamaSentencePieceTokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of ``ids``; special tokens dropped by default."""
         special = set(self._special.values())
-        pieces = [int(i) for i in ids if not (skip_special_tokens and int(i) in special)]
+        # Ids past the sentencepiece vocabulary (a model with a larger embedding than its
+        # tokenizer, as in the random 7B GPU check) have no text and are skipped.
+        pieces = [
+            int(i)
+            for i in ids
+            if 0 <= int(i) < len(self) and not (skip_special_tokens and int(i) in special)
+        ]
         return self._sp.DecodeIds(pieces)
 
     def tokenize_with_image(self, prompt: str) -> list[int]:
