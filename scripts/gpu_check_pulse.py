@@ -69,8 +69,10 @@ def synthetic_printout(width_px: int = 2200, height_px: int = 1700) -> Image.Ima
         points = []
         for x in range(width_px):
             t = (x / px_per_mm / 25.0) % 0.8  # 25 mm/s, 0.8 s per beat
-            mv = 1.2 * math.exp(-((t - 0.3) / 0.012) ** 2) + 0.15 * math.exp(-((t - 0.12) / 0.03) ** 2)
-            mv += 0.3 * math.exp(-((t - 0.55) / 0.05) ** 2)
+            mv = 1.2 * math.exp(-(((t - 0.3) / 0.012) ** 2)) + 0.15 * math.exp(
+                -(((t - 0.12) / 0.03) ** 2)
+            )
+            mv += 0.3 * math.exp(-(((t - 0.55) / 0.05) ** 2))
             points.append((x, base - mv * 10 * px_per_mm))
         draw.line(points, fill=(0, 0, 0), width=2)
     return image
@@ -123,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vision-tower-path", default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None)
-    parser.add_argument("--record", default=None, help="WFDB record to render (needs ecgvlm.render)")
+    parser.add_argument(
+        "--record", default=None, help="WFDB record to render (needs ecgvlm.render)"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=64)
     args = parser.parse_args(argv)
     dtype = DTYPES[args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
@@ -139,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         what = f"checkpoint {args.model_dir}"
         model, processor = load_pulse(
-            args.model_dir, dtype=dtype, device=args.device,
+            args.model_dir,
+            dtype=dtype,
+            device=args.device,
             vision_tower_path=args.vision_tower_path,
         )
     if args.device.startswith("cuda"):
@@ -156,18 +162,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    (answer,) = generate(
-        model, processor, [prompt], [image], max_new_tokens=args.max_new_tokens
-    )
+    (answer,) = generate(model, processor, [prompt], [image], max_new_tokens=args.max_new_tokens)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     gen_s = time.perf_counter() - t0
     print(f"image: {image_what}, {image.size[0]}x{image.size[1]} px")
     print(f"prompt tokens (text + image features): {answer.prompt_tokens}")
-    print(f"completion tokens: {answer.completion_tokens} in {gen_s:.2f} s "
-          f"= {answer.completion_tokens / gen_s:.1f} tokens/s")
-    print(f"peak memory: {peak_memory_gib(args.device):.2f} GiB "
-          f"({'GPU allocated' if args.device.startswith('cuda') else 'process RSS'})")
+    print(
+        f"completion tokens: {answer.completion_tokens} in {gen_s:.2f} s "
+        f"= {answer.completion_tokens / gen_s:.1f} tokens/s"
+    )
+    print(
+        f"peak memory: {peak_memory_gib(args.device):.2f} GiB "
+        f"({'GPU allocated' if args.device.startswith('cuda') else 'process RSS'})"
+    )
     print(f"answer: {answer.text!r}")
     return 0
 

@@ -131,7 +131,9 @@ def export_llava_next(model: PulseModel, processor: Any, out_dir: str | Path) ->
         image_grid_pinpoints=[[h, w] for w, h in cfg.image_grid_pinpoints],
         image_token_index=vocab,
         vision_feature_layer=cfg.vision_select_layer,
-        vision_feature_select_strategy="default" if cfg.vision_select_feature == "patch" else "full",
+        vision_feature_select_strategy="default"
+        if cfg.vision_select_feature == "patch"
+        else "full",
         projector_hidden_act="gelu",
         multimodal_projector_bias=True,
         tie_word_embeddings=False,

@@ -161,7 +161,9 @@ def _resize_and_pad(image: Image.Image, target: tuple[int, int]) -> Image.Image:
 def check_image(image: Any, index: int = 0) -> Image.Image:
     """Return ``image`` as RGB, or raise ImageInputError saying what is wrong with it."""
     if not isinstance(image, Image.Image):
-        raise ImageInputError(f"image {index} must be a PIL.Image.Image, got {type(image).__name__}")
+        raise ImageInputError(
+            f"image {index} must be a PIL.Image.Image, got {type(image).__name__}"
+        )
     width, height = image.size
     if image.mode not in CONVERTIBLE_MODES:
         raise ImageInputError(

@@ -115,8 +115,7 @@ def _special(content: str) -> dict[str, Any]:
 def _write_tokenizer_files(out_dir: Path) -> None:
     """Vicuna/LLaVA-1.6's tokenizer_config.json and special_tokens_map.json."""
     decoder = {
-        str(i): {**_special(tok), "special": True}
-        for i, tok in enumerate(("<unk>", "<s>", "</s>"))
+        str(i): {**_special(tok), "special": True} for i, tok in enumerate(("<unk>", "<s>", "</s>"))
     }
     config = {
         "add_bos_token": True,
@@ -205,7 +204,11 @@ def random_weights(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, t
         if key.endswith("bias"):
             arr = 0.1 * rng.standard_normal(shape)
         elif len(shape) == 1:  # norms, image_newline, class embedding
-            arr = 1.0 + 0.1 * rng.standard_normal(shape) if "norm" in key else rng.standard_normal(shape)
+            arr = (
+                1.0 + 0.1 * rng.standard_normal(shape)
+                if "norm" in key
+                else rng.standard_normal(shape)
+            )
         elif "embed" in key and "patch_embedding" not in key:
             arr = rng.standard_normal(shape)
         else:

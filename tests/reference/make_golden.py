@@ -132,7 +132,9 @@ def run_reference(checkpoints: Path, out_file: Path) -> None:
                 prompt = conv.get_prompt()
                 image = case_image(i)
                 images = process_images([image], image_processor, model.config)
-                ids = tokenizer_image_token(prompt, tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")
+                ids = tokenizer_image_token(
+                    prompt, tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt"
+                )
                 ids = ids.unsqueeze(0)
                 labels = ids.clone()
                 labels[:, :8] = -100  # some ignored positions, as masking the system prompt does
@@ -141,9 +143,14 @@ def run_reference(checkpoints: Path, out_file: Path) -> None:
                         input_ids=ids, images=images, image_sizes=[image.size], labels=labels
                     )
                     greedy = model.generate(
-                        ids, images=images, image_sizes=[image.size], do_sample=False,
-                        max_new_tokens=GREEDY_TOKENS, min_new_tokens=GREEDY_TOKENS,
-                        pad_token_id=tokenizer.pad_token_id, use_cache=True,
+                        ids,
+                        images=images,
+                        image_sizes=[image.size],
+                        do_sample=False,
+                        max_new_tokens=GREEDY_TOKENS,
+                        min_new_tokens=GREEDY_TOKENS,
+                        pad_token_id=tokenizer.pad_token_id,
+                        use_cache=True,
                     )
                 logits = out.logits[0].float()
                 key = f"{merge}/{i}"
@@ -157,8 +164,13 @@ def run_reference(checkpoints: Path, out_file: Path) -> None:
                 golden[f"prompt/{i}"] = np.array(prompt)
                 print(merge, i, tuple(images.shape), logits.shape[0], float(out.loss))
     golden["versions"] = np.array(
-        json.dumps({"torch": torch.__version__, "transformers": transformers.__version__,
-                    "python": sys.version.split()[0]})
+        json.dumps(
+            {
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "python": sys.version.split()[0],
+            }
+        )
     )
     out_file.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out_file, **golden)

@@ -1,4 +1,4 @@
-"""Bad input: broken checkpoints, unsupported configs, wrong images and prompts give clear errors."""
+"""Bad input: broken checkpoints, unsupported configs, wrong images and prompts: clear errors."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def test_missing_shard_is_named(ckpt):
 
 def test_missing_and_unexpected_keys_are_listed(ckpt):
     index = json.loads((ckpt / "model.safetensors.index.json").read_text())
-    first = sorted(k for k, f in index["weight_map"].items() if f == SHARD1)[0]
+    first = min(k for k, f in index["weight_map"].items() if f == SHARD1)
     del index["weight_map"][first]
     index["weight_map"]["model.extra_head.weight"] = SHARD1
     (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
@@ -66,7 +66,7 @@ def test_missing_and_unexpected_keys_are_listed(ckpt):
 
 def test_wrong_shape_is_named(ckpt):
     index = json.loads((ckpt / "model.safetensors.index.json").read_text())
-    key = sorted(k for k, f in index["weight_map"].items() if f == SHARD1)[0]
+    key = min(k for k, f in index["weight_map"].items() if f == SHARD1)
     _edit_shard(ckpt, lambda t: t.update({key: torch.zeros(3, 3)}))
     with pytest.raises(CheckpointError, match=f"{key}.*shape \\(3, 3\\)"):
         load_pulse(ckpt)

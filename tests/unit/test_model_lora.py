@@ -26,7 +26,9 @@ def fresh(tiny_pulse_dir):
 @pytest.fixture(scope="module")
 def batch(tiny_pulse_dir):
     _, processor = load_pulse(tiny_pulse_dir)
-    return processor([llava_v1("Rhythm?"), llava_v1("Axis?")], [noise_image(200, 90, 0), noise_image(64, 64, 1)])
+    return processor(
+        [llava_v1("Rhythm?"), llava_v1("Axis?")], [noise_image(200, 90, 0), noise_image(64, 64, 1)]
+    )
 
 
 def _randomise_lora(model, seed=0):

@@ -67,7 +67,9 @@ def test_generate_batch_equals_single(tiny):
     prompts = [llava_v1("What is the rhythm?"), llava_v1("Is there atrial fibrillation? A or B")]
     images = [noise_image(300, 120, 1), noise_image(90, 200, 2)]
     batch = generate(model, processor, prompts, images, max_new_tokens=6)
-    singles = [generate(model, processor, [p], [i], max_new_tokens=6)[0] for p, i in zip(prompts, images)]
+    singles = [
+        generate(model, processor, [p], [i], max_new_tokens=6)[0] for p, i in zip(prompts, images)
+    ]
     assert all(isinstance(g, Generation) for g in batch)
     assert [g.text for g in batch] == [g.text for g in singles]
     assert [g.completion_tokens for g in batch] == [g.completion_tokens for g in singles]
