@@ -492,6 +492,7 @@ def build_pulse(
     text = dict(pulse_config.text)
     text.setdefault("tie_word_embeddings", False)
     llama_config = LlamaConfig(**text)
+    llama_config.loss_type = "ForCausalLM"  # LLaVA's loss: mean cross-entropy over labels
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating point torch dtype, got {dtype}")
     with torch.device(device), _default_dtype(dtype):

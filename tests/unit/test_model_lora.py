@@ -6,6 +6,7 @@ import pytest
 import torch
 from peft.tuners.lora import LoraLayer
 
+from ecgvlm.infer import generate
 from ecgvlm.model import load_pulse
 from ecgvlm.model.lora import (
     attach_lora,
@@ -79,7 +80,7 @@ def test_lora_trains_and_vision_stays_frozen(fresh, batch):
 
 
 def test_adapter_save_load_unload_and_merge(fresh, tiny_pulse_dir, batch, tmp_path):
-    model, _ = fresh
+    model, processor = fresh
     with torch.no_grad():
         base_logits = model(**batch).logits
     peft_model = attach_lora(model, dropout=0.0)
@@ -95,6 +96,9 @@ def test_adapter_save_load_unload_and_merge(fresh, tiny_pulse_dir, batch, tmp_pa
     assert loaded.active_adapter == "ecg_lora"
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, adapted, atol=1e-5, rtol=0)
+    # Generation goes through the adapter (the PEFT wrapper is unwrapped, adapters stay).
+    (answer,) = generate(loaded, processor, [llava_v1("Rhythm?")], [noise_image(200, 90, 0)], 4)
+    assert answer.completion_tokens >= 1
     # Unloading the last adapter gives back the bare model with its original outputs.
     bare = unload_adapter(loaded, "ecg_lora")
     assert not any(isinstance(m, LoraLayer) for m in bare.modules())

@@ -117,3 +117,13 @@ def test_tokenizer_image_token_layout(tiny_pulse_dir):
     first = batch["attention_mask"][0]
     assert first[0] == 0 and first[-1] == 1 and batch["input_ids"][0, 0] == tok.pad_token_id
     assert PulseConfig.from_dict(PULSE_7B_CONFIG).patch_merge_type == "flat"
+
+
+def test_pulse_7b_lora_trainable_count():
+    from ecgvlm.model.lora import attach_lora, parameter_counts
+
+    vision = CLIPVisionConfig(**KNOWN_VISION_TOWERS["openai/clip-vit-large-patch14-336"])
+    model = build_pulse(dict(PULSE_7B_CONFIG), vision, device="meta")
+    trainable, total = parameter_counts(attach_lora(model))
+    print(f"PULSE-7B LoRA: {trainable} trainable of {total}")
+    assert trainable == 32 * 4 * (4 * 4096 + 4096 * 4)  # 4,194,304
