@@ -344,6 +344,22 @@ class LlamaSentencePieceTokenizer:
             ids = ids + ([self.eos_token_id] if self.add_eos_token else [])
         return ids
 
+    def __call__(
+        self, text: str | Sequence[str], add_special_tokens: bool = True
+    ) -> dict[str, Any]:
+        """transformers-style call: ``input_ids`` and ``attention_mask``, unpadded lists."""
+        if isinstance(text, str):
+            ids = self.encode(text, add_special_tokens)
+            return {"input_ids": ids, "attention_mask": [1] * len(ids)}
+        ids_list = [self.encode(t, add_special_tokens) for t in text]
+        return {"input_ids": ids_list, "attention_mask": [[1] * len(i) for i in ids_list]}
+
+    def batch_decode(
+        self, rows: Sequence[Sequence[int]], skip_special_tokens: bool = True
+    ) -> list[str]:
+        """``decode`` for each row."""
+        return [self.decode(r, skip_special_tokens) for r in rows]
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of ``ids``; special tokens dropped by default."""
         special = set(self._special.values())

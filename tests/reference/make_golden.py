@@ -39,6 +39,20 @@ CASES = (
     ("Describe the ST segment.", 220, 170),
 )
 
+# Plain tokenisation cases (both Llama ``legacy`` settings): special tokens inside text, as in
+# training targets ending in "</s>", spaces, newlines and bytes outside the tiny vocabulary.
+TOKENIZER_CASES = (
+    "What is the rhythm?",
+    " leading space and  two spaces",
+    "The answer is B. Atrial fibrillation.</s>",
+    "USER: <image>\nQ ASSISTANT: B</s>",
+    "</s>starts with a special token",
+    "a<s>b<unk>c\n\nd",
+    "\u00fcmlaut \u00e9 \u2192 \u2665 72 bpm",
+    "",
+)
+IMAGE_PROMPT_CASES = ("X <image>\nY ASSISTANT: A</s>", "<image>\nfirst", "last <image>")
+
 
 def case_image(index: int) -> Image.Image:
     """A deterministic RGB test image: noise over gradients (hard on resampling)."""
@@ -110,6 +124,23 @@ def _reference_model(checkpoint: Path, work: Path):
     return model, tokenizer, vision_tower.image_processor
 
 
+def reference_tokenizations(checkpoint: Path) -> dict[str, np.ndarray]:
+    """The slow LlamaTokenizer's ids for TOKENIZER_CASES and IMAGE_PROMPT_CASES, per legacy."""
+    from llava.constants import IMAGE_TOKEN_INDEX
+    from llava.mm_utils import tokenizer_image_token
+    from transformers import AutoTokenizer
+
+    out: dict[str, np.ndarray] = {}
+    for legacy in (False, True):
+        tokenizer = AutoTokenizer.from_pretrained(str(checkpoint), use_fast=False, legacy=legacy)
+        rows = [tokenizer(text).input_ids for text in TOKENIZER_CASES]
+        rows += [tokenizer_image_token(t, tokenizer, IMAGE_TOKEN_INDEX) for t in IMAGE_PROMPT_CASES]
+        key = f"tokens/legacy={legacy}"
+        out[f"{key}/ids"] = np.array([i for row in rows for i in row], dtype=np.int64)
+        out[f"{key}/lengths"] = np.array([len(row) for row in rows], dtype=np.int64)
+    return out
+
+
 def run_reference(checkpoints: Path, out_file: Path) -> None:
     import torch
     import transformers
@@ -163,6 +194,7 @@ def run_reference(checkpoints: Path, out_file: Path) -> None:
                 golden[f"{key}/greedy"] = greedy[0].numpy()
                 golden[f"prompt/{i}"] = np.array(prompt)
                 print(merge, i, tuple(images.shape), logits.shape[0], float(out.loss))
+    golden.update(reference_tokenizations(checkpoints / "flat"))
     golden["versions"] = np.array(
         json.dumps(
             {

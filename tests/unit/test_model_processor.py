@@ -112,6 +112,11 @@ def test_tokenizer_image_token_layout(tiny_pulse_dir):
     assert ids[at + 1 :] == tok.encode("\nQ ASSISTANT:")[1:]
     assert tok._sp.IdToPiece(ids[at + 1]) == "\u2581"
     assert tok.encode("</s>", add_special_tokens=False) == [tok.eos_token_id]
+    # transformers-style call and batch_decode, as training code uses them.
+    called = tok(["Q", "A longer answer</s>"])
+    assert called["input_ids"] == [tok.encode("Q"), tok.encode("A longer answer</s>")]
+    assert called["attention_mask"][0] == [1] * len(called["input_ids"][0])
+    assert tok.batch_decode(called["input_ids"]) == ["Q", "A longer answer"]
     # Left padding: the shorter prompt gets pad ids and zero mask on the left.
     batch = processor([llava_v1("Q"), llava_v1("A longer question")], [noise_image(64, 64, 0)] * 2)
     first = batch["attention_mask"][0]
