@@ -84,3 +84,14 @@ def test_generate_seeded_sampling_is_reproducible(tiny):
     a = generate(model, processor, *args, max_new_tokens=8, temperature=1.0, seed=7)
     b = generate(model, processor, *args, max_new_tokens=8, temperature=1.0, seed=7)
     assert a == b
+
+
+def test_cli_make_tiny(tmp_path, capsys):
+    from ecgvlm.cli import main
+
+    assert main(["model", "make-tiny", str(tmp_path / "cli"), "--merge", "spatial_unpad"]) == 0
+    assert "wrote tiny PULSE checkpoint (spatial_unpad, seed 0" in capsys.readouterr().out
+    model, _ = load_pulse(tmp_path / "cli")
+    assert model.pulse_config.patch_merge_type == "spatial_unpad"
+    with pytest.raises(SystemExit):  # argparse refuses a merge type we do not write
+        main(["model", "make-tiny", str(tmp_path / "bad"), "--merge", "diagonal"])
