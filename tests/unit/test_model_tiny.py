@@ -95,3 +95,21 @@ def test_cli_make_tiny(tmp_path, capsys):
     assert model.pulse_config.patch_merge_type == "spatial_unpad"
     with pytest.raises(SystemExit):  # argparse refuses a merge type we do not write
         main(["model", "make-tiny", str(tmp_path / "bad"), "--merge", "diagonal"])
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_logits_equal_single(tiny, side):
+    model, processor = tiny
+    prompts = [llava_v1("Q"), llava_v1("A much longer question about the ST segment")]
+    images = [noise_image(300, 120, 1), noise_image(90, 200, 2)]
+    model.padding_side = side
+    try:
+        with torch.no_grad():
+            batched = model(**processor(prompts, images)).logits
+            singles = [model(**processor([p], [i])).logits[0] for p, i in zip(prompts, images)]
+    finally:
+        model.padding_side = "left"
+    for row, single in enumerate(singles):
+        n = single.shape[0]
+        got = batched[row, -n:] if side == "left" else batched[row, :n]
+        torch.testing.assert_close(got, single, atol=1e-5, rtol=1e-5)
