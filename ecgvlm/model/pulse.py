@@ -150,6 +150,9 @@ class PulseModel(LlamaForCausalLM):
         if "unpad" in pulse_config.patch_merge_type:
             self.model.image_newline = nn.Parameter(torch.zeros(config.hidden_size))
         self.padding_side = "left"
+        # transformers picks the loss from the class name; ours does not end in ForCausalLM.
+        # This is LLaVA's loss too: mean next-token cross-entropy over labels != -100.
+        self.loss_type = "ForCausalLM"
 
     # -- image features ---------------------------------------------------------------------
 
@@ -492,7 +495,6 @@ def build_pulse(
     text = dict(pulse_config.text)
     text.setdefault("tie_word_embeddings", False)
     llama_config = LlamaConfig(**text)
-    llama_config.loss_type = "ForCausalLM"  # LLaVA's loss: mean cross-entropy over labels
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating point torch dtype, got {dtype}")
     with torch.device(device), _default_dtype(dtype):
