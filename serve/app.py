@@ -199,12 +199,12 @@ class Gateway:
                 checks["pulse"] = await asyncio.wait_for(
                     self.pulse.stats.remote(), READY_TIMEOUT_S
                 )
-            except Exception as e:  # reported, not raised: readiness is the answer
+            except Exception as e:  # noqa: BLE001 - reported, not raised: readiness is the answer
                 checks["pulse"] = {"error": type(e).__name__}
                 ok = False
         try:
             checks["gpt-4o"] = await asyncio.wait_for(self.proxy.status.remote(), READY_TIMEOUT_S)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - as above
             checks["gpt-4o"] = {"error": type(e).__name__}
         return JSONResponse({"ready": ok, "checks": checks}, status_code=200 if ok else 503)
 

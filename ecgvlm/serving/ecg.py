@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ecgvlm.mcq import DEFAULT_QUESTION as MCQ_DEFAULT_QUESTION
 from ecgvlm.serving.errors import bad_request, validation_error
 from ecgvlm.serving.limits import (
     MAX_FS_HZ,
@@ -23,8 +24,9 @@ from ecgvlm.serving.limits import (
     ServeLimits,
 )
 
-#: Question asked when a client gives options but no question.
-DEFAULT_QUESTION = "Which of the following best describes the main finding on this ECG?"
+#: Question asked when a client gives options but no question: the training set's wording
+#: (``ecgvlm.mcq``), so a fine-tuned adapter is asked what it learned to answer.
+DEFAULT_QUESTION = MCQ_DEFAULT_QUESTION
 #: Largest |sample| accepted, in millivolts; bigger values are almost surely microvolts or
 #: ADC counts sent by mistake.
 MAX_ABS_MV = 50.0

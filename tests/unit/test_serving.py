@@ -232,7 +232,7 @@ def test_options_are_required():
 def test_nan_from_json_text_is_caught():
     # Python's json accepts the NaN literal; the signal check must still refuse it.
     rows = ", ".join(["[NaN, 0.0]"] + ["[0.0, 0.1]"] * 499)
-    text = '{"samples": [%s], "fs_hz": 250, "leads": ["I", "II"]}' % rows
+    text = '{"samples": [' + rows + '], "fs_hz": 250, "leads": ["I", "II"]}'
     req = sv.parse_model(sv.InterpretJsonRequest, sv.parse_json_body(text.encode()))
     e = _error(sv.record_from_json, req, LIMITS)
     assert e.status == 400 and e.code == "non_finite" and "sample 0 of lead 'I'" in e.message
