@@ -57,7 +57,9 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[k]
 
 
-async def _drive(url: str, body: dict, concurrency: int, n_requests: int) -> tuple[float, list[float]]:
+async def _drive(
+    url: str, body: dict, concurrency: int, n_requests: int
+) -> tuple[float, list[float]]:
     """Send ``n_requests`` with ``concurrency`` in flight; return (wall seconds, latencies)."""
     import aiohttp
 

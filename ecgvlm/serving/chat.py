@@ -1,4 +1,4 @@
-"""The OpenAI chat-completions schema, model routing, data-URL images, responses and usage counts."""
+"""The OpenAI chat-completions schema, model routing, data-URL images, responses, usage."""
 
 from __future__ import annotations
 
@@ -137,7 +137,9 @@ def parse_chat_request(body: bytes, limits: ServeLimits) -> ChatCompletionReques
     n_chars = 0
     n_images = 0
     for i, msg in enumerate(req.messages):
-        parts = [TextPart(type="text", text=msg.content)] if isinstance(msg.content, str) else msg.content
+        parts = msg.content
+        if isinstance(parts, str):
+            parts = [TextPart(type="text", text=parts)]
         for part in parts:
             if isinstance(part, TextPart):
                 n_chars += len(part.text)

@@ -97,7 +97,10 @@ class OpenAIProxy:
     def __repr__(self) -> str:
         # Never show the key, even by accident in a log line.
         key = "set" if self._api_key else "missing"
-        return f"OpenAIProxy(base_url={self.settings.base_url!r}, model={self.settings.model!r}, key={key})"
+        return (
+            f"OpenAIProxy(base_url={self.settings.base_url!r}, "
+            f"model={self.settings.model!r}, key={key})"
+        )
 
     @property
     def available(self) -> bool:

@@ -1,4 +1,4 @@
-"""PULSE on a replica: one base model, LoRA adapters sharing its weights, batches grouped by adapter."""
+"""PULSE on a replica: one base model, LoRA adapters sharing its weights, grouped batches."""
 
 from __future__ import annotations
 

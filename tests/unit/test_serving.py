@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -130,7 +131,8 @@ def test_resolve_model_routes():
 
 
 def test_decode_data_url_png_and_jpeg():
-    assert sv.decode_data_url(sv.image_data_url(_png()), LIMITS.max_image_pixels, "p").format == "PNG"
+    png = sv.decode_data_url(sv.image_data_url(_png()), LIMITS.max_image_pixels, "p")
+    assert png.format == "PNG"
     jpeg = sv.image_data_url(_png(fmt="JPEG"), "image/jpeg")
     assert sv.decode_data_url(jpeg, LIMITS.max_image_pixels, "p").size_px == (32, 24)
 
@@ -148,7 +150,8 @@ def test_decode_data_url_png_and_jpeg():
     ],
 )
 def test_bad_images_are_400s(url, code):
-    e = _error(sv.decode_data_url, url, LIMITS.max_image_pixels, "messages[0].content[0].image_url.url")
+    param = "messages[0].content[0].image_url.url"
+    e = _error(sv.decode_data_url, url, LIMITS.max_image_pixels, param)
     assert e.status == 400 and e.code == code
     assert e.param == "messages[0].content[0].image_url.url"
 
@@ -182,7 +185,8 @@ def test_record_from_json_builds_an_ecg_record():
     req = sv.parse_model(sv.InterpretJsonRequest, _interpret())
     rec = sv.record_from_json(req, LIMITS)
     assert rec.signal_mv.shape == (500, 2) and rec.leads == ("I", "II") and rec.fs_hz == 250.0
-    assert sv.check_query(req, LIMITS) == (sv.DEFAULT_QUESTION, ["Sinus rhythm", "Atrial fibrillation"])
+    question, options = sv.check_query(req, LIMITS)
+    assert question == sv.DEFAULT_QUESTION and options == ["Sinus rhythm", "Atrial fibrillation"]
 
 
 @pytest.mark.parametrize(
@@ -326,3 +330,29 @@ def test_usage_counter():
     usage.add("pulse", error=True)
     assert usage.to_json() == {"pulse": {"requests": 2, "errors": 1, "prompt_tokens": 5,
                                          "completion_tokens": 2}}
+
+
+# --- config file and CLI ----------------------------------------------------------------------
+
+
+def test_serve_config_yaml_is_valid_serve_args():
+    import yaml
+
+    path = Path(__file__).resolve().parents[2] / "serve" / "config.yaml"
+    text = path.read_text()
+    assert text.startswith("#") and "serve run serve/config.yaml" in text.split("\n\n")[0]
+    config = yaml.safe_load(text)
+    (app,) = config["applications"]
+    assert app["import_path"] == "serve.app:build_app"
+    args = sv.ServeArgs.model_validate(app["args"])
+    assert args.batching.max_batch_size >= 1 and args.openai.api_key_env == "OPENAI_API_KEY"
+
+
+def test_cli_serve_refuses_a_missing_model_dir_before_starting_ray(tmp_path, capsys):
+    from ecgvlm.cli import main
+
+    assert main(["serve", "--model-dir", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert "model_dir" in err and "nope" in err
+    assert main(["serve", "--model-dir", str(tmp_path), "--adapter", "broken"]) == 2
+    assert "NAME=DIR" in capsys.readouterr().err
