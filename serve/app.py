@@ -145,6 +145,7 @@ class Gateway:
         self.adapters = args.served_adapters()
         self._token = auth_token.get_secret_value().encode() if auth_token else None
         self.usage = sv.UsageCounter()
+        self._pulse_handles: dict[str, DeploymentHandle] = {}
 
     # -- helpers -------------------------------------------------------------------------
     def _authorize(self, request: Request) -> None:
@@ -176,7 +177,10 @@ class Gateway:
             raise sv.ApiError(503, "pulse is not served here: start the endpoint with "
                               "model_dir (ecgvlm serve --model-dir DIR)",
                               "service_unavailable", "model", "model_unavailable")
-        handle = self.pulse.options(multiplexed_model_id=route.adapter or "")
+        key = route.adapter or ""
+        handle = self._pulse_handles.get(key)
+        if handle is None:  # one handle per adapter, reused: options() builds a new handle
+            handle = self._pulse_handles[key] = self.pulse.options(multiplexed_model_id=key)
         return await handle.generate.remote(req)
 
     async def _run_proxy(self, req: sv.ChatCompletionRequest) -> dict[str, Any]:
