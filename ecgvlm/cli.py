@@ -148,7 +148,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from ecgvlm.serving import ServeArgs, parse_adapter_specs
+    from ecgvlm.serving import ServeArgs, check_paths, parse_adapter_specs
 
     # serve/app.py sits beside the package in a source checkout; replicas import it too.
     repo = Path(__file__).resolve().parents[1]
@@ -156,11 +156,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise FileNotFoundError(
             f"serve/app.py not found under {repo}: run `ecgvlm serve` from a source checkout"
         )
+    adapters = {n: str(Path(p).resolve()) for n, p in parse_adapter_specs(args.adapter).items()}
+    serve_args = ServeArgs(model_dir=str(Path(args.model_dir).resolve()), adapters=adapters)
+    check_paths(serve_args)  # before paying for Ray's import
+
     sys.path.insert(0, str(repo))
     from serve.app import build_app
 
-    adapters = {n: str(Path(p).resolve()) for n, p in parse_adapter_specs(args.adapter).items()}
-    app = build_app(ServeArgs(model_dir=str(Path(args.model_dir).resolve()), adapters=adapters))
+    app = build_app(serve_args)
 
     import ray
     from ray import serve

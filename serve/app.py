@@ -367,11 +367,7 @@ def build_app(args: sv.ServeArgs | dict[str, Any]) -> serve.Application:
     """
     if not isinstance(args, sv.ServeArgs):
         args = sv.ServeArgs.model_validate(args)
-    for what, path in [("model_dir", args.model_dir)] + [
-        (f"adapters.{n}", p) for n, p in args.adapters.items()
-    ]:
-        if path is not None and not os.path.isdir(path):
-            raise ValueError(f"{what}: {path} is not a directory")
+    sv.check_paths(args)
     api_key = os.environ.get(args.openai.api_key_env) or None
     token = os.environ.get(args.auth_token_env) or None
     pulse = None

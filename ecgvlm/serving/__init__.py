@@ -21,6 +21,7 @@ from ecgvlm.serving.args import (
     BatchingArgs,
     ReplicaArgs,
     ServeArgs,
+    check_paths,
     parse_adapter_specs,
 )
 from ecgvlm.serving.chat import (
@@ -151,6 +152,7 @@ __all__ = [
     "bad_request",
     "check_body_size",
     "check_image_bytes",
+    "check_paths",
     "check_query",
     "check_signal",
     "collect_images",

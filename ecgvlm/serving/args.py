@@ -117,6 +117,21 @@ class ServeArgs(BaseModel):
         return list(self.adapters)
 
 
+def check_paths(args: ServeArgs) -> None:
+    """Raise ValueError naming the field when ``model_dir`` or an adapter is not a directory.
+
+    Checked where the app is built (on the cluster for ``serve deploy``), before any replica
+    starts.
+    """
+    import os
+
+    paths = [("model_dir", args.model_dir)]
+    paths += [(f"adapters.{n}", p) for n, p in args.adapters.items()]
+    for what, path in paths:
+        if path is not None and not os.path.isdir(path):
+            raise ValueError(f"{what}: {path} is not a directory")
+
+
 def parse_adapter_specs(specs: Iterable[str]) -> dict[str, str]:
     """``["NAME=DIR", ...]`` (the CLI's ``--adapter``) as an ordered name -> dir mapping."""
     adapters: dict[str, str] = {}

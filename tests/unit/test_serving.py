@@ -356,3 +356,57 @@ def test_cli_serve_refuses_a_missing_model_dir_before_starting_ray(tmp_path, cap
     assert "model_dir" in err and "nope" in err
     assert main(["serve", "--model-dir", str(tmp_path), "--adapter", "broken"]) == 2
     assert "NAME=DIR" in capsys.readouterr().err
+
+
+# --- PulseRunner on the tiny checkpoint -------------------------------------------------------
+
+
+def _adapter(model_dir: Path, out: Path, seed: int, bias: str = "lora_only") -> str:
+    import torch
+
+    from ecgvlm.model import attach_lora, load_pulse, save_adapter
+
+    model, _ = load_pulse(model_dir)
+    torch.manual_seed(seed)
+    peft_model = attach_lora(model, bias=bias)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+            elif bias == "all" and name.endswith(".bias"):
+                param.add_(0.1)
+    return str(save_adapter(peft_model, out))
+
+
+def test_pulse_runner_shares_base_weights_between_adapters(tiny_pulse_dir, tmp_path):
+    adapters = {"a": _adapter(tiny_pulse_dir, tmp_path / "a", 1),
+                "b": _adapter(tiny_pulse_dir, tmp_path / "b", 2)}
+    runner = sv.PulseRunner(str(tiny_pulse_dir), adapters, device="cpu")
+    png = _png((64, 32))
+    from ecgvlm.prompt import build_prompt
+
+    prompt = build_prompt("Which?", ["x", "y"])
+    base_before = runner.generate([sv.GenerateRequest(prompt, png, None, 4)])[0]
+    embed = runner.model.get_input_embeddings().weight.data_ptr()
+    mixed = runner.generate([sv.GenerateRequest(prompt, png, a, 4) for a in ("a", None, "b", "a")])
+    assert mixed[0] == mixed[3] and mixed[1] == base_before
+    assert len({mixed[0].text, mixed[1].text, mixed[2].text}) == 3
+    assert runner.model.get_input_embeddings().weight.data_ptr() == embed
+    assert runner.stats()["base_loads"] == 1 and runner.loaded_adapters == ["a", "b"]
+    runner.unload_adapter("a")
+    assert runner.loaded_adapters == ["b"]
+    runner.unload_adapter("b")  # the last adapter stays: PEFT needs one
+    assert runner.loaded_adapters == ["b"]
+    # An unloaded adapter comes back on demand with the same answer.
+    assert runner.generate([sv.GenerateRequest(prompt, png, "a", 4)])[0] == mixed[0]
+    assert runner.stats()["adapter_loads"] == {"a": 2, "b": 1}
+    with pytest.raises(KeyError, match="unknown adapter"):
+        runner.load_adapter("nope")
+
+
+def test_adapters_that_train_biases_are_refused(tiny_pulse_dir, tmp_path):
+    path = _adapter(tiny_pulse_dir, tmp_path / "biased", 3, bias="all")
+    with pytest.raises(ValueError, match="bias"):
+        sv.read_adapter(path)
+    with pytest.raises(ValueError, match="not a readable PEFT adapter"):
+        sv.read_adapter(str(tmp_path))
