@@ -323,15 +323,6 @@ def assign_splits(units: list[Unit], config: PrepareConfig) -> dict[str, list[Un
     """Patient-wise, label-stratified split of the scanned units (``split_records``)."""
     from ecgvlm.splits import split_records
 
-    # Stratify only on labels that at least as many patients as there are splits carry: a
-    # rarer label cannot be spread over the splits anyway, and split_records deals each
-    # one-patient stratum to the largest split, which would put every patient with a unique
-    # label set in train.
-    carriers: dict[str, set[str]] = defaultdict(set)
-    for u in units:
-        for lab in u.labels:
-            carriers[lab].add(u.patient_id or u.record_id.split("@", 1)[0])
-    common = {lab for lab, who in carriers.items() if len(who) >= len(config.splits)}
     light = [
         EcgRecord(
             record_id=u.record_id,
@@ -339,7 +330,7 @@ def assign_splits(units: list[Unit], config: PrepareConfig) -> dict[str, list[Un
             signal_mv=np.zeros((0, 1), dtype=np.float32),
             fs_hz=1.0,
             leads=("-",),
-            labels=tuple(lab for lab in u.labels if lab in common),
+            labels=u.labels,
             patient_id=u.patient_id or None,
             start_s=u.start_s,
         )
