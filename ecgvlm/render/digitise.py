@@ -1,0 +1,167 @@
+"""``trace_from_image``: read one panel of a printout back into a signal.
+
+Ink darkness is measured on the red channel: every grid colour of both styles keeps red at
+255, so ``1 - R/255`` is the ink coverage alone (exactly so for un-augmented pages). Each
+pixel column of the panel is split into runs of dark pixels; starting from the run nearest
+the baseline, the trace is followed column by column through the run that touches (or is
+nearest to) the previous one, which steps over lead labels and over neighbouring leads that
+overflow into the row. A column's value is the darkness-weighted centre of its run.
+"""
+
+from __future__ import annotations
+
+import io
+from functools import lru_cache
+
+import numpy as np
+
+from ecgvlm.records import Panel
+
+DARK_THRESHOLD = 0.3
+# Path costs, in pixels. Stepping from run k (previous column) to run j costs the distance
+# from the nearer end of k to j (0 when j contains or touches that end), plus JUMP_WEIGHT x
+# the change of centre, plus BASELINE_WEIGHT x j's distance from the panel's baseline. A
+# stroke leaves a column at one end of its run, so a steep stroke continues from its tip and
+# not into a label or another lead that merely touches the middle of it; the baseline term
+# keeps the path from following a crossing lead away from this panel's row.
+JUMP_WEIGHT = 0.05
+BASELINE_WEIGHT = 0.05
+END_WEIGHT = 0.3
+# Paths costing this much more than the best one so far are dropped (beam search): other
+# leads' traces sit a row away and fall out within a few columns, which keeps the search
+# about linear in the number of columns.
+BEAM = 60.0
+
+
+def _best_path(lo, hi, centre, unary, bounds) -> list[tuple[int, int]]:
+    """Viterbi over the ink runs of each column: the cheapest left-to-right path.
+
+    ``lo``/``hi`` are each run's first and last row, ``unary`` its own cost,
+    ``bounds[c]:bounds[c + 1]`` the runs of column c. Returns (column, run index) for every column that has ink. Plain Python: a
+    column holds a handful of runs, too few for numpy to pay off.
+    """
+    lo, hi, centre, unary = lo.tolist(), hi.tolist(), centre.tolist(), unary.tolist()
+    bounds = bounds.tolist()
+    columns = [c for c in range(len(bounds) - 1) if bounds[c + 1] > bounds[c]]
+    if not columns:
+        return []
+    backs: list[list[int]] = []
+    prev = list(range(bounds[columns[0]], bounds[columns[0] + 1]))
+    cost = [unary[k] for k in prev]
+    for c in columns[1:]:
+        cur = range(bounds[c], bounds[c + 1])
+        new_cost, back = [], []
+        for j in cur:
+            lo_j, hi_j, c_j = lo[j], hi[j], centre[j]
+            best, best_k = float("inf"), 0
+            for i, k in enumerate(prev):
+                lo_k, hi_k = lo[k], hi[k]
+                gap = max(lo_j - hi_k - 1, lo_k - hi_j - 1, 0)
+                to_top = max(lo_j - lo_k - 1, lo_k - hi_j - 1, 0)
+                to_bottom = max(lo_j - hi_k - 1, hi_k - hi_j - 1, 0)
+                total = (
+                    cost[i]
+                    + gap
+                    + END_WEIGHT * min(to_top, to_bottom)
+                    + JUMP_WEIGHT * abs(c_j - centre[k])
+                )
+                if total < best:
+                    best, best_k = total, k
+            back.append(best_k)
+            new_cost.append(best + unary[j])
+        backs.append(back)
+        cutoff = min(new_cost) + BEAM
+        prev = [j for j, v in zip(cur, new_cost) if v <= cutoff]
+        cost = [v for v in new_cost if v <= cutoff]
+    k = prev[min(range(len(prev)), key=cost.__getitem__)]
+    path = [(columns[-1], k)]
+    for j in range(len(columns) - 2, -1, -1):
+        k = backs[j][k - bounds[columns[j + 1]]]
+        path.append((columns[j], k))
+    path.reverse()
+    return path
+
+
+@lru_cache(maxsize=2)
+def _darkness(png: bytes) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as image:
+        red = np.asarray(image.convert("RGB"))[:, :, 0]
+    dark = 1.0 - red.astype(np.float32) / 255.0
+    dark.setflags(write=False)
+    return dark
+
+
+def search_rows(panel: Panel, page_height_px: int) -> tuple[int, int]:
+    """Rows [first, stop) that ``trace_from_image`` searches: the panel's band and one band
+    height above and below it (+-1.5 rows' pitch from the row centre), within the page."""
+    _, y0, _, y1 = panel.box_px
+    return max(y0 - (y1 - y0), 0), min(y1 + (y1 - y0), page_height_px)
+
+
+def trace_from_image(
+    png: bytes, panel: Panel, *, threshold: float = DARK_THRESHOLD
+) -> tuple[np.ndarray, np.ndarray]:
+    """Digitise ``panel`` of a printout PNG back to (seconds, millivolts).
+
+    The rows given by ``search_rows`` are searched, so amplitudes that overflow the panel's
+    band into the neighbouring rows are read too; ink beyond them counts as off the page.
+    Columns where no ink is found, or where the trace is off the searched rows, are NaN.
+
+    Args:
+        png: The printout's PNG bytes.
+        panel: One of the printout's panels.
+        threshold: Darkness (0-1) above which a pixel counts as ink.
+
+    Returns:
+        ``(t_s, mv)``: one value per pixel column of the panel, ``t_s`` the time shown at the
+        column's centre.
+    """
+    dark = _darkness(png)
+    x0, _, x1, _ = panel.box_px
+    first_row, stop_row = search_rows(panel, dark.shape[0])
+    cols = dark[first_row:stop_row, x0:x1].T  # (columns, rows): row runs become contiguous
+    n_cols, n_rows = cols.shape
+    mask = cols > threshold
+    edges = np.diff(mask.astype(np.int8), axis=1, prepend=0, append=0)
+    run_col, run_start = np.nonzero(edges == 1)
+    _, run_stop = np.nonzero(edges == -1)  # same order: row-major over (column, row)
+    # Darkness-weighted centre of every run, from per-column cumulative sums.
+    rows = np.arange(n_rows, dtype=np.float64)
+    weight = np.concatenate([np.zeros((n_cols, 1)), np.cumsum(cols, axis=1)], axis=1)
+    moment = np.concatenate([np.zeros((n_cols, 1)), np.cumsum(cols * rows, axis=1)], axis=1)
+    mass = weight[run_col, run_stop] - weight[run_col, run_start]
+    centre = (moment[run_col, run_stop] - moment[run_col, run_start]) / np.maximum(mass, 1e-9)
+
+    run_last = run_stop - 1
+    # Where the trace touches the top or bottom of the searched rows anywhere in the panel,
+    # every column gets a virtual run just beyond that edge, so the path can wait there
+    # (reading NaN) while the trace is out of sight instead of jumping to another lead.
+    virtual = [row for row, touched in ((-1, (run_start == 0).any()),
+                                        (n_rows, (run_last == n_rows - 1).any())) if touched]
+    n_real = run_col.size
+    if virtual:
+        v_rows = np.repeat(np.asarray(virtual), n_cols)
+        run_col = np.concatenate([run_col, np.tile(np.arange(n_cols), len(virtual))])
+        run_start = np.concatenate([run_start, v_rows])
+        run_last = np.concatenate([run_last, v_rows])
+        centre = np.concatenate([centre, v_rows.astype(np.float64)])
+        order = np.argsort(run_col, kind="stable")
+        run_col, run_start, run_last, centre = (
+            run_col[order], run_start[order], run_last[order], centre[order]
+        )
+        is_real = order < n_real
+    else:
+        is_real = np.ones(n_real, dtype=bool)
+
+    y = np.full(n_cols, np.nan)
+    bounds = np.searchsorted(run_col, np.arange(n_cols + 1))
+    centre = centre + first_row
+    unary = BASELINE_WEIGHT * np.abs(centre - panel.baseline_y_px)
+    for c, k in _best_path(run_start, run_last, centre, unary, bounds):
+        if is_real[k]:
+            y[c] = centre[k]
+    t_s = panel.t_start_s + np.arange(n_cols) / panel.px_per_s
+    mv = (panel.baseline_y_px - y) / panel.px_per_mv
+    return t_s, mv
