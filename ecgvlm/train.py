@@ -88,6 +88,9 @@ class TrainConfig:
         checkpoint_score_order: ``max`` or ``min``.
         max_failures: Worker-group restarts (from the latest checkpoint) before giving up.
         shuffle_buffer_size: Local shuffle buffer (rows) per worker; 0 keeps the data order.
+        train_repeat: Passes over the train split per Ray Data epoch. Each epoch restarts
+            Ray Data's streaming split (seconds); on a tiny data set repeat it so that cost is
+            paid once per many steps rather than every step.
         seed: Seed of model init, LoRA init and shuffling.
         profile_comm: Time DeepSpeed's collectives (adds a synchronisation per collective).
         fail_at_step: Tests only: rank 1 raises once after this step (see ``fail_marker``).
@@ -130,6 +133,7 @@ class TrainConfig:
     checkpoint_score_order: str = "max"
     max_failures: int = 1
     shuffle_buffer_size: int = 0
+    train_repeat: int = 1
     seed: int = 0
     profile_comm: bool = False
     fail_at_step: int | None = None
@@ -180,6 +184,7 @@ class TrainConfig:
         check_choice("checkpoint_score_order", self.checkpoint_score_order, ("max", "min"))
         check_range("max_failures", self.max_failures, -1)
         check_range("shuffle_buffer_size", self.shuffle_buffer_size, 0)
+        check_range("train_repeat", self.train_repeat, 1)
         if self.fail_at_step is not None:
             check_range("fail_at_step", self.fail_at_step, 1, self.max_steps - 1)
             if not self.fail_marker:

@@ -86,15 +86,17 @@ def run_training(config: TrainConfig, resume: bool = False) -> Any:
             f"{available.get('GPU', 0):g} GPUs"
         )
 
-    columns = list(REQUIRED_COLUMNS)
+    # The loop prints its own metric lines; Ray Data's bars would interleave with them.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     datasets = {}
-    for split in (config.train_split, config.val_split):
+    for key, split in (("train", config.train_split), ("val", config.val_split)):
         files = summary.files[split]
         names = set(pq.ParquetFile(files[0]).schema_arrow.names)
-        cols = columns + [c for c in OPTIONAL_COLUMNS if c in names]
-        datasets["train" if split == config.train_split else "val"] = ray.data.read_parquet(
-            files, columns=cols
-        )
+        columns = list(REQUIRED_COLUMNS) + [c for c in OPTIONAL_COLUMNS if c in names]
+        dataset = ray.data.read_parquet(files, columns=columns)
+        if key == "train" and config.train_repeat > 1:
+            dataset = dataset.union(*[dataset] * (config.train_repeat - 1))
+        datasets[key] = dataset
 
     run_dir = config.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
