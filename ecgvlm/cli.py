@@ -27,7 +27,14 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_model(args: argparse.Namespace) -> int:
-    raise NotImplementedError("ecgvlm model: see issue 5")
+    from ecgvlm.model import make_tiny_pulse
+
+    if args.model_command == "make-tiny":
+        out = make_tiny_pulse(args.output_dir, seed=args.seed, merge=args.merge)
+        size_mb = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 1e6
+        print(f"wrote tiny PULSE checkpoint ({args.merge}, seed {args.seed}, {size_mb:.1f} MB) to {out}")
+        return 0
+    raise ValueError(f"unknown model command {args.model_command!r}")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
