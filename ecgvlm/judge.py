@@ -345,7 +345,9 @@ def sample_for_judging(
         dataset, model = str(row["dataset"]), str(row["model"])
         per_model = answered.setdefault(dataset, {})
         ids = per_model.setdefault(model, set())
-        if not row.get("error"):
+        error = row.get("error")
+        # A null read back through pandas may be NaN rather than None.
+        if error is None or (isinstance(error, float) and np.isnan(error)) or error == "":
             ids.add(str(row["sample_id"]))
     out: dict[tuple[str, str], list[str]] = {}
     for dataset, per_model in sorted(answered.items()):

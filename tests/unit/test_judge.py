@@ -143,7 +143,9 @@ def test_sampling_is_seeded_paired_and_skips_failed_requests():
     for model in ("pulse", "pulse-lora"):
         for i in range(40):
             rows.append({"sample_id": f"a{i:02d}", "dataset": "A", "model": model,
-                         "error": "timeout" if (model == "pulse" and i == 3) else None})
+                         # pandas reads a null error back as NaN: still "answered".
+                         "error": "timeout" if (model == "pulse" and i == 3) else
+                         (float("nan") if i % 2 else None)})
         for i in range(3):
             rows.append({"sample_id": f"b{i}", "dataset": "B", "model": model, "error": None})
     picked = J.sample_for_judging(rows, n_samples=10, seed=5)
