@@ -222,3 +222,29 @@ class FakeOpenAIServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run a fake endpoint in its own process (benchmarks): prints ``PORT <n>`` when ready."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="fake OpenAI-compatible endpoint on loopback")
+    parser.add_argument("--delay-s", type=float, default=0.0, help="service time per request")
+    parser.add_argument("--answer", default="The answer is B. Regular rhythm seen in lead II.")
+    args = parser.parse_args(argv)
+
+    def respond(request: dict[str, Any]) -> Reply:
+        return Reply(content=args.answer, delay_s=args.delay_s)
+
+    server = FakeOpenAIServer(respond).start()
+    print(f"PORT {server.port}", flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()

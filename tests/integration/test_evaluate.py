@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parents[2]
 N_PER_DATASET = 8
 ROWS = sample_rows(N_PER_DATASET)
 BY_ID = {r["sample_id"]: r for r in ROWS}
+EXPLANATION = {"pulse": "Regular rhythm seen in lead II.", "pulse-lora": "Wide QRS in V1."}
 
 
 def _index(sample_id: str) -> int:
@@ -54,14 +55,14 @@ def endpoint_responder(request):
     letter = expected_letter(sample_id, request["model"])
     if letter is None:
         return "I cannot tell from this tracing."
-    return f"The answer is {letter}. Regular rhythm seen in lead II."
+    return f"The answer is {letter}. {EXPLANATION[request['model']]}"
 
 
 def judge_responder(request):
     messages = request["messages"]
     user = messages[1]["content"]
     i = _index(re.search(r"ECG (\S+) show", user).group(1))
-    is_pulse = "cannot tell" in user or "The answer is B." in user
+    is_pulse = "cannot tell" in user or EXPLANATION["pulse"] in user
     base = 2 if is_pulse else 4
     valid = json.dumps({"factual_accuracy": base, "completeness": base, "detail_quality": base,
                         "context_understanding": base, "hallucination": 6 - base,
@@ -101,6 +102,7 @@ def test_evaluate_end_to_end_with_fake_endpoint_and_judge(ray_local, split_dir, 
         config = load_config(EvalConfig, cfg_path)
         report, written = evaluate(config)
         n_chat = len(endpoint.chat_requests)
+        last_request = endpoint.chat_requests[-1].json
         judge_requests = judge_server.chat_requests
 
     # predictions.parquet: one row per (sample, served model), exactly the endpoint's answers.
@@ -119,9 +121,15 @@ def test_evaluate_end_to_end_with_fake_endpoint_and_judge(ray_local, split_dir, 
         assert row.true_label == sample["option_labels"][sample["answer_index"]]
         if want:
             assert row.predicted_label == sample["option_labels"]["ABCD".index(want)]
-            assert row.explanation == "Regular rhythm seen in lead II."
-    # The request carried the question, the options and the PNG as a data URL.
-    assert not (out / "predictions").exists() or not list((out / "predictions").glob("*.parquet"))
+            assert row.explanation == EXPLANATION[row.model]
+    # Each request carried the question with its lettered options and the PNG as a data URL.
+    content = last_request["messages"][-1]["content"]
+    sample = BY_ID[re.search(r"ECG (\S+) show", content[-1]["text"]).group(1)]
+    assert content[0]["image_url"]["url"].startswith("data:image/png;base64,")
+    assert f"D. {sample['options'][3]}" in content[-1]["text"]
+    assert last_request["temperature"] == 0
+    # The parts were consolidated into predictions.parquet.
+    assert list((out / "predictions").glob("*.parquet")) == []
 
     # metrics.json: pulse-lora answers samples 0,1,2,4,5,6 of 8 right per data set: 6/8.
     metrics = json.loads((out / "metrics.json").read_text())
