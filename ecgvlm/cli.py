@@ -23,7 +23,31 @@ def _cmd_render(args: argparse.Namespace) -> int:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    raise NotImplementedError("ecgvlm prepare: see issue 4")
+    import json
+    import os
+
+    import ray
+
+    from ecgvlm.config import load_config
+    from ecgvlm.dataset import PrepareConfig, prepare_dataset
+
+    overrides = [*args.overrides, *(["llava=true"] if args.format == "llava" else [])]
+    config = load_config(PrepareConfig, args.config, overrides)
+    # A private local Ray unless RAY_ADDRESS/--address names a cluster: under `ray job submit`
+    # (jobs/prepare.py calls this handler) RAY_ADDRESS is set.
+    address = args.address or os.environ.get("RAY_ADDRESS") or "local"
+    local = address == "local"
+    started_here = not ray.is_initialized()  # a caller's Ray (e.g. a test's) is left running
+    if started_here:
+        ray.init(address=address, num_cpus=args.num_cpus if local else None,
+                 include_dashboard=False if local else None, log_to_driver=False)
+    try:
+        result = prepare_dataset(config)
+    finally:
+        if started_here:
+            ray.shutdown()
+    print(json.dumps(result.summary()))
+    return 0
 
 
 def _cmd_model(args: argparse.Namespace) -> int:
@@ -91,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help="build the MCQ data set with Ray Data")
     p.add_argument("--config", required=True)
+    p.add_argument("--format", choices=["parquet", "llava"], default="parquet",
+                   help="llava: also write LLaVA JSON + image folder")
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or local)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a new local Ray")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     p.set_defaults(func=_cmd_prepare)
 

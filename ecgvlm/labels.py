@@ -165,7 +165,7 @@ def beat_types() -> dict[str, BeatType]:
     return out
 
 
-def __getattr__(name: str):  # noqa: ANN202 - module attribute hook (PEP 562)
+def __getattr__(name: str):
     if name == "FINDINGS":
         return findings()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -247,7 +247,7 @@ def label_name(label: str) -> str:
         KeyError: ``label`` is neither canonical nor an explicit unknown.
     """
     if is_unknown(label):
-        return f"unknown code {label[len(UNKNOWN_PREFIX):]}"
+        return f"unknown code {label[len(UNKNOWN_PREFIX) :]}"
     vocab = findings()
     if label not in vocab:
         raise KeyError(f"{label!r} is not a canonical label")

@@ -382,9 +382,10 @@ def _normalise(text: str) -> str:
 def parse_answer(text: str | None, options: Sequence[str]) -> str | None:
     """The option letter a model's reply commits to, or None when it commits to none.
 
-    In order: an explicit statement ("The answer is C", "Answer: (C)", "option c"), a reply
-    that starts with a letter ("C.", "(c)", "C) ..."), a single parenthesised letter anywhere,
-    and finally the text of exactly one option (verbatim or a near copy, without its letter).
+    In order: an explicit statement ("The answer is C", "Answer: (C)"), a mention such as
+    "option c", a reply that starts with a letter ("C.", "(c)", "C) ..."), a single
+    parenthesised letter anywhere, and finally the text of exactly one option (verbatim or a
+    near copy, without its letter) in the reply's first sentence.
     A reply naming two letters ("A or B"), conflicting letters, a letter outside the options
     or several options' texts gives None: an unparsed answer is never guessed.
 
@@ -412,22 +413,24 @@ def parse_answer(text: str | None, options: Sequence[str]) -> str | None:
             return None
         return found[0]
 
-    # 1. Explicit statements: "answer is C", "Answer: (c)", "option **C**".
-    explicit = re.compile(
-        r"\b(?:answer|option|choice)\b"
-        r"(?:\s+(?:is|would\s+be|will\s+be|should\s+be|must\s+be)\b|\s*[:=\-–]|\s+)"
-        r"\s*(?:\*\*)?\s*(?:(?:the\s+)?(?:option|choice|letter)\s*)?[:\-]?\s*(?:\*\*)?\s*"
-        + _letter_token(seen),
-        flags=re.IGNORECASE,
-    )
-    found: list[str] = []
-    for m in explicit.finditer(body):
-        if _followed_by_other_letter(body, m.end(), seen):
-            return None
-        found.append(_token_letter(m))
-    result = decide(found)
-    if result is not False:
-        return result  # type: ignore[return-value]
+    # 1. Explicit statements, "answer is C" / "Answer: (c)" first; then "option **C**"
+    # mentions, which explanations may also use for the options they rule out.
+    for word in ("answer", "(?:option|choice)"):
+        explicit = re.compile(
+            rf"\b{word}\b"
+            r"(?:\s+(?:is|would\s+be|will\s+be|should\s+be|must\s+be)\b|\s*[:=\-–]|\s+)"
+            r"\s*(?:\*\*)?\s*(?:(?:the\s+)?(?:option|choice|letter)\s*)?[:\-]?\s*(?:\*\*)?\s*"
+            + _letter_token(seen),
+            flags=re.IGNORECASE,
+        )
+        found: list[str] = []
+        for m in explicit.finditer(body):
+            if _followed_by_other_letter(body, m.end(), seen):
+                return None
+            found.append(_token_letter(m))
+        result = decide(found)
+        if result is not False:
+            return result  # type: ignore[return-value]
 
     # 2. A reply that opens with its letter: "C.", "(c)", "C) Sinus rhythm", "B - ...".
     lead = re.match(
@@ -445,8 +448,13 @@ def parse_answer(text: str | None, options: Sequence[str]) -> str | None:
     if result is not False:
         return result  # type: ignore[return-value]
 
-    # 4. The text of one option, without its letter.
-    return _match_option_text(body, options, letters)
+    # 4. The text of one option, without its letter, in the reply's first sentence (later
+    # sentences may describe the options ruled out).
+    return _match_option_text(_first_sentence(body), options, letters)
+
+
+def _first_sentence(text: str) -> str:
+    return re.split(r"(?<=[.!?])\s+|\n", text.strip(), maxsplit=1)[0]
 
 
 def _option_parts(option: str) -> list[str]:

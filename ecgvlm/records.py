@@ -119,6 +119,9 @@ class Printout:
     px_per_mm: float
     panels: tuple[Panel, ...]
     layout: str = ""
+    # Augmentations applied (in order); after "rotation" the panel geometry is approximate.
+    augmentations: tuple[str, ...] = ()
+    geometry_exact: bool = True
 
     def to_json(self) -> str:
         """Geometry only (no image bytes), for sanity checks and digitisers."""
@@ -127,6 +130,8 @@ class Printout:
                 "size_px": list(self.size_px),
                 "px_per_mm": self.px_per_mm,
                 "layout": self.layout,
+                "augmentations": list(self.augmentations),
+                "geometry_exact": self.geometry_exact,
                 "panels": [asdict(p) for p in self.panels],
             }
         )

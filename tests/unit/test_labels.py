@@ -112,7 +112,9 @@ def _labels_md_rows(text: str, heading: str) -> list[list[str]]:
     rows = []
     for line in section.splitlines():
         if line.startswith("|") and not line.startswith("|---"):
-            rows.append([c.strip().strip("`").replace("\\|", "|") for c in line.strip("|").split("|")])
+            rows.append(
+                [c.strip().strip("`").replace("\\|", "|") for c in line.strip("|").split("|")]
+            )
     return rows[1:]  # drop the header row
 
 
@@ -123,7 +125,9 @@ def test_every_documented_code_maps(shared_ecg_dir):
     assert len(cpsc) == 9
     for number, abbrev, _meaning, snomed, *_ in cpsc:
         label = L.canonical_label("cpsc2018", abbrev)
-        assert label == L.canonical_label("cpsc2018", number) == L.canonical_label("georgia", snomed)
+        assert (
+            label == L.canonical_label("cpsc2018", number) == L.canonical_label("georgia", snomed)
+        )
     rhythms = _labels_md_rows(text, "### Rhythms (11)")
     conditions = _labels_md_rows(text, "### Other conditions")
     assert len(rhythms) == 11 and len(conditions) > 40

@@ -176,6 +176,8 @@ def test_prompt_version_names_template_and_is_stable():
         ("The answer is A because the rhythm is regular.", "A"),
         ("The answer is a", "A"),
         ("The answer is C, D is wrong", "C"),
+        ("The answer is C. It is not option D, which would show a broad R in V6.", "C"),
+        ("Option B fits better than option C.", None),
         ("The answer is B, as the RR intervals vary", "B"),
         # a reply opening with its letter
         ("c.", "C"),
@@ -225,7 +227,9 @@ def test_parse_answer(reply, expected):
         ("Sinus P waves at a rate below 60 bpm, so this is bradycardia.", "E"),
         ("The answer is E. " + LONG_OPTIONS[4], "E"),
         # A reply that quotes two options' texts commits to neither.
-        (LONG_OPTIONS[2] + " " + LONG_OPTIONS[3], None),
+        (LONG_OPTIONS[2][:-1] + "; " + LONG_OPTIONS[3], None),
+        # Only the first sentence commits: later ones may describe rejected options.
+        (LONG_OPTIONS[2] + " Unlike " + LONG_OPTIONS[3], "C"),
         ("QRS at least 120 ms.", None),
     ],
 )
