@@ -637,15 +637,21 @@ def run_predictions(
 # ---------------------------------------------------------------------------------------------
 
 
-def _reference_description(meta_row: Mapping[str, Any]) -> str:
-    """The ground-truth explanation behind the correct option (from the MCQ's target text)."""
-    return explanation_of(str(meta_row.get("target_text") or ""))
+def reference_description(true_label: str, target_text: str = "") -> str:
+    """The clinical description of the true finding: the knowledge base's criteria for the
+    label, or (for a label it does not know) the explanation in the MCQ's target text."""
+    from ecgvlm.knowledge import knowledge_base
+
+    entry = knowledge_base().get(true_label)
+    if entry is not None:
+        return entry.description
+    return explanation_of(target_text or "")
 
 
 def judge_items(predictions: Any, meta: Any, config: JudgeConfig) -> list[Any]:
     """The sampled explanations to judge, with their references (see ``judge.sample_for_judging``)."""
     from ecgvlm.judge import JudgeItem, reference_text, sample_for_judging
-    from ecgvlm.prompt import letter_index
+    from ecgvlm.prompt import format_question, letter_index
 
     chosen = sample_for_judging(predictions.to_dict("records"), config.n_samples, config.seed)
     by_id = meta.set_index("sample_id")
@@ -655,15 +661,18 @@ def judge_items(predictions: Any, meta: Any, config: JudgeConfig) -> list[Any]:
         for sample_id in ids:
             sample = by_id.loc[sample_id]
             options = list(sample["options"])
-            correct = options[letter_index(sample["answer_letter"], len(options))]
+            index = letter_index(sample["answer_letter"], len(options))
+            description = reference_description(
+                str(list(sample["option_labels"])[index]), str(sample["target_text"] or "")
+            )
             pred = by_key.loc[(sample_id, model)]
             items.append(
                 JudgeItem(
                     sample_id=sample_id,
                     dataset=dataset,
                     model=model,
-                    question=str(sample["question"]),
-                    reference=reference_text(correct, _reference_description(sample)),
+                    question=format_question(str(sample["question"]), options),
+                    reference=reference_text(options[index], description),
                     explanation=str(pred["raw_text"]),
                 )
             )

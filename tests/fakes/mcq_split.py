@@ -12,13 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
-# (label, option text, explanation): the study's style of clinical descriptions.
+# (label, option text, explanation); labels are ecgvlm.labels abbreviations but the last.
 FINDINGS = (
-    ("NORM", "Normal sinus rhythm", "Regular P-QRS-T at 60-100 bpm with normal intervals."),
+    ("NSR", "Sinus rhythm", "Regular P-QRS-T at 60-100 bpm with normal intervals."),
     ("AF", "Atrial fibrillation", "Irregularly irregular RR intervals and no discernible P waves."),
     ("RBBB", "Right bundle branch block", "QRS >= 120 ms with rsR' in V1 and wide S in I and V6."),
     ("LBBB", "Left bundle branch block", "QRS >= 120 ms, broad notched R in I, aVL, V5-V6."),
-    ("STD", "ST-segment depression", "Horizontal or downsloping ST depression >= 0.05 mV."),
+    ("XYZ", "A finding the knowledge base lacks", "Explained by the target text only."),
 )
 LETTERS = "ABCD"
 
