@@ -51,7 +51,14 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_model(args: argparse.Namespace) -> int:
-    raise NotImplementedError("ecgvlm model: see issue 5")
+    from ecgvlm.model import make_tiny_pulse
+
+    if args.model_command == "make-tiny":
+        out = make_tiny_pulse(args.output_dir, seed=args.seed, merge=args.merge)
+        size_mb = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 1e6
+        print(f"wrote tiny PULSE checkpoint ({args.merge}, seed {args.seed}, {size_mb:.1f} MB) to {out}")
+        return 0
+    raise ValueError(f"unknown model command {args.model_command!r}")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -59,7 +66,52 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    raise NotImplementedError("ecgvlm serve: see issue 7")
+    import os
+    import time
+    from pathlib import Path
+
+    from ecgvlm.serving import ServeArgs, parse_adapter_specs
+
+    # serve/app.py sits beside the package in a source checkout; replicas import it too.
+    repo = Path(__file__).resolve().parents[1]
+    if not (repo / "serve" / "app.py").is_file():
+        raise FileNotFoundError(
+            f"serve/app.py not found under {repo}: run `ecgvlm serve` from a source checkout"
+        )
+    sys.path.insert(0, str(repo))
+    from serve.app import build_app
+
+    adapters = {n: str(Path(p).resolve()) for n, p in parse_adapter_specs(args.adapter).items()}
+    app = build_app(ServeArgs(model_dir=str(Path(args.model_dir).resolve()), adapters=adapters))
+
+    import ray
+    from ray import serve
+
+    pythonpath = os.pathsep.join(p for p in (str(repo), os.environ.get("PYTHONPATH")) if p)
+    # Logical CPUs above the core count: fractional replicas and a trainer can share a laptop.
+    ray.init(
+        num_cpus=max(8, os.cpu_count() or 1),
+        include_dashboard=False,
+        runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
+    )
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(app, name="ecgvlm", route_prefix="/")
+        models = ["pulse", "gpt-4o"] + (["pulse-lora"] if adapters else [])
+        models += [f"pulse-lora:{n}" for n in adapters]
+        print(
+            f"ecgvlm endpoint ready at http://{args.host}:{args.port}/v1 "
+            f"(models: {', '.join(models)}); Ctrl-C stops it",
+            flush=True,
+        )
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping the endpoint", file=sys.stderr)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
