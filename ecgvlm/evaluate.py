@@ -450,8 +450,11 @@ class ChatClient:
         self.client.close()
 
 
-def list_models(endpoint: str, api_key: str = "EMPTY", timeout_s: float = 10.0) -> list[str]:
-    """The model ids ``GET {endpoint}/models`` lists.
+def list_models(endpoint: str, api_key: str = "EMPTY", timeout_s: float = 10.0) -> dict[str, str | None]:
+    """The models ``GET {endpoint}/models`` lists: id -> None when it can answer, else why not.
+
+    Our endpoint's model cards carry ``available`` and ``reason`` (e.g. gpt-4o without an
+    OpenAI key on the server); plain OpenAI-compatible servers list available models only.
 
     Raises:
         EvaluationError: when the endpoint cannot be reached or answers with an error.
@@ -460,11 +463,17 @@ def list_models(endpoint: str, api_key: str = "EMPTY", timeout_s: float = 10.0) 
 
     client = openai.OpenAI(base_url=endpoint, api_key=api_key, timeout=timeout_s, max_retries=2)
     try:
-        return [m.id for m in client.models.list()]
+        cards = list(client.models.list())
     except openai.OpenAIError as e:
         raise EvaluationError(f"endpoint {endpoint} did not list its models: {e}") from e
     finally:
         client.close()
+    out: dict[str, str | None] = {}
+    for card in cards:
+        extra = card.model_extra or {}
+        available = extra.get("available", True) is not False
+        out[card.id] = None if available else str(extra.get("reason") or "listed as unavailable")
+    return out
 
 
 _ANSWER_LEAD = re.compile(
@@ -774,11 +783,13 @@ def evaluate(config: EvalConfig) -> tuple[Any, dict[str, Path]]:
 
     api_key = os.environ.get(config.endpoint_api_key_env) or "EMPTY"
     served = list_models(config.endpoint, api_key)
-    unavailable = {
-        m: f"the endpoint {config.endpoint} does not serve it (it lists {', '.join(served) or 'none'})"
-        for m in config.models
-        if m not in served
-    }
+    unavailable = {}
+    for m in config.models:
+        if m not in served:
+            listed = ", ".join(served) or "none"
+            unavailable[m] = f"the endpoint {config.endpoint} does not serve it (it lists {listed})"
+        elif served[m] is not None:
+            unavailable[m] = f"the endpoint says it is unavailable: {served[m]}"
     models = [m for m in config.models if m not in unavailable]
 
     store = PredictionStore(out)

@@ -34,6 +34,9 @@ N_PER_DATASET = 8
 ROWS = sample_rows(N_PER_DATASET)
 BY_ID = {r["sample_id"]: r for r in ROWS}
 EXPLANATION = {"pulse": "Regular rhythm seen in lead II.", "pulse-lora": "Wide QRS in V1."}
+# As our endpoint lists models when the server has no OpenAI key.
+SERVED = ("pulse", "pulse-lora", {"id": "gpt-4o", "object": "model", "owned_by": "openai",
+                                  "available": False, "reason": "OPENAI_API_KEY is not set"})
 
 
 def _index(sample_id: str) -> int:
@@ -92,7 +95,7 @@ def _config(split_dir, out, endpoint, judge_url, **kw):
 
 def test_evaluate_end_to_end_with_fake_endpoint_and_judge(ray_local, split_dir, tmp_path):
     out = tmp_path / "eval"
-    with FakeOpenAIServer(endpoint_responder, models=("pulse", "pulse-lora")) as endpoint, \
+    with FakeOpenAIServer(endpoint_responder, models=SERVED) as endpoint, \
             FakeOpenAIServer(judge_responder, models=("gpt-4o",)) as judge_server:
         # The first two requests fail transiently: retried, not recorded as errors.
         endpoint.script(Reply(status=503), Reply(status=429, headers={"Retry-After": "0"}))
@@ -138,7 +141,8 @@ def test_evaluate_end_to_end_with_fake_endpoint_and_judge(ray_local, split_dir, 
     assert lora["weighted_recall"] == pytest.approx(6 / 8) and lora["n"] == 8
     # pulse: sample 4 of each data set is unparseable.
     assert metrics["pulse"]["mitdb"]["unparseable_rate"] == pytest.approx(1 / 8)
-    assert "gpt-4o" in report.unavailable and "does not serve it" in report.unavailable["gpt-4o"]
+    assert report.unavailable == {
+        "gpt-4o": "the endpoint says it is unavailable: OPENAI_API_KEY is not set"}
 
     # Judge: json mode at temperature 0; one re-ask succeeded, one sample failed twice.
     assert all(r.json["temperature"] == 0 for r in judge_requests)
@@ -169,7 +173,7 @@ def test_evaluate_end_to_end_with_fake_endpoint_and_judge(ray_local, split_dir, 
     table1, table2 = parse_markdown_tables(text)[:2]
     t1 = {(r["Dataset"], r["Model"]): r for r in table1}
     assert parse_cell(t1[("cpsc2018", "pulse-lora")]["Weighted recall"])[0] == 0.75
-    assert "does not serve it" in t1[("all", "gpt-4o")]["Note"]
+    assert t1[("all", "gpt-4o")]["Note"].endswith("unavailable: OPENAI_API_KEY is not set")
     t2 = {(r["Dataset"], r["Model"]): r for r in table2}
     assert t2[("mitdb", "pulse")]["Failures"] == "1"
     assert parse_cell(t2[("mitdb", "pulse-lora")]["Factual accuracy"])[0] == 4.0
@@ -261,3 +265,65 @@ def test_chat_client_retries_backoff_and_gives_up():
         result = client.chat("nope", [{"role": "user", "content": "q"}])
         assert result.attempts == 1 and "NotFoundError" in result.error
         client.close()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_evaluate_against_the_real_endpoint_with_the_tiny_model(
+    ray_local, tiny_pulse_dir, split_dir, tmp_path
+):
+    """The Ray Serve app (tiny random PULSE + a LoRA adapter, no OpenAI key) over HTTP."""
+    from ray import serve
+
+    from serve.app import build_app
+    from tests.integration.test_serve import _make_adapter
+
+    adapter = _make_adapter(tiny_pulse_dir, tmp_path / "lora", seed=1)
+    port = _free_port()
+    serve.shutdown()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    small = {"num_cpus": 0.1}
+    app = build_app({"model_dir": str(tiny_pulse_dir), "adapters": {"study": str(adapter)},
+                     # A key variable nobody sets: gpt-4o is listed as unavailable.
+                     "openai": {"api_key_env": "ECGVLM_TEST_NO_OPENAI_KEY"},
+                     "pulse": {"num_cpus": 0.5}, "gateway": small, "proxy": small})
+    serve.run(app, name="ecgvlm-eval", route_prefix="/")
+    out = tmp_path / "eval"
+    try:
+        with FakeOpenAIServer(judge_responder, models=("gpt-4o",)) as judge_server:
+            cfg = _config(split_dir, out, f"http://127.0.0.1:{port}/v1", judge_server.base_url,
+                          models=["pulse", "pulse-lora", "gpt-4o", "pulse-xl"],
+                          limit_per_dataset=3, max_tokens=8)
+            cfg_path = tmp_path / "eval.yaml"
+            cfg_path.write_text(yaml.safe_dump(cfg))
+            report, _ = evaluate(load_config(EvalConfig, cfg_path))
+            n_judged = len(judge_server.chat_requests)
+    finally:
+        serve.delete("ecgvlm-eval")
+        serve.shutdown()
+
+    pred = pd.read_parquet(out / "predictions.parquet")
+    assert sorted(set(pred["model"])) == ["pulse", "pulse-lora"]
+    assert len(pred) == 2 * 6 and pred["error"].isna().all(), pred["error"].dropna()[:3]
+    assert (pred["raw_text"].str.len() > 0).all()  # the tiny model generated text
+    # A random model's replies are rarely answers: whatever parse_answer did not accept is
+    # counted unparseable, and the metrics say so.
+    metrics = json.loads((out / "metrics.json").read_text())
+    for model in ("pulse", "pulse-lora"):
+        for dataset in ("cpsc2018", "mitdb"):
+            rows = pred[(pred["model"] == model) & (pred["dataset"] == dataset)]
+            assert metrics[model][dataset]["n"] == 3
+            assert metrics[model][dataset]["unparseable_rate"] == pytest.approx(
+                rows["predicted_letter"].isna().mean())
+    assert "ECGVLM_TEST_NO_OPENAI_KEY" in report.unavailable["gpt-4o"]
+    assert "does not serve it" in report.unavailable["pulse-xl"]
+    assert n_judged >= 12  # every (sample, model) judged once at least
+    table1 = parse_markdown_tables((out / "report.md").read_text())[0]
+    assert {r["Model"] for r in table1} == {"pulse", "pulse-lora", "prior-baseline", "gpt-4o",
+                                            "pulse-xl"}
