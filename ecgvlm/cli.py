@@ -164,7 +164,22 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    raise NotImplementedError("ecgvlm evaluate: see issue 8")
+    import ray
+
+    from ecgvlm.config import load_config
+    from ecgvlm.evaluate import EvalConfig, evaluate
+    from ecgvlm.report import console_tables
+
+    config = load_config(EvalConfig, args.config, args.overrides)
+    # A local Ray unless RAY_ADDRESS points at a cluster; the client actors need little CPU.
+    ray.init(log_to_driver=False, configure_logging=False)
+    try:
+        report, written = evaluate(config)
+    finally:
+        ray.shutdown()
+    print(console_tables(report))
+    print(f"wrote {', '.join(sorted(written))} to {config.output_dir}")
+    return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
