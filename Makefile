@@ -26,8 +26,11 @@ test: venv
 test-unit: venv
 	$(PY) -m pytest -q tests/unit
 
+# The whole pipeline on local Ray with the bundled records and a tiny random PULSE; a rerun
+# reuses finished stages. DEMO_ARGS passes flags through, e.g.
+#   make demo DEMO_ARGS="--model-dir /models/PULSE-7B --data-root /data/cpsc2018"
 demo: venv
-	$(PY) -m ecgvlm.cli demo
+	DS_ACCELERATOR=$${DS_ACCELERATOR:-cpu} $(PY) -m jobs.demo --output-dir runs/demo $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

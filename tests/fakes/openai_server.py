@@ -88,14 +88,15 @@ class FakeOpenAIServer:
     Args:
         responder: Called with each chat request's JSON body; returns a Reply or a content
             string. Defaults to always answering "The answer is A.".
-        models: Model ids listed by ``GET /v1/models``.
+        models: Model ids listed by ``GET /v1/models``; a dict is listed as the model card
+            itself (e.g. ``{"id": "gpt-4o", "available": False, "reason": "..."}``).
         host: Interface to bind (loopback by default: tests reach only servers they start).
     """
 
     def __init__(
         self,
         responder: Responder | None = None,
-        models: Iterable[str] = ("pulse", "pulse-lora", "gpt-4o"),
+        models: Iterable[str | dict[str, Any]] = ("pulse", "pulse-lora", "gpt-4o"),
         host: str = "127.0.0.1",
     ) -> None:
         self.responder: Responder = responder or _default_responder
@@ -164,7 +165,10 @@ class FakeOpenAIServer:
             def do_GET(self) -> None:
                 self._record(None)
                 if self.path.rstrip("/").endswith("/v1/models"):
-                    data = [{"id": m, "object": "model", "owned_by": "fake"} for m in server.models]
+                    data = [
+                        m if isinstance(m, dict) else {"id": m, "object": "model", "owned_by": "fake"}
+                        for m in server.models
+                    ]
                     self._send(200, json.dumps({"object": "list", "data": data}).encode())
                 else:
                     self._send(404, json.dumps({"error": {"message": "not found"}}).encode())
@@ -222,3 +226,29 @@ class FakeOpenAIServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run a fake endpoint in its own process (benchmarks): prints ``PORT <n>`` when ready."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="fake OpenAI-compatible endpoint on loopback")
+    parser.add_argument("--delay-s", type=float, default=0.0, help="service time per request")
+    parser.add_argument("--answer", default="The answer is B. Regular rhythm seen in lead II.")
+    args = parser.parse_args(argv)
+
+    def respond(request: dict[str, Any]) -> Reply:
+        return Reply(content=args.answer, delay_s=args.delay_s)
+
+    server = FakeOpenAIServer(respond).start()
+    print(f"PORT {server.port}", flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
