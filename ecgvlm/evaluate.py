@@ -603,15 +603,15 @@ def run_predictions(
     if not pending:
         return 0
     api_key = os.environ.get(config.endpoint_api_key_env) or "EMPTY"
-    client_kwargs = dict(
-        endpoint=config.endpoint,
-        api_key=api_key,
-        timeout_s=config.timeout_s,
-        max_retries=config.max_retries,
-        backoff_s=config.backoff_s,
-        max_tokens=config.max_tokens,
-        temperature=config.temperature,
-    )
+    client_kwargs = {
+        "endpoint": config.endpoint,
+        "api_key": api_key,
+        "timeout_s": config.timeout_s,
+        "max_retries": config.max_retries,
+        "backoff_s": config.backoff_s,
+        "max_tokens": config.max_tokens,
+        "temperature": config.temperature,
+    }
     columns = [*SPLIT_META_COLUMNS, "png"]
     columns.remove("target_text")
     # Ray Data sizes blocks by bytes; this pipeline's blocks hold about batch_size rows.

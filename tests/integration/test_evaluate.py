@@ -103,7 +103,7 @@ def test_evaluate_end_to_end_with_fake_endpoint_and_judge(ray_local, split_dir, 
         cfg_path.write_text(yaml.safe_dump(_config(split_dir, out, endpoint.base_url,
                                                    judge_server.base_url)))
         config = load_config(EvalConfig, cfg_path)
-        report, written = evaluate(config)
+        report, _ = evaluate(config)
         n_chat = len(endpoint.chat_requests)
         last_request = endpoint.chat_requests[-1].json
         judge_requests = judge_server.chat_requests
