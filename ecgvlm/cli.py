@@ -11,15 +11,93 @@ import sys
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    raise NotImplementedError("ecgvlm inspect: see issue 2")
+    from ecgvlm.labels import label_name
+    from ecgvlm.signal import read_record
+
+    rec = read_record(args.path, dataset=args.dataset)
+    rows = [
+        ("record", rec.record_id),
+        ("dataset", rec.dataset),
+        ("patient", rec.patient_id or "unknown"),
+        ("fs", f"{rec.fs_hz:g} Hz"),
+        ("duration", f"{rec.duration_s:.2f} s ({rec.n_samples} samples)"),
+        ("leads", f"{len(rec.leads)}: {', '.join(rec.leads)}"),
+    ]
+    for key in ("age", "sex"):
+        if key in rec.meta:
+            rows.append((key, str(rec.meta[key])))
+    rows.append(("source codes", ", ".join(rec.source_codes) or "none"))
+    for key in ("aami_counts", "beat_counts", "rhythm_fractions"):
+        if key in rec.meta:
+            rows.append(
+                (key.replace("_", " "), ", ".join(f"{k} {v}" for k, v in rec.meta[key].items()))
+            )
+    for key, value in rows:
+        print(f"{key:<18}{value}")
+    print("labels")
+    for lab in rec.labels or ("none",):
+        print(f"  {lab:<14}{label_name(lab) if lab != 'none' else ''}")
+    return 0
 
 
 def _cmd_datasets(args: argparse.Namespace) -> int:
-    raise NotImplementedError("ecgvlm datasets: see issue 2")
+    from ecgvlm.labels import label_name
+    from ecgvlm.signal import ReadFailure, iter_records, summarize_records
+
+    failures: list[ReadFailure] = []
+    records = iter_records(args.root, dataset=args.dataset, failures=failures, progress=False)
+    summary = summarize_records(records)
+    print(
+        f"{'dataset':<18}{'records':>8}{'recordings':>11}{'patients':>9}"
+        f"{'hours':>8}{'labels':>7}{'unknown':>8}"
+    )
+    for key, s in summary.items():
+        print(
+            f"{key:<18}{s.n_records:>8}{s.n_recordings:>11}{s.n_patients:>9}"
+            f"{s.duration_s / 3600:>8.2f}{len(s.label_counts):>7}{sum(s.unknown_codes.values()):>8}"
+        )
+    for key, s in summary.items():
+        print(f"\n{key}: records per label")
+        for lab, n in sorted(s.label_counts.items(), key=lambda kv: (-kv[1], kv[0])):
+            print(f"  {lab:<14}{n:>6}  {label_name(lab)}")
+    print(f"\nfailures: {len(failures)}")
+    for f in failures:
+        print(f"  {f.path}: {type(f.error).__name__}: {f.error.problem}")
+    # Unreadable records make the command fail, so scripts notice; the table is still printed.
+    return 1 if failures else 0
 
 
 def _cmd_render(args: argparse.Namespace) -> int:
-    raise NotImplementedError("ecgvlm render: see issue 3")
+    from dataclasses import replace
+    from pathlib import Path
+
+    from ecgvlm.render import RenderConfig, render_printout
+    from ecgvlm.signal import read_record
+
+    record = read_record(args.path, dataset=args.dataset)
+    if args.start_s:
+        first = round(args.start_s * record.fs_hz)
+        if not 0 <= first < record.n_samples:
+            raise ValueError(
+                f"--start-s {args.start_s} is outside the record ({record.duration_s:g} s)"
+            )
+        record = replace(
+            record, signal_mv=record.signal_mv[first:], start_s=record.start_s + args.start_s
+        )
+    fields = {"layout": args.layout or "auto", "dpi": args.dpi, "style": args.style}
+    config = RenderConfig(
+        **{k: v for k, v in fields.items() if v is not None}, augment=bool(args.augment)
+    )
+    printout = render_printout(record, config, seed=args.seed)
+    Path(args.output).write_bytes(printout.png)
+    if args.geometry:
+        Path(args.geometry).write_text(printout.to_json())
+    width, height = printout.size_px
+    print(
+        f"{args.output}: {width}x{height} px, layout {printout.layout}, "
+        f"{len(printout.panels)} panels, config {config.config_hash()}"
+    )
+    return 0
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
@@ -70,7 +148,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from ecgvlm.serving import ServeArgs, parse_adapter_specs
+    from ecgvlm.serving import ServeArgs, check_paths, parse_adapter_specs
 
     # serve/app.py sits beside the package in a source checkout; replicas import it too.
     repo = Path(__file__).resolve().parents[1]
@@ -78,11 +156,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise FileNotFoundError(
             f"serve/app.py not found under {repo}: run `ecgvlm serve` from a source checkout"
         )
+    adapters = {n: str(Path(p).resolve()) for n, p in parse_adapter_specs(args.adapter).items()}
+    serve_args = ServeArgs(model_dir=str(Path(args.model_dir).resolve()), adapters=adapters)
+    check_paths(serve_args)  # before paying for Ray's import
+
     sys.path.insert(0, str(repo))
     from serve.app import build_app
 
-    adapters = {n: str(Path(p).resolve()) for n, p in parse_adapter_specs(args.adapter).items()}
-    app = build_app(ServeArgs(model_dir=str(Path(args.model_dir).resolve()), adapters=adapters))
+    app = build_app(serve_args)
 
     import ray
     from ray import serve
@@ -138,7 +219,21 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    raise NotImplementedError("ecgvlm demo: see issue 9")
+    from pathlib import Path
+
+    # The demo wires the jobs together, and jobs/ sits beside the package in a source checkout.
+    repo = Path(__file__).resolve().parents[1]
+    if not (repo / "jobs" / "demo.py").is_file():
+        raise FileNotFoundError(f"jobs/demo.py not found under {repo}: run from a source checkout")
+    sys.path.insert(0, str(repo))
+    from jobs.demo import main as demo_main
+
+    argv = ["--output-dir", args.output_dir]
+    if args.model_dir:
+        argv += ["--model-dir", args.model_dir]
+    for root in args.data_root:
+        argv += ["--data-root", root]
+    return demo_main(argv)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--style", default=None)
     p.add_argument("--augment", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dataset", default=None, help="dataset key when it cannot be recognised")
+    p.add_argument("--start-s", type=float, default=0.0, help="start this far into the record")
+    p.add_argument("--geometry", default=None, help="also write the panel geometry as JSON")
     p.set_defaults(func=_cmd_render)
 
     p = sub.add_parser("prepare", help="build the MCQ data set with Ray Data")
@@ -206,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run the whole pipeline on the bundled records")
     p.add_argument("--output-dir", default="runs/demo")
+    p.add_argument("--model-dir", default=None, help="real PULSE weights (default: tiny random)")
+    p.add_argument("--data-root", action="append", default=[], help="dataset folder(s)")
     p.set_defaults(func=_cmd_demo)
     return parser
 

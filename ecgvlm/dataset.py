@@ -323,15 +323,6 @@ def assign_splits(units: list[Unit], config: PrepareConfig) -> dict[str, list[Un
     """Patient-wise, label-stratified split of the scanned units (``split_records``)."""
     from ecgvlm.splits import split_records
 
-    # Stratify only on labels that at least as many patients as there are splits carry: a
-    # rarer label cannot be spread over the splits anyway, and split_records deals each
-    # one-patient stratum to the largest split, which would put every patient with a unique
-    # label set in train.
-    carriers: dict[str, set[str]] = defaultdict(set)
-    for u in units:
-        for lab in u.labels:
-            carriers[lab].add(u.patient_id or u.record_id.split("@", 1)[0])
-    common = {lab for lab, who in carriers.items() if len(who) >= len(config.splits)}
     light = [
         EcgRecord(
             record_id=u.record_id,
@@ -339,7 +330,7 @@ def assign_splits(units: list[Unit], config: PrepareConfig) -> dict[str, list[Un
             signal_mv=np.zeros((0, 1), dtype=np.float32),
             fs_hz=1.0,
             leads=("-",),
-            labels=tuple(lab for lab in u.labels if lab in common),
+            labels=u.labels,
             patient_id=u.patient_id or None,
             start_s=u.start_s,
         )
@@ -596,9 +587,12 @@ def scan(config: PrepareConfig) -> tuple[list[Unit], list[dict[str, str]], list[
         raise PrepareError(
             "no records found under " + ", ".join(s.root for s in config.sources)
         )
+    # A few blocks per CPU: enough to balance the load, few enough that per-task costs
+    # stay small next to reading the records.
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1) / config.num_cpus_per_task))
     ds = ray.data.from_items(
         [{"path": it["path"], "dataset": it["dataset"]} for it in items],
-        override_num_blocks=min(len(items), 200),
+        override_num_blocks=min(len(items), 4 * cpus),
     )
     rows = ds.flat_map(
         scan_path, fn_kwargs={"window_s": config.window_s}, num_cpus=config.num_cpus_per_task
@@ -631,6 +625,7 @@ def prepare_dataset(config: PrepareConfig) -> PrepareResult:
     out_dir = Path(config.output_dir).expanduser().resolve()
     started = time.time()
     units, scan_rejects, items = scan(config)
+    scan_s = time.time() - started
     if not units:
         raise PrepareError(
             f"none of the {len(items)} records could be used; see the rejects: "
@@ -681,7 +676,8 @@ def prepare_dataset(config: PrepareConfig) -> PrepareResult:
     (out_dir / REJECTS_NAME).write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects))
     if config.llava:
         _merge_llava(out_dir, config.splits, shards)
-    manifest = _manifest(config, dataset_id, summaries, rejects, items, started)
+    phases = {"scan_s": round(scan_s, 3), "build_s": round(time.time() - started - scan_s, 3)}
+    manifest = _manifest(config, dataset_id, summaries, rejects, items, started, phases)
     save_config(config, out_dir / CONFIG_NAME)
     _write_atomic(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True).encode())
     return PrepareResult(
@@ -711,6 +707,7 @@ def _manifest(
     rejects: list[dict[str, str]],
     items: list[dict[str, Any]],
     started: float,
+    phases: dict[str, float],
 ) -> dict[str, Any]:
     splits: dict[str, Any] = {}
     for name in config.splits:
@@ -755,6 +752,7 @@ def _manifest(
         "rejects_by_stage": dict(Counter(r["stage"] for r in rejects)),
         "task_time_s": {k: round(v, 3) for k, v in sorted(timing.items())},
         "wall_time_s": round(time.time() - started, 3),
+        "phase_wall_s": phases,
     }
 
 

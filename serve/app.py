@@ -34,7 +34,8 @@ logger = logging.getLogger("ray.serve")
 #: How long /readyz waits for a model deployment to answer.
 READY_TIMEOUT_S = 5.0
 
-app = FastAPI(title="ecgvlm", description="PULSE, PULSE+LoRA and GPT-4o behind one API.")
+# No /docs or /openapi.json: every route but the health checks sits behind auth.
+app = FastAPI(title="ecgvlm", docs_url=None, redoc_url=None, openapi_url=None)
 
 
 @app.exception_handler(sv.ApiError)
@@ -144,6 +145,7 @@ class Gateway:
         self.adapters = args.served_adapters()
         self._token = auth_token.get_secret_value().encode() if auth_token else None
         self.usage = sv.UsageCounter()
+        self._pulse_handles: dict[str, DeploymentHandle] = {}
 
     # -- helpers -------------------------------------------------------------------------
     def _authorize(self, request: Request) -> None:
@@ -175,7 +177,10 @@ class Gateway:
             raise sv.ApiError(503, "pulse is not served here: start the endpoint with "
                               "model_dir (ecgvlm serve --model-dir DIR)",
                               "service_unavailable", "model", "model_unavailable")
-        handle = self.pulse.options(multiplexed_model_id=route.adapter or "")
+        key = route.adapter or ""
+        handle = self._pulse_handles.get(key)
+        if handle is None:  # one handle per adapter, reused: options() builds a new handle
+            handle = self._pulse_handles[key] = self.pulse.options(multiplexed_model_id=key)
         return await handle.generate.remote(req)
 
     async def _run_proxy(self, req: sv.ChatCompletionRequest) -> dict[str, Any]:
@@ -198,12 +203,12 @@ class Gateway:
                 checks["pulse"] = await asyncio.wait_for(
                     self.pulse.stats.remote(), READY_TIMEOUT_S
                 )
-            except Exception as e:  # reported, not raised: readiness is the answer
+            except Exception as e:  # noqa: BLE001 - reported, not raised: readiness is the answer
                 checks["pulse"] = {"error": type(e).__name__}
                 ok = False
         try:
             checks["gpt-4o"] = await asyncio.wait_for(self.proxy.status.remote(), READY_TIMEOUT_S)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - as above
             checks["gpt-4o"] = {"error": type(e).__name__}
         return JSONResponse({"ready": ok, "checks": checks}, status_code=200 if ok else 503)
 
@@ -214,8 +219,8 @@ class Gateway:
         no_pulse = None if self.pulse is not None else "started without model_dir"
         cards = [sv.ModelCard(id=sv.PULSE_MODEL, available=no_pulse is None, reason=no_pulse)]
         if self.adapters:
-            cards.append(sv.ModelCard(id=sv.LORA_MODEL, reason=f"adapter {self.adapters[0]}"))
-            cards += [sv.ModelCard(id=f"{sv.LORA_MODEL}:{a}") for a in self.adapters]
+            cards.append(sv.ModelCard(id=sv.LORA_MODEL, adapter=self.adapters[0]))
+            cards += [sv.ModelCard(id=f"{sv.LORA_MODEL}:{a}", adapter=a) for a in self.adapters]
         cards.append(sv.ModelCard(id=sv.GPT4O_MODEL, owned_by="openai",
                                   available=proxy["available"], reason=proxy["reason"]))
         return {"object": "list", "data": [c.model_dump() for c in cards]}
@@ -362,11 +367,7 @@ def build_app(args: sv.ServeArgs | dict[str, Any]) -> serve.Application:
     """
     if not isinstance(args, sv.ServeArgs):
         args = sv.ServeArgs.model_validate(args)
-    for what, path in [("model_dir", args.model_dir)] + [
-        (f"adapters.{n}", p) for n, p in args.adapters.items()
-    ]:
-        if path is not None and not os.path.isdir(path):
-            raise ValueError(f"{what}: {path} is not a directory")
+    sv.check_paths(args)
     api_key = os.environ.get(args.openai.api_key_env) or None
     token = os.environ.get(args.auth_token_env) or None
     pulse = None

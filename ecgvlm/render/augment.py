@@ -52,8 +52,13 @@ def paper_tint(rng: np.random.Generator, strength: float) -> tuple[float, float,
     return tuple(float(v) for v in np.clip(255 * (1 - depth * hue), 0, 255))
 
 
-def apply_image_augmentations(image, names: tuple[str, ...], rng, strength: float):
-    """Apply the image-level augmentations in ``names`` (no-op when there are none)."""
+def apply_image_augmentations(
+    image, names: tuple[str, ...], rng, strength: float, paper: tuple[int, int, int]
+):
+    """Apply the image-level augmentations in ``names`` (no-op when there are none).
+
+    ``paper`` is the page colour that rotation fills the uncovered corners with.
+    """
     from PIL import Image, ImageFilter
 
     if not any(n in names for n in ("rotation", "blur", "noise", "jpeg")):
@@ -61,8 +66,7 @@ def apply_image_augmentations(image, names: tuple[str, ...], rng, strength: floa
     rgb = image.convert("RGB")
     if "rotation" in names:
         angle = float(rng.uniform(-1, 1)) * MAX_ROTATION_DEG * strength
-        fill = rgb.getpixel((0, 0))
-        rgb = rgb.rotate(angle, resample=Image.Resampling.BICUBIC, fillcolor=fill)
+        rgb = rgb.rotate(angle, resample=Image.Resampling.BICUBIC, fillcolor=paper)
     if "blur" in names:
         radius = float(rng.uniform(0.3, 1.0)) * MAX_BLUR_RADIUS_PX * strength
         rgb = rgb.filter(ImageFilter.GaussianBlur(radius))
@@ -75,6 +79,7 @@ def apply_image_augmentations(image, names: tuple[str, ...], rng, strength: floa
         low, high = JPEG_QUALITY_RANGE
         quality = int(round(high - (high - low) * min(float(rng.uniform(0, 1)) * strength, 1)))
         buf = io.BytesIO()
-        rgb.save(buf, format="JPEG", quality=quality)
+        # 4:4:4: chroma subsampling would smear the red channel that digitisers read.
+        rgb.save(buf, format="JPEG", quality=quality, subsampling=0)
         rgb = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
     return rgb

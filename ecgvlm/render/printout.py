@@ -138,6 +138,8 @@ def draw_page(
     )
 
     panels: list[Panel] = []
+    lines: list[tuple[np.ndarray, np.ndarray, int, int]] = []
+    spans: list[raster.Spans] = []
     for r, row in enumerate(rows):
         # Row centres sit on whole millimetres so baselines align with the grid.
         centre_px = round(MARGIN_TOP_MM + pitch_mm * (r + 0.5)) * px_per_mm
@@ -146,7 +148,7 @@ def draw_page(
         trace_x0_px = MARGIN_X_MM * px_per_mm
         if style.calibration:
             xs, ys = _calibration_polyline(trace_x0_px - 2 * px_per_mm, centre_px, config)
-            raster.draw_polyline(ink, xs, ys, 0, width_px, line_px)
+            lines.append((xs, ys, 0, width_px))
         for cell in row:
             x0 = round((MARGIN_X_MM + trace_w_mm * cell.column / cell.n_columns) * px_per_mm)
             x1 = round((MARGIN_X_MM + trace_w_mm * (cell.column + 1) / cell.n_columns) * px_per_mm)
@@ -160,21 +162,18 @@ def draw_page(
             values = record.signal_mv[i0:i1, cell.lead_index].astype(np.float64)
             if wander is not None:
                 values = values + wander[i0:i1, cell.lead_index]
-            shown = values[(np.arange(i0, i1) >= t_start * fs) & (np.arange(i0, i1) < t_end * fs)]
-            median = float(np.nanmedian(shown)) if np.isfinite(shown).any() else 0.0
-            offset_mv = median if config.center_leads else 0.0
+            offset_mv = _median_mv(values, t_start * fs - i0, t_end * fs - i0)
+            offset_mv = offset_mv if config.center_leads else 0.0
             baseline_px = centre_px + offset_mv * px_per_mv
             xs = x0 + (np.arange(i0, i1) / fs - t_start) * px_per_s
             ys = baseline_px - values * px_per_mv
             if config.clip_to_panel:
                 ys = np.clip(ys, band_y0, band_y1 - 1)
-            raster.draw_polyline(ink, xs, ys, x0, x1, line_px)
+            lines.append((xs, ys, x0, x1))
             if cell.column > 0:
                 half = SEPARATOR_HALF_MM * px_per_mm
-                raster.draw_polyline(
-                    ink, np.array([x0, x0]), np.array([centre_px - half, centre_px + half]),
-                    x0, x0 + 1, line_px,
-                )
+                spans.append((np.array([x0]), np.array([centre_px - half]),
+                              np.array([centre_px + half])))
             _draw_label(ink, cell.lead, x0, centre_px, pitch_mm, label_px, config)
             panels.append(
                 Panel(
@@ -188,11 +187,25 @@ def draw_page(
                     mm_per_mv=float(config.mm_per_mv),
                 )
             )
+    spans.append(raster.polyline_spans(lines, line_px))
+    raster.fill_spans(ink, spans)
     if config.caption:
         text = f"{config.paper_speed_mm_s:g} mm/s   {config.mm_per_mv:g} mm/mV"
         raster.draw_text(ink, text, round(MARGIN_X_MM * px_per_mm),
                          round(2 * px_per_mm), label_px)
     return grid, ink, tuple(panels), layout
+
+
+def _median_mv(values: np.ndarray, first: float, stop: float) -> float:
+    """Median of the samples with index in [first, stop) (relative), ignoring NaN; 0 if none."""
+    shown = values[max(int(np.ceil(first)), 0) : max(int(np.ceil(stop)), 0)]
+    if not np.isfinite(shown).all():
+        shown = shown[np.isfinite(shown)]
+    if shown.size == 0:
+        return 0.0
+    # The upper median via one partition: np.median's checks cost more than the sort here.
+    k = shown.size // 2
+    return float(np.partition(shown, k)[k])
 
 
 def _draw_label(ink, lead, x0, centre_px, pitch_mm, label_px, config) -> None:
@@ -252,7 +265,8 @@ def render_printout(
     index = np.bitwise_or(np.left_shift(grid, 4), ink)
     image = Image.fromarray(index)
     image.putpalette(raster.palette(style, paper))
-    image = apply_image_augmentations(image, names, rng, config.augment_strength)
+    paper_rgb = tuple(int(round(v)) for v in (paper or style.paper))
+    image = apply_image_augmentations(image, names, rng, config.augment_strength, paper_rgb)
     return Printout(
         png=raster.encode_png(image),
         size_px=image.size,

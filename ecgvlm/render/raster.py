@@ -119,40 +119,64 @@ def palette(style: Style, paper: tuple[float, float, float] | None = None) -> by
     return np.rint(colours).clip(0, 255).astype(np.uint8).tobytes()
 
 
-def draw_polyline(
-    ink: np.ndarray,
-    xs: np.ndarray,
-    ys: np.ndarray,
-    col_lo: int,
-    col_hi: int,
-    width_px: float,
-) -> None:
-    """Draw an antialiased polyline through (xs, ys) into ``ink``, columns [col_lo, col_hi).
+Spans = tuple[np.ndarray, np.ndarray, np.ndarray]  # (column, top, bottom) per column
 
-    Pixel (row j, column i) spans [i-0.5, i+0.5] x [j-0.5, j+0.5]. For every column the
-    polyline's vertical extent is found exactly (its values at both column edges plus every
-    vertex inside), widened by the line width, and filled as one vertical span whose end
-    pixels get fractional coverage. Lines wider than ~1.5 px are also widened sideways so
-    steep strokes keep their width. NaN samples leave a gap. ``xs`` must be non-decreasing.
+
+def polyline_spans(
+    lines: list[tuple[np.ndarray, np.ndarray, int, int]], width_px: float
+) -> Spans:
+    """The vertical ink span, per pixel column, of antialiased polylines.
+
+    Each line is ``(xs, ys, col_lo, col_hi)``: vertices in pixel coordinates (``xs``
+    non-decreasing) drawn only in columns [col_lo, col_hi). Pixel (row j, column i) spans
+    [i-0.5, i+0.5] x [j-0.5, j+0.5]. In every column a polyline's vertical extent is found
+    exactly (its values at both column edges plus every vertex inside) and widened by the
+    line width; ``fill_spans`` fills it with fractional coverage at both ends. Lines wider
+    than ~1.5 px are also widened sideways so steep strokes keep their width. NaN vertices
+    leave a gap.
+
+    All lines are processed in one pass: each is shifted onto its own block of "virtual"
+    columns, with empty columns between blocks so no line's interpolation reaches another's
+    vertices. One vectorised pass over a page's 13 panels is several times faster than 13.
     """
-    height, width = ink.shape
-    if xs.size == 0:
-        return
-    col_lo = max(col_lo, 0, int(np.floor(xs[0] + 0.5)))
-    col_hi = min(col_hi, width, int(np.floor(xs[-1] + 0.5)) + 1)
-    n = col_hi - col_lo
-    if n <= 0:
-        return
-    edges = np.arange(n + 1, dtype=np.float64) + (col_lo - 0.5)
-    at_edges = np.interp(edges, xs, ys)
+    shifted_x, all_y, real_cols, virt_cols = [], [], [], []
+    next_col, prev_x = 0, -1e9
+    for xs, ys, col_lo, col_hi in lines:
+        if xs.size == 0:
+            continue
+        col_lo = max(col_lo, int(np.floor(xs[0] + 0.5)))
+        col_hi = min(col_hi, int(np.floor(xs[-1] + 0.5)) + 1)
+        if col_hi <= col_lo:
+            continue
+        start = max(next_col, int(np.ceil(prev_x + 4.0 - xs[0] + col_lo)))
+        shift = start - col_lo
+        # One pixel of flat extension at both ends: a column edge beyond a line's last
+        # vertex then sees that vertex's value, never the next block's.
+        shifted_x.append(np.concatenate([[xs[0] - 1.0], xs, [xs[-1] + 1.0]]) + shift)
+        all_y.append(np.concatenate([ys[:1], ys, ys[-1:]]))
+        real_cols.append(np.arange(col_lo, col_hi))
+        virt_cols.append(np.arange(start, start + col_hi - col_lo))
+        next_col = start + col_hi - col_lo + 1
+        prev_x = xs[-1] + 1.0 + shift
+    if not shifted_x:
+        return np.zeros(0, dtype=np.intp), np.zeros(0), np.zeros(0)
+    xs = np.concatenate(shifted_x)
+    ys = np.concatenate(all_y)
+    n = next_col
+    at_edges = np.interp(np.arange(-0.5, n, 1.0), xs, ys)
     lo = np.minimum(at_edges[:-1], at_edges[1:])
     hi = np.maximum(at_edges[:-1], at_edges[1:])
-    col = np.floor(xs - (col_lo - 0.5)).astype(np.intp)
+    col = np.floor(xs + 0.5).astype(np.intp)
     inside = (col >= 0) & (col < n)
     np.minimum.at(lo, col[inside], ys[inside])
     np.maximum.at(hi, col[inside], ys[inside])
+    keep = np.concatenate(virt_cols)
     reach = int(round((width_px - 1) / 2))
     if reach > 0:
+        gaps = np.ones(n, dtype=bool)
+        gaps[keep] = False
+        lo[gaps] = np.nan
+        hi[gaps] = np.nan
         lo0, hi0 = lo.copy(), hi.copy()
         for s in range(1, reach + 1):
             lo[s:] = np.fmin(lo[s:], lo0[:-s])
@@ -160,23 +184,37 @@ def draw_polyline(
             hi[s:] = np.fmax(hi[s:], hi0[:-s])
             hi[:-s] = np.fmax(hi[:-s], hi0[s:])
     half = width_px / 2
-    top, bot = lo - half, hi + half
-    ok = np.isfinite(top) & np.isfinite(bot)
-    cols = np.flatnonzero(ok)
-    top, bot = top[ok], bot[ok]
-    first = np.maximum(np.floor(top + 0.5).astype(np.intp), 0)
-    last = np.minimum(np.floor(bot + 0.5).astype(np.intp), height - 1)
-    keep = last >= first
-    cols, top, bot, first, last = cols[keep], top[keep], bot[keep], first[keep], last[keep]
-    counts = last - first + 1
-    if counts.size == 0:
+    return np.concatenate(real_cols), lo[keep] - half, hi[keep] + half
+
+
+def fill_spans(ink: np.ndarray, spans: list[Spans]) -> None:
+    """Fill many columns' spans at once (max-combined), clipped to the layer."""
+    height, width = ink.shape
+    cols = np.concatenate([s[0] for s in spans])
+    top = np.concatenate([s[1] for s in spans])
+    bot = np.concatenate([s[2] for s in spans])
+    first = np.floor(top + 0.5)
+    last = np.floor(bot + 0.5)
+    ok = np.isfinite(first) & np.isfinite(last) & (cols >= 0) & (cols < width)
+    first = np.maximum(first[ok], 0).astype(np.intp)
+    last = np.minimum(last[ok], height - 1).astype(np.intp)
+    cols, top, bot = cols[ok], top[ok], bot[ok]
+    counts = np.maximum(last - first + 1, 0)
+    if not counts.any():
         return
     span = np.repeat(np.arange(counts.size), counts)
     rows = first[span] + (np.arange(span.size) - np.repeat(np.cumsum(counts) - counts, counts))
     cover = np.minimum(rows + 0.5, bot[span]) - np.maximum(rows - 0.5, top[span])
-    level = np.rint(np.clip(cover, 0.0, 1.0) * INK_LEVELS).astype(np.uint8)
-    xcols = cols[span] + col_lo
-    ink[rows, xcols] = np.maximum(ink[rows, xcols], level)
+    level = (np.clip(cover, 0.0, 1.0) * INK_LEVELS + 0.5).astype(np.uint8)
+    # ufunc.at, not fancy assignment: overlapping leads share pixels and must max-combine.
+    np.maximum.at(ink.reshape(-1), rows * width + cols[span], level)
+
+
+def draw_polyline(
+    ink: np.ndarray, xs: np.ndarray, ys: np.ndarray, col_lo: int, col_hi: int, width_px: float
+) -> None:
+    """Draw one antialiased polyline into ``ink`` (see ``polyline_spans``)."""
+    fill_spans(ink, [polyline_spans([(xs, ys, col_lo, col_hi)], width_px)])
 
 
 @lru_cache(maxsize=256)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -48,8 +49,8 @@ def sources(tmp_path_factory) -> Path:
     return root
 
 
-def _config(sources: Path, out: Path, **kw) -> PrepareConfig:
-    base = dict(
+def _config(sources: Path, out: Path, **overrides) -> PrepareConfig:
+    config = PrepareConfig(
         sources=(
             SourceConfig(str(sources / "cpsc2018")),
             SourceConfig(str(sources / "chapman_shaoxing")),
@@ -61,9 +62,11 @@ def _config(sources: Path, out: Path, **kw) -> PrepareConfig:
         render=RenderConfig(layout="auto", dpi=50),
         mcq=McqConfig(n_options=5),
         progress=False,
+        # Two tasks at a time on the fixture's 8 logical CPUs: on a 2-core machine more
+        # workers only add cold-start imports.
+        num_cpus_per_task=4.0,
     )
-    base.update(kw)
-    return PrepareConfig(**base)
+    return dataclasses.replace(config, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +173,7 @@ def test_cli_prepare_with_llava_format(ray_local, sources, tmp_path, capsys):
     config_path = tmp_path / "prepare.yaml"
     config_path.write_text(
         f"sources:\n  - root: {sources / 'cpsc2018'}\noutput_dir: {tmp_path / 'out'}\n"
-        "fractions: [0.5, 0.25, 0.25]\nshard_size: 4\nprogress: false\n"
+        "fractions: [0.5, 0.25, 0.25]\nshard_size: 4\nprogress: false\nnum_cpus_per_task: 4\n"
         "render:\n  layout: auto\n  dpi: 50\n"
     )
     assert cli.main(["prepare", "--config", str(config_path), "--format", "llava", "seed=3"]) == 0

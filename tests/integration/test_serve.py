@@ -22,8 +22,8 @@ pytestmark = pytest.mark.integration
 openai = pytest.importorskip("openai")
 requests = pytest.importorskip("requests")
 
-from ecgvlm import serving as sv  # noqa: E402
-from tests.fakes.openai_server import FakeOpenAIServer, Reply  # noqa: E402
+from ecgvlm import serving as sv
+from tests.fakes.openai_server import FakeOpenAIServer, Reply
 
 RECORD = "cpsc2018/A0002"
 OPTIONS = ["Normal sinus rhythm", "Atrial fibrillation", "Left bundle branch block",
@@ -40,25 +40,22 @@ def _free_port() -> int:
 
 
 def _make_adapter(model_dir: Path, out: Path, seed: int) -> Path:
-    """A LoRA adapter (the study's r=4, alpha=8 on the language model's attention) whose B
-    matrices are random instead of zero, so it changes the output as a trained one does."""
+    """The study's LoRA adapter (``attach_lora``: r=4, alpha=8, bias=lora_only, language
+    model only) with random instead of zero B matrices, so it changes the output as a
+    trained one does."""
     import torch
-    from peft import LoraConfig, get_peft_model
 
-    from ecgvlm.model import load_pulse
+    from ecgvlm.model import attach_lora, load_pulse, save_adapter
 
     model, _ = load_pulse(model_dir)
-    config = LoraConfig(r=4, lora_alpha=8, bias="lora_only",
-                        target_modules=r"model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj")
     torch.manual_seed(seed)  # lora_A's initialisation
-    peft_model = get_peft_model(model, config)
+    peft_model = attach_lora(model)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
-    peft_model.save_pretrained(out)
-    return out
+    return save_adapter(peft_model, out)
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +108,9 @@ def endpoint(ray_local, tiny_pulse_dir, tmp_path_factory):
         mp.delenv("OPENAI_API_KEY")
         mp.setenv("ECGVLM_API_TOKEN", TOKEN)
         secure = build_app({"openai": {"api_key_env": "OPENAI_API_KEY"}, **common})
-    serve.run(main, name="ecgvlm", route_prefix="/")
-    serve.run(secure, name="secure", route_prefix="/secure")
+    # Both apps deploy together: their replicas start in parallel.
+    serve.run_many([serve.RunTarget(main, name="ecgvlm", route_prefix="/"),
+                    serve.RunTarget(secure, name="secure", route_prefix="/secure")])
     base = f"http://127.0.0.1:{port}"
     try:
         yield {"url": base, "secure": f"{base}/secure", "fake": fake}
@@ -185,6 +183,8 @@ def test_models_lists_what_is_served(endpoint):
     assert set(cards) == {"pulse", "pulse-lora", "pulse-lora:cpsc", "pulse-lora:chapman",
                           "gpt-4o"}
     assert all(c["available"] for c in cards.values())
+    assert cards["pulse-lora"]["adapter"] == "cpsc"
+    assert cards["pulse-lora:chapman"]["adapter"] == "chapman"
     assert requests.get(f"{endpoint['url']}/healthz", timeout=30).json() == {"status": "ok"}
     ready = requests.get(f"{endpoint['url']}/readyz", timeout=30)
     assert ready.status_code == 200 and ready.json()["checks"]["pulse"]["base_loads"] == 1

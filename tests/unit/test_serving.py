@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -130,7 +131,8 @@ def test_resolve_model_routes():
 
 
 def test_decode_data_url_png_and_jpeg():
-    assert sv.decode_data_url(sv.image_data_url(_png()), LIMITS.max_image_pixels, "p").format == "PNG"
+    png = sv.decode_data_url(sv.image_data_url(_png()), LIMITS.max_image_pixels, "p")
+    assert png.format == "PNG"
     jpeg = sv.image_data_url(_png(fmt="JPEG"), "image/jpeg")
     assert sv.decode_data_url(jpeg, LIMITS.max_image_pixels, "p").size_px == (32, 24)
 
@@ -148,7 +150,8 @@ def test_decode_data_url_png_and_jpeg():
     ],
 )
 def test_bad_images_are_400s(url, code):
-    e = _error(sv.decode_data_url, url, LIMITS.max_image_pixels, "messages[0].content[0].image_url.url")
+    param = "messages[0].content[0].image_url.url"
+    e = _error(sv.decode_data_url, url, LIMITS.max_image_pixels, param)
     assert e.status == 400 and e.code == code
     assert e.param == "messages[0].content[0].image_url.url"
 
@@ -182,7 +185,8 @@ def test_record_from_json_builds_an_ecg_record():
     req = sv.parse_model(sv.InterpretJsonRequest, _interpret())
     rec = sv.record_from_json(req, LIMITS)
     assert rec.signal_mv.shape == (500, 2) and rec.leads == ("I", "II") and rec.fs_hz == 250.0
-    assert sv.check_query(req, LIMITS) == (sv.DEFAULT_QUESTION, ["Sinus rhythm", "Atrial fibrillation"])
+    question, options = sv.check_query(req, LIMITS)
+    assert question == sv.DEFAULT_QUESTION and options == ["Sinus rhythm", "Atrial fibrillation"]
 
 
 @pytest.mark.parametrize(
@@ -232,7 +236,7 @@ def test_options_are_required():
 def test_nan_from_json_text_is_caught():
     # Python's json accepts the NaN literal; the signal check must still refuse it.
     rows = ", ".join(["[NaN, 0.0]"] + ["[0.0, 0.1]"] * 499)
-    text = '{"samples": [%s], "fs_hz": 250, "leads": ["I", "II"]}' % rows
+    text = '{"samples": [' + rows + '], "fs_hz": 250, "leads": ["I", "II"]}'
     req = sv.parse_model(sv.InterpretJsonRequest, sv.parse_json_body(text.encode()))
     e = _error(sv.record_from_json, req, LIMITS)
     assert e.status == 400 and e.code == "non_finite" and "sample 0 of lead 'I'" in e.message
@@ -326,3 +330,83 @@ def test_usage_counter():
     usage.add("pulse", error=True)
     assert usage.to_json() == {"pulse": {"requests": 2, "errors": 1, "prompt_tokens": 5,
                                          "completion_tokens": 2}}
+
+
+# --- config file and CLI ----------------------------------------------------------------------
+
+
+def test_serve_config_yaml_is_valid_serve_args():
+    import yaml
+
+    path = Path(__file__).resolve().parents[2] / "serve" / "config.yaml"
+    text = path.read_text()
+    assert text.startswith("#") and "serve run serve/config.yaml" in text.split("\n\n")[0]
+    config = yaml.safe_load(text)
+    (app,) = config["applications"]
+    assert app["import_path"] == "serve.app:build_app"
+    args = sv.ServeArgs.model_validate(app["args"])
+    assert args.batching.max_batch_size >= 1 and args.openai.api_key_env == "OPENAI_API_KEY"
+
+
+def test_cli_serve_refuses_a_missing_model_dir_before_starting_ray(tmp_path, capsys):
+    from ecgvlm.cli import main
+
+    assert main(["serve", "--model-dir", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert "model_dir" in err and "nope" in err
+    assert main(["serve", "--model-dir", str(tmp_path), "--adapter", "broken"]) == 2
+    assert "NAME=DIR" in capsys.readouterr().err
+
+
+# --- PulseRunner on the tiny checkpoint -------------------------------------------------------
+
+
+def _adapter(model_dir: Path, out: Path, seed: int, bias: str = "lora_only") -> str:
+    import torch
+
+    from ecgvlm.model import attach_lora, load_pulse, save_adapter
+
+    model, _ = load_pulse(model_dir)
+    torch.manual_seed(seed)
+    peft_model = attach_lora(model, bias=bias)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+            elif bias == "all" and name.endswith(".bias"):
+                param.add_(0.1)
+    return str(save_adapter(peft_model, out))
+
+
+def test_pulse_runner_shares_base_weights_between_adapters(tiny_pulse_dir, tmp_path):
+    adapters = {"a": _adapter(tiny_pulse_dir, tmp_path / "a", 1),
+                "b": _adapter(tiny_pulse_dir, tmp_path / "b", 2)}
+    runner = sv.PulseRunner(str(tiny_pulse_dir), adapters, device="cpu")
+    png = _png((64, 32))
+    from ecgvlm.prompt import build_prompt
+
+    prompt = build_prompt("Which?", ["x", "y"])
+    base_before = runner.generate([sv.GenerateRequest(prompt, png, None, 4)])[0]
+    embed = runner.model.get_input_embeddings().weight.data_ptr()
+    mixed = runner.generate([sv.GenerateRequest(prompt, png, a, 4) for a in ("a", None, "b", "a")])
+    assert mixed[0] == mixed[3] and mixed[1] == base_before
+    assert len({mixed[0].text, mixed[1].text, mixed[2].text}) == 3
+    assert runner.model.get_input_embeddings().weight.data_ptr() == embed
+    assert runner.stats()["base_loads"] == 1 and runner.loaded_adapters == ["a", "b"]
+    runner.unload_adapter("a")
+    assert runner.loaded_adapters == ["b"]
+    runner.unload_adapter("b")  # the last adapter stays: PEFT needs one
+    assert runner.loaded_adapters == ["b"]
+    # An unloaded adapter comes back on demand with the same answer.
+    assert runner.generate([sv.GenerateRequest(prompt, png, "a", 4)])[0] == mixed[0]
+    assert runner.stats()["adapter_loads"] == {"a": 2, "b": 1}
+    with pytest.raises(KeyError, match="unknown adapter"):
+        runner.load_adapter("nope")
+
+
+def test_adapters_that_train_biases_are_refused(tiny_pulse_dir, tmp_path):
+    path = _adapter(tiny_pulse_dir, tmp_path / "biased", 3, bias="all")
+    with pytest.raises(ValueError, match="bias"):
+        sv.read_adapter(path)
+    with pytest.raises(ValueError, match="not a readable PEFT adapter"):
+        sv.read_adapter(str(tmp_path))
