@@ -21,6 +21,7 @@ arrival) and end to end (including Ray Data start-up and actor creation). Target
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -137,8 +138,13 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="eval-bench-") as tmp:
             split_dir = write_split(Path(tmp) / "prepared", rows, shards=4)
             alone_s = endpoint_alone(endpoint, args.model, rows, args.concurrency)
-            ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
-                     configure_logging=False)
+            # RAY_ADDRESS: join that cluster; otherwise a fresh local one (never another
+            # cluster that happens to run on this machine).
+            if os.environ.get("RAY_ADDRESS"):
+                ray.init(log_to_driver=False, configure_logging=False)
+            else:
+                ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False,
+                         log_to_driver=False, configure_logging=False)
             try:
                 wall_s, span_s, steady_n = job(endpoint, args.model, split_dir, Path(tmp) / "out",
                                                len(rows), args.concurrency, args.batch_size)

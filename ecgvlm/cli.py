@@ -199,7 +199,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     import ray
 
     from ecgvlm.config import load_config
-    from ecgvlm.evaluate import EvalConfig, evaluate
+    from ecgvlm.evaluate import EvalConfig, EvaluationError, evaluate
     from ecgvlm.report import console_tables
 
     config = load_config(EvalConfig, args.config, args.overrides)
@@ -207,6 +207,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     ray.init(log_to_driver=False, configure_logging=False)
     try:
         report, written = evaluate(config)
+    except EvaluationError as e:
+        # No split, an unreachable endpoint, no model to evaluate: the user's to fix.
+        print(f"ecgvlm evaluate: error: {e}", file=sys.stderr)
+        return 2
     finally:
         ray.shutdown()
     print(console_tables(report))

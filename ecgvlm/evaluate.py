@@ -568,14 +568,21 @@ def pending_pairs(
     return {m: [s for s in ids if (s, m) not in done] for m in models}
 
 
-def _n_blocks(files: list[Path], config: EvalConfig) -> int:
-    """Read blocks: enough for every client actor to get work several times over, and about
-    ``batch_size`` rows each on small splits (an actor takes one block at a time)."""
+def block_bytes(files: list[Path], batch_size: int) -> int:
+    """Target block size: about ``batch_size`` split rows (mostly the PNG) per block.
+
+    Parquet shards of a few hundred ECGs would otherwise be read as one block each, and an
+    actor takes one block at a time: small blocks keep every client actor busy and let
+    answers reach the driver (and disk) as they are made rather than a shard at a time.
+    """
     import pyarrow.parquet as pq
 
-    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-    most = max(4 * config.concurrency, math.ceil(rows / 256))
-    return max(1, min(math.ceil(rows / config.batch_size), most))
+    rows = size = 0
+    for f in files:
+        meta = pq.ParquetFile(f).metadata
+        rows += meta.num_rows
+        size += sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    return max(4096, int(size / max(rows, 1) * batch_size))
 
 
 def run_predictions(
@@ -596,20 +603,22 @@ def run_predictions(
     if not pending:
         return 0
     api_key = os.environ.get(config.endpoint_api_key_env) or "EMPTY"
-    client_kwargs = dict(
-        endpoint=config.endpoint,
-        api_key=api_key,
-        timeout_s=config.timeout_s,
-        max_retries=config.max_retries,
-        backoff_s=config.backoff_s,
-        max_tokens=config.max_tokens,
-        temperature=config.temperature,
-    )
+    client_kwargs = {
+        "endpoint": config.endpoint,
+        "api_key": api_key,
+        "timeout_s": config.timeout_s,
+        "max_retries": config.max_retries,
+        "backoff_s": config.backoff_s,
+        "max_tokens": config.max_tokens,
+        "temperature": config.temperature,
+    }
     columns = [*SPLIT_META_COLUMNS, "png"]
     columns.remove("target_text")
-    ds = ray.data.read_parquet(
-        [str(f) for f in files], override_num_blocks=_n_blocks(files, config)
-    ).select_columns(columns)
+    # Ray Data sizes blocks by bytes; this pipeline's blocks hold about batch_size rows.
+    context = ray.data.DataContext.get_current()
+    saved_block_bytes = context.target_max_block_size
+    context.target_max_block_size = block_bytes(files, config.batch_size)
+    ds = ray.data.read_parquet([str(f) for f in files]).select_columns(columns)
     ds = ds.map_batches(expand_pending, batch_format="pyarrow", fn_kwargs={"pending": pending},
                         batch_size=None, num_cpus=0.25)
     ds = ds.map_batches(
@@ -638,6 +647,7 @@ def run_predictions(
     finally:
         # Whatever arrived is kept, also when the run is interrupted (Ctrl-C, a failed task).
         store.append(buffer)
+        context.target_max_block_size = saved_block_bytes
     return written + len(buffer)
 
 

@@ -264,12 +264,16 @@ def plot_confusions(report: EvalReport, out_dir: Path) -> list[Path]:
         if model == PRIOR_MODEL or not per_ds:
             continue
         datasets = sorted(per_ds)
-        sizes = [max(len(per_ds[d].confusion_labels), 2) for d in datasets]
+        size = max(max(len(per_ds[d].confusion_labels), 2) for d in datasets)
+        ncols = min(3, len(datasets))
+        nrows = -(-len(datasets) // ncols)
         fig, axes = plt.subplots(
-            1, len(datasets), figsize=(sum(0.6 * s + 2.2 for s in sizes), 0.55 * max(sizes) + 2.4),
+            nrows, ncols, figsize=(ncols * (0.6 * size + 2.2), nrows * (0.55 * size + 2.4)),
             squeeze=False,
         )
-        for ax, dataset in zip(axes[0], datasets):
+        for ax in axes.flat[len(datasets):]:
+            ax.set_visible(False)
+        for ax, dataset in zip(axes.flat, datasets):
             m = per_ds[dataset]
             counts = np.array(m.confusion, dtype=float)
             share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
@@ -286,7 +290,7 @@ def plot_confusions(report: EvalReport, out_dir: Path) -> list[Path]:
             ax.set_ylabel("true")
             ax.set_title(f"{dataset} (n={m.n}, bal. acc {m.balanced_accuracy:.2f})", fontsize=9)
         fig.suptitle(f"Confusion matrices: {model} (rows normalised)", fontsize=10)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0, 1, 0.97 if nrows > 1 else 0.93))
         path = out_dir / f"confusion_{_safe_name(model)}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
@@ -323,8 +327,15 @@ def plot_metric_bars(report: EvalReport, out_dir: Path) -> Path | None:
 
     datasets = sorted({d for per_ds in report.metrics.values() for d in per_ds})
     models = _ordered_models(report.metrics)
-    fig, axes = plt.subplots(1, len(TABLE1_METRICS), figsize=(3.2 * len(TABLE1_METRICS) + 1, 3.6),
-                             sharey=True)
+    # Few data sets: metrics side by side; many: one metric per row, so labels stay legible.
+    stacked = len(datasets) > 3
+    panel_w = min(16.0, max(3.2, 0.3 * len(datasets) * len(models) + 1.5))
+    n = len(TABLE1_METRICS)
+    fig, axes = plt.subplots(
+        n if stacked else 1, 1 if stacked else n, sharey=True, squeeze=False,
+        figsize=(panel_w, 2.8 * n + 0.6) if stacked else (panel_w * n + 1, 3.8),
+    )
+    axes = axes.flat
     for ax, metric in zip(axes, TABLE1_METRICS):
         series = []
         for model in models:
@@ -332,13 +343,18 @@ def plot_metric_bars(report: EvalReport, out_dir: Path) -> Path | None:
             series.append((model, [getattr(m, metric) if m else None for m in ms],
                            [m.ci.get(metric) if m else None for m in ms]))
         _grouped_bars(ax, datasets, series, hatch_for=(PRIOR_MODEL,))
+        if len(datasets) > 2:
+            ax.tick_params(axis="x", labelrotation=30)
+            for label in ax.get_xticklabels():
+                label.set_ha("right")
         ax.set_title(_TITLES[metric], fontsize=10)
         ax.set_ylim(0, 1.05)
         ax.grid(axis="y", alpha=0.3)
+    axes = list(fig.axes)
     axes[0].set_ylabel("score (95% bootstrap CI)")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper center", ncol=len(models), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0, 1, 0.9))
+    fig.tight_layout(rect=(0, 0, 1, 0.97 if stacked else 0.9))
     path = out_dir / "metrics_bars.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -356,11 +372,15 @@ def plot_judge_bars(report: EvalReport, out_dir: Path) -> Path | None:
 
     datasets = sorted({d for per_ds in report.judge.values() for d in per_ds})
     models = _ordered_models(report.judge)
-    fig, axes = plt.subplots(1, len(datasets), figsize=(5.2 * len(datasets) + 0.5, 3.8),
+    ncols = min(3, len(datasets))
+    nrows = -(-len(datasets) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols + 0.5, 3.4 * nrows + 0.6),
                              sharey=True, squeeze=False)
+    for ax in axes.flat[len(datasets):]:
+        ax.set_visible(False)
     labels = [_TITLES[c].replace(" ", "\n") + ("\n(lower better)" if c in LOWER_IS_BETTER else "")
               for c in CRITERIA]
-    for ax, dataset in zip(axes[0], datasets):
+    for ax, dataset in zip(axes.flat, datasets):
         series = []
         for model in models:
             entry = report.judge[model].get(dataset) or {}
@@ -376,7 +396,7 @@ def plot_judge_bars(report: EvalReport, out_dir: Path) -> Path | None:
     handles, names = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, names, loc="upper center", ncol=len(models), fontsize=8, frameon=False)
     fig.suptitle(f"Judge: {report.meta.get('judge_model', '')}", x=0.01, ha="left", fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.92))
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (3.4 * nrows + 0.6)))
     path = out_dir / "judge_scores.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -103,7 +103,7 @@ def test_evaluate_end_to_end_with_fake_endpoint_and_judge(ray_local, split_dir, 
         cfg_path.write_text(yaml.safe_dump(_config(split_dir, out, endpoint.base_url,
                                                    judge_server.base_url)))
         config = load_config(EvalConfig, cfg_path)
-        report, written = evaluate(config)
+        report, _ = evaluate(config)
         n_chat = len(endpoint.chat_requests)
         last_request = endpoint.chat_requests[-1].json
         judge_requests = judge_server.chat_requests
@@ -201,11 +201,11 @@ def test_killed_run_resumes_without_redoing_or_duplicating(ray_local, split_dir,
     total = 2 * len(ROWS)
 
     def slow(request):
-        time.sleep(0.4)  # 32 requests at concurrency 2 take >= 6 s: time to kill midway
+        time.sleep(0.3)  # 32 requests at concurrency 2 take >= 5 s: time to kill midway
         return endpoint_responder(request)
 
     with FakeOpenAIServer(slow, models=("pulse", "pulse-lora")) as endpoint:
-        cfg = _config(split_dir, out, endpoint.base_url, None, flush_every=1,
+        cfg = _config(split_dir, out, endpoint.base_url, None, flush_every=1, batch_size=2,
                       models=["pulse", "pulse-lora"])
         cfg["judge"] = {"enabled": False}
         cfg_path = tmp_path / "eval.yaml"
@@ -216,18 +216,19 @@ def test_killed_run_resumes_without_redoing_or_duplicating(ray_local, split_dir,
             [sys.executable, "-m", "jobs.evaluate", "--config", str(cfg_path)],
             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
-        # flush_every=1: one part file per finished prediction, so counting files is cheap.
+        # flush_every=1: every block of answers is stored as soon as it arrives; kill the
+        # job once the first one is on disk.
         deadline = time.monotonic() + 300  # generous: the shared CI machine may be loaded
         try:
             while time.monotonic() < deadline and proc.poll() is None:
-                if len(list((out / "predictions").glob("part-*.parquet"))) >= 4:
+                if list((out / "predictions").glob("part-*.parquet")):
                     break
                 time.sleep(0.02)
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=30)
         stored = PredictionStore(out).done_keys()
-        assert 4 <= len(stored) < total, (len(stored), proc.stderr.read().decode()[-2000:])
+        assert 1 <= len(stored) < total, (len(stored), proc.stderr.read().decode()[-2000:])
         assert not (out / "predictions.parquet").exists()  # killed before consolidating
         requested_before = len(endpoint.chat_requests)
 

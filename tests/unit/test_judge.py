@@ -161,8 +161,8 @@ def test_sampling_is_seeded_paired_and_skips_failed_requests():
 
 def test_summary_means_and_failures():
     def jd(model, fa, failure=None):
-        scores = dict(factual_accuracy=fa, completeness=3, detail_quality=3,
-                      context_understanding=3, hallucination=2)
+        scores = {"factual_accuracy": fa, "completeness": 3, "detail_quality": 3,
+                  "context_understanding": 3, "hallucination": 2}
         if failure:
             scores = {k: None for k in scores}
         return Judgement(sample_id="s", dataset="A", model=model, judge_model="j",
