@@ -81,6 +81,7 @@ def run_demo(args: argparse.Namespace) -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     ray.init(
+        address="local",  # the demo is local by definition, even beside a running cluster
         num_cpus=args.num_cpus,
         include_dashboard=False,
         log_to_driver=False,

@@ -41,7 +41,9 @@ def ray_local():
     """
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
+        # address="local": never join a `ray start` cluster another test left behind.
         ray.init(
+            address="local",
             num_cpus=8,
             include_dashboard=False,
             log_to_driver=False,
