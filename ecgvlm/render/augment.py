@@ -13,6 +13,7 @@ import io
 
 import numpy as np
 
+IMAGE_AUGMENTATIONS = ("rotation", "blur", "noise", "jpeg")  # these make the PNG RGB
 MAX_ROTATION_DEG = 2.0
 MAX_NOISE_SIGMA = 8.0  # grey levels
 MAX_BLUR_RADIUS_PX = 0.9
@@ -61,7 +62,7 @@ def apply_image_augmentations(
     """
     from PIL import Image, ImageFilter
 
-    if not any(n in names for n in ("rotation", "blur", "noise", "jpeg")):
+    if not any(n in names for n in IMAGE_AUGMENTATIONS):
         return image
     rgb = image.convert("RGB")
     if "rotation" in names:

@@ -325,6 +325,17 @@ def test_never_returns_a_corrupt_png(monkeypatch):
         raster.encode_png(image)
 
 
+def test_palette_png_reads_back_exactly_and_is_checked(monkeypatch):
+    printout = render_printout(synthetic())
+    index = np.asarray(decode(printout))
+    rows = raster.palette_rows(*index.shape)
+    rows[:, 1:] = index
+    assert raster.encode_palette_png(rows, raster.palette(raster.CLINICAL)) == printout.png
+    monkeypatch.setattr(raster, "_zlib_level1", lambda raw: raster.zlib.compress(raw[1:], 1))
+    with pytest.raises(PngError, match="do not match"):
+        raster.encode_palette_png(rows, raster.palette(raster.CLINICAL))
+
+
 def test_render_imports_neither_torch_nor_ray():
     code = (
         "import sys, ecgvlm.render, ecgvlm.render.printout, ecgvlm.render.digitise;"
