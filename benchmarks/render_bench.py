@@ -38,13 +38,13 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ecgvlm.records import EcgRecord  # noqa: E402
-from ecgvlm.render import RenderConfig, raster, render_printout  # noqa: E402
+from ecgvlm.records import EcgRecord
+from ecgvlm.render import RenderConfig, raster, render_printout
 
 SAMPLE = REPO / "data" / "samples" / "chapman_shaoxing" / "JS00001"
 
@@ -105,12 +105,18 @@ def load_record() -> EcgRecord:
 
         record = read_record(SAMPLE)
         n = round(10 * record.fs_hz)
-        return EcgRecord(record.record_id, record.dataset, record.signal_mv[:n], record.fs_hz,
-                         record.leads)
+        return EcgRecord(
+            record.record_id, record.dataset, record.signal_mv[:n], record.fs_hz, record.leads
+        )
     t = np.arange(5000) / 500.0
-    beat = np.exp(-((((t * 1.2) % 1.0) - 0.3) / 0.015) ** 2)
-    return EcgRecord("synthetic/1", "synthetic", np.tile(beat[:, None], 12), 500.0,
-                     ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"))
+    beat = np.exp(-(((((t * 1.2) % 1.0) - 0.3) / 0.015) ** 2))
+    return EcgRecord(
+        "synthetic/1",
+        "synthetic",
+        np.tile(beat[:, None], 12),
+        500.0,
+        ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"),
+    )
 
 
 def cpu_times(fn, repeats: int) -> list[float]:
@@ -125,8 +131,11 @@ def cpu_times(fn, repeats: int) -> list[float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--ecg-plot-python", default=None,
-                        help="python of a venv with ecg_plot==0.2.8 (row skipped without)")
+    parser.add_argument(
+        "--ecg-plot-python",
+        default=None,
+        help="python of a venv with ecg_plot==0.2.8 (row skipped without)",
+    )
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--ecg-plot-repeats", type=int, default=5)
     parser.add_argument("--core", type=int, default=min(os.sched_getaffinity(0)))
@@ -140,7 +149,9 @@ def main() -> int:
     for dpi in (100, 200):
         config = RenderConfig(dpi=dpi)
         printout = render_printout(record, config)
-        ours = statistics.median(cpu_times(lambda: render_printout(record, config), args.repeats))
+        ours = statistics.median(
+            cpu_times(lambda c=config: render_printout(record, c), args.repeats)
+        )
         image = Image.open(io.BytesIO(printout.png))
         image.load()
         scanlines = raster.palette_rows(image.height, image.width)
@@ -155,15 +166,24 @@ def main() -> int:
 
         floor = statistics.median(cpu_times(encode_ours, args.repeats))
         pillow = statistics.median(cpu_times(encode_pillow, args.repeats))
-        row = {"dpi": dpi, "size": printout.size_px, "ours": ours, "floor": floor,
-               "pillow": pillow}
+        row = {"dpi": dpi, "size": printout.size_px, "ours": ours, "floor": floor, "pillow": pillow}
         if args.ecg_plot_python:
             with tempfile.TemporaryDirectory() as tmp:
                 np.save(f"{tmp}/signal.npy", record.signal_mv.T.astype(np.float64))
                 proc = subprocess.run(
-                    [args.ecg_plot_python, "-c", ECG_PLOT_SCRIPT, f"{tmp}/signal.npy",
-                     str(printout.size_px[0]), str(args.ecg_plot_repeats), str(args.core), tmp],
-                    check=True, capture_output=True, text=True,
+                    [
+                        args.ecg_plot_python,
+                        "-c",
+                        ECG_PLOT_SCRIPT,
+                        f"{tmp}/signal.npy",
+                        str(printout.size_px[0]),
+                        str(args.ecg_plot_repeats),
+                        str(args.core),
+                        tmp,
+                    ],
+                    check=True,
+                    capture_output=True,
+                    text=True,
                 )
                 row["ecg_plot"] = json.loads(proc.stdout.strip().splitlines()[-1])
                 if args.keep_images:
@@ -175,32 +195,53 @@ def main() -> int:
             Path(args.keep_images, f"ecgvlm_{dpi}dpi.png").write_bytes(printout.png)
         rows.append(row)
 
-    print(f"one core (cpu {args.core}), CPU ms per image (median), record {record.record_id}, "
-          f"12 leads, {record.duration_s:g} s, {record.fs_hz:g} Hz")
+    print(
+        f"one core (cpu {args.core}), CPU ms per image (median), record {record.record_id}, "
+        f"12 leads, {record.duration_s:g} s, {record.fs_hz:g} Hz"
+    )
     print()
-    print("| renderer | dpi | image px | ms/image | images/s | ecg_plot 3x4 / this | "
-          "this / encode floor |")
+    print(
+        "| renderer | dpi | image px | ms/image | images/s | ecg_plot 3x4 / this | "
+        "this / encode floor |"
+    )
     print("| --- | ---: | --- | ---: | ---: | ---: | ---: |")
     for row in rows:
         w, h = row["size"]
         ep = row.get("ecg_plot", {})
         ep_3x4 = statistics.median(ep["plot_3x4"]["times"]) if ep else None
 
-        def line(name, seconds, size, vs_ecg_plot, vs_floor):
-            print(f"| {name} | {row['dpi']} | {size[0]}x{size[1]} | {seconds * 1e3:,.1f} | "
-                  f"{1 / seconds:,.1f} | {vs_ecg_plot} | {vs_floor} |")
+        def line(name, seconds, size, vs_ecg_plot, vs_floor, dpi=row["dpi"]):
+            print(
+                f"| {name} | {dpi} | {size[0]}x{size[1]} | {seconds * 1e3:,.1f} | "
+                f"{1 / seconds:,.1f} | {vs_ecg_plot} | {vs_floor} |"
+            )
 
-        line("ecgvlm render_printout 3x4+II", row["ours"], (w, h),
-             f"{ep_3x4 / row['ours']:,.0f}x" if ep else "-",
-             f"{row['ours'] / row['floor']:.2f}x")
-        line("PNG encode of our image (floor)", row["floor"], (w, h),
-             f"{ep_3x4 / row['floor']:,.0f}x" if ep else "-", "1.00x")
-        line("same image, Pillow PNG zlib level 1", row["pillow"], (w, h),
-             f"{ep_3x4 / row['pillow']:,.0f}x" if ep else "-",
-             f"{row['pillow'] / row['floor']:.2f}x")
+        line(
+            "ecgvlm render_printout 3x4+II",
+            row["ours"],
+            (w, h),
+            f"{ep_3x4 / row['ours']:,.0f}x" if ep else "-",
+            f"{row['ours'] / row['floor']:.2f}x",
+        )
+        line(
+            "PNG encode of our image (floor)",
+            row["floor"],
+            (w, h),
+            f"{ep_3x4 / row['floor']:,.0f}x" if ep else "-",
+            "1.00x",
+        )
+        line(
+            "same image, Pillow PNG zlib level 1",
+            row["pillow"],
+            (w, h),
+            f"{ep_3x4 / row['pillow']:,.0f}x" if ep else "-",
+            f"{row['pillow'] / row['floor']:.2f}x",
+        )
         if ep:
-            for name, label in (("plot_3x4", "ecg_plot 0.2.8 plot, 3x4 + rhythm strip"),
-                                ("plot_12", "ecg_plot 0.2.8 plot_12")):
+            for name, label in (
+                ("plot_3x4", "ecg_plot 0.2.8 plot, 3x4 + rhythm strip"),
+                ("plot_12", "ecg_plot 0.2.8 plot_12"),
+            ):
                 seconds = statistics.median(ep[name]["times"])
                 line(label, seconds, ep[name]["size"], f"{ep_3x4 / seconds:.2f}x", "-")
     return 0

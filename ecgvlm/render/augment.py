@@ -23,8 +23,9 @@ WANDER_HZ = (0.05, 0.5)
 DROPOUT_FRACTION = 0.25
 
 
-def baseline_wander(shape: tuple[int, int], fs_hz: float, rng: np.random.Generator,
-                    strength: float) -> np.ndarray:
+def baseline_wander(
+    shape: tuple[int, int], fs_hz: float, rng: np.random.Generator, strength: float
+) -> np.ndarray:
     """Slow sinusoidal drift (mV) per lead, as respiration and electrode motion cause."""
     n, leads = shape
     t = np.arange(n)[:, None] / fs_hz
@@ -78,7 +79,7 @@ def apply_image_augmentations(
         rgb = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8))
     if "jpeg" in names:
         low, high = JPEG_QUALITY_RANGE
-        quality = int(round(high - (high - low) * min(float(rng.uniform(0, 1)) * strength, 1)))
+        quality = round(high - (high - low) * min(float(rng.uniform(0, 1)) * strength, 1))
         buf = io.BytesIO()
         # 4:4:4: chroma subsampling would smear the red channel that digitisers read.
         rgb.save(buf, format="JPEG", quality=quality, subsampling=0)

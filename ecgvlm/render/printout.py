@@ -172,8 +172,9 @@ def draw_page(
             lines.append((xs, ys, x0, x1))
             if cell.column > 0:
                 half = SEPARATOR_HALF_MM * px_per_mm
-                spans.append((np.array([x0]), np.array([centre_px - half]),
-                              np.array([centre_px + half])))
+                spans.append(
+                    (np.array([x0]), np.array([centre_px - half]), np.array([centre_px + half]))
+                )
             _draw_label(ink, cell.lead, x0, centre_px, pitch_mm, label_px, config)
             panels.append(
                 Panel(
@@ -191,8 +192,7 @@ def draw_page(
     raster.fill_spans(ink, spans)
     if config.caption:
         text = f"{config.paper_speed_mm_s:g} mm/s   {config.mm_per_mv:g} mm/mV"
-        raster.draw_text(ink, text, round(MARGIN_X_MM * px_per_mm),
-                         round(2 * px_per_mm), label_px)
+        raster.draw_text(ink, text, round(MARGIN_X_MM * px_per_mm), round(2 * px_per_mm), label_px)
     return grid, ink, tuple(panels), layout
 
 
@@ -273,7 +273,7 @@ def render_printout(
     if any(name in IMAGE_AUGMENTATIONS for name in names):
         image = Image.fromarray(index)
         image.putpalette(palette)
-        paper_rgb = tuple(int(round(v)) for v in (paper or style.paper))
+        paper_rgb = tuple(round(v) for v in (paper or style.paper))
         image = apply_image_augmentations(image, names, rng, config.augment_strength, paper_rgb)
         png = raster.encode_png(image)
     else:

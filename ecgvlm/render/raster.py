@@ -134,9 +134,7 @@ def palette(style: Style, paper: tuple[float, float, float] | None = None) -> by
 Spans = tuple[np.ndarray, np.ndarray, np.ndarray]  # (column, top, bottom) per column
 
 
-def polyline_spans(
-    lines: list[tuple[np.ndarray, np.ndarray, int, int]], width_px: float
-) -> Spans:
+def polyline_spans(lines: list[tuple[np.ndarray, np.ndarray, int, int]], width_px: float) -> Spans:
     """The vertical ink span, per pixel column, of antialiased polylines.
 
     Each line is ``(xs, ys, col_lo, col_hi)``: vertices in pixel coordinates (``xs``
@@ -183,7 +181,7 @@ def polyline_spans(
     np.minimum.at(lo, col[inside], ys[inside])
     np.maximum.at(hi, col[inside], ys[inside])
     keep = np.concatenate(virt_cols)
-    reach = int(round((width_px - 1) / 2))
+    reach = round((width_px - 1) / 2)
     if reach > 0:
         gaps = np.ones(n, dtype=bool)
         gaps[keep] = False
@@ -330,13 +328,13 @@ def _check_png(data: bytes, size: tuple[int, int]) -> None:
         with Image.open(io.BytesIO(data)) as check:
             read_size = check.size
             check.verify()  # chunk CRCs and structure, without decoding pixels
-    except Exception as e:  # noqa: BLE001 - any failure here means a corrupt file
+    except Exception as e:
         raise PngError(f"PNG encoder produced an unreadable image: {e}") from e
     if read_size != size:
         raise PngError(f"PNG encoder wrote size {read_size}, expected {size}")
 
 
-def encode_png(image: "object") -> bytes:
+def encode_png(image: object) -> bytes:
     """Encode a PIL image (e.g. an augmented RGB page) as PNG at zlib level 1, checked.
 
     Raises:
