@@ -113,6 +113,7 @@ def grid_index_layer(width_px: int, height_px: int, px_per_mm: float, style_name
     return out
 
 
+@lru_cache(maxsize=64)
 def palette(style: Style, paper: tuple[float, float, float] | None = None) -> bytes:
     """The 256-colour palette: index ``g << 4 | a`` is grid level g under ink coverage a."""
     paper_rgb = np.asarray(paper if paper is not None else style.paper, dtype=np.float64)
