@@ -179,8 +179,9 @@ def polyline_spans(lines: list[tuple[np.ndarray, np.ndarray, int, int]], width_p
     hi = np.maximum(at_edges[:-1], at_edges[1:])
     col = np.floor(xs + 0.5).astype(np.intp)
     inside = (col >= 0) & (col < n)
-    np.minimum.at(lo, col[inside], ys[inside])
-    np.maximum.at(hi, col[inside], ys[inside])
+    with np.errstate(invalid="ignore"):  # NaN vertices propagate on purpose: they are gaps
+        np.minimum.at(lo, col[inside], ys[inside])
+        np.maximum.at(hi, col[inside], ys[inside])
     keep = np.concatenate(virt_cols)
     reach = round((width_px - 1) / 2)
     if reach > 0:
