@@ -101,11 +101,42 @@ def _cmd_render(args: argparse.Namespace) -> int:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    raise NotImplementedError("ecgvlm prepare: see issue 4")
+    import json
+    import os
+
+    import ray
+
+    from ecgvlm.config import load_config
+    from ecgvlm.dataset import PrepareConfig, prepare_dataset
+
+    overrides = [*args.overrides, *(["llava=true"] if args.format == "llava" else [])]
+    config = load_config(PrepareConfig, args.config, overrides)
+    # A private local Ray unless RAY_ADDRESS/--address names a cluster: under `ray job submit`
+    # (jobs/prepare.py calls this handler) RAY_ADDRESS is set.
+    address = args.address or os.environ.get("RAY_ADDRESS") or "local"
+    local = address == "local"
+    started_here = not ray.is_initialized()  # a caller's Ray (e.g. a test's) is left running
+    if started_here:
+        ray.init(address=address, num_cpus=args.num_cpus if local else None,
+                 include_dashboard=False if local else None, log_to_driver=False)
+    try:
+        result = prepare_dataset(config)
+    finally:
+        if started_here:
+            ray.shutdown()
+    print(json.dumps(result.summary()))
+    return 0
 
 
 def _cmd_model(args: argparse.Namespace) -> int:
-    raise NotImplementedError("ecgvlm model: see issue 5")
+    from ecgvlm.model import make_tiny_pulse
+
+    if args.model_command == "make-tiny":
+        out = make_tiny_pulse(args.output_dir, seed=args.seed, merge=args.merge)
+        size_mb = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 1e6
+        print(f"wrote tiny PULSE checkpoint ({args.merge}, seed {args.seed}, {size_mb:.1f} MB) to {out}")
+        return 0
+    raise ValueError(f"unknown model command {args.model_command!r}")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -113,15 +144,92 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    raise NotImplementedError("ecgvlm serve: see issue 7")
+    import os
+    import time
+    from pathlib import Path
+
+    from ecgvlm.serving import ServeArgs, check_paths, parse_adapter_specs
+
+    # serve/app.py sits beside the package in a source checkout; replicas import it too.
+    repo = Path(__file__).resolve().parents[1]
+    if not (repo / "serve" / "app.py").is_file():
+        raise FileNotFoundError(
+            f"serve/app.py not found under {repo}: run `ecgvlm serve` from a source checkout"
+        )
+    adapters = {n: str(Path(p).resolve()) for n, p in parse_adapter_specs(args.adapter).items()}
+    serve_args = ServeArgs(model_dir=str(Path(args.model_dir).resolve()), adapters=adapters)
+    check_paths(serve_args)  # before paying for Ray's import
+
+    sys.path.insert(0, str(repo))
+    from serve.app import build_app
+
+    app = build_app(serve_args)
+
+    import ray
+    from ray import serve
+
+    pythonpath = os.pathsep.join(p for p in (str(repo), os.environ.get("PYTHONPATH")) if p)
+    # Logical CPUs above the core count: fractional replicas and a trainer can share a laptop.
+    ray.init(
+        num_cpus=max(8, os.cpu_count() or 1),
+        include_dashboard=False,
+        runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
+    )
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(app, name="ecgvlm", route_prefix="/")
+        models = ["pulse", "gpt-4o"] + (["pulse-lora"] if adapters else [])
+        models += [f"pulse-lora:{n}" for n in adapters]
+        print(
+            f"ecgvlm endpoint ready at http://{args.host}:{args.port}/v1 "
+            f"(models: {', '.join(models)}); Ctrl-C stops it",
+            flush=True,
+        )
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping the endpoint", file=sys.stderr)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    raise NotImplementedError("ecgvlm evaluate: see issue 8")
+    import ray
+
+    from ecgvlm.config import load_config
+    from ecgvlm.evaluate import EvalConfig, evaluate
+    from ecgvlm.report import console_tables
+
+    config = load_config(EvalConfig, args.config, args.overrides)
+    # A local Ray unless RAY_ADDRESS points at a cluster; the client actors need little CPU.
+    ray.init(log_to_driver=False, configure_logging=False)
+    try:
+        report, written = evaluate(config)
+    finally:
+        ray.shutdown()
+    print(console_tables(report))
+    print(f"wrote {', '.join(sorted(written))} to {config.output_dir}")
+    return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    raise NotImplementedError("ecgvlm demo: see issue 9")
+    from pathlib import Path
+
+    # The demo wires the jobs together, and jobs/ sits beside the package in a source checkout.
+    repo = Path(__file__).resolve().parents[1]
+    if not (repo / "jobs" / "demo.py").is_file():
+        raise FileNotFoundError(f"jobs/demo.py not found under {repo}: run from a source checkout")
+    sys.path.insert(0, str(repo))
+    from jobs.demo import main as demo_main
+
+    argv = ["--output-dir", args.output_dir]
+    if args.model_dir:
+        argv += ["--model-dir", args.model_dir]
+    for root in args.data_root:
+        argv += ["--data-root", root]
+    return demo_main(argv)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help="build the MCQ data set with Ray Data")
     p.add_argument("--config", required=True)
+    p.add_argument("--format", choices=["parquet", "llava"], default="parquet",
+                   help="llava: also write LLaVA JSON + image folder")
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or local)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a new local Ray")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     p.set_defaults(func=_cmd_prepare)
 
@@ -188,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run the whole pipeline on the bundled records")
     p.add_argument("--output-dir", default="runs/demo")
+    p.add_argument("--model-dir", default=None, help="real PULSE weights (default: tiny random)")
+    p.add_argument("--data-root", action="append", default=[], help="dataset folder(s)")
     p.set_defaults(func=_cmd_demo)
     return parser
 

@@ -234,6 +234,8 @@ class Judgement:
     hallucination: int | None
     rationale: str = ""
     failure: str | None = None
+    attempts: int = 1
+    latency_s: float | None = None
 
     def to_row(self) -> dict[str, Any]:
         return asdict(self)

@@ -134,6 +134,11 @@ def split_records(
         groups[patient_key(rec)].append(i)
     group_labels = {g: {lab for i in idx for lab in records[i].labels} for g, idx in groups.items()}
     label_freq = Counter(lab for labs in group_labels.values() for lab in labs)
+    # A label that fewer patients carry than there are splits cannot be spread over them;
+    # stratifying on it would make one-patient strata, each dealt to the largest split (so
+    # every patient with a unique label would land in train). Such labels do not stratify.
+    for labs in group_labels.values():
+        labs.difference_update({lab for lab in labs if label_freq[lab] < len(named)})
 
     group_dataset = {g: records[idx[0]].dataset for g, idx in groups.items()}
 
@@ -158,14 +163,22 @@ def split_records(
         placed = Counter()
         for g in members:
             n = len(groups[g])
-            # Below-target share within this stratum first, then overall.
-            best = max(
-                named,
-                key=lambda split, size=size, placed=placed: (
-                    named[split] * size - placed[split],
-                    named[split] * n_total - totals[split],
-                ),
-            )
+            # Splits with room for the whole group within their share of this stratum, by
+            # largest remaining share; when none has room (a stratum of one or two patients
+            # cannot follow the fractions), the split furthest below its overall share.
+            room = [
+                split for split in named if placed[split] + n <= named[split] * size + 1e-9
+            ]
+            if room:
+                best = max(
+                    room,
+                    key=lambda split, size=size, placed=placed: (
+                        named[split] * size - placed[split],
+                        named[split] * n_total - totals[split],
+                    ),
+                )
+            else:
+                best = max(named, key=lambda split: named[split] * n_total - totals[split])
             assignment[g] = best
             placed[best] += n
             totals[best] += n

@@ -50,3 +50,11 @@ def ray_local():
         )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_pulse_dir(tmp_path_factory) -> Path:
+    """A tiny random PULSE checkpoint (flat merge, seed 0) in PULSE-7B's layout, built once."""
+    from ecgvlm.model import make_tiny_pulse
+
+    return make_tiny_pulse(tmp_path_factory.mktemp("tiny_pulse"), seed=0, merge="flat")

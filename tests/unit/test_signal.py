@@ -93,6 +93,7 @@ def test_staged_metadata_and_patients(staged_records):
     assert by_id["ptbxl/HR06000"].patient_id is None  # PTB-XL headers drop the patient id
     assert by_id["mitdb/106"].patient_id == "mitdb/106"
     assert by_id["mitdb/202"].patient_id == "mitdb/201"  # same patient as 201
+    assert (by_id["mitdb/202"].meta["age"], by_id["mitdb/202"].meta["sex"]) == (68, "Male")
 
 
 def _rhythm_episodes(ann, n_samples):
@@ -179,7 +180,7 @@ def test_samples_all_read_and_cover_every_source(samples_dir):
     failures: list[S.ReadFailure] = []
     records = list(S.iter_records(samples_dir, failures=failures))
     assert failures == []
-    assert {r.dataset for r in records} == set(L.DATASETS)
+    assert {r.dataset for r in records} == set(L.DATASETS) - {"wfdb"}
     total = sum(f.stat().st_size for f in samples_dir.rglob("*") if f.is_file())
     assert total <= 10 * 1024 * 1024
     assert (samples_dir / "mitdb" / "106.atr").is_file()
@@ -225,6 +226,16 @@ def test_wfdb_leads_renamed_and_reordered(tmp_path):
     assert rec.source_codes == ("426783006", "999999")
 
 
+def test_generic_wfdb_record_outside_known_datasets(tmp_path):
+    # An upload or a user's own file: no known folder or name, any lead set, SNOMED Dx codes.
+    path = _write_wfdb(tmp_path / "upload", "my_ecg", _sine_leads(800, 250, 3),
+                       ["ii", "V5", "aVF"], ["Dx: 164889003,42"], fs=250)  # fmt: skip
+    rec = S.read_record(path)
+    assert rec.dataset == "wfdb" and rec.record_id == "wfdb/my_ecg"
+    assert rec.leads == ("II", "V5", "aVF") and rec.fs_hz == 250
+    assert rec.labels == ("AF", "UNK:42") and rec.patient_id is None
+
+
 def test_cpsc_original_release(tmp_path):
     folder = tmp_path / "TrainingSet"
     folder.mkdir()
@@ -243,6 +254,7 @@ def test_cpsc_original_release(tmp_path):
     # Found by the walker too, dataset recognised from the record names.
     found = list(S.iter_records(folder, failures=[]))
     assert [r.labels for r in found] == [("AF", "RBBB"), ("NSR",)]
+    assert [r.record_id for r in S.iter_records(folder / "A0008")] == ["cpsc2018/A0008"]
     # Bad inputs in this format.
     savemat(folder / "A0009.mat", {"ECG": {"sex": "Male", "age": 70.0, "data": data_mv[:11]}})
     with pytest.raises(S.LeadCountError, match="cpsc2018/A0009"):
@@ -373,12 +385,18 @@ def test_wrong_lead_count(tmp_path, mitdb_dir):
 
 
 def test_errors_are_value_errors_naming_record_and_picklable(tmp_path):
+    (tmp_path / "mystery.mat").write_bytes(b"")
     with pytest.raises(S.HeaderError, match="cannot tell which dataset") as info:
         S.read_record(tmp_path / "mystery")
     err = info.value
     assert isinstance(err, ValueError) and isinstance(err, S.EcgReadError)
     again = pickle.loads(pickle.dumps(err))
     assert type(again) is S.HeaderError and str(again) == str(err)
+    with pytest.raises(S.MissingFileError) as missing:
+        S.read_record(tmp_path / "nothing")
+    assert isinstance(missing.value, FileNotFoundError)
+    assert missing.value.filename == f"{tmp_path / 'nothing'}.hea"
+    assert pickle.loads(pickle.dumps(missing.value)).filename == missing.value.filename
     for cls in (S.MissingFileError, S.TruncatedSignalError, S.ChecksumMismatchError,
                 S.NonFiniteSignalError, S.LeadCountError, S.HeaderError):  # fmt: skip
         assert issubclass(cls, S.EcgReadError)

@@ -109,3 +109,11 @@ def test_mitbih_ds1_ds2(real_records):
     assert split["excluded"] == []
     paced = _rec("mitdb/107@0s", ("PR",), "mitdb/107", "mitdb")
     assert SP.mitbih_ds_split([paced])["excluded"] == [paced]
+
+
+def test_patients_with_unique_labels_still_fill_every_split():
+    # 30 patients, each the only carrier of its label: no label can be spread over three
+    # splits, so the split must follow the fractions instead of sending all to train.
+    records = [_rec(f"georgia/p{i}", (f"L{i}",), f"p{i}") for i in range(30)]
+    sizes = {name: len(part) for name, part in SP.split_records(records, (0.8, 0.1, 0.1)).items()}
+    assert sizes == {"train": 24, "val": 3, "test": 3}

@@ -1,0 +1,219 @@
+"""Throughput and latency of the endpoint on the tiny PULSE checkpoint, batching on and off.
+
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/serve_bench.py [--requests 64] [--max-tokens 4]
+
+For each batching setting the app is deployed on a local Ray, warmed up, and driven by an
+asyncio client at concurrency 1, 8 and 32 with the same chat request (one small PNG, greedy,
+``--max-tokens`` new tokens). Serve's overhead is the endpoint's p50 latency at concurrency 1
+minus the p50 of the same ``PulseRunner.generate`` call made in this process. Targets
+(issue 7): batching >= 3x throughput at concurrency 32; overhead p50 <= 10 ms.
+
+Numbers on a shared 2-core machine are noisy: compare the ratios within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+CONCURRENCY = (1, 8, 32)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _image_png(size: tuple[int, int]) -> bytes:
+    """A small printout-like PNG (one anyres tile keeps the tiny model's work small)."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    for x in range(0, size[0], 8):
+        draw.line([(x, 0), (x, size[1])], fill=(255, 200, 200))
+    draw.line([(0, size[1] // 2), (size[0], size[1] // 3)], fill="black", width=2)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+async def _drive(
+    url: str, body: dict, concurrency: int, n_requests: int
+) -> tuple[float, list[float]]:
+    """Send ``n_requests`` with ``concurrency`` in flight; return (wall seconds, latencies)."""
+    import aiohttp
+
+    latencies: list[float] = []
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(n_requests):
+        queue.put_nowait(i)
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        while True:
+            try:
+                queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            t0 = time.perf_counter()
+            async with session.post(url, json=body) as resp:
+                await resp.read()
+                if resp.status != 200:
+                    raise RuntimeError(f"HTTP {resp.status}: {await resp.text()}")
+            latencies.append(time.perf_counter() - t0)
+
+    timeout = aiohttp.ClientTimeout(total=600)
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+        return time.perf_counter() - t0, latencies
+
+
+def _direct_runner(model_dir: Path):
+    import torch
+
+    from ecgvlm import serving as sv
+
+    # A Serve replica with num_cpus=1 runs torch on one thread (Ray sets OMP_NUM_THREADS to
+    # the replica's CPUs); the direct call does the same, so only Serve's work differs.
+    torch.set_num_threads(1)
+    return sv.PulseRunner(str(model_dir), {}, device="cpu")
+
+
+def _overhead_pairs(runner, url: str, body: dict, png: bytes, prompt: str, max_tokens: int,
+                    n: int) -> tuple[list[float], list[float], list[float]]:
+    """Alternate a direct ``generate``, one endpoint request and a /healthz (ms), ``n`` times.
+
+    Alternating puts both under the same machine load, which on a shared box drifts by more
+    than the overhead being measured.
+    """
+    import requests
+
+    from ecgvlm import serving as sv
+
+    req = sv.GenerateRequest(prompt=prompt, image=png, max_new_tokens=max_tokens)
+    direct, endpoint, health = [], [], []
+    health_url = url.replace("/v1/chat/completions", "/healthz")
+    with requests.Session() as http:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            runner.generate([req])
+            direct.append((time.perf_counter() - t0) * 1000)
+            t0 = time.perf_counter()
+            http.post(url, json=body, timeout=600).raise_for_status()
+            endpoint.append((time.perf_counter() - t0) * 1000)
+            t0 = time.perf_counter()
+            http.get(health_url, timeout=600).raise_for_status()
+            health.append((time.perf_counter() - t0) * 1000)
+    return direct, endpoint, health
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=96, help="requests per level (>= c)")
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--batch-wait-s", type=float, default=0.02)
+    parser.add_argument("--direct-calls", type=int, default=30, help="overhead pairs")
+    args = parser.parse_args(argv)
+
+    import ray
+    from ray import serve
+
+    from ecgvlm import serving as sv
+    from ecgvlm.model import make_tiny_pulse
+    from ecgvlm.prompt import prompt_from_messages
+    from serve.app import build_app
+
+    tmp = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+    model_dir = make_tiny_pulse(tmp / "tiny-pulse", seed=0)
+    png = _image_png((336, 168))
+    messages = [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": sv.image_data_url(png)}},
+        {"type": "text", "text": "Which rhythm does this ECG show?"}]}]
+    body = {"model": "pulse", "messages": messages, "max_tokens": args.max_tokens,
+            "temperature": 0}
+    prompt, _ = prompt_from_messages(messages)
+
+    runner = _direct_runner(model_dir)
+    runner.generate([sv.GenerateRequest(prompt=prompt, image=png, max_new_tokens=2)])  # warm
+
+    os.environ.pop("OPENAI_API_KEY", None)
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    rows = []
+    try:
+        for label, batch in (("off", 1), ("on", args.max_batch_size)):
+            app = build_app({
+                "model_dir": str(model_dir), "device": "cpu",
+                "batching": {"max_batch_size": batch, "batch_wait_timeout_s": args.batch_wait_s},
+                "pulse": {"num_cpus": 1, "max_ongoing_requests": 128},
+                "gateway": {"num_cpus": 0.5, "max_ongoing_requests": 256},
+                "proxy": {"num_cpus": 0.1},
+            })
+            serve.run(app, name="bench", route_prefix="/")
+            asyncio.run(_drive(url, body, 4, 8))  # warm-up: imports, first batch
+            if batch == 1:
+                direct, endpoint, health = _overhead_pairs(runner, url, body, png, prompt,
+                                                   args.max_tokens, args.direct_calls)
+            for c in CONCURRENCY:
+                n = max(args.requests, c)
+                wall_s, lat = asyncio.run(_drive(url, body, c, n))
+                rows.append((label, c, n, n / wall_s, statistics.median(lat) * 1000,
+                             _percentile(lat, 99) * 1000))
+                print(f"  batching {label:3s} c={c:<2d} {n / wall_s:7.2f} req/s", flush=True)
+            serve.delete("bench")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    print()
+    print(f"tiny PULSE, {args.max_tokens} new tokens, 336x168 PNG, max_batch_size "
+          f"{args.max_batch_size}, batch_wait {args.batch_wait_s:g} s, {os.cpu_count()} cores")
+    print("| batching | concurrency | requests | req/s | p50 ms | p99 ms |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for label, c, n, rps, p50, p99 in rows:
+        print(f"| {label} | {c} | {n} | {rps:.2f} | {p50:.1f} | {p99:.1f} |")
+    rps = {(label, c): r for label, c, _, r, _, _ in rows}
+    speedup = rps[("on", 32)] / rps[("off", 32)]
+    direct_ms, endpoint_ms = statistics.median(direct), statistics.median(endpoint)
+    overhead = endpoint_ms - direct_ms
+    paired = statistics.median(e - d for d, e in zip(direct, endpoint))
+    print()
+    print(f"batching speed-up at concurrency 32: {speedup:.2f}x (target >= 3x: "
+          f"{'met' if speedup >= 3 else 'NOT met'})")
+    print(f"Serve overhead, {len(direct)} alternating pairs (batching off, concurrency 1): "
+          f"endpoint p50 {endpoint_ms:.1f} ms - direct PulseRunner.generate p50 "
+          f"{direct_ms:.1f} ms = {overhead:.1f} ms (median of paired differences "
+          f"{paired:.1f} ms; target <= 10 ms: {'met' if overhead <= 10 else 'NOT met'})")
+    print(f"for scale: GET /healthz p50 {statistics.median(health):.1f} ms (HTTP proxy and "
+          f"ingress only, no model hop); load average {os.getloadavg()[0]:.1f} on "
+          f"{os.cpu_count()} cores at the end")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,805 @@
+"""Build the MCQ training set with Ray Data: scan -> split -> read, render, ask -> Parquet.
+
+``prepare_dataset(config)`` is what ``jobs/prepare.py`` and ``ecgvlm prepare`` both call; the
+caller has already connected to Ray (this module never calls ``ray.init``). Two Ray Data
+passes:
+
+1. **Scan**: one row per record path; workers read each record (MIT-BIH in windows) and
+   return small metadata rows (record id, patient, labels): no signals reach the driver.
+   Records that fail to read, or whose labels are all unknown, become rejects.
+2. **Shards**: the driver splits the scanned units patient-wise (``split_records``), cuts
+   each split into fixed shards of ``shard_size`` units in record order, and a Ray Data
+   ``map_batches`` task per shard reads, renders and makes the questions, then writes the
+   shard's Parquet file itself (atomically) plus a completion marker.
+
+Shard names and contents depend only on the records and the config, so a rerun yields the
+same files and skips every shard whose marker carries the same data set id. The output:
+
+```
+output_dir/
+  manifest.json        counts per split and label, resolved configs, code version, sources
+  prepare_config.yaml  the resolved config
+  rejects.jsonl        one line per record (or window) that failed, with stage and reason
+  train/part-00000.parquet  train/part-00000.done.json  ...  val/...  test/...
+  llava/train.json llava/images/...   (with llava: true)
+```
+
+``load_split(output_dir, "train")`` reads a split back as ``McqSample`` objects.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import ecgvlm
+from ecgvlm.config import ConfigError, check_range, config_to_dict, save_config
+from ecgvlm.mcq import McqConfig, McqError, known_findings, make_mcq
+from ecgvlm.prompt import PROMPT_VERSION, conversation_json, llava_record
+from ecgvlm.records import EcgRecord, McqSample
+from ecgvlm.render import RenderConfig
+
+MANIFEST_FORMAT = "ecgvlm-mcq/1"
+MANIFEST_NAME = "manifest.json"
+REJECTS_NAME = "rejects.jsonl"
+CONFIG_NAME = "prepare_config.yaml"
+LLAVA_DIR = "llava"
+
+# Parquet columns, in order. ``conversation`` is LLaVA's JSON turn list as a string.
+COLUMNS = (
+    "sample_id", "dataset", "record_id", "patient_id", "start_s", "labels", "png",
+    "question", "options", "option_labels", "answer_index", "answer_letter", "target_text",
+    "conversation", "render_config_hash", "mcq_config_hash", "prompt_version", "seed", "split",
+)
+
+
+class PrepareError(ValueError):
+    """The prepare job cannot go on (e.g. the output folder holds another data set)."""
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """One dataset root to scan.
+
+    Attributes:
+        root: A dataset folder, or a folder of dataset folders (as ``find_record_paths``).
+        dataset: Dataset key for every record under ``root``; recognised per record if None.
+        max_records: Take only the first N record paths in sorted order (0: all).
+    """
+
+    root: str
+    dataset: str | None = None
+    max_records: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.root:
+            raise ConfigError("sources[].root must not be empty")
+        check_range("max_records", self.max_records, 0)
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """The prepare job's config (``configs/prepare_*.yaml``).
+
+    Attributes:
+        sources: Dataset roots to scan.
+        output_dir: Where shards, manifest and rejects go. Resolved to an absolute path on
+            the driver; on a multi-node cluster it must be shared storage.
+        splits: Split names.
+        fractions: Share of records per split (patient-wise, stratified), summing to 1.
+        seed: Seed of the split, the questions and any render augmentation. Question ``k`` of a
+            record uses seed ``seed + k``.
+        window_s: MIT-BIH window length in seconds.
+        questions_per_record: Questions (with different seeds) per record or window.
+        render: Renderer config; layout ``auto`` draws 12-lead records as 3x4+II and MIT-BIH
+            as strips.
+        mcq: Question config.
+        llava: Also write LLaVA training JSON per split plus an image folder.
+        shard_size: Records (or windows) per Parquet shard; part of the data set's identity.
+        num_cpus_per_task: Ray CPUs reserved by each scan and shard task.
+        overwrite: Replace an output folder that holds a different data set.
+        progress: Show a progress bar.
+    """
+
+    sources: tuple[SourceConfig, ...] = ()
+    output_dir: str = "runs/prepare"
+    splits: tuple[str, ...] = ("train", "val", "test")
+    fractions: tuple[float, ...] = (0.8, 0.1, 0.1)
+    seed: int = 0
+    window_s: float = 10.0
+    questions_per_record: int = 1
+    render: RenderConfig = field(default_factory=lambda: RenderConfig(layout="auto"))
+    mcq: McqConfig = field(default_factory=McqConfig)
+    llava: bool = False
+    shard_size: int = 64
+    num_cpus_per_task: float = 1.0
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise ConfigError("sources must list at least one dataset root")
+        if not self.output_dir:
+            raise ConfigError("output_dir must not be empty")
+        if len(self.splits) != len(self.fractions) or not self.splits:
+            raise ConfigError(
+                f"splits {list(self.splits)} and fractions {list(self.fractions)} must have "
+                "the same, non-zero length"
+            )
+        if len(set(self.splits)) != len(self.splits) or any(
+            not s or "/" in s or s.startswith(".") or s == LLAVA_DIR for s in self.splits
+        ):
+            raise ConfigError(f"splits must be distinct plain folder names, got {list(self.splits)}")
+        for name, frac in zip(self.splits, self.fractions):
+            check_range(f"fractions[{name}]", frac, 0.0, 1.0)
+        if abs(sum(self.fractions) - 1.0) > 1e-6:
+            raise ConfigError(f"fractions must sum to 1, got {sum(self.fractions)}")
+        check_range("window_s", self.window_s, 1.0, 600.0)
+        check_range("questions_per_record", self.questions_per_record, 1, 100)
+        check_range("shard_size", self.shard_size, 1, 100_000)
+        check_range("num_cpus_per_task", self.num_cpus_per_task, 0.01, 64)
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that decide what the shards contain (not where or how fast)."""
+        data = config_to_dict(self)
+        for key in ("output_dir", "llava", "num_cpus_per_task", "overwrite", "progress"):
+            data.pop(key)
+        return data
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One record, or one window of a long record, that becomes ``questions_per_record`` rows."""
+
+    path: str
+    dataset: str
+    record_id: str
+    patient_id: str
+    labels: tuple[str, ...]
+    start_s: float
+    windowed: bool
+
+    def sort_key(self) -> tuple[str, float]:
+        return (self.record_id.split("@", 1)[0], self.start_s)
+
+
+@dataclass(frozen=True)
+class PrepareResult:
+    """What a prepare run did."""
+
+    output_dir: str
+    manifest: dict[str, Any]
+    shards_written: int
+    shards_skipped: int
+    n_rejects: int
+
+    @property
+    def n_samples(self) -> int:
+        return sum(s["n_samples"] for s in self.manifest["splits"].values())
+
+    def summary(self) -> dict[str, Any]:
+        """One JSON-friendly line for the command line."""
+        return {
+            "output_dir": self.output_dir,
+            "samples": {name: s["n_samples"] for name, s in self.manifest["splits"].items()},
+            "shards_written": self.shards_written,
+            "shards_skipped": self.shards_skipped,
+            "rejects": self.n_rejects,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _hash(obj: Any, n: int = 16) -> str:
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:n]
+
+
+def _git(repo: Path, *args: str) -> str | None:
+    try:
+        done = subprocess.run(
+            ["git", *args], cwd=repo, capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def code_version() -> dict[str, str]:
+    """The package version and, where this runs from a git checkout, the commit."""
+    repo = Path(__file__).resolve().parents[1]
+    sha = _git(repo, "rev-parse", "HEAD")
+    if sha and _git(repo, "status", "--porcelain", "--untracked-files=no"):
+        sha += "-dirty"
+    return {"ecgvlm": ecgvlm.__version__, "git_sha": sha or "unknown"}
+
+
+def _reject(stage: str, path: str, record_id: str, error: BaseException) -> dict[str, str]:
+    return {
+        "stage": stage,
+        "path": path,
+        "record_id": record_id,
+        "error_type": type(error).__name__,
+        "error": str(error) or repr(error),
+    }
+
+
+def _is_windowed(path: str, dataset: str | None) -> bool:
+    from ecgvlm.signal import detect_dataset
+
+    key = dataset or detect_dataset(path)
+    return key == "mitdb"
+
+
+def _read_units(path: str, dataset: str | None, window_s: float) -> list[EcgRecord]:
+    if _is_windowed(path, dataset):
+        # A 30-min MIT-BIH record spans several shards; Ray reuses worker processes, so a
+        # worker that builds consecutive shards reads it once.
+        return list(_read_windows_cached(path, dataset, window_s))
+    from ecgvlm.signal import read_record
+
+    return [read_record(path, dataset=dataset)]
+
+
+@functools.lru_cache(maxsize=2)
+def _read_windows_cached(path: str, dataset: str | None, window_s: float) -> tuple[EcgRecord, ...]:
+    from ecgvlm.signal import read_windows
+
+    return tuple(read_windows(path, window_s=window_s, dataset=dataset))
+
+
+# ---------------------------------------------------------------------------------------------
+# Pass 1: scan
+# ---------------------------------------------------------------------------------------------
+
+
+def scan_path(row: dict[str, Any], window_s: float) -> list[dict[str, Any]]:
+    """Ray Data ``flat_map``: one record path -> one metadata row per unit (or a reject row).
+
+    Rows carry strings only (labels as JSON) so every block has one schema.
+    """
+    path, dataset = str(row["path"]), (row["dataset"] or None)
+    try:
+        records = _read_units(path, dataset, window_s)
+    except Exception as e:  # noqa: BLE001 - every failure is recorded in rejects.jsonl
+        return [{"unit": "", "reject": json.dumps(_reject("read", path, "", e))}]
+    out = []
+    for rec in records:
+        if not known_findings(rec):
+            err = McqError(f"{rec.record_id}: no label with a knowledge entry ({list(rec.labels)})")
+            out.append({"unit": "", "reject": json.dumps(_reject("mcq", path, rec.record_id, err))})
+            continue
+        unit = Unit(
+            path=path,
+            dataset=rec.dataset,
+            record_id=rec.record_id,
+            patient_id=rec.patient_id or "",
+            labels=tuple(rec.labels),
+            start_s=float(rec.start_s),
+            windowed=_is_windowed(path, dataset),
+        )
+        out.append({"unit": json.dumps(unit.__dict__), "reject": ""})
+    return out
+
+
+def _unit_from_dict(data: dict[str, Any]) -> Unit:
+    return Unit(**{**data, "labels": tuple(data["labels"])})
+
+
+def _unit_from_json(text: str) -> Unit:
+    return _unit_from_dict(json.loads(text))
+
+
+def list_sources(config: PrepareConfig) -> list[dict[str, Any]]:
+    """Record paths per source, sorted and cut to ``max_records`` (driver side, no reading)."""
+    from ecgvlm.signal import find_record_paths
+
+    items = []
+    for src in config.sources:
+        paths = [str(p) for p in find_record_paths(src.root)]
+        if src.max_records:
+            paths = paths[: src.max_records]
+        items += [{"path": p, "dataset": src.dataset or "", "root": src.root} for p in paths]
+    return items
+
+
+def assign_splits(units: list[Unit], config: PrepareConfig) -> dict[str, list[Unit]]:
+    """Patient-wise, label-stratified split of the scanned units (``split_records``)."""
+    from ecgvlm.splits import split_records
+
+    light = [
+        EcgRecord(
+            record_id=u.record_id,
+            dataset=u.dataset,
+            signal_mv=np.zeros((0, 1), dtype=np.float32),
+            fs_hz=1.0,
+            leads=("-",),
+            labels=u.labels,
+            patient_id=u.patient_id or None,
+            start_s=u.start_s,
+        )
+        for u in units
+    ]
+    by_id = {u.record_id: u for u in units}
+    parts = split_records(light, dict(zip(config.splits, config.fractions)), seed=config.seed)
+    return {
+        name: sorted((by_id[r.record_id] for r in parts[name]), key=Unit.sort_key)
+        for name in config.splits
+    }
+
+
+def plan_shards(split_units: dict[str, list[Unit]], shard_size: int) -> list[dict[str, Any]]:
+    """Fixed shards per split: ``{"shard": "train/part-00000", "split", "units" (JSON)}``."""
+    shards = []
+    for split, units in split_units.items():
+        for i in range(0, len(units), shard_size):
+            chunk = units[i : i + shard_size]
+            shards.append(
+                {
+                    "shard": f"{split}/part-{i // shard_size:05d}",
+                    "split": split,
+                    "units": json.dumps([u.__dict__ for u in chunk]),
+                }
+            )
+    return shards
+
+
+# ---------------------------------------------------------------------------------------------
+# Pass 2: shards
+# ---------------------------------------------------------------------------------------------
+
+
+def safe_name(sample_id: str) -> str:
+    """A file name for a sample id (``"mitdb/106@90s#q0"`` -> ``"mitdb_106_90s_q0"``)."""
+    return "".join(c if c.isalnum() or c in "-." else "_" for c in sample_id).strip("_")
+
+
+def sample_row(
+    sample: McqSample, split: str, render_config_hash: str, mcq_config_hash: str
+) -> dict[str, Any]:
+    """The Parquet row of one sample (``COLUMNS``)."""
+    row = sample.to_row()
+    row.update(
+        conversation=conversation_json(sample.question, sample.options, sample.target_text),
+        render_config_hash=render_config_hash,
+        mcq_config_hash=mcq_config_hash,
+        prompt_version=PROMPT_VERSION,
+        split=split,
+    )
+    return {k: row[k] for k in COLUMNS}
+
+
+def _arrow_schema():
+    import pyarrow as pa
+
+    types = {
+        "start_s": pa.float64(), "png": pa.binary(), "answer_index": pa.int32(),
+        "seed": pa.int64(), "labels": pa.list_(pa.string()),
+        "options": pa.list_(pa.string()), "option_labels": pa.list_(pa.string()),
+    }
+    return pa.schema([(name, types.get(name, pa.string())) for name in COLUMNS])
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _marker_path(out_dir: Path, shard: str) -> Path:
+    return out_dir / f"{shard}.done.json"
+
+
+def build_shard(
+    spec: dict[str, Any], config: PrepareConfig, out_dir: str, dataset_id: str
+) -> dict[str, Any]:
+    """Read, render and ask for one shard's units; write its Parquet file and marker.
+
+    Failures of single records (read, render, MCQ) are returned as rejects; the shard
+    completes with the rest.
+
+    Returns:
+        The shard summary, also written as the shard's ``.done.json`` marker.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ecgvlm.render import render_printout
+
+    t0 = time.perf_counter()
+    timers = Counter()
+    units = [_unit_from_dict(u) for u in json.loads(spec["units"])]
+    split, shard = spec["split"], spec["shard"]
+    render_hash = config.render.config_hash()
+    mcq_hash = config.mcq.config_hash()
+    rows: list[dict[str, Any]] = []
+    rejects: list[dict[str, str]] = []
+    llava_entries: list[dict[str, Any]] = []
+    images: dict[str, bytes] = {}
+
+    by_path: dict[str, list[Unit]] = defaultdict(list)
+    for u in units:
+        by_path[u.path].append(u)
+    for path, path_units in by_path.items():
+        t = time.perf_counter()
+        try:
+            records = _read_units(path, path_units[0].dataset, config.window_s)
+        except Exception as e:  # noqa: BLE001 - recorded in rejects.jsonl
+            rejects += [_reject("read", path, u.record_id, e) for u in path_units]
+            continue
+        finally:
+            timers["read_s"] += time.perf_counter() - t
+        by_id = {r.record_id: r for r in records}
+        for u in path_units:
+            rec = by_id.get(u.record_id)
+            if rec is None:
+                err = PrepareError(f"{u.record_id} was scanned but is missing on re-reading")
+                rejects.append(_reject("read", path, u.record_id, err))
+                continue
+            t = time.perf_counter()
+            try:
+                png = render_printout(rec, config.render, seed=config.seed).png
+            except Exception as e:  # noqa: BLE001 - recorded in rejects.jsonl
+                rejects.append(_reject("render", path, u.record_id, e))
+                continue
+            finally:
+                timers["render_s"] += time.perf_counter() - t
+            t = time.perf_counter()
+            for k in range(config.questions_per_record):
+                try:
+                    sample = make_mcq(rec, config.seed + k, config.mcq)
+                except McqError as e:
+                    rejects.append(_reject("mcq", path, u.record_id, e))
+                    continue
+                sample = replace(sample, png=png)
+                rows.append(sample_row(sample, split, render_hash, mcq_hash))
+                if config.llava:
+                    image = f"images/{split}/{safe_name(sample.sample_id)}.png"
+                    images[image] = png
+                    llava_entries.append(
+                        llava_record(
+                            sample.sample_id, image, sample.question, sample.options,
+                            sample.target_text,
+                        )
+                    )
+            timers["mcq_s"] += time.perf_counter() - t
+
+    t = time.perf_counter()
+    root = Path(out_dir)
+    shard_path = root / f"{shard}.parquet"
+    shard_path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pylist(rows, schema=_arrow_schema())
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    _write_atomic(shard_path, buf.getvalue())
+    if config.llava:
+        llava_root = root / LLAVA_DIR
+        for rel, png in images.items():
+            target = llava_root / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _write_atomic(target, png)
+        fragment = llava_root / f"{shard}.json"
+        fragment.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(fragment, json.dumps(llava_entries, ensure_ascii=False).encode())
+    timers["write_s"] += time.perf_counter() - t
+
+    summary = {
+        "dataset_id": dataset_id,
+        "shard": shard,
+        "split": split,
+        "file": f"{shard}.parquet",
+        "sha256": hashlib.sha256(shard_path.read_bytes()).hexdigest(),
+        "n_samples": len(rows),
+        "n_units": len(units),
+        "labels": dict(Counter(lab for r in rows for lab in r["labels"])),
+        "true_labels": dict(Counter(r["option_labels"][r["answer_index"]] for r in rows)),
+        "answer_letters": dict(Counter(r["answer_letter"] for r in rows)),
+        "datasets": dict(Counter(r["dataset"] for r in rows)),
+        "records": sorted({r["record_id"].split("@", 1)[0] for r in rows}),
+        "patients": sorted({r["patient_id"] or r["record_id"].split("@", 1)[0] for r in rows}),
+        "rejects": rejects,
+        "llava": config.llava,
+        "timing": {k: round(v, 4) for k, v in timers.items()}
+        | {"total_s": round(time.perf_counter() - t0, 4)},
+    }
+    _write_atomic(_marker_path(root, shard), json.dumps(summary, sort_keys=True).encode())
+    return summary
+
+
+def _build_shards_batch(
+    batch: dict[str, np.ndarray], config: PrepareConfig, out_dir: str, dataset_id: str
+) -> dict[str, list[str]]:
+    """Ray Data ``map_batches`` adapter: each row is one shard spec; returns summaries."""
+    summaries = []
+    for i in range(len(batch["shard"])):
+        spec = {key: str(batch[key][i]) for key in ("shard", "split", "units")}
+        summaries.append(json.dumps(build_shard(spec, config, out_dir, dataset_id)))
+    return {"summary": summaries}
+
+
+# ---------------------------------------------------------------------------------------------
+# The job
+# ---------------------------------------------------------------------------------------------
+
+
+def _load_marker(out_dir: Path, shard: str, dataset_id: str, need_llava: bool) -> dict | None:
+    marker = _marker_path(out_dir, shard)
+    if not marker.is_file() or not (out_dir / f"{shard}.parquet").is_file():
+        return None
+    try:
+        summary = json.loads(marker.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None  # a torn marker: the shard is simply built again
+    if summary.get("dataset_id") != dataset_id or (need_llava and not summary.get("llava")):
+        return None
+    return summary
+
+
+def _claim_output_dir(out_dir: Path, dataset_id: str, config: PrepareConfig) -> None:
+    """Refuse to mix two data sets in one folder (unless ``overwrite``)."""
+    state = out_dir / ".dataset_id"
+    if state.is_file() and state.read_text().strip() != dataset_id:
+        if not config.overwrite:
+            raise PrepareError(
+                f"{out_dir} holds another data set (id {state.read_text().strip()}, this config "
+                f"gives {dataset_id}); choose a new output_dir or set overwrite=true"
+            )
+        for name in [*config.splits, LLAVA_DIR, MANIFEST_NAME, REJECTS_NAME, CONFIG_NAME]:
+            target = out_dir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state.write_text(dataset_id + "\n")
+
+
+def _data_context_quiet() -> None:
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # our own tqdm bar counts shards
+    ctx.execution_options.verbose_progress = False
+
+
+def scan(config: PrepareConfig) -> tuple[list[Unit], list[dict[str, str]], list[dict[str, Any]]]:
+    """Pass 1 on Ray Data: (units, rejects, the record paths listed per source)."""
+    import ray.data
+
+    items = list_sources(config)
+    if not items:
+        raise PrepareError(
+            "no records found under " + ", ".join(s.root for s in config.sources)
+        )
+    # A few blocks per CPU: enough to balance the load, few enough that per-task costs
+    # stay small next to reading the records.
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1) / config.num_cpus_per_task))
+    ds = ray.data.from_items(
+        [{"path": it["path"], "dataset": it["dataset"]} for it in items],
+        override_num_blocks=min(len(items), 4 * cpus),
+    )
+    rows = ds.flat_map(
+        scan_path, fn_kwargs={"window_s": config.window_s}, num_cpus=config.num_cpus_per_task
+    ).take_all()
+    units = [_unit_from_json(r["unit"]) for r in rows if r["unit"]]
+    rejects = [json.loads(r["reject"]) for r in rows if r["reject"]]
+    seen: set[str] = set()
+    for u in units:
+        if u.record_id in seen:
+            raise PrepareError(f"record id {u.record_id} occurs twice across the sources")
+        seen.add(u.record_id)
+    return sorted(units, key=Unit.sort_key), rejects, items
+
+
+def prepare_dataset(config: PrepareConfig) -> PrepareResult:
+    """Build (or finish building) the data set described by ``config``.
+
+    Needs a connected Ray (``ray.init`` by the caller).
+
+    Returns:
+        Counts of shards written and skipped, rejects, and the manifest written.
+
+    Raises:
+        PrepareError: nothing to read, or ``output_dir`` holds a different data set.
+    """
+    import ray.data
+    from tqdm.auto import tqdm
+
+    _data_context_quiet()
+    out_dir = Path(config.output_dir).expanduser().resolve()
+    started = time.time()
+    units, scan_rejects, items = scan(config)
+    scan_s = time.time() - started
+    if not units:
+        raise PrepareError(
+            f"none of the {len(items)} records could be used; see the rejects: "
+            + json.dumps(scan_rejects[:3])
+        )
+    split_units = assign_splits(units, config)
+    shards = plan_shards(split_units, config.shard_size)
+    dataset_id = _hash(
+        {
+            "config": config.identity(),
+            "units": {s: [u.record_id for u in us] for s, us in split_units.items()},
+        }
+    )
+    _claim_output_dir(out_dir, dataset_id, config)
+
+    done: dict[str, dict[str, Any]] = {}
+    todo = []
+    for spec in shards:
+        summary = _load_marker(out_dir, spec["shard"], dataset_id, config.llava)
+        if summary is None:
+            todo.append(spec)
+        else:
+            done[spec["shard"]] = summary
+    n_skipped = len(done)
+
+    if todo:
+        ds = ray.data.from_items(todo, override_num_blocks=len(todo))
+        results = ds.map_batches(
+            _build_shards_batch,
+            batch_size=1,
+            num_cpus=config.num_cpus_per_task,
+            fn_kwargs={"config": config, "out_dir": str(out_dir), "dataset_id": dataset_id},
+        )
+        with tqdm(
+            total=len(todo), desc="prepare shards", unit="shard", disable=not config.progress
+        ) as bar:
+            for row in results.iter_rows():
+                summary = json.loads(row["summary"])
+                done[summary["shard"]] = summary
+                bar.update(1)
+                bar.set_postfix(samples=sum(s["n_samples"] for s in done.values()))
+
+    summaries = [done[spec["shard"]] for spec in shards]
+    rejects = sorted(
+        scan_rejects + [r for s in summaries for r in s["rejects"]],
+        key=lambda r: (r["path"], r["record_id"], r["stage"]),
+    )
+    (out_dir / REJECTS_NAME).write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects))
+    if config.llava:
+        _merge_llava(out_dir, config.splits, shards)
+    phases = {"scan_s": round(scan_s, 3), "build_s": round(time.time() - started - scan_s, 3)}
+    manifest = _manifest(config, dataset_id, summaries, rejects, items, started, phases)
+    save_config(config, out_dir / CONFIG_NAME)
+    _write_atomic(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True).encode())
+    return PrepareResult(
+        output_dir=str(out_dir),
+        manifest=manifest,
+        shards_written=len(todo),
+        shards_skipped=n_skipped,
+        n_rejects=len(rejects),
+    )
+
+
+def _merge_llava(out_dir: Path, splits: Iterable[str], shards: list[dict[str, Any]]) -> None:
+    """Concatenate the shards' LLaVA fragments into ``llava/<split>.json``."""
+    root = out_dir / LLAVA_DIR
+    for split in splits:
+        entries: list[Any] = []
+        for spec in shards:
+            if spec["split"] == split:
+                entries += json.loads((root / f"{spec['shard']}.json").read_text())
+        _write_atomic(root / f"{split}.json", json.dumps(entries, ensure_ascii=False, indent=1).encode())
+
+
+def _manifest(
+    config: PrepareConfig,
+    dataset_id: str,
+    summaries: list[dict[str, Any]],
+    rejects: list[dict[str, str]],
+    items: list[dict[str, Any]],
+    started: float,
+    phases: dict[str, float],
+) -> dict[str, Any]:
+    splits: dict[str, Any] = {}
+    for name in config.splits:
+        mine = [s for s in summaries if s["split"] == name]
+
+        def total(key: str, mine: list[dict[str, Any]] = mine) -> dict[str, int]:
+            c: Counter[str] = Counter()
+            for s in mine:
+                c.update(s[key])
+            return dict(sorted(c.items()))
+
+        splits[name] = {
+            "n_samples": sum(s["n_samples"] for s in mine),
+            "n_units": sum(s["n_units"] for s in mine),
+            "n_records": len({r for s in mine for r in s["records"]}),
+            "n_patients": len({p for s in mine for p in s["patients"]}),
+            "labels": total("labels"),
+            "true_labels": total("true_labels"),
+            "answer_letters": total("answer_letters"),
+            "datasets": total("datasets"),
+            "shards": [{"file": s["file"], "sha256": s["sha256"], "n_samples": s["n_samples"]} for s in mine],
+        }
+    per_root = Counter(it["root"] for it in items)
+    timing: Counter[str] = Counter()
+    for s in summaries:
+        timing.update(s["timing"])
+    return {
+        "format": MANIFEST_FORMAT,
+        "dataset_id": dataset_id,
+        "columns": list(COLUMNS),
+        "code_version": code_version(),
+        "prompt_version": PROMPT_VERSION,
+        "render_config_hash": config.render.config_hash(),
+        "mcq_config_hash": config.mcq.config_hash(),
+        "config": config_to_dict(config),
+        "sources": [
+            {"root": s.root, "dataset": s.dataset, "n_record_paths": per_root[s.root]}
+            for s in config.sources
+        ],
+        "splits": splits,
+        "n_rejects": len(rejects),
+        "rejects_by_stage": dict(Counter(r["stage"] for r in rejects)),
+        "task_time_s": {k: round(v, 3) for k, v in sorted(timing.items())},
+        "wall_time_s": round(time.time() - started, 3),
+        "phase_wall_s": phases,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a prepared data set back
+# ---------------------------------------------------------------------------------------------
+
+
+def read_manifest(output_dir: str | Path) -> dict[str, Any]:
+    """The manifest of a prepared data set.
+
+    Raises:
+        FileNotFoundError: ``output_dir`` has no manifest (not prepared, or not finished).
+    """
+    path = Path(output_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {output_dir} a prepared data set?")
+    return json.loads(path.read_text())
+
+
+def split_files(output_dir: str | Path, split: str) -> list[Path]:
+    """A split's Parquet shards, in order (as listed in the manifest)."""
+    manifest = read_manifest(output_dir)
+    if split not in manifest["splits"]:
+        raise ValueError(
+            f"split {split!r} not in {output_dir}; splits: {', '.join(manifest['splits'])}"
+        )
+    return [Path(output_dir) / s["file"] for s in manifest["splits"][split]["shards"]]
+
+
+def iter_split_rows(
+    output_dir: str | Path, split: str, with_png: bool = True
+) -> Iterator[dict[str, Any]]:
+    """Rows of a split as dicts (``COLUMNS``), shard by shard."""
+    import pyarrow.parquet as pq
+
+    columns = [c for c in COLUMNS if with_png or c != "png"]
+    for path in split_files(output_dir, split):
+        yield from pq.read_table(path, columns=columns).to_pylist()
+
+
+def load_split(output_dir: str | Path, split: str, with_png: bool = True) -> list[McqSample]:
+    """A prepared split as McqSamples, in shard order (training and evaluation use this).
+
+    Args:
+        output_dir: A folder written by ``prepare_dataset``.
+        split: ``"train"``, ``"val"``, ``"test"`` (or the config's names).
+        with_png: Load the image bytes (False leaves ``png`` empty: faster for metadata).
+    """
+    return [McqSample.from_row(row) for row in iter_split_rows(output_dir, split, with_png)]

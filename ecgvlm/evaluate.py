@@ -1,0 +1,867 @@
+"""Batch evaluation over HTTP: predictions from the endpoint, metrics, judge, report.
+
+``evaluate(config)`` is the whole job (``jobs/evaluate.py`` and ``ecgvlm evaluate`` call it
+after ``ray.init``):
+
+1. read the prepared split's metadata (no images) and decide which (sample, model) pairs
+   still need a prediction: pairs already stored in the output directory without an error
+   are skipped, so a rerun after an interruption resumes where it stopped;
+2. stream the split's Parquet shards through Ray Data: a task expands each row into one row
+   per pending model, and an actor pool of HTTP clients (``concurrency`` actors) asks the
+   OpenAI-compatible endpoint (``POST /v1/chat/completions``, the question text plus the
+   printout as a PNG data URL, built by ``ecgvlm.prompt.chat_messages``), with time-outs and
+   retries with exponential backoff, and parses the reply with ``ecgvlm.prompt.parse_answer``;
+3. the driver writes predictions as they arrive (an atomically renamed Parquet part file
+   every ``flush_every`` rows in ``predictions/``) and, at the end, consolidates them into
+   ``predictions.parquet``, one row per (sample_id, model);
+4. metrics (``ecgvlm.metrics``), the LLM judge on a seeded sample (``ecgvlm.judge``), and
+   the report (``ecgvlm.report``).
+
+Models the endpoint does not list, or whose every request failed, are reported as not
+evaluated, with the reason, instead of scoring as zero.
+
+Nothing here starts Ray or opens a connection on import.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ecgvlm.config import check_choice, check_range, config_to_dict, save_config
+from ecgvlm.judge import JudgeConfig
+
+#: Columns of predictions.parquet, in order (DESIGN.md names the first eight).
+PREDICTION_COLUMNS: tuple[str, ...] = (
+    "sample_id",
+    "dataset",
+    "model",
+    "true_label",
+    "answer_letter",
+    "predicted_letter",
+    "predicted_label",
+    "explanation",
+    "raw_text",
+    "error",
+    "latency_s",
+    "attempts",
+    "prompt_version",
+    "finished_utc",
+)
+
+#: Split columns the evaluation reads (``png`` only inside the pipeline, never in the driver).
+SPLIT_META_COLUMNS: tuple[str, ...] = (
+    "sample_id",
+    "dataset",
+    "question",
+    "options",
+    "option_labels",
+    "answer_letter",
+    "target_text",
+)
+
+_RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+_MAX_BACKOFF_S = 30.0
+# Predictions are also flushed when this long has passed, so slow models lose little on a kill.
+_FLUSH_S = 10.0
+
+
+class EvaluationError(RuntimeError):
+    """The evaluation cannot run: no split, an unreachable endpoint, a bad output dir."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """One evaluation run.
+
+    Attributes:
+        data_dir: Prepared data set root (``<data_dir>/<split>/*.parquet``) or a folder of
+            the split's Parquet shards.
+        split: Which split to evaluate.
+        output_dir: Where predictions, metrics, judge scores, report and plots go.
+        endpoint: Base URL of the OpenAI-compatible API, ending in ``/v1``.
+        endpoint_api_key_env: Environment variable with the endpoint's key (optional).
+        models: Model names the endpoint serves (``pulse``, ``pulse-lora``, ``gpt-4o``).
+        datasets: Only these data sets (empty: all in the split).
+        limit_per_dataset: Evaluate at most this many samples per data set (0: all); the
+            first ones by sample id, so reruns pick the same ones.
+        concurrency: HTTP client actors in the Ray Data actor pool.
+        requests_per_actor: Requests each actor keeps in flight (threads); the endpoint sees
+            up to ``concurrency * requests_per_actor`` concurrent requests.
+        actor_num_cpus: Logical CPUs reserved per client actor (they mostly wait on I/O).
+        batch_size: Rows handed to an actor at once.
+        timeout_s: Per-request time-out.
+        max_retries: Retries after the first attempt on connection errors, time-outs, 429
+            and 5xx replies.
+        backoff_s: First retry delay; doubles each retry (with jitter, at most 30 s), or the
+            server's ``Retry-After`` when it sends one.
+        max_tokens: Cap on generated tokens per answer.
+        temperature: Sampling temperature (0: greedy).
+        flush_every: Predictions buffered by the driver before a part file is written; an
+            interruption loses at most this many finished requests.
+        retry_errors: On resume, ask again the pairs whose stored prediction is an error.
+        n_boot: Bootstrap resamples for the CIs.
+        seed: Seed of the bootstrap (the judge has its own).
+        prior_strategy: Prior-only baseline: ``majority`` or ``sample``.
+        judge: The LLM judge.
+        progress: Show progress bars.
+    """
+
+    data_dir: str
+    split: str = "test"
+    output_dir: str = "runs/eval"
+    endpoint: str = "http://127.0.0.1:8000/v1"
+    endpoint_api_key_env: str = "ECGVLM_API_KEY"
+    models: tuple[str, ...] = ("pulse", "pulse-lora", "gpt-4o")
+    datasets: tuple[str, ...] = ()
+    limit_per_dataset: int = 0
+    concurrency: int = 4
+    requests_per_actor: int = 1
+    actor_num_cpus: float = 0.25
+    batch_size: int = 8
+    timeout_s: float = 120.0
+    max_retries: int = 3
+    backoff_s: float = 1.0
+    max_tokens: int = 256
+    temperature: float = 0.0
+    flush_every: int = 32
+    retry_errors: bool = True
+    n_boot: int = 1000
+    seed: int = 0
+    prior_strategy: str = "majority"
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.data_dir:
+            raise ValueError("data_dir must name the prepared data set")
+        if not self.models:
+            raise ValueError("models must list at least one model")
+        if len(set(self.models)) != len(self.models):
+            raise ValueError(f"models must not repeat, got {list(self.models)}")
+        if not re.match(r"^https?://", self.endpoint):
+            raise ValueError(f"endpoint must be an http(s) URL ending in /v1, got {self.endpoint!r}")
+        check_range("limit_per_dataset", self.limit_per_dataset, 0)
+        check_range("concurrency", self.concurrency, 1, 4096)
+        check_range("requests_per_actor", self.requests_per_actor, 1, 256)
+        check_range("actor_num_cpus", self.actor_num_cpus, 0.0, 64.0)
+        check_range("batch_size", self.batch_size, 1, 4096)
+        check_range("timeout_s", self.timeout_s, 0.001)
+        check_range("max_retries", self.max_retries, 0, 20)
+        check_range("backoff_s", self.backoff_s, 0.0, _MAX_BACKOFF_S)
+        check_range("max_tokens", self.max_tokens, 1)
+        check_range("temperature", self.temperature, 0.0, 2.0)
+        check_range("flush_every", self.flush_every, 1)
+        check_range("n_boot", self.n_boot, 0)
+        check_choice("prior_strategy", self.prior_strategy, ("majority", "sample"))
+
+    def in_flight(self) -> int:
+        """Requests the endpoint sees at once at most."""
+        return self.concurrency * self.requests_per_actor
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the split
+# ---------------------------------------------------------------------------------------------
+
+
+def split_files(data_dir: str | Path, split: str) -> list[Path]:
+    """The Parquet shards of ``split``: ``<data_dir>/<split>/**.parquet``,
+    ``<data_dir>/<split>.parquet``, or ``data_dir`` itself when it holds the shards.
+
+    Raises:
+        EvaluationError: when no shard is found (the message lists where it looked).
+    """
+    root = Path(data_dir)
+    tried = [root / split, root / f"{split}.parquet", root]
+    if (root / split).is_dir():
+        files = sorted((root / split).rglob("*.parquet"))
+    elif (root / f"{split}.parquet").is_file():
+        files = [root / f"{split}.parquet"]
+    elif root.is_dir():
+        files = sorted(root.glob("*.parquet"))
+    elif root.is_file() and root.suffix == ".parquet":
+        files = [root]
+    else:
+        files = []
+    if not files:
+        raise EvaluationError(
+            f"no Parquet shards for split {split!r}; looked in {', '.join(map(str, tried))}"
+        )
+    return files
+
+
+def read_split_meta(files: list[Path], columns: Iterable[str] = SPLIT_META_COLUMNS) -> Any:
+    """The split without images, as a pandas DataFrame (one row per sample).
+
+    Raises:
+        EvaluationError: when a required column is missing or sample ids repeat.
+    """
+    import pyarrow.dataset as pads
+
+    dataset = pads.dataset([str(f) for f in files], format="parquet")
+    columns = list(columns)
+    missing = [c for c in columns if c not in dataset.schema.names]
+    if missing:
+        raise EvaluationError(
+            f"split shards lack column(s) {', '.join(missing)}; they have "
+            f"{', '.join(dataset.schema.names)}"
+        )
+    frame = dataset.to_table(columns=columns).to_pandas()
+    dup = frame["sample_id"][frame["sample_id"].duplicated()]
+    if len(dup):
+        raise EvaluationError(f"sample_id repeats in the split, e.g. {dup.iloc[0]!r}")
+    return frame
+
+
+def select_samples(meta: Any, datasets: tuple[str, ...], limit_per_dataset: int) -> Any:
+    """Filter by data set and keep the first ``limit_per_dataset`` sample ids of each."""
+    if datasets:
+        unknown = sorted(set(datasets) - set(meta["dataset"]))
+        if unknown:
+            raise EvaluationError(
+                f"datasets {unknown} not in the split; it has {sorted(set(meta['dataset']))}"
+            )
+        meta = meta[meta["dataset"].isin(datasets)]
+    meta = meta.sort_values(["dataset", "sample_id"])
+    if limit_per_dataset:
+        meta = meta.groupby("dataset", sort=True).head(limit_per_dataset)
+    return meta.reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stored predictions: part files written as they arrive, consolidated at the end
+# ---------------------------------------------------------------------------------------------
+
+
+def prediction_schema() -> Any:
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("sample_id", pa.string()),
+            ("dataset", pa.string()),
+            ("model", pa.string()),
+            ("true_label", pa.string()),
+            ("answer_letter", pa.string()),
+            ("predicted_letter", pa.string()),
+            ("predicted_label", pa.string()),
+            ("explanation", pa.string()),
+            ("raw_text", pa.string()),
+            ("error", pa.string()),
+            ("latency_s", pa.float64()),
+            ("attempts", pa.int32()),
+            ("prompt_version", pa.string()),
+            ("finished_utc", pa.string()),
+        ]
+    )
+
+
+class PredictionStore:
+    """Predictions of one output directory, keyed by (sample_id, model).
+
+    New rows go to ``predictions/part-<run>-<n>.parquet`` (written to a temporary name and
+    renamed, so a killed run leaves whole files or none); ``consolidate`` merges the parts
+    and any earlier ``predictions.parquet`` into a new ``predictions.parquet``, keeping the
+    latest row per key, and removes the merged parts.
+    """
+
+    def __init__(self, output_dir: str | Path) -> None:
+        self.output_dir = Path(output_dir)
+        self.parts_dir = self.output_dir / "predictions"
+        self.path = self.output_dir / "predictions.parquet"
+        self._run = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+        self._seq = 0
+
+    def _sources(self) -> list[Path]:
+        parts = sorted(self.parts_dir.glob("part-*.parquet")) if self.parts_dir.is_dir() else []
+        return ([self.path] if self.path.is_file() else []) + parts
+
+    def load(self) -> Any:
+        """All stored rows, latest per key (pandas DataFrame with PREDICTION_COLUMNS)."""
+        import pandas as pd
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        schema = prediction_schema()
+        tables = []
+        for path in self._sources():
+            table = pq.read_table(path)
+            # Older files may lack newer columns: add them as nulls.
+            for name in schema.names:
+                if name not in table.schema.names:
+                    table = table.append_column(name, pa.nulls(len(table), schema.field(name).type))
+            tables.append(table.select(schema.names).cast(schema))
+        if not tables:
+            return pd.DataFrame({name: pd.Series(dtype=object) for name in schema.names})
+        frame = pa.concat_tables(tables).to_pandas()
+        # Sources are read oldest first, so keeping the last row per key keeps the newest.
+        frame = frame.drop_duplicates(["sample_id", "model"], keep="last").reset_index(drop=True)
+        # Nulls of text columns as None (pandas reads them as NaN), so rows read back as the
+        # Prediction records they were written from.
+        for name in schema.names:
+            if pa.types.is_string(schema.field(name).type):
+                frame[name] = frame[name].astype(object).where(frame[name].notna(), None)
+        return frame
+
+    def done_keys(self, retry_errors: bool = True) -> set[tuple[str, str]]:
+        """Keys that need no new request (errored ones only when ``retry_errors`` is off)."""
+        frame = self.load()
+        if retry_errors:
+            frame = frame[frame["error"].isna()]
+        return set(zip(frame["sample_id"], frame["model"]))
+
+    def append(self, rows: list[dict[str, Any]]) -> Path | None:
+        """Write ``rows`` as one new part file, atomically."""
+        if not rows:
+            return None
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self.parts_dir.mkdir(parents=True, exist_ok=True)
+        schema = prediction_schema()
+        table = pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in rows], schema)
+        self._seq += 1
+        final = self.parts_dir / f"part-{self._run}-{self._seq:06d}.parquet"
+        tmp = final.with_suffix(".parquet.tmp")
+        pq.write_table(table, tmp)
+        os.replace(tmp, final)
+        return final
+
+    def consolidate(self) -> Any:
+        """Merge everything into ``predictions.parquet`` (sorted, one row per key)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        sources = self._sources()
+        frame = self.load().sort_values(["model", "dataset", "sample_id"]).reset_index(drop=True)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".parquet.tmp")
+        pq.write_table(pa.Table.from_pandas(frame, prediction_schema(), preserve_index=False), tmp)
+        os.replace(tmp, self.path)
+        for path in sources:
+            if path != self.path:
+                path.unlink()
+        return frame
+
+
+# ---------------------------------------------------------------------------------------------
+# The HTTP client
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ChatResult:
+    """One chat request's outcome: the reply text, or the error after all retries."""
+
+    text: str | None
+    error: str | None
+    latency_s: float
+    attempts: int
+
+
+def _retry_after_s(error: Any) -> float | None:
+    response = getattr(error, "response", None)
+    value = response.headers.get("retry-after") if response is not None else None
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+class ChatClient:
+    """Calls ``POST {endpoint}/chat/completions`` with retries and backoff.
+
+    Built on the ``openai`` client with its own retries off, so the retry policy (which
+    errors, how many times, how long to wait) is this class's and is counted per request.
+
+    Args:
+        endpoint: Base URL ending in ``/v1``.
+        api_key: Sent as a bearer token; local endpoints ignore it.
+        timeout_s, max_retries, backoff_s, max_tokens, temperature: As in EvalConfig.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        api_key: str = "EMPTY",
+        timeout_s: float = 120.0,
+        max_retries: int = 3,
+        backoff_s: float = 1.0,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+    ) -> None:
+        import openai
+
+        self._openai = openai
+        self.client = openai.OpenAI(
+            base_url=endpoint, api_key=api_key, timeout=timeout_s, max_retries=0
+        )
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.max_tokens = max_tokens
+        self.temperature = temperature
+        self._rng = random.Random()
+
+    def _retryable(self, error: Exception) -> bool:
+        openai = self._openai
+        if isinstance(error, openai.APIStatusError):
+            return error.status_code in _RETRYABLE_STATUS
+        # Connection refused/reset, time-outs, and a body that is not a completion.
+        return isinstance(error, (openai.APIConnectionError, openai.APIResponseValidationError,
+                                  ValueError))
+
+    def chat(self, model: str, messages: list[dict[str, Any]]) -> ChatResult:
+        """The assistant's reply text, or the last error once retries are spent."""
+        start = time.perf_counter()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                response = self.client.chat.completions.create(
+                    model=model,
+                    messages=messages,
+                    max_tokens=self.max_tokens,
+                    temperature=self.temperature,
+                )
+                if not response.choices:
+                    raise ValueError("reply has no choices")
+                text = response.choices[0].message.content or ""
+                return ChatResult(text, None, time.perf_counter() - start, attempt)
+            except Exception as e:  # noqa: BLE001 - classified below; never dropped
+                if attempt > self.max_retries or not self._retryable(e):
+                    message = f"{type(e).__name__}: {e}"
+                    return ChatResult(None, message[:500], time.perf_counter() - start, attempt)
+                delay = _retry_after_s(e)
+                if delay is None:
+                    delay = self.backoff_s * 2 ** (attempt - 1) * (0.5 + self._rng.random())
+                time.sleep(min(delay, _MAX_BACKOFF_S))
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def list_models(endpoint: str, api_key: str = "EMPTY", timeout_s: float = 10.0) -> dict[str, str | None]:
+    """The models ``GET {endpoint}/models`` lists: id -> None when it can answer, else why not.
+
+    Our endpoint's model cards carry ``available`` and ``reason`` (e.g. gpt-4o without an
+    OpenAI key on the server); plain OpenAI-compatible servers list available models only.
+
+    Raises:
+        EvaluationError: when the endpoint cannot be reached or answers with an error.
+    """
+    import openai
+
+    client = openai.OpenAI(base_url=endpoint, api_key=api_key, timeout=timeout_s, max_retries=2)
+    try:
+        cards = list(client.models.list())
+    except openai.OpenAIError as e:
+        raise EvaluationError(f"endpoint {endpoint} did not list its models: {e}") from e
+    finally:
+        client.close()
+    out: dict[str, str | None] = {}
+    for card in cards:
+        extra = card.model_extra or {}
+        available = extra.get("available", True) is not False
+        out[card.id] = None if available else str(extra.get("reason") or "listed as unavailable")
+    return out
+
+
+_ANSWER_LEAD = re.compile(
+    r"^\s*(?:\**\s*)?(?:the\s+)?(?:correct\s+)?answer\s*(?:is|:)\s*\**\s*[(\[]?[A-Za-z][)\]]?\**"
+    r"\s*[.:,)\-–]?\s*",
+    flags=re.IGNORECASE,
+)
+
+
+def explanation_of(text: str) -> str:
+    """The reply without its leading answer statement ("The answer is B. ..." -> "...")."""
+    return _ANSWER_LEAD.sub("", text, count=1).strip()
+
+
+def predict_one(client: ChatClient, row: Mapping[str, Any], model: str) -> dict[str, Any]:
+    """Ask ``model`` one MCQ and turn the reply into a predictions.parquet row."""
+    from ecgvlm.prompt import PROMPT_VERSION, chat_messages, letter_index, parse_answer
+
+    options = list(row["options"])
+    option_labels = list(row["option_labels"])
+    answer_letter = str(row["answer_letter"])
+    true_label = option_labels[letter_index(answer_letter, len(options))]
+    messages = chat_messages(row["question"], options, row["png"])
+    result = client.chat(model, messages)
+    letter = parse_answer(result.text, options) if result.text is not None else None
+    return {
+        "sample_id": row["sample_id"],
+        "dataset": row["dataset"],
+        "model": model,
+        "true_label": true_label,
+        "answer_letter": answer_letter,
+        "predicted_letter": letter,
+        "predicted_label": option_labels[letter_index(letter, len(options))] if letter else None,
+        "explanation": explanation_of(result.text) if result.text else "",
+        "raw_text": result.text or "",
+        "error": result.error,
+        "latency_s": result.latency_s,
+        "attempts": result.attempts,
+        "prompt_version": PROMPT_VERSION,
+        "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The Ray Data pipeline
+# ---------------------------------------------------------------------------------------------
+
+
+def expand_pending(batch: Any, pending: dict[str, list[str]]) -> Any:
+    """One row per (sample, model still to ask), with a ``model`` column (pyarrow batch)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    tables = []
+    for model, ids in pending.items():
+        mask = pc.is_in(batch["sample_id"], value_set=pa.array(ids, pa.string()))
+        chosen = batch.filter(mask)
+        if len(chosen):
+            tables.append(chosen.append_column("model", pa.array([model] * len(chosen), pa.string())))
+    if not tables:
+        return batch.slice(0, 0).append_column("model", pa.array([], pa.string()))
+    return pa.concat_tables(tables)
+
+
+class ChatCaller:
+    """A Ray Data actor: answers a batch of (sample, model) rows through the endpoint."""
+
+    def __init__(self, client_kwargs: dict[str, Any], requests_per_actor: int = 1) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.client = ChatClient(**client_kwargs)
+        self.pool = ThreadPoolExecutor(requests_per_actor) if requests_per_actor > 1 else None
+
+    def __call__(self, batch: Any) -> Any:
+        import pyarrow as pa
+
+        rows = batch.to_pylist()
+
+        def one(row: dict[str, Any]) -> dict[str, Any]:
+            return predict_one(self.client, row, row["model"])
+
+        out = list(self.pool.map(one, rows)) if self.pool else [one(r) for r in rows]
+        schema = prediction_schema()
+        return pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in out], schema)
+
+
+def pending_pairs(
+    meta: Any, models: Iterable[str], done: set[tuple[str, str]]
+) -> dict[str, list[str]]:
+    """Model -> sample ids still to ask."""
+    ids = list(meta["sample_id"])
+    return {m: [s for s in ids if (s, m) not in done] for m in models}
+
+
+def _n_blocks(files: list[Path], config: EvalConfig) -> int:
+    """Read blocks: enough for every client actor to get work several times over, and about
+    ``batch_size`` rows each on small splits (an actor takes one block at a time)."""
+    import pyarrow.parquet as pq
+
+    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    most = max(4 * config.concurrency, math.ceil(rows / 256))
+    return max(1, min(math.ceil(rows / config.batch_size), most))
+
+
+def run_predictions(
+    config: EvalConfig,
+    files: list[Path],
+    pending: dict[str, list[str]],
+    store: PredictionStore,
+    on_rows: Callable[[int], None] | None = None,
+) -> int:
+    """Stream pending pairs through the endpoint and store rows as they arrive.
+
+    Returns:
+        Number of rows written by this call.
+    """
+    import ray.data
+
+    pending = {m: ids for m, ids in pending.items() if ids}
+    if not pending:
+        return 0
+    api_key = os.environ.get(config.endpoint_api_key_env) or "EMPTY"
+    client_kwargs = dict(
+        endpoint=config.endpoint,
+        api_key=api_key,
+        timeout_s=config.timeout_s,
+        max_retries=config.max_retries,
+        backoff_s=config.backoff_s,
+        max_tokens=config.max_tokens,
+        temperature=config.temperature,
+    )
+    columns = [*SPLIT_META_COLUMNS, "png"]
+    columns.remove("target_text")
+    ds = ray.data.read_parquet(
+        [str(f) for f in files], override_num_blocks=_n_blocks(files, config)
+    ).select_columns(columns)
+    ds = ds.map_batches(expand_pending, batch_format="pyarrow", fn_kwargs={"pending": pending},
+                        batch_size=None, num_cpus=0.25)
+    ds = ds.map_batches(
+        ChatCaller,
+        fn_constructor_kwargs={"client_kwargs": client_kwargs,
+                               "requests_per_actor": config.requests_per_actor},
+        batch_format="pyarrow",
+        batch_size=config.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=config.concurrency),
+        num_cpus=config.actor_num_cpus,
+    )
+    written = 0
+    buffer: list[dict[str, Any]] = []
+    last_flush = time.monotonic()
+    try:
+        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+            rows = block.to_pylist()
+            buffer.extend(rows)
+            if on_rows is not None:
+                on_rows(len(rows))
+            if len(buffer) >= config.flush_every or time.monotonic() - last_flush > _FLUSH_S:
+                store.append(buffer)
+                written += len(buffer)
+                buffer = []
+                last_flush = time.monotonic()
+    finally:
+        # Whatever arrived is kept, also when the run is interrupted (Ctrl-C, a failed task).
+        store.append(buffer)
+    return written + len(buffer)
+
+
+# ---------------------------------------------------------------------------------------------
+# Judge
+# ---------------------------------------------------------------------------------------------
+
+
+def reference_description(true_label: str, target_text: str = "") -> str:
+    """The clinical description of the true finding: the knowledge base's criteria for the
+    label, or (for a label it does not know) the explanation in the MCQ's target text."""
+    from ecgvlm.knowledge import knowledge_base
+
+    entry = knowledge_base().get(true_label)
+    if entry is not None:
+        return entry.description
+    return explanation_of(target_text or "")
+
+
+def judge_items(predictions: Any, meta: Any, config: JudgeConfig) -> list[Any]:
+    """The sampled explanations to judge, with their references (see ``judge.sample_for_judging``)."""
+    from ecgvlm.judge import JudgeItem, reference_text, sample_for_judging
+    from ecgvlm.prompt import format_question, letter_index
+
+    chosen = sample_for_judging(predictions.to_dict("records"), config.n_samples, config.seed)
+    by_id = meta.set_index("sample_id")
+    by_key = predictions.set_index(["sample_id", "model"])
+    items = []
+    for (model, dataset), ids in sorted(chosen.items()):
+        for sample_id in ids:
+            sample = by_id.loc[sample_id]
+            options = list(sample["options"])
+            index = letter_index(sample["answer_letter"], len(options))
+            description = reference_description(
+                str(list(sample["option_labels"])[index]), str(sample["target_text"] or "")
+            )
+            pred = by_key.loc[(sample_id, model)]
+            items.append(
+                JudgeItem(
+                    sample_id=sample_id,
+                    dataset=dataset,
+                    model=model,
+                    question=format_question(str(sample["question"]), options),
+                    reference=reference_text(options[index], description),
+                    explanation=str(pred["raw_text"]),
+                )
+            )
+    return items
+
+
+def run_judge(
+    predictions: Any, meta: Any, config: JudgeConfig, output_dir: Path, progress: bool = True
+) -> tuple[list[Any], str | None]:
+    """Judge a seeded sample of explanations; reuse stored successes of the same judge+rubric.
+
+    Returns:
+        (Judgement list, a note for the report when the judge did not run or failed).
+    """
+    import pandas as pd
+
+    from ecgvlm.judge import RUBRIC_VERSION, JudgeUnavailableError, OpenAIJudge, judge_all
+    from ecgvlm.records import Judgement
+
+    if not config.enabled:
+        return [], "the judge is disabled in the config (judge.enabled: false)"
+    try:
+        judge = OpenAIJudge(config)
+    except JudgeUnavailableError as e:
+        return [], f"judge not run: {e}"
+    path = output_dir / "judge.parquet"
+    cached: dict[tuple[str, str], Judgement] = {}
+    if path.is_file():
+        for row in pd.read_parquet(path).to_dict("records"):
+            j = Judgement.from_row({k: (None if _isnan(v) else v) for k, v in row.items()})
+            if j.failure is None and j.judge_model == config.model and j.rubric_version == RUBRIC_VERSION:
+                cached[(j.sample_id, j.model)] = j
+    items = judge_items(predictions, meta, config)
+    todo = [it for it in items if (it.sample_id, it.model) not in cached]
+    bar = _progress(len(todo), "judge", progress)
+    fresh = judge_all(judge, todo, config.concurrency, progress=bar.update)
+    bar.close()
+    new = {(j.sample_id, j.model): j for j in fresh}
+    judgements = [cached.get((it.sample_id, it.model)) or new[(it.sample_id, it.model)] for it in items]
+    frame = pd.DataFrame([j.to_row() for j in judgements])
+    if len(frame):
+        tmp = path.with_suffix(".parquet.tmp")
+        frame.to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+    failed = sum(j.failure is not None for j in judgements)
+    note = None
+    if judgements and failed == len(judgements):
+        note = f"every judgement failed, e.g. {judgements[0].failure}"
+    return judgements, note
+
+
+def _isnan(value: Any) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole job
+# ---------------------------------------------------------------------------------------------
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="req", disable=not enabled, dynamic_ncols=True)
+
+
+def _unavailable_models(predictions: Any, models: Iterable[str]) -> dict[str, str]:
+    """Models with rows that all failed: not evaluated (with the first error as the reason)."""
+    out = {}
+    for model in models:
+        rows = predictions[predictions["model"] == model]
+        if len(rows) and rows["error"].notna().all():
+            out[model] = f"every request failed, e.g. {rows['error'].iloc[0]}"
+    return out
+
+
+def evaluate(config: EvalConfig) -> tuple[Any, dict[str, Path]]:
+    """Run the whole evaluation (Ray must be initialised by the caller).
+
+    Returns:
+        (the ``ecgvlm.report.EvalReport``, name -> path of the files written).
+
+    Raises:
+        EvaluationError: no split shards, an unreachable endpoint, or no model to evaluate.
+    """
+    from ecgvlm.judge import RUBRIC_VERSION, summarize_judgements
+    from ecgvlm.metrics import metrics_by_model_and_dataset
+    from ecgvlm.prompt import PROMPT_VERSION
+    from ecgvlm.report import EvalReport, git_sha, write_report
+
+    started = time.perf_counter()
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "config.yaml")
+    files = split_files(config.data_dir, config.split)
+    meta = select_samples(read_split_meta(files), config.datasets, config.limit_per_dataset)
+    if not len(meta):
+        raise EvaluationError(f"split {config.split!r} in {config.data_dir} selects no samples")
+
+    api_key = os.environ.get(config.endpoint_api_key_env) or "EMPTY"
+    served = list_models(config.endpoint, api_key)
+    unavailable = {}
+    for m in config.models:
+        if m not in served:
+            listed = ", ".join(served) or "none"
+            unavailable[m] = f"the endpoint {config.endpoint} does not serve it (it lists {listed})"
+        elif served[m] is not None:
+            unavailable[m] = f"the endpoint says it is unavailable: {served[m]}"
+    models = [m for m in config.models if m not in unavailable]
+
+    store = PredictionStore(out)
+    done = store.done_keys(config.retry_errors)
+    pending = pending_pairs(meta, models, done)
+    n_pending = sum(len(v) for v in pending.values())
+    resumed = {m: sum((s, m) in done for s in meta["sample_id"]) for m in models}
+    bar = _progress(n_pending, "predict", config.progress)
+    t0 = time.perf_counter()
+    try:
+        n_new = run_predictions(config, files, pending, store, on_rows=bar.update)
+    finally:
+        bar.close()
+    predict_s = time.perf_counter() - t0
+
+    predictions = store.consolidate()
+    selected = set(meta["sample_id"])
+    predictions = predictions[
+        predictions["sample_id"].isin(selected) & predictions["model"].isin(models)
+    ].reset_index(drop=True)
+    unavailable.update(_unavailable_models(predictions, models))
+    scored = predictions[~predictions["model"].isin(unavailable)]
+    if not len(scored):
+        reasons = "; ".join(f"{m}: {why}" for m, why in unavailable.items())
+        raise EvaluationError(f"no model could be evaluated ({reasons})")
+
+    records = scored.to_dict("records")
+    metrics = metrics_by_model_and_dataset(
+        records, n_boot=config.n_boot, seed=config.seed, prior_strategy=config.prior_strategy
+    )
+    judgements, judge_note = run_judge(scored, meta, config.judge, out, config.progress)
+
+    counts = {}
+    for model in models:
+        rows = predictions[predictions["model"] == model]
+        counts[model] = {
+            "n": len(rows),
+            "unparseable": int((rows["predicted_letter"].isna() & rows["error"].isna()).sum()),
+            "errors": int(rows["error"].notna().sum()),
+            "resumed": int(resumed.get(model, 0)),
+        }
+    report = EvalReport(
+        metrics=metrics,
+        judge=summarize_judgements(judgements, n_boot=config.n_boot or 1000, seed=config.judge.seed),
+        unavailable=unavailable,
+        judge_note=judge_note,
+        prior_strategy=config.prior_strategy,
+        meta={
+            "run_name": out.name,
+            "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "models": list(config.models),
+            "endpoint": config.endpoint,
+            "split": config.split,
+            "data_dir": config.data_dir,
+            "n_samples": len(meta),
+            "samples_per_dataset": {str(k): int(v) for k, v in meta["dataset"].value_counts().sort_index().items()},
+            "judge_model": config.judge.model,
+            "judge_base_url": config.judge.base_url or "https://api.openai.com/v1",
+            "judge_n_samples": config.judge.n_samples,
+            "judge_seed": config.judge.seed,
+            "rubric_version": RUBRIC_VERSION,
+            "prompt_version": PROMPT_VERSION,
+            "bootstrap_seed": config.seed,
+            "n_boot": config.n_boot,
+            "concurrency": config.in_flight(),
+            "git_sha": git_sha(Path(__file__).resolve().parent),
+            "counts": counts,
+            "new_predictions": n_new,
+            "predict_s": round(predict_s, 3),
+            "throughput_ecg_per_s": round(n_new / predict_s, 3) if n_new and predict_s else None,
+            "wall_s": round(time.perf_counter() - started, 3),
+            "config": config_to_dict(config),
+        },
+    )
+    return report, write_report(report, out)

@@ -1,0 +1,490 @@
+"""Turn prompts and PIL images into PULSE's inputs exactly as LLaVA does.
+
+Images (LLaVA ``process_anyres_image`` with a CLIP image processor):
+
+1. choose the canvas in ``image_grid_pinpoints`` that keeps the most of the image's pixels
+   after an aspect-preserving downscale, ties broken by the least wasted canvas;
+2. resize the image onto that canvas (bicubic, aspect kept, ``ceil`` on the scaled side),
+   centre it on black;
+3. cut the canvas into CLIP-sized square tiles in raster order;
+4. put in front an overview tile: the whole image squashed to one CLIP tile (aspect NOT kept);
+5. CLIP-normalise each tile: ``(pixel / 255 - mean) / std`` per channel.
+
+Text (LLaVA ``tokenizer_image_token``): the prompt is split at ``<image>``, each piece is
+tokenised with the Llama sentencepiece tokenizer, and the pieces are joined with
+``IMAGE_TOKEN_INDEX`` (-200), one BOS in front. The model replaces that one position with all
+of the image's feature vectors.
+
+Batches are padded on the LEFT (pad = ``<unk>``, id 0, as PULSE's tokenizer sets it), so that
+generation appends new tokens right after every prompt. ``pixel_values`` is zero-padded to the
+largest tile count in the batch; the model recovers each image's tile count from
+``image_sizes`` (width, height) in PIL order, as LLaVA stores them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGE_TOKEN = "<image>"
+IMAGE_TOKEN_INDEX = -200
+IGNORE_INDEX = -100
+SPIECE_UNDERLINE = "\u2581"
+
+# Images we accept (PIL converts them to RGB losslessly for our purpose: a palette PNG from the
+# renderer, greyscale scans, RGBA screenshots whose alpha is dropped as LLaVA's loader does).
+CONVERTIBLE_MODES = ("RGB", "RGBA", "P", "L", "LA", "1", "RGBX", "CMYK", "YCbCr")
+MIN_IMAGE_SIDE_PX = 16
+MAX_IMAGE_SIDE_PX = 16384
+# Beyond this, anyres unpadding would leave rows or columns of zero features.
+MAX_ASPECT_RATIO = 32.0
+
+# OpenAI CLIP's normalisation, used by every CLIP image processor PULSE can name.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ImageInputError(ValueError):
+    """An image the processor cannot take (mode, size, aspect ratio); the message says which."""
+
+
+class PromptError(ValueError):
+    """A prompt without exactly one ``<image>`` placeholder, or a batch of mismatched lengths."""
+
+
+@dataclass(frozen=True)
+class ImagePreprocessConfig:
+    """The CLIP image processor's settings that change pixels.
+
+    Attributes:
+        shortest_edge: the overview tile and each CLIP input are resized to this.
+        crop_size: CLIP's input side; anyres tiles are this big.
+        image_mean: per-channel mean in [0, 1].
+        image_std: per-channel standard deviation.
+    """
+
+    shortest_edge: int = 336
+    crop_size: int = 336
+    image_mean: tuple[float, float, float] = CLIP_MEAN
+    image_std: tuple[float, float, float] = CLIP_STD
+
+    @classmethod
+    def from_file(cls, path: Path) -> ImagePreprocessConfig:
+        """Read a transformers ``preprocessor_config.json`` (CLIPImageProcessor)."""
+        data = json.loads(Path(path).read_text())
+        size = data.get("size", 336)
+        size = size.get("shortest_edge", size.get("height")) if isinstance(size, dict) else size
+        crop = data.get("crop_size", size)
+        crop = crop.get("height") if isinstance(crop, dict) else crop
+        if data.get("do_resize", True) is False or data.get("do_center_crop", True) is False:
+            raise ValueError(f"{path}: do_resize and do_center_crop must be true for CLIP")
+        return cls(
+            shortest_edge=int(size),
+            crop_size=int(crop),
+            image_mean=tuple(float(x) for x in data.get("image_mean", CLIP_MEAN)),
+            image_std=tuple(float(x) for x in data.get("image_std", CLIP_STD)),
+        )
+
+    def to_transformers(self) -> dict[str, Any]:
+        """The same settings as a transformers ``preprocessor_config.json`` dict."""
+        return {
+            "crop_size": {"height": self.crop_size, "width": self.crop_size},
+            "do_center_crop": True,
+            "do_convert_rgb": True,
+            "do_normalize": True,
+            "do_rescale": True,
+            "do_resize": True,
+            "image_mean": list(self.image_mean),
+            "image_processor_type": "CLIPImageProcessor",
+            "image_std": list(self.image_std),
+            "resample": 3,
+            "rescale_factor": 1 / 255,
+            "size": {"shortest_edge": self.shortest_edge},
+        }
+
+
+def select_best_resolution(
+    image_size: tuple[int, int], pinpoints: Sequence[tuple[int, int]]
+) -> tuple[int, int]:
+    """The canvas (width, height) that keeps the most image pixels, then wastes the least."""
+    width, height = image_size
+    best: tuple[int, int] | None = None
+    best_effective, best_wasted = 0, math.inf
+    for cand_w, cand_h in pinpoints:
+        scale = min(cand_w / width, cand_h / height)
+        effective = min(int(width * scale) * int(height * scale), width * height)
+        wasted = cand_w * cand_h - effective
+        if effective > best_effective or (effective == best_effective and wasted < best_wasted):
+            best, best_effective, best_wasted = (cand_w, cand_h), effective, wasted
+    assert best is not None, "pinpoints are validated non-empty"
+    return best
+
+
+def anyres_grid_shape(
+    image_size: tuple[int, int], pinpoints: Sequence[tuple[int, int]], tile_px: int
+) -> tuple[int, int]:
+    """Number of tiles (across, down) that anyres cuts this image into."""
+    width, height = select_best_resolution(image_size, pinpoints)
+    return width // tile_px, height // tile_px
+
+
+def num_image_tiles(
+    image_size: tuple[int, int], pinpoints: Sequence[tuple[int, int]], tile_px: int
+) -> int:
+    """Tiles CLIP sees for one image: the anyres grid plus the overview tile."""
+    across, down = anyres_grid_shape(image_size, pinpoints, tile_px)
+    return across * down + 1
+
+
+def _resize_and_pad(image: Image.Image, target: tuple[int, int]) -> Image.Image:
+    width, height = image.size
+    target_w, target_h = target
+    scale_w, scale_h = target_w / width, target_h / height
+    if scale_w < scale_h:
+        new_w, new_h = target_w, min(math.ceil(height * scale_w), target_h)
+    else:
+        new_w, new_h = min(math.ceil(width * scale_h), target_w), target_h
+    resized = image.resize((new_w, new_h), Image.BICUBIC)
+    canvas = Image.new("RGB", (target_w, target_h), (0, 0, 0))
+    canvas.paste(resized, ((target_w - new_w) // 2, (target_h - new_h) // 2))
+    return canvas
+
+
+def check_image(image: Any, index: int = 0) -> Image.Image:
+    """Return ``image`` as RGB, or raise ImageInputError saying what is wrong with it."""
+    if not isinstance(image, Image.Image):
+        raise ImageInputError(
+            f"image {index} must be a PIL.Image.Image, got {type(image).__name__}"
+        )
+    width, height = image.size
+    if image.mode not in CONVERTIBLE_MODES:
+        raise ImageInputError(
+            f"image {index} has mode {image.mode!r}; expected one of {', '.join(CONVERTIBLE_MODES)}"
+            " (convert high-bit-depth images to 8-bit RGB first)"
+        )
+    if min(width, height) < MIN_IMAGE_SIDE_PX or max(width, height) > MAX_IMAGE_SIDE_PX:
+        raise ImageInputError(
+            f"image {index} is {width}x{height} px; each side must be within "
+            f"[{MIN_IMAGE_SIDE_PX}, {MAX_IMAGE_SIDE_PX}]"
+        )
+    if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
+        raise ImageInputError(
+            f"image {index} is {width}x{height} px, aspect ratio above {MAX_ASPECT_RATIO:g}"
+        )
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+class PulseImageProcessor:
+    """LLaVA's anyres preprocessing with CLIP normalisation, in numpy and PIL."""
+
+    def __init__(self, config: ImagePreprocessConfig, pinpoints: Sequence[tuple[int, int]]):
+        self.config = config
+        self.pinpoints = tuple(tuple(p) for p in pinpoints)
+        for w, h in self.pinpoints:
+            if w % config.crop_size or h % config.crop_size:
+                raise ValueError(
+                    f"image_grid_pinpoints entry {(w, h)} is not a multiple of the CLIP tile "
+                    f"size {config.crop_size}"
+                )
+        self._mean = np.asarray(config.image_mean, dtype=np.float32)
+        self._std = np.asarray(config.image_std, dtype=np.float32)
+
+    def _clip_tile(self, tile: Image.Image) -> np.ndarray:
+        cfg = self.config
+        width, height = tile.size
+        if min(width, height) != cfg.shortest_edge:
+            # CLIPImageProcessor: shortest edge to `shortest_edge`, the other side truncated.
+            if width <= height:
+                size = (cfg.shortest_edge, int(cfg.shortest_edge * height / width))
+            else:
+                size = (int(cfg.shortest_edge * width / height), cfg.shortest_edge)
+            tile = tile.resize(size, Image.BICUBIC)
+        width, height = tile.size
+        if (width, height) != (cfg.crop_size, cfg.crop_size):
+            left = (width - cfg.crop_size) // 2
+            top = (height - cfg.crop_size) // 2
+            tile = tile.crop((left, top, left + cfg.crop_size, top + cfg.crop_size))
+        # Same arithmetic order as transformers' rescale (float64 then float32) and normalise.
+        pixels = (np.asarray(tile, dtype=np.uint8) * (1 / 255)).astype(np.float32)
+        pixels = (pixels - self._mean) / self._std
+        return pixels.transpose(2, 0, 1)
+
+    def tiles(self, image: Image.Image) -> list[Image.Image]:
+        """The overview tile then the anyres grid tiles in raster order, as PIL images."""
+        canvas_size = select_best_resolution(image.size, self.pinpoints)
+        canvas = _resize_and_pad(image, canvas_size)
+        tile_px = self.config.crop_size
+        grid = [
+            canvas.crop((x, y, x + tile_px, y + tile_px))
+            for y in range(0, canvas.size[1], tile_px)
+            for x in range(0, canvas.size[0], tile_px)
+        ]
+        edge = self.config.shortest_edge
+        return [image.resize((edge, edge), Image.BICUBIC), *grid]
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        """One image as a (tiles, 3, crop, crop) float32 tensor."""
+        return torch.from_numpy(np.stack([self._clip_tile(t) for t in self.tiles(image)]))
+
+
+class LlamaSentencePieceTokenizer:
+    """The Llama/Vicuna tokenizer PULSE ships, on sentencepiece alone.
+
+    It reproduces transformers' slow ``LlamaTokenizer`` (what LLaVA loads with
+    ``use_fast=False``): special-token strings (``<s>``, ``</s>``, ``<unk>``) in the text become
+    their ids; with ``legacy: false`` (Vicuna's setting) one word-boundary marker is put in front
+    of the whole text and none after special tokens, with ``legacy: true`` sentencepiece adds
+    one in front of every piece between special tokens.
+    """
+
+    def __init__(self, directory: Path):
+        import sentencepiece as spm
+
+        directory = Path(directory)
+        self.source_dir = directory
+        model_file = directory / "tokenizer.model"
+        if not model_file.is_file():
+            raise FileNotFoundError(f"{directory} has no tokenizer.model (sentencepiece)")
+        cfg_file = directory / "tokenizer_config.json"
+        cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+        self.legacy = bool(cfg.get("legacy", True))
+        self.add_bos_token = bool(cfg.get("add_bos_token", True))
+        self.add_eos_token = bool(cfg.get("add_eos_token", False))
+        self.model_max_length = int(cfg.get("model_max_length", 4096))
+        self._sp = spm.SentencePieceProcessor()
+        self._sp.Load(str(model_file))
+        self._sp_plain = spm.SentencePieceProcessor()
+        if self.legacy:
+            self._sp_plain = self._sp
+        else:
+            # Non-legacy Llama tokenizers switch sentencepiece's dummy prefix off and add the
+            # word-boundary marker themselves.
+            from sentencepiece import sentencepiece_model_pb2 as pb
+
+            proto = pb.ModelProto()
+            proto.ParseFromString(model_file.read_bytes())
+            proto.normalizer_spec.add_dummy_prefix = False
+            self._sp_plain.LoadFromSerializedProto(proto.SerializeToString())
+
+        def token_text(value: Any, default: str) -> str:
+            if isinstance(value, dict):
+                return str(value.get("content", default))
+            return default if value is None else str(value)
+
+        self.unk_token = token_text(cfg.get("unk_token"), "<unk>")
+        self.bos_token = token_text(cfg.get("bos_token"), "<s>")
+        self.eos_token = token_text(cfg.get("eos_token"), "</s>")
+        pad = cfg.get("pad_token")
+        # LLaVA's training sets pad to unk for the v1 template; use that when none is saved.
+        self.pad_token = token_text(pad, self.unk_token) if pad is not None else self.unk_token
+        self.unk_token_id = self._sp.PieceToId(self.unk_token)
+        self.bos_token_id = self._sp.PieceToId(self.bos_token)
+        self.eos_token_id = self._sp.PieceToId(self.eos_token)
+        self.pad_token_id = self._sp.PieceToId(self.pad_token)
+        self._special = {
+            self.unk_token: self.unk_token_id,
+            self.bos_token: self.bos_token_id,
+            self.eos_token: self.eos_token_id,
+        }
+        self._unk_prefix_len = len(self._sp_plain.EncodeAsIds(self.unk_token))
+
+    def __len__(self) -> int:
+        return int(self._sp.GetPieceSize())
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self)
+
+    def _split_special(self, text: str) -> list[str | int]:
+        parts: list[str | int] = []
+        rest = text
+        while rest:
+            hits = [(rest.find(tok), tok) for tok in self._special if tok in rest]
+            if not hits:
+                parts.append(rest)
+                break
+            pos, tok = min(hits, key=lambda h: (h[0], -len(h[1])))
+            if pos:
+                parts.append(rest[:pos])
+            parts.append(self._special[tok])
+            rest = rest[pos + len(tok) :]
+        return parts
+
+    def _encode_piece(self, text: str) -> list[int]:
+        if self.legacy:
+            return list(self._sp.EncodeAsIds(text))
+        if not text.startswith((SPIECE_UNDERLINE, " ")):
+            return list(self._sp_plain.EncodeAsIds(text))
+        # sentencepiece would drop a leading space; shield it behind the unk string, then cut.
+        ids = list(self._sp_plain.EncodeAsIds(self.unk_token + text))
+        return ids[self._unk_prefix_len :]
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``, with BOS in front when the tokenizer config says so."""
+        ids: list[int] = []
+        if self.legacy or not text:
+            parts = self._split_special(text)
+        else:
+            parts = self._split_special(SPIECE_UNDERLINE + text.replace(SPIECE_UNDERLINE, " "))
+            # A bare marker right before a special token is dropped, as transformers does.
+            if len(parts) > 1 and parts[0] == SPIECE_UNDERLINE and isinstance(parts[1], int):
+                parts = parts[1:]
+        for part in parts:
+            ids.extend([part] if isinstance(part, int) else self._encode_piece(part))
+        if add_special_tokens:
+            ids = ([self.bos_token_id] if self.add_bos_token else []) + ids
+            ids = ids + ([self.eos_token_id] if self.add_eos_token else [])
+        return ids
+
+    def __call__(
+        self, text: str | Sequence[str], add_special_tokens: bool = True
+    ) -> dict[str, Any]:
+        """transformers-style call: ``input_ids`` and ``attention_mask``, unpadded lists."""
+        if isinstance(text, str):
+            ids = self.encode(text, add_special_tokens)
+            return {"input_ids": ids, "attention_mask": [1] * len(ids)}
+        ids_list = [self.encode(t, add_special_tokens) for t in text]
+        return {"input_ids": ids_list, "attention_mask": [[1] * len(i) for i in ids_list]}
+
+    def batch_decode(
+        self, rows: Sequence[Sequence[int]], skip_special_tokens: bool = True
+    ) -> list[str]:
+        """``decode`` for each row."""
+        return [self.decode(r, skip_special_tokens) for r in rows]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Text of ``ids``; special tokens dropped by default."""
+        special = set(self._special.values())
+        # Ids past the sentencepiece vocabulary (a model with a larger embedding than its
+        # tokenizer, as in the random 7B GPU check) have no text and are skipped.
+        pieces = [
+            int(i)
+            for i in ids
+            if 0 <= int(i) < len(self) and not (skip_special_tokens and int(i) in special)
+        ]
+        return self._sp.DecodeIds(pieces)
+
+    def tokenize_with_image(self, prompt: str) -> list[int]:
+        """LLaVA's ``tokenizer_image_token``: ``<image>`` becomes ``IMAGE_TOKEN_INDEX``."""
+        chunks = [self.encode(chunk) for chunk in prompt.split(IMAGE_TOKEN)]
+        ids: list[int] = []
+        offset = 0
+        if chunks and chunks[0] and chunks[0][0] == self.bos_token_id:
+            offset = 1
+            ids.append(self.bos_token_id)
+        for i, chunk in enumerate(chunks):
+            if i:
+                ids.append(IMAGE_TOKEN_INDEX)
+            ids.extend(chunk[offset:])
+        return ids
+
+
+class PulseProcessor:
+    """Prompts with one ``<image>`` each plus PIL images -> PULSE model inputs.
+
+    Attributes:
+        tokenizer: the Llama sentencepiece tokenizer.
+        image_processor: anyres tiling plus CLIP normalisation.
+        padding_side: ``left`` (default; required for batched generation) or ``right``.
+    """
+
+    def __init__(
+        self,
+        tokenizer: LlamaSentencePieceTokenizer,
+        image_processor: PulseImageProcessor,
+        padding_side: str = "left",
+    ):
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.padding_side = padding_side
+
+    def pad(self, sequences: Sequence[Sequence[int]], value: int) -> torch.Tensor:
+        """Pad integer sequences to one length on ``padding_side``."""
+        width = max(len(s) for s in sequences)
+        out = torch.full((len(sequences), width), value, dtype=torch.long)
+        for row, seq in enumerate(sequences):
+            if not seq:
+                continue
+            if self.padding_side == "left":
+                out[row, width - len(seq) :] = torch.tensor(list(seq), dtype=torch.long)
+            else:
+                out[row, : len(seq)] = torch.tensor(list(seq), dtype=torch.long)
+        return out
+
+    def encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
+        """Token ids per prompt, each with exactly one ``IMAGE_TOKEN_INDEX``."""
+        out = []
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, str):
+                raise PromptError(f"prompt {i} must be a str, got {type(prompt).__name__}")
+            count = prompt.count(IMAGE_TOKEN)
+            if count != 1:
+                raise PromptError(
+                    f"prompt {i} must contain exactly one {IMAGE_TOKEN!r} placeholder, has {count}"
+                )
+            out.append(self.tokenizer.tokenize_with_image(prompt))
+        return out
+
+    def encode_images(self, images: Sequence[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``pixel_values`` (B, max_tiles, 3, S, S), zero-padded, and ``image_sizes`` (B, 2)."""
+        stacks, sizes = [], []
+        for i, image in enumerate(images):
+            rgb = check_image(image, i)
+            stacks.append(self.image_processor(rgb))
+            sizes.append(rgb.size)
+        max_tiles = max(s.shape[0] for s in stacks)
+        pixel_values = torch.zeros((len(stacks), max_tiles, *stacks[0].shape[1:]))
+        for row, stack in enumerate(stacks):
+            pixel_values[row, : stack.shape[0]] = stack
+        return pixel_values, torch.tensor(sizes, dtype=torch.long)
+
+    def __call__(
+        self, prompts: Sequence[str], images: Sequence[Image.Image]
+    ) -> dict[str, torch.Tensor]:
+        """Batch ``prompts`` (one ``<image>`` each) with their ``images``.
+
+        Returns:
+            ``input_ids`` (B, L) with -200 at the image position, ``attention_mask`` (B, L),
+            ``pixel_values`` (B, T, 3, S, S), ``image_sizes`` (B, 2) as (width, height).
+
+        Raises:
+            PromptError: a prompt without exactly one ``<image>``, or len(prompts) !=
+                len(images), or an empty batch.
+            ImageInputError: an image of a mode or size the model cannot take.
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if isinstance(images, Image.Image):
+            images = [images]
+        if len(prompts) != len(images) or not prompts:
+            raise PromptError(
+                f"need one image per prompt and at least one of each, got {len(prompts)} "
+                f"prompt(s) and {len(images)} image(s)"
+            )
+        ids = self.encode_prompts(prompts)
+        pixel_values, image_sizes = self.encode_images(images)
+        input_ids = self.pad(ids, self.tokenizer.pad_token_id)
+        attention_mask = self.pad([[1] * len(s) for s in ids], 0)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "pixel_values": pixel_values,
+            "image_sizes": image_sizes,
+        }
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Generated ids to text, stopping at the first EOS."""
+        ids = [int(i) for i in ids]
+        if self.tokenizer.eos_token_id in ids:
+            ids = ids[: ids.index(self.tokenizer.eos_token_id)]
+        return self.tokenizer.decode(ids).strip()

@@ -1,0 +1,178 @@
+"""The serving stage's logic: request schemas, validation, errors, images, the GPT-4o proxy.
+
+``serve/app.py`` is thin Ray Serve wiring over this package. Everything here can be tested
+without Ray:
+
+- ``limits``: the named limit constants and ``ServeLimits``;
+- ``errors``: OpenAI's error JSON shape and 400s that name the field at fault;
+- ``chat``: the chat-completions schema, model routing, data-URL images, responses, usage;
+- ``proxy``: the retrying client for the OpenAI-compatible ``gpt-4o`` upstream;
+- ``ecg``: ``/v1/ecg/interpret``'s signals (JSON or WFDB upload), rendering and answers;
+- ``pulse``: ``PulseRunner``, one base model with LoRA adapters sharing its weights;
+- ``args``: ``ServeArgs``, what the app is built from.
+
+Nothing here starts Ray or opens a socket on import; torch, peft and the model code are
+imported inside the functions that need them, so the ingress replica stays light.
+"""
+
+from ecgvlm.serving.args import (
+    MAX_ADAPTERS_PER_REPLICA,
+    AutoscalingArgs,
+    BatchingArgs,
+    ReplicaArgs,
+    ServeArgs,
+    check_paths,
+    parse_adapter_specs,
+)
+from ecgvlm.serving.chat import (
+    ChatCompletionRequest,
+    ChatMessage,
+    ContentPart,
+    DecodedImage,
+    ImagePart,
+    ImageUrl,
+    ModelCard,
+    ModelRoute,
+    TextPart,
+    UsageCounter,
+    check_image_bytes,
+    collect_images,
+    completion_response,
+    decode_data_url,
+    image_data_url,
+    parse_chat_request,
+    requested_max_tokens,
+    resolve_model,
+)
+from ecgvlm.serving.ecg import (
+    DEFAULT_QUESTION,
+    MAX_ABS_MV,
+    WFDB_UPLOAD_SUFFIXES,
+    InterpretJsonRequest,
+    InterpretQuery,
+    check_query,
+    check_signal,
+    interpret_response,
+    parse_model,
+    record_from_json,
+    record_from_wfdb_upload,
+    render_png,
+    safe_upload_name,
+    split_explanation,
+)
+from ecgvlm.serving.errors import (
+    ApiError,
+    bad_request,
+    check_body_size,
+    error_body,
+    parse_json_body,
+    validation_error,
+)
+from ecgvlm.serving.limits import (
+    DEFAULT_MAX_TOKENS,
+    GPT4O_MODEL,
+    IMAGE_MIME_TYPES,
+    LORA_MODEL,
+    MAX_BODY_BYTES,
+    MAX_DURATION_S,
+    MAX_FS_HZ,
+    MAX_IMAGE_PIXELS,
+    MAX_IMAGES_PER_REQUEST,
+    MAX_LEADS,
+    MAX_MESSAGES,
+    MAX_OPTIONS,
+    MAX_TEXT_CHARS,
+    MAX_TOKENS,
+    MIN_DURATION_S,
+    MIN_FS_HZ,
+    MIN_OPTIONS,
+    PULSE_MODEL,
+    ServeLimits,
+)
+from ecgvlm.serving.proxy import (
+    OpenAIProxy,
+    OpenAISettings,
+    backoff_delay_s,
+)
+from ecgvlm.serving.pulse import (
+    GenerateRequest,
+    GenerateResult,
+    PulseRunner,
+    group_requests,
+    read_adapter,
+)
+
+__all__ = [
+    "DEFAULT_MAX_TOKENS",
+    "DEFAULT_QUESTION",
+    "GPT4O_MODEL",
+    "IMAGE_MIME_TYPES",
+    "LORA_MODEL",
+    "MAX_ABS_MV",
+    "MAX_ADAPTERS_PER_REPLICA",
+    "MAX_BODY_BYTES",
+    "MAX_DURATION_S",
+    "MAX_FS_HZ",
+    "MAX_IMAGES_PER_REQUEST",
+    "MAX_IMAGE_PIXELS",
+    "MAX_LEADS",
+    "MAX_MESSAGES",
+    "MAX_OPTIONS",
+    "MAX_TEXT_CHARS",
+    "MAX_TOKENS",
+    "MIN_DURATION_S",
+    "MIN_FS_HZ",
+    "MIN_OPTIONS",
+    "PULSE_MODEL",
+    "WFDB_UPLOAD_SUFFIXES",
+    "ApiError",
+    "AutoscalingArgs",
+    "BatchingArgs",
+    "ChatCompletionRequest",
+    "ChatMessage",
+    "ContentPart",
+    "DecodedImage",
+    "GenerateRequest",
+    "GenerateResult",
+    "ImagePart",
+    "ImageUrl",
+    "InterpretJsonRequest",
+    "InterpretQuery",
+    "ModelCard",
+    "ModelRoute",
+    "OpenAIProxy",
+    "OpenAISettings",
+    "PulseRunner",
+    "ReplicaArgs",
+    "ServeArgs",
+    "ServeLimits",
+    "TextPart",
+    "UsageCounter",
+    "backoff_delay_s",
+    "bad_request",
+    "check_body_size",
+    "check_image_bytes",
+    "check_paths",
+    "check_query",
+    "check_signal",
+    "collect_images",
+    "completion_response",
+    "decode_data_url",
+    "error_body",
+    "group_requests",
+    "image_data_url",
+    "interpret_response",
+    "parse_adapter_specs",
+    "parse_chat_request",
+    "parse_json_body",
+    "parse_model",
+    "read_adapter",
+    "record_from_json",
+    "record_from_wfdb_upload",
+    "render_png",
+    "requested_max_tokens",
+    "resolve_model",
+    "safe_upload_name",
+    "split_explanation",
+    "validation_error",
+]

@@ -1,0 +1,145 @@
+"""The endpoint's arguments (serve/config.yaml's ``args``): models, upstream, limits, replicas."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ecgvlm.serving.limits import ServeLimits
+from ecgvlm.serving.proxy import OpenAISettings
+
+#: Adapters kept loaded per PULSE replica by Serve's multiplexing cache (least recently used
+#: are evicted beyond this); ``@serve.multiplexed`` fixes it when the class is defined.
+MAX_ADAPTERS_PER_REPLICA = 4
+
+
+class BatchingArgs(BaseModel):
+    """``@serve.batch`` settings of the PULSE replica; max_batch_size 1 turns batching off."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_batch_size: int = Field(8, ge=1, le=256)
+    batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=10.0)
+
+
+class AutoscalingArgs(BaseModel):
+    """Serve autoscaling: replicas follow the ongoing requests per replica."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(8.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AutoscalingArgs:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) must be <= max_replicas "
+                f"({self.max_replicas})"
+            )
+        return self
+
+
+class ReplicaArgs(BaseModel):
+    """Replica count (fixed or autoscaled), resources and concurrency of one deployment.
+
+    ``num_cpus`` is fractional on purpose: local runs give Ray logical CPUs and a replica
+    holding a whole core starves a trainer on a 2-core machine (DESIGN.md).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    num_replicas: int = Field(1, ge=1)
+    autoscaling: AutoscalingArgs | None = None
+    num_cpus: float = Field(0.5, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    max_ongoing_requests: int = Field(64, ge=1)
+
+    def deployment_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``Deployment.options``."""
+        opts: dict[str, Any] = {
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "max_ongoing_requests": self.max_ongoing_requests,
+        }
+        if self.autoscaling is not None:
+            opts["autoscaling_config"] = self.autoscaling.model_dump()
+        else:
+            opts["num_replicas"] = self.num_replicas
+        return opts
+
+
+class ServeArgs(BaseModel):
+    """Everything the endpoint is built from (``serve/config.yaml``'s ``args``).
+
+    Attributes:
+        model_dir: PULSE checkpoint directory; None serves only ``gpt-4o``.
+        adapters: Adapter name -> PEFT directory; the first is ``pulse-lora``.
+        dtype: Weight dtype on the replica (``float32``, ``bfloat16``, ``float16``).
+        device: ``auto`` (CUDA when the replica has a GPU), ``cpu`` or ``cuda``.
+        openai: The ``gpt-4o`` upstream.
+        limits: Request limits.
+        auth_token_env: Environment variable holding the bearer token clients must send;
+            unset or empty turns auth off. Read by the app builder, never logged.
+        batching: PULSE request batching.
+        pulse, gateway, proxy: Replicas and resources of each deployment.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model_dir: str | None = None
+    adapters: dict[str, str] = Field(default_factory=dict)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    openai: OpenAISettings = Field(default_factory=OpenAISettings)
+    limits: ServeLimits = Field(default_factory=ServeLimits)
+    auth_token_env: str = "ECGVLM_API_TOKEN"
+    batching: BatchingArgs = Field(default_factory=BatchingArgs)
+    pulse: ReplicaArgs = Field(default_factory=lambda: ReplicaArgs(num_cpus=1.0))
+    gateway: ReplicaArgs = Field(default_factory=lambda: ReplicaArgs(num_cpus=0.25,
+                                                                     max_ongoing_requests=256))
+    proxy: ReplicaArgs = Field(default_factory=lambda: ReplicaArgs(num_cpus=0.1))
+
+    @model_validator(mode="after")
+    def _check_adapters(self) -> ServeArgs:
+        for name in self.adapters:
+            if not name or not all(c.isalnum() or c in "._-" for c in name):
+                raise ValueError(
+                    f"adapters: name {name!r} must be letters, digits, '.', '_' or '-'"
+                )
+        if self.adapters and self.model_dir is None:
+            raise ValueError("adapters need model_dir (the base model they were trained on)")
+        return self
+
+    def served_adapters(self) -> list[str]:
+        return list(self.adapters)
+
+
+def check_paths(args: ServeArgs) -> None:
+    """Raise ValueError naming the field when ``model_dir`` or an adapter is not a directory.
+
+    Checked where the app is built (on the cluster for ``serve deploy``), before any replica
+    starts.
+    """
+    import os
+
+    paths = [("model_dir", args.model_dir)]
+    paths += [(f"adapters.{n}", p) for n, p in args.adapters.items()]
+    for what, path in paths:
+        if path is not None and not os.path.isdir(path):
+            raise ValueError(f"{what}: {path} is not a directory")
+
+
+def parse_adapter_specs(specs: Iterable[str]) -> dict[str, str]:
+    """``["NAME=DIR", ...]`` (the CLI's ``--adapter``) as an ordered name -> dir mapping."""
+    adapters: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--adapter must look like NAME=DIR, got {spec!r}")
+        if name in adapters:
+            raise ValueError(f"--adapter {name} is given twice")
+        adapters[name] = path
+    return adapters

@@ -1,0 +1,381 @@
+"""The ecgvlm endpoint on Ray Serve: PULSE, PULSE+LoRA and a GPT-4o proxy behind one ingress.
+
+Three deployments, wired by ``build_app(ServeArgs)``:
+
+* ``Gateway`` (FastAPI ingress): auth, body limits, validation, rendering, routing.
+* ``PulseModel``: base weights loaded once per replica, LoRA adapters multiplexed onto them
+  (``@serve.multiplexed``), requests batched (``@serve.batch``) and grouped by adapter.
+* ``Gpt4oProxy``: the retrying OpenAI client with a concurrency limit.
+
+The logic lives in ``ecgvlm.serving``; this file is wiring. Run it with
+``serve run serve/config.yaml`` or ``ecgvlm serve --model-dir DIR`` (see docs/serve.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import SecretStr
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ecgvlm import serving as sv
+
+logger = logging.getLogger("ray.serve")
+
+#: How long /readyz waits for a model deployment to answer.
+READY_TIMEOUT_S = 5.0
+
+# No /docs or /openapi.json: every route but the health checks sits behind auth.
+app = FastAPI(title="ecgvlm", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@app.exception_handler(sv.ApiError)
+async def _api_error(request: Request, e: sv.ApiError) -> JSONResponse:
+    return JSONResponse(e.to_json(), status_code=e.status)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+    kind = "not_found" if e.status_code == 404 else "invalid_request_error"
+    return JSONResponse(sv.error_body(str(e.detail), kind), status_code=e.status_code)
+
+
+@app.exception_handler(Exception)
+async def _internal_error(request: Request, e: Exception) -> JSONResponse:
+    # A bug, not a bad request: logged with its traceback, answered without internals.
+    logger.exception("unhandled error on %s", request.url.path)
+    return JSONResponse(
+        sv.error_body(f"internal error ({type(e).__name__})", "server_error"), status_code=500
+    )
+
+
+@serve.deployment
+class PulseModel:
+    """PULSE on one replica: shared base weights, multiplexed adapters, batched requests."""
+
+    def __init__(self, args: sv.ServeArgs) -> None:
+        assert args.model_dir is not None
+        self.runner = sv.PulseRunner(
+            args.model_dir, args.adapters, dtype=args.dtype, device=args.device
+        )
+        self.default_adapter = next(iter(args.adapters), None)
+        if self.default_adapter is not None:
+            self.runner.load_adapter(self.default_adapter)  # pulse-lora answers at once
+        self.generate_batch.set_max_batch_size(args.batching.max_batch_size)
+        self.generate_batch.set_batch_wait_timeout_s(args.batching.batch_wait_timeout_s)
+
+    @serve.multiplexed(max_num_models_per_replica=sv.MAX_ADAPTERS_PER_REPLICA)
+    async def get_adapter(self, adapter: str) -> _AdapterLease:
+        await asyncio.to_thread(self.runner.load_adapter, adapter)
+        return _AdapterLease(self.runner, adapter, pinned=adapter == self.default_adapter)
+
+    async def generate(self, req: sv.GenerateRequest) -> sv.GenerateResult:
+        adapter = serve.get_multiplexed_model_id()
+        if adapter:
+            await self.get_adapter(adapter)
+        return await self.generate_batch(req)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def generate_batch(self, reqs: list[sv.GenerateRequest]) -> list[sv.GenerateResult]:
+        # One batch at a time (max_concurrent_batches=1): the thread keeps the replica's
+        # event loop free for health checks and queueing while the model runs.
+        return await asyncio.to_thread(self.runner.generate, reqs)
+
+    def stats(self) -> dict[str, Any]:
+        return self.runner.stats()
+
+
+class _AdapterLease:
+    """What Serve's multiplexing cache holds per adapter; eviction frees its LoRA weights.
+
+    Serve calls the instance's ``__del__`` attribute on eviction. It is set on the instance
+    (not the class) so that garbage collection never unloads an adapter a newer lease holds.
+    """
+
+    def __init__(self, runner: sv.PulseRunner, name: str, pinned: bool) -> None:
+        self.name = name
+        self.__del__ = (lambda: None) if pinned else (lambda: runner.unload_adapter(name))
+
+
+@serve.deployment
+class Gpt4oProxy:
+    """The ``gpt-4o`` route: an OpenAI-compatible upstream behind retries and a limit."""
+
+    def __init__(self, settings: sv.OpenAISettings, api_key: SecretStr | None) -> None:
+        self.proxy = sv.OpenAIProxy(settings, api_key)
+
+    def status(self) -> dict[str, Any]:
+        return {"available": self.proxy.available, "reason": self.proxy.unavailable_reason,
+                "attempts": self.proxy.attempts}
+
+    async def complete(self, req: sv.ChatCompletionRequest) -> dict[str, Any]:
+        # Upstream failures are answers, not crashes: returned (not raised) so the replica
+        # log is not filled with tracebacks of every 429.
+        try:
+            return {"completion": await self.proxy.complete(req)}
+        except sv.ApiError as e:
+            return {"error": e}
+
+
+@serve.deployment
+@serve.ingress(app)
+class Gateway:
+    """The HTTP ingress: every route checks auth and limits before any model sees a request."""
+
+    def __init__(
+        self,
+        pulse: DeploymentHandle | None,
+        proxy: DeploymentHandle,
+        args: sv.ServeArgs,
+        auth_token: SecretStr | None,
+    ) -> None:
+        self.pulse = pulse
+        self.proxy = proxy
+        self.args = args
+        self.limits = args.limits
+        self.adapters = args.served_adapters()
+        self._token = auth_token.get_secret_value().encode() if auth_token else None
+        self.usage = sv.UsageCounter()
+        self._pulse_handles: dict[str, DeploymentHandle] = {}
+
+    # -- helpers -------------------------------------------------------------------------
+    def _authorize(self, request: Request) -> None:
+        if self._token is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
+                                                                  self._token):
+            raise sv.ApiError(
+                401,
+                "missing or wrong bearer token: send 'Authorization: Bearer <token>' with "
+                f"the token set in {self.args.auth_token_env} where the endpoint runs",
+                "authentication_error", code="invalid_api_key",
+            )
+
+    async def _read_body(self, request: Request) -> bytes:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit():
+            sv.check_body_size(int(length), self.limits)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            sv.check_body_size(size, self.limits)  # chunked bodies stop at the limit
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _run_pulse(self, route: sv.ModelRoute, req: sv.GenerateRequest) -> sv.GenerateResult:
+        if self.pulse is None:
+            raise sv.ApiError(503, "pulse is not served here: start the endpoint with "
+                              "model_dir (ecgvlm serve --model-dir DIR)",
+                              "service_unavailable", "model", "model_unavailable")
+        key = route.adapter or ""
+        handle = self._pulse_handles.get(key)
+        if handle is None:  # one handle per adapter, reused: options() builds a new handle
+            handle = self._pulse_handles[key] = self.pulse.options(multiplexed_model_id=key)
+        return await handle.generate.remote(req)
+
+    async def _run_proxy(self, req: sv.ChatCompletionRequest) -> dict[str, Any]:
+        out = await self.proxy.complete.remote(req)
+        if "error" in out:
+            raise out["error"]
+        return out["completion"]
+
+    # -- routes --------------------------------------------------------------------------
+    @app.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(self) -> JSONResponse:
+        checks: dict[str, Any] = {}
+        ok = True
+        if self.pulse is not None:
+            try:
+                checks["pulse"] = await asyncio.wait_for(
+                    self.pulse.stats.remote(), READY_TIMEOUT_S
+                )
+            except Exception as e:  # noqa: BLE001 - reported, not raised: readiness is the answer
+                checks["pulse"] = {"error": type(e).__name__}
+                ok = False
+        try:
+            checks["gpt-4o"] = await asyncio.wait_for(self.proxy.status.remote(), READY_TIMEOUT_S)
+        except Exception as e:  # noqa: BLE001 - as above
+            checks["gpt-4o"] = {"error": type(e).__name__}
+        return JSONResponse({"ready": ok, "checks": checks}, status_code=200 if ok else 503)
+
+    @app.get("/v1/models")
+    async def models(self, request: Request) -> dict[str, Any]:
+        self._authorize(request)
+        proxy = await self.proxy.status.remote()
+        no_pulse = None if self.pulse is not None else "started without model_dir"
+        cards = [sv.ModelCard(id=sv.PULSE_MODEL, available=no_pulse is None, reason=no_pulse)]
+        if self.adapters:
+            cards.append(sv.ModelCard(id=sv.LORA_MODEL, adapter=self.adapters[0]))
+            cards += [sv.ModelCard(id=f"{sv.LORA_MODEL}:{a}", adapter=a) for a in self.adapters]
+        cards.append(sv.ModelCard(id=sv.GPT4O_MODEL, owned_by="openai",
+                                  available=proxy["available"], reason=proxy["reason"]))
+        return {"object": "list", "data": [c.model_dump() for c in cards]}
+
+    @app.get("/v1/usage")
+    async def usage_counts(self, request: Request) -> dict[str, Any]:
+        self._authorize(request)
+        return {"object": "usage", "replica_models": self.usage.to_json()}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> JSONResponse:
+        self._authorize(request)
+        req = sv.parse_chat_request(await self._read_body(request), self.limits)
+        route = sv.resolve_model(req.model, self.adapters)
+        images = sv.collect_images(req, self.limits)
+        try:
+            if route.kind == "proxy":
+                out = await self._run_proxy(req)
+            else:
+                out = await self._chat_pulse(req, route, images)
+        except sv.ApiError:
+            self.usage.add(route.name, error=True)
+            raise
+        self.usage.add(route.name, out.get("usage"))
+        return JSONResponse(out)
+
+    async def _chat_pulse(
+        self, req: sv.ChatCompletionRequest, route: sv.ModelRoute, images: list[sv.DecodedImage]
+    ) -> dict[str, Any]:
+        from ecgvlm.prompt import PromptError, prompt_from_messages
+
+        if len(images) != 1:
+            raise sv.bad_request(
+                f"{route.name} reads exactly one image per request (an image_url part with a "
+                f"PNG or JPEG data URL), got {len(images)}",
+                param="messages", code="image_required",
+            )
+        try:
+            prompt, _ = prompt_from_messages([m.model_dump(exclude_none=True)
+                                              for m in req.messages])
+        except PromptError as e:
+            raise sv.bad_request(str(e), param="messages") from e
+        max_new = sv.requested_max_tokens(req, self.limits)
+        result = await self._run_pulse(route, sv.GenerateRequest(
+            prompt=prompt, image=images[0].data, adapter=route.adapter,
+            max_new_tokens=max_new, temperature=req.temperature or 0.0, seed=req.seed or 0,
+        ))
+        finish = "length" if result.completion_tokens >= max_new else "stop"
+        return sv.completion_response(route.name, result.text, result.prompt_tokens,
+                                      result.completion_tokens, finish)
+
+    @app.post("/v1/ecg/interpret")
+    async def interpret(self, request: Request) -> JSONResponse:
+        self._authorize(request)
+        body = await self._read_body(request)
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype == "application/json":
+            req = sv.parse_model(sv.InterpretJsonRequest, sv.parse_json_body(body))
+            query: sv.InterpretQuery = req
+            record = sv.record_from_json(req, self.limits)
+        elif ctype == "multipart/form-data":
+            query, record = await self._parse_upload(request, body)
+        else:
+            raise sv.ApiError(
+                415, f"content-type must be application/json (samples, fs_hz, leads) or "
+                f"multipart/form-data (a WFDB .hea with its .dat/.mat), got {ctype!r}",
+                param="content-type", code="unsupported_media_type")
+        route = sv.resolve_model(query.model, self.adapters)
+        question, options = sv.check_query(query, self.limits)
+        png = await asyncio.to_thread(sv.render_png, record)
+        max_new = query.max_tokens or self.limits.default_max_tokens
+        try:
+            if route.kind == "proxy":
+                from ecgvlm.prompt import chat_messages
+
+                chat = sv.ChatCompletionRequest.model_validate({
+                    "model": route.name, "messages": chat_messages(question, options, png),
+                    "max_tokens": max_new, "temperature": query.temperature, "seed": query.seed,
+                })
+                out = await self._run_proxy(chat)
+                text = out["choices"][0]["message"].get("content") or ""
+                usage = out.get("usage") or {}
+            else:
+                from ecgvlm.prompt import build_prompt
+
+                result = await self._run_pulse(route, sv.GenerateRequest(
+                    prompt=build_prompt(question, options), image=png, adapter=route.adapter,
+                    max_new_tokens=max_new, temperature=query.temperature or 0.0,
+                    seed=query.seed or 0,
+                ))
+                text = result.text
+                usage = {"prompt_tokens": result.prompt_tokens,
+                         "completion_tokens": result.completion_tokens,
+                         "total_tokens": result.prompt_tokens + result.completion_tokens}
+        except sv.ApiError:
+            self.usage.add(route.name, error=True)
+            raise
+        self.usage.add(route.name, usage)
+        return JSONResponse(sv.interpret_response(
+            route.name, text, question, options, usage, png if query.return_image else None
+        ))
+
+    async def _parse_upload(self, request: Request, body: bytes) -> tuple[sv.InterpretQuery, Any]:
+        async def replay() -> dict[str, Any]:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        try:
+            form = await Request(request.scope, replay).form(max_files=8, max_fields=16)
+        except Exception as e:  # python-multipart's errors: malformed bodies, too many parts
+            raise sv.bad_request(f"malformed multipart body: {e}", code="invalid_multipart") from e
+        files: dict[str, bytes] = {}
+        fields: dict[str, Any] = {}
+        try:
+            for key, value in form.multi_items():
+                if isinstance(value, UploadFile):
+                    name = sv.safe_upload_name(value.filename, param=key)
+                    files[name] = await value.read()
+                elif key == "options":
+                    fields.setdefault("options", []).append(value)
+                else:
+                    fields[key] = value
+        finally:
+            await form.close()
+        opts = fields.get("options")
+        if opts is not None and len(opts) == 1 and opts[0].lstrip().startswith("["):
+            fields["options"] = sv.parse_json_body(opts[0].encode())
+        query = sv.parse_model(sv.InterpretQuery, fields)
+        record = await asyncio.to_thread(
+            sv.record_from_wfdb_upload, files, self.limits, query.dataset
+        )
+        return query, record
+
+
+def build_app(args: sv.ServeArgs | dict[str, Any]) -> serve.Application:
+    """The Serve application: ``Gateway`` over ``PulseModel`` and ``Gpt4oProxy``.
+
+    Secrets are read here from the environment named by ``args`` (``OPENAI_API_KEY``,
+    ``ECGVLM_API_TOKEN`` by default) and handed to the replicas as ``SecretStr``, so they
+    never appear in reprs or logs; a replica whose builder saw no key still reads its own
+    environment.
+
+    Raises:
+        ValueError: when ``model_dir`` or an adapter directory does not exist.
+    """
+    if not isinstance(args, sv.ServeArgs):
+        args = sv.ServeArgs.model_validate(args)
+    sv.check_paths(args)
+    api_key = os.environ.get(args.openai.api_key_env) or None
+    token = os.environ.get(args.auth_token_env) or None
+    pulse = None
+    if args.model_dir is not None:
+        pulse = PulseModel.options(**args.pulse.deployment_options()).bind(args)
+    proxy = Gpt4oProxy.options(**args.proxy.deployment_options()).bind(
+        args.openai, SecretStr(api_key) if api_key else None
+    )
+    return Gateway.options(**args.gateway.deployment_options()).bind(
+        pulse, proxy, args, SecretStr(token) if token else None
+    )

@@ -1,0 +1,75 @@
+"""A tiny prepared MCQ split in the Parquet layout ``ecgvlm prepare`` writes (for tests/benchmarks).
+
+Columns as in the prepare stage: sample_id, dataset, record_id, png (bytes), question, options,
+option_labels, answer_index, answer_letter, target_text, labels. The question stem names the
+sample id, so a fake endpoint can answer per sample.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+
+# (label, option text, explanation); labels are ecgvlm.labels abbreviations but the last.
+FINDINGS = (
+    ("NSR", "Sinus rhythm", "Regular P-QRS-T at 60-100 bpm with normal intervals."),
+    ("AF", "Atrial fibrillation", "Irregularly irregular RR intervals and no discernible P waves."),
+    ("RBBB", "Right bundle branch block", "QRS >= 120 ms with rsR' in V1 and wide S in I and V6."),
+    ("LBBB", "Left bundle branch block", "QRS >= 120 ms, broad notched R in I, aVL, V5-V6."),
+    ("XYZ", "A finding the knowledge base lacks", "Explained by the target text only."),
+)
+LETTERS = "ABCD"
+
+
+def tiny_png(seed: int, size: tuple[int, int] = (64, 48)) -> bytes:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 255, size=(size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def sample_rows(n_per_dataset: int, datasets=("cpsc2018", "mitdb"), seed: int = 0,
+                png_size: tuple[int, int] = (64, 48)) -> list[dict]:
+    """Rows of a seeded split: true label, options and answer position vary per sample."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for dataset in datasets:
+        for i in range(n_per_dataset):
+            sample_id = f"{dataset}/r{i:03d}#0"
+            chosen = rng.choice(len(FINDINGS), size=len(LETTERS), replace=False)
+            answer_index = int(rng.integers(0, len(LETTERS)))
+            label, _, explanation = FINDINGS[chosen[answer_index]]
+            letter = LETTERS[answer_index]
+            rows.append({
+                "sample_id": sample_id,
+                "dataset": dataset,
+                "record_id": f"{dataset}/r{i:03d}",
+                "png": tiny_png(seed * 100_003 + i + 7919 * len(rows), png_size),
+                "question": f"Which finding does ECG {sample_id} show?",
+                "options": [FINDINGS[j][1] for j in chosen],
+                "option_labels": [FINDINGS[j][0] for j in chosen],
+                "answer_index": answer_index,
+                "answer_letter": letter,
+                "target_text": f"The answer is {letter}. {explanation}",
+                "labels": [label],
+            })
+    return rows
+
+
+def write_split(root: Path, rows: list[dict], split: str = "test", shards: int = 2) -> Path:
+    """Write rows as ``<root>/<split>/part-<k>.parquet`` shards; return ``root``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = Path(root) / split
+    out.mkdir(parents=True, exist_ok=True)
+    for k in range(shards):
+        part = rows[k::shards]
+        if part:
+            pq.write_table(pa.Table.from_pylist(part), out / f"part-{k:03d}.parquet")
+    return Path(root)

@@ -1,0 +1,329 @@
+"""The evaluation job end to end over real HTTP on loopback, and resuming a killed run.
+
+The endpoint is the fake OpenAI-compatible server (tests/fakes/openai_server.py) answering
+per sample and model by a fixed rule, so every prediction is known in advance; the judge is a
+second fake server returning valid JSON, malformed JSON once, and malformed JSON twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from ecgvlm.config import load_config
+from ecgvlm.evaluate import ChatClient, EvalConfig, PredictionStore, evaluate
+from ecgvlm.judge import RUBRIC_VERSION
+from tests.fakes.mcq_split import sample_rows, write_split
+from tests.fakes.openai_server import FakeOpenAIServer, Reply
+from tests.unit.test_report import parse_cell, parse_markdown_tables
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+N_PER_DATASET = 8
+ROWS = sample_rows(N_PER_DATASET)
+BY_ID = {r["sample_id"]: r for r in ROWS}
+EXPLANATION = {"pulse": "Regular rhythm seen in lead II.", "pulse-lora": "Wide QRS in V1."}
+# As our endpoint lists models when the server has no OpenAI key.
+SERVED = ("pulse", "pulse-lora", {"id": "gpt-4o", "object": "model", "owned_by": "openai",
+                                  "available": False, "reason": "OPENAI_API_KEY is not set"})
+
+
+def _index(sample_id: str) -> int:
+    return int(re.search(r"/r(\d+)#", sample_id).group(1))
+
+
+def expected_letter(sample_id: str, model: str) -> str | None:
+    """The fake endpoint's rule (None: it answers something unparseable)."""
+    i = _index(sample_id)
+    if model == "pulse":
+        return None if i % 5 == 4 else "B"
+    correct = BY_ID[sample_id]["answer_letter"]
+    return correct if i % 4 != 3 else "ABCD"[("ABCD".index(correct) + 1) % 4]
+
+
+def endpoint_responder(request):
+    text = request["messages"][-1]["content"][-1]["text"]
+    sample_id = re.search(r"ECG (\S+) show", text).group(1)
+    letter = expected_letter(sample_id, request["model"])
+    if letter is None:
+        return "I cannot tell from this tracing."
+    return f"The answer is {letter}. {EXPLANATION[request['model']]}"
+
+
+def judge_responder(request):
+    messages = request["messages"]
+    user = messages[1]["content"]
+    i = _index(re.search(r"ECG (\S+) show", user).group(1))
+    is_pulse = "cannot tell" in user or EXPLANATION["pulse"] in user
+    base = 2 if is_pulse else 4
+    valid = json.dumps({"factual_accuracy": base, "completeness": base, "detail_quality": base,
+                        "context_understanding": base, "hallucination": 6 - base,
+                        "rationale": "ok"})
+    if i == 1 and len(messages) == 2:
+        return "Here are my scores: 4/5"  # malformed once, valid when asked again
+    if i == 2 and is_pulse:
+        return json.dumps({"factual_accuracy": 9})  # malformed twice: a recorded failure
+    return valid
+
+
+@pytest.fixture
+def split_dir(tmp_path):
+    return write_split(tmp_path / "prepared", ROWS)
+
+
+def _config(split_dir, out, endpoint, judge_url, **kw):
+    judge = {"base_url": judge_url, "api_key_env": "ECGVLM_TEST_NO_KEY", "n_samples": 100,
+             "concurrency": 4, "timeout_s": 10}
+    data = {"data_dir": str(split_dir), "output_dir": str(out), "endpoint": endpoint,
+            "models": ["pulse", "pulse-lora", "gpt-4o"], "concurrency": 2, "batch_size": 4,
+            "timeout_s": 10, "max_retries": 2, "backoff_s": 0.01, "n_boot": 100,
+            "progress": False, "judge": judge}
+    data.update(kw)
+    return data
+
+
+def test_evaluate_end_to_end_with_fake_endpoint_and_judge(ray_local, split_dir, tmp_path):
+    out = tmp_path / "eval"
+    with FakeOpenAIServer(endpoint_responder, models=SERVED) as endpoint, \
+            FakeOpenAIServer(judge_responder, models=("gpt-4o",)) as judge_server:
+        # The first two requests fail transiently: retried, not recorded as errors.
+        endpoint.script(Reply(status=503), Reply(status=429, headers={"Retry-After": "0"}))
+        cfg_path = tmp_path / "eval.yaml"
+        cfg_path.write_text(yaml.safe_dump(_config(split_dir, out, endpoint.base_url,
+                                                   judge_server.base_url)))
+        config = load_config(EvalConfig, cfg_path)
+        report, written = evaluate(config)
+        n_chat = len(endpoint.chat_requests)
+        last_request = endpoint.chat_requests[-1].json
+        judge_requests = judge_server.chat_requests
+
+    # predictions.parquet: one row per (sample, served model), exactly the endpoint's answers.
+    pred = pd.read_parquet(out / "predictions.parquet")
+    for col in ("sample_id", "dataset", "model", "true_label", "answer_letter",
+                "predicted_letter", "predicted_label", "explanation", "raw_text", "error",
+                "latency_s"):
+        assert col in pred.columns, col
+    assert len(pred) == 2 * len(ROWS) and not pred.duplicated(["sample_id", "model"]).any()
+    assert n_chat == 2 * len(ROWS) + 2  # two retried requests
+    assert pred["error"].isna().all()
+    for row in pred.itertuples():
+        want = expected_letter(row.sample_id, row.model)
+        assert (row.predicted_letter if isinstance(row.predicted_letter, str) else None) == want
+        sample = BY_ID[row.sample_id]
+        assert row.true_label == sample["option_labels"][sample["answer_index"]]
+        if want:
+            assert row.predicted_label == sample["option_labels"]["ABCD".index(want)]
+            assert row.explanation == EXPLANATION[row.model]
+    # Each request carried the question with its lettered options and the PNG as a data URL.
+    content = last_request["messages"][-1]["content"]
+    sample = BY_ID[re.search(r"ECG (\S+) show", content[-1]["text"]).group(1)]
+    assert content[0]["image_url"]["url"].startswith("data:image/png;base64,")
+    assert f"D. {sample['options'][3]}" in content[-1]["text"]
+    assert last_request["temperature"] == 0
+    # The parts were consolidated into predictions.parquet.
+    assert list((out / "predictions").glob("*.parquet")) == []
+
+    # metrics.json: pulse-lora answers samples 0,1,2,4,5,6 of 8 right per data set: 6/8.
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert sorted(metrics) == ["prior-baseline", "pulse", "pulse-lora"]
+    lora = metrics["pulse-lora"]["cpsc2018"]
+    assert lora["weighted_recall"] == pytest.approx(6 / 8) and lora["n"] == 8
+    # pulse: sample 4 of each data set is unparseable.
+    assert metrics["pulse"]["mitdb"]["unparseable_rate"] == pytest.approx(1 / 8)
+    assert report.unavailable == {
+        "gpt-4o": "the endpoint says it is unavailable: OPENAI_API_KEY is not set"}
+
+    # Judge: json mode at temperature 0; one re-ask succeeded, one sample failed twice.
+    assert all(r.json["temperature"] == 0 for r in judge_requests)
+    assert all(r.json["response_format"] == {"type": "json_object"} for r in judge_requests)
+    # The judge saw the correct option and the knowledge base's description of its finding
+    # (the target text's explanation for a finding the knowledge base lacks).
+    from ecgvlm.knowledge import knowledge_base
+
+    for r in judge_requests:
+        user = r.json["messages"][1]["content"]
+        sample = BY_ID[re.search(r"ECG (\S+) show", user).group(1)]
+        label = sample["option_labels"][sample["answer_index"]]
+        want = ("Explained by the target text only." if label == "XYZ"
+                else knowledge_base()[label].description)
+        assert want in user
+        assert f"Correct answer: {sample['options'][sample['answer_index']]}" in user
+    judged = pd.read_parquet(out / "judge.parquet")
+    assert len(judged) == 2 * len(ROWS)
+    assert (judged["rubric_version"] == RUBRIC_VERSION).all()
+    failed = judged[judged["failure"].notna()]
+    assert sorted(failed["sample_id"].map(_index)) == [2, 2]
+    assert set(failed["model"]) == {"pulse"}
+    retried = judged[(judged["attempts"] == 2) & judged["failure"].isna()]
+    assert sorted(retried["sample_id"].map(_index)) == [1, 1, 1, 1]
+
+    # report.md: both tables parse; gpt-4o rows say why they are missing.
+    text = (out / "report.md").read_text()
+    table1, table2 = parse_markdown_tables(text)[:2]
+    t1 = {(r["Dataset"], r["Model"]): r for r in table1}
+    assert parse_cell(t1[("cpsc2018", "pulse-lora")]["Weighted recall"])[0] == 0.75
+    assert t1[("all", "gpt-4o")]["Note"].endswith("unavailable: OPENAI_API_KEY is not set")
+    t2 = {(r["Dataset"], r["Model"]): r for r in table2}
+    assert t2[("mitdb", "pulse")]["Failures"] == "1"
+    assert parse_cell(t2[("mitdb", "pulse-lora")]["Factual accuracy"])[0] == 4.0
+    assert parse_cell(t2[("mitdb", "pulse")]["Hallucination (lower is better)"])[0] == 4.0
+    for name in ("confusion_pulse.png", "confusion_pulse-lora.png", "metrics_bars.png",
+                 "judge_scores.png", "config.yaml"):
+        assert (out / name).is_file(), name
+    assert RUBRIC_VERSION in text and "prompt_version" in text
+
+    # A rerun with everything stored asks the endpoint nothing and gives the same rows.
+    with FakeOpenAIServer(endpoint_responder, models=("pulse", "pulse-lora")) as endpoint, \
+            FakeOpenAIServer(judge_responder, models=("gpt-4o",)) as judge_server:
+        config = load_config(EvalConfig, cfg_path, [f"endpoint={endpoint.base_url}",
+                                                    f"judge.base_url={judge_server.base_url}"])
+        evaluate(config)
+        assert endpoint.chat_requests == []
+        # Stored successful judgements are reused; only the failed ones are asked again.
+        assert len(judge_server.chat_requests) == 2 * 2
+    again = pd.read_parquet(out / "predictions.parquet")
+    pd.testing.assert_frame_equal(again, pred)
+
+
+def test_killed_run_resumes_without_redoing_or_duplicating(ray_local, split_dir, tmp_path):
+    out = tmp_path / "eval"
+    total = 2 * len(ROWS)
+
+    def slow(request):
+        time.sleep(0.4)  # 32 requests at concurrency 2 take >= 6 s: time to kill midway
+        return endpoint_responder(request)
+
+    with FakeOpenAIServer(slow, models=("pulse", "pulse-lora")) as endpoint:
+        cfg = _config(split_dir, out, endpoint.base_url, None, flush_every=1,
+                      models=["pulse", "pulse-lora"])
+        cfg["judge"] = {"enabled": False}
+        cfg_path = tmp_path / "eval.yaml"
+        cfg_path.write_text(yaml.safe_dump(cfg))
+        env = {**os.environ, "PYTHONPATH": str(REPO),
+               "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "jobs.evaluate", "--config", str(cfg_path)],
+            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        # flush_every=1: one part file per finished prediction, so counting files is cheap.
+        deadline = time.monotonic() + 300  # generous: the shared CI machine may be loaded
+        try:
+            while time.monotonic() < deadline and proc.poll() is None:
+                if len(list((out / "predictions").glob("part-*.parquet"))) >= 4:
+                    break
+                time.sleep(0.02)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+        stored = PredictionStore(out).done_keys()
+        assert 4 <= len(stored) < total, (len(stored), proc.stderr.read().decode()[-2000:])
+        assert not (out / "predictions.parquet").exists()  # killed before consolidating
+        requested_before = len(endpoint.chat_requests)
+
+        evaluate(load_config(EvalConfig, cfg_path))
+        second_run = endpoint.chat_requests[requested_before:]
+
+    asked_again = {(re.search(r"ECG (\S+) show", r.json["messages"][-1]["content"][-1]["text"])
+                    .group(1), r.json["model"]) for r in second_run}
+    assert not asked_again & stored, "stored predictions were requested again"
+    # Only pairs unfinished at the kill were asked: at most those in flight were lost.
+    assert len(second_run) == total - len(stored)
+    pred = pd.read_parquet(out / "predictions.parquet")
+    assert len(pred) == total and not pred.duplicated(["sample_id", "model"]).any()
+    for row in pred.itertuples():
+        got = row.predicted_letter if isinstance(row.predicted_letter, str) else None
+        assert got == expected_letter(row.sample_id, row.model)
+    assert list((out / "predictions").glob("*.parquet")) == []
+
+
+def test_chat_client_retries_backoff_and_gives_up():
+    with FakeOpenAIServer(lambda req: "The answer is C.") as server:
+        client = ChatClient(server.base_url, timeout_s=0.5, max_retries=4, backoff_s=0.01)
+        server.script(Reply(status=500), Reply(status=429), Reply(body=b"{not json"),
+                      Reply(content="late", delay_s=1.0))
+        result = client.chat("pulse", [{"role": "user", "content": "q"}])
+        # 500, 429, malformed body and a time-out were each retried; the 5th attempt answers.
+        assert (result.text, result.error, result.attempts) == ("The answer is C.", None, 5)
+
+        server.script(*[Reply(status=503)] * 5)
+        result = client.chat("pulse", [{"role": "user", "content": "q"}])
+        assert result.text is None and result.attempts == 5
+        assert result.error.startswith("InternalServerError") or "503" in result.error
+
+        server.script(Reply(status=404))  # not retryable: one attempt, error kept
+        result = client.chat("nope", [{"role": "user", "content": "q"}])
+        assert result.attempts == 1 and "NotFoundError" in result.error
+        client.close()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_evaluate_against_the_real_endpoint_with_the_tiny_model(
+    ray_local, tiny_pulse_dir, split_dir, tmp_path
+):
+    """The Ray Serve app (tiny random PULSE + a LoRA adapter, no OpenAI key) over HTTP."""
+    from ray import serve
+
+    from serve.app import build_app
+    from tests.integration.test_serve import _make_adapter
+
+    adapter = _make_adapter(tiny_pulse_dir, tmp_path / "lora", seed=1)
+    port = _free_port()
+    serve.shutdown()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    small = {"num_cpus": 0.1}
+    app = build_app({"model_dir": str(tiny_pulse_dir), "adapters": {"study": str(adapter)},
+                     # A key variable nobody sets: gpt-4o is listed as unavailable.
+                     "openai": {"api_key_env": "ECGVLM_TEST_NO_OPENAI_KEY"},
+                     "pulse": {"num_cpus": 0.5}, "gateway": small, "proxy": small})
+    serve.run(app, name="ecgvlm-eval", route_prefix="/")
+    out = tmp_path / "eval"
+    try:
+        with FakeOpenAIServer(judge_responder, models=("gpt-4o",)) as judge_server:
+            cfg = _config(split_dir, out, f"http://127.0.0.1:{port}/v1", judge_server.base_url,
+                          models=["pulse", "pulse-lora", "gpt-4o", "pulse-xl"],
+                          limit_per_dataset=3, max_tokens=8)
+            cfg_path = tmp_path / "eval.yaml"
+            cfg_path.write_text(yaml.safe_dump(cfg))
+            report, _ = evaluate(load_config(EvalConfig, cfg_path))
+            n_judged = len(judge_server.chat_requests)
+    finally:
+        serve.delete("ecgvlm-eval")
+        serve.shutdown()
+
+    pred = pd.read_parquet(out / "predictions.parquet")
+    assert sorted(set(pred["model"])) == ["pulse", "pulse-lora"]
+    assert len(pred) == 2 * 6 and pred["error"].isna().all(), pred["error"].dropna()[:3]
+    assert (pred["raw_text"].str.len() > 0).all()  # the tiny model generated text
+    # A random model's replies are rarely answers: whatever parse_answer did not accept is
+    # counted unparseable, and the metrics say so.
+    metrics = json.loads((out / "metrics.json").read_text())
+    for model in ("pulse", "pulse-lora"):
+        for dataset in ("cpsc2018", "mitdb"):
+            rows = pred[(pred["model"] == model) & (pred["dataset"] == dataset)]
+            assert metrics[model][dataset]["n"] == 3
+            assert metrics[model][dataset]["unparseable_rate"] == pytest.approx(
+                rows["predicted_letter"].isna().mean())
+    assert "ECGVLM_TEST_NO_OPENAI_KEY" in report.unavailable["gpt-4o"]
+    assert "does not serve it" in report.unavailable["pulse-xl"]
+    assert n_judged >= 12  # every (sample, model) judged once at least
+    table1 = parse_markdown_tables((out / "report.md").read_text())[0]
+    assert {r["Model"] for r in table1} == {"pulse", "pulse-lora", "prior-baseline", "gpt-4o",
+                                            "pulse-xl"}

@@ -1,0 +1,426 @@
+"""The endpoint over real HTTP: Ray Serve on loopback, the tiny PULSE checkpoint, LoRA
+adapters, a fake OpenAI-compatible upstream for gpt-4o, bad requests and auth.
+
+Two applications are started once for the module: ``ecgvlm`` at ``/`` (PULSE, two adapters,
+gpt-4o routed to the fake upstream, no auth) and ``secure`` at ``/secure`` (no model, no
+OpenAI key, bearer-token auth on).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.integration
+
+openai = pytest.importorskip("openai")
+requests = pytest.importorskip("requests")
+
+from ecgvlm import serving as sv
+from tests.fakes.openai_server import FakeOpenAIServer, Reply
+
+RECORD = "cpsc2018/A0002"
+OPTIONS = ["Normal sinus rhythm", "Atrial fibrillation", "Left bundle branch block",
+           "Right bundle branch block"]
+TOKEN = "test-token-1234"
+UPSTREAM_KEY = "sk-upstream-test-key"
+MAX_RETRIES = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _make_adapter(model_dir: Path, out: Path, seed: int) -> Path:
+    """The study's LoRA adapter (``attach_lora``: r=4, alpha=8, bias=lora_only, language
+    model only) with random instead of zero B matrices, so it changes the output as a
+    trained one does."""
+    import torch
+
+    from ecgvlm.model import attach_lora, load_pulse, save_adapter
+
+    model, _ = load_pulse(model_dir)
+    torch.manual_seed(seed)  # lora_A's initialisation
+    peft_model = attach_lora(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
+    return save_adapter(peft_model, out)
+
+
+@pytest.fixture(scope="module")
+def record(samples_dir):
+    from ecgvlm.signal import read_record
+
+    path = samples_dir / RECORD
+    if not Path(f"{path}.hea").is_file():
+        pytest.skip(f"sample record {path} not present")
+    return read_record(path)
+
+
+@pytest.fixture(scope="module")
+def png(record) -> bytes:
+    return sv.render_png(record)
+
+
+@pytest.fixture(scope="module")
+def endpoint(ray_local, tiny_pulse_dir, tmp_path_factory):
+    """Start both applications once; yield their URLs and the fake upstream."""
+    from ray import serve
+
+    from serve.app import build_app
+
+    root = tmp_path_factory.mktemp("serve")
+    model_dir = tiny_pulse_dir
+    adapters = {
+        "cpsc": str(_make_adapter(model_dir, root / "lora-cpsc", seed=1)),
+        "chapman": str(_make_adapter(model_dir, root / "lora-chapman", seed=2)),
+    }
+    fake = FakeOpenAIServer(lambda req: "The answer is B. Irregular RR intervals, no P waves.")
+    fake.start()
+    port = _free_port()
+    serve.shutdown()  # a Serve left by another module would keep its own port
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    small = {"num_cpus": 0.1}
+    common = {"gateway": small, "proxy": small}
+    with pytest.MonkeyPatch.context() as mp:
+        # Secrets are read by the builder: one app with the key, the other with the token.
+        mp.setenv("OPENAI_API_KEY", UPSTREAM_KEY)
+        mp.delenv("ECGVLM_API_TOKEN", raising=False)
+        main = build_app({
+            "model_dir": str(model_dir), "adapters": adapters,
+            "openai": {"base_url": fake.base_url, "timeout_s": 1.0, "max_retries": MAX_RETRIES,
+                       "backoff_base_s": 0.01, "backoff_max_s": 0.05},
+            "limits": {"max_body_bytes": 4 * 1024 * 1024, "default_max_tokens": 8},
+            "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.005},
+            "pulse": {"num_cpus": 0.5}, **common,
+        })
+        mp.delenv("OPENAI_API_KEY")
+        mp.setenv("ECGVLM_API_TOKEN", TOKEN)
+        secure = build_app({"openai": {"api_key_env": "OPENAI_API_KEY"}, **common})
+    # Both apps deploy together: their replicas start in parallel.
+    serve.run_many([serve.RunTarget(main, name="ecgvlm", route_prefix="/"),
+                    serve.RunTarget(secure, name="secure", route_prefix="/secure")])
+    base = f"http://127.0.0.1:{port}"
+    try:
+        yield {"url": base, "secure": f"{base}/secure", "fake": fake}
+    finally:
+        serve.shutdown()
+        fake.stop()
+
+
+def _client(url: str, key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def _image_messages(png: bytes, text: str = "Which rhythm is this?") -> list[dict]:
+    return [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": sv.image_data_url(png)}},
+        {"type": "text", "text": text},
+    ]}]
+
+
+# --- PULSE and its adapters ------------------------------------------------------------------
+
+
+def test_openai_client_gets_answers_from_pulse_and_its_adapters(endpoint, png):
+    from ray import serve
+
+    client = _client(endpoint["url"])
+    texts = {}
+    for model in ("pulse", "pulse-lora", "pulse-lora:chapman", "pulse"):
+        resp = client.chat.completions.create(
+            model=model, messages=_image_messages(png), max_tokens=8, temperature=0, seed=0,
+        )
+        assert resp.model == model
+        assert isinstance(resp.choices[0].message.content, str)
+        assert resp.usage.prompt_tokens > 0 and 0 < resp.usage.completion_tokens <= 8
+        assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
+        texts.setdefault(model, []).append(resp.choices[0].message.content)
+    # Each adapter changes the answer; the base answers the same after adapters ran.
+    assert texts["pulse-lora"][0] != texts["pulse"][0]
+    assert texts["pulse-lora:chapman"][0] not in (texts["pulse"][0], texts["pulse-lora"][0])
+    assert texts["pulse"][0] == texts["pulse"][1]
+    stats = serve.get_deployment_handle("PulseModel", app_name="ecgvlm").stats.remote().result()
+    assert stats["base_loads"] == 1
+    assert set(stats["adapters_loaded"]) == {"cpsc", "chapman"}
+    assert stats["adapter_loads"] == {"cpsc": 1, "chapman": 1}
+
+
+def test_concurrent_requests_to_mixed_models_all_answer(endpoint, png):
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = _client(endpoint["url"])
+    models = ["pulse", "pulse-lora", "pulse-lora:chapman"] * 3
+
+    def ask(model: str) -> tuple[str, str]:
+        r = client.chat.completions.create(model=model, messages=_image_messages(png),
+                                           max_tokens=8, temperature=0)
+        return model, r.choices[0].message.content
+
+    with ThreadPoolExecutor(len(models)) as pool:
+        answers = list(pool.map(ask, models))
+    # Batched with other adapters or not, a model gives the same greedy answer.
+    by_model: dict[str, set[str]] = {}
+    for model, text in answers:
+        by_model.setdefault(model, set()).add(text)
+    assert all(len(v) == 1 for v in by_model.values()), by_model
+
+
+def test_models_lists_what_is_served(endpoint):
+    data = requests.get(f"{endpoint['url']}/v1/models", timeout=30).json()["data"]
+    cards = {c["id"]: c for c in data}
+    assert set(cards) == {"pulse", "pulse-lora", "pulse-lora:cpsc", "pulse-lora:chapman",
+                          "gpt-4o"}
+    assert all(c["available"] for c in cards.values())
+    assert cards["pulse-lora"]["adapter"] == "cpsc"
+    assert cards["pulse-lora:chapman"]["adapter"] == "chapman"
+    assert requests.get(f"{endpoint['url']}/healthz", timeout=30).json() == {"status": "ok"}
+    ready = requests.get(f"{endpoint['url']}/readyz", timeout=30)
+    assert ready.status_code == 200 and ready.json()["checks"]["pulse"]["base_loads"] == 1
+
+
+# --- gpt-4o through the fake upstream ------------------------------------------------------
+
+
+def test_gpt4o_retries_429_and_500_then_answers(endpoint):
+    fake = endpoint["fake"]
+    before = len(fake.chat_requests)
+    fake.script(Reply(status=429, headers={"Retry-After": "0"}), Reply(status=500))
+    resp = _client(endpoint["url"]).chat.completions.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "hello"}], temperature=0.3,
+    )
+    assert resp.choices[0].message.content.startswith("The answer is B.")
+    sent = fake.chat_requests[before:]
+    assert len(sent) == 3  # 429, 500, then the answer
+    assert sent[-1].json["model"] == "gpt-4o" and sent[-1].json["temperature"] == 0.3
+    headers = {k.lower(): v for k, v in sent[-1].headers.items()}
+    assert headers["authorization"] == f"Bearer {UPSTREAM_KEY}"
+
+
+@pytest.mark.parametrize(
+    "reply, status, code",
+    [
+        (Reply(status=429), 429, "upstream_rate_limited"),
+        (Reply(status=503), 502, "upstream_error"),
+        (Reply(content="late", delay_s=1.5), 504, "upstream_timeout"),
+    ],
+)
+def test_gpt4o_errors_map_to_clear_responses_after_retries(endpoint, reply, status, code):
+    fake = endpoint["fake"]
+    before = len(fake.chat_requests)
+    fake.script(*([reply] * (MAX_RETRIES + 1)))
+    r = requests.post(f"{endpoint['url']}/v1/chat/completions", timeout=60, json={
+        "model": "gpt-4o", "messages": [{"role": "user", "content": "hello"}]})
+    err = r.json()["error"]
+    assert r.status_code == status and err["code"] == code
+    assert f"{MAX_RETRIES + 1} attempts" in err["message"]
+    assert len(fake.chat_requests) - before == MAX_RETRIES + 1
+    assert UPSTREAM_KEY not in r.text
+
+
+def test_gpt4o_upstream_auth_failure_does_not_echo_the_key(endpoint):
+    endpoint["fake"].script(Reply(status=401, body=json.dumps({"error": {
+        "message": f"Incorrect API key provided: {UPSTREAM_KEY}"}}).encode()))
+    r = requests.post(f"{endpoint['url']}/v1/chat/completions", timeout=60, json={
+        "model": "gpt-4o", "messages": [{"role": "user", "content": "hello"}]})
+    assert r.status_code == 502 and "OPENAI_API_KEY" in r.json()["error"]["message"]
+    assert UPSTREAM_KEY not in r.text
+
+
+def test_no_key_is_503_and_models_lists_gpt4o_unavailable(endpoint):
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    r = requests.post(f"{endpoint['secure']}/v1/chat/completions", headers=auth, timeout=30,
+                      json={"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 503 and "OPENAI_API_KEY" in r.json()["error"]["message"]
+    cards = {c["id"]: c for c in requests.get(f"{endpoint['secure']}/v1/models", headers=auth,
+                                              timeout=30).json()["data"]}
+    assert cards["gpt-4o"]["available"] is False and "OPENAI_API_KEY" in cards["gpt-4o"]["reason"]
+    assert cards["pulse"]["available"] is False
+
+
+# --- /v1/ecg/interpret -----------------------------------------------------------------------
+
+
+def test_interpret_json_signal_with_pulse_returns_answer_and_image(endpoint, record):
+    body = {"samples": record.signal_mv.tolist(), "fs_hz": record.fs_hz,
+            "leads": list(record.leads), "options": OPTIONS, "model": "pulse-lora",
+            "return_image": True, "max_tokens": 8}
+    r = requests.post(f"{endpoint['url']}/v1/ecg/interpret", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["model"] == "pulse-lora" and out["options"] == OPTIONS
+    assert out["question"] == sv.DEFAULT_QUESTION
+    assert isinstance(out["text"], str) and out["usage"]["completion_tokens"] > 0
+    # A tiny random model rarely names a letter; when it does, finding must match it.
+    if out["answer_letter"] is not None:
+        assert out["finding"] == OPTIONS["ABCD".index(out["answer_letter"])]
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(base64.b64decode(out["image_png_base64"])))
+    assert img.format == "PNG" and img.size[0] > img.size[1] > 300
+
+
+def test_interpret_wfdb_upload_answered_by_gpt4o(endpoint, samples_dir):
+    fake = endpoint["fake"]
+    before = len(fake.chat_requests)
+    path = samples_dir / RECORD
+    files = [("files", (f"{path.name}{ext}", Path(f"{path}{ext}").read_bytes()))
+             for ext in (".hea", ".mat")]
+    data = {"model": "gpt-4o", "question": "What does this ECG show?",
+            "options": json.dumps(OPTIONS)}
+    r = requests.post(f"{endpoint['url']}/v1/ecg/interpret", files=files, data=data, timeout=60)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["answer_letter"] == "B" and out["finding"] == "Atrial fibrillation"
+    assert out["explanation"] == "Irregular RR intervals, no P waves."
+    assert "image_png_base64" not in out
+    sent = fake.chat_requests[before:]
+    parts = sent[-1].json["messages"][-1]["content"]
+    url = next(p["image_url"]["url"] for p in parts if p["type"] == "image_url")
+    assert base64.b64decode(url.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    text = next(p["text"] for p in parts if p["type"] == "text")
+    assert "What does this ECG show?" in text and "B. Atrial fibrillation" in text
+
+
+def test_interpret_wfdb_upload_with_pulse(endpoint, samples_dir):
+    path = samples_dir / RECORD
+    files = [("files", (f"{path.name}{ext}", Path(f"{path}{ext}").read_bytes()))
+             for ext in (".hea", ".mat")]
+    data = [("options", o) for o in OPTIONS] + [("max_tokens", "8"), ("return_image", "true")]
+    r = requests.post(f"{endpoint['url']}/v1/ecg/interpret", files=files, data=data, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == "pulse" and r.json()["image_png_base64"]
+
+
+# --- bad requests ------------------------------------------------------------------------------
+
+
+def _png_bytes(size: tuple[int, int]) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", size).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _chat_with_url(url: str) -> dict:
+    return {"model": "pulse", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "x"}]}]}
+
+
+def _signal(**overrides) -> dict:
+    body = {"samples": (np.sin(np.linspace(0, 20, 1000))[:, None] * [1.0, 0.5]).tolist(),
+            "fs_hz": 250, "leads": ["I", "II"], "options": OPTIONS[:2]}
+    body.update(overrides)
+    return body
+
+
+IMAGE_PARAM = "messages[0].content[0].image_url.url"
+BAD_REQUESTS = [
+    # (name, path, kwargs for requests.post, status, param)
+    ("broken base64", "/v1/chat/completions",
+     {"json": _chat_with_url("data:image/png;base64,iVBORw0KGgo###")}, 400, IMAGE_PARAM),
+    ("text file as image", "/v1/chat/completions",
+     {"json": _chat_with_url("data:image/png;base64,"
+                             + base64.b64encode(b"hello, I am a text file\n").decode())},
+     400, IMAGE_PARAM),
+    ("huge image", "/v1/chat/completions",
+     {"json": _chat_with_url(sv.image_data_url(_png_bytes((4200, 4200))))}, 400, IMAGE_PARAM),
+    ("remote image url", "/v1/chat/completions",
+     {"json": _chat_with_url("http://127.0.0.1:9/ecg.png")}, 400, IMAGE_PARAM),
+    ("unknown model", "/v1/chat/completions",
+     {"json": {"model": "llama-3", "messages": [{"role": "user", "content": "x"}]}}, 404,
+     "model"),
+    ("unknown adapter", "/v1/chat/completions",
+     {"json": {"model": "pulse-lora:nope", "messages": [{"role": "user", "content": "x"}]}},
+     404, "model"),
+    ("missing messages", "/v1/chat/completions", {"json": {"model": "pulse"}}, 400, "messages"),
+    ("invalid json", "/v1/chat/completions",
+     {"data": b"{\"model\": ", "headers": {"content-type": "application/json"}}, 400, None),
+    ("max_tokens over limit", "/v1/chat/completions",
+     {"json": {"model": "pulse", "max_tokens": 10**6,
+               "messages": [{"role": "user", "content": "x"}]}}, 400, "max_tokens"),
+    ("body too large", "/v1/chat/completions",
+     {"data": b"x" * (5 * 1024 * 1024), "headers": {"content-type": "application/json"}},
+     413, None),
+    ("wrong signal shape", "/v1/ecg/interpret",
+     {"json": _signal(leads=["I", "II", "III"])}, 400, "samples"),
+    ("ragged samples", "/v1/ecg/interpret",
+     {"json": _signal(samples=[[0.1, 0.2]] * 999 + [[0.1]])}, 400, "samples"),
+    ("NaN samples", "/v1/ecg/interpret",
+     {"data": json.dumps(_signal(samples=[[float("nan"), 0.0]] * 1000)),
+      "headers": {"content-type": "application/json"}}, 400, "samples"),
+    ("missing fs_hz", "/v1/ecg/interpret",
+     {"json": {k: v for k, v in _signal().items() if k != "fs_hz"}}, 400, "fs_hz"),
+    ("missing options", "/v1/ecg/interpret", {"json": _signal(options=None)}, 400, "options"),
+    ("unknown interpret model", "/v1/ecg/interpret", {"json": _signal(model="gpt-5")}, 404,
+     "model"),
+    ("plain text body", "/v1/ecg/interpret",
+     {"data": b"hello", "headers": {"content-type": "text/plain"}}, 415, "content-type"),
+    ("upload without header", "/v1/ecg/interpret",
+     {"files": [("files", ("A0002.mat", b"\x00" * 100))], "data": {"options": OPTIONS[:2]}},
+     400, "files"),
+]
+
+
+@pytest.mark.parametrize("name, path, kwargs, status, param", BAD_REQUESTS,
+                         ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_requests_get_their_4xx(endpoint, name, path, kwargs, status, param):
+    r = requests.post(f"{endpoint['url']}{path}", timeout=60, **kwargs)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert err["param"] == param
+    if param:
+        assert param in err["message"]
+
+
+def test_replicas_survive_the_bad_requests(endpoint, png):
+    # Runs after the table: the same replicas still answer.
+    resp = _client(endpoint["url"]).chat.completions.create(
+        model="pulse", messages=_image_messages(png), max_tokens=4)
+    assert resp.usage.completion_tokens > 0
+    usage = requests.get(f"{endpoint['url']}/v1/usage", timeout=30).json()["replica_models"]
+    assert usage["pulse"]["requests"] >= 1 and usage["pulse"]["completion_tokens"] > 0
+
+
+# --- auth --------------------------------------------------------------------------------------
+
+
+def test_auth_off_needs_no_token(endpoint):
+    assert requests.get(f"{endpoint['url']}/v1/models", timeout=30).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "headers, status",
+    [({}, 401), ({"Authorization": "Bearer wrong"}, 401), ({"Authorization": TOKEN}, 401),
+     ({"Authorization": f"Bearer {TOKEN}"}, 200)],
+)
+def test_auth_on_every_route_but_health(endpoint, headers, status):
+    secure = endpoint["secure"]
+    r = requests.get(f"{secure}/v1/models", headers=headers, timeout=30)
+    assert r.status_code == status
+    if status == 401:
+        err = r.json()["error"]
+        assert err["type"] == "authentication_error" and "ECGVLM_API_TOKEN" in err["message"]
+        assert TOKEN not in r.text
+        r = requests.post(f"{secure}/v1/chat/completions", headers=headers, timeout=30,
+                          json={"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]})
+        assert r.status_code == 401
+        assert requests.post(f"{secure}/v1/ecg/interpret", headers=headers, json=_signal(),
+                             timeout=30).status_code == 401
+    assert requests.get(f"{secure}/healthz", timeout=30).status_code == 200
+    assert requests.get(f"{secure}/readyz", timeout=30).status_code == 200
+    client = _client(secure, key=TOKEN)
+    assert "gpt-4o" in [m.id for m in client.models.list().data]

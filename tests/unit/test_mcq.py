@@ -1,0 +1,197 @@
+"""Multiple-choice questions: golden text, distractor rules, determinism, letter balance."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from ecgvlm.config import ConfigError
+from ecgvlm.knowledge import knowledge_base
+from ecgvlm.mcq import McqConfig, McqError, make_mcq
+from ecgvlm.prompt import LETTERS, parse_answer
+from ecgvlm.records import EcgRecord, McqSample
+
+
+def _record(labels, record_id="cpsc2018/A0001", dataset="cpsc2018", patient_id="A0001"):
+    return EcgRecord(
+        record_id=record_id,
+        dataset=dataset,
+        signal_mv=np.zeros((50, 2), dtype=np.float32),
+        fs_hz=500.0,
+        leads=("I", "II"),
+        labels=tuple(labels),
+        patient_id=patient_id,
+    )
+
+
+GOLDEN_OPTIONS = (
+    ("Right bundle branch block: QRS at least 120 ms with an rsR' (M-shaped) complex in V1-V2 "
+     "and a wide, slurred S wave in I and V6."),
+    ("Incomplete right bundle branch block: QRS of 110-119 ms with an rsr' pattern in V1-V2 and "
+     "a small slurred S wave in I and V6."),
+    ("Left axis deviation: Frontal QRS axis between -30 and -90 degrees: positive QRS in lead I, "
+     "negative in II and aVF."),
+    ("Nonspecific intraventricular conduction disorder: QRS longer than 110 ms that fits neither "
+     "right nor left bundle branch block criteria."),
+)
+GOLDEN_TARGET = (
+    "The answer is A. Right bundle branch block: the right ventricle is activated late through "
+    "the left bundle, so the QRS lasts at least 120 ms. V1 and V2 show an rsr', rsR' or rSR' "
+    "pattern (R' usually taller than r), leads I and V6 show a wide, slurred S wave (longer "
+    "than the R wave or over 40 ms), and the R-peak time in V1 exceeds 50 ms. T waves are "
+    "inverted in V1-V2, opposite to the terminal R'. By contrast, incomplete right bundle "
+    "branch block would show QRS 110-119 ms, rsr' in V1 and V2 and slurred S wave in I and V6. "
+    "Also labelled in this ECG: first-degree atrioventricular block."
+)
+
+
+def test_golden_mcq_for_a_fixed_seed():
+    sample = make_mcq(_record(["RBBB", "IAVB", "UNK:999"]), seed=7)
+    assert sample.question == "Which of the following best describes a finding in this ECG?"
+    assert sample.options == GOLDEN_OPTIONS
+    assert sample.option_labels == ("RBBB", "IRBBB", "LAD", "NSIVCB")
+    assert (sample.answer_index, sample.answer_letter) == (0, "A")
+    assert sample.target_text == GOLDEN_TARGET
+    assert sample.sample_id == "cpsc2018/A0001#q7"
+    assert sample.labels == ("RBBB", "IAVB", "UNK:999")
+    assert sample.patient_id == "A0001" and sample.seed == 7
+
+
+def test_same_inputs_same_question_and_seed_changes_it():
+    rec = _record(["AF", "STD"])
+    cfg = McqConfig(n_options=6)
+    assert make_mcq(rec, 3, cfg) == make_mcq(rec, 3, cfg)
+    variants = {make_mcq(rec, s, cfg).options for s in range(10)}
+    assert len(variants) > 5
+
+
+def test_multi_label_records_choose_the_correct_finding_by_seed():
+    rec = _record(["AF", "RBBB", "STD"])
+    chosen = Counter(make_mcq(rec, s).true_label for s in range(60))
+    assert set(chosen) == {"AF", "RBBB", "STD"}
+    assert min(chosen.values()) >= 10
+
+
+@pytest.mark.parametrize("n_options", range(4, 9))
+def test_every_finding_gets_valid_questions(n_options):
+    kb = knowledge_base()
+    cfg = McqConfig(n_options=n_options, hard_fraction=0.5)
+    for i, abbrev in enumerate(sorted(kb)):
+        rec = _record([abbrev], record_id=f"x/{abbrev}")
+        s = make_mcq(rec, i, cfg)
+        assert len(s.options) == len(s.option_labels) == n_options
+        assert len(set(s.option_labels)) == n_options and len(set(s.options)) == n_options
+        assert s.true_label == abbrev and s.answer_letter == LETTERS[s.answer_index]
+        assert s.target_text.startswith(f"The answer is {s.answer_letter}. ")
+        assert parse_answer(s.target_text, s.options) == s.answer_letter
+        for label in s.option_labels:
+            if label != abbrev:
+                assert label not in kb[abbrev].overlaps, (abbrev, label)
+
+
+def test_distractors_are_never_findings_the_record_has():
+    kb = knowledge_base()
+    labels = ["RBBB", "AF", "LAD", "IAVB", "STD", "PVC"]
+    rec = _record(labels)
+    overlapping = set().union(*(kb[lab].overlaps for lab in labels))
+    for seed in range(100):
+        s = make_mcq(rec, seed, McqConfig(n_options=8))
+        distractors = set(s.option_labels) - {s.true_label}
+        assert not distractors & set(labels)
+        assert not distractors & overlapping
+
+
+def test_hard_distractors_come_from_look_alikes():
+    kb = knowledge_base()
+    rec = _record(["RBBB"])
+    all_hard = McqConfig(n_options=4, hard_fraction=1.0)
+    for seed in range(20):
+        s = make_mcq(rec, seed, all_hard)
+        assert set(s.option_labels) - {"RBBB"} <= set(kb["RBBB"].confusable)
+    no_hard = McqConfig(n_options=8, hard_fraction=0.0)
+    hard_share = np.mean(
+        [
+            len((set(make_mcq(rec, s, no_hard).option_labels) - {"RBBB"}) & set(kb["RBBB"].confusable))
+            / 7
+            for s in range(50)
+        ]
+    )
+    assert hard_share < 0.3  # random draws from ~60 findings rarely hit the 4 look-alikes
+
+
+def test_sinus_rhythm_is_a_distractor_only_against_another_rhythm():
+    # A record labelled only RBBB may well be in sinus rhythm: "sinus rhythm" would be right.
+    for seed in range(80):
+        assert "NSR" not in make_mcq(_record(["RBBB"]), seed, McqConfig(n_options=8)).option_labels
+    seen = {
+        seed for seed in range(80)
+        if "NSR" in make_mcq(_record(["AF"]), seed, McqConfig(n_options=8)).option_labels
+    }
+    assert seen, "NSR never offered against atrial fibrillation"
+
+
+def test_answer_letters_are_balanced_over_a_data_set():
+    kb = sorted(knowledge_base())
+    for n_options in (4, 5, 8):
+        cfg = McqConfig(n_options=n_options)
+        counts = Counter(
+            make_mcq(_record([kb[i % len(kb)]], record_id=f"set/r{i}"), 0, cfg).answer_letter
+            for i in range(400)
+        )
+        expected = 400 / n_options
+        chi2 = sum((counts[letter] - expected) ** 2 / expected for letter in LETTERS[:n_options])
+        # 99.9th percentile of chi-square with n-1 degrees of freedom (3: 16.27, 4: 18.47, 7: 24.32)
+        assert chi2 < {4: 16.27, 5: 18.47, 8: 24.32}[n_options], (n_options, counts)
+        assert max(abs(counts[l] - expected) for l in LETTERS[:n_options]) < 4 * math.sqrt(expected)
+
+
+def test_unknown_only_records_cannot_make_a_question():
+    with pytest.raises(McqError, match=r"only unknown codes \['UNK:1', 'UNK:2'\]"):
+        make_mcq(_record(["UNK:1", "UNK:2"]), 0)
+    with pytest.raises(McqError, match="no finding"):
+        make_mcq(_record([]), 0)
+
+
+def test_label_pool_limits_distractors():
+    cfg = McqConfig(n_options=4, label_pool=("NSR", "AF", "AFL", "PVC", "PAC", "RBBB", "LBBB"))
+    for seed in range(30):
+        s = make_mcq(_record(["RBBB"]), seed, cfg)
+        assert set(s.option_labels) <= set(cfg.label_pool)
+    with pytest.raises(McqError, match="only 1 findings can be distractors"):
+        make_mcq(_record(["RBBB"]), 0, McqConfig(label_pool=("RBBB", "LBBB")))
+
+
+def test_name_style_options():
+    s = make_mcq(_record(["AF"]), 1, McqConfig(option_style="name", n_options=5))
+    assert s.options[s.answer_index] == "Atrial fibrillation"
+    assert all(":" not in o for o in s.options)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"n_options": 3}, "n_options"),
+        ({"n_options": 9}, "n_options"),
+        ({"hard_fraction": 1.5}, "hard_fraction"),
+        ({"option_style": "long"}, "option_style must be one of 'summary', 'name'"),
+        ({"question": " "}, "question"),
+        ({"label_pool": ("RBBB", "XYZ")}, "XYZ"),
+    ],
+)
+def test_config_validation_names_the_field(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        McqConfig(**kwargs)
+
+
+def test_config_hash_changes_with_config():
+    assert McqConfig().config_hash() == McqConfig().config_hash()
+    assert McqConfig().config_hash() != McqConfig(n_options=5).config_hash()
+
+
+def test_row_round_trip():
+    s = dataclasses.replace(make_mcq(_record(["LBBB"]), 2), png=b"\x89PNG")
+    assert McqSample.from_row(s.to_row()) == s

@@ -1,0 +1,412 @@
+"""Unit tests of ecgvlm.serving: schemas, limits, errors, images, signals, args (no Ray)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydantic import ValidationError
+
+from ecgvlm import serving as sv
+
+LIMITS = sv.ServeLimits()
+
+
+def _png(size: tuple[int, int] = (32, 24), fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 30)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _chat(**overrides) -> bytes:
+    body = {"model": "pulse", "messages": [{"role": "user", "content": "hi"}]}
+    body.update(overrides)
+    return json.dumps(body).encode()
+
+
+def _error(fn, *args, **kwargs) -> sv.ApiError:
+    with pytest.raises(sv.ApiError) as info:
+        fn(*args, **kwargs)
+    return info.value
+
+
+# --- errors and chat requests ----------------------------------------------------------------
+
+
+def test_error_json_has_openai_shape():
+    e = sv.bad_request("bad thing", param="messages", code="x")
+    assert e.status == 400
+    assert e.to_json() == {
+        "error": {"message": "bad thing", "type": "invalid_request_error", "param": "messages",
+                  "code": "x"}
+    }
+
+
+def test_api_error_survives_pickling():
+    import pickle
+
+    e = pickle.loads(pickle.dumps(sv.ApiError(429, "slow down", "rate_limit_error", None, "c")))
+    assert (e.status, e.message, e.type, e.code) == (429, "slow down", "rate_limit_error", "c")
+
+
+def test_parse_chat_request_accepts_text_and_image_parts_and_ignores_extras():
+    url = sv.image_data_url(_png())
+    req = sv.parse_chat_request(_chat(
+        messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                               {"type": "text", "text": "what?"}]}],
+        user="someone", temperature=0.2, max_tokens=7, seed=3,
+    ), LIMITS)
+    assert req.temperature == 0.2 and req.max_tokens == 7 and req.seed == 3
+    images = sv.collect_images(req, LIMITS)
+    assert [(i.format, i.size_px) for i in images] == [("PNG", (32, 24))]
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        (b"{not json", None),
+        (b"[1, 2]", None),
+        (json.dumps({"messages": [{"role": "user", "content": "x"}]}).encode(), "model"),
+        (_chat(messages=[]), "messages"),
+        (_chat(messages=[{"role": "robot", "content": "x"}]), "messages[0].role"),
+        (_chat(messages=[{"role": "user", "content": [{"type": "image_url",
+                                                         "image_url": {}}]}]),
+         "messages[0].content[0].image_url.url"),
+        (_chat(messages=[{"role": "user", "content": [{"type": "audio"}]}]),
+         "messages[0].content[0]"),
+        (_chat(temperature=5), "temperature"),
+        (_chat(max_tokens=0), "max_tokens"),
+        (_chat(max_tokens=sv.MAX_TOKENS + 1), "max_tokens"),
+        (_chat(stream=True), "stream"),
+        (_chat(n=2), "n"),
+    ],
+)
+def test_bad_chat_requests_are_400s_naming_the_field(body, param):
+    e = _error(sv.parse_chat_request, body, LIMITS)
+    assert e.status == 400
+    assert e.param == param
+    if param:
+        assert param in e.message
+
+
+def test_text_and_image_count_limits():
+    limits = sv.ServeLimits(max_text_chars=10, max_images_per_request=1)
+    assert _error(sv.parse_chat_request, _chat(messages=[{"role": "user", "content": "x" * 11}]),
+                  limits).param == "messages"
+    url = sv.image_data_url(_png())
+    part = {"type": "image_url", "image_url": {"url": url}}
+    e = _error(sv.parse_chat_request,
+               _chat(messages=[{"role": "user", "content": [part, part]}]), limits)
+    assert "2 images" in e.message
+
+
+def test_body_size_limit_is_413():
+    e = _error(sv.check_body_size, LIMITS.max_body_bytes + 1, LIMITS)
+    assert e.status == 413 and str(LIMITS.max_body_bytes) in e.message
+
+
+# --- models ---------------------------------------------------------------------------------
+
+
+def test_resolve_model_routes():
+    adapters = ["cpsc", "chapman"]
+    assert sv.resolve_model("pulse", adapters) == sv.ModelRoute("pulse", "pulse", None)
+    assert sv.resolve_model("pulse-lora", adapters).adapter == "cpsc"
+    assert sv.resolve_model("pulse-lora:chapman", adapters).adapter == "chapman"
+    assert sv.resolve_model("gpt-4o", adapters).kind == "proxy"
+    for name in ("pulse-lora:nope", "llama", ""):
+        e = _error(sv.resolve_model, name, adapters)
+        assert e.status == 404 and e.code == "model_not_found" and "pulse-lora:chapman" in e.message
+    # Without adapters there is no pulse-lora.
+    assert _error(sv.resolve_model, "pulse-lora", []).status == 404
+
+
+# --- images ---------------------------------------------------------------------------------
+
+
+def test_decode_data_url_png_and_jpeg():
+    png = sv.decode_data_url(sv.image_data_url(_png()), LIMITS.max_image_pixels, "p")
+    assert png.format == "PNG"
+    jpeg = sv.image_data_url(_png(fmt="JPEG"), "image/jpeg")
+    assert sv.decode_data_url(jpeg, LIMITS.max_image_pixels, "p").size_px == (32, 24)
+
+
+@pytest.mark.parametrize(
+    "url, code",
+    [
+        ("https://example.com/ecg.png", "invalid_image_url"),
+        ("data:image/png;base64,@@@not-base64@@@", "invalid_base64"),
+        ("data:image/gif;base64," + base64.b64encode(b"GIF89a").decode(), "invalid_image_url"),
+        ("data:image/png," + "abc", "invalid_image_url"),
+        ("data:image/png;base64," + base64.b64encode(b"just some text\n").decode(),
+         "invalid_image"),
+        ("data:image/png;base64," + base64.b64encode(_png()[:60]).decode(), "invalid_image"),
+    ],
+)
+def test_bad_images_are_400s(url, code):
+    param = "messages[0].content[0].image_url.url"
+    e = _error(sv.decode_data_url, url, LIMITS.max_image_pixels, param)
+    assert e.status == 400 and e.code == code
+    assert e.param == "messages[0].content[0].image_url.url"
+
+
+def test_image_over_pixel_limit_is_refused_before_decoding():
+    e = _error(sv.decode_data_url, sv.image_data_url(_png((200, 100))), 100 * 100, "img")
+    assert e.status == 400 and e.code == "image_too_large" and "200x100" in e.message
+
+
+def test_bmp_is_refused_by_format():
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buf, format="BMP")
+    e = _error(sv.check_image_bytes, buf.getvalue(), LIMITS.max_image_pixels, "img")
+    assert "BMP" in e.message
+
+
+# --- signals and interpret --------------------------------------------------------------------
+
+
+def _interpret(**overrides) -> dict:
+    rng = np.random.default_rng(0)
+    body = {
+        "samples": (rng.normal(size=(500, 2)) * 0.1).tolist(), "fs_hz": 250.0,
+        "leads": ["I", "II"], "options": ["Sinus rhythm", "Atrial fibrillation"],
+    }
+    body.update(overrides)
+    return body
+
+
+def test_record_from_json_builds_an_ecg_record():
+    req = sv.parse_model(sv.InterpretJsonRequest, _interpret())
+    rec = sv.record_from_json(req, LIMITS)
+    assert rec.signal_mv.shape == (500, 2) and rec.leads == ("I", "II") and rec.fs_hz == 250.0
+    question, options = sv.check_query(req, LIMITS)
+    assert question == sv.DEFAULT_QUESTION and options == ["Sinus rhythm", "Atrial fibrillation"]
+
+
+@pytest.mark.parametrize(
+    "overrides, param, code",
+    [
+        ({"samples": [[0.1, 0.2, 0.3]] * 500}, "samples", "invalid_shape"),
+        ({"samples": [[0.1, 0.2]] * 499 + [[0.1]]}, "samples", "invalid_shape"),
+        ({"samples": [[0.1, float("nan")]] * 500}, "samples", "non_finite"),
+        ({"samples": [[0.1, 0.2]] * 10}, "samples", "invalid_duration"),
+        ({"samples": [[1000.0, 0.2]] * 500}, "samples", "invalid_units"),
+        ({"fs_hz": 1.0}, "fs_hz", None),
+        ({"leads": ["I", "I"]}, "leads", None),
+    ],
+)
+def test_bad_signals_are_400s_naming_the_field(overrides, param, code):
+    req = sv.parse_model(sv.InterpretJsonRequest, _interpret(**overrides))
+    e = _error(sv.record_from_json, req, LIMITS)
+    assert e.status == 400 and e.param == param
+    if code:
+        assert e.code == code
+
+
+@pytest.mark.parametrize(
+    "drop, extra, param",
+    [
+        ("fs_hz", {}, "fs_hz"),
+        ("samples", {}, "samples"),
+        ("leads", {}, "leads"),
+        (None, {"sampels": []}, "sampels"),
+        (None, {"options": ["only one"]}, "options"),
+        (None, {"samples": "abc"}, "samples"),
+    ],
+)
+def test_interpret_schema_errors_name_the_field(drop, extra, param):
+    body = _interpret(**extra)
+    if drop:
+        del body[drop]
+    e = _error(sv.parse_model, sv.InterpretJsonRequest, body)
+    assert e.status == 400 and e.param == param
+
+
+def test_options_are_required():
+    req = sv.parse_model(sv.InterpretJsonRequest, _interpret(options=None))
+    assert _error(sv.check_query, req, LIMITS).param == "options"
+
+
+def test_nan_from_json_text_is_caught():
+    # Python's json accepts the NaN literal; the signal check must still refuse it.
+    rows = ", ".join(["[NaN, 0.0]"] + ["[0.0, 0.1]"] * 499)
+    text = '{"samples": [' + rows + '], "fs_hz": 250, "leads": ["I", "II"]}'
+    req = sv.parse_model(sv.InterpretJsonRequest, sv.parse_json_body(text.encode()))
+    e = _error(sv.record_from_json, req, LIMITS)
+    assert e.status == 400 and e.code == "non_finite" and "sample 0 of lead 'I'" in e.message
+
+
+@pytest.mark.parametrize(
+    "name, ok",
+    [("100.hea", True), ("A0001.mat", True), ("../etc/passwd.hea", True), (".hea", False),
+     ("x.exe", False), ("a b.dat", False), (None, False)],
+)
+def test_upload_names(name, ok):
+    if ok:
+        assert sv.safe_upload_name(name, "files").endswith((".hea", ".dat", ".mat"))
+        assert "/" not in sv.safe_upload_name(name, "files")
+    else:
+        assert _error(sv.safe_upload_name, name, "files").param == "files"
+
+
+def test_interpret_response_splits_answer_and_explanation():
+    options = ["Sinus rhythm", "Atrial fibrillation", "Left bundle branch block"]
+    out = sv.interpret_response("pulse", "The answer is B. Irregularly irregular RR intervals.",
+                                "q?", options, {"prompt_tokens": 3}, png=b"\x89PNG")
+    assert out["answer_letter"] == "B" and out["finding"] == "Atrial fibrillation"
+    assert out["explanation"] == "Irregularly irregular RR intervals."
+    assert base64.b64decode(out["image_png_base64"]) == b"\x89PNG"
+    unparsed = sv.interpret_response("pulse", "no idea", "q?", options, {})
+    assert unparsed["answer_letter"] is None and unparsed["finding"] is None
+    assert "image_png_base64" not in unparsed
+
+
+# --- proxy helpers, batching groups, args ---------------------------------------------------
+
+
+def test_backoff_grows_with_jitter_and_is_capped():
+    rng = random.Random(0)
+    delays = [sv.backoff_delay_s(a, 0.5, 4.0, rng) for a in range(6)]
+    for a, d in enumerate(delays):
+        step = min(4.0, 0.5 * 2**a)
+        assert step / 2 <= d <= step
+    assert sv.backoff_delay_s(0, 0.5, 4.0, rng, retry_after_s=3.0) == 3.0
+    assert sv.backoff_delay_s(0, 0.5, 4.0, rng, retry_after_s=60.0) == 4.0
+
+
+def test_proxy_without_key_is_unavailable_and_never_shows_a_key(monkeypatch):
+    monkeypatch.delenv("ECGVLM_TEST_KEY", raising=False)
+    settings = sv.OpenAISettings(api_key_env="ECGVLM_TEST_KEY")
+    proxy = sv.OpenAIProxy(settings)
+    assert not proxy.available and "ECGVLM_TEST_KEY" in proxy.unavailable_reason
+    monkeypatch.setenv("ECGVLM_TEST_KEY", "sk-secret-123")
+    proxy = sv.OpenAIProxy(settings)
+    assert proxy.available and "sk-secret-123" not in repr(proxy)
+
+
+def test_group_requests_by_adapter_and_settings():
+    reqs = [sv.GenerateRequest("p", None, a, 8, t) for a, t in
+            [(None, 0.0), ("x", 0.0), (None, 0.0), ("y", 0.0), ("x", 0.0), ("x", 0.7)]]
+    assert list(sv.group_requests(reqs).values()) == [[0, 2], [1, 4], [3], [5]]
+
+
+def test_serve_args_validation():
+    args = sv.ServeArgs.model_validate({
+        "model_dir": "/m", "adapters": {"a": "/a", "b": "/b"},
+        "pulse": {"autoscaling": {"min_replicas": 1, "max_replicas": 3}, "num_gpus": 1},
+    })
+    opts = args.pulse.deployment_options()
+    assert opts["autoscaling_config"]["max_replicas"] == 3 and "num_replicas" not in opts
+    assert opts["ray_actor_options"]["num_gpus"] == 1
+    assert args.served_adapters() == ["a", "b"]
+    with pytest.raises(ValidationError, match="adapters"):
+        sv.ServeArgs(model_dir="/m", adapters={"a:b": "/x"})
+    with pytest.raises(ValidationError, match="model_dir"):
+        sv.ServeArgs(adapters={"a": "/x"})
+    with pytest.raises(ValidationError, match="min_replicas"):
+        sv.AutoscalingArgs(min_replicas=3, max_replicas=1)
+    with pytest.raises(ValidationError, match="max_batch_size"):
+        sv.ServeArgs.model_validate({"batching": {"max_batch_size": 0}})
+    with pytest.raises(ValidationError, match="extra"):
+        sv.ServeArgs.model_validate({"modle_dir": "/m"})
+
+
+def test_parse_adapter_specs():
+    assert sv.parse_adapter_specs(["a=/x", "b=/y=z"]) == {"a": "/x", "b": "/y=z"}
+    for bad in (["a"], ["=x"], ["a=/x", "a=/y"]):
+        with pytest.raises(ValueError, match="--adapter"):
+            sv.parse_adapter_specs(bad)
+
+
+def test_usage_counter():
+    usage = sv.UsageCounter()
+    usage.add("pulse", {"prompt_tokens": 5, "completion_tokens": 2})
+    usage.add("pulse", error=True)
+    assert usage.to_json() == {"pulse": {"requests": 2, "errors": 1, "prompt_tokens": 5,
+                                         "completion_tokens": 2}}
+
+
+# --- config file and CLI ----------------------------------------------------------------------
+
+
+def test_serve_config_yaml_is_valid_serve_args():
+    import yaml
+
+    path = Path(__file__).resolve().parents[2] / "serve" / "config.yaml"
+    text = path.read_text()
+    assert text.startswith("#") and "serve run serve/config.yaml" in text.split("\n\n")[0]
+    config = yaml.safe_load(text)
+    (app,) = config["applications"]
+    assert app["import_path"] == "serve.app:build_app"
+    args = sv.ServeArgs.model_validate(app["args"])
+    assert args.batching.max_batch_size >= 1 and args.openai.api_key_env == "OPENAI_API_KEY"
+
+
+def test_cli_serve_refuses_a_missing_model_dir_before_starting_ray(tmp_path, capsys):
+    from ecgvlm.cli import main
+
+    assert main(["serve", "--model-dir", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert "model_dir" in err and "nope" in err
+    assert main(["serve", "--model-dir", str(tmp_path), "--adapter", "broken"]) == 2
+    assert "NAME=DIR" in capsys.readouterr().err
+
+
+# --- PulseRunner on the tiny checkpoint -------------------------------------------------------
+
+
+def _adapter(model_dir: Path, out: Path, seed: int, bias: str = "lora_only") -> str:
+    import torch
+
+    from ecgvlm.model import attach_lora, load_pulse, save_adapter
+
+    model, _ = load_pulse(model_dir)
+    torch.manual_seed(seed)
+    peft_model = attach_lora(model, bias=bias)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+            elif bias == "all" and name.endswith(".bias"):
+                param.add_(0.1)
+    return str(save_adapter(peft_model, out))
+
+
+def test_pulse_runner_shares_base_weights_between_adapters(tiny_pulse_dir, tmp_path):
+    adapters = {"a": _adapter(tiny_pulse_dir, tmp_path / "a", 1),
+                "b": _adapter(tiny_pulse_dir, tmp_path / "b", 2)}
+    runner = sv.PulseRunner(str(tiny_pulse_dir), adapters, device="cpu")
+    png = _png((64, 32))
+    from ecgvlm.prompt import build_prompt
+
+    prompt = build_prompt("Which?", ["x", "y"])
+    base_before = runner.generate([sv.GenerateRequest(prompt, png, None, 4)])[0]
+    embed = runner.model.get_input_embeddings().weight.data_ptr()
+    mixed = runner.generate([sv.GenerateRequest(prompt, png, a, 4) for a in ("a", None, "b", "a")])
+    assert mixed[0] == mixed[3] and mixed[1] == base_before
+    assert len({mixed[0].text, mixed[1].text, mixed[2].text}) == 3
+    assert runner.model.get_input_embeddings().weight.data_ptr() == embed
+    assert runner.stats()["base_loads"] == 1 and runner.loaded_adapters == ["a", "b"]
+    runner.unload_adapter("a")
+    assert runner.loaded_adapters == ["b"]
+    runner.unload_adapter("b")  # the last adapter stays: PEFT needs one
+    assert runner.loaded_adapters == ["b"]
+    # An unloaded adapter comes back on demand with the same answer.
+    assert runner.generate([sv.GenerateRequest(prompt, png, "a", 4)])[0] == mixed[0]
+    assert runner.stats()["adapter_loads"] == {"a": 2, "b": 1}
+    with pytest.raises(KeyError, match="unknown adapter"):
+        runner.load_adapter("nope")
+
+
+def test_adapters_that_train_biases_are_refused(tiny_pulse_dir, tmp_path):
+    path = _adapter(tiny_pulse_dir, tmp_path / "biased", 3, bias="all")
+    with pytest.raises(ValueError, match="bias"):
+        sv.read_adapter(path)
+    with pytest.raises(ValueError, match="not a readable PEFT adapter"):
+        sv.read_adapter(str(tmp_path))

@@ -1,0 +1,240 @@
+"""Unit tests of ecgvlm.train: the collator's loss mask and config / data validation."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from ecgvlm.config import ConfigError, config_from_dict, load_config
+from ecgvlm.prompt import build_prompt
+from ecgvlm.train import (
+    IGNORE_INDEX,
+    REQUIRED_COLUMNS,
+    Collator,
+    TrainConfig,
+    check_training_data,
+    resolve_deepspeed_config,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class CharTokenizer:
+    """One token per character; ``</s>`` is EOS, ``<image>`` one placeholder token."""
+
+    pad_token_id, bos_token_id, eos_token_id, image_token_id = 0, 1, 2, 3
+
+    def encode(self, text: str) -> list[int]:
+        ids = [self.bos_token_id]
+        i = 0
+        while i < len(text):
+            if text.startswith("</s>", i):
+                ids.append(self.eos_token_id)
+                i += 4
+            elif text.startswith("<image>", i):
+                ids.append(self.image_token_id)
+                i += 7
+            else:
+                ids.append(ord(text[i]) + 10)
+                i += 1
+        return ids
+
+    def __call__(self, texts: list[str]) -> dict[str, list[list[int]]]:
+        return {"input_ids": [self.encode(t) for t in texts]}
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join("</s>" if i == 2 else chr(i - 10) for i in ids if i >= 10 or i == 2)
+
+
+class FakeProcessor:
+    """Expands ``<image>`` into several image tokens (as LLaVA-NeXT processors do) and pads."""
+
+    def __init__(self, image_tokens: int = 5, padding_side: str = "right") -> None:
+        self.tokenizer = CharTokenizer()
+        self.image_tokens = image_tokens
+        self.padding_side = padding_side
+
+    def __call__(self, texts: list[str], images: list[Image.Image]) -> dict[str, torch.Tensor]:
+        assert len(texts) == len(images)
+        rows = []
+        for text in texts:
+            ids = []
+            for t in self.tokenizer.encode(text):
+                ids += [t] * (self.image_tokens if t == CharTokenizer.image_token_id else 1)
+            rows.append(ids)
+        width = max(len(r) for r in rows)
+        ids = torch.zeros((len(rows), width), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(rows):
+            sl = slice(0, len(r)) if self.padding_side == "right" else slice(width - len(r), width)
+            ids[i, sl] = torch.tensor(r)
+            mask[i, sl] = 1
+        pixels = torch.stack([torch.as_tensor(np.asarray(im), dtype=torch.float32) for im in images])
+        return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+
+
+def _png(color: tuple[int, int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 3), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _rows() -> dict[str, list]:
+    return {
+        "sample_id": ["s0", "s1"],
+        "png": [_png((255, 0, 0)), _png((0, 0, 255))],
+        "question": ["Which rhythm is shown?", "What does this ECG show?"],
+        "options": [["Sinus rhythm", "Atrial fibrillation"], ["Normal", "LBBB", "RBBB"]],
+        "target_text": ["The answer is B. Irregular RR.", "The answer is A. Normal axis and QRS."],
+        "answer_letter": ["B", "A"],
+    }
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_collator_trains_only_on_the_answer(padding_side: str) -> None:
+    processor = FakeProcessor(padding_side=padding_side)
+    rows = _rows()
+    out = Collator(processor)(rows)
+    ids, mask, labels = out["input_ids"], out["attention_mask"], out["labels"]
+    assert labels.shape == ids.shape
+    tok = processor.tokenizer
+    for i, target in enumerate(rows["target_text"]):
+        kept = labels[i][labels[i] != IGNORE_INDEX].tolist()
+        # Exactly the answer: a space, the target text and the closing </s>.
+        assert tok.decode(kept) == " " + target + "</s>"
+        # Labels, where kept, equal the inputs at the same positions (no shift here: the
+        # model shifts).
+        pos = (labels[i] != IGNORE_INDEX).nonzero().flatten()
+        assert torch.equal(ids[i, pos], labels[i, pos])
+        # Image tokens, padding and every prompt token are masked.
+        assert (labels[i][ids[i] == CharTokenizer.image_token_id] == IGNORE_INDEX).all()
+        assert (labels[i][mask[i] == 0] == IGNORE_INDEX).all()
+        prompt_len = len(tok.encode(build_prompt(rows["question"][i], rows["options"][i]))) + (
+            processor.image_tokens - 1
+        )
+        real = mask[i].nonzero().flatten()
+        assert (labels[i, real[:prompt_len]] == IGNORE_INDEX).all()
+    assert out["pixel_values"].shape[0] == 2
+
+
+def test_collator_refuses_a_prompt_that_is_not_a_token_prefix() -> None:
+    class MergingTokenizer(CharTokenizer):
+        # Merges ":" + " " into one token, so the prompt's last token changes once text follows.
+        def encode(self, text: str) -> list[int]:
+            ids = super().encode(text)
+            out: list[int] = []
+            for t in ids:
+                if out and out[-1] == ord(":") + 10 and t == ord(" ") + 10:
+                    out[-1] = 9
+                else:
+                    out.append(t)
+            return out
+
+    processor = FakeProcessor()
+    processor.tokenizer = MergingTokenizer()
+    with pytest.raises(RuntimeError, match="prefix"):
+        Collator(processor)(_rows())
+
+
+BASE = {"model_dir": "m", "data_dir": "d"}
+
+
+def test_config_rejects_unknown_keys_by_name() -> None:
+    with pytest.raises(ConfigError, match="lora_rank"):
+        config_from_dict(TrainConfig, {**BASE, "lora_rank": 4})
+
+
+def test_config_rejects_impossible_global_batch() -> None:
+    with pytest.raises(ConfigError, match="global_batch_size .* 2 x 2 x 3 = 12, got 16"):
+        TrainConfig(**BASE, per_device_batch_size=2, num_workers=2,
+                    gradient_accumulation_steps=3, global_batch_size=16)
+    assert TrainConfig(**BASE, per_device_batch_size=2, num_workers=2,
+                       gradient_accumulation_steps=3, global_batch_size=12).derived_batch_size() == 12
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("lora_bias", "some"),
+        ("per_device_batch_size", 0),
+        ("checkpoint_score_attribute", "train_loss"),
+        ("checkpoint_score_order", "up"),
+        ("warmup_steps", 1000),
+        ("deepspeed_config", "zero2.yaml"),
+        ("val_split", "train"),
+    ],
+)
+def test_config_errors_name_the_field(field: str, value: object) -> None:
+    with pytest.raises(ConfigError, match=field):
+        TrainConfig(**BASE, **{field: value})
+
+
+def test_fail_at_step_needs_a_marker() -> None:
+    with pytest.raises(ConfigError, match="fail_marker"):
+        TrainConfig(**BASE, max_steps=10, fail_at_step=3)
+
+
+def test_shipped_configs_load() -> None:
+    for name in ("train_pulse_lora.yaml", "train_tiny_cpu.yaml"):
+        path = REPO / "configs" / name
+        assert path.read_text().startswith("#"), f"{name} must open with its command"
+        config = load_config(TrainConfig, path)
+        assert (config.lora_r, config.lora_alpha, config.lora_bias) == (4, 8, "lora_only")
+        assert set(config.lora_target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+        assert (REPO / config.deepspeed_config).is_file()
+    assert "ray job submit --working-dir . -- python -m jobs.train --config configs/train_pulse_lora.yaml" in (
+        REPO / "configs" / "train_pulse_lora.yaml"
+    ).read_text()
+    gpu = load_config(TrainConfig, REPO / "configs" / "train_pulse_lora.yaml")
+    assert (gpu.num_workers, gpu.use_gpu) == (4, True)
+
+
+def test_deepspeed_precision_follows_the_device() -> None:
+    config = TrainConfig(**BASE, per_device_batch_size=2, gradient_accumulation_steps=3)
+    base = {"zero_optimization": {"stage": 2}}
+    cpu = resolve_deepspeed_config(base, config, use_gpu=False)
+    gpu = resolve_deepspeed_config(base, config, use_gpu=True)
+    assert cpu["bf16"]["enabled"] is False and gpu["bf16"]["enabled"] is True
+    assert cpu["train_batch_size"] == 2 * 2 * 3
+    assert base == {"zero_optimization": {"stage": 2}}
+
+
+def _write_split(root: Path, split: str, n: int, drop: str | None = None) -> None:
+    data = {k: v * n for k, v in {
+        "sample_id": ["x"], "png": [b"png"], "question": ["q"], "options": [["a", "b"]],
+        "target_text": ["The answer is A."], "answer_letter": ["A"], "option_labels": [["SR", "AF"]],
+    }.items()}
+    if n == 0:
+        data = {k: [] for k in data}
+    if drop:
+        data.pop(drop)
+    (root / split).mkdir(parents=True, exist_ok=True)
+    table = pa.table(data) if n else pa.table(
+        {k: pa.array([], type=pa.list_(pa.string()) if k in ("options", "option_labels")
+                     else pa.binary() if k == "png" else pa.string()) for k in data})
+    pq.write_table(table, root / split / "part-0.parquet")
+
+
+def test_data_checks_name_the_split_and_column(tmp_path: Path) -> None:
+    config = TrainConfig(model_dir="m", data_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match="split 'train': no Parquet shards"):
+        check_training_data(config)
+    _write_split(tmp_path, "train", 3)
+    _write_split(tmp_path, "val", 0)
+    with pytest.raises(ConfigError, match="split 'val' is empty"):
+        check_training_data(config)
+    _write_split(tmp_path, "val", 2, drop="target_text")
+    with pytest.raises(ConfigError, match="split 'val'.*target_text"):
+        check_training_data(config)
+    _write_split(tmp_path, "val", 2)
+    summary = check_training_data(config)
+    assert summary.rows == {"train": 3, "val": 2}
+    assert summary.label_set == ("AF", "SR")
+    assert set(REQUIRED_COLUMNS) <= set(pq.ParquetFile(tmp_path / "val" / "part-0.parquet").schema_arrow.names)
