@@ -2,7 +2,8 @@
 
 Draws straight into an 8-bit palette image (no matplotlib figure): the grid is drawn once per
 page size and style and cached, the trace is an antialiased polyline rasterised with numpy,
-and the page is PNG-encoded at zlib level 1. ``trace_from_image`` reads a panel back to a
+and the page is written as a palette PNG at deflate level 1 (libdeflate when the ``deflate``
+package is installed, else zlib). ``trace_from_image`` reads a panel back to a
 signal. Imports numpy and Pillow only (never torch or ray).
 """
 

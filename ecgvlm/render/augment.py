@@ -13,6 +13,7 @@ import io
 
 import numpy as np
 
+IMAGE_AUGMENTATIONS = ("rotation", "blur", "noise", "jpeg")  # these make the PNG RGB
 MAX_ROTATION_DEG = 2.0
 MAX_NOISE_SIGMA = 8.0  # grey levels
 MAX_BLUR_RADIUS_PX = 0.9
@@ -22,8 +23,9 @@ WANDER_HZ = (0.05, 0.5)
 DROPOUT_FRACTION = 0.25
 
 
-def baseline_wander(shape: tuple[int, int], fs_hz: float, rng: np.random.Generator,
-                    strength: float) -> np.ndarray:
+def baseline_wander(
+    shape: tuple[int, int], fs_hz: float, rng: np.random.Generator, strength: float
+) -> np.ndarray:
     """Slow sinusoidal drift (mV) per lead, as respiration and electrode motion cause."""
     n, leads = shape
     t = np.arange(n)[:, None] / fs_hz
@@ -61,7 +63,7 @@ def apply_image_augmentations(
     """
     from PIL import Image, ImageFilter
 
-    if not any(n in names for n in ("rotation", "blur", "noise", "jpeg")):
+    if not any(n in names for n in IMAGE_AUGMENTATIONS):
         return image
     rgb = image.convert("RGB")
     if "rotation" in names:
@@ -77,7 +79,7 @@ def apply_image_augmentations(
         rgb = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8))
     if "jpeg" in names:
         low, high = JPEG_QUALITY_RANGE
-        quality = int(round(high - (high - low) * min(float(rng.uniform(0, 1)) * strength, 1)))
+        quality = round(high - (high - low) * min(float(rng.uniform(0, 1)) * strength, 1))
         buf = io.BytesIO()
         # 4:4:4: chroma subsampling would smear the red channel that digitisers read.
         rgb.save(buf, format="JPEG", quality=quality, subsampling=0)

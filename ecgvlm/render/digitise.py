@@ -71,7 +71,9 @@ def _best_path(lo, hi, centre, unary, is_none, bounds) -> list[int]:
                     to_top = max(lo_j - lo_k - 1, lo_k - hi_j - 1, 0)
                     to_bottom = max(lo_j - hi_k - 1, hi_k - hi_j - 1, 0)
                     step = (
-                        gap + END_WEIGHT * min(to_top, to_bottom) + JUMP_WEIGHT * abs(c_j - centre[k])
+                        gap
+                        + END_WEIGHT * min(to_top, to_bottom)
+                        + JUMP_WEIGHT * abs(c_j - centre[k])
                     )
                 if cost[i] + step < best:
                     best, best_k = cost[i] + step, k
@@ -150,8 +152,11 @@ def trace_from_image(
     # Where the trace touches the top or bottom of the searched rows anywhere in the panel,
     # every column gets a virtual run just beyond that edge, so the path can wait there
     # (reading NaN) while the trace is out of sight instead of jumping to another lead.
-    virtual = [row for row, touched in ((-1, (run_start == 0).any()),
-                                        (n_rows, (run_last == n_rows - 1).any())) if touched]
+    virtual = [
+        row
+        for row, touched in ((-1, (run_start == 0).any()), (n_rows, (run_last == n_rows - 1).any()))
+        if touched
+    ]
     # Kinds of state: 0 a real run, 1 beyond the searched rows, 2 no ink of this lead.
     kinds = [np.zeros(run_col.size, dtype=np.int8)]
     for row, kind_id in [(row, 1) for row in virtual] + [(NONE_ROW, 2)]:
@@ -163,13 +168,15 @@ def trace_from_image(
     kind = np.concatenate(kinds)
     order = np.argsort(run_col, kind="stable")
     run_col, run_start, run_last, centre, kind = (
-        run_col[order], run_start[order], run_last[order], centre[order], kind[order]
+        run_col[order],
+        run_start[order],
+        run_last[order],
+        centre[order],
+        kind[order],
     )
     bounds = np.searchsorted(run_col, np.arange(n_cols + 1))
     centre = centre + first_row
-    unary = np.where(
-        kind == 2, NONE_COST, BASELINE_WEIGHT * np.abs(centre - panel.baseline_y_px)
-    )
+    unary = np.where(kind == 2, NONE_COST, BASELINE_WEIGHT * np.abs(centre - panel.baseline_y_px))
     chosen = np.asarray(_best_path(run_start, run_last, centre, unary, kind == 2, bounds))
     y = np.where(kind[chosen] == 0, centre[chosen], np.nan)
     t_s = panel.t_start_s + np.arange(n_cols) / panel.px_per_s

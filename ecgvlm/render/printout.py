@@ -172,8 +172,9 @@ def draw_page(
             lines.append((xs, ys, x0, x1))
             if cell.column > 0:
                 half = SEPARATOR_HALF_MM * px_per_mm
-                spans.append((np.array([x0]), np.array([centre_px - half]),
-                              np.array([centre_px + half])))
+                spans.append(
+                    (np.array([x0]), np.array([centre_px - half]), np.array([centre_px + half]))
+                )
             _draw_label(ink, cell.lead, x0, centre_px, pitch_mm, label_px, config)
             panels.append(
                 Panel(
@@ -191,8 +192,7 @@ def draw_page(
     raster.fill_spans(ink, spans)
     if config.caption:
         text = f"{config.paper_speed_mm_s:g} mm/s   {config.mm_per_mv:g} mm/mV"
-        raster.draw_text(ink, text, round(MARGIN_X_MM * px_per_mm),
-                         round(2 * px_per_mm), label_px)
+        raster.draw_text(ink, text, round(MARGIN_X_MM * px_per_mm), round(2 * px_per_mm), label_px)
     return grid, ink, tuple(panels), layout
 
 
@@ -246,7 +246,7 @@ def render_printout(
     """
     from PIL import Image
 
-    from ecgvlm.render.augment import apply_image_augmentations
+    from ecgvlm.render.augment import IMAGE_AUGMENTATIONS, apply_image_augmentations
 
     config = config or RenderConfig()
     names = config.augmentations()
@@ -254,22 +254,33 @@ def render_printout(
     grid, ink, panels, layout = draw_page(record, config, rng)
     style = raster.STYLES[config.style]
     paper = None
+    height_px, width_px = ink.shape
     if rng is not None and "grid_dropout" in names:
         from ecgvlm.render.augment import grid_dropout
 
-        grid = grid_dropout(grid, rng, config.augment_strength)
+        grid_high = np.left_shift(grid_dropout(grid, rng, config.augment_strength), 4)
+    else:
+        grid_high = raster.grid_index_layer(width_px, height_px, config.px_per_mm, config.style)
     if rng is not None and "tint" in names:
         from ecgvlm.render.augment import paper_tint
 
         paper = paper_tint(rng, config.augment_strength)
-    index = np.bitwise_or(np.left_shift(grid, 4), ink)
-    image = Image.fromarray(index)
-    image.putpalette(raster.palette(style, paper))
-    paper_rgb = tuple(int(round(v)) for v in (paper or style.paper))
-    image = apply_image_augmentations(image, names, rng, config.augment_strength, paper_rgb)
+    palette = raster.palette(style, paper)
+    rows = raster.palette_rows(height_px, width_px)
+    index = rows[:, 1:]
+    np.bitwise_or(grid_high, ink, out=index)
+    size_px = (width_px, height_px)
+    if any(name in IMAGE_AUGMENTATIONS for name in names):
+        image = Image.fromarray(index)
+        image.putpalette(palette)
+        paper_rgb = tuple(round(v) for v in (paper or style.paper))
+        image = apply_image_augmentations(image, names, rng, config.augment_strength, paper_rgb)
+        png = raster.encode_png(image)
+    else:
+        png = raster.encode_palette_png(rows, palette)
     return Printout(
-        png=raster.encode_png(image),
-        size_px=image.size,
+        png=png,
+        size_px=size_px,
         px_per_mm=config.px_per_mm,
         panels=panels,
         layout=layout,

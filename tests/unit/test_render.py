@@ -21,10 +21,10 @@ from ecgvlm.render import (
     PngError,
     RenderConfig,
     RenderError,
+    raster,
     render_printout,
     trace_from_image,
 )
-from ecgvlm.render import raster
 from ecgvlm.signal import read_record
 from tests.unit.test_render_faithfulness import panel_correlations
 
@@ -41,9 +41,11 @@ def synthetic(
     """A crude but ECG-like signal: narrow QRS spikes plus a T wave, per-lead gains."""
     t = np.arange(round(fs_hz * duration_s)) / fs_hz
     phase = (t * rate_bpm / 60.0) % 1.0
-    beat = 1.0 * np.exp(-(((phase - 0.3) / 0.012) ** 2)) + 0.3 * np.exp(
-        -(((phase - 0.6) / 0.05) ** 2)
-    ) - 0.15 * np.exp(-(((phase - 0.33) / 0.01) ** 2))
+    beat = (
+        1.0 * np.exp(-(((phase - 0.3) / 0.012) ** 2))
+        + 0.3 * np.exp(-(((phase - 0.6) / 0.05) ** 2))
+        - 0.15 * np.exp(-(((phase - 0.33) / 0.01) ** 2))
+    )
     signal = beat[:, None] * LEAD_GAIN[: len(leads)][None, :]
     return EcgRecord(record_id, "synthetic", signal, fs_hz, leads, labels=("AF",))
 
@@ -86,9 +88,10 @@ def test_config_hash_is_stable_and_resolved(tmp_path):
     assert base.config_hash() == RenderConfig().config_hash()
     assert len(base.config_hash()) == 12
     assert RenderConfig(dpi=150).config_hash() != base.config_hash()
-    assert RenderConfig(augment=True).config_hash() == RenderConfig(
-        augment=AUGMENTATIONS
-    ).config_hash()
+    assert (
+        RenderConfig(augment=True).config_hash()
+        == RenderConfig(augment=AUGMENTATIONS).config_hash()
+    )
     path = tmp_path / "render.yaml"
     path.write_text("layout: 6x2\naugment: [noise, blur]\n")
     loaded = load_config(RenderConfig, path, ["dpi=150"])
@@ -106,8 +109,21 @@ def test_default_page_is_a_valid_palette_png_with_13_panels():
     assert image.size == printout.size_px == (1181, 591)  # 300 x 150 mm at 100 dpi: 2:1
     assert printout.layout == "3x4+II" and printout.geometry_exact
     leads = [p.lead for p in printout.panels]
-    assert leads == ["I", "aVR", "V1", "V4", "II", "aVL", "V2", "V5", "III", "aVF", "V3",
-                     "V6", "II"]
+    assert leads == [
+        "I",
+        "aVR",
+        "V1",
+        "V4",
+        "II",
+        "aVL",
+        "V2",
+        "V5",
+        "III",
+        "aVF",
+        "V3",
+        "V6",
+        "II",
+    ]
     px_per_s = printout.px_per_mm * 25
     for panel in printout.panels[:12]:
         x0, y0, x1, y1 = panel.box_px
@@ -157,7 +173,7 @@ def test_pixels_map_back_to_seconds_and_millivolts():
     printout = render_printout(record, RenderConfig(dpi=200))
     panel = next(p for p in printout.panels if p.lead == "V2")
     assert panel.t_start_s == 5.0
-    x0, y0, x1, y1 = panel.box_px
+    x0, _, x1, _ = panel.box_px
     # Past the lead-change marker, and below the lead's label.
     first_row = round(panel.baseline_y_px - 1.3 * panel.px_per_mv)
     dark = ink(printout)[first_row:, x0 + 2 : x1] > 0.5
@@ -177,9 +193,7 @@ def test_same_signal_same_image_whatever_the_id_and_labels():
 # --- layouts ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("layout", "n_panels", "seconds"), [("6x2", 12, 5.0), ("12x1", 12, 10.0)]
-)
+@pytest.mark.parametrize(("layout", "n_panels", "seconds"), [("6x2", 12, 5.0), ("12x1", 12, 10.0)])
 def test_other_layouts(layout, n_panels, seconds):
     record = synthetic()
     printout = render_printout(record, RenderConfig(layout=layout))
@@ -263,7 +277,7 @@ def test_amplitudes_beyond_the_band_overlap_unless_clipped():
     for clip in (False, True):
         printout = render_printout(record, RenderConfig(layout="strip", clip_to_panel=clip))
         panel = printout.panels[0]
-        x0, y0, x1, y1 = panel.box_px
+        x0, y0, _, _ = panel.box_px
         spike = x0 + round((2.0 - panel.t_start_s) * panel.px_per_s)
         dark = ink(printout)[:, spike - 3 : spike + 6] > 0.5
         top_row = np.flatnonzero(dark.any(axis=1)).min()
@@ -317,12 +331,23 @@ def test_non_geometric_augmentations_keep_the_trace_readable(samples_dir):
 def test_never_returns_a_corrupt_png(monkeypatch):
     image = Image.new("P", (20, 10))
 
-    def truncated_save(self, fp, format=None, **params):  # noqa: A002 - PIL's name
+    def truncated_save(self, fp, format=None, **params):
         fp.write(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
 
     monkeypatch.setattr(Image.Image, "save", truncated_save)
     with pytest.raises(PngError):
         raster.encode_png(image)
+
+
+def test_palette_png_reads_back_exactly_and_is_checked(monkeypatch):
+    printout = render_printout(synthetic())
+    index = np.asarray(decode(printout))
+    rows = raster.palette_rows(*index.shape)
+    rows[:, 1:] = index
+    assert raster.encode_palette_png(rows, raster.palette(raster.CLINICAL)) == printout.png
+    monkeypatch.setattr(raster, "_zlib_level1", lambda raw: raster.zlib.compress(raw[1:], 1))
+    with pytest.raises(PngError, match="do not match"):
+        raster.encode_palette_png(rows, raster.palette(raster.CLINICAL))
 
 
 def test_render_imports_neither_torch_nor_ray():

@@ -20,7 +20,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from ecgvlm.records import EcgRecord, Panel, Printout
 from ecgvlm.render import STANDARD_LEADS, RenderConfig, render_printout, trace_from_image
