@@ -89,6 +89,7 @@ def _cmd_render(args: argparse.Namespace) -> int:
         **{k: v for k, v in fields.items() if v is not None}, augment=bool(args.augment)
     )
     printout = render_printout(record, config, seed=args.seed)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_bytes(printout.png)
     if args.geometry:
         Path(args.geometry).write_text(printout.to_json())
