@@ -93,3 +93,20 @@ def test_dockerfile_installs_the_lock_as_non_root_with_a_healthcheck():
 @pytest.mark.parametrize("name", ["cluster.yaml", "Dockerfile", "requirements.lock"])
 def test_deploy_files_exist(name):
     assert (ROOT / name).is_file()
+
+
+def test_gpu_workers_match_the_training_config():
+    cluster = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    train = yaml.safe_load((ROOT / "configs" / "train_pulse_lora.yaml").read_text())
+    assert train["use_gpu"] is True
+    workers = [
+        t for name, t in cluster["available_node_types"].items()
+        if name != cluster["head_node_type"]
+    ]
+    # One training worker per GPU, all of them on one 4-GPU node (DeepSpeed's all-reduce
+    # stays on NVLink/PCIe), with the CPUs each worker asks for.
+    assert any(
+        t["resources"]["GPU"] == train["num_workers"]
+        and t["resources"]["CPU"] >= train["num_workers"] * train["cpus_per_worker"]
+        for t in workers
+    )
