@@ -209,15 +209,23 @@ class TrainDataError(ConfigError):
 
 
 def split_files(data_dir: str | Path, split: str) -> list[Path]:
-    """The Parquet shards of one split: ``<data_dir>/<split>/*.parquet``.
+    """The Parquet shards of one split, as the prepared data set's manifest lists them.
 
     Raises:
-        TrainDataError: naming the split and the folder when there are none.
+        TrainDataError: naming the data set and split when there is no manifest, no such
+            split or a listed shard is missing.
     """
-    folder = Path(data_dir) / split
-    files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+    from ecgvlm.dataset import split_files as manifest_split_files
+
+    try:
+        files = manifest_split_files(data_dir, split)
+    except (FileNotFoundError, ValueError) as e:
+        raise TrainDataError(f"data_dir {data_dir}: split {split!r}: {e}") from e
+    missing = [str(p) for p in files if not p.is_file()]
+    if missing:
+        raise TrainDataError(f"split {split!r}: shard(s) listed in the manifest are missing: {missing}")
     if not files:
-        raise TrainDataError(f"split {split!r}: no Parquet shards under {folder}")
+        raise TrainDataError(f"split {split!r} is empty (no shards in {data_dir}/manifest.json)")
     return files
 
 
@@ -235,15 +243,17 @@ class DataSummary:
 def check_training_data(config: TrainConfig) -> DataSummary:
     """Check the train and val splits exist, hold rows and carry the needed columns.
 
-    Reads Parquet footers (schema, row counts) plus the ``option_labels`` column of the
-    train split (for the adapter's label set); no image is decoded.
+    Reads the manifest and the Parquet footers (schema, row counts) plus the
+    ``option_labels`` column of the train split (for the adapter's label set); no image is
+    decoded.
 
     Raises:
         TrainDataError: naming the split and the missing column, or the empty split.
     """
     import pyarrow.parquet as pq
 
-    from ecgvlm.adapter import hash_file, hash_json
+    from ecgvlm.adapter import hash_file
+    from ecgvlm.dataset import MANIFEST_NAME, read_manifest
 
     rows: dict[str, int] = {}
     files: dict[str, list[str]] = {}
@@ -269,16 +279,14 @@ def check_training_data(config: TrainConfig) -> DataSummary:
         if n == 0:
             raise TrainDataError(f"split {split!r} is empty ({len(paths)} shard(s), 0 rows)")
         rows[split] = n
-    manifest = Path(config.data_dir) / "manifest.json"
-    manifest_hash = render_hash = None
-    if manifest.is_file():
-        manifest_hash = hash_file(manifest)
-        try:
-            render = json.loads(manifest.read_text()).get("render_config")
-        except json.JSONDecodeError as e:
-            raise TrainDataError(f"{manifest} is not valid JSON: {e}") from e
-        render_hash = hash_json(render) if render is not None else None
-    return DataSummary(rows, tuple(sorted(labels)), manifest_hash, render_hash, files)
+    manifest = read_manifest(config.data_dir)
+    return DataSummary(
+        rows,
+        tuple(sorted(labels)),
+        hash_file(Path(config.data_dir) / MANIFEST_NAME),
+        manifest.get("render_config_hash"),
+        files,
+    )
 
 
 def load_deepspeed_config(path: str | Path) -> dict[str, Any]:
@@ -352,8 +360,9 @@ class Collator:
 
     Args:
         processor: ``processor(prompts, images) -> dict`` with ``input_ids`` and
-            ``attention_mask`` (padded to a rectangle, either side) plus image tensors, and a
-            ``tokenizer`` attribute.
+            ``attention_mask`` (padded to a rectangle, either side) plus image tensors, and
+            either ``encode_prompts(texts)`` (token ids without images, as
+            ``ecgvlm.model.PulseProcessor`` has) or a callable ``tokenizer`` attribute.
     """
 
     def __init__(self, processor: Any) -> None:
@@ -371,10 +380,16 @@ class Collator:
             fulls.append(prompt + completion)
         return prompts, fulls
 
+    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of texts without touching images (``encode_prompts`` where it exists)."""
+        if hasattr(self.processor, "encode_prompts"):
+            return self.processor.encode_prompts(list(texts))
+        return self.tokenizer(list(texts))["input_ids"]
+
     def answer_lengths(self, prompts: Sequence[str], fulls: Sequence[str]) -> list[int]:
         """Tokens of each answer (target + ``</s>``), measured with the tokenizer alone."""
-        prompt_ids = self.tokenizer(list(prompts))["input_ids"]
-        full_ids = self.tokenizer(list(fulls))["input_ids"]
+        prompt_ids = self.token_ids(prompts)
+        full_ids = self.token_ids(fulls)
         lengths = []
         for i, (p, f) in enumerate(zip(prompt_ids, full_ids)):
             p, f = list(p), list(f)
@@ -646,6 +661,23 @@ def _print_metrics(prefix: str, metrics: Mapping[str, Any]) -> None:
     print(f"[ecgvlm.train] {prefix} " + " ".join(parts), file=sys.stdout, flush=True)
 
 
+HISTORY_NAME = "metrics.jsonl"
+
+
+def _append_history(config: TrainConfig, metrics: Mapping[str, Any]) -> None:
+    """Rank 0 appends every report to ``<storage_path>/<run_name>/metrics.jsonl``.
+
+    Ray Train's Result keeps only the checkpointed reports; this file is the whole curve
+    (resumed runs append, so a step may appear twice). Skipped for URI storage paths.
+    """
+    if "://" in config.storage_path:
+        return
+    path = config.run_dir() / HISTORY_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(dict(metrics), default=float) + "\n")
+
+
 def _mean_across_ranks(values: Sequence[float]) -> list[float]:
     import torch
     import torch.distributed as dist
@@ -659,7 +691,8 @@ def _mean_across_ranks(values: Sequence[float]) -> list[float]:
 
 def build_model(config: TrainConfig, device: Any, dtype: Any) -> tuple[Any, Any]:
     """Load the base model and processor and attach the LoRA adapter."""
-    from ecgvlm.model import attach_lora, load_pulse
+    from ecgvlm.model import load_pulse
+    from ecgvlm.model.lora import attach_lora
 
     model, processor = load_pulse(config.model_dir, dtype=dtype, device=device)
     model = attach_lora(
@@ -668,7 +701,7 @@ def build_model(config: TrainConfig, device: Any, dtype: Any) -> tuple[Any, Any]
         alpha=config.lora_alpha,
         dropout=config.lora_dropout,
         bias=config.lora_bias,
-        target_modules=tuple(config.lora_target_modules),
+        target=tuple(config.lora_target_modules),
     )
     if config.gradient_checkpointing:
         if hasattr(model, "enable_input_require_grads"):
@@ -826,11 +859,13 @@ def train_loop_per_worker(loop_config: Mapping[str, Any]) -> None:
             if not is_eval:
                 if rank == 0:
                     _print_metrics(f"step {position.step}/{config.max_steps}", metrics)
+                    _append_history(config, metrics)
                 ray.train.report(metrics)
                 continue
             metrics.update(evaluate(engine, collator, val_rows, config, device, dtype))
             if rank == 0:
                 _print_metrics(f"step {position.step}/{config.max_steps} eval", metrics)
+                _append_history(config, metrics)
             local = _save_checkpoint(
                 engine, position, metrics, loop_config.get("artifact", {}), config, zero_stage
             )

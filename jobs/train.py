@@ -12,6 +12,7 @@ Train restores a run from its storage folder when the name and path match).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import sys
@@ -53,6 +54,20 @@ def check_run_dir(config: TrainConfig, resume: bool) -> None:
         )
 
 
+def _data_config() -> Any:
+    """Train split sharded over workers in a fixed order; val whole on every worker.
+
+    ``preserve_order`` makes block-to-worker assignment deterministic, so a run is
+    reproducible for a seed and a resumed run skips exactly the batches it had consumed.
+    evaluate() strides the unsplit val rows by rank.
+    """
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return DataConfig(datasets_to_split=["train"], execution_options=options)
+
+
 def run_training(config: TrainConfig, resume: bool = False) -> Any:
     """Validate, train, copy the best adapter to ``config.output_dir``; return the Result.
 
@@ -62,9 +77,17 @@ def run_training(config: TrainConfig, resume: bool = False) -> Any:
     import pyarrow.parquet as pq
     import ray
     import ray.data
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    # Workers (and a job's driver, whose cwd is a temporary copy of the working dir) must
+    # see the same directories: make local paths absolute here.
+    if "://" not in config.storage_path:
+        config = dataclasses.replace(
+            config,
+            storage_path=str(Path(config.storage_path).resolve()),
+            output_dir=str(Path(config.output_dir).resolve()),
+        )
     deepspeed_config = load_deepspeed_config(config.deepspeed_config)
     summary = check_training_data(config)
     check_run_dir(config, resume)
@@ -95,6 +118,8 @@ def run_training(config: TrainConfig, resume: bool = False) -> Any:
         columns = list(REQUIRED_COLUMNS) + [c for c in OPTIONAL_COLUMNS if c in names]
         dataset = ray.data.read_parquet(files, columns=columns)
         if key == "train" and config.train_repeat > 1:
+            # Materialised once, so the copies do not re-read the files.
+            dataset = dataset.materialize()
             dataset = dataset.union(*[dataset] * (config.train_repeat - 1))
         datasets[key] = dataset
 
@@ -111,7 +136,7 @@ def run_training(config: TrainConfig, resume: bool = False) -> Any:
         ),
         run_config=RunConfig(
             name=config.run_name,
-            storage_path=str(Path(config.storage_path).resolve()),
+            storage_path=config.storage_path,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=config.checkpoint_num_to_keep,
                 checkpoint_score_attribute=config.checkpoint_score_attribute,
@@ -120,8 +145,7 @@ def run_training(config: TrainConfig, resume: bool = False) -> Any:
             failure_config=FailureConfig(max_failures=config.max_failures),
         ),
         datasets=datasets,
-        # The val split reaches every worker whole; evaluate() strides it by rank.
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        dataset_config=_data_config(),
     )
     result = trainer.fit()
     best = result.get_best_checkpoint(
