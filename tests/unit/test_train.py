@@ -214,8 +214,8 @@ FINDINGS = (
 )
 
 
-def tiny_rows(split: str, n: int) -> list[dict]:
-    """``n`` MCQ rows with the prepared data set's columns and small PIL-drawn traces."""
+def tiny_rows(split: str, n: int, image_px: tuple[int, int] = (96, 64)) -> list[dict]:
+    """``n`` MCQ rows with the prepared data set's columns and PIL-drawn traces."""
     from PIL import ImageDraw
 
     from ecgvlm.prompt import conversation_json, format_target
@@ -223,9 +223,12 @@ def tiny_rows(split: str, n: int) -> list[dict]:
     rows = []
     for i in range(n):
         k = (i + (split != "train")) % len(FINDINGS)
-        img = Image.new("RGB", (96, 64), (255, 250, 250))
+        w, h = image_px
+        img = Image.new("RGB", (w, h), (255, 250, 250))
         draw = ImageDraw.Draw(img)
-        draw.line([(0, 32), (30, 32), (36, 6 + 12 * k), (42, 58), (96, 32)], fill=(0, 0, 0), width=2)
+        x = [int(w * f) for f in (0.0, 0.31, 0.375, 0.44, 1.0)]
+        y = [h // 2, h // 2, int(h * (0.1 + 0.19 * k)), int(h * 0.9), h // 2]
+        draw.line(list(zip(x, y)), fill=(0, 0, 0), width=2)
         buf = io.BytesIO()
         img.save(buf, format="PNG")
         order = [(k + j) % 4 for j in range(4)] if i % 2 else [(k + 3 * j) % 4 for j in range(4)]
@@ -245,13 +248,15 @@ def tiny_rows(split: str, n: int) -> list[dict]:
     return rows
 
 
-def write_prepared(root: Path, sizes: dict[str, int], drop: str | None = None) -> Path:
+def write_prepared(
+    root: Path, sizes: dict[str, int], drop: str | None = None, image_px: tuple[int, int] = (96, 64)
+) -> Path:
     """A prepared data set in ``ecgvlm prepare``'s layout: Parquet shards plus manifest."""
     import json
 
     splits = {}
     for split, n in sizes.items():
-        rows = tiny_rows(split, n)
+        rows = tiny_rows(split, n, image_px)
         if drop:
             for row in rows:
                 row.pop(drop)
