@@ -110,7 +110,6 @@ def bench_gpu(args: argparse.Namespace) -> None:
     import torch
     from transformers import CLIPVisionConfig, get_cosine_schedule_with_warmup
 
-    from ecgvlm.config import load_config
     from ecgvlm.model import make_tiny_pulse
     from ecgvlm.model.lora import attach_lora
     from ecgvlm.model.processor import (
