@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -208,7 +209,14 @@ def test_ray_job_submit_runs_the_tiny_config(tiny_pulse_dir, prepared, tmp_path)
             f"storage_path={tmp_path / 'runs'}", f"output_dir={out}",
             "max_steps=4", "eval_every_steps=4", "log_every_steps=2", "train_repeat=4",
         ]
-        job = subprocess.run(submit, check=False, env=env, capture_output=True, text=True, timeout=420)
+        # The head's job agent comes up a little after `ray start` returns.
+        for _ in range(24):
+            job = subprocess.run(
+                submit, check=False, env=env, capture_output=True, text=True, timeout=420
+            )
+            if "No available agent" not in job.stdout + job.stderr:
+                break
+            time.sleep(5)
         assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
         assert "succeeded" in job.stdout.lower()
         assert (out / "adapter_config.json").is_file() and (out / "ecgvlm.json").is_file()
@@ -237,7 +245,6 @@ def _cluster_pids(temp_dir: Path) -> list[int]:
 def _stop_cluster(temp_dir: Path) -> None:
     """Stop only this test's cluster: ``ray stop`` would stop every Ray on the machine."""
     import signal
-    import time
 
     for sig, wait_s in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 5.0)):
         pids = _cluster_pids(temp_dir)
