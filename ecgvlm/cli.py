@@ -74,8 +74,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     # A caller's Ray (a test's) is used as it is and left running.
     started_here = not ray.is_initialized()
     if started_here:
-        accelerator = os.environ.get("DS_ACCELERATOR", "cuda" if config.use_gpu else "cpu")
-        ray.init(runtime_env={"env_vars": {"DS_ACCELERATOR": accelerator}})
+        if os.environ.get("RAY_ADDRESS"):
+            # A job's runtime env (working_dir, env_vars) already applies; adding one here
+            # would conflict with it.
+            ray.init()
+        else:
+            accelerator = os.environ.get("DS_ACCELERATOR", "cuda" if config.use_gpu else "cpu")
+            ray.init(runtime_env={"env_vars": {"DS_ACCELERATOR": accelerator}})
     try:
         run_training(config, resume=args.resume)
     finally:

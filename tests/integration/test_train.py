@@ -189,9 +189,12 @@ def test_ray_job_submit_runs_the_tiny_config(tiny_pulse_dir, prepared, tmp_path)
         **os.environ,
         "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
         "DS_ACCELERATOR": "cpu",
-        "RAY_ADDRESS": "",
+        # A token in ~/.ray (another local cluster may have made one) would switch token
+        # auth on for `ray start` but not for `ray job submit`: this loopback cluster goes
+        # without, explicitly.
+        "RAY_AUTH_MODE": "disabled",
     }
-    env.pop("RAY_ADDRESS")
+    env.pop("RAY_ADDRESS", None)
     start = [
         str(ray_cli), "start", "--head", f"--port={port}", "--num-cpus=4",
         f"--temp-dir={temp_dir}", "--include-dashboard=true", f"--dashboard-port={dash}",
