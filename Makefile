@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 
-.PHONY: venv test test-unit demo bench clean
+.PHONY: venv test test-unit demo bench clean lock
 
 # torch first: a plain `torch` requirement would pull a multi-GB CUDA build, while
 # torch==2.13.0 resolves to the CPU wheel already on this machine's disk. The rest is then
@@ -31,3 +31,8 @@ demo: venv
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# Regenerate the pinned versions the Dockerfile installs (the CPU torch wheel's "+cpu" tag is
+# dropped: the same version on PyPI is the CUDA build a GPU node wants).
+lock: venv
+	$(PY) -m pip freeze --exclude-editable | sed 's/+cpu//' | grep -v '^-e' > requirements.lock

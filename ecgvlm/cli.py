@@ -11,11 +11,60 @@ import sys
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    raise NotImplementedError("ecgvlm inspect: see issue 2")
+    from ecgvlm.labels import label_name
+    from ecgvlm.signal import read_record
+
+    rec = read_record(args.path, dataset=args.dataset)
+    rows = [
+        ("record", rec.record_id),
+        ("dataset", rec.dataset),
+        ("patient", rec.patient_id or "unknown"),
+        ("fs", f"{rec.fs_hz:g} Hz"),
+        ("duration", f"{rec.duration_s:.2f} s ({rec.n_samples} samples)"),
+        ("leads", f"{len(rec.leads)}: {', '.join(rec.leads)}"),
+    ]
+    for key in ("age", "sex"):
+        if key in rec.meta:
+            rows.append((key, str(rec.meta[key])))
+    rows.append(("source codes", ", ".join(rec.source_codes) or "none"))
+    for key in ("aami_counts", "beat_counts", "rhythm_fractions"):
+        if key in rec.meta:
+            rows.append(
+                (key.replace("_", " "), ", ".join(f"{k} {v}" for k, v in rec.meta[key].items()))
+            )
+    for key, value in rows:
+        print(f"{key:<18}{value}")
+    print("labels")
+    for lab in rec.labels or ("none",):
+        print(f"  {lab:<14}{label_name(lab) if lab != 'none' else ''}")
+    return 0
 
 
 def _cmd_datasets(args: argparse.Namespace) -> int:
-    raise NotImplementedError("ecgvlm datasets: see issue 2")
+    from ecgvlm.labels import label_name
+    from ecgvlm.signal import ReadFailure, iter_records, summarize_records
+
+    failures: list[ReadFailure] = []
+    records = iter_records(args.root, dataset=args.dataset, failures=failures, progress=False)
+    summary = summarize_records(records)
+    print(
+        f"{'dataset':<18}{'records':>8}{'recordings':>11}{'patients':>9}"
+        f"{'hours':>8}{'labels':>7}{'unknown':>8}"
+    )
+    for key, s in summary.items():
+        print(
+            f"{key:<18}{s.n_records:>8}{s.n_recordings:>11}{s.n_patients:>9}"
+            f"{s.duration_s / 3600:>8.2f}{len(s.label_counts):>7}{sum(s.unknown_codes.values()):>8}"
+        )
+    for key, s in summary.items():
+        print(f"\n{key}: records per label")
+        for lab, n in sorted(s.label_counts.items(), key=lambda kv: (-kv[1], kv[0])):
+            print(f"  {lab:<14}{n:>6}  {label_name(lab)}")
+    print(f"\nfailures: {len(failures)}")
+    for f in failures:
+        print(f"  {f.path}: {type(f.error).__name__}: {f.error.problem}")
+    # Unreadable records make the command fail, so scripts notice; the table is still printed.
+    return 1 if failures else 0
 
 
 def _cmd_render(args: argparse.Namespace) -> int:

@@ -74,7 +74,9 @@ def generate(
         ValueError: bad arguments, prompts or images (PromptError, ImageInputError).
     """
     if not 1 <= max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
-        raise ValueError(f"max_new_tokens must be in [1, {MAX_NEW_TOKENS_LIMIT}], got {max_new_tokens}")
+        raise ValueError(
+            f"max_new_tokens must be in [1, {MAX_NEW_TOKENS_LIMIT}], got {max_new_tokens}"
+        )
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if not 0 < top_p <= 1:

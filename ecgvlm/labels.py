@@ -47,6 +47,8 @@ DATASET_SCHEMES: dict[str, tuple[str, ...]] = {
     "ptbxl": ("snomed",),
     "ptbdb": ("ptbdb",),
     "mitdb": ("mitdb_rhythm",),
+    # Any other WFDB record (an upload, a user's own file): Challenge-style SNOMED codes.
+    "wfdb": ("snomed",),
 }
 DATASETS = tuple(DATASET_SCHEMES)
 

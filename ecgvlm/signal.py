@@ -27,7 +27,7 @@ import math
 import re
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
@@ -86,12 +86,26 @@ class EcgReadError(ValueError):
         self.problem = problem
         super().__init__(f"{self.record}: {problem}")
 
+    def __str__(self) -> str:
+        # Explicit, because OSError (a base of MissingFileError) formats its own way.
+        return f"{self.record}: {self.problem}"
+
     def __reduce__(self):  # keep picklable (Ray ships exceptions between processes)
         return (type(self), (self.record, self.problem))
 
 
-class MissingFileError(EcgReadError):
-    """A header, signal, annotation or label file the record needs does not exist."""
+class MissingFileError(EcgReadError, FileNotFoundError):
+    """A header, signal, annotation or label file the record needs does not exist.
+
+    Also a ``FileNotFoundError``, with ``filename`` set to the missing file where known.
+    """
+
+    def __init__(self, record: str | Path, problem: str, filename: str | Path | None = None):
+        super().__init__(record, problem)
+        self.filename = None if filename is None else str(filename)
+
+    def __reduce__(self):
+        return (type(self), (self.record, self.problem, self.filename))
 
 
 class HeaderError(EcgReadError):
@@ -152,6 +166,11 @@ def _resolve_dataset(path: Path, dataset: str | None) -> str:
         except ValueError as e:
             raise HeaderError(path, str(e)) from e
     key = detect_dataset(path)
+    if key is None and Path(f"{path}.hea").is_file():
+        # A WFDB record from no known collection: read it generically (SNOMED Dx codes).
+        return "wfdb"
+    if key is None and not any(Path(f"{path}{ext}").is_file() for ext in (".mat", ".csv")):
+        raise MissingFileError(path, f"no {path}.hea, {path}.mat or {path}.csv", f"{path}.hea")
     if key is None:
         raise HeaderError(
             path,
@@ -229,11 +248,35 @@ def _patient_id(dataset: str, name: str, path: Path) -> str | None:
         # PTB keeps each patient's records in a folder "patientNNN"; without it, unknown.
         folder = path.parent.name
         return f"ptbdb/{folder}" if re.fullmatch(r"patient\d+", folder) else None
-    if dataset == "ptbxl":
-        # PTB-XL has several records per patient, but the Challenge headers drop patient_id.
+    if dataset in ("ptbxl", "wfdb"):
+        # PTB-XL has several records per patient, but the Challenge headers drop patient_id;
+        # a generic WFDB record says nothing about its patient.
         return None
     # CPSC 2018, CPSC-Extra, Chapman-Shaoxing and Georgia publish one record per patient.
     return f"{dataset}/{name}"
+
+
+def _labelled_record(
+    path: Path,
+    dataset: str,
+    signal: np.ndarray,
+    fs_hz: float,
+    leads: tuple[str, ...],
+    codes: tuple[str, ...],
+    meta: dict[str, Any],
+) -> EcgRecord:
+    """An EcgRecord whose labels are the canonical forms of the source ``codes``."""
+    return EcgRecord(
+        record_id=f"{dataset}/{path.name}",
+        dataset=dataset,
+        signal_mv=signal,
+        fs_hz=float(fs_hz),
+        leads=leads,
+        labels=L.canonical_labels(dataset, codes),
+        patient_id=_patient_id(dataset, path.name, path),
+        source_codes=codes,
+        meta=meta,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,7 +302,7 @@ def _read_wfdb_header(path: Path, rid: str) -> Any:
 
     hea = path.with_suffix(".hea") if path.suffix else Path(f"{path}.hea")
     if not hea.is_file():
-        raise MissingFileError(rid, f"header file {hea} does not exist")
+        raise MissingFileError(rid, f"header file {hea} does not exist", hea)
     try:
         return wfdb.rdheader(str(path))
     except Exception as e:  # wfdb raises bare ValueError/IndexError on malformed headers
@@ -272,10 +315,13 @@ def _read_wfdb_signal(path: Path, rid: str, header: Any) -> tuple[np.ndarray, li
 
     if header.n_sig == 0 or not header.file_name:
         raise LeadCountError(rid, "header lists no signals")
+    if not header.sig_len:
+        # Without a sample count neither truncation nor the checksum can be verified.
+        raise HeaderError(rid, "header gives no number of samples")
     for file_name in dict.fromkeys(header.file_name):
         f = path.parent / file_name
         if not f.is_file():
-            raise MissingFileError(rid, f"signal file {f} does not exist")
+            raise MissingFileError(rid, f"signal file {f} does not exist", f)
         expected = _expected_file_bytes(header, file_name)
         actual = f.stat().st_size
         if expected is not None and actual < expected:
@@ -342,17 +388,7 @@ def _read_wfdb(path: Path, dataset: str) -> EcgRecord:
             out_leads, signal = _order_standard_leads(rid, leads, signal, dataset)
         else:
             out_leads = tuple(leads)
-    return EcgRecord(
-        record_id=rid,
-        dataset=dataset,
-        signal_mv=signal,
-        fs_hz=float(header.fs),
-        leads=out_leads,
-        labels=L.canonical_labels(dataset, codes),
-        patient_id=_patient_id(dataset, name, path),
-        source_codes=codes,
-        meta=meta,
-    )
+    return _labelled_record(path, dataset, signal, float(header.fs), out_leads, codes, meta)
 
 
 # --------------------------------------------------------------------------------------------
@@ -407,7 +443,7 @@ def _read_mitdb_annotations(path: Path, rid: str, n_samples: int) -> _MitdbAnnot
 
     atr = Path(f"{path}.atr")
     if not atr.is_file():
-        raise MissingFileError(rid, f"reference annotation file {atr} does not exist")
+        raise MissingFileError(rid, f"reference annotation file {atr} does not exist", atr)
     try:
         ann = wfdb.rdann(str(path), "atr")
     except Exception as e:
@@ -435,6 +471,14 @@ def _mitdb_record(
     """The whole MIT-BIH record labelled with all its rhythms and beat findings."""
     if len(leads) != MITDB_N_LEADS:
         raise LeadCountError(rid, f"MIT-BIH records have 2 signals; found {leads}")
+    # MIT-BIH headers open their comments with "<age> <sex> ...", e.g. "68 M 1960 2851 x1".
+    first = re.match(r"^\s*(\d+)\s+([MF])\b", (header.comments or [""])[0])
+    if first:
+        meta = {
+            **meta,
+            "age": int(first.group(1)),
+            "sex": "Male" if first.group(2) == "M" else "Female",
+        }
     ann = _read_mitdb_annotations(path, rid, signal.shape[0])
     labels, codes, window_meta = ann.window_labels(0, signal.shape[0])
     record = EcgRecord(
@@ -573,24 +617,14 @@ def _read_cpsc_original(path: Path, dataset: str) -> EcgRecord:
     _check_finite(rid, signal, STANDARD_LEADS)
     ref = path.parent / "REFERENCE.csv"
     if not ref.is_file():
-        raise MissingFileError(rid, f"label file {ref} does not exist")
+        raise MissingFileError(rid, f"label file {ref} does not exist", ref)
     table = _cpsc_reference(str(ref), ref.stat().st_mtime)
     if name not in table:
         raise HeaderError(rid, f"{ref} has no row for {name}")
     codes = table[name]
     meta = _meta_age_sex({"age": str(getattr(ecg, "age", "")), "sex": str(getattr(ecg, "sex", ""))})
     meta["source_format"] = "cpsc2018_original"
-    return EcgRecord(
-        record_id=rid,
-        dataset=dataset,
-        signal_mv=signal,
-        fs_hz=CPSC_ORIGINAL_FS_HZ,
-        leads=STANDARD_LEADS,
-        labels=L.canonical_labels(dataset, codes),
-        patient_id=_patient_id(dataset, name, path),
-        source_codes=codes,
-        meta=meta,
-    )
+    return _labelled_record(path, dataset, signal, CPSC_ORIGINAL_FS_HZ, STANDARD_LEADS, codes, meta)
 
 
 # --------------------------------------------------------------------------------------------
@@ -669,17 +703,7 @@ def _read_chapman_original(path: Path, dataset: str) -> EcgRecord:
     codes = tuple(c for c in codes if c)
     meta = _meta_age_sex({"age": row.get("PatientAge", ""), "sex": row.get("Gender", "")})
     meta["source_format"] = "chapman_original"
-    return EcgRecord(
-        record_id=rid,
-        dataset=dataset,
-        signal_mv=signal,
-        fs_hz=CHAPMAN_ORIGINAL_FS_HZ,
-        leads=out_leads,
-        labels=L.canonical_labels(dataset, codes),
-        patient_id=_patient_id(dataset, name, path),
-        source_codes=codes,
-        meta=meta,
-    )
+    return _labelled_record(path, dataset, signal, CHAPMAN_ORIGINAL_FS_HZ, out_leads, codes, meta)
 
 
 # --------------------------------------------------------------------------------------------
@@ -766,7 +790,7 @@ def find_record_paths(root: str | Path) -> list[Path]:
         MissingFileError: ``root`` does not exist.
     """
     root = Path(root)
-    if root.is_file() or Path(f"{root}.hea").is_file():
+    if root.is_file() or any(Path(f"{root}{ext}").is_file() for ext in (".hea", ".mat", ".csv")):
         return [_strip_extension(root)]
     if not root.is_dir():
         raise MissingFileError(root, "no such file or directory")
@@ -830,3 +854,48 @@ def iter_records(
                 failures.append(ReadFailure(str(p), e))
             continue
         yield from records
+
+
+@dataclass
+class DatasetSummary:
+    """Counts over the records of one dataset (see ``summarize_records``).
+
+    Attributes:
+        dataset: Dataset key.
+        n_records: Records yielded (MIT-BIH: windows).
+        n_recordings: Distinct source recordings (a MIT-BIH recording gives many windows).
+        n_patients: Distinct patients; a record without patient_id counts as its own.
+        duration_s: Total signal duration.
+        label_counts: Canonical label -> number of records carrying it (unknowns included).
+        unknown_codes: Raw code -> number of records carrying it as ``"UNK:<code>"``.
+    """
+
+    dataset: str
+    n_records: int = 0
+    n_recordings: int = 0
+    n_patients: int = 0
+    duration_s: float = 0.0
+    label_counts: Counter = field(default_factory=Counter)
+    unknown_codes: Counter = field(default_factory=Counter)
+
+
+def summarize_records(records: Iterable[EcgRecord]) -> dict[str, DatasetSummary]:
+    """Count records, recordings, patients, labels and unknown codes per dataset, streaming."""
+    out: dict[str, DatasetSummary] = {}
+    recordings: dict[str, set[str]] = {}
+    patients: dict[str, set[str]] = {}
+    for rec in records:
+        s = out.setdefault(rec.dataset, DatasetSummary(rec.dataset))
+        recording = rec.record_id.split("@", 1)[0]
+        s.n_records += 1
+        s.duration_s += rec.duration_s
+        recordings.setdefault(rec.dataset, set()).add(recording)
+        patients.setdefault(rec.dataset, set()).add(rec.patient_id or recording)
+        s.label_counts.update(rec.labels)
+        s.unknown_codes.update(
+            lab[len(L.UNKNOWN_PREFIX) :] for lab in rec.labels if L.is_unknown(lab)
+        )
+    for key, s in out.items():
+        s.n_recordings = len(recordings[key])
+        s.n_patients = len(patients[key])
+    return dict(sorted(out.items()))

@@ -6,7 +6,16 @@ layout for tests and the demo; ``attach_lora`` adds the study's adapters to the 
 only. See docs/model.md.
 """
 
-from ecgvlm.model.config import PulseConfig, PulseConfigError
+from ecgvlm.model.config import PULSE_7B_CONFIG, PulseConfig, PulseConfigError
+from ecgvlm.model.export import ExportError, export_llava_next, save_pulse_checkpoint
+from ecgvlm.model.lora import (
+    attach_lora,
+    load_adapter,
+    merge_lora,
+    save_adapter,
+    trainable_parameter_count,
+    unload_adapter,
+)
 from ecgvlm.model.processor import (
     IGNORE_INDEX,
     IMAGE_TOKEN,
@@ -22,13 +31,23 @@ __all__ = [
     "IGNORE_INDEX",
     "IMAGE_TOKEN",
     "IMAGE_TOKEN_INDEX",
+    "PULSE_7B_CONFIG",
     "CheckpointError",
+    "ExportError",
     "ImageInputError",
     "PromptError",
     "PulseConfig",
     "PulseConfigError",
     "PulseModel",
     "PulseProcessor",
+    "attach_lora",
+    "export_llava_next",
+    "load_adapter",
     "load_pulse",
     "make_tiny_pulse",
+    "merge_lora",
+    "save_adapter",
+    "save_pulse_checkpoint",
+    "trainable_parameter_count",
+    "unload_adapter",
 ]

@@ -75,6 +75,7 @@ MM_KEYS = frozenset(
         "tune_mm_mlp_adapter",
         "freeze_mm_mlp_adapter",
         "tune_mm_vision_resampler",
+        "freeze_mm_vision_resampler",
         "unfreeze_mm_vision_tower",
         "use_mm_proj",
         "model_type",
@@ -85,6 +86,61 @@ MM_KEYS = frozenset(
         "dtype",
     }
 )
+
+
+# PULSE-7B's config.json as far as it can be known offline: LLaVA-1.6-Vicuna-7B's published
+# config (PULSE's base, ``--model_name_or_path``) with what PULSE's finetune_pulse.sh and
+# LLaVA's train.py write over it. train.py sets mm_patch_merge_type from its argument, whose
+# default is 'flat' and which finetune_pulse.sh does not pass, hence 'flat' (LLaVA-1.6 itself:
+# 'spatial_unpad'). Used for shape checks and the --random-7b GPU check; a real download's
+# config.json always wins.
+PULSE_7B_CONFIG: dict[str, Any] = {
+    "architectures": ["LlavaLlamaForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "freeze_mm_mlp_adapter": False,
+    "hidden_act": "silu",
+    "hidden_size": 4096,
+    "image_aspect_ratio": "anyres",
+    "image_crop_resolution": 224,
+    "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+    "image_split_resolution": 224,
+    "initializer_range": 0.02,
+    "intermediate_size": 11008,
+    "max_position_embeddings": 4096,
+    "mm_hidden_size": 1024,
+    "mm_patch_merge_type": "flat",
+    "mm_projector_lr": None,
+    "mm_projector_type": "mlp2x_gelu",
+    "mm_resampler_type": None,
+    "mm_use_im_patch_token": False,
+    "mm_use_im_start_end": False,
+    "mm_vision_select_feature": "patch",
+    "mm_vision_select_layer": -2,
+    "mm_vision_tower": "openai/clip-vit-large-patch14-336",
+    "mm_vision_tower_lr": 2e-06,
+    "model_type": "llava_llama",
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 32,
+    "pad_token_id": 0,
+    "pretraining_tp": 1,
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": None,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "tokenizer_model_max_length": 4096,
+    "tokenizer_padding_side": "right",
+    "torch_dtype": "bfloat16",
+    "tune_mm_mlp_adapter": False,
+    "tune_mm_vision_resampler": False,
+    "unfreeze_mm_vision_tower": True,
+    "use_cache": True,
+    "use_mm_proj": True,
+    "vocab_size": 32000,
+}
 
 
 class PulseConfigError(ConfigError):

@@ -161,7 +161,9 @@ def _resize_and_pad(image: Image.Image, target: tuple[int, int]) -> Image.Image:
 def check_image(image: Any, index: int = 0) -> Image.Image:
     """Return ``image`` as RGB, or raise ImageInputError saying what is wrong with it."""
     if not isinstance(image, Image.Image):
-        raise ImageInputError(f"image {index} must be a PIL.Image.Image, got {type(image).__name__}")
+        raise ImageInputError(
+            f"image {index} must be a PIL.Image.Image, got {type(image).__name__}"
+        )
     width, height = image.size
     if image.mode not in CONVERTIBLE_MODES:
         raise ImageInputError(
@@ -247,6 +249,7 @@ class LlamaSentencePieceTokenizer:
         import sentencepiece as spm
 
         directory = Path(directory)
+        self.source_dir = directory
         model_file = directory / "tokenizer.model"
         if not model_file.is_file():
             raise FileNotFoundError(f"{directory} has no tokenizer.model (sentencepiece)")
@@ -341,10 +344,32 @@ class LlamaSentencePieceTokenizer:
             ids = ids + ([self.eos_token_id] if self.add_eos_token else [])
         return ids
 
+    def __call__(
+        self, text: str | Sequence[str], add_special_tokens: bool = True
+    ) -> dict[str, Any]:
+        """transformers-style call: ``input_ids`` and ``attention_mask``, unpadded lists."""
+        if isinstance(text, str):
+            ids = self.encode(text, add_special_tokens)
+            return {"input_ids": ids, "attention_mask": [1] * len(ids)}
+        ids_list = [self.encode(t, add_special_tokens) for t in text]
+        return {"input_ids": ids_list, "attention_mask": [[1] * len(i) for i in ids_list]}
+
+    def batch_decode(
+        self, rows: Sequence[Sequence[int]], skip_special_tokens: bool = True
+    ) -> list[str]:
+        """``decode`` for each row."""
+        return [self.decode(r, skip_special_tokens) for r in rows]
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of ``ids``; special tokens dropped by default."""
         special = set(self._special.values())
-        pieces = [int(i) for i in ids if not (skip_special_tokens and int(i) in special)]
+        # Ids past the sentencepiece vocabulary (a model with a larger embedding than its
+        # tokenizer, as in the random 7B GPU check) have no text and are skipped.
+        pieces = [
+            int(i)
+            for i in ids
+            if 0 <= int(i) < len(self) and not (skip_special_tokens and int(i) in special)
+        ]
         return self._sp.DecodeIds(pieces)
 
     def tokenize_with_image(self, prompt: str) -> list[int]:

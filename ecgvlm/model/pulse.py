@@ -150,6 +150,9 @@ class PulseModel(LlamaForCausalLM):
         if "unpad" in pulse_config.patch_merge_type:
             self.model.image_newline = nn.Parameter(torch.zeros(config.hidden_size))
         self.padding_side = "left"
+        # transformers picks the loss from the class name; ours does not end in ForCausalLM.
+        # This is LLaVA's loss too: mean next-token cross-entropy over labels != -100.
+        self.loss_type = "ForCausalLM"
 
     # -- image features ---------------------------------------------------------------------
 
@@ -252,7 +255,9 @@ class PulseModel(LlamaForCausalLM):
         rows_embeds, rows_labels = [], []
         for row, (ids, mask) in enumerate(zip(input_ids, attention_mask.bool())):
             ids = ids[mask]
-            row_labels = labels[row][mask] if labels is not None else torch.full_like(ids, IGNORE_INDEX)
+            row_labels = (
+                labels[row][mask] if labels is not None else torch.full_like(ids, IGNORE_INDEX)
+            )
             where = torch.nonzero(ids == IMAGE_TOKEN_INDEX).flatten().tolist()
             if len(where) != 1:
                 raise ValueError(
@@ -391,7 +396,9 @@ def _vision_from_dir(directory: Path) -> VisionTowerSource:
         else ImagePreprocessConfig(data.get("image_size", 336), data.get("image_size", 336))
     )
     has_weights = any(directory.glob("*.safetensors"))
-    return VisionTowerSource(CLIPVisionConfig(**data), preprocess, directory if has_weights else None)
+    return VisionTowerSource(
+        CLIPVisionConfig(**data), preprocess, directory if has_weights else None
+    )
 
 
 def resolve_vision_tower(
@@ -516,8 +523,7 @@ def load_weights(
     ignored = [
         k
         for k in sources
-        if k not in expected
-        and (IGNORED_KEY_RE.search(k) or k == "model.image_newline")
+        if k not in expected and (IGNORED_KEY_RE.search(k) or k == "model.image_newline")
     ]
     unexpected = sorted(set(sources) - set(expected) - set(ignored))
     missing = sorted(set(expected) - set(sources))
@@ -535,8 +541,11 @@ def load_weights(
     for key in expected:
         path, src_key = sources[key]
         by_file.setdefault(path, []).append((key, src_key))
+    from tqdm.auto import tqdm
+
+    shards = tqdm(by_file.items(), desc="loading shards", unit="shard", disable=len(by_file) < 3)
     with torch.no_grad():
-        for path, pairs in by_file.items():
+        for path, pairs in shards:
             with safe_open(str(path), framework="pt") as f:
                 for key, src_key in pairs:
                     tensor = f.get_tensor(src_key)
@@ -593,6 +602,8 @@ def load_pulse(
     model = build_pulse(config_dict, vision.config, dtype=dtype, device=device)
     model.load_ignored_keys = load_weights(model, files, vision.weights_dir)
     model.eval()
+    # PEFT records this as the adapter's base model.
+    model.config._name_or_path = str(path)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id

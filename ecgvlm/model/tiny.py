@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ecgvlm.model.config import PULSE_7B_CONFIG
 from ecgvlm.model.processor import ImagePreprocessConfig
 
 TINY_VISION = {
@@ -115,8 +116,7 @@ def _special(content: str) -> dict[str, Any]:
 def _write_tokenizer_files(out_dir: Path) -> None:
     """Vicuna/LLaVA-1.6's tokenizer_config.json and special_tokens_map.json."""
     decoder = {
-        str(i): {**_special(tok), "special": True}
-        for i, tok in enumerate(("<unk>", "<s>", "</s>"))
+        str(i): {**_special(tok), "special": True} for i, tok in enumerate(("<unk>", "<s>", "</s>"))
     }
     config = {
         "add_bos_token": True,
@@ -146,52 +146,19 @@ def _write_tokenizer_files(out_dir: Path) -> None:
 
 
 def tiny_config(vocab_size: int, merge: str) -> dict[str, Any]:
-    """config.json of the tiny model: PULSE-7B's keys with tiny sizes."""
+    """config.json of the tiny model: PULSE-7B's keys and values, sizes made tiny."""
     return {
-        "architectures": ["LlavaLlamaForCausalLM"],
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "freeze_mm_mlp_adapter": False,
-        "hidden_act": "silu",
+        **PULSE_7B_CONFIG,
         "hidden_size": 64,
-        "image_aspect_ratio": "anyres",
-        "image_crop_resolution": 224,
-        "image_grid_pinpoints": TINY_PINPOINTS,
-        "image_split_resolution": 224,
-        "initializer_range": 0.02,
         "intermediate_size": 128,
-        "max_position_embeddings": 4096,
-        "mm_hidden_size": TINY_VISION["hidden_size"],
-        "mm_patch_merge_type": merge,
-        "mm_projector_lr": None,
-        "mm_projector_type": "mlp2x_gelu",
-        "mm_resampler_type": None,
-        "mm_use_im_patch_token": False,
-        "mm_use_im_start_end": False,
-        "mm_vision_select_feature": "patch",
-        "mm_vision_select_layer": -2,
-        "mm_vision_tower": "vision_tower",
-        "mm_vision_tower_lr": 2e-06,
-        "model_type": "llava_llama",
         "num_attention_heads": 4,
         "num_hidden_layers": 2,
         "num_key_value_heads": 4,
-        "pad_token_id": 0,
-        "pretraining_tp": 1,
-        "rms_norm_eps": 1e-05,
-        "rope_scaling": None,
-        "rope_theta": 10000.0,
-        "tie_word_embeddings": False,
-        "tokenizer_model_max_length": 4096,
-        "tokenizer_padding_side": "right",
+        "image_grid_pinpoints": TINY_PINPOINTS,
+        "mm_hidden_size": TINY_VISION["hidden_size"],
+        "mm_patch_merge_type": merge,
+        "mm_vision_tower": "vision_tower",
         "torch_dtype": "float32",
-        "tune_mm_mlp_adapter": False,
-        "tune_mm_vision_resampler": False,
-        "unfreeze_mm_vision_tower": True,
-        "use_cache": True,
-        "use_mm_proj": True,
         "vocab_size": vocab_size,
     }
 
@@ -205,7 +172,11 @@ def random_weights(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, t
         if key.endswith("bias"):
             arr = 0.1 * rng.standard_normal(shape)
         elif len(shape) == 1:  # norms, image_newline, class embedding
-            arr = 1.0 + 0.1 * rng.standard_normal(shape) if "norm" in key else rng.standard_normal(shape)
+            arr = (
+                1.0 + 0.1 * rng.standard_normal(shape)
+                if "norm" in key
+                else rng.standard_normal(shape)
+            )
         elif "embed" in key and "patch_embedding" not in key:
             arr = rng.standard_normal(shape)
         else:

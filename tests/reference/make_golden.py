@@ -39,6 +39,20 @@ CASES = (
     ("Describe the ST segment.", 220, 170),
 )
 
+# Plain tokenisation cases (both Llama ``legacy`` settings): special tokens inside text, as in
+# training targets ending in "</s>", spaces, newlines and bytes outside the tiny vocabulary.
+TOKENIZER_CASES = (
+    "What is the rhythm?",
+    " leading space and  two spaces",
+    "The answer is B. Atrial fibrillation.</s>",
+    "USER: <image>\nQ ASSISTANT: B</s>",
+    "</s>starts with a special token",
+    "a<s>b<unk>c\n\nd",
+    "\u00fcmlaut \u00e9 \u2192 \u2665 72 bpm",
+    "",
+)
+IMAGE_PROMPT_CASES = ("X <image>\nY ASSISTANT: A</s>", "<image>\nfirst", "last <image>")
+
 
 def case_image(index: int) -> Image.Image:
     """A deterministic RGB test image: noise over gradients (hard on resampling)."""
@@ -110,6 +124,23 @@ def _reference_model(checkpoint: Path, work: Path):
     return model, tokenizer, vision_tower.image_processor
 
 
+def reference_tokenizations(checkpoint: Path) -> dict[str, np.ndarray]:
+    """The slow LlamaTokenizer's ids for TOKENIZER_CASES and IMAGE_PROMPT_CASES, per legacy."""
+    from llava.constants import IMAGE_TOKEN_INDEX
+    from llava.mm_utils import tokenizer_image_token
+    from transformers import AutoTokenizer
+
+    out: dict[str, np.ndarray] = {}
+    for legacy in (False, True):
+        tokenizer = AutoTokenizer.from_pretrained(str(checkpoint), use_fast=False, legacy=legacy)
+        rows = [tokenizer(text).input_ids for text in TOKENIZER_CASES]
+        rows += [tokenizer_image_token(t, tokenizer, IMAGE_TOKEN_INDEX) for t in IMAGE_PROMPT_CASES]
+        key = f"tokens/legacy={legacy}"
+        out[f"{key}/ids"] = np.array([i for row in rows for i in row], dtype=np.int64)
+        out[f"{key}/lengths"] = np.array([len(row) for row in rows], dtype=np.int64)
+    return out
+
+
 def run_reference(checkpoints: Path, out_file: Path) -> None:
     import torch
     import transformers
@@ -132,7 +163,9 @@ def run_reference(checkpoints: Path, out_file: Path) -> None:
                 prompt = conv.get_prompt()
                 image = case_image(i)
                 images = process_images([image], image_processor, model.config)
-                ids = tokenizer_image_token(prompt, tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")
+                ids = tokenizer_image_token(
+                    prompt, tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt"
+                )
                 ids = ids.unsqueeze(0)
                 labels = ids.clone()
                 labels[:, :8] = -100  # some ignored positions, as masking the system prompt does
@@ -141,9 +174,14 @@ def run_reference(checkpoints: Path, out_file: Path) -> None:
                         input_ids=ids, images=images, image_sizes=[image.size], labels=labels
                     )
                     greedy = model.generate(
-                        ids, images=images, image_sizes=[image.size], do_sample=False,
-                        max_new_tokens=GREEDY_TOKENS, min_new_tokens=GREEDY_TOKENS,
-                        pad_token_id=tokenizer.pad_token_id, use_cache=True,
+                        ids,
+                        images=images,
+                        image_sizes=[image.size],
+                        do_sample=False,
+                        max_new_tokens=GREEDY_TOKENS,
+                        min_new_tokens=GREEDY_TOKENS,
+                        pad_token_id=tokenizer.pad_token_id,
+                        use_cache=True,
                     )
                 logits = out.logits[0].float()
                 key = f"{merge}/{i}"
@@ -156,9 +194,15 @@ def run_reference(checkpoints: Path, out_file: Path) -> None:
                 golden[f"{key}/greedy"] = greedy[0].numpy()
                 golden[f"prompt/{i}"] = np.array(prompt)
                 print(merge, i, tuple(images.shape), logits.shape[0], float(out.loss))
+    golden.update(reference_tokenizations(checkpoints / "flat"))
     golden["versions"] = np.array(
-        json.dumps({"torch": torch.__version__, "transformers": transformers.__version__,
-                    "python": sys.version.split()[0]})
+        json.dumps(
+            {
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "python": sys.version.split()[0],
+            }
+        )
     )
     out_file.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out_file, **golden)

@@ -15,22 +15,25 @@ import pytest
 import torch
 
 from ecgvlm.model import load_pulse, make_tiny_pulse
+from ecgvlm.model.processor import LlamaSentencePieceTokenizer
 from ecgvlm.model.tiny import checkpoint_digest
+from tests.unit.pulse_support import llava_v1, one_torch_thread  # noqa: F401
 
 REFERENCE_DIR = Path(__file__).resolve().parents[1] / "reference"
 sys.path.insert(0, str(REFERENCE_DIR))
-from make_golden import CASES, GREEDY_TOKENS, MERGES, SEED, TAIL, case_image  # noqa: E402
+from make_golden import (  # noqa: E402
+    CASES,
+    GREEDY_TOKENS,
+    IMAGE_PROMPT_CASES,
+    MERGES,
+    SEED,
+    TAIL,
+    TOKENIZER_CASES,
+    case_image,
+)
 
 GOLDEN = np.load(REFERENCE_DIR / "golden_logits.npz")
 ATOL = 1e-4
-SYSTEM = (
-    "A chat between a curious human and an artificial intelligence assistant. The assistant "
-    "gives helpful, detailed, and polite answers to the human's questions."
-)
-
-
-def llava_v1(question: str) -> str:
-    return f"{SYSTEM} USER: <image>\n{question} ASSISTANT:"
 
 
 @pytest.fixture(scope="module", params=MERGES)
@@ -87,3 +90,20 @@ def test_logits_match_reference(loaded, case):
 def test_golden_records_reference_versions():
     versions = json.loads(str(GOLDEN["versions"]))
     assert versions["transformers"] == "4.37.2" and versions["torch"].startswith("2.1.2")
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_tokenizer_matches_reference_slow_llama_tokenizer(tiny_pulse_dir, tmp_path, legacy):
+    for name in ("tokenizer.model", "special_tokens_map.json"):
+        (tmp_path / name).write_bytes((tiny_pulse_dir / name).read_bytes())
+    config = json.loads((tiny_pulse_dir / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "legacy": legacy}))
+    tokenizer = LlamaSentencePieceTokenizer(tmp_path)
+    ours = [tokenizer.encode(t) for t in TOKENIZER_CASES]
+    ours += [tokenizer.tokenize_with_image(t) for t in IMAGE_PROMPT_CASES]
+    key = f"tokens/legacy={legacy}"
+    flat, lengths = GOLDEN[f"{key}/ids"].tolist(), GOLDEN[f"{key}/lengths"].tolist()
+    starts = np.cumsum([0, *lengths])
+    reference = [flat[a:b] for a, b in zip(starts[:-1], starts[1:])]
+    for text, mine, theirs in zip(TOKENIZER_CASES + IMAGE_PROMPT_CASES, ours, reference):
+        assert mine == theirs, text

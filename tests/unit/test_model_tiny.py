@@ -4,28 +4,13 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from ecgvlm.infer import Generation, generate
 from ecgvlm.model import load_pulse, make_tiny_pulse
 from ecgvlm.model.tiny import checkpoint_digest
-
-SYSTEM = (
-    "A chat between a curious human and an artificial intelligence assistant. The assistant "
-    "gives helpful, detailed, and polite answers to the human's questions."
-)
-
-
-def llava_v1(question: str) -> str:
-    return f"{SYSTEM} USER: <image>\n{question} ASSISTANT:"
-
-
-def noise_image(width: int, height: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+from tests.unit.pulse_support import llava_v1, noise_image, one_torch_thread  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +67,9 @@ def test_generate_batch_equals_single(tiny):
     prompts = [llava_v1("What is the rhythm?"), llava_v1("Is there atrial fibrillation? A or B")]
     images = [noise_image(300, 120, 1), noise_image(90, 200, 2)]
     batch = generate(model, processor, prompts, images, max_new_tokens=6)
-    singles = [generate(model, processor, [p], [i], max_new_tokens=6)[0] for p, i in zip(prompts, images)]
+    singles = [
+        generate(model, processor, [p], [i], max_new_tokens=6)[0] for p, i in zip(prompts, images)
+    ]
     assert all(isinstance(g, Generation) for g in batch)
     assert [g.text for g in batch] == [g.text for g in singles]
     assert [g.completion_tokens for g in batch] == [g.completion_tokens for g in singles]
@@ -97,3 +84,32 @@ def test_generate_seeded_sampling_is_reproducible(tiny):
     a = generate(model, processor, *args, max_new_tokens=8, temperature=1.0, seed=7)
     b = generate(model, processor, *args, max_new_tokens=8, temperature=1.0, seed=7)
     assert a == b
+
+
+def test_cli_make_tiny(tmp_path, capsys):
+    from ecgvlm.cli import main
+
+    assert main(["model", "make-tiny", str(tmp_path / "cli"), "--merge", "spatial_unpad"]) == 0
+    assert "wrote tiny PULSE checkpoint (spatial_unpad, seed 0" in capsys.readouterr().out
+    model, _ = load_pulse(tmp_path / "cli")
+    assert model.pulse_config.patch_merge_type == "spatial_unpad"
+    with pytest.raises(SystemExit):  # argparse refuses a merge type we do not write
+        main(["model", "make-tiny", str(tmp_path / "bad"), "--merge", "diagonal"])
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_logits_equal_single(tiny, side):
+    model, processor = tiny
+    prompts = [llava_v1("Q"), llava_v1("A much longer question about the ST segment")]
+    images = [noise_image(300, 120, 1), noise_image(90, 200, 2)]
+    model.padding_side = side
+    try:
+        with torch.no_grad():
+            batched = model(**processor(prompts, images)).logits
+            singles = [model(**processor([p], [i])).logits[0] for p, i in zip(prompts, images)]
+    finally:
+        model.padding_side = "left"
+    for row, single in enumerate(singles):
+        n = single.shape[0]
+        got = batched[row, -n:] if side == "left" else batched[row, :n]
+        torch.testing.assert_close(got, single, atol=1e-5, rtol=1e-5)
