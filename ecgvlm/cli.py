@@ -141,7 +141,31 @@ def _cmd_model(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    raise NotImplementedError("ecgvlm train: see issue 6")
+    import os
+
+    import ray
+
+    from ecgvlm.config import load_config
+    from ecgvlm.train import TrainConfig, run_training
+
+    config = load_config(TrainConfig, args.config, args.overrides)
+    # Under `ray job submit` RAY_ADDRESS names the cluster; otherwise a private local Ray.
+    # A caller's Ray (a test's) is used as it is and left running.
+    started_here = not ray.is_initialized()
+    if started_here:
+        if os.environ.get("RAY_ADDRESS"):
+            # A job's runtime env (working_dir, env_vars) already applies; adding one here
+            # would conflict with it.
+            ray.init()
+        else:
+            accelerator = os.environ.get("DS_ACCELERATOR", "cuda" if config.use_gpu else "cpu")
+            ray.init(runtime_env={"env_vars": {"DS_ACCELERATOR": accelerator}})
+    try:
+        run_training(config, resume=args.resume)
+    finally:
+        if started_here:
+            ray.shutdown()
+    return 0
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

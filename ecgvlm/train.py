@@ -21,6 +21,8 @@ and does no I/O.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -34,7 +36,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ecgvlm.config import ConfigError, check_choice, check_range, config_from_dict, config_to_dict
+from ecgvlm.config import (
+    ConfigError,
+    check_choice,
+    check_range,
+    config_from_dict,
+    config_to_dict,
+    save_config,
+)
 from ecgvlm.prompt import build_prompt, build_training_text, parse_answer
 
 IGNORE_INDEX = -100
@@ -209,15 +218,23 @@ class TrainDataError(ConfigError):
 
 
 def split_files(data_dir: str | Path, split: str) -> list[Path]:
-    """The Parquet shards of one split: ``<data_dir>/<split>/*.parquet``.
+    """The Parquet shards of one split, as the prepared data set's manifest lists them.
 
     Raises:
-        TrainDataError: naming the split and the folder when there are none.
+        TrainDataError: naming the data set and split when there is no manifest, no such
+            split or a listed shard is missing.
     """
-    folder = Path(data_dir) / split
-    files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+    from ecgvlm.dataset import split_files as manifest_split_files
+
+    try:
+        files = manifest_split_files(data_dir, split)
+    except (FileNotFoundError, ValueError) as e:
+        raise TrainDataError(f"data_dir {data_dir}: split {split!r}: {e}") from e
+    missing = [str(p) for p in files if not p.is_file()]
+    if missing:
+        raise TrainDataError(f"split {split!r}: shard(s) listed in the manifest are missing: {missing}")
     if not files:
-        raise TrainDataError(f"split {split!r}: no Parquet shards under {folder}")
+        raise TrainDataError(f"split {split!r} is empty (no shards in {data_dir}/manifest.json)")
     return files
 
 
@@ -235,15 +252,17 @@ class DataSummary:
 def check_training_data(config: TrainConfig) -> DataSummary:
     """Check the train and val splits exist, hold rows and carry the needed columns.
 
-    Reads Parquet footers (schema, row counts) plus the ``option_labels`` column of the
-    train split (for the adapter's label set); no image is decoded.
+    Reads the manifest and the Parquet footers (schema, row counts) plus the
+    ``option_labels`` column of the train split (for the adapter's label set); no image is
+    decoded.
 
     Raises:
         TrainDataError: naming the split and the missing column, or the empty split.
     """
     import pyarrow.parquet as pq
 
-    from ecgvlm.adapter import hash_file, hash_json
+    from ecgvlm.adapter import hash_file
+    from ecgvlm.dataset import MANIFEST_NAME, read_manifest
 
     rows: dict[str, int] = {}
     files: dict[str, list[str]] = {}
@@ -269,16 +288,14 @@ def check_training_data(config: TrainConfig) -> DataSummary:
         if n == 0:
             raise TrainDataError(f"split {split!r} is empty ({len(paths)} shard(s), 0 rows)")
         rows[split] = n
-    manifest = Path(config.data_dir) / "manifest.json"
-    manifest_hash = render_hash = None
-    if manifest.is_file():
-        manifest_hash = hash_file(manifest)
-        try:
-            render = json.loads(manifest.read_text()).get("render_config")
-        except json.JSONDecodeError as e:
-            raise TrainDataError(f"{manifest} is not valid JSON: {e}") from e
-        render_hash = hash_json(render) if render is not None else None
-    return DataSummary(rows, tuple(sorted(labels)), manifest_hash, render_hash, files)
+    manifest = read_manifest(config.data_dir)
+    return DataSummary(
+        rows,
+        tuple(sorted(labels)),
+        hash_file(Path(config.data_dir) / MANIFEST_NAME),
+        manifest.get("render_config_hash"),
+        files,
+    )
 
 
 def load_deepspeed_config(path: str | Path) -> dict[str, Any]:
@@ -352,8 +369,9 @@ class Collator:
 
     Args:
         processor: ``processor(prompts, images) -> dict`` with ``input_ids`` and
-            ``attention_mask`` (padded to a rectangle, either side) plus image tensors, and a
-            ``tokenizer`` attribute.
+            ``attention_mask`` (padded to a rectangle, either side) plus image tensors, and
+            either ``encode_prompts(texts)`` (token ids without images, as
+            ``ecgvlm.model.PulseProcessor`` has) or a callable ``tokenizer`` attribute.
     """
 
     def __init__(self, processor: Any) -> None:
@@ -371,10 +389,16 @@ class Collator:
             fulls.append(prompt + completion)
         return prompts, fulls
 
+    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of texts without touching images (``encode_prompts`` where it exists)."""
+        if hasattr(self.processor, "encode_prompts"):
+            return self.processor.encode_prompts(list(texts))
+        return self.tokenizer(list(texts))["input_ids"]
+
     def answer_lengths(self, prompts: Sequence[str], fulls: Sequence[str]) -> list[int]:
         """Tokens of each answer (target + ``</s>``), measured with the tokenizer alone."""
-        prompt_ids = self.tokenizer(list(prompts))["input_ids"]
-        full_ids = self.tokenizer(list(fulls))["input_ids"]
+        prompt_ids = self.token_ids(prompts)
+        full_ids = self.token_ids(fulls)
         lengths = []
         for i, (p, f) in enumerate(zip(prompt_ids, full_ids)):
             p, f = list(p), list(f)
@@ -595,7 +619,7 @@ def _save_checkpoint(
         # full tensors (all ranks take part) before rank 0 writes them.
         gather = deepspeed.zero.GatheredParameters(trainable, modifier_rank=None)
     else:
-        gather = _nullcontext()
+        gather = contextlib.nullcontext()
     with gather:
         if rank == 0:
             manifest = AdapterArtifact(
@@ -614,14 +638,6 @@ def _save_checkpoint(
             json.dumps({**state, "metrics": dict(metrics)}, indent=2, default=float)
         )
     return local
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _load_checkpoint(engine: Any, checkpoint: Any) -> _Position:
@@ -646,6 +662,23 @@ def _print_metrics(prefix: str, metrics: Mapping[str, Any]) -> None:
     print(f"[ecgvlm.train] {prefix} " + " ".join(parts), file=sys.stdout, flush=True)
 
 
+HISTORY_NAME = "metrics.jsonl"
+
+
+def _append_history(config: TrainConfig, metrics: Mapping[str, Any]) -> None:
+    """Rank 0 appends every report to ``<storage_path>/<run_name>/metrics.jsonl``.
+
+    Ray Train's Result keeps only the checkpointed reports; this file is the whole curve
+    (resumed runs append, so a step may appear twice). Skipped for URI storage paths.
+    """
+    if "://" in config.storage_path:
+        return
+    path = config.run_dir() / HISTORY_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(dict(metrics), default=float) + "\n")
+
+
 def _mean_across_ranks(values: Sequence[float]) -> list[float]:
     import torch
     import torch.distributed as dist
@@ -657,9 +690,45 @@ def _mean_across_ranks(values: Sequence[float]) -> list[float]:
     return t.tolist()
 
 
+def train_step(
+    engine: Any, collator: Collator, batch: Mapping[str, Any], device: Any, dtype: Any,
+    times: _StepTimes,
+) -> tuple[float, bool]:
+    """One micro-batch: collate, forward, backward, DeepSpeed step; phases timed into ``times``.
+
+    Returns:
+        (loss, whether an optimizer step happened, i.e. an accumulation boundary).
+    """
+    t0 = time.perf_counter()
+    inputs = _to_device(collator(batch), device, dtype)
+    _sync(device)
+    t1 = time.perf_counter()
+    loss = engine(**inputs).loss
+    _sync(device)
+    t2 = time.perf_counter()
+    engine.backward(loss)
+    _sync(device)
+    t3 = time.perf_counter()
+    steps_before = engine.global_steps
+    engine.step()
+    _sync(device)
+    t4 = time.perf_counter()
+    times.seconds["data"] += t1 - t0
+    times.seconds["forward"] += t2 - t1
+    times.seconds["backward"] += t3 - t2
+    times.seconds["optimizer"] += t4 - t3
+    times.samples += int(inputs["input_ids"].shape[0])
+    times.tokens += int(inputs["attention_mask"].sum())
+    stepped = engine.global_steps != steps_before
+    if stepped:
+        times.steps += 1
+    return float(loss.detach()), stepped
+
+
 def build_model(config: TrainConfig, device: Any, dtype: Any) -> tuple[Any, Any]:
     """Load the base model and processor and attach the LoRA adapter."""
-    from ecgvlm.model import attach_lora, load_pulse
+    from ecgvlm.model import load_pulse
+    from ecgvlm.model.lora import attach_lora
 
     model, processor = load_pulse(config.model_dir, dtype=dtype, device=device)
     model = attach_lora(
@@ -668,7 +737,7 @@ def build_model(config: TrainConfig, device: Any, dtype: Any) -> tuple[Any, Any]
         alpha=config.lora_alpha,
         dropout=config.lora_dropout,
         bias=config.lora_bias,
-        target_modules=tuple(config.lora_target_modules),
+        target=tuple(config.lora_target_modules),
     )
     if config.gradient_checkpointing:
         if hasattr(model, "enable_input_require_grads"):
@@ -762,32 +831,14 @@ def train_loop_per_worker(loop_config: Mapping[str, Any]) -> None:
             if batch is None:
                 break
             consumed_any = True
-            inputs = _to_device(collator(batch), device, dtype)
-            _sync(device)
-            t1 = time.perf_counter()
-            loss = engine(**inputs).loss
-            _sync(device)
-            t2 = time.perf_counter()
-            engine.backward(loss)
-            _sync(device)
-            t3 = time.perf_counter()
-            steps_before = engine.global_steps
-            engine.step()
-            _sync(device)
-            t4 = time.perf_counter()
-            times.seconds["data"] += t1 - t0
-            times.seconds["forward"] += t2 - t1
-            times.seconds["backward"] += t3 - t2
-            times.seconds["optimizer"] += t4 - t3
-            times.samples += int(inputs["input_ids"].shape[0])
-            times.tokens += int(inputs["attention_mask"].sum())
-            loss_sum += float(loss.detach())
+            times.seconds["data"] += time.perf_counter() - t0
+            loss, stepped = train_step(engine, collator, batch, device, dtype, times)
+            loss_sum += loss
             loss_count += 1
             position.batches_in_epoch += 1
-            if engine.global_steps == steps_before:
+            if not stepped:
                 continue  # inside a gradient accumulation window
             position.step += 1
-            times.steps += 1
 
             if (
                 config.fail_at_step is not None
@@ -826,11 +877,13 @@ def train_loop_per_worker(loop_config: Mapping[str, Any]) -> None:
             if not is_eval:
                 if rank == 0:
                     _print_metrics(f"step {position.step}/{config.max_steps}", metrics)
+                    _append_history(config, metrics)
                 ray.train.report(metrics)
                 continue
             metrics.update(evaluate(engine, collator, val_rows, config, device, dtype))
             if rank == 0:
                 _print_metrics(f"step {position.step}/{config.max_steps} eval", metrics)
+                _append_history(config, metrics)
             local = _save_checkpoint(
                 engine, position, metrics, loop_config.get("artifact", {}), config, zero_stage
             )
@@ -870,3 +923,138 @@ def make_loop_config(
             "git_sha": git_sha,
         },
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver side: validate, run the TorchTrainer, copy the best adapter
+# ---------------------------------------------------------------------------------------------
+
+
+# The file Ray Train keeps in a run folder once the run has started (used to tell a fresh
+# run from one that can be resumed).
+_RUN_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def check_run_dir(config: TrainConfig, resume: bool) -> None:
+    """Refuse to silently mix a new run into an old one, or to resume nothing."""
+    run_dir = config.run_dir()
+    exists = (run_dir / _RUN_SNAPSHOT).exists()
+    if resume and not exists:
+        raise ConfigError(
+            f"--resume: no run {config.run_name!r} to resume under {config.storage_path} "
+            f"({run_dir / _RUN_SNAPSHOT} is missing)"
+        )
+    if not resume and exists:
+        raise ConfigError(
+            f"run_name {config.run_name!r} already has a run under {config.storage_path}; "
+            "pass --resume to continue it or choose another run_name"
+        )
+
+
+def _data_config() -> Any:
+    """Train split sharded over workers in a fixed order; val whole on every worker.
+
+    ``preserve_order`` makes block-to-worker assignment deterministic, so a run is
+    reproducible for a seed and a resumed run skips exactly the batches it had consumed.
+    evaluate() strides the unsplit val rows by rank.
+    """
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return DataConfig(datasets_to_split=["train"], execution_options=options)
+
+
+def run_training(config: TrainConfig, resume: bool = False) -> Any:
+    """Validate, train, copy the best adapter to ``config.output_dir``; return the Result.
+
+    The caller has connected to Ray (this module never calls ``ray.init``).
+    """
+    import pyarrow.parquet as pq
+    import ray
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from ecgvlm.adapter import current_git_sha
+
+    # Workers (and a job's driver, whose cwd is a temporary copy of the working dir) must
+    # see the same directories: make local paths absolute here.
+    if "://" not in config.storage_path:
+        config = dataclasses.replace(
+            config,
+            storage_path=str(Path(config.storage_path).resolve()),
+            output_dir=str(Path(config.output_dir).resolve()),
+        )
+    deepspeed_config = load_deepspeed_config(config.deepspeed_config)
+    summary = check_training_data(config)
+    check_run_dir(config, resume)
+    git_sha = current_git_sha(Path.cwd())
+
+    if not ray.is_initialized():
+        raise RuntimeError("run_training needs a connected Ray (ray.init) first")
+    available = ray.cluster_resources()
+    need = config.num_workers * config.cpus_per_worker
+    if available.get("CPU", 0) < need:
+        raise ConfigError(
+            f"num_workers x cpus_per_worker = {need:g} CPUs, but the cluster has "
+            f"{available.get('CPU', 0):g}"
+        )
+    if config.use_gpu and available.get("GPU", 0) < config.num_workers:
+        raise ConfigError(
+            f"num_workers = {config.num_workers} GPU workers, but the cluster has "
+            f"{available.get('GPU', 0):g} GPUs"
+        )
+
+    # The loop prints its own metric lines; Ray Data's bars would interleave with them.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    datasets = {}
+    for key, split in (("train", config.train_split), ("val", config.val_split)):
+        files = summary.files[split]
+        names = set(pq.ParquetFile(files[0]).schema_arrow.names)
+        columns = list(REQUIRED_COLUMNS) + [c for c in OPTIONAL_COLUMNS if c in names]
+        dataset = ray.data.read_parquet(files, columns=columns)
+        if key == "train" and config.train_repeat > 1:
+            # Materialised once, so the copies do not re-read the files.
+            dataset = dataset.materialize()
+            dataset = dataset.union(*[dataset] * (config.train_repeat - 1))
+        datasets[key] = dataset
+
+    run_dir = config.run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / "train_config.yaml")
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=make_loop_config(config, deepspeed_config, summary, git_sha),
+        scaling_config=ScalingConfig(
+            num_workers=config.num_workers,
+            use_gpu=config.use_gpu,
+            resources_per_worker={"CPU": config.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=config.run_name,
+            storage_path=config.storage_path,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=config.checkpoint_num_to_keep,
+                checkpoint_score_attribute=config.checkpoint_score_attribute,
+                checkpoint_score_order=config.checkpoint_score_order,
+            ),
+            failure_config=FailureConfig(max_failures=config.max_failures),
+        ),
+        datasets=datasets,
+        dataset_config=_data_config(),
+    )
+    result = trainer.fit()
+    best = result.get_best_checkpoint(
+        config.checkpoint_score_attribute, config.checkpoint_score_order
+    ) or result.checkpoint
+    if best is None:
+        raise RuntimeError(f"run {config.run_name!r} finished without a checkpoint")
+    output = Path(config.output_dir)
+    with best.as_directory() as directory:
+        if output.exists():
+            shutil.rmtree(output)
+        shutil.copytree(Path(directory) / CHECKPOINT_ADAPTER, output)
+    print(f"[jobs.train] best checkpoint {best.path}; adapter copied to {output}", flush=True)
+    print(f"[jobs.train] final metrics {result.metrics}", flush=True)
+    return result

@@ -76,7 +76,7 @@ class FakeProcessor:
             sl = slice(0, len(r)) if self.padding_side == "right" else slice(width - len(r), width)
             ids[i, sl] = torch.tensor(r)
             mask[i, sl] = 1
-        pixels = torch.stack([torch.as_tensor(np.asarray(im), dtype=torch.float32) for im in images])
+        pixels = torch.stack([torch.as_tensor(np.array(im), dtype=torch.float32) for im in images])
         return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
 
 
@@ -206,35 +206,107 @@ def test_deepspeed_precision_follows_the_device() -> None:
     assert base == {"zero_optimization": {"stage": 2}}
 
 
-def _write_split(root: Path, split: str, n: int, drop: str | None = None) -> None:
-    data = {k: v * n for k, v in {
-        "sample_id": ["x"], "png": [b"png"], "question": ["q"], "options": [["a", "b"]],
-        "target_text": ["The answer is A."], "answer_letter": ["A"], "option_labels": [["SR", "AF"]],
-    }.items()}
-    if n == 0:
-        data = {k: [] for k in data}
-    if drop:
-        data.pop(drop)
-    (root / split).mkdir(parents=True, exist_ok=True)
-    table = pa.table(data) if n else pa.table(
-        {k: pa.array([], type=pa.list_(pa.string()) if k in ("options", "option_labels")
-                     else pa.binary() if k == "png" else pa.string()) for k in data})
-    pq.write_table(table, root / split / "part-0.parquet")
+FINDINGS = (
+    ("SR", "Sinus rhythm", "Regular P waves precede every QRS complex."),
+    ("AF", "Atrial fibrillation", "Irregularly irregular RR intervals without P waves."),
+    ("LBBB", "Left bundle branch block", "Broad QRS with a notched R wave in V6."),
+    ("RBBB", "Right bundle branch block", "RSR' pattern in V1 and a broad S wave in V6."),
+)
+
+
+def tiny_rows(split: str, n: int, image_px: tuple[int, int] = (96, 64)) -> list[dict]:
+    """``n`` MCQ rows with the prepared data set's columns and PIL-drawn traces."""
+    from PIL import ImageDraw
+
+    from ecgvlm.prompt import conversation_json, format_target
+
+    rows = []
+    for i in range(n):
+        k = (i + (split != "train")) % len(FINDINGS)
+        w, h = image_px
+        img = Image.new("RGB", (w, h), (255, 250, 250))
+        draw = ImageDraw.Draw(img)
+        x = [int(w * f) for f in (0.0, 0.31, 0.375, 0.44, 1.0)]
+        y = [h // 2, h // 2, int(h * (0.1 + 0.19 * k)), int(h * 0.9), h // 2]
+        draw.line(list(zip(x, y)), fill=(0, 0, 0), width=2)
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        order = [(k + j) % 4 for j in range(4)] if i % 2 else [(k + 3 * j) % 4 for j in range(4)]
+        options = [FINDINGS[j][1] for j in order]
+        index = order.index(k)
+        letter = "ABCD"[index]
+        target = format_target(letter, FINDINGS[k][2])
+        question = "Which finding does this ECG show?"
+        rows.append({
+            "sample_id": f"{split}-{i}", "dataset": "synthetic", "record_id": f"synthetic/{split}{i}",
+            "patient_id": f"{split}-p{i}", "labels": [FINDINGS[k][0]], "png": buf.getvalue(),
+            "question": question, "options": options,
+            "option_labels": [FINDINGS[j][0] for j in order], "answer_index": index,
+            "answer_letter": letter, "target_text": target,
+            "conversation": conversation_json(question, options, target),
+        })
+    return rows
+
+
+def write_prepared(
+    root: Path, sizes: dict[str, int], drop: str | None = None, image_px: tuple[int, int] = (96, 64)
+) -> Path:
+    """A prepared data set in ``ecgvlm prepare``'s layout: Parquet shards plus manifest."""
+    import json
+
+    splits = {}
+    for split, n in sizes.items():
+        rows = tiny_rows(split, n, image_px)
+        if drop:
+            for row in rows:
+                row.pop(drop)
+        (root / split).mkdir(parents=True, exist_ok=True)
+        table = pa.Table.from_pylist(rows) if rows else pa.table(
+            {"sample_id": pa.array([], pa.string()), "png": pa.array([], pa.binary()),
+             "question": pa.array([], pa.string()), "options": pa.array([], pa.list_(pa.string())),
+             "target_text": pa.array([], pa.string()), "answer_letter": pa.array([], pa.string())})
+        pq.write_table(table, root / split / "part-00000.parquet")
+        splits[split] = {"n_samples": n, "shards": [{"file": f"{split}/part-00000.parquet", "n_samples": n}]}
+    (root / "manifest.json").write_text(json.dumps(
+        {"format": "ecgvlm-mcq/1", "render_config_hash": "test-render", "splits": splits}))
+    return root
 
 
 def test_data_checks_name_the_split_and_column(tmp_path: Path) -> None:
     config = TrainConfig(model_dir="m", data_dir=str(tmp_path))
-    with pytest.raises(ConfigError, match="split 'train': no Parquet shards"):
+    with pytest.raises(ConfigError, match="split 'train'.*manifest.json not found"):
         check_training_data(config)
-    _write_split(tmp_path, "train", 3)
-    _write_split(tmp_path, "val", 0)
+    write_prepared(tmp_path, {"train": 3, "val": 0})
     with pytest.raises(ConfigError, match="split 'val' is empty"):
         check_training_data(config)
-    _write_split(tmp_path, "val", 2, drop="target_text")
-    with pytest.raises(ConfigError, match="split 'val'.*target_text"):
+    write_prepared(tmp_path, {"train": 3, "val": 2}, drop="target_text")
+    with pytest.raises(ConfigError, match="split 'train'.*target_text"):
         check_training_data(config)
-    _write_split(tmp_path, "val", 2)
+    write_prepared(tmp_path, {"train": 3})
+    with pytest.raises(ConfigError, match="split 'val'.*not in"):
+        check_training_data(config)
+    write_prepared(tmp_path, {"train": 3, "val": 2})
     summary = check_training_data(config)
     assert summary.rows == {"train": 3, "val": 2}
-    assert summary.label_set == ("AF", "SR")
-    assert set(REQUIRED_COLUMNS) <= set(pq.ParquetFile(tmp_path / "val" / "part-0.parquet").schema_arrow.names)
+    assert summary.label_set == ("AF", "LBBB", "RBBB", "SR")
+    assert summary.render_config_hash == "test-render"
+    assert set(REQUIRED_COLUMNS) <= set(pq.ParquetFile(tmp_path / "val" / "part-00000.parquet").schema_arrow.names)
+
+
+def test_collator_masks_the_real_pulse_prompt(tiny_pulse_dir: Path) -> None:
+    """With the tiny PULSE processor (sentencepiece, -200 image token, left padding)."""
+    from ecgvlm.model import IMAGE_TOKEN_INDEX, load_pulse
+
+    model, processor = load_pulse(tiny_pulse_dir)
+    rows = tiny_rows("train", 2)
+    batch = {k: [r[k] for r in rows] for k in REQUIRED_COLUMNS}
+    out = Collator(processor)(batch)
+    ids, labels = out["input_ids"], out["labels"]
+    tok = processor.tokenizer
+    for i, row in enumerate(rows):
+        kept = labels[i][labels[i] != IGNORE_INDEX].tolist()
+        assert kept[-1] == tok.eos_token_id
+        assert tok.decode(kept).strip() == row["target_text"]
+        assert labels[i][ids[i] == IMAGE_TOKEN_INDEX].eq(IGNORE_INDEX).all()
+    loss = model(**out).loss
+    assert torch.isfinite(loss)

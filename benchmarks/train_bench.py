@@ -1,0 +1,226 @@
+"""Training throughput and where a step's time goes.
+
+CPU (default): the real job (Ray Train, 2 CPU workers, DeepSpeed ZeRO-2 in fp32) on the tiny
+PULSE checkpoint and a synthetic prepared data set; prints samples/s and the split of a step
+into data (fetch + decode + processor), forward, backward, optimizer and communication
+(DeepSpeed's comms logger: time inside collectives, which happen within backward/optimizer).
+
+    python benchmarks/train_bench.py [--steps 30] [--batch 2]
+
+GPU (``--gpu``): one process on one GPU, DeepSpeed ZeRO-2 in bf16, a randomly initialised
+model of PULSE-7B's exact shape (Llama-2-7B text model, CLIP ViT-L/14-336 tower, anyres
+tiles; nothing is downloaded) with LoRA r=4 on q/k/v/o; prints the same split plus
+tokens/s, peak memory and MFU. Meant to finish in well under 8 minutes on one H100/H200.
+
+    python benchmarks/train_bench.py --gpu [--steps 20] [--batch 4]
+
+The GPU path has not been run on a GPU by its author (no GPU was available).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+# Peak dense bf16 throughput per GPU (no sparsity), for MFU.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12}
+# LLaVA-1.6 / PULSE-7B anyres grid (pixels).
+PULSE_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    lines = [f"| {'metric'.ljust(width)} | value |", f"| {'-' * width} | ----- |"]
+    lines += [f"| {k.ljust(width)} | {v} |" for k, v in rows]
+    return "\n".join(lines)
+
+
+def _split_rows(m: dict[str, float]) -> list[tuple[str, str]]:
+    step = m["time_step_s"]
+    rows = [("samples/s (all workers)", f"{m['samples_per_s']:.2f}"),
+            ("tokens/s (text, all workers)", f"{m['tokens_per_s']:.0f}"),
+            ("step time (s)", f"{step:.4f}")]
+    for phase in ("data", "forward", "backward", "optimizer", "comm"):
+        v = m[f"time_{phase}_s"]
+        rows.append((f"  {phase} (s, % of step)", f"{v:.4f} ({100 * v / step:.0f}%)"))
+    return rows
+
+
+def bench_cpu(args: argparse.Namespace) -> None:
+    import ray
+
+    from ecgvlm.config import load_config
+    from ecgvlm.model import make_tiny_pulse
+    from ecgvlm.train import HISTORY_NAME, TrainConfig, run_training
+    from tests.unit.test_train import write_prepared
+
+    tmp = Path(tempfile.mkdtemp(prefix="ecgvlm-train-bench-"))
+    data = write_prepared(tmp / "data", {"train": 8, "val": 2}, image_px=(1100, 850))
+    model = make_tiny_pulse(tmp / "tiny", seed=0)
+    config = load_config(TrainConfig, REPO / "configs" / "train_tiny_cpu.yaml", [
+        f"model_dir={model}", f"data_dir={data}", f"storage_path={tmp / 'runs'}",
+        f"output_dir={tmp / 'adapter'}", f"max_steps={args.steps}",
+        f"eval_every_steps={args.steps}", f"log_every_steps={args.log_every}",
+        f"per_device_batch_size={args.batch}", "global_batch_size=null",
+        "train_repeat=64", "profile_comm=true", "eval_max_samples=2",
+        f"deepspeed_config={REPO / 'configs' / 'deepspeed' / 'zero2.json'}",
+    ])
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
+    started = time.perf_counter()
+    run_training(config)
+    wall = time.perf_counter() - started
+    ray.shutdown()
+    import json
+
+    history = [json.loads(x) for x in (config.run_dir() / HISTORY_NAME).read_text().splitlines()]
+    # The first window includes warm-up (first batches, allocator); report the later ones.
+    windows = [h for h in history if h["step"] > args.log_every and "val_loss" not in h] or history
+    mean = {k: sum(h[k] for h in windows) / len(windows) for k in windows[0]
+            if k.startswith(("time_", "samples_", "tokens_"))}
+    print(f"\ntrain_bench CPU: tiny PULSE, 2 CPU workers, ZeRO-2 fp32, per-device batch "
+          f"{args.batch}, images 1100x850, steps {args.steps} (mean of "
+          f"{len(windows)} windows of {args.log_every} steps after the first)")
+    print(_table(_split_rows(mean) + [("job wall time incl. start-up (s)", f"{wall:.1f}")]))
+
+
+def _pulse7b_config() -> dict:
+    from ecgvlm.model.tiny import tiny_config
+
+    config = tiny_config(32000, "flat")
+    config.update(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+        mm_hidden_size=1024, mm_vision_tower="openai/clip-vit-large-patch14-336",
+        image_grid_pinpoints=PULSE_PINPOINTS, torch_dtype="bfloat16",
+    )
+    return config
+
+
+def bench_gpu(args: argparse.Namespace) -> None:
+    import deepspeed
+    import torch
+    from transformers import CLIPVisionConfig, get_cosine_schedule_with_warmup
+
+    from ecgvlm.model import make_tiny_pulse
+    from ecgvlm.model.lora import attach_lora
+    from ecgvlm.model.processor import (
+        ImagePreprocessConfig,
+        LlamaSentencePieceTokenizer,
+        PulseImageProcessor,
+        PulseProcessor,
+    )
+    from ecgvlm.model.pulse import KNOWN_VISION_TOWERS, build_pulse
+    from ecgvlm.train import (
+        REQUIRED_COLUMNS,
+        Collator,
+        TrainConfig,
+        _StepTimes,
+        load_deepspeed_config,
+        resolve_deepspeed_config,
+        train_step,
+    )
+    from tests.unit.test_train import tiny_rows
+
+    os.environ["DS_ACCELERATOR"] = "cuda"
+    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29517", "RANK": "0",
+                 "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():
+        os.environ.setdefault(k, v)
+    deepspeed.init_distributed(dist_backend="nccl")
+    device = torch.device("cuda", 0)
+    gpu_name = torch.cuda.get_device_name(device)
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in gpu_name), None)
+
+    started = time.perf_counter()
+    model = build_pulse(_pulse7b_config(), CLIPVisionConfig(**KNOWN_VISION_TOWERS[
+        "openai/clip-vit-large-patch14-336"]), dtype=torch.bfloat16, device=device)
+    n_params = sum(p.numel() for p in model.parameters())
+    # The tokenizer only has to produce valid ids: the tiny checkpoint's (<32000 pieces).
+    tmp = Path(tempfile.mkdtemp(prefix="ecgvlm-train-bench-gpu-"))
+    tokenizer = LlamaSentencePieceTokenizer(make_tiny_pulse(tmp / "tiny", seed=0))
+    processor = PulseProcessor(
+        tokenizer, PulseImageProcessor(ImagePreprocessConfig(336, 336), PULSE_PINPOINTS),
+        padding_side="right",
+    )
+    config = TrainConfig(model_dir="random-pulse-7b-shape", data_dir=str(tmp),
+                         num_workers=1, use_gpu=True, per_device_batch_size=args.batch,
+                         max_steps=args.steps, gradient_checkpointing=args.checkpointing,
+                         profile_comm=True)
+    model = attach_lora(model, r=4, alpha=8, dropout=0.05, bias="lora_only")
+    if args.checkpointing:
+        model.enable_input_require_grads()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=2e-4)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, 0, args.steps)
+    ds = resolve_deepspeed_config(
+        load_deepspeed_config(REPO / "configs" / "deepspeed" / "zero2.json"), config, use_gpu=True)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                           lr_scheduler=scheduler, config=ds)
+    setup_s = time.perf_counter() - started
+
+    rows = tiny_rows("train", args.batch, image_px=(1100, 850))
+    batch = {k: [r[k] for r in rows] for k in REQUIRED_COLUMNS}
+    collator = Collator(processor)
+    base = engine.module.get_base_model()
+    tokens_per_batch = sum(
+        int(m.sum()) - 1 + base.num_image_features((int(w), int(h)))
+        for m, (w, h) in zip(collator(batch)["attention_mask"], collator(batch)["image_sizes"])
+    )
+    times = _StepTimes()
+    torch.cuda.reset_peak_memory_stats(device)
+    for step in range(args.steps):
+        if step == args.warmup:
+            times.reset()
+        train_step(engine, collator, batch, device, torch.bfloat16, times)
+    m = times.metrics()
+    from ecgvlm.train import _comm_ms_total
+
+    m["time_comm_s"] = _comm_ms_total() / 1000.0 / args.steps
+    merged_tokens_per_s = tokens_per_batch / m["time_step_s"]
+    # LoRA: forward 2N and backward 2N FLOPs per token (no weight gradients for frozen
+    # weights), + 2N when activations are recomputed; attention's quadratic term ignored.
+    flops_per_token = (6 if args.checkpointing else 4) * n_params
+    mfu = merged_tokens_per_s * flops_per_token / peak if peak else float("nan")
+    print(f"\ntrain_bench GPU: {gpu_name}, random PULSE-7B shape ({n_params / 1e9:.2f} B params), "
+          f"LoRA r=4 q/k/v/o, ZeRO-2 bf16, batch {args.batch}, images 1100x850 (anyres), "
+          f"{args.steps - args.warmup} timed steps after {args.warmup} warm-up")
+    print(_table(_split_rows(m) + [
+        ("tokens/s incl. image tokens", f"{merged_tokens_per_s:.0f}"),
+        ("tokens per batch (merged)", f"{tokens_per_batch}"),
+        ("peak memory (GiB)", f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}"),
+        ("MFU", f"{100 * mfu:.1f}%" if peak else "unknown GPU peak"),
+        ("model build + DeepSpeed init (s)", f"{setup_s:.1f}"),
+    ]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gpu", action="store_true", help="PULSE-7B shape on one GPU")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=3, help="GPU: untimed first steps")
+    parser.add_argument("--log-every", type=int, default=5, help="CPU: steps per timing window")
+    parser.add_argument("--checkpointing", action="store_true", help="GPU: gradient checkpointing")
+    args = parser.parse_args()
+    if args.gpu:
+        args.steps = args.steps or 20
+        args.batch = args.batch or 4
+        bench_gpu(args)
+    else:
+        args.steps = args.steps or 30
+        args.batch = args.batch or 2
+        bench_cpu(args)
+
+
+if __name__ == "__main__":
+    main()
