@@ -72,8 +72,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from ecgvlm.model import make_tiny_pulse
     from ecgvlm.report import console_tables
     from ecgvlm.serving import ServeArgs
-    from ecgvlm.train import TrainConfig
-    from jobs.train import run_training
+    from ecgvlm.train import TrainConfig, run_training
     from serve.app import build_app
 
     out = Path(args.output_dir).resolve()
