@@ -15,12 +15,11 @@ import socket
 from pathlib import Path
 
 import numpy as np
+import openai
 import pytest
+import requests
 
 pytestmark = pytest.mark.integration
-
-openai = pytest.importorskip("openai")
-requests = pytest.importorskip("requests")
 
 from ecgvlm import serving as sv
 from tests.fakes.openai_server import FakeOpenAIServer, Reply
