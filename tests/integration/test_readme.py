@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-MARKED_BLOCK = re.compile(r"<!-- readme-test -->\s*\n```bash\n(.*?)```", re.S)
+MARKED_BLOCK = re.compile(r"<!-- readme-test -->\s*\n```bash\n(.*?)```", re.DOTALL)
 
 
 def _blocks() -> list[str]:
