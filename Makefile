@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 
-.PHONY: venv test test-unit demo bench clean lock
+.PHONY: venv test test-unit demo clean lock
 
 # torch first: a plain `torch` requirement would pull a multi-GB CUDA build, while
 # torch==2.13.0 resolves to the CPU wheel already on this machine's disk. The rest is then
