@@ -9,6 +9,7 @@ parsed with ``yaml.safe_load``: a config file is data, never code.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -166,3 +167,40 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 def save_config(config: Any, path: str | Path) -> None:
     """Write the resolved config as YAML next to a job's outputs."""
     Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+
+
+def absolute_path(path: str | Path, base: str | Path | None = None) -> str:
+    """``path`` made absolute against ``base`` (default: the caller's working directory).
+
+    Ray Train workers, Ray Data tasks and ``ray job submit`` entrypoints do not run in the
+    caller's directory, so every path in a job config is made absolute on the caller before
+    anything is launched. URIs (``s3://...``, ``file://...``) pass through unchanged.
+    """
+    text = str(path)
+    if "://" in text:
+        return text
+    p = Path(text).expanduser()
+    if not p.is_absolute():
+        p = Path(base if base is not None else Path.cwd()) / p
+    return str(Path(os.path.normpath(p)))
+
+
+def resolve_paths(config: T, fields: Iterable[str], base: str | Path | None = None) -> T:
+    """A copy of dataclass ``config`` with the named path fields made absolute.
+
+    Fields that are None or empty stay as they are; a field holding a tuple or list of paths
+    (e.g. prepare's ``sources``) has each entry resolved, and a dict (e.g. serve's
+    ``adapters``) has each value resolved.
+    """
+    changes: dict[str, Any] = {}
+    for name in fields:
+        value = getattr(config, name)
+        if value is None or value == "":
+            continue
+        if isinstance(value, (tuple, list)):
+            changes[name] = type(value)(absolute_path(v, base) for v in value)
+        elif isinstance(value, Mapping):
+            changes[name] = {k: absolute_path(v, base) for k, v in value.items()}
+        else:
+            changes[name] = absolute_path(value, base)
+    return dataclasses.replace(config, **changes)
