@@ -25,6 +25,9 @@ STAGED_DATASETS = {
     "mitdb": "mitdb",
     "ptbdb": "ptbdb",
 }
+# LUDB and the QT Database (the delineation references) belong to no labelled collection of
+# ecgvlm's: they read as generic WFDB records, with the same samples as wfdb's own reading.
+GENERIC_STAGED_FOLDERS = ("ludb", "qtdb")
 
 
 # ------------------------------------------------------------------------------------------
@@ -42,9 +45,10 @@ def test_every_staged_record_reads(shared_ecg_dir, staged_records):
     records, failures = staged_records
     assert failures == []
     n_headers = len(list(shared_ecg_dir.rglob("*.hea")))
-    assert len(records) == n_headers == 95
+    assert len(records) == n_headers == 125
     by_id = {r.record_id: r for r in records}
-    for folder, key in STAGED_DATASETS.items():
+    folders = [*STAGED_DATASETS.items(), *((f, "wfdb") for f in GENERIC_STAGED_FOLDERS)]
+    for folder, key in folders:
         for hea in sorted((shared_ecg_dir / folder).glob("*.hea")):
             rec = by_id[f"{key}/{hea.stem}"]
             assert rec.dataset == key
