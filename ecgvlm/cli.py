@@ -7,7 +7,9 @@ for importing torch or ray.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from collections.abc import Callable, Iterator
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -103,28 +105,15 @@ def _cmd_render(args: argparse.Namespace) -> int:
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
     import json
-    import os
-
-    import ray
 
     from ecgvlm.config import load_config
-    from ecgvlm.dataset import PrepareConfig, prepare_dataset
+    from ecgvlm.dataset import PrepareConfig, prepare_dataset, resolve_prepare_paths
 
     overrides = [*args.overrides, *(["llava=true"] if args.format == "llava" else [])]
-    config = load_config(PrepareConfig, args.config, overrides)
-    # A private local Ray unless RAY_ADDRESS/--address names a cluster: under `ray job submit`
-    # (jobs/prepare.py calls this handler) RAY_ADDRESS is set.
-    address = args.address or os.environ.get("RAY_ADDRESS") or "local"
-    local = address == "local"
-    started_here = not ray.is_initialized()  # a caller's Ray (e.g. a test's) is left running
-    if started_here:
-        ray.init(address=address, num_cpus=args.num_cpus if local else None,
-                 include_dashboard=False if local else None, log_to_driver=False)
-    try:
+    # Ray Data tasks do not run in this directory: every path is made absolute here.
+    config = resolve_prepare_paths(load_config(PrepareConfig, args.config, overrides))
+    with _ray_for_job(args.address, args.num_cpus):
         result = prepare_dataset(config)
-    finally:
-        if started_here:
-            ray.shutdown()
     print(json.dumps(result.summary()))
     return 0
 
@@ -221,23 +210,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    import ray
-
-    from ecgvlm.config import load_config
-    from ecgvlm.evaluate import EvalConfig, EvaluationError, evaluate
+    from ecgvlm.config import load_config, resolve_paths
+    from ecgvlm.evaluate import EvalConfig, evaluate
     from ecgvlm.report import console_tables
 
     config = load_config(EvalConfig, args.config, args.overrides)
-    # A local Ray unless RAY_ADDRESS points at a cluster; the client actors need little CPU.
-    ray.init(log_to_driver=False, configure_logging=False)
-    try:
+    config = resolve_paths(config, ["data_dir", "output_dir"])
+    # The HTTP client actors need little CPU.
+    with _ray_for_job(args.address, args.num_cpus):
         report, written = evaluate(config)
-    except EvaluationError as e:
-        # No split, an unreachable endpoint, no model to evaluate: the user's to fix.
-        print(f"ecgvlm evaluate: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        ray.shutdown()
     print(console_tables(report))
     print(f"wrote {', '.join(sorted(written))} to {config.output_dir}")
     return 0
@@ -259,6 +240,66 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     for root in args.data_root:
         argv += ["--data-root", root]
     return demo_main(argv)
+
+
+@contextlib.contextmanager
+def _ray_for_job(address: str | None, num_cpus: int | None) -> Iterator[None]:
+    """Ray for one job: the cluster named by ``address`` or RAY_ADDRESS, else a private local one.
+
+    Under ``ray job submit`` RAY_ADDRESS names the job's cluster. Without it a new local Ray
+    is started (never a ``ray start`` cluster found on this machine by accident) and shut
+    down at the end; a caller's Ray (e.g. a test's) is used as it is and left running.
+    """
+    import os
+
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    local = address == "local"
+    ray.init(address=address, num_cpus=num_cpus if local else None,
+             include_dashboard=False if local else None, log_to_driver=False,
+             configure_logging=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def is_user_error(error: BaseException) -> bool:
+    """Whether ``error`` is bad input or a failed precondition the user can fix.
+
+    The library raises ValueError subclasses for bad input (configs, records, checkpoints)
+    and RuntimeError subclasses of its own for unmet preconditions (no data, an unreachable
+    endpoint); both are reported in one line. Anything else is a bug and keeps its traceback.
+    """
+    if isinstance(error, (ValueError, FileNotFoundError)):
+        return True
+    return isinstance(error, RuntimeError) and type(error).__module__.startswith("ecgvlm.")
+
+
+def report_user_errors(command: str, run: Callable[[], int | None]) -> int:
+    """``run()``'s exit status; a user error (``is_user_error``) becomes one line and status 2.
+
+    The line is ``ecgvlm <command>: error: <message>`` on stderr, without a traceback. The
+    ``ecgvlm`` command and every ``jobs/*`` entrypoint report errors through this.
+    """
+    try:
+        return int(run() or 0)
+    except Exception as e:
+        if not is_user_error(e):
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"ecgvlm {command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+def run_command(argv: list[str]) -> int:
+    """Run ``ecgvlm ARGV...``: the ``ecgvlm`` command, and what ``jobs/*`` entrypoints call."""
+    args = build_parser().parse_args(argv)
+    return report_user_errors(args.command, lambda: args.func(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -324,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="evaluate models through the endpoint")
     p.add_argument("--config", required=True)
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or local)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a new local Ray")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     p.set_defaults(func=_cmd_evaluate)
 
@@ -336,13 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
-        # Bad input is the user's to fix: say what it is without a traceback.
-        print(f"ecgvlm {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    return run_command(sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

@@ -319,8 +319,10 @@ class Gateway:
             self.usage.add(route.name, error=True)
             raise
         self.usage.add(route.name, usage)
+        window_s = (record.start_s, record.n_samples / record.fs_hz)
         return JSONResponse(sv.interpret_response(
-            route.name, text, question, options, usage, png if query.return_image else None
+            route.name, text, question, options, usage, png if query.return_image else None,
+            window_s,
         ))
 
     async def _parse_upload(self, request: Request, body: bytes) -> tuple[sv.InterpretQuery, Any]:
@@ -349,7 +351,8 @@ class Gateway:
             fields["options"] = sv.parse_json_body(opts[0].encode())
         query = sv.parse_model(sv.InterpretQuery, fields)
         record = await asyncio.to_thread(
-            sv.record_from_wfdb_upload, files, self.limits, query.dataset
+            sv.record_from_wfdb_upload, files, self.limits, query.dataset, query.start_s,
+            query.duration_s,
         )
         return query, record
 

@@ -58,6 +58,7 @@ from ecgvlm.serving.ecg import (
     record_from_wfdb_upload,
     render_png,
     safe_upload_name,
+    select_window,
     split_explanation,
 )
 from ecgvlm.serving.errors import (
@@ -70,6 +71,7 @@ from ecgvlm.serving.errors import (
 )
 from ecgvlm.serving.limits import (
     DEFAULT_MAX_TOKENS,
+    DEFAULT_WINDOW_S,
     GPT4O_MODEL,
     IMAGE_MIME_TYPES,
     LORA_MODEL,
@@ -105,6 +107,7 @@ from ecgvlm.serving.pulse import (
 __all__ = [
     "DEFAULT_MAX_TOKENS",
     "DEFAULT_QUESTION",
+    "DEFAULT_WINDOW_S",
     "GPT4O_MODEL",
     "IMAGE_MIME_TYPES",
     "LORA_MODEL",
@@ -173,6 +176,7 @@ __all__ = [
     "requested_max_tokens",
     "resolve_model",
     "safe_upload_name",
+    "select_window",
     "split_explanation",
     "validation_error",
 ]
