@@ -106,12 +106,14 @@ def _cmd_render(args: argparse.Namespace) -> int:
 def _cmd_prepare(args: argparse.Namespace) -> int:
     import json
 
-    from ecgvlm.config import load_config
-    from ecgvlm.dataset import PrepareConfig, prepare_dataset, resolve_prepare_paths
+    from ecgvlm.config import load_config, resolve_paths
+    from ecgvlm.dataset import PrepareConfig, prepare_dataset
 
     overrides = [*args.overrides, *(["llava=true"] if args.format == "llava" else [])]
-    # Ray Data tasks do not run in this directory: every path is made absolute here.
-    config = resolve_prepare_paths(load_config(PrepareConfig, args.config, overrides))
+    # Ray Data tasks do not run in this directory: the output path is made absolute here, and
+    # the records' paths where they are listed (ecgvlm.dataset.list_sources).
+    config = load_config(PrepareConfig, args.config, overrides)
+    config = resolve_paths(config, ["output_dir"])
     with _ray_for_job(args.address, args.num_cpus):
         result = prepare_dataset(config)
     print(json.dumps(result.summary()))
@@ -157,12 +159,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stop_on_sigterm() -> None:
+    """Make SIGTERM end the command like Ctrl-C does, so its ``finally`` blocks run."""
+    import signal
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     import os
     import time
     from pathlib import Path
 
-    from ecgvlm.serving import ServeArgs, check_paths, parse_adapter_specs
+    from ecgvlm.local_ray import start_head, stop_head
+    from ecgvlm.serving import ServeArgs, absolute_paths, check_paths, parse_adapter_specs
 
     # serve/app.py sits beside the package in a source checkout; replicas import it too.
     repo = Path(__file__).resolve().parents[1]
@@ -170,33 +183,35 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise FileNotFoundError(
             f"serve/app.py not found under {repo}: run `ecgvlm serve` from a source checkout"
         )
-    adapters = {n: str(Path(p).resolve()) for n, p in parse_adapter_specs(args.adapter).items()}
-    serve_args = ServeArgs(model_dir=str(Path(args.model_dir).resolve()), adapters=adapters)
-    check_paths(serve_args)  # before paying for Ray's import
+    adapters = parse_adapter_specs(args.adapter)
+    serve_args = absolute_paths(ServeArgs(model_dir=args.model_dir, adapters=adapters))
+    check_paths(serve_args)  # before paying for Ray's start
 
-    sys.path.insert(0, str(repo))
-    from serve.app import build_app
-
-    app = build_app(serve_args)
-
-    import ray
-    from ray import serve
-
-    pythonpath = os.pathsep.join(p for p in (str(repo), os.environ.get("PYTHONPATH")) if p)
+    _stop_on_sigterm()
+    # A private head on free ports, not ray.init()'s fixed ones (its dashboard agent's 52365
+    # would break a `ray start` cluster on this machine); everything it starts is stopped.
     # Logical CPUs above the core count: fractional replicas and a trainer can share a laptop.
-    ray.init(
-        num_cpus=max(8, os.cpu_count() or 1),
-        include_dashboard=False,
-        runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
-    )
+    head = None
     try:
+        head = start_head(num_cpus=args.num_cpus or max(8, os.cpu_count() or 1))
+        os.environ.update(head.env)  # its auth token, before Ray is imported
+        sys.path.insert(0, str(repo))
+        import ray
+        from ray import serve
+
+        from serve.app import build_app
+
+        pythonpath = os.pathsep.join(p for p in (str(repo), os.environ.get("PYTHONPATH")) if p)
+        ray.init(address=head.address, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
         serve.start(http_options={"host": args.host, "port": args.port})
-        serve.run(app, name="ecgvlm", route_prefix="/")
+        serve.run(build_app(serve_args), name="ecgvlm", route_prefix="/")
         models = ["pulse", "gpt-4o"] + (["pulse-lora"] if adapters else [])
         models += [f"pulse-lora:{n}" for n in adapters]
         print(
             f"ecgvlm endpoint ready at http://{args.host}:{args.port}/v1 "
-            f"(models: {', '.join(models)}); Ctrl-C stops it",
+            f"(models: {', '.join(models)}; Ray: private head in {head.temp_dir}); "
+            "Ctrl-C stops it",
             flush=True,
         )
         while True:
@@ -204,8 +219,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("stopping the endpoint", file=sys.stderr)
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        if head is not None:
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
+            stop_head(head)
     return 0
 
 
@@ -361,6 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--num-cpus", type=int, default=None,
+                   help="logical CPUs of its private Ray (default: max(8, cores))")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("evaluate", help="evaluate models through the endpoint")

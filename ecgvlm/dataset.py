@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 import ecgvlm
-from ecgvlm.config import ConfigError, check_range, config_to_dict, resolve_paths, save_config
+from ecgvlm.config import ConfigError, absolute_path, check_range, config_to_dict, save_config
 from ecgvlm.mcq import McqConfig, McqError, known_findings, make_mcq
 from ecgvlm.prompt import PROMPT_VERSION, conversation_json, llava_record
 from ecgvlm.records import EcgRecord, McqSample
@@ -158,17 +158,6 @@ class PrepareConfig:
         for key in ("output_dir", "llava", "num_cpus_per_task", "overwrite", "progress"):
             data.pop(key)
         return data
-
-
-def resolve_prepare_paths(config: PrepareConfig, base: str | Path | None = None) -> PrepareConfig:
-    """``config`` with ``output_dir`` and every ``sources[].root`` absolute against ``base``.
-
-    Ray Data tasks (and a ``ray job submit`` driver) do not run in the caller's directory, so
-    callers resolve paths before anything is launched (``base`` defaults to the working
-    directory).
-    """
-    sources = tuple(resolve_paths(src, ["root"], base) for src in config.sources)
-    return replace(resolve_paths(config, ["output_dir"], base), sources=sources)
 
 
 @dataclass(frozen=True)
@@ -318,12 +307,17 @@ def _unit_from_json(text: str) -> Unit:
 
 
 def list_sources(config: PrepareConfig) -> list[dict[str, Any]]:
-    """Record paths per source, sorted and cut to ``max_records`` (driver side, no reading)."""
+    """Record paths per source, sorted and cut to ``max_records`` (driver side, no reading).
+
+    The paths are absolute (a relative ``root`` is taken from the driver's working directory),
+    so the tasks that read them may run anywhere; the manifest and the data set's identity
+    keep ``root`` as the config gives it.
+    """
     from ecgvlm.signal import find_record_paths
 
     items = []
     for src in config.sources:
-        paths = [str(p) for p in find_record_paths(src.root)]
+        paths = [str(p) for p in find_record_paths(absolute_path(src.root))]
         if src.max_records:
             paths = paths[: src.max_records]
         items += [{"path": p, "dataset": src.dataset or "", "root": src.root} for p in paths]

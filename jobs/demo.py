@@ -67,7 +67,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from ray import serve
 
     from ecgvlm.config import load_config
-    from ecgvlm.dataset import PrepareConfig, prepare_dataset, resolve_prepare_paths
+    from ecgvlm.dataset import PrepareConfig, prepare_dataset
     from ecgvlm.evaluate import EvalConfig, evaluate
     from ecgvlm.model import make_tiny_pulse
     from ecgvlm.report import console_tables
@@ -82,7 +82,6 @@ def run_demo(args: argparse.Namespace) -> int:
         roots = ", ".join(f"{{root: {Path(r).resolve()}}}" for r in args.data_root)
         overrides.append(f"sources=[{roots}]")
     prepare_config = load_config(PrepareConfig, args.prepare_config, overrides)
-    prepare_config = resolve_prepare_paths(prepare_config)
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)

@@ -365,11 +365,15 @@ def build_app(args: sv.ServeArgs | dict[str, Any]) -> serve.Application:
     never appear in reprs or logs; a replica whose builder saw no key still reads its own
     environment.
 
+    Relative ``model_dir`` and adapter paths are taken from the builder's working directory
+    (the repository root for ``serve run serve/config.yaml``).
+
     Raises:
         ValueError: when ``model_dir`` or an adapter directory does not exist.
     """
     if not isinstance(args, sv.ServeArgs):
         args = sv.ServeArgs.model_validate(args)
+    args = sv.absolute_paths(args)  # replicas do not run in this directory
     sv.check_paths(args)
     api_key = os.environ.get(args.openai.api_key_env) or None
     token = os.environ.get(args.auth_token_env) or None

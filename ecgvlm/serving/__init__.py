@@ -21,6 +21,7 @@ from ecgvlm.serving.args import (
     BatchingArgs,
     ReplicaArgs,
     ServeArgs,
+    absolute_paths,
     check_paths,
     parse_adapter_specs,
 )
@@ -151,6 +152,7 @@ __all__ = [
     "ServeLimits",
     "TextPart",
     "UsageCounter",
+    "absolute_paths",
     "backoff_delay_s",
     "bad_request",
     "check_body_size",
