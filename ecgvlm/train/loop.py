@@ -10,8 +10,8 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -340,34 +340,43 @@ def build_model(config: TrainConfig, device: Any, dtype: Any) -> tuple[Any, Any]
     return model, processor
 
 
-def train_loop_per_worker(loop_config: Mapping[str, Any]) -> None:
-    """Ray Train worker function.
+@dataclass
+class _Worker:
+    """What one worker's loop functions share: its config, engine and place in the group."""
 
-    Args:
-        loop_config: ``{"train": TrainConfig as a dict, "deepspeed": DeepSpeed config dict,
-            "artifact": {"label_set", "data_manifest_hash", "render_config_hash", "git_sha"}}``
-            as built by :func:`make_loop_config`.
-    """
+    config: TrainConfig
+    engine: Any
+    collator: Collator
+    device: Any
+    dtype: Any
+    rank: int
+    world: int
+    zero_stage: int
+    artifact: Mapping[str, Any]
+    val_rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class _Window:
+    """Train loss and phase times accumulated since the last report."""
+
+    times: _StepTimes = field(default_factory=_StepTimes)
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    comm_before: float = 0.0
+
+
+def _build_engine(
+    config: TrainConfig, ds_config: Mapping[str, Any], device: Any, dtype: Any
+) -> tuple[Any, Collator]:
+    """Model with LoRA, torch AdamW, cosine schedule with warm-up, DeepSpeed engine."""
     import deepspeed
-    import ray.train
-    import ray.train.torch
     import torch
-    import torch.distributed as dist
     from transformers import get_cosine_schedule_with_warmup
-
-    config = config_from_dict(TrainConfig, loop_config["train"])
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-    use_gpu = device.type == "cuda"
-    dtype = torch.bfloat16 if use_gpu else torch.float32
-    ds_config = resolve_deepspeed_config(loop_config["deepspeed"], config, use_gpu)
-    zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
     # Same seed on every rank: identical LoRA init (DeepSpeed also broadcasts rank 0's).
     torch.manual_seed(config.seed)
     model, processor = build_model(config, device, dtype)
-    collator = Collator(processor)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         trainable,
@@ -377,36 +386,35 @@ def train_loop_per_worker(loop_config: Mapping[str, Any]) -> None:
     )
     scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.max_steps)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=dict(ds_config),
         dist_init_required=False,
     )
+    return engine, Collator(processor)
 
-    position = _Position()
-    resumed_from = -1
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        position = _load_checkpoint(engine, checkpoint)
-        resumed_from = position.step
-        if rank == 0:
-            _print_metrics("resumed", {"step": position.step, "epoch": position.epoch,
-                                       "batches_in_epoch": position.batches_in_epoch})
 
+def _read_val_rows(shard: Any, max_samples: int) -> list[dict[str, Any]]:
+    """The first ``max_samples`` rows of the (unsplit) val data set."""
     val_rows: list[dict[str, Any]] = []
-    for batch in ray.train.get_dataset_shard("val").iter_batches(batch_size=64, batch_format="numpy"):
+    for batch in shard.iter_batches(batch_size=64, batch_format="numpy"):
         n = len(batch["sample_id"])
         val_rows += [{k: batch[k][i] for k in REQUIRED_COLUMNS} for i in range(n)]
-        if len(val_rows) >= config.eval_max_samples:
+        if len(val_rows) >= max_samples:
             break
-    val_rows = val_rows[: config.eval_max_samples]
+    return val_rows[:max_samples]
 
-    train_shard = ray.train.get_dataset_shard("train")
-    times = _StepTimes()
-    loss_sum, loss_count = 0.0, 0
-    comm_before = _comm_ms_total()
-    engine.train()
-    while position.step < config.max_steps:
+
+def _train_batches(shard: Any, config: TrainConfig, position: _Position) -> Iterator[Any]:
+    """Micro-batches of this worker's train shard from ``position`` on, epoch after epoch.
+
+    The caller counts consumed batches in ``position.batches_in_epoch``; this generator moves
+    ``position`` to the next epoch when an epoch's batches run out.
+
+    Raises:
+        RuntimeError: when an epoch of the shard yields no batch at all.
+    """
+    while True:
         batches = iter(
-            train_shard.iter_batches(
+            shard.iter_batches(
                 batch_size=config.per_device_batch_size,
                 batch_format="numpy",
                 drop_last=True,
@@ -418,79 +426,9 @@ def train_loop_per_worker(loop_config: Mapping[str, Any]) -> None:
         for _ in range(position.batches_in_epoch):
             next(batches, None)
         consumed_any = False
-        while position.step < config.max_steps:
-            t0 = time.perf_counter()
-            batch = next(batches, None)
-            if batch is None:
-                break
+        for batch in batches:
             consumed_any = True
-            times.seconds["data"] += time.perf_counter() - t0
-            loss, stepped = train_step(engine, collator, batch, device, dtype, times)
-            loss_sum += loss
-            loss_count += 1
-            position.batches_in_epoch += 1
-            if not stepped:
-                continue  # inside a gradient accumulation window
-            position.step += 1
-
-            if (
-                config.fail_at_step is not None
-                and position.step == config.fail_at_step
-                and rank == min(1, world - 1)
-                and config.fail_marker
-                and not os.path.exists(config.fail_marker)
-            ):
-                Path(config.fail_marker).write_text(f"failed at step {position.step}\n")
-                raise RuntimeError(f"injected failure at step {position.step} (fail_at_step)")
-
-            is_eval = position.step % config.eval_every_steps == 0 or position.step == config.max_steps
-            is_log = position.step % config.log_every_steps == 0
-            if not (is_eval or is_log):
-                continue
-            comm_now = _comm_ms_total()
-            times.seconds["comm"] = (comm_now - comm_before) / 1000.0
-            comm_before = comm_now
-            timing = times.metrics()
-            mean_loss, *mean_timing = _mean_across_ranks(
-                [loss_sum / max(loss_count, 1)] + list(timing.values())
-            )
-            metrics: dict[str, Any] = {
-                "step": position.step,
-                "epoch": position.epoch,
-                "train_loss": mean_loss,
-                "learning_rate": float(engine.get_lr()[0]),
-                "resumed_from_step": resumed_from,
-                **dict(zip(timing, mean_timing)),
-            }
-            # samples/s and tokens/s are per worker above; the run's rate is world x that.
-            metrics["samples_per_s"] *= world
-            metrics["tokens_per_s"] *= world
-            loss_sum, loss_count = 0.0, 0
-            times.reset()
-            if not is_eval:
-                if rank == 0:
-                    _print_metrics(f"step {position.step}/{config.max_steps}", metrics)
-                    _append_history(config, metrics)
-                ray.train.report(metrics)
-                continue
-            metrics.update(evaluate(engine, collator, val_rows, config, device, dtype))
-            if rank == 0:
-                _print_metrics(f"step {position.step}/{config.max_steps} eval", metrics)
-                _append_history(config, metrics)
-            local = _save_checkpoint(
-                engine, position, metrics, loop_config.get("artifact", {}), config, zero_stage
-            )
-            try:
-                ray.train.report(
-                    metrics,
-                    checkpoint=ray.train.Checkpoint.from_directory(local),
-                    checkpoint_dir_name=f"checkpoint_step_{position.step:06d}",
-                )
-            finally:
-                shutil.rmtree(local, ignore_errors=True)
-            times.reset()
-        if position.step >= config.max_steps:
-            break
+            yield batch
         if not consumed_any:
             raise RuntimeError(
                 f"split {config.train_split!r}: this worker's shard yielded no batch of "
@@ -498,5 +436,135 @@ def train_loop_per_worker(loop_config: Mapping[str, Any]) -> None:
             )
         position.epoch += 1
         position.batches_in_epoch = 0
+
+
+def _maybe_fail(w: _Worker, step: int) -> None:
+    """Tests only: rank 1 raises once at ``fail_at_step`` (the marker file makes it once)."""
+    config = w.config
+    if (
+        config.fail_at_step is not None
+        and step == config.fail_at_step
+        and w.rank == min(1, w.world - 1)
+        and config.fail_marker
+        and not os.path.exists(config.fail_marker)
+    ):
+        Path(config.fail_marker).write_text(f"failed at step {step}\n")
+        raise RuntimeError(f"injected failure at step {step} (fail_at_step)")
+
+
+def _train_metrics(
+    w: _Worker, window: _Window, position: _Position, resumed_from: int
+) -> dict[str, Any]:
+    """Train loss and timings of the window, averaged over ranks; resets the window."""
+    comm_now = _comm_ms_total()
+    window.times.seconds["comm"] = (comm_now - window.comm_before) / 1000.0
+    window.comm_before = comm_now
+    timing = window.times.metrics()
+    mean_loss, *mean_timing = _mean_across_ranks(
+        [window.loss_sum / max(window.loss_count, 1)] + list(timing.values())
+    )
+    metrics: dict[str, Any] = {
+        "step": position.step,
+        "epoch": position.epoch,
+        "train_loss": mean_loss,
+        "learning_rate": float(w.engine.get_lr()[0]),
+        "resumed_from_step": resumed_from,
+        **dict(zip(timing, mean_timing)),
+    }
+    # samples/s and tokens/s are per worker above; the run's rate is world x that.
+    metrics["samples_per_s"] *= w.world
+    metrics["tokens_per_s"] *= w.world
+    window.loss_sum, window.loss_count = 0.0, 0
+    window.times.reset()
+    return metrics
+
+
+def _report(w: _Worker, metrics: dict[str, Any], position: _Position, is_eval: bool) -> None:
+    """Print and log on rank 0; report to Ray Train, with a checkpoint after an evaluation."""
+    import ray.train
+
+    config = w.config
+    if not is_eval:
+        if w.rank == 0:
+            _print_metrics(f"step {position.step}/{config.max_steps}", metrics)
+            _append_history(config, metrics)
+        ray.train.report(metrics)
+        return
+    metrics.update(evaluate(w.engine, w.collator, w.val_rows, config, w.device, w.dtype))
+    if w.rank == 0:
+        _print_metrics(f"step {position.step}/{config.max_steps} eval", metrics)
+        _append_history(config, metrics)
+    local = _save_checkpoint(w.engine, position, metrics, w.artifact, config, w.zero_stage)
+    try:
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(local),
+            checkpoint_dir_name=f"checkpoint_step_{position.step:06d}",
+        )
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+
+def _resume(w: _Worker) -> tuple[_Position, int]:
+    """The position to start from and the step resumed from (-1 for a fresh run)."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return _Position(), -1
+    position = _load_checkpoint(w.engine, checkpoint)
+    if w.rank == 0:
+        _print_metrics("resumed", {"step": position.step, "epoch": position.epoch,
+                                   "batches_in_epoch": position.batches_in_epoch})
+    return position, position.step
+
+
+def train_loop_per_worker(loop_config: Mapping[str, Any]) -> None:
+    """Ray Train worker function.
+
+    Args:
+        loop_config: ``{"train": TrainConfig as a dict, "deepspeed": DeepSpeed config dict,
+            "artifact": {"label_set", "data_manifest_hash", "render_config_hash", "git_sha"}}``
+            as built by :func:`ecgvlm.train.run.make_loop_config`.
+    """
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.distributed as dist
+
+    config = config_from_dict(TrainConfig, loop_config["train"])
+    context = ray.train.get_context()
+    device = ray.train.torch.get_device()
+    use_gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if use_gpu else torch.float32
+    ds_config = resolve_deepspeed_config(loop_config["deepspeed"], config, use_gpu)
+    engine, collator = _build_engine(config, ds_config, device, dtype)
+    w = _Worker(
+        config, engine, collator, device, dtype, context.get_world_rank(),
+        context.get_world_size(), int(ds_config.get("zero_optimization", {}).get("stage", 0)),
+        loop_config.get("artifact", {}),
+    )
+    position, resumed_from = _resume(w)
+    w.val_rows = _read_val_rows(ray.train.get_dataset_shard("val"), config.eval_max_samples)
+    batches = _train_batches(ray.train.get_dataset_shard("train"), config, position)
+    window = _Window(comm_before=_comm_ms_total())
+    engine.train()
+    while position.step < config.max_steps:
+        t0 = time.perf_counter()
+        batch = next(batches)
+        window.times.seconds["data"] += time.perf_counter() - t0
+        loss, stepped = train_step(engine, collator, batch, device, dtype, window.times)
+        window.loss_sum += loss
+        window.loss_count += 1
+        position.batches_in_epoch += 1
+        if not stepped:
+            continue  # inside a gradient accumulation window
+        position.step += 1
+        _maybe_fail(w, position.step)
+        is_eval = position.step % config.eval_every_steps == 0 or position.step == config.max_steps
+        if is_eval or position.step % config.log_every_steps == 0:
+            _report(w, _train_metrics(w, window, position, resumed_from), position, is_eval)
+            if is_eval:
+                window.times.reset()
     if dist.is_initialized():
         dist.barrier()
