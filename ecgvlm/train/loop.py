@@ -134,12 +134,14 @@ def evaluate(
     config: TrainConfig,
     device: Any,
     dtype: Any,
+    group: Any = None,
 ) -> dict[str, float]:
     """Val loss (answer tokens) and MCQ accuracy (greedy answer + ``parse_answer``).
 
     ``rows`` is the whole val subset; rank r takes rows r, r + world, ... and every rank
     runs the same number of samples (a rank short of one repeats a row with weight 0), so
-    collective ops under ZeRO-3 stay in step. Sums are all-reduced across ranks.
+    collective ops under ZeRO-3 stay in step. Sums are all-reduced across the ranks of
+    ``group`` (one that takes CPU tensors, :func:`_metric_group`; None: the default group).
     """
     import torch
     import torch.distributed as dist
@@ -174,7 +176,7 @@ def evaluate(
     if was_training:
         module.train()
     if dist.is_initialized():
-        dist.all_reduce(sums)
+        dist.all_reduce(sums, group=group)
     return {
         "val_loss": float(sums[0] / max(sums[1], 1.0)),
         "val_accuracy": float(sums[2] / max(sums[3], 1.0)),
@@ -272,14 +274,31 @@ def _append_history(config: TrainConfig, metrics: Mapping[str, Any]) -> None:
         f.write(json.dumps(dict(metrics), default=float) + "\n")
 
 
-def _mean_across_ranks(values: Sequence[float]) -> list[float]:
+def _metric_group() -> Any:
+    """A process group that all-reduces CPU tensors (metric sums), or None for the default.
+
+    On GPU workers Ray Train creates the default group with NCCL only (backend config
+    ``cuda:nccl``), which has no CPU backend: an ``all_reduce`` of a CPU tensor raises "No
+    backend type associated with device type cpu". There a gloo group over the same ranks
+    carries the loop's metric reductions and its final barrier. ``new_group`` is collective:
+    every rank calls this at the same point.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or "cpu:" in str(dist.get_backend_config()):
+        return None
+    return dist.new_group(backend="gloo")
+
+
+def _mean_across_ranks(values: Sequence[float], group: Any = None) -> list[float]:
+    """Mean of each value over the ranks of ``group`` (see :func:`_metric_group`)."""
     import torch
     import torch.distributed as dist
 
     t = torch.tensor(list(values), dtype=torch.float64)
     if dist.is_initialized():
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
+        dist.all_reduce(t, group=group)
+        t /= dist.get_world_size(group)
     return t.tolist()
 
 
@@ -353,6 +372,7 @@ class _Worker:
     world: int
     zero_stage: int
     artifact: Mapping[str, Any]
+    group: Any = None  # reduces CPU tensors (_metric_group)
     val_rows: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -461,7 +481,7 @@ def _train_metrics(
     window.comm_before = comm_now
     timing = window.times.metrics()
     mean_loss, *mean_timing = _mean_across_ranks(
-        [window.loss_sum / max(window.loss_count, 1)] + list(timing.values())
+        [window.loss_sum / max(window.loss_count, 1)] + list(timing.values()), w.group
     )
     metrics: dict[str, Any] = {
         "step": position.step,
@@ -490,7 +510,9 @@ def _report(w: _Worker, metrics: dict[str, Any], position: _Position, is_eval: b
             _append_history(config, metrics)
         ray.train.report(metrics)
         return
-    metrics.update(evaluate(w.engine, w.collator, w.val_rows, config, w.device, w.dtype))
+    metrics.update(
+        evaluate(w.engine, w.collator, w.val_rows, config, w.device, w.dtype, group=w.group)
+    )
     if w.rank == 0:
         _print_metrics(f"step {position.step}/{config.max_steps} eval", metrics)
         _append_history(config, metrics)
@@ -542,7 +564,7 @@ def train_loop_per_worker(loop_config: Mapping[str, Any]) -> None:
     w = _Worker(
         config, engine, collator, device, dtype, context.get_world_rank(),
         context.get_world_size(), int(ds_config.get("zero_optimization", {}).get("stage", 0)),
-        loop_config.get("artifact", {}),
+        loop_config.get("artifact", {}), _metric_group(),
     )
     position, resumed_from = _resume(w)
     w.val_rows = _read_val_rows(ray.train.get_dataset_shard("val"), config.eval_max_samples)
@@ -567,4 +589,4 @@ def train_loop_per_worker(loop_config: Mapping[str, Any]) -> None:
             if is_eval:
                 window.times.reset()
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=w.group)
