@@ -442,10 +442,11 @@ def _train_batches(shard: Any, config: TrainConfig, position: _Position) -> Iter
                 local_shuffle_seed=(config.seed + position.epoch) if config.shuffle_buffer_size else None,
             )
         )
-        # Resuming mid-epoch: skip what the checkpointed run had consumed (not decoded).
+        # Resuming mid-epoch: skip what the checkpointed run had consumed (not decoded). A
+        # checkpoint taken on an epoch's last batch skips all of it and goes on to the next.
         for _ in range(position.batches_in_epoch):
             next(batches, None)
-        consumed_any = False
+        consumed_any = position.batches_in_epoch > 0
         for batch in batches:
             consumed_any = True
             yield batch
