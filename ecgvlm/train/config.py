@@ -9,7 +9,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from ecgvlm.config import ConfigError, check_choice, check_range
 
@@ -40,6 +40,10 @@ class TrainConfig:
         num_workers: Ray Train workers (one per GPU on a GPU cluster).
         use_gpu: Train on GPUs (bf16) rather than CPUs (fp32).
         cpus_per_worker: Logical CPUs each worker reserves.
+        data_cpus: Logical CPUs left free for Ray Data's read tasks, which feed the workers
+            (with none free they never run and training waits forever).
+        schedule_timeout_s: How long the driver waits for the cluster to have the run's CPUs
+            (and GPUs) free before failing with the reason, instead of hanging.
         lora_r, lora_alpha, lora_dropout, lora_bias, lora_target_modules: The LoRA update,
             applied to the language model's attention projections only.
         learning_rate, weight_decay, adam_beta1, adam_beta2, max_grad_norm: torch AdamW and
@@ -83,6 +87,8 @@ class TrainConfig:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    data_cpus: float = 1.0
+    schedule_timeout_s: float = 60.0
     lora_r: int = 4
     lora_alpha: int = 8
     lora_dropout: float = 0.05
@@ -115,6 +121,12 @@ class TrainConfig:
     fail_at_step: int | None = None
     fail_marker: str | None = None
 
+    # Fields holding local paths: made absolute on the driver before any worker starts
+    # (Ray Train workers run in a directory of their own).
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = (
+        "model_dir", "data_dir", "storage_path", "output_dir", "deepspeed_config", "fail_marker",
+    )
+
     def __post_init__(self) -> None:
         for name in ("model_dir", "data_dir", "run_name", "storage_path", "output_dir"):
             if not str(getattr(self, name)).strip():
@@ -125,6 +137,8 @@ class TrainConfig:
             )
         check_range("num_workers", self.num_workers, 1)
         check_range("cpus_per_worker", self.cpus_per_worker, 0.01)
+        check_range("data_cpus", self.data_cpus, 0.01)
+        check_range("schedule_timeout_s", self.schedule_timeout_s, 0.0)
         check_range("lora_r", self.lora_r, 1)
         check_range("lora_alpha", self.lora_alpha, 1)
         check_range("lora_dropout", self.lora_dropout, 0.0, 0.99)
@@ -169,6 +183,10 @@ class TrainConfig:
     def derived_batch_size(self) -> int:
         """Samples per optimizer step over all workers."""
         return self.per_device_batch_size * self.num_workers * self.gradient_accumulation_steps
+
+    def cpus_needed(self) -> float:
+        """Logical CPUs the run holds: its workers' plus those kept for the data pipeline."""
+        return self.num_workers * self.cpus_per_worker + self.data_cpus
 
     def run_dir(self) -> Path:
         """Ray Train's directory for this run."""

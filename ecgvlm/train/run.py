@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ecgvlm.config import ConfigError, config_to_dict, save_config
+from ecgvlm.config import ConfigError, config_to_dict, resolve_paths, save_config
 from ecgvlm.train.config import (
     CHECKPOINT_ADAPTER,
     OPTIONAL_COLUMNS,
@@ -62,6 +62,58 @@ def check_run_dir(config: TrainConfig, resume: bool) -> None:
         )
 
 
+class TrainResourcesError(ConfigError):
+    """The cluster cannot hold the run: too few CPUs or GPUs, or they stay busy."""
+
+
+def _resources_needed(config: TrainConfig) -> dict[str, float]:
+    return {"CPU": config.cpus_needed(), "GPU": float(config.num_workers if config.use_gpu else 0)}
+
+
+def wait_for_resources(config: TrainConfig) -> None:
+    """Return once the cluster has the run's CPUs (and GPUs) free; fail with the reason.
+
+    The workers hold ``num_workers x cpus_per_worker`` CPUs and Ray Data's read tasks need
+    ``data_cpus`` more: with the workers holding every CPU the reads never run and Ray Train
+    waits forever, so both are counted. A cluster that is too small fails at once; one whose
+    CPUs are held by other work fails after ``schedule_timeout_s``.
+
+    Raises:
+        TrainResourcesError: naming what the run needs and what the cluster has.
+    """
+    import ray
+
+    need = _resources_needed(config)
+    total = ray.cluster_resources()
+    parts = (f"num_workers x cpus_per_worker = {config.num_workers} x {config.cpus_per_worker:g} "
+             f"+ data_cpus {config.data_cpus:g}")
+    if total.get("CPU", 0.0) < need["CPU"] - 1e-9:
+        raise TrainResourcesError(
+            f"the run needs {need['CPU']:g} CPUs ({parts}) but the cluster has "
+            f"{total.get('CPU', 0.0):g}; lower cpus_per_worker or give Ray more CPUs "
+            f"(ecgvlm train --num-cpus {need['CPU']:.0f})"
+        )
+    if total.get("GPU", 0.0) < need["GPU"]:
+        raise TrainResourcesError(
+            f"num_workers = {config.num_workers} GPU workers, but the cluster has "
+            f"{total.get('GPU', 0.0):g} GPUs"
+        )
+    deadline = time.monotonic() + config.schedule_timeout_s
+    while True:
+        free = ray.available_resources()
+        short = {k: v for k, v in need.items() if v and free.get(k, 0.0) < v - 1e-9}
+        if not short:
+            return
+        if time.monotonic() >= deadline:
+            have = ", ".join(f"{free.get(k, 0.0):g} of {total.get(k, 0.0):g} {k}s" for k in short)
+            raise TrainResourcesError(
+                f"the run needs {need['CPU']:g} CPUs ({parts}) free, but after waiting "
+                f"{config.schedule_timeout_s:g} s only {have} are free (other tasks or actors "
+                "hold the rest)"
+            )
+        time.sleep(0.5)
+
+
 def _data_config() -> Any:
     """Train split sharded over workers in a fixed order; val whole on every worker.
 
@@ -89,14 +141,9 @@ def run_training(config: TrainConfig, resume: bool = False) -> Any:
 
     from ecgvlm.adapter import current_git_sha
 
-    # Workers (and a job's driver, whose cwd is a temporary copy of the working dir) must
-    # see the same directories: make local paths absolute here.
-    if "://" not in config.storage_path:
-        config = dataclasses.replace(
-            config,
-            storage_path=str(Path(config.storage_path).resolve()),
-            output_dir=str(Path(config.output_dir).resolve()),
-        )
+    # Workers run in a directory of their own (and a job's driver in a temporary copy of the
+    # working dir): every path is made absolute here, before anything is launched.
+    config = resolve_paths(config, TrainConfig.PATH_FIELDS)
     deepspeed_config = load_deepspeed_config(config.deepspeed_config)
     summary = check_training_data(config)
     check_run_dir(config, resume)
@@ -104,18 +151,7 @@ def run_training(config: TrainConfig, resume: bool = False) -> Any:
 
     if not ray.is_initialized():
         raise RuntimeError("run_training needs a connected Ray (ray.init) first")
-    available = ray.cluster_resources()
-    need = config.num_workers * config.cpus_per_worker
-    if available.get("CPU", 0) < need:
-        raise ConfigError(
-            f"num_workers x cpus_per_worker = {need:g} CPUs, but the cluster has "
-            f"{available.get('CPU', 0):g}"
-        )
-    if config.use_gpu and available.get("GPU", 0) < config.num_workers:
-        raise ConfigError(
-            f"num_workers = {config.num_workers} GPU workers, but the cluster has "
-            f"{available.get('GPU', 0):g} GPUs"
-        )
+    wait_for_resources(config)
 
     # The loop prints its own metric lines; Ray Data's bars would interleave with them.
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -124,7 +160,10 @@ def run_training(config: TrainConfig, resume: bool = False) -> Any:
         files = summary.files[split]
         names = set(pq.ParquetFile(files[0]).schema_arrow.names)
         columns = list(REQUIRED_COLUMNS) + [c for c in OPTIONAL_COLUMNS if c in names]
-        dataset = ray.data.read_parquet(files, columns=columns)
+        # Read tasks fit in the CPUs kept for them (Ray Data's default is a whole CPU each).
+        dataset = ray.data.read_parquet(
+            files, columns=columns, num_cpus=min(1.0, config.data_cpus)
+        )
         if key == "train" and config.train_repeat > 1:
             # Materialised once, so the copies do not re-read the files.
             dataset = dataset.materialize()
