@@ -254,7 +254,10 @@ def _print_metrics(prefix: str, metrics: Mapping[str, Any]) -> None:
     parts = []
     for key, value in metrics.items():
         parts.append(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}")
-    print(f"[ecgvlm.train] {prefix} " + " ".join(parts), file=sys.stdout, flush=True)
+    # Written to the stream, not print()ed: Ray Train replaces print in its workers with one
+    # that logs the text through the root logger and also prints it, so each line showed twice.
+    sys.stdout.write(f"[ecgvlm.train] {prefix} " + " ".join(parts) + "\n")
+    sys.stdout.flush()
 
 
 HISTORY_NAME = "metrics.jsonl"

@@ -116,3 +116,32 @@ def test_a_shard_without_a_batch_fails_by_name() -> None:
     config = TrainConfig(model_dir="m", data_dir="d", per_device_batch_size=3)
     with pytest.raises(RuntimeError, match="split 'train'.*no batch of 3"):
         _consume(_Shard(0), config, _Position(), 1)
+
+
+def test_a_metric_line_is_printed_once_under_ray_trains_print_patch(capsys) -> None:
+    """Ray Train's workers replace ``print``: it logs the text through the root logger (whose
+    console handler Ray Train installs) and also prints it when stdout is wrapped, as Ray's
+    worker processes wrap it (pytest's capture does too)."""
+    import builtins
+    import logging
+    import sys
+
+    from ray.train.v2._internal.logging.patch_print import _original_print, patch_print_function
+
+    from ecgvlm.train.loop import _print_metrics
+
+    root = logging.getLogger()
+    console = logging.StreamHandler(sys.stdout)  # stands in for Ray Train's console handler
+    level = root.level
+    root.addHandler(console)
+    root.setLevel(logging.INFO)
+    try:
+        patch_print_function()
+        assert builtins.print is not _original_print
+        _print_metrics("step 5/20", {"step": 5, "train_loss": 1.25})
+    finally:
+        builtins.print = _original_print
+        root.removeHandler(console)
+        root.setLevel(level)
+    out = capsys.readouterr().out
+    assert out.count("[ecgvlm.train] step 5/20 step=5 train_loss=1.25") == 1, out
