@@ -255,7 +255,7 @@ def _print_metrics(prefix: str, metrics: Mapping[str, Any]) -> None:
     for key, value in metrics.items():
         parts.append(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}")
     # Written to the stream, not print()ed: Ray Train replaces print in its workers with one
-    # that logs the text through the root logger and also prints it, so each line showed twice.
+    # that logs the text through the root logger and also prints it: each line would show twice.
     sys.stdout.write(f"[ecgvlm.train] {prefix} " + " ".join(parts) + "\n")
     sys.stdout.flush()
 
