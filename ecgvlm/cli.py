@@ -132,6 +132,7 @@ def _cmd_model(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    import math
     import os
 
     import ray
@@ -150,7 +151,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
             ray.init()
         else:
             accelerator = os.environ.get("DS_ACCELERATOR", "cuda" if config.use_gpu else "cpu")
-            ray.init(runtime_env={"env_vars": {"DS_ACCELERATOR": accelerator}})
+            # Logical CPUs for the workers and the data pipeline even on a 2-core machine
+            # (Ray would otherwise count the cores, and the data reads would never run).
+            num_cpus = args.num_cpus or max(os.cpu_count() or 1, math.ceil(config.cpus_needed()))
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                     runtime_env={"env_vars": {"DS_ACCELERATOR": accelerator}})
     try:
         run_training(config, resume=args.resume)
     finally:
@@ -372,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="LoRA-fine-tune PULSE with Ray Train + DeepSpeed")
     p.add_argument("--config", required=True)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--num-cpus", type=int, default=None,
+                   help="logical CPUs of a new local Ray (default: enough for the workers "
+                        "and the data pipeline)")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     p.set_defaults(func=_cmd_train)
 
