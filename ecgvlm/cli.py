@@ -198,7 +198,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     # Logical CPUs above the core count: fractional replicas and a trainer can share a laptop.
     head = None
     try:
-        head = start_head(num_cpus=args.num_cpus or max(8, os.cpu_count() or 1))
+        head = start_head(num_cpus=args.num_cpus or max(8, os.cpu_count() or 1),
+                          dashboard=False)
         os.environ.update(head.env)  # its auth token, before Ray is imported
         sys.path.insert(0, str(repo))
         import ray
@@ -209,6 +210,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         pythonpath = os.pathsep.join(p for p in (str(repo), os.environ.get("PYTHONPATH")) if p)
         ray.init(address=head.address, log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+        _stop_on_sigterm()  # again: ray.init installs a handler that aborts the process
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(build_app(serve_args), name="ecgvlm", route_prefix="/")
         models = ["pulse", "gpt-4o"] + (["pulse-lora"] if adapters else [])

@@ -24,7 +24,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,8 +98,12 @@ def stop_processes_under(temp_dir: str, grace_s: float = 10.0) -> None:
             time.sleep(0.2)
 
 
-def start_head(num_cpus: int, env: dict[str, str] | None = None) -> LocalHead:
+def start_head(num_cpus: int, env: dict[str, str] | None = None, dashboard: bool = True
+               ) -> LocalHead:
     """Start ``ray start --head`` on 127.0.0.1 with free ports and a new temp dir.
+
+    ``dashboard=False`` leaves out the dashboard (and so ``ray job submit``), which saves
+    start-up time where only Ray Serve or tasks run.
 
     The head uses token auth with a token of its own, handed to clients through
     ``LocalHead.env`` (``RAY_AUTH_MODE``, ``RAY_AUTH_TOKEN``); nothing is read from or
@@ -115,7 +118,7 @@ def start_head(num_cpus: int, env: dict[str, str] | None = None) -> LocalHead:
     head_env = {k: v for k, v in (env or os.environ).items() if k != "RAY_ADDRESS"}
     head_env.update(client_env, RAY_USAGE_STATS_ENABLED="0")
     try:
-        return _start(temp_dir, head_env, client_env, num_cpus)
+        return _start(temp_dir, head_env, client_env, num_cpus, dashboard)
     except BaseException:
         # A failed or interrupted start leaves nothing behind.
         stop_processes_under(temp_dir)
@@ -124,14 +127,14 @@ def start_head(num_cpus: int, env: dict[str, str] | None = None) -> LocalHead:
 
 
 def _start(temp_dir: str, head_env: dict[str, str], client_env: dict[str, str],
-           num_cpus: int) -> LocalHead:
+           num_cpus: int, dashboard: bool) -> LocalHead:
     output = ""
     # Ray gives its node a fixed 30 s to come up; on a busy machine a second try helps.
     for _ in range(2):
         ports = dict(zip(PORT_OPTIONS, free_ports(len(PORT_OPTIONS))))
         cmd = [
             str(ray_command()), "start", "--head", "--node-ip-address=127.0.0.1",
-            "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+            f"--include-dashboard={str(dashboard).lower()}", "--dashboard-host=127.0.0.1",
             *(f"{opt}={port}" for opt, port in ports.items()),
             f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
         ]
@@ -153,12 +156,3 @@ def stop_head(head: LocalHead) -> None:
     stop_processes_under(head.temp_dir)
     shutil.rmtree(head.temp_dir, ignore_errors=True)
 
-
-@contextlib.contextmanager
-def private_head(num_cpus: int) -> Iterator[LocalHead]:
-    """``start_head`` for a ``with`` block, stopped whole at its end."""
-    head = start_head(num_cpus)
-    try:
-        yield head
-    finally:
-        stop_head(head)

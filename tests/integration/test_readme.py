@@ -241,7 +241,7 @@ def test_readme_and_docs_walk_top_to_bottom(ray_head_info, tmp_path):
     env = dict(client_env)
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = str(copy)
-    env["RAY_ADDRESS"] = head.dashboard_url  # the recipe's export
+    env["RAY_ADDRESS"] = head.address  # the recipe's export
     walk = Walk(copy, env, head.address, port)
     try:
         for doc in DOCS:
