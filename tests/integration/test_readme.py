@@ -12,10 +12,12 @@ What differs from typing the blocks by hand, all said in the README:
 - The local-cluster recipe (marked ``<!-- readme-test: cluster ... -->``) is not run: the
   suite's own ``ray start --head`` cluster (``ray_head`` in conftest.py, the same recipe on
   free ports) stands in for it; its address and token are in the environment of every block,
-  as the recipe's exports would be, and ``127.0.0.1:6379`` is its GCS address.
+  as the recipe's exports would be, and ``127.0.0.1:6379`` is its GCS address. Any other Ray
+  a block starts (``serve run``'s) lives under a temp dir of the walk's own (``RAY_TMPDIR``)
+  and is stopped with it.
 - Training commands get ``max_steps=2`` (appended after ``--config FILE``).
 - The endpoint listens on a free port instead of 8000 (``:8000``/``--port 8000`` in commands,
-  ``port: 8000`` in the copy's serve/config.yaml).
+  ``port: 8000`` and ``127.0.0.1:8000`` in the copy's serve/config.yaml and configs/).
 - A command that blocks (``ecgvlm serve``, ``serve run``) runs in the background until the
   endpoint answers ``/healthz``; it is stopped with Ctrl-C (SIGINT) when the next one starts
   and at the end.
@@ -37,12 +39,15 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import requests
+
+from ecgvlm.local_ray import stop_processes_under
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -57,7 +62,7 @@ BLOCK = re.compile(
 #: Overrides the walk appends to training commands (README says so).
 TRAIN_OVERRIDES = "max_steps=2"
 TRAIN_COMMAND = re.compile(r"((?:ecgvlm train|python -m jobs\.train) --config \S+)")
-SERVER_COMMAND = re.compile(r"^(?:\S+=\S+ )*(?:ecgvlm serve|serve run)\b")
+SERVER_COMMAND = re.compile(r"^(?:\S+=\S* )*(?:ecgvlm serve|serve run)\b")
 BLOCK_TIMEOUT_S = 900
 
 
@@ -158,7 +163,7 @@ class Walk:
         self.server_log = self.copy / "runs" / f"server-{len(self.ran)}.log"
         self.server_log.parent.mkdir(parents=True, exist_ok=True)
         with self.server_log.open("w") as log:
-            self.server = subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=self.copy,
+            self.server = subprocess.Popen(["bash", "-c", command], cwd=self.copy,
                                            env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                            start_new_session=True)
         deadline = time.time() + 400
@@ -177,7 +182,7 @@ class Walk:
     def stop_server(self) -> None:
         if self.server is None or self.server.poll() is not None:
             return
-        os.kill(self.server.pid, signal.SIGINT)  # Ctrl-C, as the docs say
+        os.killpg(self.server.pid, signal.SIGINT)  # Ctrl-C in its terminal, as the docs say
         try:
             self.server.wait(timeout=120)
         except subprocess.TimeoutExpired:
@@ -236,12 +241,15 @@ def test_readme_and_docs_walk_top_to_bottom(ray_head_info, tmp_path):
     copy = tmp_path / "ecgvlm"
     _copy_tracked_files(copy)
     port = _free_port()
-    config = copy / "serve" / "config.yaml"
-    config.write_text(re.sub(r"\bport: 8000\b", f"port: {port}", config.read_text()))
+    for config in [copy / "serve" / "config.yaml", *(copy / "configs").glob("*.yaml")]:
+        text = re.sub(r"\bport: 8000\b", f"port: {port}", config.read_text())
+        config.write_text(text.replace("127.0.0.1:8000", f"127.0.0.1:{port}"))
     env = dict(client_env)
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = str(copy)
     env["RAY_ADDRESS"] = head.address  # the recipe's export
+    # A short path: Ray puts unix sockets under it (107-byte limit).
+    env["RAY_TMPDIR"] = ray_tmp = tempfile.mkdtemp(prefix="rw-", dir="/tmp")
     walk = Walk(copy, env, head.address, port)
     try:
         for doc in DOCS:
@@ -250,4 +258,6 @@ def test_readme_and_docs_walk_top_to_bottom(ray_head_info, tmp_path):
                     walk.run_block(block)
     finally:
         walk.stop_server()
+        stop_processes_under(ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     print("\n".join(walk.ran))
