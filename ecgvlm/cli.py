@@ -306,6 +306,19 @@ def is_user_error(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and type(error).__module__.startswith("ecgvlm.")
 
 
+def _task_cause(error: BaseException) -> BaseException:
+    """The exception a Ray task raised, out of the ``RayTaskError`` that carries it.
+
+    Ray re-raises a task's exception in the caller as a subclass of both ``RayTaskError``
+    and the original class, whose text is the remote traceback; ``cause`` is the original.
+    """
+    while isinstance(getattr(error, "cause", None), BaseException) and any(
+        cls.__name__ == "RayTaskError" for cls in type(error).__mro__
+    ):
+        error = error.cause
+    return error
+
+
 def report_user_errors(command: str, run: Callable[[], int | None]) -> int:
     """``run()``'s exit status; a user error (``is_user_error``) becomes one line and status 2.
 
@@ -314,7 +327,8 @@ def report_user_errors(command: str, run: Callable[[], int | None]) -> int:
     """
     try:
         return int(run() or 0)
-    except Exception as e:
+    except Exception as raised:
+        e = _task_cause(raised)
         if not is_user_error(e):
             raise
         message = " ".join(str(e).split()) or type(e).__name__
