@@ -308,6 +308,19 @@ def test_interpret_wfdb_upload_with_pulse(endpoint, samples_dir):
     assert r.json()["model"] == "pulse" and r.json()["image_png_base64"]
 
 
+
+def test_interpret_a_30_min_mitdb_upload_from_start_s(endpoint, samples_dir):
+    path = samples_dir / "mitdb" / "106"
+    files = [("files", (f"106{ext}", Path(f"{path}{ext}").read_bytes()))
+             for ext in (".hea", ".dat", ".atr")]
+    data = [("options", o) for o in OPTIONS[:2]] + [("max_tokens", "4"), ("start_s", "1200")]
+    r = requests.post(f"{endpoint['url']}/v1/ecg/interpret", files=files, data=data, timeout=120)
+    assert r.status_code == 200, r.text
+    assert (r.json()["start_s"], r.json()["duration_s"]) == (1200.0, sv.DEFAULT_WINDOW_S)
+    late = data[:-1] + [("start_s", "4000")]
+    r = requests.post(f"{endpoint['url']}/v1/ecg/interpret", files=files, data=late, timeout=120)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "start_s", r.text
+
 # --- bad requests ------------------------------------------------------------------------------
 
 
