@@ -63,7 +63,8 @@ BLOCK = re.compile(
 TRAIN_OVERRIDES = "max_steps=2"
 TRAIN_COMMAND = re.compile(r"((?:ecgvlm train|python -m jobs\.train) --config \S+)")
 SERVER_COMMAND = re.compile(r"^(?:\S+=\S* )*(?:ecgvlm serve|serve run)\b")
-BLOCK_TIMEOUT_S = 900
+#: Seconds the whole walk may take; a command still running then fails with its block printed.
+WALK_BUDGET_S = 2400
 
 
 @dataclass
@@ -132,6 +133,7 @@ class Walk:
         self.server_log: Path | None = None
         self.done: set[str] = set()
         self.ran: list[str] = []
+        self.deadline = time.time() + WALK_BUDGET_S
 
     def substitute(self, text: str) -> str:
         text = text.replace("127.0.0.1:6379", self.gcs)
@@ -143,20 +145,26 @@ class Walk:
         pytest.fail(f"{block.where()}: {what}\n--- block ---\n{block.body}--- output ---\n"
                     f"{output[-6000:]}", pytrace=False)
 
-    def run_shell(self, block: Block, script: str) -> None:
-        done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=self.copy,
-                              env=self.env, capture_output=True, text=True,
-                              timeout=BLOCK_TIMEOUT_S, check=False)
+    def run(self, block: Block, argv: list[str], what: str) -> None:
+        """Run ``argv`` in the copy; a failure or the walk's deadline fails with the block."""
+        left_s = max(1.0, self.deadline - time.time())
+        try:
+            done = subprocess.run(argv, cwd=self.copy, env=self.env, capture_output=True,
+                                  text=True, timeout=left_s, check=False)
+        except subprocess.TimeoutExpired as e:
+            output = "".join(o if isinstance(o, str) else (o or b"").decode(errors="replace")
+                             for o in (e.stdout, e.stderr))
+            self.fail(block, f"still running when the walk's {WALK_BUDGET_S} s ran out:\n{what}",
+                      output)
         if done.returncode != 0:
-            self.fail(block, f"exit status {done.returncode} from:\n{script}",
+            self.fail(block, f"exit status {done.returncode} from:\n{what}",
                       done.stdout + done.stderr)
 
+    def run_shell(self, block: Block, script: str) -> None:
+        self.run(block, ["bash", "-euo", "pipefail", "-c", script], script)
+
     def run_python(self, block: Block) -> None:
-        done = subprocess.run([sys.executable, "-c", self.substitute(block.body)],
-                              cwd=self.copy, env=self.env, capture_output=True, text=True,
-                              timeout=BLOCK_TIMEOUT_S, check=False)
-        if done.returncode != 0:
-            self.fail(block, f"exit status {done.returncode}", done.stdout + done.stderr)
+        self.run(block, [sys.executable, "-c", self.substitute(block.body)], "the python block")
 
     def start_server(self, block: Block, command: str) -> None:
         self.stop_server()
@@ -166,7 +174,7 @@ class Walk:
             self.server = subprocess.Popen(["bash", "-c", command], cwd=self.copy,
                                            env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                            start_new_session=True)
-        deadline = time.time() + 400
+        deadline = min(time.time() + 400, self.deadline)
         while time.time() < deadline:
             if self.server.poll() is not None:
                 self.fail(block, f"{command!r} exited with {self.server.returncode}",
@@ -235,7 +243,7 @@ def test_every_block_is_run_or_says_why_not():
 
 
 @pytest.mark.integration
-@pytest.mark.timeout(2400)
+@pytest.mark.timeout(WALK_BUDGET_S + 600)
 def test_readme_and_docs_walk_top_to_bottom(ray_head_info, tmp_path):
     head, client_env = ray_head_info
     copy = tmp_path / "ecgvlm"
