@@ -123,11 +123,11 @@ def bench_gpu(args: argparse.Namespace) -> None:
         REQUIRED_COLUMNS,
         Collator,
         TrainConfig,
-        _StepTimes,
         load_deepspeed_config,
         resolve_deepspeed_config,
         train_step,
     )
+    from ecgvlm.train.loop import _comm_ms_total, _StepTimes
     from tests.unit.test_train import tiny_rows
 
     os.environ["DS_ACCELERATOR"] = "cuda"
@@ -183,8 +183,6 @@ def bench_gpu(args: argparse.Namespace) -> None:
             times.reset()
         train_step(engine, collator, batch, device, torch.bfloat16, times)
     m = times.metrics()
-    from ecgvlm.train import _comm_ms_total
-
     m["time_comm_s"] = _comm_ms_total() / 1000.0 / args.steps
     merged_tokens_per_s = tokens_per_batch / m["time_step_s"]
     # LoRA: forward 2N and backward 2N FLOPs per token (no weight gradients for frozen

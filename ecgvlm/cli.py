@@ -7,7 +7,9 @@ for importing torch or ray.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from collections.abc import Callable, Iterator
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -103,28 +105,17 @@ def _cmd_render(args: argparse.Namespace) -> int:
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
     import json
-    import os
 
-    import ray
-
-    from ecgvlm.config import load_config
+    from ecgvlm.config import load_config, resolve_paths
     from ecgvlm.dataset import PrepareConfig, prepare_dataset
 
     overrides = [*args.overrides, *(["llava=true"] if args.format == "llava" else [])]
+    # Ray Data tasks do not run in this directory: the output path is made absolute here, and
+    # the records' paths where they are listed (ecgvlm.dataset.list_sources).
     config = load_config(PrepareConfig, args.config, overrides)
-    # A private local Ray unless RAY_ADDRESS/--address names a cluster: under `ray job submit`
-    # (jobs/prepare.py calls this handler) RAY_ADDRESS is set.
-    address = args.address or os.environ.get("RAY_ADDRESS") or "local"
-    local = address == "local"
-    started_here = not ray.is_initialized()  # a caller's Ray (e.g. a test's) is left running
-    if started_here:
-        ray.init(address=address, num_cpus=args.num_cpus if local else None,
-                 include_dashboard=False if local else None, log_to_driver=False)
-    try:
+    config = resolve_paths(config, ["output_dir"])
+    with _ray_for_job(args.address, args.num_cpus):
         result = prepare_dataset(config)
-    finally:
-        if started_here:
-            ray.shutdown()
     print(json.dumps(result.summary()))
     return 0
 
@@ -141,6 +132,7 @@ def _cmd_model(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    import math
     import os
 
     import ray
@@ -159,7 +151,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
             ray.init()
         else:
             accelerator = os.environ.get("DS_ACCELERATOR", "cuda" if config.use_gpu else "cpu")
-            ray.init(runtime_env={"env_vars": {"DS_ACCELERATOR": accelerator}})
+            # Logical CPUs for the workers and the data pipeline even on a 2-core machine
+            # (Ray would otherwise count the cores, and the data reads would never run).
+            num_cpus = args.num_cpus or max(os.cpu_count() or 1, math.ceil(config.cpus_needed()))
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                     runtime_env={"env_vars": {"DS_ACCELERATOR": accelerator}})
     try:
         run_training(config, resume=args.resume)
     finally:
@@ -168,12 +164,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stop_on_sigterm() -> None:
+    """Make SIGTERM end the command like Ctrl-C does, so its ``finally`` blocks run."""
+    import signal
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     import os
     import time
     from pathlib import Path
 
-    from ecgvlm.serving import ServeArgs, check_paths, parse_adapter_specs
+    from ecgvlm.local_ray import start_head, stop_head
+    from ecgvlm.serving import ServeArgs, absolute_paths, check_paths, parse_adapter_specs
 
     # serve/app.py sits beside the package in a source checkout; replicas import it too.
     repo = Path(__file__).resolve().parents[1]
@@ -181,33 +188,37 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise FileNotFoundError(
             f"serve/app.py not found under {repo}: run `ecgvlm serve` from a source checkout"
         )
-    adapters = {n: str(Path(p).resolve()) for n, p in parse_adapter_specs(args.adapter).items()}
-    serve_args = ServeArgs(model_dir=str(Path(args.model_dir).resolve()), adapters=adapters)
-    check_paths(serve_args)  # before paying for Ray's import
+    adapters = parse_adapter_specs(args.adapter)
+    serve_args = absolute_paths(ServeArgs(model_dir=args.model_dir, adapters=adapters))
+    check_paths(serve_args)  # before paying for Ray's start
 
-    sys.path.insert(0, str(repo))
-    from serve.app import build_app
-
-    app = build_app(serve_args)
-
-    import ray
-    from ray import serve
-
-    pythonpath = os.pathsep.join(p for p in (str(repo), os.environ.get("PYTHONPATH")) if p)
+    _stop_on_sigterm()
+    # A private head on free ports, not ray.init()'s fixed ones (its dashboard agent's 52365
+    # would break a `ray start` cluster on this machine); everything it starts is stopped.
     # Logical CPUs above the core count: fractional replicas and a trainer can share a laptop.
-    ray.init(
-        num_cpus=max(8, os.cpu_count() or 1),
-        include_dashboard=False,
-        runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
-    )
+    head = None
     try:
+        head = start_head(num_cpus=args.num_cpus or max(8, os.cpu_count() or 1),
+                          dashboard=False)
+        os.environ.update(head.env)  # its auth token, before Ray is imported
+        sys.path.insert(0, str(repo))
+        import ray
+        from ray import serve
+
+        from serve.app import build_app
+
+        pythonpath = os.pathsep.join(p for p in (str(repo), os.environ.get("PYTHONPATH")) if p)
+        ray.init(address=head.address, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+        _stop_on_sigterm()  # again: ray.init installs a handler that aborts the process
         serve.start(http_options={"host": args.host, "port": args.port})
-        serve.run(app, name="ecgvlm", route_prefix="/")
+        serve.run(build_app(serve_args), name="ecgvlm", route_prefix="/")
         models = ["pulse", "gpt-4o"] + (["pulse-lora"] if adapters else [])
         models += [f"pulse-lora:{n}" for n in adapters]
         print(
             f"ecgvlm endpoint ready at http://{args.host}:{args.port}/v1 "
-            f"(models: {', '.join(models)}); Ctrl-C stops it",
+            f"(models: {', '.join(models)}; Ray: private head in {head.temp_dir}); "
+            "Ctrl-C stops it",
             flush=True,
         )
         while True:
@@ -215,29 +226,25 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("stopping the endpoint", file=sys.stderr)
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        if head is not None:
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
+            stop_head(head)
     return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    import ray
-
-    from ecgvlm.config import load_config
-    from ecgvlm.evaluate import EvalConfig, EvaluationError, evaluate
+    from ecgvlm.config import load_config, resolve_paths
+    from ecgvlm.evaluate import EvalConfig, evaluate
     from ecgvlm.report import console_tables
 
     config = load_config(EvalConfig, args.config, args.overrides)
-    # A local Ray unless RAY_ADDRESS points at a cluster; the client actors need little CPU.
-    ray.init(log_to_driver=False, configure_logging=False)
-    try:
+    config = resolve_paths(config, ["data_dir", "output_dir"])
+    # The HTTP client actors need little CPU.
+    with _ray_for_job(args.address, args.num_cpus):
         report, written = evaluate(config)
-    except EvaluationError as e:
-        # No split, an unreachable endpoint, no model to evaluate: the user's to fix.
-        print(f"ecgvlm evaluate: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        ray.shutdown()
     print(console_tables(report))
     print(f"wrote {', '.join(sorted(written))} to {config.output_dir}")
     return 0
@@ -259,6 +266,80 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     for root in args.data_root:
         argv += ["--data-root", root]
     return demo_main(argv)
+
+
+@contextlib.contextmanager
+def _ray_for_job(address: str | None, num_cpus: int | None) -> Iterator[None]:
+    """Ray for one job: the cluster named by ``address`` or RAY_ADDRESS, else a private local one.
+
+    Under ``ray job submit`` RAY_ADDRESS names the job's cluster. Without it a new local Ray
+    is started (never a ``ray start`` cluster found on this machine by accident) and shut
+    down at the end; a caller's Ray (e.g. a test's) is used as it is and left running.
+    """
+    import os
+
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    local = address == "local"
+    ray.init(address=address, num_cpus=num_cpus if local else None,
+             include_dashboard=False if local else None, log_to_driver=False,
+             configure_logging=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def is_user_error(error: BaseException) -> bool:
+    """Whether ``error`` is bad input or a failed precondition the user can fix.
+
+    The library raises ValueError subclasses for bad input (configs, records, checkpoints)
+    and RuntimeError subclasses of its own for unmet preconditions (no data, an unreachable
+    endpoint); both are reported in one line. Anything else is a bug and keeps its traceback.
+    """
+    if isinstance(error, (ValueError, FileNotFoundError)):
+        return True
+    return isinstance(error, RuntimeError) and type(error).__module__.startswith("ecgvlm.")
+
+
+def _task_cause(error: BaseException) -> BaseException:
+    """The exception a Ray task raised, out of the ``RayTaskError`` that carries it.
+
+    Ray re-raises a task's exception in the caller as a subclass of both ``RayTaskError``
+    and the original class, whose text is the remote traceback; ``cause`` is the original.
+    """
+    while isinstance(getattr(error, "cause", None), BaseException) and any(
+        cls.__name__ == "RayTaskError" for cls in type(error).__mro__
+    ):
+        error = error.cause
+    return error
+
+
+def report_user_errors(command: str, run: Callable[[], int | None]) -> int:
+    """``run()``'s exit status; a user error (``is_user_error``) becomes one line and status 2.
+
+    The line is ``ecgvlm <command>: error: <message>`` on stderr, without a traceback. The
+    ``ecgvlm`` command and every ``jobs/*`` entrypoint report errors through this.
+    """
+    try:
+        return int(run() or 0)
+    except Exception as raised:
+        e = _task_cause(raised)
+        if not is_user_error(e):
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"ecgvlm {command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+def run_command(argv: list[str]) -> int:
+    """Run ``ecgvlm ARGV...``: the ``ecgvlm`` command, and what ``jobs/*`` entrypoints call."""
+    args = build_parser().parse_args(argv)
+    return report_user_errors(args.command, lambda: args.func(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -312,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="LoRA-fine-tune PULSE with Ray Train + DeepSpeed")
     p.add_argument("--config", required=True)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--num-cpus", type=int, default=None,
+                   help="logical CPUs of a new local Ray (default: enough for the workers "
+                        "and the data pipeline)")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     p.set_defaults(func=_cmd_train)
 
@@ -320,10 +404,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--num-cpus", type=int, default=None,
+                   help="logical CPUs of its private Ray (default: max(8, cores))")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("evaluate", help="evaluate models through the endpoint")
     p.add_argument("--config", required=True)
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or local)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a new local Ray")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     p.set_defaults(func=_cmd_evaluate)
 
@@ -336,13 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
-        # Bad input is the user's to fix: say what it is without a traceback.
-        print(f"ecgvlm {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    return run_command(sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

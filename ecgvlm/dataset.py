@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 import ecgvlm
-from ecgvlm.config import ConfigError, check_range, config_to_dict, save_config
+from ecgvlm.config import ConfigError, absolute_path, check_range, config_to_dict, save_config
 from ecgvlm.mcq import McqConfig, McqError, known_findings, make_mcq
 from ecgvlm.prompt import PROMPT_VERSION, conversation_json, llava_record
 from ecgvlm.records import EcgRecord, McqSample
@@ -307,12 +307,17 @@ def _unit_from_json(text: str) -> Unit:
 
 
 def list_sources(config: PrepareConfig) -> list[dict[str, Any]]:
-    """Record paths per source, sorted and cut to ``max_records`` (driver side, no reading)."""
+    """Record paths per source, sorted and cut to ``max_records`` (driver side, no reading).
+
+    The paths are absolute (a relative ``root`` is taken from the driver's working directory),
+    so the tasks that read them may run anywhere; the manifest and the data set's identity
+    keep ``root`` as the config gives it.
+    """
     from ecgvlm.signal import find_record_paths
 
     items = []
     for src in config.sources:
-        paths = [str(p) for p in find_record_paths(src.root)]
+        paths = [str(p) for p in find_record_paths(absolute_path(src.root))]
         if src.max_records:
             paths = paths[: src.max_records]
         items += [{"path": p, "dataset": src.dataset or "", "root": src.root} for p in paths]

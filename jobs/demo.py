@@ -76,6 +76,12 @@ def run_demo(args: argparse.Namespace) -> int:
     from serve.app import build_app
 
     out = Path(args.output_dir).resolve()
+    # The prepare config is checked before Ray starts: a typo costs no start-up.
+    overrides = [f"output_dir={out / 'prepared'}"]
+    if args.data_root:
+        roots = ", ".join(f"{{root: {Path(r).resolve()}}}" for r in args.data_root)
+        overrides.append(f"sources=[{roots}]")
+    prepare_config = load_config(PrepareConfig, args.prepare_config, overrides)
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
@@ -90,11 +96,6 @@ def run_demo(args: argparse.Namespace) -> int:
     )
     try:
         t0 = _stage(1, "prepare: read records, render printouts, build MCQs (Ray Data)")
-        overrides = [f"output_dir={out / 'prepared'}"]
-        if args.data_root:
-            roots = ", ".join(f"{{root: {Path(r).resolve()}}}" for r in args.data_root)
-            overrides.append(f"sources=[{roots}]")
-        prepare_config = load_config(PrepareConfig, args.prepare_config, overrides)
         prepared = prepare_dataset(prepare_config)
         summary = prepared.summary()
         _done(t0, f"{summary} -> {out / 'prepared'}")
@@ -161,7 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
-    return run_demo(args)
+    from ecgvlm.cli import report_user_errors
+
+    return report_user_errors("demo", lambda: run_demo(args))
 
 
 if __name__ == "__main__":

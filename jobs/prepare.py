@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import sys
 
-from ecgvlm.cli import main as cli_main
+from ecgvlm.cli import run_command
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli_main(["prepare", *(sys.argv[1:] if argv is None else argv)])
+    return run_command(["prepare", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -319,8 +319,10 @@ class Gateway:
             self.usage.add(route.name, error=True)
             raise
         self.usage.add(route.name, usage)
+        window_s = (record.start_s, record.n_samples / record.fs_hz)
         return JSONResponse(sv.interpret_response(
-            route.name, text, question, options, usage, png if query.return_image else None
+            route.name, text, question, options, usage, png if query.return_image else None,
+            window_s,
         ))
 
     async def _parse_upload(self, request: Request, body: bytes) -> tuple[sv.InterpretQuery, Any]:
@@ -349,7 +351,8 @@ class Gateway:
             fields["options"] = sv.parse_json_body(opts[0].encode())
         query = sv.parse_model(sv.InterpretQuery, fields)
         record = await asyncio.to_thread(
-            sv.record_from_wfdb_upload, files, self.limits, query.dataset
+            sv.record_from_wfdb_upload, files, self.limits, query.dataset, query.start_s,
+            query.duration_s,
         )
         return query, record
 
@@ -362,11 +365,15 @@ def build_app(args: sv.ServeArgs | dict[str, Any]) -> serve.Application:
     never appear in reprs or logs; a replica whose builder saw no key still reads its own
     environment.
 
+    Relative ``model_dir`` and adapter paths are taken from the builder's working directory
+    (the repository root for ``serve run serve/config.yaml``).
+
     Raises:
         ValueError: when ``model_dir`` or an adapter directory does not exist.
     """
     if not isinstance(args, sv.ServeArgs):
         args = sv.ServeArgs.model_validate(args)
+    args = sv.absolute_paths(args)  # replicas do not run in this directory
     sv.check_paths(args)
     api_key = os.environ.get(args.openai.api_key_env) or None
     token = os.environ.get(args.auth_token_env) or None

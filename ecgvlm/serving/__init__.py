@@ -21,6 +21,7 @@ from ecgvlm.serving.args import (
     BatchingArgs,
     ReplicaArgs,
     ServeArgs,
+    absolute_paths,
     check_paths,
     parse_adapter_specs,
 )
@@ -58,6 +59,7 @@ from ecgvlm.serving.ecg import (
     record_from_wfdb_upload,
     render_png,
     safe_upload_name,
+    select_window,
     split_explanation,
 )
 from ecgvlm.serving.errors import (
@@ -70,6 +72,7 @@ from ecgvlm.serving.errors import (
 )
 from ecgvlm.serving.limits import (
     DEFAULT_MAX_TOKENS,
+    DEFAULT_WINDOW_S,
     GPT4O_MODEL,
     IMAGE_MIME_TYPES,
     LORA_MODEL,
@@ -105,6 +108,7 @@ from ecgvlm.serving.pulse import (
 __all__ = [
     "DEFAULT_MAX_TOKENS",
     "DEFAULT_QUESTION",
+    "DEFAULT_WINDOW_S",
     "GPT4O_MODEL",
     "IMAGE_MIME_TYPES",
     "LORA_MODEL",
@@ -148,6 +152,7 @@ __all__ = [
     "ServeLimits",
     "TextPart",
     "UsageCounter",
+    "absolute_paths",
     "backoff_delay_s",
     "bad_request",
     "check_body_size",
@@ -173,6 +178,7 @@ __all__ = [
     "requested_max_tokens",
     "resolve_model",
     "safe_upload_name",
+    "select_window",
     "split_explanation",
     "validation_error",
 ]

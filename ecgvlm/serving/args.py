@@ -117,6 +117,16 @@ class ServeArgs(BaseModel):
         return list(self.adapters)
 
 
+def absolute_paths(args: ServeArgs, base: str | None = None) -> ServeArgs:
+    """``args`` with ``model_dir`` and every adapter directory absolute against ``base``
+    (default: the working directory), as ``ecgvlm.config.absolute_path`` makes them."""
+    from ecgvlm.config import absolute_path
+
+    model_dir = None if args.model_dir is None else absolute_path(args.model_dir, base)
+    adapters = {name: absolute_path(path, base) for name, path in args.adapters.items()}
+    return args.model_copy(update={"model_dir": model_dir, "adapters": adapters})
+
+
 def check_paths(args: ServeArgs) -> None:
     """Raise ValueError naming the field when ``model_dir`` or an adapter is not a directory.
 

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ecgvlm.mcq import DEFAULT_QUESTION as MCQ_DEFAULT_QUESTION
 from ecgvlm.serving.errors import bad_request, validation_error
 from ecgvlm.serving.limits import (
+    DEFAULT_WINDOW_S,
     MAX_FS_HZ,
     MAX_LEADS,
     MAX_OPTIONS,
@@ -49,6 +50,8 @@ class InterpretQuery(BaseModel):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     seed: int | None = None
     dataset: str | None = Field(None, min_length=1, max_length=40)
+    start_s: float | None = Field(None, ge=0.0)
+    duration_s: float | None = Field(None, gt=0.0)
 
 
 class InterpretJsonRequest(InterpretQuery):
@@ -133,6 +136,36 @@ def check_signal(
         )
 
 
+def select_window(
+    n_samples: int, fs_hz: float, start_s: float | None, duration_s: float | None,
+    limits: ServeLimits, param: str = "samples",
+) -> tuple[int, int]:
+    """The ``[first, last)`` sample range to draw from a signal of ``n_samples``.
+
+    A signal is drawn whole when it fits ``limits.max_duration_s`` and the request names no
+    window. Otherwise the window starts at ``start_s`` (default 0) and lasts ``duration_s``
+    (default ``DEFAULT_WINDOW_S``), cut at the signal's end; the window itself is then held
+    to the duration limits like any signal.
+
+    Raises:
+        ApiError: 400 naming ``start_s`` when it is not inside the signal.
+    """
+    if not MIN_FS_HZ <= fs_hz <= MAX_FS_HZ:
+        return 0, n_samples  # check_signal names fs_hz
+    total_s = n_samples / fs_hz
+    if start_s is None and duration_s is None and total_s <= limits.max_duration_s:
+        return 0, n_samples
+    first = round((start_s or 0.0) * fs_hz)
+    if first >= n_samples:
+        raise bad_request(
+            f"start_s is {start_s:g}; {param} spans {total_s:.2f} s, so start_s must be "
+            f"below that",
+            param="start_s", code="invalid_window",
+        )
+    last = min(n_samples, first + round((duration_s or DEFAULT_WINDOW_S) * fs_hz))
+    return first, last
+
+
 def record_from_json(req: InterpretJsonRequest, limits: ServeLimits) -> Any:
     """An ``EcgRecord`` from a checked JSON signal."""
     from ecgvlm.records import EcgRecord
@@ -146,10 +179,12 @@ def record_from_json(req: InterpretJsonRequest, limits: ServeLimits) -> Any:
             param="samples", code="invalid_shape",
         )
     signal = np.asarray(req.samples, dtype=np.float64)
+    first, last = select_window(len(signal), req.fs_hz, req.start_s, req.duration_s, limits)
+    signal = signal[first:last]
     check_signal(signal, req.fs_hz, req.leads, limits)
     return EcgRecord(
         record_id=req.record_id, dataset="upload", signal_mv=signal.astype(np.float32),
-        fs_hz=float(req.fs_hz), leads=tuple(req.leads),
+        fs_hz=float(req.fs_hz), leads=tuple(req.leads), start_s=first / req.fs_hz,
     )
 
 
@@ -169,12 +204,15 @@ def safe_upload_name(name: str | None, param: str) -> str:
 
 
 def record_from_wfdb_upload(
-    files: dict[str, bytes], limits: ServeLimits, dataset: str | None = None
+    files: dict[str, bytes], limits: ServeLimits, dataset: str | None = None,
+    start_s: float | None = None, duration_s: float | None = None,
 ) -> Any:
     """An ``EcgRecord`` from uploaded WFDB files: one ``.hea`` and its signal file(s).
 
     The files are written to a private temporary folder under their (checked) names and read
     with ``ecgvlm.signal.read_record``, so an upload is read exactly like a record on disk.
+    A recording longer than ``limits.max_duration_s`` (or any, given ``start_s`` or
+    ``duration_s``) is cut to the window ``select_window`` picks.
 
     Raises:
         ApiError: 400 naming ``files`` when the header is missing or doubled, a signal file
@@ -225,6 +263,13 @@ def record_from_wfdb_upload(
                 f"files: could not read the WFDB upload: {type(e).__name__}: {message}",
                 param="files", code="invalid_upload",
             ) from e
+    first, last = select_window(record.n_samples, record.fs_hz, start_s, duration_s, limits,
+                                param="files")
+    if (first, last) != (0, record.n_samples):
+        from dataclasses import replace
+
+        record = replace(record, signal_mv=record.signal_mv[first:last],
+                         start_s=record.start_s + first / record.fs_hz)
     check_signal(record.signal_mv, record.fs_hz, record.leads, limits, param="files")
     return record
 
@@ -265,9 +310,12 @@ def split_explanation(text: str, letter: str | None) -> str:
 
 def interpret_response(
     model: str, text: str, question: str, options: Sequence[str], usage: dict[str, Any],
-    png: bytes | None = None,
+    png: bytes | None = None, window_s: tuple[float, float] | None = None,
 ) -> dict[str, Any]:
-    """The /v1/ecg/interpret answer: letter, finding, explanation (and the image if asked)."""
+    """The /v1/ecg/interpret answer: letter, finding, explanation (and the image if asked).
+
+    ``window_s`` is the (start, duration) in seconds of the part of the signal drawn.
+    """
     from ecgvlm.prompt import letter_index, parse_answer
 
     letter = parse_answer(text, options)
@@ -283,6 +331,8 @@ def interpret_response(
         "options": list(options),
         "usage": usage,
     }
+    if window_s is not None:
+        out["start_s"], out["duration_s"] = window_s
     if png is not None:
         out["image_png_base64"] = base64.b64encode(png).decode("ascii")
     return out

@@ -26,6 +26,9 @@ MAX_FS_HZ = 10_000.0
 MAX_LEADS = 16
 MIN_DURATION_S = 1.0
 MAX_DURATION_S = 120.0
+#: Window drawn from a signal longer than ``max_duration_s`` (a 30-min MIT-BIH recording), or
+#: from ``start_s`` on, when the request gives no ``duration_s``: the training set's 10 s.
+DEFAULT_WINDOW_S = 10.0
 #: Multiple-choice options on /v1/ecg/interpret.
 MIN_OPTIONS = 2
 MAX_OPTIONS = 10

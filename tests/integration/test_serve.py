@@ -11,7 +11,13 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
+import re
+import signal
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -302,6 +308,19 @@ def test_interpret_wfdb_upload_with_pulse(endpoint, samples_dir):
     assert r.json()["model"] == "pulse" and r.json()["image_png_base64"]
 
 
+
+def test_interpret_a_30_min_mitdb_upload_from_start_s(endpoint, samples_dir):
+    path = samples_dir / "mitdb" / "106"
+    files = [("files", (f"106{ext}", Path(f"{path}{ext}").read_bytes()))
+             for ext in (".hea", ".dat", ".atr")]
+    data = [("options", o) for o in OPTIONS[:2]] + [("max_tokens", "4"), ("start_s", "1200")]
+    r = requests.post(f"{endpoint['url']}/v1/ecg/interpret", files=files, data=data, timeout=120)
+    assert r.status_code == 200, r.text
+    assert (r.json()["start_s"], r.json()["duration_s"]) == (1200.0, sv.DEFAULT_WINDOW_S)
+    late = data[:-1] + [("start_s", "4000")]
+    r = requests.post(f"{endpoint['url']}/v1/ecg/interpret", files=files, data=late, timeout=120)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "start_s", r.text
+
 # --- bad requests ------------------------------------------------------------------------------
 
 
@@ -423,3 +442,73 @@ def test_auth_on_every_route_but_health(endpoint, headers, status):
     assert requests.get(f"{secure}/readyz", timeout=30).status_code == 200
     client = _client(secure, key=TOKEN)
     assert "gpt-4o" in [m.id for m in client.models.list().data]
+
+
+# --- `ecgvlm serve` as a user runs it ---------------------------------------------------------
+
+#: Ports Ray binds by default (GCS, dashboard, Ray client, dashboard agent, metrics agent,
+#: runtime-env agent as a user's `ray start --head` takes them): `ecgvlm serve` must take none.
+RAY_DEFAULT_PORTS = {6379, 8265, 10001, 52365}
+
+
+def _listening_ports(pids: list[int]) -> set[int]:
+    """TCP ports in LISTEN state held by any of ``pids``."""
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[len("socket:["):-1])
+        except OSError:
+            continue
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def test_ecgvlm_serve_takes_free_ports_and_sigterm_stops_all_it_started(tiny_pulse_dir):
+    from ecgvlm.local_ray import pids_under
+
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ecgvlm.cli", "serve", "--model-dir", str(tiny_pulse_dir),
+         "--port", str(port), "--num-cpus", "4"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    lines: list[str] = []
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "endpoint ready" in line:
+                break
+        ready = [ln for ln in lines if "endpoint ready" in ln]
+        assert ready, "".join(lines)[-3000:]
+        temp_dir = re.search(r"private head in (\S+?)\)", ready[0]).group(1)
+        assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=30).status_code == 200
+        pids = pids_under(temp_dir)
+        assert len(pids) >= 3, pids  # GCS, raylet, agents, workers...
+        taken = _listening_ports(pids) & RAY_DEFAULT_PORTS
+        assert not taken, f"ecgvlm serve's Ray listens on Ray's default port(s) {taken}"
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0, "".join(lines) + proc.stdout.read()[-3000:]
+        left = pids_under(temp_dir)
+        names = [Path(f"/proc/{p}/cmdline").read_bytes()[:60] for p in left
+                 if Path(f"/proc/{p}").exists()]
+        assert not left, f"left running after SIGTERM: {names}"
+        assert not Path(temp_dir).exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

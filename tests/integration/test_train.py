@@ -2,7 +2,7 @@
 
 One run is shared by most assertions: it overfits four samples, has rank 1 die once at
 step 15 (so it must resume from the step-10 checkpoint) and then finishes; it is then
-resubmitted with ``--resume`` for a few more steps. A last test submits the tiny config
+resubmitted with ``--resume`` for a few more steps, starting exactly at an epoch boundary. A last test submits the tiny config
 with ``ray job submit`` to a ``ray start --head`` cluster of its own.
 """
 
@@ -22,7 +22,11 @@ pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_CONFIG = REPO / "configs" / "train_tiny_cpu.yaml"
-MAX_STEPS = 40
+# 4 train rows x train_repeat 16 over 2 workers at batch 2: 16 steps per epoch. MAX_STEPS is
+# a multiple of it, so the resume test restarts from a checkpoint taken on an epoch's last
+# batch (which once crashed every resume).
+STEPS_PER_EPOCH = 16
+MAX_STEPS = 3 * STEPS_PER_EPOCH
 FAIL_AT = 15
 EVAL_EVERY = 10
 # Step-1 train loss (mean of both ranks) of the seed-0 run on the tiny seed-0 checkpoint:
@@ -164,6 +168,8 @@ def test_resubmitting_with_resume_continues_the_run(trained) -> None:
     )
     assert state["step"] == MAX_STEPS + 4
     assert state["metrics"]["resumed_from_step"] == MAX_STEPS
+    # Resumed on an epoch boundary: the new steps are the next epoch's first ones.
+    assert (state["epoch"], state["batches_in_epoch"]) == (MAX_STEPS // STEPS_PER_EPOCH, 4)
     assert isinstance(load_config(TrainConfig, TINY_CONFIG), TrainConfig)
 
 

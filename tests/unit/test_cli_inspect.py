@@ -111,3 +111,46 @@ def test_inspect_does_not_import_torch_or_ray(samples_dir):
     )
     assert out.returncode == 0, out.stderr
     assert "NSR" in out.stdout
+
+
+# --- errors: the CLI and every jobs/* entrypoint report them through report_user_errors ----
+
+
+def _raise(error: BaseException):
+    def run() -> int:
+        raise error
+    return run
+
+
+def test_library_errors_are_one_line_with_status_2(capsys):
+    import pytest
+
+    from ecgvlm.cli import report_user_errors
+    from ecgvlm.evaluate import EvaluationError
+
+    # A RuntimeError subclass of the library's (a failed precondition), multi-line text.
+    status = report_user_errors("evaluate", _raise(EvaluationError("split 'test' in\n/x selects no samples")))
+    err = capsys.readouterr().err
+    assert status == 2 and err == "ecgvlm evaluate: error: split 'test' in /x selects no samples\n"
+    # Anything else is a bug: it keeps its traceback.
+    with pytest.raises(RuntimeError, match="not ours"):
+        report_user_errors("evaluate", _raise(RuntimeError("not ours")))
+    with pytest.raises(KeyError):
+        report_user_errors("evaluate", _raise(KeyError("bug")))
+
+
+def test_an_error_raised_in_a_ray_task_is_reported_as_its_cause(capsys):
+    import traceback
+
+    from ray.exceptions import RayTaskError
+
+    from ecgvlm.cli import report_user_errors
+    from ecgvlm.dataset import PrepareError
+
+    try:
+        raise PrepareError("no records found under data/nothing")
+    except PrepareError as e:
+        wrapped = RayTaskError("scan", traceback.format_exc(), e).as_instanceof_cause()
+    assert "pid=" in str(wrapped) and "\n" in str(wrapped)  # what printing it whole would show
+    assert report_user_errors("prepare", _raise(wrapped)) == 2
+    assert capsys.readouterr().err == "ecgvlm prepare: error: no records found under data/nothing\n"

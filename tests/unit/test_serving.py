@@ -255,6 +255,53 @@ def test_upload_names(name, ok):
         assert _error(sv.safe_upload_name, name, "files").param == "files"
 
 
+def _mitdb_upload(samples_dir: Path) -> dict[str, bytes]:
+    return {f"106{ext}": (samples_dir / "mitdb" / f"106{ext}").read_bytes()
+            for ext in (".hea", ".dat", ".atr")}
+
+
+def test_a_30_min_mitdb_upload_is_drawn_as_a_window(samples_dir):
+    files = _mitdb_upload(samples_dir)
+    first = sv.record_from_wfdb_upload(files, LIMITS)  # no window asked: the first 10 s
+    assert first.start_s == 0.0 and first.duration_s == sv.DEFAULT_WINDOW_S
+    later = sv.record_from_wfdb_upload(files, LIMITS, start_s=1200.0)
+    assert later.start_s == 1200.0 and later.n_samples == round(sv.DEFAULT_WINDOW_S * 360)
+    tail = sv.record_from_wfdb_upload(files, LIMITS, start_s=1800.0)  # cut at the end (1805.6 s)
+    assert tail.start_s == 1800.0 and abs(tail.duration_s - 5.56) < 0.01
+    assert sv.record_from_wfdb_upload(files, LIMITS, start_s=60.0, duration_s=30.0).duration_s == 30.0
+    # The window's samples are the recording's own.
+    full = sv.record_from_wfdb_upload(files, LIMITS, start_s=0.0, duration_s=120.0)
+    np.testing.assert_array_equal(later.signal_mv[:5], sv.record_from_wfdb_upload(
+        files, LIMITS, start_s=1200.0, duration_s=1.0).signal_mv[:5])
+    np.testing.assert_array_equal(first.signal_mv, full.signal_mv[: first.n_samples])
+
+
+@pytest.mark.parametrize("start_s, duration_s, param, code", [
+    (1900.0, None, "start_s", "invalid_window"),        # past the end of the recording
+    (0.0, 600.0, "files", "invalid_duration"),           # a window over the duration limit
+    (1805.0, None, "files", "invalid_duration"),         # a window under 1 s at the very end
+])
+def test_bad_windows_are_400s_naming_the_field(samples_dir, start_s, duration_s, param, code):
+    e = _error(sv.record_from_wfdb_upload, _mitdb_upload(samples_dir), LIMITS, None, start_s,
+               duration_s)
+    assert e.status == 400 and e.param == param and e.code == code, e.message
+
+
+def test_json_signals_take_the_same_window_fields():
+    rng = np.random.default_rng(1)
+    long_rows = (rng.normal(size=(250 * 200, 1)) * 0.1).tolist()  # 200 s at 250 Hz
+    req = sv.parse_model(sv.InterpretJsonRequest, _interpret(samples=long_rows, leads=["II"]))
+    rec = sv.record_from_json(req, LIMITS)
+    assert rec.duration_s == sv.DEFAULT_WINDOW_S and rec.start_s == 0.0
+    req = sv.parse_model(sv.InterpretJsonRequest, _interpret(start_s=0.5))  # a 2 s signal
+    rec = sv.record_from_json(req, LIMITS)
+    assert rec.start_s == 0.5 and rec.n_samples == 375
+    e = _error(sv.parse_model, sv.InterpretJsonRequest, _interpret(start_s=-1))
+    assert e.param == "start_s"
+    out = sv.interpret_response("pulse", "B", "q?", ["x", "y"], {}, window_s=(0.5, 1.5))
+    assert (out["start_s"], out["duration_s"]) == (0.5, 1.5)
+
+
 def test_interpret_response_splits_answer_and_explanation():
     options = ["Sinus rhythm", "Atrial fibrillation", "Left bundle branch block"]
     out = sv.interpret_response("pulse", "The answer is B. Irregularly irregular RR intervals.",

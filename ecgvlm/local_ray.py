@@ -1,0 +1,158 @@
+"""A private local Ray head for one command: free ports, its own temp dir, stopped whole.
+
+``ecgvlm serve`` runs its endpoint on such a head rather than on ``ray.init()``'s local
+cluster, because ``ray.init`` binds fixed default ports (the dashboard agent's 52365 among
+them) that a ``ray start --head`` cluster on the same machine needs: with both running, every
+``ray job submit`` to that cluster fails with "No available agent". The head here gets a free
+port for every service, and when the command ends everything it started is stopped: the
+processes whose command line or working directory names its temp dir (``ray stop`` would stop
+every Ray on the machine, other people's included). The test suite's own cluster uses the
+same helpers.
+
+Nothing here runs on import; the CLI and the tests call it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+#: ``ray start`` options that name a port, each given a free one (the defaults are fixed).
+PORT_OPTIONS = (
+    "--port", "--dashboard-port", "--ray-client-server-port", "--object-manager-port",
+    "--node-manager-port", "--metrics-export-port", "--dashboard-agent-listen-port",
+    "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
+)
+#: Seconds ``ray start`` may take on a busy machine before the head counts as failed.
+START_TIMEOUT_S = 180.0
+
+
+@dataclass(frozen=True)
+class LocalHead:
+    """A running private head: ``address`` (GCS, for ``ray.init``), its dashboard URL (for
+    ``ray job submit``), its temp dir and the environment its clients need (auth token)."""
+
+    address: str
+    dashboard_url: str
+    temp_dir: str
+    env: dict[str, str]
+
+
+def ray_command() -> Path:
+    """The ``ray`` command installed beside this Python."""
+    return Path(sys.executable).parent / "ray"
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct ports free on 127.0.0.1 right now."""
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def pids_under(temp_dir: str) -> list[int]:
+    """Processes whose command line or working directory names ``temp_dir``.
+
+    Ray's workers and agents rename themselves (``ray::DashboardAgent``) but keep their
+    working directory or log paths inside the head's temp dir.
+    """
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            cwd = os.readlink(proc / "cwd")
+        except OSError:
+            continue
+        if temp_dir in cmdline or cwd.startswith(temp_dir):
+            pids.append(int(proc.name))
+    return pids
+
+
+def stop_processes_under(temp_dir: str, grace_s: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL, every process ``pids_under(temp_dir)`` finds."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = pids_under(temp_dir)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.time() + grace_s
+        while pids and time.time() < deadline and pids_under(temp_dir):
+            time.sleep(0.2)
+
+
+def start_head(num_cpus: int, env: dict[str, str] | None = None, dashboard: bool = True
+               ) -> LocalHead:
+    """Start ``ray start --head`` on 127.0.0.1 with free ports and a new temp dir.
+
+    ``dashboard=False`` leaves out the dashboard (and so ``ray job submit``), which saves
+    start-up time where only Ray Serve or tasks run.
+
+    The head uses token auth with a token of its own, handed to clients through
+    ``LocalHead.env`` (``RAY_AUTH_MODE``, ``RAY_AUTH_TOKEN``); nothing is read from or
+    written to ``~/.ray``.
+
+    Raises:
+        RuntimeError: when ``ray start`` fails twice (its last output is quoted).
+    """
+    # A short path: Ray puts unix sockets under it (107-byte limit).
+    temp_dir = tempfile.mkdtemp(prefix="ecgvlm-ray-", dir="/tmp")
+    client_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    head_env = {k: v for k, v in (env or os.environ).items() if k != "RAY_ADDRESS"}
+    head_env.update(client_env, RAY_USAGE_STATS_ENABLED="0")
+    try:
+        return _start(temp_dir, head_env, client_env, num_cpus, dashboard)
+    except BaseException:
+        # A failed or interrupted start leaves nothing behind.
+        stop_processes_under(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        raise
+
+
+def _start(temp_dir: str, head_env: dict[str, str], client_env: dict[str, str],
+           num_cpus: int, dashboard: bool) -> LocalHead:
+    output = ""
+    # Ray gives its node a fixed 30 s to come up; on a busy machine a second try helps.
+    for _ in range(2):
+        ports = dict(zip(PORT_OPTIONS, free_ports(len(PORT_OPTIONS))))
+        cmd = [
+            str(ray_command()), "start", "--head", "--node-ip-address=127.0.0.1",
+            f"--include-dashboard={str(dashboard).lower()}", "--dashboard-host=127.0.0.1",
+            *(f"{opt}={port}" for opt, port in ports.items()),
+            f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+        ]
+        done = subprocess.run(cmd, env=head_env, capture_output=True, text=True,
+                              timeout=START_TIMEOUT_S, check=False)
+        if done.returncode == 0:
+            return LocalHead(
+                address=f"127.0.0.1:{ports['--port']}",
+                dashboard_url=f"http://127.0.0.1:{ports['--dashboard-port']}",
+                temp_dir=temp_dir, env=client_env,
+            )
+        output = (done.stdout + done.stderr)[-2000:]
+        stop_processes_under(temp_dir)
+    raise RuntimeError(f"ray start failed twice: {' '.join(output.split())}")
+
+
+def stop_head(head: LocalHead) -> None:
+    """Stop every process of ``head`` and remove its temp dir."""
+    stop_processes_under(head.temp_dir)
+    shutil.rmtree(head.temp_dir, ignore_errors=True)
+

@@ -1,0 +1,194 @@
+"""Prepared data for training: checks before workers start, and the collator.
+
+:func:`check_training_data` runs on the driver (manifest and Parquet footers only);
+:class:`Collator` runs on every worker and turns rows into model inputs with the loss on the
+answer only.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ecgvlm.config import ConfigError
+from ecgvlm.prompt import build_training_text
+from ecgvlm.train.config import IGNORE_INDEX, REQUIRED_COLUMNS, TrainConfig
+
+
+class TrainDataError(ConfigError):
+    """Prepared data that the run cannot use (missing split, columns or rows)."""
+
+
+def split_files(data_dir: str | Path, split: str) -> list[Path]:
+    """The Parquet shards of one split, as the prepared data set's manifest lists them.
+
+    Raises:
+        TrainDataError: naming the data set and split when there is no manifest, no such
+            split or a listed shard is missing.
+    """
+    from ecgvlm.dataset import split_files as manifest_split_files
+
+    try:
+        files = manifest_split_files(data_dir, split)
+    except (FileNotFoundError, ValueError) as e:
+        raise TrainDataError(f"data_dir {data_dir}: split {split!r}: {e}") from e
+    missing = [str(p) for p in files if not p.is_file()]
+    if missing:
+        raise TrainDataError(f"split {split!r}: shard(s) listed in the manifest are missing: {missing}")
+    if not files:
+        raise TrainDataError(f"split {split!r} is empty (no shards in {data_dir}/manifest.json)")
+    return files
+
+
+@dataclass(frozen=True)
+class DataSummary:
+    """What the driver learns about the prepared data before workers start."""
+
+    rows: dict[str, int]
+    label_set: tuple[str, ...] = ()
+    manifest_hash: str | None = None
+    render_config_hash: str | None = None
+    files: dict[str, list[str]] = field(default_factory=dict)
+
+
+def check_training_data(config: TrainConfig) -> DataSummary:
+    """Check the train and val splits exist, hold rows and carry the needed columns.
+
+    Reads the manifest and the Parquet footers (schema, row counts) plus the
+    ``option_labels`` column of the train split (for the adapter's label set); no image is
+    decoded.
+
+    Raises:
+        TrainDataError: naming the split and the missing column, or the empty split.
+    """
+    import pyarrow.parquet as pq
+
+    from ecgvlm.adapter import hash_file
+    from ecgvlm.dataset import MANIFEST_NAME, read_manifest
+
+    rows: dict[str, int] = {}
+    files: dict[str, list[str]] = {}
+    labels: set[str] = set()
+    for split in (config.train_split, config.val_split):
+        paths = split_files(config.data_dir, split)
+        files[split] = [str(p) for p in paths]
+        n = 0
+        for path in paths:
+            meta = pq.ParquetFile(path)
+            names = set(meta.schema_arrow.names)
+            missing = [c for c in REQUIRED_COLUMNS if c not in names]
+            if missing:
+                raise TrainDataError(
+                    f"split {split!r}: {path.name} lacks column(s) {', '.join(missing)}; "
+                    f"required: {', '.join(REQUIRED_COLUMNS)}"
+                )
+            n += meta.metadata.num_rows
+            if split == config.train_split and "option_labels" in names:
+                table = pq.read_table(path, columns=["option_labels"])
+                for value in table.column("option_labels").to_pylist():
+                    labels.update(value or ())
+        if n == 0:
+            raise TrainDataError(f"split {split!r} is empty ({len(paths)} shard(s), 0 rows)")
+        rows[split] = n
+    manifest = read_manifest(config.data_dir)
+    return DataSummary(
+        rows,
+        tuple(sorted(labels)),
+        hash_file(Path(config.data_dir) / MANIFEST_NAME),
+        manifest.get("render_config_hash"),
+        files,
+    )
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value.tolist() if hasattr(value, "tolist") else value)
+
+
+def decode_png(png: bytes) -> Any:
+    """PNG bytes to an RGB ``PIL.Image``."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as img:
+        return img.convert("RGB")
+
+
+class Collator:
+    """Rows of the prepared data to model inputs with the loss on the answer only.
+
+    Each row becomes the ``llava_v1`` text ``prompt + " " + target_text + "</s>"``
+    (``ecgvlm.prompt.build_training_text``) and its image, run through the model's processor
+    as one batch. Labels copy ``input_ids`` except that the prompt (system line, image
+    tokens, question, ``ASSISTANT:``) and padding are ``-100``: only the answer and its
+    closing ``</s>`` are trained on.
+
+    The answer's length is measured with the tokenizer alone, as the token count of the full
+    text minus that of the prompt (the image expansion, if the processor does one, happens in
+    the prompt and cancels out). The prompt's tokens must be a prefix of the full text's
+    tokens, which holds for ``llava_v1`` because the prompt ends with ``ASSISTANT:``.
+
+    Args:
+        processor: ``processor(prompts, images) -> dict`` with ``input_ids`` and
+            ``attention_mask`` (padded to a rectangle, either side) plus image tensors, and
+            either ``encode_prompts(texts)`` (token ids without images, as
+            ``ecgvlm.model.PulseProcessor`` has) or a callable ``tokenizer`` attribute.
+    """
+
+    def __init__(self, processor: Any) -> None:
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+
+    def texts(self, batch: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+        """(prompts, full texts) for a batch of rows."""
+        prompts, fulls = [], []
+        for question, options, target in zip(
+            _as_list(batch["question"]), _as_list(batch["options"]), _as_list(batch["target_text"])
+        ):
+            prompt, completion = build_training_text(str(question), _as_list(options), str(target))
+            prompts.append(prompt)
+            fulls.append(prompt + completion)
+        return prompts, fulls
+
+    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of texts without touching images (``encode_prompts`` where it exists)."""
+        if hasattr(self.processor, "encode_prompts"):
+            return self.processor.encode_prompts(list(texts))
+        return self.tokenizer(list(texts))["input_ids"]
+
+    def answer_lengths(self, prompts: Sequence[str], fulls: Sequence[str]) -> list[int]:
+        """Tokens of each answer (target + ``</s>``), measured with the tokenizer alone."""
+        prompt_ids = self.token_ids(prompts)
+        full_ids = self.token_ids(fulls)
+        lengths = []
+        for i, (p, f) in enumerate(zip(prompt_ids, full_ids)):
+            p, f = list(p), list(f)
+            if f[: len(p)] != p:
+                raise RuntimeError(
+                    f"row {i}: the prompt's tokens are not a prefix of prompt+answer's tokens; "
+                    "the answer mask would be misplaced"
+                )
+            if len(f) == len(p):
+                raise RuntimeError(f"row {i}: the answer tokenises to nothing")
+            lengths.append(len(f) - len(p))
+        return lengths
+
+    def __call__(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        import torch
+
+        prompts, fulls = self.texts(batch)
+        images = [decode_png(bytes(png)) for png in _as_list(batch["png"])]
+        inputs = dict(self.processor(fulls, images))
+        input_ids = torch.as_tensor(inputs["input_ids"])
+        attention = torch.as_tensor(inputs["attention_mask"])
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        for i, n_answer in enumerate(self.answer_lengths(prompts, fulls)):
+            real = torch.nonzero(attention[i], as_tuple=False).flatten()
+            # The last n_answer real tokens are the answer, whatever side the padding is on.
+            answer_pos = real[-n_answer:]
+            labels[i, answer_pos] = input_ids[i, answer_pos]
+        inputs["input_ids"] = input_ids
+        inputs["attention_mask"] = attention
+        inputs["labels"] = labels
+        return inputs

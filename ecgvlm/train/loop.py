@@ -1,0 +1,596 @@
+"""What every Ray Train worker runs: :func:`train_loop_per_worker` and its parts."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ecgvlm.config import config_from_dict, config_to_dict
+from ecgvlm.prompt import build_prompt, parse_answer
+from ecgvlm.train.config import (
+    CHECKPOINT_ADAPTER,
+    CHECKPOINT_DEEPSPEED,
+    CHECKPOINT_STATE,
+    DEEPSPEED_TAG,
+    IGNORE_INDEX,
+    REQUIRED_COLUMNS,
+    TrainConfig,
+    resolve_deepspeed_config,
+)
+from ecgvlm.train.data import Collator, _as_list, decode_png
+
+
+def _to_device(inputs: Mapping[str, Any], device: Any, dtype: Any) -> dict[str, Any]:
+    import torch
+
+    out = {}
+    for key, value in inputs.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device)
+            if value.is_floating_point():
+                value = value.to(dtype)
+        out[key] = value
+    return out
+
+
+@dataclass
+class _Position:
+    """Where training stands: optimizer steps, epoch, micro-batches consumed in the epoch."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+
+
+class _StepTimes:
+    """Seconds spent per phase since the last reset, summed over micro-batches."""
+
+    PHASES = ("data", "forward", "backward", "optimizer", "comm")
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.seconds = dict.fromkeys(self.PHASES, 0.0)
+        self.samples = 0
+        self.tokens = 0
+        self.steps = 0
+        self.started = time.perf_counter()
+
+    def metrics(self) -> dict[str, float]:
+        steps = max(self.steps, 1)
+        wall = max(time.perf_counter() - self.started, 1e-9)
+        out = {f"time_{k}_s": v / steps for k, v in self.seconds.items()}
+        out["time_step_s"] = wall / steps
+        out["samples_per_s"] = self.samples / wall
+        out["tokens_per_s"] = self.tokens / wall
+        return out
+
+
+def _comm_ms_total() -> float:
+    """Milliseconds DeepSpeed's comms logger has recorded so far (0 when it is off).
+
+    Its per-op timers are never reset, so the largest latency recorded per op name is that
+    op's running total.
+    """
+    from deepspeed.comm import comms_logger
+
+    if not comms_logger.enabled:
+        return 0.0
+    total = 0.0
+    for sizes in comms_logger.comms_dict.values():
+        total += max((max(v[1]) for v in sizes.values() if v[1]), default=0.0)
+    return total
+
+
+def _sync(device: Any) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def greedy_answer(
+    module: Any, processor: Any, prompt: str, image: Any, max_new_tokens: int, device: Any, dtype: Any
+) -> str:
+    """Greedy-decode exactly ``max_new_tokens`` tokens after ``prompt`` (no early stop).
+
+    Every rank runs the same number of forward passes, which ZeRO-3 needs: its parameters
+    are gathered collectively on each forward. The text is cut at the first end-of-sequence
+    token afterwards.
+    """
+    import torch
+
+    tokenizer = getattr(processor, "tokenizer", processor)
+    inputs = _to_device(processor([prompt], [image]), device, dtype)
+    ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
+    new: list[int] = []
+    for _ in range(max_new_tokens):
+        logits = module(input_ids=ids, attention_mask=mask, **inputs).logits
+        token = int(logits[0, -1].argmax())
+        new.append(token)
+        ids = torch.cat([ids, torch.tensor([[token]], device=ids.device, dtype=ids.dtype)], 1)
+        mask = torch.cat([mask, torch.ones((1, 1), device=mask.device, dtype=mask.dtype)], 1)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is not None and eos in new:
+        new = new[: new.index(eos)]
+    return tokenizer.decode(new, skip_special_tokens=True)
+
+
+def evaluate(
+    engine: Any,
+    collator: Collator,
+    rows: Sequence[Mapping[str, Any]],
+    config: TrainConfig,
+    device: Any,
+    dtype: Any,
+    group: Any = None,
+) -> dict[str, float]:
+    """Val loss (answer tokens) and MCQ accuracy (greedy answer + ``parse_answer``).
+
+    ``rows`` is the whole val subset; rank r takes rows r, r + world, ... and every rank
+    runs the same number of samples (a rank short of one repeats a row with weight 0), so
+    collective ops under ZeRO-3 stay in step. Sums are all-reduced across the ranks of
+    ``group`` (one that takes CPU tensors, :func:`_metric_group`; None: the default group).
+    """
+    import torch
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    per_rank = math.ceil(len(rows) / world)
+    sums = torch.zeros(4, dtype=torch.float64)  # loss x tokens, tokens, correct, samples
+    module = engine.module
+    was_training = module.training
+    module.eval()
+    with torch.no_grad():
+        for k in range(per_rank):
+            index = rank + k * world
+            weight = 1.0 if index < len(rows) else 0.0
+            row = rows[min(index, len(rows) - 1)]
+            batch = {key: [row[key]] for key in REQUIRED_COLUMNS}
+            inputs = _to_device(collator(batch), device, dtype)
+            out = engine(**inputs)
+            n_tokens = int((inputs["labels"] != IGNORE_INDEX).sum())
+            image = decode_png(bytes(row["png"]))
+            options = _as_list(row["options"])
+            text = greedy_answer(
+                module, collator.processor, build_prompt(str(row["question"]), options),
+                image, config.eval_max_new_tokens, device, dtype,
+            )
+            correct = parse_answer(text, options) == str(row["answer_letter"])
+            sums += torch.tensor(
+                [float(out.loss) * n_tokens * weight, n_tokens * weight, correct * weight, weight],
+                dtype=torch.float64,
+            )
+    if was_training:
+        module.train()
+    if dist.is_initialized():
+        dist.all_reduce(sums, group=group)
+    return {
+        "val_loss": float(sums[0] / max(sums[1], 1.0)),
+        "val_accuracy": float(sums[2] / max(sums[3], 1.0)),
+        "val_samples": int(sums[3]),
+    }
+
+
+def _save_checkpoint(
+    engine: Any,
+    position: _Position,
+    metrics: Mapping[str, float],
+    artifact: Mapping[str, Any],
+    config: TrainConfig,
+    zero_stage: int,
+) -> str:
+    """Write this rank's part of a checkpoint to a fresh local directory and return it."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from ecgvlm.adapter import AdapterArtifact
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    local = tempfile.mkdtemp(prefix=f"ecgvlm-ckpt-s{position.step}-r{rank}-")
+    state = {"step": position.step, "epoch": position.epoch,
+             "batches_in_epoch": position.batches_in_epoch}
+    engine.save_checkpoint(
+        os.path.join(local, CHECKPOINT_DEEPSPEED),
+        tag=DEEPSPEED_TAG,
+        client_state=state,
+        exclude_frozen_parameters=True,
+    )
+    trainable = [p for p in engine.module.parameters() if p.requires_grad]
+    if zero_stage == 3:
+        # ZeRO-3 keeps a 1/world slice of every parameter per rank; gather the adapter's
+        # full tensors (all ranks take part) before rank 0 writes them.
+        gather = deepspeed.zero.GatheredParameters(trainable, modifier_rank=None)
+    else:
+        gather = contextlib.nullcontext()
+    with gather:
+        if rank == 0:
+            manifest = AdapterArtifact(
+                base_model=config.model_dir,
+                label_set=tuple(artifact.get("label_set", ())),
+                render_config_hash=artifact.get("render_config_hash"),
+                data_manifest_hash=artifact.get("data_manifest_hash"),
+                git_sha=artifact.get("git_sha"),
+                train_config=config_to_dict(config),
+                step=position.step,
+                metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
+            )
+            manifest.save(engine.module, os.path.join(local, CHECKPOINT_ADAPTER))
+    if rank == 0:
+        Path(local, CHECKPOINT_STATE).write_text(
+            json.dumps({**state, "metrics": dict(metrics)}, indent=2, default=float)
+        )
+    return local
+
+
+def _load_checkpoint(engine: Any, checkpoint: Any) -> _Position:
+    """Restore LoRA weights, optimizer and scheduler from a Ray Train checkpoint."""
+    with checkpoint.as_directory() as directory:
+        path, client_state = engine.load_checkpoint(
+            os.path.join(directory, CHECKPOINT_DEEPSPEED),
+            tag=DEEPSPEED_TAG,
+            load_module_strict=False,
+        )
+        if path is None:
+            raise RuntimeError(f"checkpoint {directory} holds no DeepSpeed state to resume from")
+    return _Position(
+        int(client_state["step"]), int(client_state["epoch"]), int(client_state["batches_in_epoch"])
+    )
+
+
+def _print_metrics(prefix: str, metrics: Mapping[str, Any]) -> None:
+    parts = []
+    for key, value in metrics.items():
+        parts.append(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}")
+    # Written to the stream, not print()ed: Ray Train replaces print in its workers with one
+    # that logs the text through the root logger and also prints it: each line would show twice.
+    sys.stdout.write(f"[ecgvlm.train] {prefix} " + " ".join(parts) + "\n")
+    sys.stdout.flush()
+
+
+HISTORY_NAME = "metrics.jsonl"
+
+
+def _append_history(config: TrainConfig, metrics: Mapping[str, Any]) -> None:
+    """Rank 0 appends every report to ``<storage_path>/<run_name>/metrics.jsonl``.
+
+    Ray Train's Result keeps only the checkpointed reports; this file is the whole curve
+    (resumed runs append, so a step may appear twice). Skipped for URI storage paths.
+    """
+    if "://" in config.storage_path:
+        return
+    path = config.run_dir() / HISTORY_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(dict(metrics), default=float) + "\n")
+
+
+def _metric_group() -> Any:
+    """A process group that all-reduces CPU tensors (metric sums), or None for the default.
+
+    On GPU workers Ray Train creates the default group with NCCL only (backend config
+    ``cuda:nccl``), which has no CPU backend: an ``all_reduce`` of a CPU tensor raises "No
+    backend type associated with device type cpu". There a gloo group over the same ranks
+    carries the loop's metric reductions and its final barrier. ``new_group`` is collective:
+    every rank calls this at the same point.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or "cpu:" in str(dist.get_backend_config()):
+        return None
+    return dist.new_group(backend="gloo")
+
+
+def _mean_across_ranks(values: Sequence[float], group: Any = None) -> list[float]:
+    """Mean of each value over the ranks of ``group`` (see :func:`_metric_group`)."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(list(values), dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(t, group=group)
+        t /= dist.get_world_size(group)
+    return t.tolist()
+
+
+def train_step(
+    engine: Any, collator: Collator, batch: Mapping[str, Any], device: Any, dtype: Any,
+    times: _StepTimes,
+) -> tuple[float, bool]:
+    """One micro-batch: collate, forward, backward, DeepSpeed step; phases timed into ``times``.
+
+    Returns:
+        (loss, whether an optimizer step happened, i.e. an accumulation boundary).
+    """
+    t0 = time.perf_counter()
+    inputs = _to_device(collator(batch), device, dtype)
+    _sync(device)
+    t1 = time.perf_counter()
+    loss = engine(**inputs).loss
+    _sync(device)
+    t2 = time.perf_counter()
+    engine.backward(loss)
+    _sync(device)
+    t3 = time.perf_counter()
+    steps_before = engine.global_steps
+    engine.step()
+    _sync(device)
+    t4 = time.perf_counter()
+    times.seconds["data"] += t1 - t0
+    times.seconds["forward"] += t2 - t1
+    times.seconds["backward"] += t3 - t2
+    times.seconds["optimizer"] += t4 - t3
+    times.samples += int(inputs["input_ids"].shape[0])
+    times.tokens += int(inputs["attention_mask"].sum())
+    stepped = engine.global_steps != steps_before
+    if stepped:
+        times.steps += 1
+    return float(loss.detach()), stepped
+
+
+def build_model(config: TrainConfig, device: Any, dtype: Any) -> tuple[Any, Any]:
+    """Load the base model and processor and attach the LoRA adapter."""
+    from ecgvlm.model import load_pulse
+    from ecgvlm.model.lora import attach_lora
+
+    model, processor = load_pulse(config.model_dir, dtype=dtype, device=device)
+    model = attach_lora(
+        model,
+        r=config.lora_r,
+        alpha=config.lora_alpha,
+        dropout=config.lora_dropout,
+        bias=config.lora_bias,
+        target=tuple(config.lora_target_modules),
+    )
+    if config.gradient_checkpointing:
+        if hasattr(model, "enable_input_require_grads"):
+            # With a frozen embedding, checkpointed blocks would see inputs without grad.
+            model.enable_input_require_grads()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, processor
+
+
+@dataclass
+class _Worker:
+    """What one worker's loop functions share: its config, engine and place in the group."""
+
+    config: TrainConfig
+    engine: Any
+    collator: Collator
+    device: Any
+    dtype: Any
+    rank: int
+    world: int
+    zero_stage: int
+    artifact: Mapping[str, Any]
+    group: Any = None  # reduces CPU tensors (_metric_group)
+    val_rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class _Window:
+    """Train loss and phase times accumulated since the last report."""
+
+    times: _StepTimes = field(default_factory=_StepTimes)
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    comm_before: float = 0.0
+
+
+def _build_engine(
+    config: TrainConfig, ds_config: Mapping[str, Any], device: Any, dtype: Any
+) -> tuple[Any, Collator]:
+    """Model with LoRA, torch AdamW, cosine schedule with warm-up, DeepSpeed engine."""
+    import deepspeed
+    import torch
+    from transformers import get_cosine_schedule_with_warmup
+
+    # Same seed on every rank: identical LoRA init (DeepSpeed also broadcasts rank 0's).
+    torch.manual_seed(config.seed)
+    model, processor = build_model(config, device, dtype)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        trainable,
+        lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.weight_decay,
+    )
+    scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.max_steps)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=dict(ds_config),
+        dist_init_required=False,
+    )
+    return engine, Collator(processor)
+
+
+def _read_val_rows(shard: Any, max_samples: int) -> list[dict[str, Any]]:
+    """The first ``max_samples`` rows of the (unsplit) val data set."""
+    val_rows: list[dict[str, Any]] = []
+    for batch in shard.iter_batches(batch_size=64, batch_format="numpy"):
+        n = len(batch["sample_id"])
+        val_rows += [{k: batch[k][i] for k in REQUIRED_COLUMNS} for i in range(n)]
+        if len(val_rows) >= max_samples:
+            break
+    return val_rows[:max_samples]
+
+
+def _train_batches(shard: Any, config: TrainConfig, position: _Position) -> Iterator[Any]:
+    """Micro-batches of this worker's train shard from ``position`` on, epoch after epoch.
+
+    The caller counts consumed batches in ``position.batches_in_epoch``; this generator moves
+    ``position`` to the next epoch when an epoch's batches run out.
+
+    Raises:
+        RuntimeError: when an epoch of the shard yields no batch at all.
+    """
+    while True:
+        batches = iter(
+            shard.iter_batches(
+                batch_size=config.per_device_batch_size,
+                batch_format="numpy",
+                drop_last=True,
+                local_shuffle_buffer_size=config.shuffle_buffer_size or None,
+                local_shuffle_seed=(config.seed + position.epoch) if config.shuffle_buffer_size else None,
+            )
+        )
+        # Resuming mid-epoch: skip what the checkpointed run had consumed (not decoded). A
+        # checkpoint taken on an epoch's last batch skips all of it and goes on to the next.
+        for _ in range(position.batches_in_epoch):
+            next(batches, None)
+        consumed_any = position.batches_in_epoch > 0
+        for batch in batches:
+            consumed_any = True
+            yield batch
+        if not consumed_any:
+            raise RuntimeError(
+                f"split {config.train_split!r}: this worker's shard yielded no batch of "
+                f"{config.per_device_batch_size}; use fewer workers or a smaller batch"
+            )
+        position.epoch += 1
+        position.batches_in_epoch = 0
+
+
+def _maybe_fail(w: _Worker, step: int) -> None:
+    """Tests only: rank 1 raises once at ``fail_at_step`` (the marker file makes it once)."""
+    config = w.config
+    if (
+        config.fail_at_step is not None
+        and step == config.fail_at_step
+        and w.rank == min(1, w.world - 1)
+        and config.fail_marker
+        and not os.path.exists(config.fail_marker)
+    ):
+        Path(config.fail_marker).write_text(f"failed at step {step}\n")
+        raise RuntimeError(f"injected failure at step {step} (fail_at_step)")
+
+
+def _train_metrics(
+    w: _Worker, window: _Window, position: _Position, resumed_from: int
+) -> dict[str, Any]:
+    """Train loss and timings of the window, averaged over ranks; resets the window."""
+    comm_now = _comm_ms_total()
+    window.times.seconds["comm"] = (comm_now - window.comm_before) / 1000.0
+    window.comm_before = comm_now
+    timing = window.times.metrics()
+    mean_loss, *mean_timing = _mean_across_ranks(
+        [window.loss_sum / max(window.loss_count, 1)] + list(timing.values()), w.group
+    )
+    metrics: dict[str, Any] = {
+        "step": position.step,
+        "epoch": position.epoch,
+        "train_loss": mean_loss,
+        "learning_rate": float(w.engine.get_lr()[0]),
+        "resumed_from_step": resumed_from,
+        **dict(zip(timing, mean_timing)),
+    }
+    # samples/s and tokens/s are per worker above; the run's rate is world x that.
+    metrics["samples_per_s"] *= w.world
+    metrics["tokens_per_s"] *= w.world
+    window.loss_sum, window.loss_count = 0.0, 0
+    window.times.reset()
+    return metrics
+
+
+def _report(w: _Worker, metrics: dict[str, Any], position: _Position, is_eval: bool) -> None:
+    """Print and log on rank 0; report to Ray Train, with a checkpoint after an evaluation."""
+    import ray.train
+
+    config = w.config
+    if not is_eval:
+        if w.rank == 0:
+            _print_metrics(f"step {position.step}/{config.max_steps}", metrics)
+            _append_history(config, metrics)
+        ray.train.report(metrics)
+        return
+    metrics.update(
+        evaluate(w.engine, w.collator, w.val_rows, config, w.device, w.dtype, group=w.group)
+    )
+    if w.rank == 0:
+        _print_metrics(f"step {position.step}/{config.max_steps} eval", metrics)
+        _append_history(config, metrics)
+    local = _save_checkpoint(w.engine, position, metrics, w.artifact, config, w.zero_stage)
+    try:
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(local),
+            checkpoint_dir_name=f"checkpoint_step_{position.step:06d}",
+        )
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+
+def _resume(w: _Worker) -> tuple[_Position, int]:
+    """The position to start from and the step resumed from (-1 for a fresh run)."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return _Position(), -1
+    position = _load_checkpoint(w.engine, checkpoint)
+    if w.rank == 0:
+        _print_metrics("resumed", {"step": position.step, "epoch": position.epoch,
+                                   "batches_in_epoch": position.batches_in_epoch})
+    return position, position.step
+
+
+def train_loop_per_worker(loop_config: Mapping[str, Any]) -> None:
+    """Ray Train worker function.
+
+    Args:
+        loop_config: ``{"train": TrainConfig as a dict, "deepspeed": DeepSpeed config dict,
+            "artifact": {"label_set", "data_manifest_hash", "render_config_hash", "git_sha"}}``
+            as built by :func:`ecgvlm.train.run.make_loop_config`.
+    """
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.distributed as dist
+
+    config = config_from_dict(TrainConfig, loop_config["train"])
+    context = ray.train.get_context()
+    device = ray.train.torch.get_device()
+    use_gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if use_gpu else torch.float32
+    ds_config = resolve_deepspeed_config(loop_config["deepspeed"], config, use_gpu)
+    engine, collator = _build_engine(config, ds_config, device, dtype)
+    w = _Worker(
+        config, engine, collator, device, dtype, context.get_world_rank(),
+        context.get_world_size(), int(ds_config.get("zero_optimization", {}).get("stage", 0)),
+        loop_config.get("artifact", {}), _metric_group(),
+    )
+    position, resumed_from = _resume(w)
+    w.val_rows = _read_val_rows(ray.train.get_dataset_shard("val"), config.eval_max_samples)
+    batches = _train_batches(ray.train.get_dataset_shard("train"), config, position)
+    window = _Window(comm_before=_comm_ms_total())
+    engine.train()
+    while position.step < config.max_steps:
+        t0 = time.perf_counter()
+        batch = next(batches)
+        window.times.seconds["data"] += time.perf_counter() - t0
+        loss, stepped = train_step(engine, collator, batch, device, dtype, window.times)
+        window.loss_sum += loss
+        window.loss_count += 1
+        position.batches_in_epoch += 1
+        if not stepped:
+            continue  # inside a gradient accumulation window
+        position.step += 1
+        _maybe_fail(w, position.step)
+        is_eval = position.step % config.eval_every_steps == 0 or position.step == config.max_steps
+        if is_eval or position.step % config.log_every_steps == 0:
+            _report(w, _train_metrics(w, window, position, resumed_from), position, is_eval)
+            if is_eval:
+                window.times.reset()
+    if dist.is_initialized():
+        dist.barrier(group=w.group)

@@ -1,0 +1,210 @@
+"""The driver side: validate, run the ``TorchTrainer``, copy the best adapter."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ecgvlm.config import ConfigError, config_to_dict, resolve_paths, save_config
+from ecgvlm.train.config import (
+    CHECKPOINT_ADAPTER,
+    OPTIONAL_COLUMNS,
+    REQUIRED_COLUMNS,
+    TrainConfig,
+    load_deepspeed_config,
+)
+from ecgvlm.train.data import DataSummary, check_training_data
+from ecgvlm.train.loop import train_loop_per_worker
+
+
+def make_loop_config(
+    config: TrainConfig, deepspeed_config: Mapping[str, Any], summary: DataSummary, git_sha: str | None
+) -> dict[str, Any]:
+    """The plain-data ``train_loop_config`` handed to every worker."""
+    return {
+        "train": config_to_dict(config),
+        "deepspeed": dict(deepspeed_config),
+        "artifact": {
+            "label_set": list(summary.label_set),
+            "data_manifest_hash": summary.manifest_hash,
+            "render_config_hash": summary.render_config_hash,
+            "git_sha": git_sha,
+        },
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver side: validate, run the TorchTrainer, copy the best adapter
+# ---------------------------------------------------------------------------------------------
+
+
+# The file Ray Train keeps in a run folder once the run has started (used to tell a fresh
+# run from one that can be resumed).
+_RUN_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def check_run_dir(config: TrainConfig, resume: bool) -> None:
+    """Refuse to silently mix a new run into an old one, or to resume nothing."""
+    run_dir = config.run_dir()
+    exists = (run_dir / _RUN_SNAPSHOT).exists()
+    if resume and not exists:
+        raise ConfigError(
+            f"--resume: no run {config.run_name!r} to resume under {config.storage_path} "
+            f"({run_dir / _RUN_SNAPSHOT} is missing)"
+        )
+    if not resume and exists:
+        raise ConfigError(
+            f"run_name {config.run_name!r} already has a run under {config.storage_path}; "
+            "pass --resume to continue it or choose another run_name"
+        )
+
+
+class TrainResourcesError(ConfigError):
+    """The cluster cannot hold the run: too few CPUs or GPUs, or they stay busy."""
+
+
+def _resources_needed(config: TrainConfig) -> dict[str, float]:
+    return {"CPU": config.cpus_needed(), "GPU": float(config.num_workers if config.use_gpu else 0)}
+
+
+def wait_for_resources(config: TrainConfig) -> None:
+    """Return once the cluster has the run's CPUs (and GPUs) free; fail with the reason.
+
+    The workers hold ``num_workers x cpus_per_worker`` CPUs and Ray Data's read tasks need
+    ``data_cpus`` more: with the workers holding every CPU the reads never run and Ray Train
+    waits forever, so both are counted. A cluster that is too small fails at once; one whose
+    CPUs are held by other work fails after ``schedule_timeout_s``.
+
+    Raises:
+        TrainResourcesError: naming what the run needs and what the cluster has.
+    """
+    import ray
+
+    need = _resources_needed(config)
+    total = ray.cluster_resources()
+    parts = (f"num_workers x cpus_per_worker = {config.num_workers} x {config.cpus_per_worker:g} "
+             f"+ data_cpus {config.data_cpus:g}")
+    if total.get("CPU", 0.0) < need["CPU"] - 1e-9:
+        raise TrainResourcesError(
+            f"the run needs {need['CPU']:g} CPUs ({parts}) but the cluster has "
+            f"{total.get('CPU', 0.0):g}; lower cpus_per_worker or give Ray more CPUs "
+            f"(ecgvlm train --num-cpus {need['CPU']:.0f})"
+        )
+    if total.get("GPU", 0.0) < need["GPU"]:
+        raise TrainResourcesError(
+            f"num_workers = {config.num_workers} GPU workers, but the cluster has "
+            f"{total.get('GPU', 0.0):g} GPUs"
+        )
+    deadline = time.monotonic() + config.schedule_timeout_s
+    while True:
+        free = ray.available_resources()
+        short = {k: v for k, v in need.items() if v and free.get(k, 0.0) < v - 1e-9}
+        if not short:
+            return
+        if time.monotonic() >= deadline:
+            have = ", ".join(f"{free.get(k, 0.0):g} of {total.get(k, 0.0):g} {k}s" for k in short)
+            raise TrainResourcesError(
+                f"the run needs {need['CPU']:g} CPUs ({parts}) free, but after waiting "
+                f"{config.schedule_timeout_s:g} s only {have} are free (other tasks or actors "
+                "hold the rest)"
+            )
+        time.sleep(0.5)
+
+
+def _data_config() -> Any:
+    """Train split sharded over workers in a fixed order; val whole on every worker.
+
+    ``preserve_order`` makes block-to-worker assignment deterministic, so a run is
+    reproducible for a seed and a resumed run skips exactly the batches it had consumed.
+    evaluate() strides the unsplit val rows by rank.
+    """
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return DataConfig(datasets_to_split=["train"], execution_options=options)
+
+
+def run_training(config: TrainConfig, resume: bool = False) -> Any:
+    """Validate, train, copy the best adapter to ``config.output_dir``; return the Result.
+
+    The caller has connected to Ray (this module never calls ``ray.init``).
+    """
+    import pyarrow.parquet as pq
+    import ray
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from ecgvlm.adapter import current_git_sha
+
+    # Workers run in a directory of their own (and a job's driver in a temporary copy of the
+    # working dir): every path is made absolute here, before anything is launched.
+    config = resolve_paths(config, TrainConfig.PATH_FIELDS)
+    deepspeed_config = load_deepspeed_config(config.deepspeed_config)
+    summary = check_training_data(config)
+    check_run_dir(config, resume)
+    git_sha = current_git_sha(Path.cwd())
+
+    if not ray.is_initialized():
+        raise RuntimeError("run_training needs a connected Ray (ray.init) first")
+    wait_for_resources(config)
+
+    # The loop prints its own metric lines; Ray Data's bars would interleave with them.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    datasets = {}
+    for key, split in (("train", config.train_split), ("val", config.val_split)):
+        files = summary.files[split]
+        names = set(pq.ParquetFile(files[0]).schema_arrow.names)
+        columns = list(REQUIRED_COLUMNS) + [c for c in OPTIONAL_COLUMNS if c in names]
+        # Read tasks fit in the CPUs kept for them (Ray Data's default is a whole CPU each).
+        dataset = ray.data.read_parquet(
+            files, columns=columns, num_cpus=min(1.0, config.data_cpus)
+        )
+        if key == "train" and config.train_repeat > 1:
+            # Materialised once, so the copies do not re-read the files.
+            dataset = dataset.materialize()
+            dataset = dataset.union(*[dataset] * (config.train_repeat - 1))
+        datasets[key] = dataset
+
+    run_dir = config.run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / "train_config.yaml")
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=make_loop_config(config, deepspeed_config, summary, git_sha),
+        scaling_config=ScalingConfig(
+            num_workers=config.num_workers,
+            use_gpu=config.use_gpu,
+            resources_per_worker={"CPU": config.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=config.run_name,
+            storage_path=config.storage_path,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=config.checkpoint_num_to_keep,
+                checkpoint_score_attribute=config.checkpoint_score_attribute,
+                checkpoint_score_order=config.checkpoint_score_order,
+            ),
+            failure_config=FailureConfig(max_failures=config.max_failures),
+        ),
+        datasets=datasets,
+        dataset_config=_data_config(),
+    )
+    result = trainer.fit()
+    best = result.get_best_checkpoint(
+        config.checkpoint_score_attribute, config.checkpoint_score_order
+    ) or result.checkpoint
+    if best is None:
+        raise RuntimeError(f"run {config.run_name!r} finished without a checkpoint")
+    output = Path(config.output_dir)
+    with best.as_directory() as directory:
+        if output.exists():
+            shutil.rmtree(output)
+        shutil.copytree(Path(directory) / CHECKPOINT_ADAPTER, output)
+    print(f"[jobs.train] best checkpoint {best.path}; adapter copied to {output}", flush=True)
+    print(f"[jobs.train] final metrics {result.metrics}", flush=True)
+    return result

@@ -1,0 +1,49 @@
+"""Every ``jobs/*`` entrypoint reports the library's errors as the ``ecgvlm`` command does.
+
+One line on stderr, ``ecgvlm <command>: error: <message naming the bad input>``, exit status
+2, no traceback: whether the error is bad input found before Ray starts (a config value) or
+a precondition found after (no prepared split: ``EvaluationError``, a RuntimeError).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = str(ROOT)
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=240, check=False)
+
+
+def _assert_one_line_error(done: subprocess.CompletedProcess[str], command: str, named: str):
+    lines = [ln for ln in done.stderr.splitlines() if f"ecgvlm {command}: error:" in ln]
+    assert done.returncode == 2, (done.returncode, done.stderr[-3000:])
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert len(lines) == 1 and named in lines[0], done.stderr[-3000:]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("module, command, args, named", [
+    ("jobs.prepare", "prepare", ["--config", "configs/prepare_demo.yaml", "fractions=[0.5, 0.6, 0.1]"],
+     "fractions"),
+    ("jobs.train", "train", ["--config", "configs/train_tiny_cpu.yaml", "lora_r=0"], "lora_r"),
+    ("jobs.evaluate", "evaluate",
+     ["--config", "configs/evaluate_demo.yaml", "data_dir=no/such/prepared", "--num-cpus", "1"],
+     "no/such/prepared"),
+    ("jobs.demo", "demo", ["--prepare-config", "no/such/prepare.yaml", "--num-cpus", "1"],
+     "no/such/prepare.yaml"),
+])
+def test_job_reports_library_error_in_one_line(module, command, args, named, tmp_path):
+    # From the repository root, as the docs run them; outputs would go to runs/ (none written).
+    done = _run(["-m", module, *args], cwd=ROOT)
+    _assert_one_line_error(done, command, named)

@@ -1,0 +1,117 @@
+"""Starting a training run as a new user does: relative paths, a 2-core machine, busy CPUs.
+
+The first test lays out a directory as docs/train.md does (``configs/``, ``runs/tiny-pulse``,
+``runs/prepared-tiny``) and runs ``python -m jobs.train`` from there with the shipped config's
+relative paths, on a Ray that the command starts itself: Ray Train workers run in a directory
+of their own, so every path must be made absolute before they start, and on a 2-core machine
+the reads must still get a CPU. The others check that a run the cluster cannot hold fails
+with a one-line reason instead of hanging.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.unit.test_train import write_prepared
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    env["DS_ACCELERATOR"] = "cpu"
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    return env
+
+
+def _train(cwd: Path, *args: str, timeout_s: float = 480) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "jobs.train", "--config", "configs/train_tiny_cpu.yaml", *args],
+        cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout_s, check=False,
+    )
+
+
+@pytest.fixture
+def user_dir(tmp_path: Path, tiny_pulse_dir: Path) -> Path:
+    """A directory laid out as docs/train.md leaves it, which is not the repository."""
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    (tmp_path / "runs").mkdir()
+    shutil.copytree(tiny_pulse_dir, tmp_path / "runs" / "tiny-pulse")
+    write_prepared(tmp_path / "runs" / "prepared-tiny", {"train": 4, "val": 4})
+    return tmp_path
+
+
+def test_relative_paths_and_resume_from_the_users_directory(user_dir: Path) -> None:
+    # Rank 1 dies at step 3 (after the step-2 checkpoint) and the run is not retried; the
+    # --resume below then finishes it. fail_marker is a relative path too.
+    common = ["max_steps=4", "eval_every_steps=2", "log_every_steps=1", "fail_marker=runs/failed"]
+    first = _train(user_dir, *common, "fail_at_step=3", "max_failures=0")
+    out = first.stdout + first.stderr
+    assert first.returncode != 0, out[-3000:]
+    assert (user_dir / "runs" / "failed").read_text().startswith("failed at step 3"), out[-3000:]
+    assert "checkpoint directory not found" not in out
+    # Each metric line reaches the console once.
+    lines = re.findall(r"\[ecgvlm\.train\] step \d+/\d+.*", out)
+    assert lines and len(lines) == len(set(lines)), lines
+    assert sum("step 2/4 eval" in line for line in lines) == 1, lines
+
+    second = _train(user_dir, "--resume", *common)
+    out = second.stdout + second.stderr
+    assert second.returncode == 0, out[-3000:]
+    assert re.search(r"\[ecgvlm\.train\] resumed step=2 ", out), out[-3000:]
+    lines = re.findall(r"\[ecgvlm\.train\] step \d+/\d+.*", out)
+    assert [line.split()[2] for line in lines] == ["3/4", "4/4"], lines
+    adapter = user_dir / "runs" / "train" / "tiny-cpu-adapter"
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "ecgvlm.json").is_file()
+
+
+def test_too_few_cpus_for_workers_and_data_fail_in_one_line(user_dir: Path) -> None:
+    # 2 workers x 1 CPU take both CPUs of a 2-CPU Ray: the reads would never run.
+    started = time.monotonic()
+    run = _train(user_dir, "--num-cpus", "2", timeout_s=120)
+    assert time.monotonic() - started < 60
+    assert run.returncode == 2, run.stdout[-2000:] + run.stderr[-2000:]
+    errors = [line for line in run.stderr.splitlines() if line.startswith("ecgvlm train: error")]
+    assert len(errors) == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert "needs 3 CPUs" in errors[0] and "data_cpus" in errors[0] and "has 2" in errors[0]
+
+
+def test_cpus_held_by_other_work_fail_within_the_timeout(ray_local, user_dir: Path) -> None:
+    from ecgvlm.train import TrainConfig, run_training
+    from ecgvlm.train.run import TrainResourcesError
+
+    ray = ray_local
+    free = ray.available_resources().get("CPU", 0)
+
+    @ray.remote(num_cpus=free - 2)
+    class Holder:
+        def ready(self) -> bool:
+            return True
+
+    holder = Holder.remote()
+    ray.get(holder.ready.remote())
+    config = TrainConfig(
+        model_dir=str(user_dir / "runs" / "tiny-pulse"),
+        data_dir=str(user_dir / "runs" / "prepared-tiny"),
+        storage_path=str(user_dir / "runs" / "train"), output_dir=str(user_dir / "adapter"),
+        deepspeed_config=str(user_dir / "configs" / "deepspeed" / "zero2.json"),
+        schedule_timeout_s=2,
+    )
+    started = time.monotonic()
+    try:
+        with pytest.raises(TrainResourcesError, match=r"needs 3 CPUs .* only 2 of \d+ CPUs are free"):
+            run_training(config)
+    finally:
+        ray.kill(holder)
+    assert time.monotonic() - started < 30

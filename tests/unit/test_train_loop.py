@@ -1,0 +1,147 @@
+"""Unit tests of the worker loop's parts (ecgvlm.train.loop) without Ray.
+
+GPU workers differ from CPU ones in their process group: Ray Train creates it with NCCL
+only, which has no backend for CPU tensors. That is simulated here by registering gloo for
+the ``cuda`` device type only (``backend="cuda:gloo"``), under which an ``all_reduce`` of a
+CPU tensor raises exactly as NCCL does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from ecgvlm.train import REQUIRED_COLUMNS, Collator, TrainConfig, evaluate
+from ecgvlm.train.loop import _mean_across_ranks, _metric_group, _Position, _train_batches
+from tests.unit.test_train import tiny_rows
+
+
+@pytest.fixture
+def cuda_only_group():
+    """A one-rank process group whose only backend is for ``cuda`` tensors, as NCCL's is."""
+    assert not dist.is_initialized()
+    dist.init_process_group(backend="cuda:gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        # The simulation is faithful: the default group refuses CPU tensors.
+        with pytest.raises(RuntimeError, match="device type cpu"):
+            dist.all_reduce(torch.ones(1))
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_metric_reduction_works_under_a_cuda_only_process_group(cuda_only_group) -> None:
+    group = _metric_group()
+    assert _mean_across_ranks([1.5, 4.0], group) == [1.5, 4.0]
+
+
+def test_metric_group_is_the_default_where_it_takes_cpu_tensors() -> None:
+    assert _metric_group() is None  # no process group at all
+    dist.init_process_group(backend="gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        assert _metric_group() is None
+    finally:
+        dist.destroy_process_group()
+
+
+class _Engine:
+    """What evaluate() uses of a DeepSpeed engine: calling it and its ``module``."""
+
+    def __init__(self, module: Any) -> None:
+        self.module = module
+
+    def __call__(self, **inputs: Any) -> Any:
+        return self.module(**inputs)
+
+
+def test_validation_works_under_a_cuda_only_process_group(
+    cuda_only_group, tiny_pulse_dir: Path
+) -> None:
+    from ecgvlm.model import load_pulse
+
+    model, processor = load_pulse(tiny_pulse_dir)
+    rows = tiny_rows("val", 3)
+    config = TrainConfig(model_dir=str(tiny_pulse_dir), data_dir="d", eval_max_new_tokens=2)
+    metrics = evaluate(
+        _Engine(model), Collator(processor), [{k: r[k] for k in REQUIRED_COLUMNS} for r in rows],
+        config, torch.device("cpu"), torch.float32, group=_metric_group(),
+    )
+    assert metrics["val_samples"] == 3 and metrics["val_loss"] > 0
+    assert 0.0 <= metrics["val_accuracy"] <= 1.0
+
+
+class _Shard:
+    """A data shard of ``n`` numbered batches, iterated as Ray Data's ``iter_batches`` is."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.epochs_started = 0
+
+    def iter_batches(self, **_: Any):
+        self.epochs_started += 1
+        return iter(range(self.n))
+
+
+def _consume(shard: _Shard, config: TrainConfig, position: _Position, n: int) -> list[int]:
+    batches = _train_batches(shard, config, position)
+    out = []
+    for _ in range(n):
+        out.append(next(batches))
+        position.batches_in_epoch += 1  # as the loop counts a consumed micro-batch
+    return out
+
+
+@pytest.mark.parametrize("epoch_size", [4, 1])
+def test_resuming_exactly_at_an_epoch_boundary_starts_the_next_epoch(epoch_size: int) -> None:
+    config = TrainConfig(model_dir="m", data_dir="d")
+    # A checkpoint taken on the last batch of epoch 2 holds {epoch 2, all batches consumed}.
+    position = _Position(step=3 * epoch_size, epoch=2, batches_in_epoch=epoch_size)
+    shard = _Shard(epoch_size)
+    assert _consume(shard, config, position, epoch_size + 1) == [*range(epoch_size), 0]
+    assert (position.epoch, position.batches_in_epoch) == (4, 1)
+
+
+def test_resuming_mid_epoch_skips_the_consumed_batches() -> None:
+    config = TrainConfig(model_dir="m", data_dir="d")
+    position = _Position(step=6, epoch=1, batches_in_epoch=2)
+    assert _consume(_Shard(4), config, position, 3) == [2, 3, 0]
+    assert (position.epoch, position.batches_in_epoch) == (2, 1)
+
+
+def test_a_shard_without_a_batch_fails_by_name() -> None:
+    config = TrainConfig(model_dir="m", data_dir="d", per_device_batch_size=3)
+    with pytest.raises(RuntimeError, match="split 'train'.*no batch of 3"):
+        _consume(_Shard(0), config, _Position(), 1)
+
+
+def test_a_metric_line_is_printed_once_under_ray_trains_print_patch(capsys) -> None:
+    """Ray Train's workers replace ``print``: it logs the text through the root logger (whose
+    console handler Ray Train installs) and also prints it when stdout is wrapped, as Ray's
+    worker processes wrap it (pytest's capture does too)."""
+    import builtins
+    import logging
+    import sys
+
+    from ray.train.v2._internal.logging.patch_print import _original_print, patch_print_function
+
+    from ecgvlm.train.loop import _print_metrics
+
+    root = logging.getLogger()
+    console = logging.StreamHandler(sys.stdout)  # stands in for Ray Train's console handler
+    level = root.level
+    root.addHandler(console)
+    root.setLevel(logging.INFO)
+    try:
+        patch_print_function()
+        assert builtins.print is not _original_print
+        _print_metrics("step 5/20", {"step": 5, "train_loss": 1.25})
+    finally:
+        builtins.print = _original_print
+        root.removeHandler(console)
+        root.setLevel(level)
+    out = capsys.readouterr().out
+    assert out.count("[ecgvlm.train] step 5/20 step=5 train_loss=1.25") == 1, out
