@@ -103,6 +103,51 @@ def check_training_data(config: TrainConfig) -> DataSummary:
     )
 
 
+def stratified_sample(ids: Sequence[str], groups: Sequence[str], n: int, seed: int) -> list[str]:
+    """``n`` of ``ids``, seeded, with every group keeping its share of them (rounded).
+
+    Each group's ids are shuffled with ``seed`` and spread evenly over [0, 1) (the k-th of a
+    group of size m at ``(k + u) / m``, ``u`` a seeded offset per group); the ``n`` lowest
+    positions are taken. A group holding a fraction f of the ids gets ``n x f`` of the
+    sample, give or take one, wherever it sorts.
+
+    Returns:
+        The chosen ids, sorted (all of them when ``n >= len(ids)``).
+    """
+    import random
+
+    if n >= len(ids):
+        return sorted(ids)
+    rng = random.Random(seed)
+    by_group: dict[str, list[str]] = {}
+    for sample_id, group in zip(ids, groups):
+        by_group.setdefault(str(group), []).append(str(sample_id))
+    keyed = []
+    for group in sorted(by_group):
+        members = sorted(by_group[group])
+        rng.shuffle(members)
+        offset = rng.random()
+        keyed += [((k + offset) / len(members), group, m) for k, m in enumerate(members)]
+    return sorted(m for _, _, m in sorted(keyed)[:n])
+
+
+def val_sample_ids(files: Sequence[str | Path], n: int, seed: int) -> list[str]:
+    """The val subset: ``n`` sample ids stratified by the ``dataset`` column (see
+    :func:`stratified_sample`; one group when the column is absent). Reads two columns."""
+    import pyarrow.parquet as pq
+
+    ids: list[str] = []
+    groups: list[str] = []
+    for path in files:
+        names = set(pq.ParquetFile(path).schema_arrow.names)
+        columns = ["sample_id"] + (["dataset"] if "dataset" in names else [])
+        table = pq.read_table(path, columns=columns)
+        column = table.column("sample_id").to_pylist()
+        ids += column
+        groups += table.column("dataset").to_pylist() if "dataset" in names else [""] * len(column)
+    return stratified_sample(ids, groups, n, seed)
+
+
 def _as_list(value: Any) -> list[Any]:
     return list(value.tolist() if hasattr(value, "tolist") else value)
 

@@ -64,14 +64,21 @@ def test_validation_works_under_a_cuda_only_process_group(
     from ecgvlm.model import load_pulse
 
     model, processor = load_pulse(tiny_pulse_dir)
-    rows = tiny_rows("val", 3)
+    rows = [{k: r[k] for k in (*REQUIRED_COLUMNS, "dataset")} for r in tiny_rows("val", 3)]
+    for row, name in zip(rows, ("cpsc2018", "ptbxl", "cpsc2018")):
+        row["dataset"] = name
     config = TrainConfig(model_dir=str(tiny_pulse_dir), data_dir="d", eval_max_new_tokens=2)
     metrics = evaluate(
-        _Engine(model), Collator(processor), [{k: r[k] for k in REQUIRED_COLUMNS} for r in rows],
-        config, torch.device("cpu"), torch.float32, group=_metric_group(),
+        _Engine(model), Collator(processor), rows, config, torch.device("cpu"), torch.float32,
+        group=_metric_group(),
     )
     assert metrics["val_samples"] == 3 and metrics["val_loss"] > 0
     assert 0.0 <= metrics["val_accuracy"] <= 1.0
+    # Accuracy per data set too, consistent with the overall one.
+    by_set = {k: v for k, v in metrics.items() if k.startswith("val_accuracy_")}
+    assert set(by_set) == {"val_accuracy_cpsc2018", "val_accuracy_ptbxl"}
+    total = 2 * by_set["val_accuracy_cpsc2018"] + by_set["val_accuracy_ptbxl"]
+    assert total / 3 == pytest.approx(metrics["val_accuracy"])
 
 
 class _Shard:
@@ -145,3 +152,30 @@ def test_a_metric_line_is_printed_once_under_ray_trains_print_patch(capsys) -> N
         root.setLevel(level)
     out = capsys.readouterr().out
     assert out.count("[ecgvlm.train] step 5/20 step=5 train_loss=1.25") == 1, out
+
+
+def test_each_rank_draws_its_own_masks_and_resumes_its_own_stream(tmp_path: Path) -> None:
+    import random
+
+    import numpy as np
+
+    from ecgvlm.train.loop import _load_rng_state, _save_rng_state, _seed_rank
+
+    draws = {}
+    for rank in (0, 1):
+        _seed_rank(7, rank)
+        draws[rank] = torch.rand(8)
+    assert not torch.equal(draws[0], draws[1])  # dropout masks differ across ranks
+    _seed_rank(7, 0)
+    assert torch.equal(torch.rand(8), draws[0])  # and are reproducible for the seed
+
+    # A checkpoint mid-stream: after restoring, rank 1 continues exactly where it was.
+    _seed_rank(7, 1)
+    torch.rand(5)
+    _save_rng_state(tmp_path, 1)
+    expected = (torch.rand(4), random.random(), np.random.rand())
+    _seed_rank(7, 1)  # what a restarted worker does before loading its checkpoint
+    assert _load_rng_state(tmp_path, 1)
+    assert torch.equal(torch.rand(4), expected[0])
+    assert (random.random(), np.random.rand()) == expected[1:]
+    assert not _load_rng_state(tmp_path, 0)  # rank 0 saved nothing here
