@@ -101,27 +101,44 @@ def _sync(device: Any) -> None:
         torch.cuda.synchronize(device)
 
 
-def greedy_answer(
+def greedy_tokens(
     module: Any, processor: Any, prompt: str, image: Any, max_new_tokens: int, device: Any, dtype: Any
-) -> str:
-    """Greedy-decode exactly ``max_new_tokens`` tokens after ``prompt`` (no early stop).
+) -> list[int]:
+    """Greedy-decode exactly ``max_new_tokens`` token ids after ``prompt`` (no early stop).
 
-    Every rank runs the same number of forward passes, which ZeRO-3 needs: its parameters
-    are gathered collectively on each forward. The text is cut at the first end-of-sequence
-    token afterwards.
+    One forward over the prompt and image fills the KV cache; each further token is one
+    forward of that token against the cache (the image encoder and the 2-3k prompt tokens
+    run once, not once per token). Every rank runs the same number of forward passes, which
+    ZeRO-3 needs: its parameters are gathered collectively on each forward.
     """
     import torch
 
-    tokenizer = getattr(processor, "tokenizer", processor)
     inputs = _to_device(processor([prompt], [image]), device, dtype)
-    ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
+    out = module(**inputs, use_cache=True)
+    # The image merge changes the sequence length: the mask grows from the merged one.
+    length = int(out.logits.shape[1])
     new: list[int] = []
     for _ in range(max_new_tokens):
-        logits = module(input_ids=ids, attention_mask=mask, **inputs).logits
-        token = int(logits[0, -1].argmax())
+        token = int(out.logits[0, -1].argmax())
         new.append(token)
-        ids = torch.cat([ids, torch.tensor([[token]], device=ids.device, dtype=ids.dtype)], 1)
-        mask = torch.cat([mask, torch.ones((1, 1), device=mask.device, dtype=mask.dtype)], 1)
+        if len(new) == max_new_tokens:
+            break
+        length += 1
+        out = module(
+            input_ids=torch.tensor([[token]], device=device),
+            attention_mask=torch.ones((1, length), dtype=torch.long, device=device),
+            past_key_values=out.past_key_values,
+            use_cache=True,
+        )
+    return new
+
+
+def greedy_answer(
+    module: Any, processor: Any, prompt: str, image: Any, max_new_tokens: int, device: Any, dtype: Any
+) -> str:
+    """The text of :func:`greedy_tokens`, cut at the first end-of-sequence token."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    new = greedy_tokens(module, processor, prompt, image, max_new_tokens, device, dtype)
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is not None and eos in new:
         new = new[: new.index(eos)]

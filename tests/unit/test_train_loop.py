@@ -179,3 +179,43 @@ def test_each_rank_draws_its_own_masks_and_resumes_its_own_stream(tmp_path: Path
     assert torch.equal(torch.rand(4), expected[0])
     assert (random.random(), np.random.rand()) == expected[1:]
     assert not _load_rng_state(tmp_path, 0)  # rank 0 saved nothing here
+
+
+def _greedy_without_cache(model: Any, processor: Any, prompt: str, image: Any, n: int) -> list[int]:
+    """The reference: a full forward over prompt, image and answer so far for every token."""
+    inputs = dict(processor([prompt], [image]))
+    ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
+    new: list[int] = []
+    for _ in range(n):
+        token = int(model(input_ids=ids, attention_mask=mask, **inputs).logits[0, -1].argmax())
+        new.append(token)
+        ids = torch.cat([ids, torch.tensor([[token]], dtype=ids.dtype)], 1)
+        mask = torch.cat([mask, torch.ones((1, 1), dtype=mask.dtype)], 1)
+    return new
+
+
+def test_validation_decoding_runs_the_image_encoder_once_and_matches_full_recompute(
+    tiny_pulse_dir: Path,
+) -> None:
+    from ecgvlm.model import load_pulse
+    from ecgvlm.prompt import build_prompt
+    from ecgvlm.train import decode_png
+    from ecgvlm.train.loop import greedy_tokens
+
+    torch.manual_seed(0)
+    model, processor = load_pulse(tiny_pulse_dir)
+    model.eval()
+    # Sharpen the random LM head so that greedy picks are not near-ties.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    row = tiny_rows("val", 1)[0]
+    prompt, image = build_prompt(row["question"], row["options"]), decode_png(row["png"])
+    calls = []
+    hook = model.model.vision_tower.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        cached = greedy_tokens(model, processor, prompt, image, 6, torch.device("cpu"),
+                               torch.float32)
+        hook.remove()
+        reference = _greedy_without_cache(model, processor, prompt, image, 6)
+    assert len(calls) == 1
+    assert cached == reference
