@@ -496,7 +496,13 @@ def _build_engine(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=dict(ds_config),
         dist_init_required=False,
     )
-    return engine, Collator(processor)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    pulse_config = getattr(base, "pulse_config", None)
+    max_length = getattr(pulse_config, "tokenizer_model_max_length", None)
+    collator = Collator(
+        processor, max_length, base.num_image_features if max_length is not None else None
+    )
+    return engine, collator
 
 
 def _read_val_rows(shard: Any, max_samples: int) -> list[dict[str, Any]]:

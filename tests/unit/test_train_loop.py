@@ -219,3 +219,31 @@ def test_validation_decoding_runs_the_image_encoder_once_and_matches_full_recomp
         reference = _greedy_without_cache(model, processor, prompt, image, 6)
     assert len(calls) == 1
     assert cached == reference
+
+
+def test_collator_refuses_a_sample_whose_answer_the_length_limit_would_cut(
+    tiny_pulse_dir: Path,
+) -> None:
+    from ecgvlm.model import load_pulse
+    from ecgvlm.train import TrainDataError
+
+    model, processor = load_pulse(tiny_pulse_dir)
+    rows = tiny_rows("train", 2)
+    batch = {k: [r[k] for r in rows] for k in REQUIRED_COLUMNS}
+    inputs = Collator(processor)(batch)
+    # What the model's merge really makes of each row (text with image features spliced in).
+    merged = []
+    for i in range(2):
+        mask = inputs["attention_mask"][i : i + 1]
+        _, out_mask, _, _ = model.merge_inputs(
+            inputs["input_ids"][i : i + 1], mask, inputs["pixel_values"][i : i + 1],
+            inputs["image_sizes"][i : i + 1],
+        )
+        merged.append(int(out_mask.sum()))
+    limit = max(merged)
+    longest = rows[merged.index(limit)]["sample_id"]
+    # At the limit every answer token fits; one position less cuts the longest row's </s>.
+    Collator(processor, limit, model.num_image_features)(batch)
+    with pytest.raises(TrainDataError, match=f"sample {longest}: .* take {limit} positions.*"
+                                             f"{limit - 1}; 1 of its"):
+        Collator(processor, limit - 1, model.num_image_features)(batch)
