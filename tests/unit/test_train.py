@@ -195,6 +195,10 @@ def test_shipped_configs_load() -> None:
     ).read_text()
     gpu = load_config(TrainConfig, REPO / "configs" / "train_pulse_lora.yaml")
     assert (gpu.num_workers, gpu.use_gpu) == (4, True)
+    # The values its header attributes to LLaVA's LoRA script, and the batch it states.
+    assert (gpu.learning_rate, gpu.weight_decay) == (2e-4, 0.0)
+    assert gpu.warmup_steps == round(0.03 * gpu.max_steps)
+    assert gpu.derived_batch_size() == 64 and gpu.gradient_checkpointing
 
 
 def test_deepspeed_precision_follows_the_device() -> None:
