@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from collections.abc import Mapping
@@ -111,7 +112,7 @@ def wait_for_resources(config: TrainConfig) -> None:
         raise TrainResourcesError(
             f"the run needs {need['CPU']:g} CPUs ({parts}) but the cluster has "
             f"{total.get('CPU', 0.0):g}; lower cpus_per_worker or give Ray more CPUs "
-            f"(ecgvlm train --num-cpus {need['CPU']:.0f})"
+            f"(ecgvlm train --num-cpus {math.ceil(need['CPU'])})"
         )
     if total.get("GPU", 0.0) < need["GPU"]:
         raise TrainResourcesError(
@@ -126,8 +127,9 @@ def wait_for_resources(config: TrainConfig) -> None:
             return
         if time.monotonic() >= deadline:
             have = ", ".join(f"{free.get(k, 0.0):g} of {total.get(k, 0.0):g} {k}s" for k in short)
+            needs = ", ".join(f"{need[k]:g} {k}s" for k in short)
             raise TrainResourcesError(
-                f"the run needs {need['CPU']:g} CPUs ({parts}) free, but after waiting "
+                f"the run needs {needs} free ({parts}), but after waiting "
                 f"{config.schedule_timeout_s:g} s only {have} are free (other tasks or actors "
                 "hold the rest)"
             )

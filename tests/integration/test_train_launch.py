@@ -114,7 +114,7 @@ def test_cpus_held_by_other_work_fail_within_the_timeout(ray_local, user_dir: Pa
     )
     started = time.monotonic()
     try:
-        with pytest.raises(TrainResourcesError, match=r"needs 3 CPUs .* only 2 of \d+ CPUs are free"):
+        with pytest.raises(TrainResourcesError, match=r"needs 3 CPUs free .* only 2 of \d+ CPUs are free"):
             run_training(config)
     finally:
         ray.kill(holder)
