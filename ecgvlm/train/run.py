@@ -154,7 +154,7 @@ def build_datasets(config: TrainConfig, summary: DataSummary) -> dict[str, Any]:
     """The Ray datasets the workers read: ``{"train": ..., "val": ...}``.
 
     Prepared splits are sorted by record id, i.e. grouped by source data set. The train
-    split's blocks (Parquet shards) are put in an order drawn from ``seed``, the same on
+    split's Parquet shards and blocks are put in an order drawn from ``seed``, the same on
     every run and resume, so that a step does not see one source only; the workers' local
     shuffle buffer then mixes rows across blocks. The val split is cut to a seeded subset of
     ``eval_max_samples`` rows stratified by data set (:func:`val_sample_ids`).
@@ -165,13 +165,16 @@ def build_datasets(config: TrainConfig, summary: DataSummary) -> dict[str, Any]:
     # Data tasks fit in the CPUs kept for them (Ray Data's default is a whole CPU each).
     data_cpus = min(1.0, config.data_cpus)
 
-    def read(split: str) -> Any:
+    def read(split: str, shuffle: Any = None) -> Any:
         files = summary.files[split]
         names = set(pq.ParquetFile(files[0]).schema_arrow.names)
         columns = list(REQUIRED_COLUMNS) + [c for c in OPTIONAL_COLUMNS if c in names]
-        return ray.data.read_parquet(files, columns=columns, num_cpus=data_cpus)
+        return ray.data.read_parquet(files, columns=columns, num_cpus=data_cpus, shuffle=shuffle)
 
-    train = read(config.train_split).randomize_block_order(seed=config.seed)
+    # Small shards are read several to a block, so the shards' order is drawn at the read (and
+    # the blocks' after it); the same seed every epoch and after a resume.
+    files_order = ray.data.FileShuffleConfig(seed=config.seed, reseed_after_execution=False)
+    train = read(config.train_split, files_order).randomize_block_order(seed=config.seed)
     if config.train_repeat > 1:
         # Materialised once, so the copies do not re-read the files.
         train = train.materialize()
