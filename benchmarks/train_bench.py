@@ -9,10 +9,13 @@ into data (fetch + decode + processor), forward, backward, optimizer and communi
 
 GPU (``--gpu``): one process on one GPU, DeepSpeed ZeRO-2 in bf16, a randomly initialised
 model of PULSE-7B's exact shape (Llama-2-7B text model, CLIP ViT-L/14-336 tower, anyres
-tiles; nothing is downloaded) with LoRA r=4 on q/k/v/o; prints the same split plus
-tokens/s, peak memory and MFU. Meant to finish in well under 8 minutes on one H100/H200.
+tiles; nothing is downloaded) with LoRA r=4 on q/k/v/o and gradient checkpointing (as
+``configs/train_pulse_lora.yaml``; without it the default batch of 5-tile images needs
+~117 GiB); prints the same split plus tokens/s, peak memory and MFU, then times one metric
+all-reduce and one validation pass through the process group the job uses (NCCL only on
+GPUs). Meant to finish in well under 8 minutes on one H100/H200.
 
-    python benchmarks/train_bench.py --gpu [--steps 20] [--batch 4]
+    python benchmarks/train_bench.py --gpu [--steps 20] [--batch 4] [--no-checkpointing]
 
 The GPU path has not been run on a GPU by its author (no GPU was available).
 """
@@ -105,6 +108,23 @@ def _pulse7b_config() -> dict:
     return config
 
 
+def reduce_and_validate(
+    engine, collator, rows: list[dict], config, device, dtype
+) -> dict[str, float]:
+    """One metric all-reduce and one validation pass, as the job makes at its first logged
+    step and its first evaluation, through the group the job's loop reduces over."""
+    from ecgvlm.train import evaluate
+    from ecgvlm.train.loop import _mean_across_ranks, _metric_group
+
+    group = _metric_group()
+    t0 = time.perf_counter()
+    _mean_across_ranks([1.0, 2.0], group)
+    t1 = time.perf_counter()
+    metrics = evaluate(engine, collator, rows, config, device, dtype, group=group)
+    t2 = time.perf_counter()
+    return {"allreduce_s": t1 - t0, "validation_s": t2 - t1, **metrics}
+
+
 def bench_gpu(args: argparse.Namespace) -> None:
     import deepspeed
     import torch
@@ -184,6 +204,7 @@ def bench_gpu(args: argparse.Namespace) -> None:
         train_step(engine, collator, batch, device, torch.bfloat16, times)
     m = times.metrics()
     m["time_comm_s"] = _comm_ms_total() / 1000.0 / args.steps
+    checks = reduce_and_validate(engine, collator, rows[:2], config, device, torch.bfloat16)
     merged_tokens_per_s = tokens_per_batch / m["time_step_s"]
     # LoRA: forward 2N and backward 2N FLOPs per token (no weight gradients for frozen
     # weights), + 2N when activations are recomputed; attention's quadratic term ignored.
@@ -191,6 +212,7 @@ def bench_gpu(args: argparse.Namespace) -> None:
     mfu = merged_tokens_per_s * flops_per_token / peak if peak else float("nan")
     print(f"\ntrain_bench GPU: {gpu_name}, random PULSE-7B shape ({n_params / 1e9:.2f} B params), "
           f"LoRA r=4 q/k/v/o, ZeRO-2 bf16, batch {args.batch}, images 1100x850 (anyres), "
+          f"gradient checkpointing {'on' if args.checkpointing else 'off'}, "
           f"{args.steps - args.warmup} timed steps after {args.warmup} warm-up")
     print(_table(_split_rows(m) + [
         ("tokens/s incl. image tokens", f"{merged_tokens_per_s:.0f}"),
@@ -198,18 +220,25 @@ def bench_gpu(args: argparse.Namespace) -> None:
         ("peak memory (GiB)", f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}"),
         ("MFU", f"{100 * mfu:.1f}%" if peak else "unknown GPU peak"),
         ("model build + DeepSpeed init (s)", f"{setup_s:.1f}"),
+        ("metric all-reduce (s)", f"{checks['allreduce_s']:.4f}"),
+        (f"validation pass, {checks['val_samples']} samples (s)", f"{checks['validation_s']:.2f}"),
     ]))
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpu", action="store_true", help="PULSE-7B shape on one GPU")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=3, help="GPU: untimed first steps")
     parser.add_argument("--log-every", type=int, default=5, help="CPU: steps per timing window")
-    parser.add_argument("--checkpointing", action="store_true", help="GPU: gradient checkpointing")
-    args = parser.parse_args()
+    parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                        help="GPU: gradient checkpointing (on by default, as in the GPU config)")
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if args.gpu:
         args.steps = args.steps or 20
         args.batch = args.batch or 4

@@ -1,7 +1,7 @@
 """LoRA-fine-tune PULSE with Ray Train + DeepSpeed (what ``ray job submit`` runs).
 
     ray job submit --working-dir . -- python -m jobs.train --config configs/train_pulse_lora.yaml
-    python -m jobs.train --config configs/train_tiny_cpu.yaml [--resume] [key=value ...]
+    python -m jobs.train --config configs/train_tiny_cpu.yaml [--resume] [--num-cpus N] [key=value ...]
 
 The same as ``ecgvlm train``: this entrypoint hands its arguments to that command, which
 validates the config and data before any worker starts, runs the ``TorchTrainer``

@@ -11,7 +11,8 @@ through greedy generation and ``parse_answer``), and reports metrics and a check
 
 A checkpoint directory holds ``adapter/`` (PEFT directory + ``ecgvlm.json``), ``deepspeed/``
 (optimizer, scheduler and LoRA weights, one optimizer shard file per rank under ZeRO) and
-``trainer_state.json`` (step, epoch, batches consumed in that epoch, metrics). Every rank
+``trainer_state.json`` (step, epoch, batches consumed in that epoch, metrics) and
+``rng_state_rank<r>.pt`` (each rank's generator states, so dropout continues exactly). Every rank
 writes its own files into its own local directory; Ray Train merges them into one directory
 in storage.
 
@@ -39,6 +40,8 @@ from ecgvlm.train.data import (
     check_training_data,
     decode_png,
     split_files,
+    stratified_sample,
+    val_sample_ids,
 )
 from ecgvlm.train.loop import (
     HISTORY_NAME,
@@ -48,7 +51,14 @@ from ecgvlm.train.loop import (
     train_loop_per_worker,
     train_step,
 )
-from ecgvlm.train.run import check_run_dir, make_loop_config, run_training
+from ecgvlm.train.run import (
+    TrainResourcesError,
+    build_datasets,
+    check_run_dir,
+    make_loop_config,
+    run_training,
+    wait_for_resources,
+)
 
 __all__ = [
     "CHECKPOINT_ADAPTER",
@@ -64,6 +74,8 @@ __all__ = [
     "DataSummary",
     "TrainConfig",
     "TrainDataError",
+    "TrainResourcesError",
+    "build_datasets",
     "build_model",
     "check_run_dir",
     "check_training_data",
@@ -75,6 +87,9 @@ __all__ = [
     "resolve_deepspeed_config",
     "run_training",
     "split_files",
+    "stratified_sample",
     "train_loop_per_worker",
     "train_step",
+    "val_sample_ids",
+    "wait_for_resources",
 ]

@@ -21,6 +21,8 @@ OPTIONAL_COLUMNS = ("option_labels", "dataset")
 CHECKPOINT_STATE = "trainer_state.json"
 CHECKPOINT_ADAPTER = "adapter"
 CHECKPOINT_DEEPSPEED = "deepspeed"
+# Each rank's generator states in a checkpoint (Ray Train merges the ranks' files).
+RNG_STATE = "rng_state_rank{rank}.pt"
 DEEPSPEED_TAG = "state"
 SCORE_METRICS = ("val_accuracy", "val_loss")
 
@@ -59,7 +61,8 @@ class TrainConfig:
             batch sizes, clipping and precision are filled in from this config and the device.
         eval_every_steps: Evaluate, report and checkpoint every this many optimizer steps (and
             at the last step).
-        eval_max_samples: Val samples per evaluation (the first ones of the split).
+        eval_max_samples: Val samples per evaluation: a subset of the split drawn with
+            ``seed`` and stratified by data set, the same at every evaluation.
         eval_max_new_tokens: Tokens generated per val sample for the MCQ accuracy.
         log_every_steps: Report train metrics every this many steps.
         checkpoint_num_to_keep: Checkpoints kept (the best by the score metric, plus the
@@ -71,7 +74,8 @@ class TrainConfig:
         train_repeat: Passes over the train split per Ray Data epoch. Each epoch restarts
             Ray Data's streaming split (seconds); on a tiny data set repeat it so that cost is
             paid once per many steps rather than every step.
-        seed: Seed of model init, LoRA init and shuffling.
+        seed: Seed of model init, LoRA init, the train blocks' order, the val subset and
+            shuffling.
         profile_comm: Time DeepSpeed's collectives (adds a synchronisation per collective).
         fail_at_step: Tests only: rank 1 raises once after this step (see ``fail_marker``).
         fail_marker: Tests only: file created at the injected failure, so it happens once.

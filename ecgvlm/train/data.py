@@ -8,7 +8,7 @@ answer only.
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,6 +103,51 @@ def check_training_data(config: TrainConfig) -> DataSummary:
     )
 
 
+def stratified_sample(ids: Sequence[str], groups: Sequence[str], n: int, seed: int) -> list[str]:
+    """``n`` of ``ids``, seeded, with every group keeping its share of them (rounded).
+
+    Each group's ids are shuffled with ``seed`` and spread evenly over [0, 1) (the k-th of a
+    group of size m at ``(k + u) / m``, ``u`` a seeded offset per group); the ``n`` lowest
+    positions are taken. A group holding a fraction f of the ids gets ``n x f`` of the
+    sample, give or take one, wherever it sorts.
+
+    Returns:
+        The chosen ids, sorted (all of them when ``n >= len(ids)``).
+    """
+    import random
+
+    if n >= len(ids):
+        return sorted(ids)
+    rng = random.Random(seed)
+    by_group: dict[str, list[str]] = {}
+    for sample_id, group in zip(ids, groups):
+        by_group.setdefault(str(group), []).append(str(sample_id))
+    keyed = []
+    for group in sorted(by_group):
+        members = sorted(by_group[group])
+        rng.shuffle(members)
+        offset = rng.random()
+        keyed += [((k + offset) / len(members), group, m) for k, m in enumerate(members)]
+    return sorted(m for _, _, m in sorted(keyed)[:n])
+
+
+def val_sample_ids(files: Sequence[str | Path], n: int, seed: int) -> list[str]:
+    """The val subset: ``n`` sample ids stratified by the ``dataset`` column (see
+    :func:`stratified_sample`; one group when the column is absent). Reads two columns."""
+    import pyarrow.parquet as pq
+
+    ids: list[str] = []
+    groups: list[str] = []
+    for path in files:
+        names = set(pq.ParquetFile(path).schema_arrow.names)
+        columns = ["sample_id"] + (["dataset"] if "dataset" in names else [])
+        table = pq.read_table(path, columns=columns)
+        column = table.column("sample_id").to_pylist()
+        ids += column
+        groups += table.column("dataset").to_pylist() if "dataset" in names else [""] * len(column)
+    return stratified_sample(ids, groups, n, seed)
+
+
 def _as_list(value: Any) -> list[Any]:
     return list(value.tolist() if hasattr(value, "tolist") else value)
 
@@ -134,11 +179,26 @@ class Collator:
             ``attention_mask`` (padded to a rectangle, either side) plus image tensors, and
             either ``encode_prompts(texts)`` (token ids without images, as
             ``ecgvlm.model.PulseProcessor`` has) or a callable ``tokenizer`` attribute.
+        max_length: The model's ``tokenizer_model_max_length``: it cuts merged sequences
+            (text plus image features) to this many positions, i.e. cuts the answer first.
+            None: no limit.
+        image_positions: ``image_positions((width, height))``, the positions an image takes
+            in the merged sequence (``PulseModel.num_image_features``); needed with
+            ``max_length``.
     """
 
-    def __init__(self, processor: Any) -> None:
+    def __init__(
+        self,
+        processor: Any,
+        max_length: int | None = None,
+        image_positions: Callable[[tuple[int, int]], int] | None = None,
+    ) -> None:
+        if max_length is not None and image_positions is None:
+            raise ValueError("Collator: max_length needs image_positions to measure sequences")
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.max_length = max_length
+        self.image_positions = image_positions
 
     def texts(self, batch: Mapping[str, Any]) -> tuple[list[str], list[str]]:
         """(prompts, full texts) for a batch of rows."""
@@ -174,6 +234,33 @@ class Collator:
             lengths.append(len(f) - len(p))
         return lengths
 
+    def check_lengths(
+        self, batch: Mapping[str, Any], fulls: Sequence[str], images: Sequence[Any],
+        answer_lengths: Sequence[int],
+    ) -> None:
+        """Refuse rows whose answer the model's ``max_length`` cut would shorten.
+
+        A cut answer trains on a text without its end (and with every answer token cut,
+        a micro-batch's loss is NaN).
+
+        Raises:
+            TrainDataError: naming the sample id, its length and the limit.
+        """
+        if self.max_length is None or self.image_positions is None:
+            return
+        ids = _as_list(batch.get("sample_id", range(len(fulls))))
+        for i, (tokens, image) in enumerate(zip(self.token_ids(fulls), images)):
+            # The image placeholder token is replaced by the image's feature positions.
+            merged = len(tokens) - 1 + self.image_positions(image.size)
+            if merged > self.max_length:
+                raise TrainDataError(
+                    f"sample {ids[i]}: prompt, image and answer take {merged} positions, more "
+                    f"than the model's tokenizer_model_max_length {self.max_length}; "
+                    f"{min(merged - self.max_length, answer_lengths[i])} of its "
+                    f"{answer_lengths[i]} answer tokens would be cut (shorten the text or "
+                    "render a smaller image)"
+                )
+
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         import torch
 
@@ -183,7 +270,9 @@ class Collator:
         input_ids = torch.as_tensor(inputs["input_ids"])
         attention = torch.as_tensor(inputs["attention_mask"])
         labels = torch.full_like(input_ids, IGNORE_INDEX)
-        for i, n_answer in enumerate(self.answer_lengths(prompts, fulls)):
+        lengths = self.answer_lengths(prompts, fulls)
+        self.check_lengths(batch, fulls, images, lengths)
+        for i, n_answer in enumerate(lengths):
             real = torch.nonzero(attention[i], as_tuple=False).flatten()
             # The last n_answer real tokens are the answer, whatever side the padding is on.
             answer_pos = real[-n_answer:]

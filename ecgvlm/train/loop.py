@@ -24,6 +24,7 @@ from ecgvlm.train.config import (
     DEEPSPEED_TAG,
     IGNORE_INDEX,
     REQUIRED_COLUMNS,
+    RNG_STATE,
     TrainConfig,
     resolve_deepspeed_config,
 )
@@ -100,27 +101,44 @@ def _sync(device: Any) -> None:
         torch.cuda.synchronize(device)
 
 
-def greedy_answer(
+def greedy_tokens(
     module: Any, processor: Any, prompt: str, image: Any, max_new_tokens: int, device: Any, dtype: Any
-) -> str:
-    """Greedy-decode exactly ``max_new_tokens`` tokens after ``prompt`` (no early stop).
+) -> list[int]:
+    """Greedy-decode exactly ``max_new_tokens`` token ids after ``prompt`` (no early stop).
 
-    Every rank runs the same number of forward passes, which ZeRO-3 needs: its parameters
-    are gathered collectively on each forward. The text is cut at the first end-of-sequence
-    token afterwards.
+    One forward over the prompt and image fills the KV cache; each further token is one
+    forward of that token against the cache (the image encoder and the 2-3k prompt tokens
+    run once, not once per token). Every rank runs the same number of forward passes, which
+    ZeRO-3 needs: its parameters are gathered collectively on each forward.
     """
     import torch
 
-    tokenizer = getattr(processor, "tokenizer", processor)
     inputs = _to_device(processor([prompt], [image]), device, dtype)
-    ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
+    out = module(**inputs, use_cache=True)
+    # The image merge changes the sequence length: the mask grows from the merged one.
+    length = int(out.logits.shape[1])
     new: list[int] = []
     for _ in range(max_new_tokens):
-        logits = module(input_ids=ids, attention_mask=mask, **inputs).logits
-        token = int(logits[0, -1].argmax())
+        token = int(out.logits[0, -1].argmax())
         new.append(token)
-        ids = torch.cat([ids, torch.tensor([[token]], device=ids.device, dtype=ids.dtype)], 1)
-        mask = torch.cat([mask, torch.ones((1, 1), device=mask.device, dtype=mask.dtype)], 1)
+        if len(new) == max_new_tokens:
+            break
+        length += 1
+        out = module(
+            input_ids=torch.tensor([[token]], device=device),
+            attention_mask=torch.ones((1, length), dtype=torch.long, device=device),
+            past_key_values=out.past_key_values,
+            use_cache=True,
+        )
+    return new
+
+
+def greedy_answer(
+    module: Any, processor: Any, prompt: str, image: Any, max_new_tokens: int, device: Any, dtype: Any
+) -> str:
+    """The text of :func:`greedy_tokens`, cut at the first end-of-sequence token."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    new = greedy_tokens(module, processor, prompt, image, max_new_tokens, device, dtype)
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is not None and eos in new:
         new = new[: new.index(eos)]
@@ -138,6 +156,9 @@ def evaluate(
 ) -> dict[str, float]:
     """Val loss (answer tokens) and MCQ accuracy (greedy answer + ``parse_answer``).
 
+    Accuracy is also reported per data set (``val_accuracy_<dataset>``, from the rows'
+    ``dataset`` field) so that one source cannot hide behind the others.
+
     ``rows`` is the whole val subset; rank r takes rows r, r + world, ... and every rank
     runs the same number of samples (a rank short of one repeats a row with weight 0), so
     collective ops under ZeRO-3 stay in step. Sums are all-reduced across the ranks of
@@ -149,7 +170,10 @@ def evaluate(
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     per_rank = math.ceil(len(rows) / world)
-    sums = torch.zeros(4, dtype=torch.float64)  # loss x tokens, tokens, correct, samples
+    # Every rank holds the same rows, so the same data set names in the same order.
+    names = sorted({str(row.get("dataset", "")) for row in rows})
+    # loss x tokens, tokens, correct, samples; then correct and samples per data set
+    sums = torch.zeros(4 + 2 * len(names), dtype=torch.float64)
     module = engine.module
     was_training = module.training
     module.eval()
@@ -169,19 +193,25 @@ def evaluate(
                 image, config.eval_max_new_tokens, device, dtype,
             )
             correct = parse_answer(text, options) == str(row["answer_letter"])
-            sums += torch.tensor(
+            sums[:4] += torch.tensor(
                 [float(out.loss) * n_tokens * weight, n_tokens * weight, correct * weight, weight],
                 dtype=torch.float64,
             )
+            d = 4 + 2 * names.index(str(row.get("dataset", "")))
+            sums[d : d + 2] += torch.tensor([correct * weight, weight], dtype=torch.float64)
     if was_training:
         module.train()
     if dist.is_initialized():
         dist.all_reduce(sums, group=group)
-    return {
+    metrics = {
         "val_loss": float(sums[0] / max(sums[1], 1.0)),
         "val_accuracy": float(sums[2] / max(sums[3], 1.0)),
         "val_samples": int(sums[3]),
     }
+    for i, name in enumerate(names):
+        if name:
+            metrics[f"val_accuracy_{name}"] = float(sums[4 + 2 * i] / max(sums[5 + 2 * i], 1.0))
+    return metrics
 
 
 def _save_checkpoint(
@@ -228,6 +258,7 @@ def _save_checkpoint(
                 metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
             )
             manifest.save(engine.module, os.path.join(local, CHECKPOINT_ADAPTER))
+    _save_rng_state(local, rank)
     if rank == 0:
         Path(local, CHECKPOINT_STATE).write_text(
             json.dumps({**state, "metrics": dict(metrics)}, indent=2, default=float)
@@ -235,8 +266,60 @@ def _save_checkpoint(
     return local
 
 
-def _load_checkpoint(engine: Any, checkpoint: Any) -> _Position:
-    """Restore LoRA weights, optimizer and scheduler from a Ray Train checkpoint."""
+def _rank_seed(seed: int, rank: int) -> int:
+    """A seed of its own for each rank (its dropout masks), derived from the run's seed."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
+def _seed_rank(seed: int, rank: int) -> None:
+    """Seed Python's, NumPy's and torch's generators with this rank's seed."""
+    import random
+
+    import numpy as np
+    import torch
+
+    rank_seed = _rank_seed(seed, rank)
+    random.seed(rank_seed)
+    np.random.seed(rank_seed)
+    torch.manual_seed(rank_seed)
+
+
+def _save_rng_state(directory: str | Path, rank: int) -> None:
+    """Write this rank's generator states next to its checkpoint files."""
+    import random
+
+    import numpy as np
+    import torch
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state(),
+             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    torch.save(state, os.path.join(directory, RNG_STATE.format(rank=rank)))
+
+
+def _load_rng_state(directory: str | Path, rank: int) -> bool:
+    """Restore this rank's generator states; False when the checkpoint holds none."""
+    import random
+
+    import numpy as np
+    import torch
+
+    path = os.path.join(directory, RNG_STATE.format(rank=rank))
+    if not os.path.exists(path):
+        return False
+    state = torch.load(path, weights_only=False)
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    return True
+
+
+def _load_checkpoint(engine: Any, checkpoint: Any, rank: int = 0) -> _Position:
+    """Restore LoRA weights, optimizer, scheduler and this rank's generator states."""
     with checkpoint.as_directory() as directory:
         path, client_state = engine.load_checkpoint(
             os.path.join(directory, CHECKPOINT_DEEPSPEED),
@@ -245,6 +328,7 @@ def _load_checkpoint(engine: Any, checkpoint: Any) -> _Position:
         )
         if path is None:
             raise RuntimeError(f"checkpoint {directory} holds no DeepSpeed state to resume from")
+        _load_rng_state(directory, rank)
     return _Position(
         int(client_state["step"]), int(client_state["epoch"]), int(client_state["batches_in_epoch"])
     )
@@ -412,15 +496,22 @@ def _build_engine(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=dict(ds_config),
         dist_init_required=False,
     )
-    return engine, Collator(processor)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    pulse_config = getattr(base, "pulse_config", None)
+    max_length = getattr(pulse_config, "tokenizer_model_max_length", None)
+    collator = Collator(
+        processor, max_length, base.num_image_features if max_length is not None else None
+    )
+    return engine, collator
 
 
 def _read_val_rows(shard: Any, max_samples: int) -> list[dict[str, Any]]:
-    """The first ``max_samples`` rows of the (unsplit) val data set."""
+    """The rows of the (unsplit) val data set, which the driver cut to the val subset."""
     val_rows: list[dict[str, Any]] = []
     for batch in shard.iter_batches(batch_size=64, batch_format="numpy"):
         n = len(batch["sample_id"])
-        val_rows += [{k: batch[k][i] for k in REQUIRED_COLUMNS} for i in range(n)]
+        keys = [k for k in (*REQUIRED_COLUMNS, "dataset") if k in batch]
+        val_rows += [{k: batch[k][i] for k in keys} for i in range(n)]
         if len(val_rows) >= max_samples:
             break
     return val_rows[:max_samples]
@@ -538,7 +629,7 @@ def _resume(w: _Worker) -> tuple[_Position, int]:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return _Position(), -1
-    position = _load_checkpoint(w.engine, checkpoint)
+    position = _load_checkpoint(w.engine, checkpoint, w.rank)
     if w.rank == 0:
         _print_metrics("resumed", {"step": position.step, "epoch": position.epoch,
                                    "batches_in_epoch": position.batches_in_epoch})
@@ -570,6 +661,9 @@ def train_loop_per_worker(loop_config: Mapping[str, Any]) -> None:
         context.get_world_size(), int(ds_config.get("zero_optimization", {}).get("stage", 0)),
         loop_config.get("artifact", {}), _metric_group(),
     )
+    # The model was built with the same seed on every rank; from here each rank draws its
+    # own dropout masks (restored from the checkpoint when resuming).
+    _seed_rank(config.seed, w.rank)
     position, resumed_from = _resume(w)
     w.val_rows = _read_val_rows(ray.train.get_dataset_shard("val"), config.eval_max_samples)
     batches = _train_batches(ray.train.get_dataset_shard("train"), config, position)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from ecgvlm.config import ConfigError, config_to_dict, resolve_paths, save_config
 from ecgvlm.train.config import (
@@ -16,7 +19,7 @@ from ecgvlm.train.config import (
     TrainConfig,
     load_deepspeed_config,
 )
-from ecgvlm.train.data import DataSummary, check_training_data
+from ecgvlm.train.data import DataSummary, check_training_data, val_sample_ids
 from ecgvlm.train.loop import train_loop_per_worker
 
 
@@ -44,10 +47,15 @@ def make_loop_config(
 # The file Ray Train keeps in a run folder once the run has started (used to tell a fresh
 # run from one that can be resumed).
 _RUN_SNAPSHOT = "checkpoint_manager_snapshot.json"
+# The resolved config, written into the run folder when a run starts.
+RUN_CONFIG = "train_config.yaml"
+# Config fields that shape the learning-rate schedule.
+SCHEDULE_FIELDS = ("learning_rate", "warmup_steps", "max_steps")
 
 
 def check_run_dir(config: TrainConfig, resume: bool) -> None:
-    """Refuse to silently mix a new run into an old one, or to resume nothing."""
+    """Refuse to silently mix a new run into an old one, to resume nothing, or to change
+    the learning-rate schedule of a run on resume."""
     run_dir = config.run_dir()
     exists = (run_dir / _RUN_SNAPSHOT).exists()
     if resume and not exists:
@@ -60,6 +68,19 @@ def check_run_dir(config: TrainConfig, resume: bool) -> None:
             f"run_name {config.run_name!r} already has a run under {config.storage_path}; "
             "pass --resume to continue it or choose another run_name"
         )
+    saved = run_dir / RUN_CONFIG
+    if resume and saved.is_file():
+        # The resumed scheduler continues the saved one's step count under the new config's
+        # formula: a new horizon or peak would make the learning rate jump mid-run.
+        before = yaml.safe_load(saved.read_text()) or {}
+        for name in SCHEDULE_FIELDS:
+            if name in before and before[name] != getattr(config, name):
+                raise ConfigError(
+                    f"--resume: {name} = {getattr(config, name)!r} differs from the run's "
+                    f"{before[name]!r} ({saved}); the learning-rate schedule "
+                    f"({', '.join(SCHEDULE_FIELDS)}) is fixed when a run starts: resume with "
+                    "the run's values, or start a new run_name"
+                )
 
 
 class TrainResourcesError(ConfigError):
@@ -91,7 +112,7 @@ def wait_for_resources(config: TrainConfig) -> None:
         raise TrainResourcesError(
             f"the run needs {need['CPU']:g} CPUs ({parts}) but the cluster has "
             f"{total.get('CPU', 0.0):g}; lower cpus_per_worker or give Ray more CPUs "
-            f"(ecgvlm train --num-cpus {need['CPU']:.0f})"
+            f"(ecgvlm train --num-cpus {math.ceil(need['CPU'])})"
         )
     if total.get("GPU", 0.0) < need["GPU"]:
         raise TrainResourcesError(
@@ -106,8 +127,9 @@ def wait_for_resources(config: TrainConfig) -> None:
             return
         if time.monotonic() >= deadline:
             have = ", ".join(f"{free.get(k, 0.0):g} of {total.get(k, 0.0):g} {k}s" for k in short)
+            needs = ", ".join(f"{need[k]:g} {k}s" for k in short)
             raise TrainResourcesError(
-                f"the run needs {need['CPU']:g} CPUs ({parts}) free, but after waiting "
+                f"the run needs {needs} free ({parts}), but after waiting "
                 f"{config.schedule_timeout_s:g} s only {have} are free (other tasks or actors "
                 "hold the rest)"
             )
@@ -128,12 +150,45 @@ def _data_config() -> Any:
     return DataConfig(datasets_to_split=["train"], execution_options=options)
 
 
+def build_datasets(config: TrainConfig, summary: DataSummary) -> dict[str, Any]:
+    """The Ray datasets the workers read: ``{"train": ..., "val": ...}``.
+
+    Prepared splits are sorted by record id, i.e. grouped by source data set. The train
+    split's Parquet shards and blocks are put in an order drawn from ``seed``, the same on
+    every run and resume, so that a step does not see one source only; the workers' local
+    shuffle buffer then mixes rows across blocks. The val split is cut to a seeded subset of
+    ``eval_max_samples`` rows stratified by data set (:func:`val_sample_ids`).
+    """
+    import pyarrow.parquet as pq
+    import ray.data
+
+    # Data tasks fit in the CPUs kept for them (Ray Data's default is a whole CPU each).
+    data_cpus = min(1.0, config.data_cpus)
+
+    def read(split: str, shuffle: Any = None) -> Any:
+        files = summary.files[split]
+        names = set(pq.ParquetFile(files[0]).schema_arrow.names)
+        columns = list(REQUIRED_COLUMNS) + [c for c in OPTIONAL_COLUMNS if c in names]
+        return ray.data.read_parquet(files, columns=columns, num_cpus=data_cpus, shuffle=shuffle)
+
+    # Small shards are read several to a block, so the shards' order is drawn at the read (and
+    # the blocks' after it); the same seed every epoch and after a resume.
+    files_order = ray.data.FileShuffleConfig(seed=config.seed, reseed_after_execution=False)
+    train = read(config.train_split, files_order).randomize_block_order(seed=config.seed)
+    if config.train_repeat > 1:
+        # Materialised once, so the copies do not re-read the files.
+        train = train.materialize()
+        train = train.union(*[train] * (config.train_repeat - 1))
+    chosen = set(val_sample_ids(summary.files[config.val_split], config.eval_max_samples, config.seed))
+    val = read(config.val_split).filter(lambda row: row["sample_id"] in chosen, num_cpus=data_cpus)
+    return {"train": train, "val": val}
+
+
 def run_training(config: TrainConfig, resume: bool = False) -> Any:
     """Validate, train, copy the best adapter to ``config.output_dir``; return the Result.
 
     The caller has connected to Ray (this module never calls ``ray.init``).
     """
-    import pyarrow.parquet as pq
     import ray
     import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -155,24 +210,11 @@ def run_training(config: TrainConfig, resume: bool = False) -> Any:
 
     # The loop prints its own metric lines; Ray Data's bars would interleave with them.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    datasets = {}
-    for key, split in (("train", config.train_split), ("val", config.val_split)):
-        files = summary.files[split]
-        names = set(pq.ParquetFile(files[0]).schema_arrow.names)
-        columns = list(REQUIRED_COLUMNS) + [c for c in OPTIONAL_COLUMNS if c in names]
-        # Read tasks fit in the CPUs kept for them (Ray Data's default is a whole CPU each).
-        dataset = ray.data.read_parquet(
-            files, columns=columns, num_cpus=min(1.0, config.data_cpus)
-        )
-        if key == "train" and config.train_repeat > 1:
-            # Materialised once, so the copies do not re-read the files.
-            dataset = dataset.materialize()
-            dataset = dataset.union(*[dataset] * (config.train_repeat - 1))
-        datasets[key] = dataset
+    datasets = build_datasets(config, summary)
 
     run_dir = config.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / "train_config.yaml")
+    save_config(config, run_dir / RUN_CONFIG)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=make_loop_config(config, deepspeed_config, summary, git_sha),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from pathlib import Path
 
@@ -194,6 +195,10 @@ def test_shipped_configs_load() -> None:
     ).read_text()
     gpu = load_config(TrainConfig, REPO / "configs" / "train_pulse_lora.yaml")
     assert (gpu.num_workers, gpu.use_gpu) == (4, True)
+    # The values its header attributes to LLaVA's LoRA script, and the batch it states.
+    assert (gpu.learning_rate, gpu.weight_decay) == (2e-4, 0.0)
+    assert gpu.warmup_steps == round(0.03 * gpu.max_steps)
+    assert gpu.derived_batch_size() == 64 and gpu.gradient_checkpointing
 
 
 def test_deepspeed_precision_follows_the_device() -> None:
@@ -310,3 +315,34 @@ def test_collator_masks_the_real_pulse_prompt(tiny_pulse_dir: Path) -> None:
         assert labels[i][ids[i] == IMAGE_TOKEN_INDEX].eq(IGNORE_INDEX).all()
     loss = model(**out).loss
     assert torch.isfinite(loss)
+
+
+def test_val_subset_is_seeded_and_keeps_each_data_sets_share() -> None:
+    from ecgvlm.train import stratified_sample
+
+    # Sorted by record id, as prepared splits are: one source after another.
+    groups = ["chapman"] * 60 + ["cpsc2018"] * 30 + ["mitbih"] * 10
+    ids = [f"{g}/{i:03d}" for i, g in enumerate(groups)]
+    chosen = stratified_sample(ids, groups, 20, seed=0)
+    counts = {g: sum(c.startswith(g) for c in chosen) for g in ("chapman", "cpsc2018", "mitbih")}
+    assert counts == {"chapman": 12, "cpsc2018": 6, "mitbih": 2}
+    assert chosen == stratified_sample(ids, groups, 20, seed=0)
+    assert chosen != stratified_sample(ids, groups, 20, seed=1)
+    assert stratified_sample(ids, groups, 500, seed=0) == sorted(ids)
+
+
+def test_resume_refuses_a_changed_learning_rate_schedule(tmp_path: Path) -> None:
+    from ecgvlm.config import save_config
+    from ecgvlm.train import check_run_dir
+
+    config = TrainConfig(model_dir="m", data_dir="d", storage_path=str(tmp_path), run_name="r",
+                         max_steps=1000, learning_rate=1e-4, warmup_steps=10)
+    run_dir = config.run_dir()
+    run_dir.mkdir()
+    (run_dir / "checkpoint_manager_snapshot.json").write_text("{}")  # a started run
+    save_config(config, run_dir / "train_config.yaml")
+    check_run_dir(config, resume=True)  # the same schedule resumes
+    check_run_dir(dataclasses.replace(config, eval_every_steps=7), resume=True)
+    for name, value in (("max_steps", 2000), ("learning_rate", 2e-4), ("warmup_steps", 0)):
+        with pytest.raises(ConfigError, match=f"--resume: {name} = .* differs from the run's"):
+            check_run_dir(dataclasses.replace(config, **{name: value}), resume=True)

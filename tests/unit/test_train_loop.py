@@ -64,14 +64,21 @@ def test_validation_works_under_a_cuda_only_process_group(
     from ecgvlm.model import load_pulse
 
     model, processor = load_pulse(tiny_pulse_dir)
-    rows = tiny_rows("val", 3)
+    rows = [{k: r[k] for k in (*REQUIRED_COLUMNS, "dataset")} for r in tiny_rows("val", 3)]
+    for row, name in zip(rows, ("cpsc2018", "ptbxl", "cpsc2018")):
+        row["dataset"] = name
     config = TrainConfig(model_dir=str(tiny_pulse_dir), data_dir="d", eval_max_new_tokens=2)
     metrics = evaluate(
-        _Engine(model), Collator(processor), [{k: r[k] for k in REQUIRED_COLUMNS} for r in rows],
-        config, torch.device("cpu"), torch.float32, group=_metric_group(),
+        _Engine(model), Collator(processor), rows, config, torch.device("cpu"), torch.float32,
+        group=_metric_group(),
     )
     assert metrics["val_samples"] == 3 and metrics["val_loss"] > 0
     assert 0.0 <= metrics["val_accuracy"] <= 1.0
+    # Accuracy per data set too, consistent with the overall one.
+    by_set = {k: v for k, v in metrics.items() if k.startswith("val_accuracy_")}
+    assert set(by_set) == {"val_accuracy_cpsc2018", "val_accuracy_ptbxl"}
+    total = 2 * by_set["val_accuracy_cpsc2018"] + by_set["val_accuracy_ptbxl"]
+    assert total / 3 == pytest.approx(metrics["val_accuracy"])
 
 
 class _Shard:
@@ -145,3 +152,98 @@ def test_a_metric_line_is_printed_once_under_ray_trains_print_patch(capsys) -> N
         root.setLevel(level)
     out = capsys.readouterr().out
     assert out.count("[ecgvlm.train] step 5/20 step=5 train_loss=1.25") == 1, out
+
+
+def test_each_rank_draws_its_own_masks_and_resumes_its_own_stream(tmp_path: Path) -> None:
+    import random
+
+    import numpy as np
+
+    from ecgvlm.train.loop import _load_rng_state, _save_rng_state, _seed_rank
+
+    draws = {}
+    for rank in (0, 1):
+        _seed_rank(7, rank)
+        draws[rank] = torch.rand(8)
+    assert not torch.equal(draws[0], draws[1])  # dropout masks differ across ranks
+    _seed_rank(7, 0)
+    assert torch.equal(torch.rand(8), draws[0])  # and are reproducible for the seed
+
+    # A checkpoint mid-stream: after restoring, rank 1 continues exactly where it was.
+    _seed_rank(7, 1)
+    torch.rand(5)
+    _save_rng_state(tmp_path, 1)
+    expected = (torch.rand(4), random.random(), np.random.rand())
+    _seed_rank(7, 1)  # what a restarted worker does before loading its checkpoint
+    assert _load_rng_state(tmp_path, 1)
+    assert torch.equal(torch.rand(4), expected[0])
+    assert (random.random(), np.random.rand()) == expected[1:]
+    assert not _load_rng_state(tmp_path, 0)  # rank 0 saved nothing here
+
+
+def _greedy_without_cache(model: Any, processor: Any, prompt: str, image: Any, n: int) -> list[int]:
+    """The reference: a full forward over prompt, image and answer so far for every token."""
+    inputs = dict(processor([prompt], [image]))
+    ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
+    new: list[int] = []
+    for _ in range(n):
+        token = int(model(input_ids=ids, attention_mask=mask, **inputs).logits[0, -1].argmax())
+        new.append(token)
+        ids = torch.cat([ids, torch.tensor([[token]], dtype=ids.dtype)], 1)
+        mask = torch.cat([mask, torch.ones((1, 1), dtype=mask.dtype)], 1)
+    return new
+
+
+def test_validation_decoding_runs_the_image_encoder_once_and_matches_full_recompute(
+    tiny_pulse_dir: Path,
+) -> None:
+    from ecgvlm.model import load_pulse
+    from ecgvlm.prompt import build_prompt
+    from ecgvlm.train import decode_png
+    from ecgvlm.train.loop import greedy_tokens
+
+    torch.manual_seed(0)
+    model, processor = load_pulse(tiny_pulse_dir)
+    model.eval()
+    # Sharpen the random LM head so that greedy picks are not near-ties.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    row = tiny_rows("val", 1)[0]
+    prompt, image = build_prompt(row["question"], row["options"]), decode_png(row["png"])
+    calls = []
+    hook = model.model.vision_tower.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        cached = greedy_tokens(model, processor, prompt, image, 6, torch.device("cpu"),
+                               torch.float32)
+        hook.remove()
+        reference = _greedy_without_cache(model, processor, prompt, image, 6)
+    assert len(calls) == 1
+    assert cached == reference
+
+
+def test_collator_refuses_a_sample_whose_answer_the_length_limit_would_cut(
+    tiny_pulse_dir: Path,
+) -> None:
+    from ecgvlm.model import load_pulse
+    from ecgvlm.train import TrainDataError
+
+    model, processor = load_pulse(tiny_pulse_dir)
+    rows = tiny_rows("train", 2)
+    batch = {k: [r[k] for r in rows] for k in REQUIRED_COLUMNS}
+    inputs = Collator(processor)(batch)
+    # What the model's merge really makes of each row (text with image features spliced in).
+    merged = []
+    for i in range(2):
+        mask = inputs["attention_mask"][i : i + 1]
+        _, out_mask, _, _ = model.merge_inputs(
+            inputs["input_ids"][i : i + 1], mask, inputs["pixel_values"][i : i + 1],
+            inputs["image_sizes"][i : i + 1],
+        )
+        merged.append(int(out_mask.sum()))
+    limit = max(merged)
+    longest = rows[merged.index(limit)]["sample_id"]
+    # At the limit every answer token fits; one position less cuts the longest row's </s>.
+    Collator(processor, limit, model.num_image_features)(batch)
+    with pytest.raises(TrainDataError, match=f"sample {longest}: .* take {limit} positions.*"
+                                             f"{limit - 1}; 1 of its"):
+        Collator(processor, limit - 1, model.num_image_features)(batch)
