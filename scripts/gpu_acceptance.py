@@ -41,11 +41,11 @@ REFERENCE_DIR = ROOT / "tests" / "reference"
 sys.path.insert(0, str(REFERENCE_DIR))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_check_pulse import random_7b, synthetic_printout  # noqa: E402
-from make_golden import CASES, GREEDY_TOKENS, SEED, TAIL, case_image  # noqa: E402
+from gpu_check_pulse import random_7b, synthetic_printout
+from make_golden import CASES, GREEDY_TOKENS, SEED, TAIL, case_image
 
-from ecgvlm.model import attach_lora, load_pulse, make_tiny_pulse  # noqa: E402
-from ecgvlm.model.tiny import checkpoint_digest  # noqa: E402
+from ecgvlm.model import attach_lora, load_pulse, make_tiny_pulse
+from ecgvlm.model.tiny import checkpoint_digest
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FP32_ATOL = 1e-4  # the unit test's bound (tests/unit/test_model_parity.py)
@@ -153,7 +153,9 @@ def _parity_one(name: str, path: Path, device: str, dtype_name: str, golden: Any
 def build_model(args: argparse.Namespace, tmp: Path) -> tuple[Any, Any, str]:
     dtype = DTYPES[args.model_dtype]
     if args.tiny:
-        model, processor = load_pulse(make_tiny_pulse(tmp / "tiny"), dtype=dtype, device=args.device)
+        model, processor = load_pulse(
+            make_tiny_pulse(tmp / "tiny"), dtype=dtype, device=args.device
+        )
         return model, processor, "tiny checkpoint"
     model, processor = random_7b(dtype, args.device)
     return model, processor, "random weights, PULSE-7B shape"
@@ -184,9 +186,9 @@ def lm_linear_parameters(model: Any) -> int:
     """Parameters of the language model's Linear layers (the matmul FLOPs per token / 2)."""
     total = 0
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and "vision_tower" not in name:
-            if "mm_projector" not in name:
-                total += module.weight.numel()
+        is_lm = "vision_tower" not in name and "mm_projector" not in name
+        if isinstance(module, torch.nn.Linear) and is_lm:
+            total += module.weight.numel()
     return total
 
 
@@ -234,7 +236,9 @@ def _optimizer(args: argparse.Namespace, peft_model: Any) -> tuple[Any, str]:
     return torch.optim.AdamW(params, lr=1e-4), "torch AdamW"
 
 
-def lora_rows(args: argparse.Namespace, model: Any, processor: Any, image: Image.Image) -> list[Row]:
+def lora_rows(
+    args: argparse.Namespace, model: Any, processor: Any, image: Image.Image
+) -> list[Row]:
     peft_model = attach_lora(model, dropout=0.0)
     peft_model.train()
     runner, how = _optimizer(args, peft_model)
@@ -370,10 +374,12 @@ def main(argv: list[str] | None = None) -> int:
     versions = json.loads(str(golden["versions"]))
     try:
         rows += parity_rows(args.device, dtype_names, golden)
-    except Exception as e:  # reported in the table, which must still print
+    except Exception as e:  # noqa: BLE001 (reported in the table, which must still print)
         traceback.print_exc()
         rows.append(Row("parity", "", f"error: {type(e).__name__}: {e}", False))
-    reference = f"golden: transformers {versions.get('transformers')}, torch {versions.get('torch')}"
+    reference = (
+        f"golden: transformers {versions.get('transformers')}, torch {versions.get('torch')}"
+    )
     rows.append(Row("parity reference", "tests/reference", reference, None))
     with tempfile.TemporaryDirectory(prefix="pulse-accept-") as tmp:
         steps = ("build", "lora", "generate")
@@ -401,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += generation_rows(args, model, processor, image)
         except StopIteration:
             pass
-        except Exception as e:  # reported in the table, which must still print
+        except Exception as e:  # noqa: BLE001 (reported in the table, which must still print)
             traceback.print_exc()
             errors += 1
             rows.append(Row(steps[0], "", f"error: {type(e).__name__}: {e}"[:200], False))

@@ -245,8 +245,11 @@ class PulseConfig:
                     f"model_type 'llava' is loaded only in LLaVA's own format (architectures "
                     f"[{LLAVA_ARCHITECTURE!r}], no text_config), got architectures "
                     f"{architectures!r}"
-                    + (" with a text_config (transformers' LlavaForConditionalGeneration)"
-                       if "text_config" in data else "")
+                    + (
+                        " with a text_config (transformers' LlavaForConditionalGeneration)"
+                        if "text_config" in data
+                        else ""
+                    )
                 )
         missing = [
             k

@@ -355,7 +355,9 @@ class LlamaSentencePieceTokenizer:
         extra = cfg.get("additional_special_tokens") or []
         special_map = directory / "special_tokens_map.json"
         if special_map.is_file():
-            extra = extra or json.loads(special_map.read_text()).get("additional_special_tokens", [])
+            extra = extra or json.loads(special_map.read_text()).get(
+                "additional_special_tokens", []
+            )
         added += [t.get("content", "") if isinstance(t, dict) else str(t) for t in extra]
         if added:
             raise ValueError(

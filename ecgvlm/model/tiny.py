@@ -253,7 +253,9 @@ def make_tiny_pulse(
 
         from ecgvlm.model.pulse import VISION_PREFIX
 
-        tower = {k[len(VISION_PREFIX) :]: v for k, v in shapes.items() if k.startswith(VISION_PREFIX)}
+        tower = {
+            k[len(VISION_PREFIX) :]: v for k, v in shapes.items() if k.startswith(VISION_PREFIX)
+        }
         save_file(
             random_weights(tower, seed + 1),
             str(vision_dir / "model.safetensors"),

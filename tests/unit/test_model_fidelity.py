@@ -95,7 +95,9 @@ def test_unfrozen_tower_comes_from_checkpoint(frozen_tower_dir, tmp_path):
 def test_frozen_tower_without_weights_on_disk_is_refused(frozen_tower_dir, tmp_path):
     ckpt = shutil.copytree(frozen_tower_dir, tmp_path / "ckpt")
     (ckpt / "vision_tower" / "model.safetensors").unlink()
-    with pytest.raises(CheckpointError, match="unfreeze_mm_vision_tower is False.*vision_tower_path"):
+    with pytest.raises(
+        CheckpointError, match="unfreeze_mm_vision_tower is False.*vision_tower_path"
+    ):
         load_pulse(ckpt)
     _edit_config(ckpt, mm_vision_tower="openai/clip-vit-large-patch14-336")
     with pytest.raises(CheckpointError, match="openai/clip-vit-large-patch14-336"):
@@ -149,7 +151,9 @@ def test_transformers_llava_format_is_refused(tiny_pulse_dir, tmp_path, changes)
         {"resample": 0, "size": {"shortest_edge": 64}},
     ],
 )
-def test_custom_preprocessor_settings_match_clip_image_processor(tiny_pulse_dir, tmp_path, settings):
+def test_custom_preprocessor_settings_match_clip_image_processor(
+    tiny_pulse_dir, tmp_path, settings
+):
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     ckpt = shutil.copytree(tiny_pulse_dir, tmp_path / "ckpt")

@@ -44,7 +44,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     script = str(ROOT / "scripts" / "gpu_acceptance.py")
     return subprocess.run(
         [sys.executable, "-c", BLOCKED_RUN, script, "--device", "cpu", "--tiny", *args],
-        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900,
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900, check=False,
     )  # fmt: skip
 
 
@@ -54,7 +54,12 @@ def test_model_package_imports_no_ray_wfdb_or_deepspeed():
         f"print(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r}))"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", code],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"

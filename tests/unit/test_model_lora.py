@@ -212,5 +212,7 @@ def test_our_adapter_names_only_llava_checkpoint_modules(fresh, tiny_pulse_dir, 
         assert f"{module}.weight" in llava_keys, key
     regex = json.loads((out / "adapter_config.json").read_text())["target_modules"]
     assert regex == language_model_target_regex()
-    matched = {k[: -len(".weight")] for k in llava_keys if re.fullmatch(regex, k[: -len(".weight")])}
+    matched = {
+        k[: -len(".weight")] for k in llava_keys if re.fullmatch(regex, k[: -len(".weight")])
+    }
     assert len(matched) == 8 and all(m.startswith("model.layers.") for m in matched)
