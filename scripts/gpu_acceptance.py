@@ -42,7 +42,7 @@ sys.path.insert(0, str(REFERENCE_DIR))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gpu_check_pulse import random_7b, synthetic_printout
-from make_golden import CASES, GREEDY_TOKENS, SEED, TAIL, case_image
+from make_golden import CASES, CHECKPOINTS, GREEDY_TOKENS, SEED, TAIL, case_image
 
 from ecgvlm.model import attach_lora, load_pulse, make_tiny_pulse
 from ecgvlm.model.tiny import checkpoint_digest
@@ -87,15 +87,12 @@ def peak_gib(device: str) -> str:
 
 def parity_rows(device: str, dtype_names: list[str], golden: Any) -> list[Row]:
     """Tiny checkpoints vs golden logits, per checkpoint and dtype."""
-    names = sorted({k.split("/")[0] for k in golden.files if k.endswith("/digest")})
+    names = sorted(CHECKPOINTS)
     rows = []
     with tempfile.TemporaryDirectory(prefix="pulse-parity-") as tmp:
         paths = {}
         for name in names:
-            kwargs: dict[str, Any] = {"merge": name.removesuffix("_frozen_tower")}
-            if name.endswith("_frozen_tower"):
-                kwargs["tower_in_checkpoint"] = False
-            path = make_tiny_pulse(Path(tmp) / name, seed=SEED, **kwargs)
+            path = make_tiny_pulse(Path(tmp) / name, seed=SEED, **CHECKPOINTS[name])
             if checkpoint_digest(path) != str(golden[f"{name}/digest"]):
                 rows.append(Row(f"parity {name}", "digest", "tiny build differs", False))
                 continue

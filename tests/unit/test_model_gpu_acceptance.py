@@ -70,9 +70,9 @@ def test_acceptance_smoke_on_cpu_without_heavy_packages():
                "--gen-tokens", "2")  # fmt: skip
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     table = out.stdout[out.stdout.index("PULSE acceptance on cpu") :]
-    for name in ("flat", "spatial", "spatial_unpad"):
+    for name in ("flat", "spatial", "spatial_unpad", "flat_frozen_tower"):
         assert f"parity {name}" in table
-    assert table.count(" pass") >= 5 and "FAIL" not in table
+    assert table.count(" pass") >= 6 and "FAIL" not in table
     assert "torch AdamW" in table  # DeepSpeed is not importable there
     assert "ecgvlm.render printout" in table
     for setting in ("batch 1, 2 new tokens", "batch 3, 2 new tokens"):
