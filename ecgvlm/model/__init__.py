@@ -7,7 +7,12 @@ only. See docs/model.md.
 """
 
 from ecgvlm.model.config import PULSE_7B_CONFIG, PulseConfig, PulseConfigError
-from ecgvlm.model.export import ExportError, export_llava_next, save_pulse_checkpoint
+from ecgvlm.model.export import (
+    ExportError,
+    export_llava_next,
+    llava_next_unpad_differs,
+    save_pulse_checkpoint,
+)
 from ecgvlm.model.lora import (
     attach_lora,
     load_adapter,
@@ -42,6 +47,7 @@ __all__ = [
     "PulseProcessor",
     "attach_lora",
     "export_llava_next",
+    "llava_next_unpad_differs",
     "load_adapter",
     "load_pulse",
     "make_tiny_pulse",

@@ -9,12 +9,19 @@ value and the allowed values in the message.
 Keys read (the rest of the file is the Llama language model's own config):
 
 ========================== =================================================================
-``model_type``              must be ``llava_llama`` (LLaVA's Llama-based multimodal model).
+``model_type``              ``llava_llama`` (LLaVA's Llama-based multimodal model, PULSE) or
+                            ``llava`` (what stock LLaVA-1.5/1.6 checkpoints carry) with
+                            ``architectures: ["LlavaLlamaForCausalLM"]``; transformers' own
+                            ``llava`` format (``text_config``/``vision_config``) is refused.
 ``mm_vision_tower``         the CLIP vision tower: a known hub name (only its shape is used,
                             never downloaded) or a directory, relative to the checkpoint or
                             absolute, holding a CLIP ``config.json``.
 ``mm_vision_select_layer``  which CLIP hidden state feeds the projector (PULSE: ``-2``, the
-                            second to last layer's output).
+                            second to last layer's output); required, as LLaVA fails without.
+``unfreeze_mm_vision_tower`` where the CLIP weights come from: true, the checkpoint's own tower
+                            weights (LLaVA-1.6, PULSE); false or absent, the standalone tower
+                            named by ``mm_vision_tower`` (or ``vision_tower_path``), the
+                            checkpoint's tower weights being ignored, as LLaVA's loader does.
 ``mm_vision_select_feature`` ``patch`` drops the CLS token, ``cls_patch`` keeps it.
 ``mm_projector_type``       ``linear`` or ``mlp{N}x_gelu`` (PULSE: ``mlp2x_gelu`` =
                             Linear(mm_hidden, hidden), GELU, Linear(hidden, hidden)).
@@ -30,8 +37,9 @@ Keys read (the rest of the file is the Llama language model's own config):
 ``tokenizer_model_max_length`` sequences are cut to this many positions after the image
                             features are inserted, as LLaVA does.
 ``mm_use_im_start_end``     must be false (no ``<im_start>``/``<im_end>`` tokens).
-``mm_use_im_patch_token``   must be false (LLaVA would add an ``<im_patch>`` token and grow
-                            the embedding matrix with a random row).
+``mm_use_im_patch_token``   must be present and false: true or absent makes LLaVA's loader
+                            add an ``<im_patch>`` token and grow the embedding matrix with a
+                            randomly initialised row, which cannot be reproduced.
 ========================== =================================================================
 """
 
@@ -45,7 +53,10 @@ from typing import Any
 
 from ecgvlm.config import ConfigError, check_choice
 
-MODEL_TYPES = ("llava_llama",)
+MODEL_TYPES = ("llava_llama", "llava")
+# The class LLaVA's code loads both model types with; transformers' LlavaForConditionalGeneration
+# also says model_type "llava" but nests text_config/vision_config and names weights differently.
+LLAVA_ARCHITECTURE = "LlavaLlamaForCausalLM"
 SELECT_FEATURES = ("patch", "cls_patch")
 MERGE_TYPES = ("flat", "spatial", "spatial_unpad")
 ASPECT_RATIOS = ("anyres",)
@@ -162,6 +173,8 @@ class PulseConfig:
         image_grid_pinpoints: candidate canvases as (width, height) pairs.
         patch_merge_type: ``flat``, ``spatial`` or ``spatial_unpad``.
         tokenizer_model_max_length: cut merged sequences to this length (None: no cut).
+        vision_tower_in_checkpoint: ``unfreeze_mm_vision_tower``: the CLIP weights come from
+            the checkpoint (True) or from the standalone tower directory (False).
         text: the Llama language model's config keys (everything not multimodal).
     """
 
@@ -175,6 +188,7 @@ class PulseConfig:
     image_grid_pinpoints: tuple[tuple[int, int], ...] = ()
     patch_merge_type: str = "flat"
     tokenizer_model_max_length: int | None = None
+    vision_tower_in_checkpoint: bool = True
     text: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -224,13 +238,38 @@ class PulseConfig:
                 f"model_type must be one of {', '.join(map(repr, MODEL_TYPES))} (LLaVA's "
                 f"original format, as PULSE-7B ships), got {model_type!r}"
             )
+        if model_type == "llava":
+            architectures = data.get("architectures") or []
+            if "text_config" in data or LLAVA_ARCHITECTURE not in architectures:
+                raise PulseConfigError(
+                    f"model_type 'llava' is loaded only in LLaVA's own format (architectures "
+                    f"[{LLAVA_ARCHITECTURE!r}], no text_config), got architectures "
+                    f"{architectures!r}"
+                    + (
+                        " with a text_config (transformers' LlavaForConditionalGeneration)"
+                        if "text_config" in data
+                        else ""
+                    )
+                )
         missing = [
             k
-            for k in ("mm_vision_tower", "mm_hidden_size", "hidden_size", "image_grid_pinpoints")
+            for k in (
+                "mm_vision_tower",
+                "mm_hidden_size",
+                "hidden_size",
+                "image_grid_pinpoints",
+                "mm_vision_select_layer",
+            )
             if k not in data
         ]
         if missing:
             raise PulseConfigError(f"config.json lacks required key(s): {', '.join(missing)}")
+        if "mm_use_im_patch_token" not in data:
+            raise PulseConfigError(
+                "config.json lacks mm_use_im_patch_token; LLaVA's loader then treats it as true "
+                "and adds an <im_patch> token with a randomly initialised embedding row; add "
+                '"mm_use_im_patch_token": false if the model was trained without it'
+            )
         for flag in ("mm_use_im_start_end", "mm_use_im_patch_token"):
             if data.get(flag, False):
                 raise PulseConfigError(
@@ -256,7 +295,7 @@ class PulseConfig:
         try:
             return cls(
                 vision_tower=str(data["mm_vision_tower"]),
-                vision_select_layer=int(data.get("mm_vision_select_layer", -1)),
+                vision_select_layer=int(data["mm_vision_select_layer"]),
                 vision_select_feature=data.get("mm_vision_select_feature", "patch"),
                 projector_type=data.get("mm_projector_type", "linear"),
                 mm_hidden_size=data["mm_hidden_size"],
@@ -266,6 +305,9 @@ class PulseConfig:
                 image_grid_pinpoints=pinpoints,
                 patch_merge_type=data.get("mm_patch_merge_type", "flat"),
                 tokenizer_model_max_length=data.get("tokenizer_model_max_length"),
+                # LLaVA's CLIPVisionTower loads the tower at build time (so the checkpoint's
+                # tower weights then overwrite it) only when this is true.
+                vision_tower_in_checkpoint=bool(data.get("unfreeze_mm_vision_tower", False)),
                 text=text,
             )
         except PulseConfigError:

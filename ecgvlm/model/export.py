@@ -10,6 +10,14 @@ tiles into one grid, crops the padding and appends ``image_newline`` after every
 ``flat`` merge lays the overview tile and then each tile's patches out in raster order with
 no newline vectors (and ``spatial`` stitches without cropping or newlines), so a LlavaNext
 model would show the language model a different sequence from the one it was trained on.
+One difference remains, in unpadding: LLaVA keeps ``int(x)`` rows (or columns) of the
+stitched feature grid, where ``x = height * grid_width / width`` (or the transposed
+expression), and transformers' LlavaNext keeps ``int(round(x, 7))``. When ``x`` falls just
+below an integer in floating point the two keep a different number of rows, so for those image
+sizes the exported model sees one more row or column (and its processor counts that many more
+``<image>`` tokens) than PULSE was run with. :func:`llava_next_unpad_differs` says whether an
+image size is one of them (at PULSE-7B's shapes, 88x55 and 176x110 px are); check images with
+it before using an exported model, or use ``load_pulse``, which is exact for every size.
 Conversion details: LlavaNext pinpoints are (height, width) where LLaVA's are (width, height)
 (swapped, order kept so ties break the same way); ``<image>`` becomes a real token at
 ``vocab_size`` (embedding and lm_head rows set to the mean row); ``image_sizes`` are (height,
@@ -20,11 +28,13 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ecgvlm.model.processor import anyres_grid_shape
 from ecgvlm.model.pulse import VISION_PREFIX, PulseModel, checkpoint_state_dict
 from ecgvlm.model.tiny import save_sharded
 
@@ -87,8 +97,39 @@ def llava_next_state_dict(model: PulseModel) -> dict[str, torch.Tensor]:
     return out
 
 
+def llava_next_unpad_differs(
+    image_size: tuple[int, int],
+    pinpoints: Sequence[tuple[int, int]],
+    tile_px: int,
+    patches_per_side: int,
+) -> bool:
+    """Whether transformers' LlavaNext unpads an image of this size differently from LLaVA.
+
+    Args:
+        image_size: (width, height) in pixels, PIL order.
+        pinpoints: ``image_grid_pinpoints`` as (width, height).
+        tile_px: the CLIP tile side (336 for PULSE-7B).
+        patches_per_side: CLIP patches per tile side (24 for PULSE-7B).
+
+    Returns:
+        True when the exported model would keep a different number of feature rows or columns
+        than LLaVA (and ``load_pulse``) for this image.
+    """
+    width, height = int(image_size[0]), int(image_size[1])
+    across, down = anyres_grid_shape((width, height), pinpoints, tile_px)
+    cur_w, cur_h = across * patches_per_side, down * patches_per_side
+    if width / height > cur_w / cur_h:
+        kept, current = height * (cur_w / width), cur_h
+    else:
+        kept, current = width * (cur_h / height), cur_w
+    return (current - int(kept)) // 2 != (current - int(round(kept, 7))) // 2
+
+
 def export_llava_next(model: PulseModel, processor: Any, out_dir: str | Path) -> Path:
     """Write ``model`` as a transformers ``LlavaNextForConditionalGeneration`` directory.
+
+    The export computes what ``model`` computes for every image size except those for which
+    :func:`llava_next_unpad_differs` is true (see the module docstring).
 
     Raises:
         ExportError: for ``flat`` or ``spatial`` merges (not representable exactly), a

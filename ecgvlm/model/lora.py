@@ -7,8 +7,13 @@ expression anchored at the language model's layers, ``model.layers.N.self_attn.<
 which PEFT matches against each module's full name.
 
 Adapters are plain PEFT directories (``adapter_config.json`` + ``adapter_model.safetensors``)
-whose keys are LLaVA's own module names (the model mirrors LLaVA's tree), so adapters trained
-with LLaVA's code on the language model load here and the other way round.
+whose keys are LLaVA's own module names (the model mirrors LLaVA's tree). Tested on a tiny
+checkpoint: an adapter written the way LLaVA's ``train.py`` names modules (``target_modules``
+as the bare names of every language-model Linear, ``task_type: CAUSAL_LM``, ``.safetensors``
+or ``.bin``) loads here and computes the same logits as its weights merged by hand; ours name
+only modules that LLaVA's checkpoint keys name. Loading ours under LLaVA's own code has not
+been run. LLaVA's ``non_lora_trainables.bin`` (e.g. a tuned projector saved next to the
+adapter) is refused: merge it into the base checkpoint first.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from ecgvlm.config import check_choice, check_range
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 LM_LAYER_PREFIX = r"model\.layers\.\d+\.self_attn\."
+NON_LORA_FILE = "non_lora_trainables.bin"
 
 
 def language_model_target_regex(target: Sequence[str] = ATTENTION_PROJECTIONS) -> str:
@@ -111,6 +117,14 @@ def load_adapter(
     path = Path(adapter_dir)
     if not (path / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{path} is not a PEFT adapter directory (no adapter_config.json)")
+    if (path / NON_LORA_FILE).is_file():
+        # LLaVA's loader puts these weights (a tuned projector, ...) into the base model before
+        # the LoRA; skipping them would silently answer with the untuned ones.
+        raise ValueError(
+            f"{path} holds {NON_LORA_FILE} (weights LLaVA trained next to the LoRA); "
+            f"load_adapter applies only the PEFT adapter: merge those weights into the base "
+            f"checkpoint first"
+        )
     name = name or path.name
     if isinstance(model, PeftModel):
         model.load_adapter(str(path), adapter_name=name, is_trainable=trainable)

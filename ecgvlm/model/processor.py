@@ -60,6 +60,14 @@ class PromptError(ValueError):
     """A prompt without exactly one ``<image>`` placeholder, or a batch of mismatched lengths."""
 
 
+# PIL resampling filters by the number transformers' preprocessor_config.json stores.
+PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+# Keys of a CLIPImageProcessor preprocessor_config.json that change no pixels here.
+PREPROCESSOR_INERT_KEYS = frozenset(
+    {"image_processor_type", "processor_class", "feature_extractor_type", "do_convert_rgb"}
+)
+
+
 @dataclass(frozen=True)
 class ImagePreprocessConfig:
     """The CLIP image processor's settings that change pixels.
@@ -69,16 +77,36 @@ class ImagePreprocessConfig:
         crop_size: CLIP's input side; anyres tiles are this big.
         image_mean: per-channel mean in [0, 1].
         image_std: per-channel standard deviation.
+        resample: PIL filter number for CLIP's own resize (3: bicubic); it acts only when
+            ``shortest_edge`` differs from ``crop_size`` (anyres tiles are already crop-sized).
+        do_rescale: multiply pixels by ``rescale_factor``.
+        rescale_factor: 1/255 for CLIP.
+        do_normalize: subtract ``image_mean`` and divide by ``image_std``.
     """
 
     shortest_edge: int = 336
     crop_size: int = 336
     image_mean: tuple[float, float, float] = CLIP_MEAN
     image_std: tuple[float, float, float] = CLIP_STD
+    resample: int = 3
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = True
+
+    def __post_init__(self) -> None:
+        if self.resample not in PIL_RESAMPLE:
+            raise ValueError(
+                f"resample must be one of {sorted(PIL_RESAMPLE)} (PIL filters), got "
+                f"{self.resample!r}"
+            )
 
     @classmethod
     def from_file(cls, path: Path) -> ImagePreprocessConfig:
-        """Read a transformers ``preprocessor_config.json`` (CLIPImageProcessor)."""
+        """Read a transformers ``preprocessor_config.json`` (CLIPImageProcessor).
+
+        Raises:
+            ValueError: a setting that changes pixels but is not implemented, by name.
+        """
         data = json.loads(Path(path).read_text())
         size = data.get("size", 336)
         size = size.get("shortest_edge", size.get("height")) if isinstance(size, dict) else size
@@ -86,11 +114,24 @@ class ImagePreprocessConfig:
         crop = crop.get("height") if isinstance(crop, dict) else crop
         if data.get("do_resize", True) is False or data.get("do_center_crop", True) is False:
             raise ValueError(f"{path}: do_resize and do_center_crop must be true for CLIP")
+        known = {
+            "size", "crop_size", "do_resize", "do_center_crop", "image_mean", "image_std",
+            "resample", "do_rescale", "rescale_factor", "do_normalize",
+        }  # fmt: skip
+        unknown = sorted(set(data) - known - PREPROCESSOR_INERT_KEYS)
+        if unknown:
+            raise ValueError(
+                f"{path}: setting(s) not implemented, refusing to ignore them: {', '.join(unknown)}"
+            )
         return cls(
             shortest_edge=int(size),
             crop_size=int(crop),
             image_mean=tuple(float(x) for x in data.get("image_mean", CLIP_MEAN)),
             image_std=tuple(float(x) for x in data.get("image_std", CLIP_STD)),
+            resample=int(data.get("resample", 3)),
+            do_rescale=bool(data.get("do_rescale", True)),
+            rescale_factor=float(data.get("rescale_factor", 1 / 255)),
+            do_normalize=bool(data.get("do_normalize", True)),
         )
 
     def to_transformers(self) -> dict[str, Any]:
@@ -99,14 +140,14 @@ class ImagePreprocessConfig:
             "crop_size": {"height": self.crop_size, "width": self.crop_size},
             "do_center_crop": True,
             "do_convert_rgb": True,
-            "do_normalize": True,
-            "do_rescale": True,
+            "do_normalize": self.do_normalize,
+            "do_rescale": self.do_rescale,
             "do_resize": True,
             "image_mean": list(self.image_mean),
             "image_processor_type": "CLIPImageProcessor",
             "image_std": list(self.image_std),
-            "resample": 3,
-            "rescale_factor": 1 / 255,
+            "resample": self.resample,
+            "rescale_factor": self.rescale_factor,
             "size": {"shortest_edge": self.shortest_edge},
         }
 
@@ -206,15 +247,19 @@ class PulseImageProcessor:
                 size = (cfg.shortest_edge, int(cfg.shortest_edge * height / width))
             else:
                 size = (int(cfg.shortest_edge * width / height), cfg.shortest_edge)
-            tile = tile.resize(size, Image.BICUBIC)
+            tile = tile.resize(size, cfg.resample)
         width, height = tile.size
         if (width, height) != (cfg.crop_size, cfg.crop_size):
             left = (width - cfg.crop_size) // 2
             top = (height - cfg.crop_size) // 2
             tile = tile.crop((left, top, left + cfg.crop_size, top + cfg.crop_size))
         # Same arithmetic order as transformers' rescale (float64 then float32) and normalise.
-        pixels = (np.asarray(tile, dtype=np.uint8) * (1 / 255)).astype(np.float32)
-        pixels = (pixels - self._mean) / self._std
+        pixels = np.asarray(tile, dtype=np.uint8)
+        if cfg.do_rescale:
+            pixels = (pixels * cfg.rescale_factor).astype(np.float32)
+        pixels = pixels.astype(np.float32)
+        if cfg.do_normalize:
+            pixels = (pixels - self._mean) / self._std
         return pixels.transpose(2, 0, 1)
 
     def tiles(self, image: Image.Image) -> list[Image.Image]:
@@ -279,6 +324,7 @@ class LlamaSentencePieceTokenizer:
                 return str(value.get("content", default))
             return default if value is None else str(value)
 
+        self._refuse_added_tokens(directory, cfg)
         self.unk_token = token_text(cfg.get("unk_token"), "<unk>")
         self.bos_token = token_text(cfg.get("bos_token"), "<s>")
         self.eos_token = token_text(cfg.get("eos_token"), "</s>")
@@ -295,6 +341,29 @@ class LlamaSentencePieceTokenizer:
             self.eos_token: self.eos_token_id,
         }
         self._unk_prefix_len = len(self._sp_plain.EncodeAsIds(self.unk_token))
+
+    def _refuse_added_tokens(self, directory: Path, cfg: dict[str, Any]) -> None:
+        """Refuse tokens added on top of sentencepiece (LLaVA's tokenizer would split them out
+        as single ids and grow the vocabulary; this tokenizer would spell them out)."""
+        added = []
+        if (directory / "added_tokens.json").is_file():
+            added += sorted(json.loads((directory / "added_tokens.json").read_text()))
+        for index, entry in (cfg.get("added_tokens_decoder") or {}).items():
+            content = entry.get("content") if isinstance(entry, dict) else entry
+            if int(index) >= self._sp.GetPieceSize() or self._sp.PieceToId(content) != int(index):
+                added.append(str(content))
+        extra = cfg.get("additional_special_tokens") or []
+        special_map = directory / "special_tokens_map.json"
+        if special_map.is_file():
+            extra = extra or json.loads(special_map.read_text()).get(
+                "additional_special_tokens", []
+            )
+        added += [t.get("content", "") if isinstance(t, dict) else str(t) for t in extra]
+        if added:
+            raise ValueError(
+                f"{directory}: tokens added beyond tokenizer.model are not supported: "
+                f"{', '.join(sorted(set(added)))}"
+            )
 
     def __len__(self) -> int:
         return int(self._sp.GetPieceSize())

@@ -28,7 +28,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from ecgvlm.model.config import PulseConfig, PulseConfigError
 from ecgvlm.model.processor import (
@@ -43,7 +49,8 @@ from ecgvlm.model.processor import (
 )
 
 # CLIP towers a PULSE config may name, by shape only: weights come from the checkpoint (LLaVA
-# 1.6 and PULSE save their tuned tower) or from a local directory, never from a hub.
+# 1.6 and PULSE save their tuned tower, unfreeze_mm_vision_tower true) or from a local
+# directory, never from a hub.
 KNOWN_VISION_TOWERS: dict[str, dict[str, Any]] = {
     "openai/clip-vit-large-patch14-336": {
         "hidden_size": 1024,
@@ -390,11 +397,14 @@ def _vision_from_dir(directory: Path) -> VisionTowerSource:
         data = data["vision_config"]
     data = {k: v for k, v in data.items() if k not in ("model_type", "architectures")}
     pre_file = directory / "preprocessor_config.json"
-    preprocess = (
-        ImagePreprocessConfig.from_file(pre_file)
-        if pre_file.is_file()
-        else ImagePreprocessConfig(data.get("image_size", 336), data.get("image_size", 336))
-    )
+    try:
+        preprocess = (
+            ImagePreprocessConfig.from_file(pre_file)
+            if pre_file.is_file()
+            else ImagePreprocessConfig(data.get("image_size", 336), data.get("image_size", 336))
+        )
+    except ValueError as e:
+        raise CheckpointError(f"preprocessor_config.json: {e}") from e
     has_weights = any(directory.glob("*.safetensors"))
     return VisionTowerSource(
         CLIPVisionConfig(**data), preprocess, directory if has_weights else None
@@ -503,18 +513,36 @@ def build_pulse(
 
 
 def load_weights(
-    model: PulseModel, files: dict[str, Path], vision_dir: Path | None = None
+    model: PulseModel,
+    files: dict[str, Path],
+    vision_dir: Path | None = None,
+    tower_from_dir: bool = False,
 ) -> list[str]:
     """Copy checkpoint tensors into ``model``; refuse missing or unexpected keys by name.
 
+    Args:
+        model: the freshly built model.
+        files: checkpoint key -> safetensors file.
+        vision_dir: a standalone CLIP directory with ``vision_model.*`` safetensors weights.
+        tower_from_dir: take the tower from ``vision_dir`` and ignore the checkpoint's tower
+            weights (``unfreeze_mm_vision_tower`` false). Otherwise ``vision_dir`` only fills
+            in a checkpoint that holds no tower weights at all.
+
     Returns:
-        The checkpoint keys that were deliberately ignored (old buffers, unused newline).
+        The checkpoint keys that were deliberately ignored (old buffers, unused newline, the
+        checkpoint's tower when ``tower_from_dir``).
     """
     from safetensors import safe_open
 
     expected = checkpoint_state_dict(model)
     sources: dict[str, tuple[Path, str]] = {k: (f, k) for k, f in files.items()}
-    if vision_dir is not None and not any(k.startswith(VISION_PREFIX) for k in files):
+    tower_ignored: list[str] = []
+    if tower_from_dir:
+        assert vision_dir is not None, "load_pulse checks that the tower directory has weights"
+        tower_ignored = [k for k in sources if k.startswith(VISION_PREFIX)]
+        for k in tower_ignored:
+            del sources[k]
+    if vision_dir is not None and not any(k.startswith(VISION_PREFIX) for k in sources):
         for vf in sorted(vision_dir.glob("*.safetensors")):
             with safe_open(str(vf), framework="pt") as f:
                 for k in f.keys():
@@ -537,6 +565,7 @@ def load_weights(
         problems.append(f"unexpected {len(unexpected)} key(s): {_format_keys(unexpected)}")
     if problems:
         raise CheckpointError("checkpoint does not match the PULSE config: " + "; ".join(problems))
+    ignored += tower_ignored
     by_file: dict[Path, list[tuple[str, str]]] = {}
     for key in expected:
         path, src_key = sources[key]
@@ -573,8 +602,10 @@ def load_pulse(
             ``tokenizer.model`` and ``tokenizer_config.json``.
         dtype: parameter dtype (``torch.bfloat16`` for PULSE-7B on a GPU).
         device: where to build the model.
-        vision_tower_path: a local CLIP directory, used for the tower's config and, when the
-            checkpoint holds no tower weights, for its weights.
+        vision_tower_path: a local CLIP directory (config, ``preprocessor_config.json``,
+            safetensors weights), used instead of the one ``mm_vision_tower`` names. Its weights
+            are used when ``unfreeze_mm_vision_tower`` is false or absent (LLaVA then ignores
+            the checkpoint's tower weights) or when the checkpoint holds no tower weights.
 
     Returns:
         The model in eval mode and its processor.
@@ -591,8 +622,20 @@ def load_pulse(
     config_dict = read_json(path / "config.json", "config.json")
     pulse_config = PulseConfig.from_dict(config_dict)
     vision = resolve_vision_tower(path, pulse_config.vision_tower, vision_tower_path)
+    tower_from_dir = not pulse_config.vision_tower_in_checkpoint
+    if tower_from_dir and vision.weights_dir is None:
+        where = vision_tower_path if vision_tower_path is not None else pulse_config.vision_tower
+        raise CheckpointError(
+            f"unfreeze_mm_vision_tower is {config_dict.get('unfreeze_mm_vision_tower')!r}, so "
+            f"LLaVA takes the CLIP tower's weights from mm_vision_tower, not the checkpoint, "
+            f"but {where!r} is no local directory with safetensors weights; pass "
+            f"vision_tower_path to a local CLIP directory"
+        )
     files = checkpoint_files(path)
-    tokenizer = LlamaSentencePieceTokenizer(path)
+    try:
+        tokenizer = LlamaSentencePieceTokenizer(path)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
     vocab = int(config_dict.get("vocab_size", 32000))
     if len(tokenizer) != vocab:
         # LLaVA would resize the embeddings to the tokenizer, adding random rows.
@@ -600,13 +643,20 @@ def load_pulse(
             f"tokenizer.model has {len(tokenizer)} pieces but vocab_size is {vocab}"
         )
     model = build_pulse(config_dict, vision.config, dtype=dtype, device=device)
-    model.load_ignored_keys = load_weights(model, files, vision.weights_dir)
+    model.load_ignored_keys = load_weights(model, files, vision.weights_dir, tower_from_dir)
     model.eval()
     # PEFT records this as the adapter's base model.
     model.config._name_or_path = str(path)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    if (path / "generation_config.json").is_file():
+        # transformers' from_pretrained (LLaVA's loader) applies the checkpoint's own defaults.
+        model.generation_config = GenerationConfig.from_pretrained(str(path))
+    gen = model.generation_config
+    if gen.pad_token_id is None:
+        gen.pad_token_id = tokenizer.pad_token_id
+    if gen.bos_token_id is None:
+        gen.bos_token_id = tokenizer.bos_token_id
+    if gen.eos_token_id is None:
+        gen.eos_token_id = tokenizer.eos_token_id
     model.load_seconds = time.perf_counter() - started
     processor = PulseProcessor(
         tokenizer, PulseImageProcessor(vision.preprocess, pulse_config.image_grid_pinpoints)

@@ -15,7 +15,10 @@ What is smaller than PULSE-7B, and why PULSE's config semantics still hold:
 - 3 CLIP layers (select layer -2 is still the penultimate), width 32; Llama 2 layers, width 64;
 - the CLIP shape lives in ``vision_tower/`` inside the checkpoint (``config.json`` +
   ``preprocessor_config.json``; ``mm_vision_tower: "vision_tower"``), because no hub name
-  describes it; its weights are in the shards, as PULSE-7B's are.
+  describes it; its weights are in the shards, as PULSE-7B's are. With
+  ``tower_in_checkpoint=False`` the config says ``unfreeze_mm_vision_tower: false`` and
+  ``vision_tower/model.safetensors`` holds a standalone tower drawn from ``seed + 1``, different
+  from the shards' copy, so a loader that used the wrong one is caught.
 
 Weights are drawn from ``numpy.random.default_rng(seed)`` key by key in sorted order, scaled
 so activations stay of order one (logits then differ enough between inputs for parity tests
@@ -205,13 +208,17 @@ def save_sharded(tensors: dict[str, torch.Tensor], out_dir: Path, shards: int = 
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def make_tiny_pulse(out_dir: str | Path, seed: int = 0, merge: str = "flat") -> Path:
+def make_tiny_pulse(
+    out_dir: str | Path, seed: int = 0, merge: str = "flat", tower_in_checkpoint: bool = True
+) -> Path:
     """Write a tiny random PULSE checkpoint (a few MB) in PULSE-7B's layout.
 
     Args:
         out_dir: directory to create (may exist; its checkpoint files are overwritten).
         seed: the same seed gives byte-identical weights and tokenizer.
         merge: ``mm_patch_merge_type``: ``flat`` (PULSE) or ``spatial_unpad`` (LLaVA-1.6).
+        tower_in_checkpoint: ``unfreeze_mm_vision_tower`` (PULSE: true). False also writes
+            standalone tower weights (seed + 1) into ``vision_tower/``.
 
     Returns:
         ``out_dir`` as a Path, ready for :func:`ecgvlm.model.load_pulse`.
@@ -226,7 +233,7 @@ def make_tiny_pulse(out_dir: str | Path, seed: int = 0, merge: str = "flat") -> 
     out.mkdir(parents=True, exist_ok=True)
     vocab = _train_tokenizer(out)
     _write_tokenizer_files(out)
-    config = tiny_config(vocab, merge)
+    config = {**tiny_config(vocab, merge), "unfreeze_mm_vision_tower": tower_in_checkpoint}
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "generation_config.json").write_text(
         json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}, indent=2) + "\n"
@@ -241,15 +248,36 @@ def make_tiny_pulse(out_dir: str | Path, seed: int = 0, merge: str = "flat") -> 
     model = build_pulse(config, CLIPVisionConfig(**TINY_VISION), dtype=torch.float32, device="meta")
     shapes = {k: tuple(v.shape) for k, v in checkpoint_state_dict(model).items()}
     save_sharded(random_weights(shapes, seed), out)
+    if not tower_in_checkpoint:
+        from safetensors.torch import save_file
+
+        from ecgvlm.model.pulse import VISION_PREFIX
+
+        tower = {
+            k[len(VISION_PREFIX) :]: v for k, v in shapes.items() if k.startswith(VISION_PREFIX)
+        }
+        save_file(
+            random_weights(tower, seed + 1),
+            str(vision_dir / "model.safetensors"),
+            metadata={"format": "pt"},
+        )
     return out
 
 
 def checkpoint_digest(directory: str | Path) -> str:
-    """sha256 over the checkpoint's tensors and tokenizer, to tell two tiny builds apart."""
+    """sha256 over what decides a tiny build's outputs, to tell two builds apart.
+
+    Covers ``tokenizer.model``, ``config.json``, the files in ``vision_tower/`` (CLIP config,
+    preprocessor config, standalone weights when written) and every shard's tensors by key.
+    """
     from safetensors import safe_open
 
     directory = Path(directory)
     digest = hashlib.sha256((directory / "tokenizer.model").read_bytes())
+    digest.update((directory / "config.json").read_bytes())
+    for extra in sorted((directory / "vision_tower").glob("*")):
+        digest.update(extra.name.encode())
+        digest.update(extra.read_bytes())
     for shard in sorted(directory.glob("model-*.safetensors")):
         with safe_open(str(shard), framework="np") as f:
             for key in sorted(f.keys()):

@@ -29,6 +29,24 @@ import numpy as np
 from PIL import Image
 
 MERGES = ("flat", "spatial", "spatial_unpad")
+# Checkpoint name -> make_tiny_pulse arguments: one per merge type, plus PULSE's flat layout
+# with unfreeze_mm_vision_tower false (tower weights from vision_tower/, not the shards).
+CHECKPOINTS: dict[str, dict[str, object]] = {
+    **{merge: {"merge": merge} for merge in MERGES},
+    "flat_frozen_tower": {"merge": "flat", "tower_in_checkpoint": False},
+}
+# Distributions whose versions the reference step records in the npz.
+REFERENCE_PACKAGES = (
+    "torch",
+    "transformers",
+    "tokenizers",
+    "sentencepiece",
+    "accelerate",
+    "numpy",
+    "Pillow",
+    "protobuf",
+    "safetensors",
+)
 SEED = 0
 TAIL = 16
 GREEDY_TOKENS = 8
@@ -69,9 +87,9 @@ def make_checkpoints(out: Path) -> None:
     from ecgvlm.model.tiny import checkpoint_digest
 
     digests = {}
-    for merge in MERGES:
-        path = make_tiny_pulse(out / merge, seed=SEED, merge=merge)
-        digests[merge] = checkpoint_digest(path)
+    for name, kwargs in CHECKPOINTS.items():
+        path = make_tiny_pulse(out / name, seed=SEED, **kwargs)
+        digests[name] = checkpoint_digest(path)
     (out / "digests.json").write_text(json.dumps(digests, indent=2) + "\n")
     print(json.dumps(digests, indent=2))
 
@@ -84,18 +102,23 @@ def _reference_model(checkpoint: Path, work: Path):
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
-    # LLaVA loads the CLIP tower by path (mm_vision_tower, relative to the working directory)
-    # before the checkpoint's tower weights overwrite it, so that directory needs weights too.
+    # LLaVA loads the CLIP tower by path (mm_vision_tower, relative to the working directory).
+    # With unfreeze_mm_vision_tower true the checkpoint's tower weights then overwrite it, so
+    # that directory gets a copy of them; with false the directory's own weights are the
+    # standalone tower (make_tiny_pulse wrote them) and the checkpoint's are ignored.
     local = work / checkpoint.name
     shutil.copytree(checkpoint, local)
-    tower = {}
-    for shard in sorted(local.glob("model-*.safetensors")):
-        with safe_open(str(shard), framework="pt") as f:
-            for key in f.keys():
-                prefix = "model.vision_tower.vision_tower."
-                if key.startswith(prefix):
-                    tower[key[len(prefix) :]] = f.get_tensor(key)
-    save_file(tower, str(local / "vision_tower" / "model.safetensors"), metadata={"format": "pt"})
+    prefix = "model.vision_tower.vision_tower."
+    tower_file = local / "vision_tower" / "model.safetensors"
+    frozen = not json.loads((local / "config.json").read_text()).get("unfreeze_mm_vision_tower")
+    if not frozen:
+        tower = {}
+        for shard in sorted(local.glob("model-*.safetensors")):
+            with safe_open(str(shard), framework="pt") as f:
+                for key in f.keys():
+                    if key.startswith(prefix):
+                        tower[key[len(prefix) :]] = f.get_tensor(key)
+        save_file(tower, str(tower_file), metadata={"format": "pt"})
     cwd = os.getcwd()
     os.chdir(local)
     try:
@@ -112,14 +135,22 @@ def _reference_model(checkpoint: Path, work: Path):
     vision_tower.to(dtype=torch.float32)
     model.eval()
     # Every weight the reference uses must be the checkpoint's (no meta or re-initialised ones).
+    # For a frozen tower, its weights must be the standalone ones and differ from the shards'.
     state = model.state_dict()
     checked = 0
     for shard in sorted(local.glob("model-*.safetensors")):
         with safe_open(str(shard), framework="pt") as f:
             for key in f.keys():
-                if key in state:
+                if key in state and not (frozen and key.startswith(prefix)):
                     assert torch.equal(state[key], f.get_tensor(key)), key
                     checked += 1
+                elif key in state:
+                    assert not torch.equal(state[key], f.get_tensor(key)), key
+    if frozen:
+        with safe_open(str(tower_file), framework="pt") as f:
+            for key in f.keys():
+                assert torch.equal(state[prefix + key], f.get_tensor(key)), key
+                checked += 1
     assert checked == len(state), (checked, len(state), sorted(state)[:5])
     return model, tokenizer, vision_tower.image_processor
 
@@ -153,7 +184,7 @@ def run_reference(checkpoints: Path, out_file: Path) -> None:
     digests = json.loads((checkpoints / "digests.json").read_text())
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        for merge in MERGES:
+        for merge in CHECKPOINTS:
             model, tokenizer, image_processor = _reference_model(checkpoints / merge, work)
             golden[f"{merge}/digest"] = np.array(digests[merge])
             for i, (question, _, _) in enumerate(CASES):
@@ -195,15 +226,13 @@ def run_reference(checkpoints: Path, out_file: Path) -> None:
                 golden[f"prompt/{i}"] = np.array(prompt)
                 print(merge, i, tuple(images.shape), logits.shape[0], float(out.loss))
     golden.update(reference_tokenizations(checkpoints / "flat"))
-    golden["versions"] = np.array(
-        json.dumps(
-            {
-                "torch": torch.__version__,
-                "transformers": transformers.__version__,
-                "python": sys.version.split()[0],
-            }
-        )
-    )
+    from importlib.metadata import version
+
+    versions = {"python": sys.version.split()[0], "llava_source": "AIMedLab/PULSE@a439b6c"}
+    versions.update({name: version(name) for name in REFERENCE_PACKAGES})
+    # torch's own string carries the build (e.g. "+cu121"); the wheel's metadata does not.
+    versions.update(torch=torch.__version__, transformers=transformers.__version__)
+    golden["versions"] = np.array(json.dumps(versions))
     out_file.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out_file, **golden)
     print(f"wrote {out_file} ({out_file.stat().st_size} bytes)")

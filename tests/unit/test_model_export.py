@@ -71,3 +71,59 @@ def test_merged_lora_saved_in_pulse_layout_reloads(tiny_pulse_dir, tmp_path):
     again, _ = load_pulse(out)
     with torch.no_grad():
         torch.testing.assert_close(again(**batch).logits, merged(**batch).logits, atol=0, rtol=0)
+
+
+def _hf_unpadded_shape(grid: torch.Tensor, size: tuple[int, int]) -> tuple[int, ...]:
+    from transformers.models.llava_next.modeling_llava_next import unpad_image
+
+    return tuple(unpad_image(grid, (size[1], size[0])).shape)
+
+
+def test_unpad_difference_is_predicted_exactly(unpad):
+    """llava_next_unpad_differs is true exactly where transformers' unpad keeps other rows."""
+    from ecgvlm.model import llava_next_unpad_differs
+    from ecgvlm.model.processor import anyres_grid_shape
+    from ecgvlm.model.pulse import unpad_features
+
+    model, _ = unpad
+    pinpoints = model.pulse_config.image_grid_pinpoints
+    side = model.model.vision_tower.num_patches_per_side
+    differing = []
+    for width in range(16, 200):
+        for height in range(16, 200):
+            size = (width, height)
+            across, down = anyres_grid_shape(size, pinpoints, model.tile_px)
+            grid = torch.empty(1, down * side, across * side)
+            differs = tuple(unpad_features(grid, size).shape) != _hf_unpadded_shape(grid, size)
+            assert llava_next_unpad_differs(size, pinpoints, model.tile_px, side) == differs, size
+            differing.append(differs)
+    print(f"{sum(differing)} of {len(differing)} sizes in [16, 200)^2 unpad differently")
+    assert any(differing) and not all(differing)
+    # PULSE-7B's shapes: the sizes named in docs/model.md.
+    pulse_pins = [(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)]
+    for size in ((88, 55), (176, 110)):
+        assert llava_next_unpad_differs(size, pulse_pins, 336, 24)
+    assert not llava_next_unpad_differs((2200, 1700), pulse_pins, 336, 24)
+
+
+def test_exported_model_differs_on_predicted_size(unpad, tmp_path):
+    from ecgvlm.model import llava_next_unpad_differs
+
+    model, processor = unpad
+    out = export_llava_next(model, processor, tmp_path / "hf")
+    hf = LlavaNextForConditionalGeneration.from_pretrained(str(out), dtype=torch.float32).eval()
+    size = (47, 188)
+    side = model.model.vision_tower.num_patches_per_side
+    pins = model.pulse_config.image_grid_pinpoints
+    assert llava_next_unpad_differs(size, pins, model.tile_px, side)
+    batch = processor([llava_v1("Q")], [noise_image(*size, 9)])
+    ids = batch["input_ids"][0].tolist()
+    at = ids.index(IMAGE_TOKEN_INDEX)
+    n = model.num_image_features(size)
+    hf_ids = torch.tensor([ids[:at] + [model.config.vocab_size] * n + ids[at + 1 :]])
+    with pytest.raises(ValueError, match=f"tokens: {n}, features: (?!{n}\\b)"):
+        hf(
+            input_ids=hf_ids,
+            pixel_values=batch["pixel_values"],
+            image_sizes=batch["image_sizes"].flip(-1),
+        )

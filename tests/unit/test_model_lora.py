@@ -117,3 +117,102 @@ def test_attach_lora_rejects_bad_arguments(fresh):
         attach_lora(model, bias="some")
     with pytest.raises(ValueError, match="r must be"):
         attach_lora(model, r=0)
+
+
+def _llava_lora_target_names(model) -> list[str]:
+    """The rule LLaVA's train.py applies to its model: the last name component of every
+    Linear outside the projector and vision tower, lm_head left out."""
+    names = set()
+    for name, module in model.named_modules():
+        if any(word in name for word in ("mm_projector", "vision_tower", "vision_resampler")):
+            continue
+        if isinstance(module, torch.nn.Linear):
+            names.add(name.split(".")[-1])
+    names.discard("lm_head")
+    return sorted(names)
+
+
+@pytest.mark.parametrize("weights_file", ["adapter_model.safetensors", "adapter_model.bin"])
+def test_adapter_named_as_llava_training_names_it_loads(fresh, batch, tmp_path, weights_file):
+    import json
+
+    from safetensors.torch import save_file
+
+    model, _ = fresh
+    targets = _llava_lora_target_names(model)
+    assert targets == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    r, alpha = 8, 16
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.05,
+        "bias": "none",
+        "target_modules": targets,
+        "base_model_name_or_path": "liuhaotian/llava-v1.6-vicuna-7b",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "modules_to_save": None,
+    }
+    gen = torch.Generator().manual_seed(7)
+    tensors, deltas = {}, {}
+    for name, module in model.named_modules():
+        lm_linear = isinstance(module, torch.nn.Linear) and name.startswith("model.layers.")
+        if lm_linear and name.split(".")[-1] in targets:
+            a = torch.randn(r, module.in_features, generator=gen) * 0.3
+            b = torch.randn(module.out_features, r, generator=gen) * 0.3
+            tensors[f"base_model.model.{name}.lora_A.weight"] = a
+            tensors[f"base_model.model.{name}.lora_B.weight"] = b
+            deltas[name] = (alpha / r) * b @ a
+    adapter = tmp_path / "llava_lora"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    if weights_file.endswith(".bin"):
+        torch.save(tensors, adapter / weights_file)
+    else:
+        save_file(tensors, str(adapter / weights_file))
+    # What the adapter should compute: its deltas merged into the weights by hand.
+    expected_model, _ = load_pulse(model.config._name_or_path)
+    with torch.no_grad():
+        base = expected_model(**batch).logits
+        modules = dict(expected_model.named_modules())
+        for name, delta in deltas.items():
+            modules[name].weight += delta
+        expected = expected_model(**batch).logits
+    peft_model = load_adapter(model, adapter)
+    with torch.no_grad():
+        got = peft_model(**batch).logits
+    # float32 rounding of merged vs separate products; every LM Linear carries a delta.
+    assert (got - expected).abs().max().item() <= 2e-4
+    assert (got - base).abs().max().item() > 0.1
+    # LLaVA's LoRA runs may save a tuned projector next to the adapter: refused, not skipped.
+    (adapter / "non_lora_trainables.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match="non_lora_trainables.bin"):
+        load_adapter(load_pulse(model.config._name_or_path)[0], adapter)
+
+
+def test_our_adapter_names_only_llava_checkpoint_modules(fresh, tiny_pulse_dir, tmp_path):
+    import json
+    import re
+
+    from safetensors import safe_open
+
+    from ecgvlm.model.lora import language_model_target_regex, save_adapter
+
+    model, _ = fresh
+    out = save_adapter(attach_lora(model), tmp_path / "ours")
+    index = json.loads((tiny_pulse_dir / "model.safetensors.index.json").read_text())
+    llava_keys = set(index["weight_map"])  # LLaVA's own parameter names, as its code saves them
+    with safe_open(str(out / "adapter_model.safetensors"), framework="pt") as f:
+        keys = list(f.keys())
+    assert len(keys) == 2 * 2 * 4  # 2 layers x q/k/v/o x lora_A/lora_B
+    for key in keys:
+        module = re.sub(r"^base_model\.model\.|\.lora_[AB]\.weight$", "", key)
+        assert f"{module}.weight" in llava_keys, key
+    regex = json.loads((out / "adapter_config.json").read_text())["target_modules"]
+    assert regex == language_model_target_regex()
+    matched = {
+        k[: -len(".weight")] for k in llava_keys if re.fullmatch(regex, k[: -len(".weight")])
+    }
+    assert len(matched) == 8 and all(m.startswith("model.layers.") for m in matched)

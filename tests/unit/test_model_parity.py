@@ -23,9 +23,10 @@ REFERENCE_DIR = Path(__file__).resolve().parents[1] / "reference"
 sys.path.insert(0, str(REFERENCE_DIR))
 from make_golden import (  # noqa: E402
     CASES,
+    CHECKPOINTS,
     GREEDY_TOKENS,
     IMAGE_PROMPT_CASES,
-    MERGES,
+    REFERENCE_PACKAGES,
     SEED,
     TAIL,
     TOKENIZER_CASES,
@@ -36,10 +37,12 @@ GOLDEN = np.load(REFERENCE_DIR / "golden_logits.npz")
 ATOL = 1e-4
 
 
-@pytest.fixture(scope="module", params=MERGES)
+@pytest.fixture(scope="module", params=sorted(CHECKPOINTS))
 def loaded(request, tmp_path_factory):
     merge = request.param
-    path = make_tiny_pulse(tmp_path_factory.mktemp(f"parity_{merge}"), seed=SEED, merge=merge)
+    path = make_tiny_pulse(
+        tmp_path_factory.mktemp(f"parity_{merge}"), seed=SEED, **CHECKPOINTS[merge]
+    )
     assert checkpoint_digest(path) == str(GOLDEN[f"{merge}/digest"]), (
         "make_tiny_pulse no longer writes the checkpoint the golden logits were made from; "
         "regenerate them (tests/reference/README.md)"
@@ -90,6 +93,11 @@ def test_logits_match_reference(loaded, case):
 def test_golden_records_reference_versions():
     versions = json.loads(str(GOLDEN["versions"]))
     assert versions["transformers"] == "4.37.2" and versions["torch"].startswith("2.1.2")
+    assert set(REFERENCE_PACKAGES) <= set(versions)
+    assert versions["llava_source"] == "AIMedLab/PULSE@a439b6c"
+    readme = (REFERENCE_DIR / "README.md").read_text()
+    for name in REFERENCE_PACKAGES:  # the README names every recorded version
+        assert f"{name} {versions[name]}" in readme, name
 
 
 @pytest.mark.parametrize("legacy", [False, True])
