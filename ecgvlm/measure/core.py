@@ -4,8 +4,8 @@ Steps, for one record:
 
 1. Lead quality: a lead with NaN/inf samples, a flat trace or a saturated one is not used.
 2. neurokit2 cleans each usable lead (``ecg_clean``, its default high-pass and mains notch) and
-   finds R peaks in it (``ecg_peaks``). The leads vote: a beat is kept where at least half of
-   the usable leads (rounded up) saw a peak within ``peak_tolerance_ms``.
+   finds R peaks in it (``ecg_findpeaks``). The leads vote: a beat is kept where a strict
+   majority of the usable leads saw a peak within ``peak_tolerance_ms``.
 3. Global QRS onset and offset come from the spatial slope (the sum over usable leads of the
    absolute first difference): the contiguous region around each R peak where that slope stays
    above ``qrs_slope_fraction`` of its peak. Using all leads at once gives the earliest onset
@@ -388,7 +388,9 @@ def delineate(
     cleaned = np.column_stack([_clean(signal_mv[:, j], fs_hz) for j in used])
     per_lead = [_lead_peaks(cleaned[:, i], fs_hz) for i in range(len(used))]
     tolerance = round(config.peak_tolerance_ms * fs_hz / 1000.0)
-    r = fuse_peaks(per_lead, tolerance, min_votes=max(1, math.ceil(len(used) / 2)))
+    # A strict majority: with two leads both must agree, which keeps one lead's T waves or
+    # noise (MIT-BIH V1) from counting as beats.
+    r = fuse_peaks(per_lead, tolerance, min_votes=len(used) // 2 + 1)
     nan = np.full(r.size, np.nan)
     if r.size == 0:
         return BeatMarks(fs_hz, r, nan, nan, nan, nan, nan, used, ())
