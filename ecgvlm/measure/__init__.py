@@ -19,13 +19,16 @@ from ecgvlm.measure.core import (
     delineate,
     measure_record,
 )
+from ecgvlm.measure.criteria import FindingCheck, check_finding
 
 __all__ = [
     "MEASURE_VERSION",
     "BeatMarks",
     "LeadMeasurements",
+    "FindingCheck",
     "MeasureConfig",
     "Measurements",
+    "check_finding",
     "delineate",
     "measure_record",
 ]

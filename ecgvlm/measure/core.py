@@ -4,8 +4,9 @@ Steps, for one record:
 
 1. Lead quality: a lead with NaN/inf samples, a flat trace or a saturated one is not used.
 2. neurokit2 cleans each usable lead (``ecg_clean``, its default high-pass and mains notch) and
-   finds R peaks in it (``ecg_findpeaks``). The leads vote: a beat is kept where a strict
-   majority of the usable leads saw a peak within ``peak_tolerance_ms``.
+   finds R peaks in it (``ecg_findpeaks``). With three or more usable leads they vote: a beat
+   is kept where a strict majority saw a peak within ``peak_tolerance_ms``; with one or two,
+   the first usable lead's peaks are used.
 3. Global QRS onset and offset come from the spatial slope (the sum over usable leads of the
    absolute first difference): the contiguous region around each R peak where that slope stays
    above ``qrs_slope_fraction`` of its peak. Using all leads at once gives the earliest onset
@@ -34,6 +35,8 @@ from ecgvlm.records import EcgRecord
 MEASURE_VERSION = "1"
 
 QUALITY_OK = "ok"
+# No two ventricular beats are closer than this (300 bpm); closer peaks are one QRS.
+REFRACTORY_MS = 200.0
 T_POLARITIES = ("positive", "negative", "flat")
 
 # Standard limb-lead names, for the frontal axis; aVF is derived from II and I when absent.
@@ -286,6 +289,15 @@ def fuse_peaks(per_lead: list[np.ndarray], tolerance: int, min_votes: int) -> np
     return np.asarray(out, dtype=np.int64)
 
 
+def _refractory(r: np.ndarray, min_gap: int) -> np.ndarray:
+    """Drop a peak closer than ``min_gap`` to the previous kept one (an R' or a notch)."""
+    keep: list[int] = []
+    for p in np.sort(r):
+        if not keep or p - keep[-1] >= min_gap:
+            keep.append(int(p))
+    return np.asarray(keep, dtype=np.int64)
+
+
 def _run_bounds(above: np.ndarray, start: int, gap: int) -> tuple[int, int]:
     """The above-threshold region around ``start``, bridging dips shorter than ``gap``."""
     n = above.size
@@ -388,9 +400,14 @@ def delineate(
     cleaned = np.column_stack([_clean(signal_mv[:, j], fs_hz) for j in used])
     per_lead = [_lead_peaks(cleaned[:, i], fs_hz) for i in range(len(used))]
     tolerance = round(config.peak_tolerance_ms * fs_hz / 1000.0)
-    # A strict majority: with two leads both must agree, which keeps one lead's T waves or
-    # noise (MIT-BIH V1) from counting as beats.
-    r = fuse_peaks(per_lead, tolerance, min_votes=len(used) // 2 + 1)
+    if len(used) >= 3:
+        r = fuse_peaks(per_lead, tolerance, min_votes=len(used) // 2 + 1)
+    else:
+        # Two leads cannot outvote each other: a union lets one lead's T waves or noise
+        # (MIT-BIH V1) count as beats, an intersection drops beats one lead misses. The first
+        # usable lead (II / MLII in the standard orders) decides; the other is a fallback.
+        r = next((p for p in per_lead if p.size >= config.min_beats), per_lead[0])
+    r = _refractory(r, round(REFRACTORY_MS * fs_hz / 1000.0))
     nan = np.full(r.size, np.nan)
     if r.size == 0:
         return BeatMarks(fs_hz, r, nan, nan, nan, nan, nan, used, ())

@@ -16,6 +16,7 @@ import numpy as np
 import wfdb
 
 from ecgvlm.measure import MeasureConfig, delineate, measure_record
+from ecgvlm.records import EcgRecord
 from ecgvlm.signal import read_record
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ecg"
@@ -233,11 +234,13 @@ def _match(det: np.ndarray, ref: np.ndarray, tol: float) -> int:
     return tp
 
 
-def score_mitdb(config: MeasureConfig = MeasureConfig(delineate_waves=False)) -> list[dict]:
+def score_mitdb(
+    config: MeasureConfig = MeasureConfig(delineate_waves=False), minutes: float = 30.0
+) -> list[dict]:
     """R-peak sensitivity/PPV (50 ms) and 10 s rate error per MIT-BIH record.
 
-    The record is cut into consecutive 10 s windows, as prepare does; in each, beats in the
-    first and last 0.5 s are not scored (a window edge cuts them).
+    The first ``minutes`` of each record are cut into consecutive 10 s windows, as prepare
+    does; in each, beats in the first and last 0.5 s are not scored (a window edge cuts them).
     """
     rows = []
     for name in MITDB_RECORDS:
@@ -249,9 +252,7 @@ def score_mitdb(config: MeasureConfig = MeasureConfig(delineate_waves=False)) ->
         n = int(10 * fs)
         tp = fn = fp = 0
         rate_err = []
-        for a in range(0, sig.shape[0] - n + 1, n):
-            from ecgvlm.records import EcgRecord
-
+        for a in range(0, min(sig.shape[0], int(minutes * 60 * fs)) - n + 1, n):
             win = EcgRecord(f"mitdb/{name}@{a}", "mitdb", sig[a : a + n], fs, tuple(rec.sig_name))
             marks = delineate(win.signal_mv, fs, win.leads, config)
             ref = beats[(beats >= a) & (beats < a + n)] - a
@@ -314,3 +315,49 @@ def score_rhythm(config: MeasureConfig = MeasureConfig(delineate_waves=False)) -
             if m.rr_irregular is not None:
                 table[(truth, m.rr_irregular)].append(rec.record_id)
     return table
+
+
+def _fmt(v: object) -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else (
+        f"{v:.1f}" if isinstance(v, float) else str(v))
+
+
+def main() -> None:
+    """Print the validation tables of docs/measure.md (takes a few minutes on one core)."""
+    ludb, rows = score_ludb()
+    qtdb = score_qtdb()
+    print("| mark | LUDB mean ± SD (ms) | LUDB matched | QTDB mean ± SD (ms) | QTDB matched "
+          "| CSE SD tolerance | Martinez 2004 QTDB |")
+    print("|---|---|---|---|---|---|---|")
+    for a, b in zip(ludb, qtdb):
+        mz = MARTINEZ_QTDB_MS[a.mark]
+        print(f"| {a.mark} | {a.mean_ms:.1f} ± {a.sd_ms:.1f} | {a.matched:.1%} ({a.n_ref}) | "
+              f"{b.mean_ms:.1f} ± {b.sd_ms:.1f} | {b.matched:.1%} ({b.n_ref}) | "
+              f"{CSE_SD_MS[a.mark]} | {mz[0]} ± {mz[1]} |")
+    print("\n| LUDB record | PR | ref PR | QRS | ref QRS | QT | ref QT |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['record']} | {_fmt(r['pr_ms'])} | {_fmt(r['ref_pr_ms'])} | {_fmt(r['qrs_ms'])}"
+              f" | {_fmt(r['ref_qrs_ms'])} | {_fmt(r['qt_ms'])} | {_fmt(r['ref_qt_ms'])} |")
+    print("\n| MIT-BIH record | beats | sensitivity | PPV | windows | rate within 5 bpm | rate MAE |")
+    print("|---|---|---|---|---|---|---|")
+    for r in score_mitdb():
+        print(f"| {r['record']} | {r['n_beats']} | {r['sensitivity']:.2%} | {r['ppv']:.2%} | "
+              f"{r['windows']} | {r['rate_within_5']:.1%} | {r['rate_mae']:.2f} |")
+    print("\n| MUSE record | rhythm | rate | MUSE | QRS | MUSE | QT | MUSE | axis | MUSE |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in score_muse():
+        print(f"| {r['record']} | {r['rhythm']} | {_fmt(r['rate'])} | {r['ref_rate']:.0f} | "
+              f"{_fmt(r['qrs_ms'])} | {r['ref_qrs_ms']:.0f} | {_fmt(r['qt_ms'])} | "
+              f"{r['ref_qt_ms']:.0f} | {_fmt(r['axis_deg'])} | {r['ref_axis_deg']:.0f} |")
+    table = score_rhythm()
+    print("\n| label \\ rr_irregular | True | False |")
+    print("|---|---|---|")
+    for truth in ("AF", "sinus"):
+        print(f"| {truth} | {len(table[(truth, True)])} | {len(table[(truth, False)])} |")
+    print("AF called regular:", table[("AF", False)], "sinus called irregular:",
+          table[("sinus", True)])
+
+
+if __name__ == "__main__":
+    main()
