@@ -20,6 +20,7 @@ from ecgvlm.measure.core import (
     measure_record,
 )
 from ecgvlm.measure.criteria import FindingCheck, check_finding
+from ecgvlm.measure.text import format_table, grounded_text
 
 __all__ = [
     "MEASURE_VERSION",
@@ -30,5 +31,7 @@ __all__ = [
     "Measurements",
     "check_finding",
     "delineate",
+    "format_table",
+    "grounded_text",
     "measure_record",
 ]

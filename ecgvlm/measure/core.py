@@ -58,6 +58,8 @@ class MeasureConfig:
         rr_irregular_threshold: ``rr_irregularity`` above this means ``rr_irregular``.
         qrs_slope_fraction: Share of the QRS peak spatial slope (above the record's baseline
             slope) that bounds the QRS.
+        min_slope_share: A detected R peak whose steepest spatial slope is below this share
+            of the median beat's is dropped (a T or P wave, not a QRS).
         delineation_leads: Leads the DWT delineator runs on for P and T, in preference order
             (the record's other usable leads follow, in their order).
         delineation_max_leads: How many usable leads to delineate and fuse (earliest P
@@ -77,6 +79,7 @@ class MeasureConfig:
     premature_fraction: float = 0.8
     rr_irregular_threshold: float = 0.08
     qrs_slope_fraction: float = 0.04
+    min_slope_share: float = 0.3
     delineation_leads: tuple[str, ...] = ("II", "V5", "I", "aVF", "V2", "MLII")
     delineation_max_leads: int = 3
     st_offset_ms: float = 60.0
@@ -92,6 +95,7 @@ class MeasureConfig:
         check_range("premature_fraction", self.premature_fraction, 0.1, 1.0)
         check_range("rr_irregular_threshold", self.rr_irregular_threshold, 0.0, None)
         check_range("qrs_slope_fraction", self.qrs_slope_fraction, 0.01, 0.9)
+        check_range("min_slope_share", self.min_slope_share, 0.0, 1.0)
         check_range("delineation_max_leads", self.delineation_max_leads, 1, 12)
         check_range("st_offset_ms", self.st_offset_ms, 0.0, 200.0)
         check_range("t_flat_mv", self.t_flat_mv, 0.0, None)
@@ -322,13 +326,33 @@ def _run_bounds(above: np.ndarray, start: int, gap: int) -> tuple[int, int]:
     return lo, hi
 
 
-def _qrs_bounds(
-    cleaned: np.ndarray, r: np.ndarray, fs_hz: float, fraction: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """Global QRS onset/offset per beat from the multi-lead spatial slope."""
+def _spatial_slope(cleaned: np.ndarray, fs_hz: float) -> np.ndarray:
+    """Sum over leads of the absolute first difference, smoothed over 8 ms."""
     slope = np.abs(np.diff(cleaned, axis=0)).sum(axis=1)
     width = max(1, round(0.008 * fs_hz))
-    slope = np.convolve(slope, np.ones(width) / width, mode="same")
+    return np.convolve(slope, np.ones(width) / width, mode="same")
+
+
+def _peak_slopes(r: np.ndarray, slope: np.ndarray, half: int) -> np.ndarray:
+    return np.array([slope[max(0, p - half) : p + half + 1].max() for p in r])
+
+
+def _drop_shallow(r: np.ndarray, slope: np.ndarray, half: int, share: float) -> np.ndarray:
+    """Drop peaks whose steepest slope is below ``share`` of the median beat's.
+
+    A QRS is the steepest wave of the ECG; a tall T or P wave that a detector took for an R
+    peak (MIT-BIH 231's blocked P waves) rises at a tenth of its slope.
+    """
+    if r.size < 2:
+        return r
+    peaks = _peak_slopes(r, slope, half)
+    return r[peaks >= share * float(np.median(peaks))]
+
+
+def _qrs_bounds(
+    slope: np.ndarray, r: np.ndarray, fs_hz: float, fraction: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Global QRS onset/offset per beat from the multi-lead spatial slope."""
     base = float(np.percentile(slope, 10))
     half = round(0.06 * fs_hz)
     reach = round(0.14 * fs_hz)
@@ -408,10 +432,12 @@ def delineate(
         # usable lead (II / MLII in the standard orders) decides; the other is a fallback.
         r = next((p for p in per_lead if p.size >= config.min_beats), per_lead[0])
     r = _refractory(r, round(REFRACTORY_MS * fs_hz / 1000.0))
+    slope = _spatial_slope(cleaned, fs_hz)
+    r = _drop_shallow(r, slope, round(0.06 * fs_hz), config.min_slope_share)
     nan = np.full(r.size, np.nan)
     if r.size == 0:
         return BeatMarks(fs_hz, r, nan, nan, nan, nan, nan, used, ())
-    qrs_on, qrs_off = _qrs_bounds(cleaned, r, fs_hz, config.qrs_slope_fraction)
+    qrs_on, qrs_off = _qrs_bounds(slope, r, fs_hz, config.qrs_slope_fraction)
     names = [leads[j] for j in used]
     if not config.delineate_waves:
         return BeatMarks(fs_hz, r, qrs_on, qrs_off, nan, nan, nan, used, ())
