@@ -601,6 +601,23 @@ def measure_record(
     if n_beats < config.min_beats:
         return fail(f"{n_beats} beats found, fewer than {config.min_beats}", n_beats=n_beats)
 
+    try:
+        return _measure_beats(record, config, marks, quality, reasons, bare)
+    except Exception as e:  # noqa: BLE001 - the contract: a reason, never an exception
+        return fail(f"measurement failed: {type(e).__name__}: {e}".split("\n")[0], n_beats=n_beats)
+
+
+def _measure_beats(
+    record: EcgRecord,
+    config: MeasureConfig,
+    marks: BeatMarks,
+    quality: list[str],
+    reasons: dict[str, str],
+    bare: tuple[LeadMeasurements, ...],
+) -> Measurements:
+    """The beat-based values of ``measure_record`` (at least ``min_beats`` beats)."""
+    signal, fs, leads = record.signal_mv, float(record.fs_hz), record.leads
+    n_beats = int(marks.r.size)
     values: dict[str, Any] = {"n_beats": n_beats, **_rhythm(marks.r, fs, config)}
     if config.delineate_waves:
         values["p_wave_fraction"] = _p_wave_fraction(marks)
