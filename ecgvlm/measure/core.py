@@ -6,7 +6,9 @@ Steps, for one record:
 2. neurokit2 cleans each usable lead (``ecg_clean``, its default high-pass and mains notch) and
    finds R peaks in it (``ecg_findpeaks``). With three or more usable leads they vote: a beat
    is kept where a strict majority saw a peak within ``peak_tolerance_ms``; with one or two,
-   the first usable lead's peaks are used.
+   the first usable lead's peaks are used. Peaks closer than 200 ms are one QRS, and a peak
+   whose steepest multi-lead slope is under ``min_slope_share`` of the median beat's is a T
+   or P wave, not a QRS, and is dropped.
 3. Global QRS onset and offset come from the spatial slope (the sum over usable leads of the
    absolute first difference): the contiguous region around each R peak where that slope stays
    above ``qrs_slope_fraction`` of its peak. Using all leads at once gives the earliest onset
