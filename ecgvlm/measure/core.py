@@ -437,7 +437,8 @@ def delineate(
     slope = _spatial_slope(cleaned, fs_hz)
     r = _drop_shallow(r, slope, round(0.06 * fs_hz), config.min_slope_share)
     nan = np.full(r.size, np.nan)
-    if r.size == 0:
+    if r.size < config.min_beats:
+        # Too few beats to measure; neurokit2's delineator would also fail on so short a run.
         return BeatMarks(fs_hz, r, nan, nan, nan, nan, nan, used, ())
     qrs_on, qrs_off = _qrs_bounds(slope, r, fs_hz, config.qrs_slope_fraction)
     names = [leads[j] for j in used]
