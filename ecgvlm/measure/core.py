@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -595,9 +595,13 @@ def measure_record(
 
     if not any(q == QUALITY_OK for q in quality):
         return fail("no usable lead (" + ", ".join(f"{n}: {q}" for n, q in zip(leads, quality)) + ")")
+    n_usable = sum(q == QUALITY_OK for q in quality)
+    # Too few leads for intervals: P waves (p_wave_fraction) need one delineated lead, not
+    # three (a third of the cost on MIT-BIH windows).
+    dconfig = config if n_usable >= config.min_leads_for_intervals else replace(config, delineation_max_leads=1)
     try:
         if marks is None:
-            marks = delineate(signal, fs, leads, config, quality)
+            marks = delineate(signal, fs, leads, dconfig, quality)
     except Exception as e:  # noqa: BLE001 - neurokit2 raises many types on odd signals
         return fail(f"neurokit2 failed on this signal: {type(e).__name__}: {e}".split("\n")[0])
     n_beats = int(marks.r.size)
