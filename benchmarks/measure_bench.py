@@ -25,10 +25,13 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ecgvlm.measure import MeasureConfig, measure_record  # noqa: E402
-from ecgvlm.measure import core  # noqa: E402
-from ecgvlm.render import render_printout  # noqa: E402
-from ecgvlm.signal import read_record  # noqa: E402
+from ecgvlm.measure import (
+    MeasureConfig,
+    core,
+    measure_record,
+)
+from ecgvlm.render import render_printout
+from ecgvlm.signal import read_record
 
 SAMPLE = REPO / "data" / "samples" / "chapman_shaoxing" / "JS00001"
 
@@ -58,8 +61,14 @@ def main() -> None:
 
     rows = [
         ("measure_record, defaults (P/T in 3 leads)", lambda: measure_record(rec)),
-        ("measure_record, P/T in 1 lead", lambda: measure_record(rec, MeasureConfig(delineation_max_leads=1))),
-        ("measure_record, no P/T (delineate_waves=False)", lambda: measure_record(rec, MeasureConfig(delineate_waves=False))),
+        (
+            "measure_record, P/T in 1 lead",
+            lambda: measure_record(rec, MeasureConfig(delineation_max_leads=1)),
+        ),
+        (
+            "measure_record, no P/T (delineate_waves=False)",
+            lambda: measure_record(rec, MeasureConfig(delineate_waves=False)),
+        ),
         ("neurokit2 clean + R peaks, 12 leads", peaks_only),
         ("render_printout, defaults", lambda: render_printout(rec)),
     ]

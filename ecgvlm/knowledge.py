@@ -16,7 +16,6 @@ import yaml
 
 from ecgvlm import labels
 
-
 # What a criterion may compare (the names of ecgvlm.measure's fields, kept here so that
 # loading the knowledge base does not import the measurer; a test checks they agree).
 RECORD_MEASURES = (

@@ -25,8 +25,8 @@ from ecgvlm.measure.text import format_table, grounded_text
 __all__ = [
     "MEASURE_VERSION",
     "BeatMarks",
-    "LeadMeasurements",
     "FindingCheck",
+    "LeadMeasurements",
     "MeasureConfig",
     "Measurements",
     "check_finding",

@@ -35,8 +35,9 @@ class AuditResult:
     contradictions: list[tuple[str, str, str]]  # (record_id, label, check summary)
 
 
-def audit_records(records: Iterable[EcgRecord], config: MeasureConfig = MeasureConfig()) -> AuditResult:
+def audit_records(records: Iterable[EcgRecord], config: MeasureConfig | None = None) -> AuditResult:
     """Measure each record and check each of its labels that has measurable criteria."""
+    config = config or MeasureConfig()
     kb = knowledge_base()
     per_label: dict[str, LabelAudit] = {}
     contradictions = []

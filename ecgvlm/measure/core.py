@@ -386,7 +386,11 @@ def _dwt_marks(cleaned: np.ndarray, r: np.ndarray, fs_hz: float) -> dict[str, np
         warnings.simplefilter("ignore")
         _, marks = _nk().ecg_delineate(cleaned, rpeaks=r, sampling_rate=fs_hz, method="dwt")
     out = {}
-    for key, name in (("ECG_P_Onsets", "p_on"), ("ECG_P_Offsets", "p_off"), ("ECG_T_Offsets", "t_off")):
+    for key, name in (
+        ("ECG_P_Onsets", "p_on"),
+        ("ECG_P_Offsets", "p_off"),
+        ("ECG_T_Offsets", "t_off"),
+    ):
         vals = np.asarray(marks.get(key, []), dtype=np.float64)
         if vals.size != r.size:
             raise RuntimeError(f"neurokit2 returned {vals.size} {key} for {r.size} beats")
@@ -398,7 +402,7 @@ def delineate(
     signal_mv: np.ndarray,
     fs_hz: float,
     leads: tuple[str, ...],
-    config: MeasureConfig = MeasureConfig(),
+    config: MeasureConfig | None = None,
     quality: list[str] | None = None,
 ) -> BeatMarks:
     """Find the beats and their global wave boundaries in a multi-lead signal.
@@ -417,6 +421,7 @@ def delineate(
         RuntimeError: neurokit2 failed on this signal (``measure_record`` turns it into a
             reason).
     """
+    config = config or MeasureConfig()
     if quality is None:
         quality = [lead_quality(signal_mv[:, j], config) for j in range(signal_mv.shape[1])]
     used = tuple(j for j, q in enumerate(quality) if q == QUALITY_OK)
@@ -535,7 +540,9 @@ def _net_qrs_area(x: np.ndarray, marks: BeatMarks) -> float | None:
     return float(np.median(areas)) if areas else None
 
 
-def _axis(signal: np.ndarray, leads: tuple[str, ...], ok: set[str], marks: BeatMarks) -> float | None:
+def _axis(
+    signal: np.ndarray, leads: tuple[str, ...], ok: set[str], marks: BeatMarks
+) -> float | None:
     def col(name: str) -> np.ndarray | None:
         return signal[:, leads.index(name)] if name in ok else None
 
@@ -565,7 +572,7 @@ def _p_wave_fraction(marks: BeatMarks) -> float:
 
 
 def measure_record(
-    record: EcgRecord, config: MeasureConfig = MeasureConfig(), marks: BeatMarks | None = None
+    record: EcgRecord, config: MeasureConfig | None = None, marks: BeatMarks | None = None
 ) -> Measurements:
     """Measure one record. Never raises on bad signals: values become None with a reason.
 
@@ -579,6 +586,7 @@ def measure_record(
         ``min_leads_for_intervals`` usable leads also get intervals, and the axis where the
         limb leads allow.
     """
+    config = config or MeasureConfig()
     signal, fs, leads = record.signal_mv, float(record.fs_hz), record.leads
     reasons: dict[str, str] = {}
     quality = [lead_quality(signal[:, j], config) for j in range(signal.shape[1])]
@@ -594,11 +602,17 @@ def measure_record(
         return Measurements(record.record_id, leads=bare, reasons=reasons, **values)
 
     if not any(q == QUALITY_OK for q in quality):
-        return fail("no usable lead (" + ", ".join(f"{n}: {q}" for n, q in zip(leads, quality)) + ")")
+        return fail(
+            "no usable lead (" + ", ".join(f"{n}: {q}" for n, q in zip(leads, quality)) + ")"
+        )
     n_usable = sum(q == QUALITY_OK for q in quality)
     # Too few leads for intervals: P waves (p_wave_fraction) need one delineated lead, not
-    # three (a third of the cost on MIT-BIH windows).
-    dconfig = config if n_usable >= config.min_leads_for_intervals else replace(config, delineation_max_leads=1)
+    # two or three (half the cost on MIT-BIH windows).
+    dconfig = (
+        config
+        if n_usable >= config.min_leads_for_intervals
+        else replace(config, delineation_max_leads=1)
+    )
     try:
         if marks is None:
             marks = delineate(signal, fs, leads, dconfig, quality)
@@ -659,7 +673,9 @@ def _measure_beats(
             if q != QUALITY_OK:
                 per_lead.append(LeadMeasurements(name, q))
                 continue
-            st, tp, amp = _lead_values(signal[:, j].astype(np.float64), marks, values["rr_mean_ms"], config)
+            st, tp, amp = _lead_values(
+                signal[:, j].astype(np.float64), marks, values["rr_mean_ms"], config
+            )
             per_lead.append(LeadMeasurements(name, q, st, tp, amp))
         leads_out = tuple(per_lead)
     else:
@@ -667,7 +683,14 @@ def _measure_beats(
             f"intervals need {config.min_leads_for_intervals} usable leads for global "
             f"boundaries; this record has {len(marks.used_leads)}"
         )
-        for name in ("pr_ms", "qrs_ms", "qt_ms", "qtc_bazett_ms", "qtc_fridericia_ms", "qrs_axis_deg"):
+        for name in (
+            "pr_ms",
+            "qrs_ms",
+            "qt_ms",
+            "qtc_bazett_ms",
+            "qtc_fridericia_ms",
+            "qrs_axis_deg",
+        ):
             reasons[name] = why
         leads_out = bare
     for name in ("qtc_bazett_ms", "qtc_fridericia_ms"):

@@ -32,7 +32,11 @@ def format_table(m: Measurements) -> str:
     for name in VALUE_FIELDS:
         value = getattr(m, name)
         unit = next((u for suffix, u in _UNITS.items() if name.endswith(suffix)), "")
-        text = f"{_value(value)} {unit}".rstrip() if value is not None else f"- ({m.reasons.get(name, 'not measured')})"
+        text = (
+            f"{_value(value)} {unit}".rstrip()
+            if value is not None
+            else f"- ({m.reasons.get(name, 'not measured')})"
+        )
         lines.append(f"{name:<18}{text}")
     lines.append("")
     lines.append(f"{'lead':<6}{'quality':<11}{'ST J+60 mV':>11}{'T wave':>10}{'QRS p-p mV':>12}")
@@ -45,9 +49,7 @@ def format_table(m: Measurements) -> str:
 
 def _leads_meeting(m: Measurements, measure: str, test) -> list[str]:
     return [
-        lm.lead
-        for lm in m.leads
-        if getattr(lm, measure) is not None and test(getattr(lm, measure))
+        lm.lead for lm in m.leads if getattr(lm, measure) is not None and test(getattr(lm, measure))
     ]
 
 
@@ -75,12 +77,18 @@ def _phrase(measure: str, m: Measurements, abbrev: str) -> str | None:
         return f"QRS axis {m.qrs_axis_deg:+.0f} degrees"
     if measure == "st_deviation_mv":
         sign = -1.0 if abbrev == "STD" else 1.0
-        leads = [lm for lm in m.leads if lm.st_deviation_mv is not None and sign * lm.st_deviation_mv > 0.05]
+        leads = [
+            lm
+            for lm in m.leads
+            if lm.st_deviation_mv is not None and sign * lm.st_deviation_mv > 0.05
+        ]
         if leads:
             worst = max(leads, key=lambda lm: sign * lm.st_deviation_mv)
             what = "depression" if sign < 0 else "elevation"
-            return (f"ST {what} at J+60 ms in {', '.join(lm.lead for lm in leads)} "
-                    f"(up to {abs(worst.st_deviation_mv):.2f} mV in {worst.lead})")
+            return (
+                f"ST {what} at J+60 ms in {', '.join(lm.lead for lm in leads)} "
+                f"(up to {abs(worst.st_deviation_mv):.2f} mV in {worst.lead})"
+            )
     if measure == "t_polarity":
         leads = _leads_meeting(m, "t_polarity", lambda v: v == "negative")
         if leads:
@@ -116,6 +124,8 @@ def grounded_text(abbrev: str, m: Measurements) -> str | None:
     if not first:
         return None
     # Context the reader checks next: rate, then the intervals not already cited.
-    context = [x for x in ("heart_rate_bpm", "pr_ms", "qrs_ms", "qtc_bazett_ms") if x not in measures]
+    context = [
+        x for x in ("heart_rate_bpm", "pr_ms", "qrs_ms", "qtc_bazett_ms") if x not in measures
+    ]
     second = [p for p in (_phrase(x, m, abbrev) for x in context) if p]
     return _sentence(first) + (" " + _sentence(second) if second else "")

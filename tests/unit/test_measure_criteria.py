@@ -26,7 +26,20 @@ def test_measure_names_agree_with_the_measurer() -> None:
 
 def test_measurable_findings_have_criteria() -> None:
     kb = kn.knowledge_base()
-    for abbrev in ("SB", "STach", "AF", "IAVB", "LBBB", "RBBB", "LAD", "RAD", "LQT", "STE", "STD", "LQRSV"):
+    for abbrev in (
+        "SB",
+        "STach",
+        "AF",
+        "IAVB",
+        "LBBB",
+        "RBBB",
+        "LAD",
+        "RAD",
+        "LQT",
+        "STE",
+        "STD",
+        "LQRSV",
+    ):
         assert kb[abbrev].criteria, abbrev
     assert not kb["MI"].criteria
 

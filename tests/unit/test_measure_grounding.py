@@ -18,8 +18,17 @@ def _record(labels: tuple[str, ...]) -> EcgRecord:
 
 def _sb(rate: float) -> Measurements:
     leads = tuple(LeadMeasurements(n, "ok", 0.0, "positive", 1.0) for n in LEADS)
-    return Measurements("t/1", heart_rate_bpm=rate, n_beats=8, p_wave_fraction=1.0, pr_ms=168.0,
-                        qrs_ms=92.0, qt_ms=440.0, qtc_bazett_ms=395.0, leads=leads)
+    return Measurements(
+        "t/1",
+        heart_rate_bpm=rate,
+        n_beats=8,
+        p_wave_fraction=1.0,
+        pr_ms=168.0,
+        qrs_ms=92.0,
+        qt_ms=440.0,
+        qtc_bazett_ms=395.0,
+        leads=leads,
+    )
 
 
 def test_grounded_text_cites_values() -> None:
@@ -51,5 +60,8 @@ def test_make_mcq_grounds_the_target() -> None:
 def test_fallbacks_keep_the_generic_text() -> None:
     rec = _record(("SB",))
     generic = make_mcq(rec, 0, McqConfig()).target_text
-    assert make_mcq(rec, 0, McqConfig(grounded_targets=False), measurements=_sb(48.0)).target_text == generic
+    assert (
+        make_mcq(rec, 0, McqConfig(grounded_targets=False), measurements=_sb(48.0)).target_text
+        == generic
+    )
     assert make_mcq(rec, 0, McqConfig(), measurements=_sb(95.0)).target_text == generic

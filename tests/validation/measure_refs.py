@@ -22,15 +22,29 @@ from ecgvlm.signal import read_record
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ecg"
 LUDB_RECORDS = tuple(str(i) for i in range(1, 21))
 LUDB_LEADS = ("i", "ii", "iii", "avr", "avl", "avf", "v1", "v2", "v3", "v4", "v5", "v6")
-QTDB_RECORDS = ("sel100", "sel103", "sel221", "sel14046", "sel16265", "sel301", "sel803", "sel30", "sele0104", "sele0110")
+QTDB_RECORDS = (
+    "sel100",
+    "sel103",
+    "sel221",
+    "sel14046",
+    "sel16265",
+    "sel301",
+    "sel803",
+    "sel30",
+    "sele0104",
+    "sele0110",
+)
 MITDB_RECORDS = ("100", "106", "202", "231")
 MARKS = ("p_on", "p_off", "qrs_on", "qrs_off", "t_off")
 # CSE committee tolerances for the SD of the error (ms), and Martinez et al. 2004 (wavelet
 # delineator on QTDB): mean ± SD of the error, ms.
 CSE_SD_MS = {"p_on": 10.2, "p_off": 12.7, "qrs_on": 6.5, "qrs_off": 11.6, "t_off": 30.6}
 MARTINEZ_QTDB_MS = {
-    "p_on": (2.0, 14.8), "p_off": (1.9, 12.8), "qrs_on": (4.6, 7.7),
-    "qrs_off": (0.8, 8.7), "t_off": (-1.6, 18.1),
+    "p_on": (2.0, 14.8),
+    "p_off": (1.9, 12.8),
+    "qrs_on": (4.6, 7.7),
+    "qrs_off": (0.8, 8.7),
+    "t_off": (-1.6, 18.1),
 }
 # A detected mark pairs with a reference mark of the same beat within this distance.
 MATCH_MS = 150.0
@@ -52,8 +66,13 @@ def _ludb_waves(record: str, lead: str, peak: str) -> list[tuple[float, int, flo
     for pk in samples[symbols == peak]:
         before = opens[(opens <= pk + 2) & (opens >= pk - 60)]
         after = closes[(closes >= pk - 2) & (closes <= pk + 125)]
-        out.append((float(before.max()) if before.size else math.nan, int(pk),
-                    float(after.min()) if after.size else math.nan))
+        out.append(
+            (
+                float(before.max()) if before.size else math.nan,
+                int(pk),
+                float(after.min()) if after.size else math.nan,
+            )
+        )
     return out
 
 
@@ -99,7 +118,9 @@ def ludb_reference(record: str) -> dict[str, np.ndarray]:
     return ref
 
 
-def _pair_errors(ref: dict[str, np.ndarray], marks, fs_hz: float) -> dict[str, tuple[list[float], int]]:
+def _pair_errors(
+    ref: dict[str, np.ndarray], marks, fs_hz: float
+) -> dict[str, tuple[list[float], int]]:
     """Per mark: errors (ms, detected - reference) of matched marks, and reference count."""
     out: dict[str, tuple[list[float], int]] = {}
     det_r = np.asarray(marks.r, dtype=float)
@@ -137,20 +158,29 @@ def _summarise(acc: dict[str, tuple[list[float], int]]) -> list[MarkScore]:
     for key in MARKS:
         errs, n_ref = acc[key]
         e = np.asarray(errs)
-        out.append(MarkScore(key, float(e.mean()) if e.size else math.nan,
-                             float(e.std(ddof=1)) if e.size > 1 else math.nan,
-                             e.size / n_ref if n_ref else math.nan, n_ref))
+        out.append(
+            MarkScore(
+                key,
+                float(e.mean()) if e.size else math.nan,
+                float(e.std(ddof=1)) if e.size > 1 else math.nan,
+                e.size / n_ref if n_ref else math.nan,
+                n_ref,
+            )
+        )
     return out
 
 
-def _merge(acc: dict[str, tuple[list[float], int]], new: dict[str, tuple[list[float], int]]) -> None:
+def _merge(
+    acc: dict[str, tuple[list[float], int]], new: dict[str, tuple[list[float], int]]
+) -> None:
     for key, (errs, n) in new.items():
         old_errs, old_n = acc.get(key, ([], 0))
         acc[key] = (old_errs + errs, old_n + n)
 
 
-def score_ludb(config: MeasureConfig = MeasureConfig()) -> tuple[list[MarkScore], list[dict]]:
+def score_ludb(config: MeasureConfig | None = None) -> tuple[list[MarkScore], list[dict]]:
     """Boundary errors against LUDB's global marks, and per-record intervals (ms)."""
+    config = config or MeasureConfig()
     acc: dict[str, tuple[list[float], int]] = {}
     rows = []
     for name in LUDB_RECORDS:
@@ -164,9 +194,18 @@ def score_ludb(config: MeasureConfig = MeasureConfig()) -> tuple[list[MarkScore]
             ref_qrs = float(np.nanmedian(ref["qrs_off"] - ref["qrs_on"])) * ms
             ref_qt = float(np.nanmedian(ref["t_off"] - ref["qrs_on"])) * ms
             ref_pr = float(np.nanmedian(ref["qrs_on"] - ref["p_on"])) * ms
-        rows.append({"record": name, "qrs_ms": m.qrs_ms, "ref_qrs_ms": ref_qrs,
-                     "qt_ms": m.qt_ms, "ref_qt_ms": ref_qt, "pr_ms": m.pr_ms, "ref_pr_ms": ref_pr,
-                     "labels": rec.labels})
+        rows.append(
+            {
+                "record": name,
+                "qrs_ms": m.qrs_ms,
+                "ref_qrs_ms": ref_qrs,
+                "qt_ms": m.qt_ms,
+                "ref_qt_ms": ref_qt,
+                "pr_ms": m.pr_ms,
+                "ref_pr_ms": ref_pr,
+                "labels": rec.labels,
+            }
+        )
     return _summarise(acc), rows
 
 
@@ -193,12 +232,13 @@ def _qtdb_reference(name: str) -> dict[str, np.ndarray]:
     return ref
 
 
-def score_qtdb(config: MeasureConfig = MeasureConfig()) -> list[MarkScore]:
+def score_qtdb(config: MeasureConfig | None = None) -> list[MarkScore]:
     """Boundary errors against QTDB's q1c marks (both leads delineated together).
 
     Each annotated beat is delineated inside a 10 s window that starts 2 s before the first
     beat it scores; beats within 6.5 s of that start share the window.
     """
+    config = config or MeasureConfig()
     acc: dict[str, tuple[list[float], int]] = {}
     for name in QTDB_RECORDS:
         rec = wfdb.rdrecord(str(DATA / "qtdb" / name))
@@ -234,14 +274,13 @@ def _match(det: np.ndarray, ref: np.ndarray, tol: float) -> int:
     return tp
 
 
-def score_mitdb(
-    config: MeasureConfig = MeasureConfig(delineate_waves=False), minutes: float = 30.0
-) -> list[dict]:
+def score_mitdb(config: MeasureConfig | None = None, minutes: float = 30.0) -> list[dict]:
     """R-peak sensitivity/PPV (50 ms) and 10 s rate error per MIT-BIH record.
 
     The first ``minutes`` of each record are cut into consecutive 10 s windows, as prepare
     does; in each, beats in the first and last 0.5 s are not scored (a window edge cuts them).
     """
+    config = config or MeasureConfig(delineate_waves=False)
     rows = []
     for name in MITDB_RECORDS:
         rec = wfdb.rdrecord(str(DATA / "mitdb" / name))
@@ -268,25 +307,41 @@ def score_mitdb(
                 ref_rate = 60.0 * fs / float(np.mean(np.diff(ref)))
                 rate_err.append(m.heart_rate_bpm - ref_rate)
         e = np.abs(np.asarray(rate_err))
-        rows.append({"record": name, "sensitivity": tp / (tp + fn), "ppv": tp / (tp + fp),
-                     "n_beats": tp + fn, "windows": e.size,
-                     "rate_within_5": float(np.mean(e <= 5.0)), "rate_mae": float(e.mean())})
+        rows.append(
+            {
+                "record": name,
+                "sensitivity": tp / (tp + fn),
+                "ppv": tp / (tp + fp),
+                "n_beats": tp + fn,
+                "windows": e.size,
+                "rate_within_5": float(np.mean(e <= 5.0)),
+                "rate_mae": float(e.mean()),
+            }
+        )
     return rows
 
 
-def score_muse(config: MeasureConfig = MeasureConfig()) -> list[dict]:
+def score_muse(config: MeasureConfig | None = None) -> list[dict]:
     """Rate, QRS, QT and QRS axis against the GE MUSE values of four Chapman-Shaoxing records."""
+    config = config or MeasureConfig()
     rows = []
     with open(DATA / "chapman_shaoxing" / "muse_measurements.csv", newline="") as f:
         for ref in csv.DictReader(f):
             m = measure_record(read_record(DATA / "chapman_shaoxing" / ref["record"]), config)
-            rows.append({
-                "record": ref["record"], "rhythm": ref["Rhythm"],
-                "rate": m.heart_rate_bpm, "ref_rate": float(ref["VentricularRate"]),
-                "qrs_ms": m.qrs_ms, "ref_qrs_ms": float(ref["QRSDuration"]),
-                "qt_ms": m.qt_ms, "ref_qt_ms": float(ref["QTInterval"]),
-                "axis_deg": m.qrs_axis_deg, "ref_axis_deg": float(ref["RAxis"]),
-            })
+            rows.append(
+                {
+                    "record": ref["record"],
+                    "rhythm": ref["Rhythm"],
+                    "rate": m.heart_rate_bpm,
+                    "ref_rate": float(ref["VentricularRate"]),
+                    "qrs_ms": m.qrs_ms,
+                    "ref_qrs_ms": float(ref["QRSDuration"]),
+                    "qt_ms": m.qt_ms,
+                    "ref_qt_ms": float(ref["QTInterval"]),
+                    "axis_deg": m.qrs_axis_deg,
+                    "ref_axis_deg": float(ref["RAxis"]),
+                }
+            )
     return rows
 
 
@@ -294,11 +349,12 @@ SINUS = {"NSR", "SB", "STach"}
 RHYTHM_DATASETS = ("cpsc2018", "chapman_shaoxing", "cpsc2018_extra", "georgia", "ptb-xl", "ptbdb")
 
 
-def score_rhythm(config: MeasureConfig = MeasureConfig(delineate_waves=False)) -> dict:
+def score_rhythm(config: MeasureConfig | None = None) -> dict:
     """``rr_irregular`` on shared records labelled AF vs sinus rhythm (NSR, SB, STach).
 
     Records carrying both, or flutter or sinus arrhythmia, are left out.
     """
+    config = config or MeasureConfig(delineate_waves=False)
     from ecgvlm.signal import iter_records
 
     table = {("AF", True): [], ("AF", False): [], ("sinus", True): [], ("sinus", False): []}
@@ -318,45 +374,64 @@ def score_rhythm(config: MeasureConfig = MeasureConfig(delineate_waves=False)) -
 
 
 def _fmt(v: object) -> str:
-    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else (
-        f"{v:.1f}" if isinstance(v, float) else str(v))
+    return (
+        "–"
+        if v is None or (isinstance(v, float) and math.isnan(v))
+        else (f"{v:.1f}" if isinstance(v, float) else str(v))
+    )
 
 
 def main() -> None:
     """Print the validation tables of docs/measure.md (takes a few minutes on one core)."""
     ludb, rows = score_ludb()
     qtdb = score_qtdb()
-    print("| mark | LUDB mean ± SD (ms) | LUDB matched | QTDB mean ± SD (ms) | QTDB matched "
-          "| CSE SD tolerance | Martinez 2004 QTDB |")
+    print(
+        "| mark | LUDB mean ± SD (ms) | LUDB matched | QTDB mean ± SD (ms) | QTDB matched "
+        "| CSE SD tolerance | Martinez 2004 QTDB |"
+    )
     print("|---|---|---|---|---|---|---|")
     for a, b in zip(ludb, qtdb):
         mz = MARTINEZ_QTDB_MS[a.mark]
-        print(f"| {a.mark} | {a.mean_ms:.1f} ± {a.sd_ms:.1f} | {a.matched:.1%} ({a.n_ref}) | "
-              f"{b.mean_ms:.1f} ± {b.sd_ms:.1f} | {b.matched:.1%} ({b.n_ref}) | "
-              f"{CSE_SD_MS[a.mark]} | {mz[0]} ± {mz[1]} |")
+        print(
+            f"| {a.mark} | {a.mean_ms:.1f} ± {a.sd_ms:.1f} | {a.matched:.1%} ({a.n_ref}) | "
+            f"{b.mean_ms:.1f} ± {b.sd_ms:.1f} | {b.matched:.1%} ({b.n_ref}) | "
+            f"{CSE_SD_MS[a.mark]} | {mz[0]} ± {mz[1]} |"
+        )
     print("\n| LUDB record | PR | ref PR | QRS | ref QRS | QT | ref QT |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['record']} | {_fmt(r['pr_ms'])} | {_fmt(r['ref_pr_ms'])} | {_fmt(r['qrs_ms'])}"
-              f" | {_fmt(r['ref_qrs_ms'])} | {_fmt(r['qt_ms'])} | {_fmt(r['ref_qt_ms'])} |")
-    print("\n| MIT-BIH record | beats | sensitivity | PPV | windows | rate within 5 bpm | rate MAE |")
+        print(
+            f"| {r['record']} | {_fmt(r['pr_ms'])} | {_fmt(r['ref_pr_ms'])} | {_fmt(r['qrs_ms'])}"
+            f" | {_fmt(r['ref_qrs_ms'])} | {_fmt(r['qt_ms'])} | {_fmt(r['ref_qt_ms'])} |"
+        )
+    print(
+        "\n| MIT-BIH record | beats | sensitivity | PPV | windows | rate within 5 bpm | rate MAE |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in score_mitdb():
-        print(f"| {r['record']} | {r['n_beats']} | {r['sensitivity']:.2%} | {r['ppv']:.2%} | "
-              f"{r['windows']} | {r['rate_within_5']:.1%} | {r['rate_mae']:.2f} |")
+        print(
+            f"| {r['record']} | {r['n_beats']} | {r['sensitivity']:.2%} | {r['ppv']:.2%} | "
+            f"{r['windows']} | {r['rate_within_5']:.1%} | {r['rate_mae']:.2f} |"
+        )
     print("\n| MUSE record | rhythm | rate | MUSE | QRS | MUSE | QT | MUSE | axis | MUSE |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in score_muse():
-        print(f"| {r['record']} | {r['rhythm']} | {_fmt(r['rate'])} | {r['ref_rate']:.0f} | "
-              f"{_fmt(r['qrs_ms'])} | {r['ref_qrs_ms']:.0f} | {_fmt(r['qt_ms'])} | "
-              f"{r['ref_qt_ms']:.0f} | {_fmt(r['axis_deg'])} | {r['ref_axis_deg']:.0f} |")
+        print(
+            f"| {r['record']} | {r['rhythm']} | {_fmt(r['rate'])} | {r['ref_rate']:.0f} | "
+            f"{_fmt(r['qrs_ms'])} | {r['ref_qrs_ms']:.0f} | {_fmt(r['qt_ms'])} | "
+            f"{r['ref_qt_ms']:.0f} | {_fmt(r['axis_deg'])} | {r['ref_axis_deg']:.0f} |"
+        )
     table = score_rhythm()
     print("\n| label \\ rr_irregular | True | False |")
     print("|---|---|---|")
     for truth in ("AF", "sinus"):
         print(f"| {truth} | {len(table[(truth, True)])} | {len(table[(truth, False)])} |")
-    print("AF called regular:", table[("AF", False)], "sinus called irregular:",
-          table[("sinus", True)])
+    print(
+        "AF called regular:",
+        table[("AF", False)],
+        "sinus called irregular:",
+        table[("sinus", True)],
+    )
 
 
 if __name__ == "__main__":
