@@ -79,7 +79,9 @@ def _cmd_measure(args: argparse.Namespace) -> int:
         a = round(args.start_s * rec.fs_hz)
         b = rec.n_samples if not args.duration_s else a + round(args.duration_s * rec.fs_hz)
         if not 0 <= a < min(b, rec.n_samples):
-            raise ValueError(f"--start-s {args.start_s} is outside {rec.record_id} ({rec.duration_s:.1f} s)")
+            raise ValueError(
+                f"--start-s {args.start_s} is outside {rec.record_id} ({rec.duration_s:.1f} s)"
+            )
         rec = EcgRecord(rec.record_id, rec.dataset, rec.signal_mv[a:b], rec.fs_hz, rec.leads,
                         rec.labels, rec.patient_id, rec.start_s + args.start_s)
     m = measure_record(rec)
@@ -104,7 +106,8 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     print(f"{result.n_records} records audited ({len(failures)} unreadable)")
     print(f"{'label':<10}{'consistent':>11}{'contradicted':>13}{'not measurable':>16}")
     for entry in result.labels.values():
-        print(f"{entry.label:<10}{entry.consistent:>11}{entry.inconsistent:>13}{entry.not_measurable:>16}")
+        counts = f"{entry.consistent:>11}{entry.inconsistent:>13}{entry.not_measurable:>16}"
+        print(f"{entry.label:<10}{counts}")
     if result.contradictions:
         print("\nlabels contradicted by measurements")
         for record_id, _, summary in result.contradictions:
