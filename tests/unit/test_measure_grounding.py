@@ -65,3 +65,30 @@ def test_fallbacks_keep_the_generic_text() -> None:
         == generic
     )
     assert make_mcq(rec, 0, McqConfig(), measurements=_sb(95.0)).target_text == generic
+
+
+def test_prepare_shard_stores_measurements_and_grounded_targets(tmp_path) -> None:
+    """build_shard (what each Ray task runs), called directly: no Ray needed."""
+    import json
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    from ecgvlm.dataset import PrepareConfig, SourceConfig, build_shard
+
+    samples = Path(__file__).resolve().parents[2] / "data" / "samples" / "chapman_shaoxing"
+    units = [
+        {"path": str(samples / name), "dataset": "chapman_shaoxing",
+         "record_id": f"chapman_shaoxing/{name}", "patient_id": name, "labels": list(labels),
+         "start_s": 0.0, "windowed": False}
+        for name, labels in (("JS00002", ("SB",)),)
+    ]
+    config = PrepareConfig(sources=(SourceConfig(str(samples)),), output_dir=str(tmp_path))
+    spec = {"units": json.dumps(units), "split": "train", "shard": "train/part-00000"}
+    summary = build_shard(spec, config, str(tmp_path), "test-id")
+    assert summary["n_samples"] == 1 and "measure_s" in summary["timing"]
+    (row,) = pq.read_table(tmp_path / "train" / "part-00000.parquet").to_pylist()
+    m = Measurements.from_dict(json.loads(row["measurements"]))
+    assert 50 <= m.heart_rate_bpm <= 54
+    assert row["option_labels"][row["answer_index"]] == "SB"
+    assert f"Ventricular rate {m.heart_rate_bpm:.0f} bpm" in row["target_text"]
