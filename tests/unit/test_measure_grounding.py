@@ -81,7 +81,7 @@ def test_prepare_shard_stores_measurements_and_grounded_targets(tmp_path) -> Non
         {"path": str(samples / name), "dataset": "chapman_shaoxing",
          "record_id": f"chapman_shaoxing/{name}", "patient_id": name, "labels": list(labels),
          "start_s": 0.0, "windowed": False}
-        for name, labels in (("JS00002", ("SB",)),)
+        for name, labels in (("JS00002", ("SB", "TAb")),)
     ]
     config = PrepareConfig(sources=(SourceConfig(str(samples)),), output_dir=str(tmp_path))
     spec = {"units": json.dumps(units), "split": "train", "shard": "train/part-00000"}
