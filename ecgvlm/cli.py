@@ -69,6 +69,54 @@ def _cmd_datasets(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _cmd_measure(args: argparse.Namespace) -> int:
+    import json
+
+    from ecgvlm.measure import check_finding, format_table, measure_record
+    from ecgvlm.records import EcgRecord
+    from ecgvlm.signal import read_record
+
+    rec = read_record(args.path, dataset=args.dataset)
+    if args.start_s or args.duration_s:
+        a = round(args.start_s * rec.fs_hz)
+        b = rec.n_samples if not args.duration_s else a + round(args.duration_s * rec.fs_hz)
+        if not 0 <= a < min(b, rec.n_samples):
+            raise ValueError(
+                f"--start-s {args.start_s} is outside {rec.record_id} ({rec.duration_s:.1f} s)"
+            )
+        rec = EcgRecord(rec.record_id, rec.dataset, rec.signal_mv[a:b], rec.fs_hz, rec.leads,
+                        rec.labels, rec.patient_id, rec.start_s + args.start_s)
+    m = measure_record(rec)
+    if args.json:
+        print(json.dumps(m.to_dict(), indent=1))
+        return 0
+    print(format_table(m))
+    checks = [check_finding(lab, m) for lab in rec.labels if not lab.startswith("UNK:")]
+    if checks:
+        print("\nlabels against measurements")
+        for c in checks:
+            print(f"  {c.summary()}")
+    return 0
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from ecgvlm.measure.audit import audit_records
+    from ecgvlm.signal import ReadFailure, iter_records
+
+    failures: list[ReadFailure] = []
+    result = audit_records(iter_records(args.root, dataset=args.dataset, failures=failures))
+    print(f"{result.n_records} records audited ({len(failures)} unreadable)")
+    print(f"{'label':<10}{'consistent':>11}{'contradicted':>13}{'not measurable':>16}")
+    for entry in result.labels.values():
+        counts = f"{entry.consistent:>11}{entry.inconsistent:>13}{entry.not_measurable:>16}"
+        print(f"{entry.label:<10}{counts}")
+    if result.contradictions:
+        print("\nlabels contradicted by measurements")
+        for record_id, _, summary in result.contradictions:
+            print(f"  {record_id}  {summary}")
+    return 0
+
+
 def _cmd_render(args: argparse.Namespace) -> int:
     from dataclasses import replace
     from pathlib import Path
@@ -359,6 +407,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("root", help="a dataset folder or a folder of dataset folders")
     s.add_argument("--dataset", default=None)
     s.set_defaults(func=_cmd_datasets)
+
+    s = dsub.add_parser("audit", help="records whose labels contradict their measurements")
+    s.add_argument("root", help="a dataset folder or a folder of dataset folders")
+    s.add_argument("--dataset", default=None)
+    s.set_defaults(func=_cmd_audit)
+
+    p = sub.add_parser("measure", help="rate, rhythm, intervals, axis and ST of a record")
+    p.add_argument("path", help="record path as wfdb takes it (no extension)")
+    p.add_argument("--dataset", default=None, help="dataset key when it cannot be recognised")
+    p.add_argument("--start-s", type=float, default=0.0, help="start this far into the record")
+    p.add_argument("--duration-s", type=float, default=None, help="measure only this long")
+    p.add_argument("--json", action="store_true", help="print the measurements as JSON")
+    p.set_defaults(func=_cmd_measure)
 
     p = sub.add_parser("render", help="draw a record as a clinical printout PNG")
     p.add_argument("path")

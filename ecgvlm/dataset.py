@@ -48,6 +48,7 @@ import numpy as np
 import ecgvlm
 from ecgvlm.config import ConfigError, absolute_path, check_range, config_to_dict, save_config
 from ecgvlm.mcq import McqConfig, McqError, known_findings, make_mcq
+from ecgvlm.measure import MEASURE_VERSION, measure_record
 from ecgvlm.prompt import PROMPT_VERSION, conversation_json, llava_record
 from ecgvlm.records import EcgRecord, McqSample
 from ecgvlm.render import RenderConfig
@@ -63,6 +64,7 @@ COLUMNS = (
     "sample_id", "dataset", "record_id", "patient_id", "start_s", "labels", "png",
     "question", "options", "option_labels", "answer_index", "answer_letter", "target_text",
     "conversation", "render_config_hash", "mcq_config_hash", "prompt_version", "seed", "split",
+    "measurements",
 )
 
 
@@ -376,11 +378,16 @@ def safe_name(sample_id: str) -> str:
 
 
 def sample_row(
-    sample: McqSample, split: str, render_config_hash: str, mcq_config_hash: str
+    sample: McqSample,
+    split: str,
+    render_config_hash: str,
+    mcq_config_hash: str,
+    measurements: str = "null",
 ) -> dict[str, Any]:
-    """The Parquet row of one sample (``COLUMNS``)."""
+    """The Parquet row of one sample (``COLUMNS``); ``measurements`` is the record's JSON."""
     row = sample.to_row()
     row.update(
+        measurements=measurements,
         conversation=conversation_json(sample.question, sample.options, sample.target_text),
         render_config_hash=render_config_hash,
         mcq_config_hash=mcq_config_hash,
@@ -466,14 +473,20 @@ def build_shard(
             finally:
                 timers["render_s"] += time.perf_counter() - t
             t = time.perf_counter()
+            # Never a reject: a record that cannot be measured keeps its generic target, and
+            # the reasons travel in the measurements column.
+            measured = measure_record(rec)
+            measured_json = json.dumps(measured.to_dict())
+            timers["measure_s"] += time.perf_counter() - t
+            t = time.perf_counter()
             for k in range(config.questions_per_record):
                 try:
-                    sample = make_mcq(rec, config.seed + k, config.mcq)
+                    sample = make_mcq(rec, config.seed + k, config.mcq, measurements=measured)
                 except McqError as e:
                     rejects.append(_reject("mcq", path, u.record_id, e))
                     continue
                 sample = replace(sample, png=png)
-                rows.append(sample_row(sample, split, render_hash, mcq_hash))
+                rows.append(sample_row(sample, split, render_hash, mcq_hash, measured_json))
                 if config.llava:
                     image = f"images/{split}/{safe_name(sample.sample_id)}.png"
                     images[image] = png
@@ -745,6 +758,7 @@ def _manifest(
         "columns": list(COLUMNS),
         "code_version": code_version(),
         "prompt_version": PROMPT_VERSION,
+        "measure_version": MEASURE_VERSION,
         "render_config_hash": config.render.config_hash(),
         "mcq_config_hash": config.mcq.config_hash(),
         "config": config_to_dict(config),

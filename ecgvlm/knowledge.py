@@ -16,6 +16,43 @@ import yaml
 
 from ecgvlm import labels
 
+# What a criterion may compare (the names of ecgvlm.measure's fields, kept here so that
+# loading the knowledge base does not import the measurer; a test checks they agree).
+RECORD_MEASURES = (
+    "heart_rate_bpm", "rr_mean_ms", "rr_sd_ms", "rr_irregularity", "rr_irregular", "n_beats",
+    "premature_beats", "p_wave_fraction", "pr_ms", "qrs_ms", "qt_ms", "qtc_bazett_ms",
+    "qtc_fridericia_ms", "qrs_axis_deg",
+)
+LEAD_MEASURES = ("st_deviation_mv", "t_polarity", "qrs_amplitude_mv")
+CRITERION_OPS = ("<", "<=", ">", ">=", "==")
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """One measurable criterion of a finding, e.g. ``heart_rate_bpm < 60``.
+
+    Attributes:
+        measure: A field of ``ecgvlm.measure.Measurements`` (``RECORD_MEASURES``) or, with
+            ``leads``, of ``LeadMeasurements`` (``LEAD_MEASURES``).
+        op: One of ``CRITERION_OPS``.
+        value: The threshold (a number, a bool, or a T polarity string).
+        leads: For per-lead measures: the leads it is checked in.
+        min_leads: For per-lead measures: how many of ``leads`` must meet it.
+    """
+
+    measure: str
+    op: str
+    value: float | bool | str
+    leads: tuple[str, ...] = ()
+    min_leads: int = 1
+
+    def __str__(self) -> str:
+        value = str(self.value).lower() if isinstance(self.value, bool) else self.value
+        text = f"{self.measure} {self.op} {value}"
+        if self.leads:
+            text += f" in at least {self.min_leads} of {', '.join(self.leads)}"
+        return text
+
 
 class KnowledgeError(RuntimeError):
     """The packaged knowledge base is inconsistent (a programming error, named precisely)."""
@@ -38,6 +75,7 @@ class FindingKnowledge:
             carrying one of these labels (they rule it out).
         guideline: Key of the guideline whose criteria the entry follows.
         guideline_citation: That guideline's full citation.
+        criteria: Measurable criteria (all must hold); empty where none is measurable.
     """
 
     abbrev: str
@@ -51,6 +89,7 @@ class FindingKnowledge:
     distractor_only_with: tuple[str, ...]
     guideline: str
     guideline_citation: str
+    criteria: tuple[Criterion, ...] = ()
 
     @property
     def option_text(self) -> str:
@@ -67,6 +106,30 @@ def _load_raw() -> dict[str, Any]:
     if not isinstance(data, dict) or "findings" not in data or "guidelines" not in data:
         raise KnowledgeError("knowledge.yaml must hold 'guidelines' and 'findings' mappings")
     return data
+
+
+def _criteria(entry: dict[str, Any], abbrev: str) -> tuple[Criterion, ...]:
+    raw = entry.get("criteria", []) or []
+    if not isinstance(raw, list):
+        raise KnowledgeError(f"knowledge.yaml: {abbrev}.criteria must be a list")
+    out = []
+    for i, c in enumerate(raw):
+        where = f"knowledge.yaml: {abbrev}.criteria[{i}]"
+        if not isinstance(c, dict) or set(c) - {"measure", "op", "value", "leads", "min_leads"}:
+            raise KnowledgeError(f"{where} must map measure, op, value[, leads, min_leads]")
+        leads = tuple(c.get("leads", ()) or ())
+        allowed = LEAD_MEASURES if leads else RECORD_MEASURES
+        if c.get("measure") not in allowed:
+            raise KnowledgeError(
+                f"{where}: measure {c.get('measure')!r} is not one of {', '.join(allowed)}"
+            )
+        if c.get("op") not in CRITERION_OPS:
+            raise KnowledgeError(f"{where}: op {c.get('op')!r} is not one of {CRITERION_OPS}")
+        min_leads = int(c.get("min_leads", 1))
+        if leads and not 1 <= min_leads <= len(leads):
+            raise KnowledgeError(f"{where}: min_leads must be in [1, {len(leads)}]")
+        out.append(Criterion(c["measure"], c["op"], c.get("value"), leads, min_leads))
+    return tuple(out)
 
 
 def _str_tuple(entry: dict[str, Any], key: str, abbrev: str) -> tuple[str, ...]:
@@ -127,6 +190,7 @@ def knowledge_base() -> dict[str, FindingKnowledge]:
             distractor_only_with=only_with,
             guideline=entry["guideline"],
             guideline_citation=guidelines[entry["guideline"]],
+            criteria=_criteria(entry, abbrev),
         )
     return out
 

@@ -18,12 +18,16 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ecgvlm.config import ConfigError, check_choice, check_range, config_to_dict
 from ecgvlm.knowledge import FindingKnowledge, knowledge_base
 from ecgvlm.labels import findings, is_unknown
 from ecgvlm.prompt import LETTERS, format_target
 from ecgvlm.records import EcgRecord, McqSample
+
+if TYPE_CHECKING:
+    from ecgvlm.measure import Measurements
 
 MIN_OPTIONS = 4
 MAX_OPTIONS = 8
@@ -49,6 +53,9 @@ class McqConfig:
         question: The question stem.
         label_pool: Findings distractors may come from; empty means the whole knowledge base.
         contrast: Whether the explanation also says how the first hard distractor would look.
+        grounded_targets: Where ``make_mcq`` is given the record's measurements and they meet
+            the correct finding's criteria, the explanation cites them
+            (``ecgvlm.measure.grounded_text``) instead of the generic description.
     """
 
     n_options: int = 4
@@ -57,6 +64,7 @@ class McqConfig:
     question: str = DEFAULT_QUESTION
     label_pool: tuple[str, ...] = ()
     contrast: bool = True
+    grounded_targets: bool = True
 
     def __post_init__(self) -> None:
         check_range("n_options", self.n_options, MIN_OPTIONS, MAX_OPTIONS)
@@ -137,15 +145,25 @@ def option_text(entry: FindingKnowledge, style: str) -> str:
 
 
 def explain(
-    correct: str, record: EcgRecord, config: McqConfig, contrast_with: str | None = None
+    correct: str,
+    record: EcgRecord,
+    config: McqConfig,
+    contrast_with: str | None = None,
+    measurements: Measurements | None = None,
 ) -> str:
     """The explanation that follows "The answer is X." in the training target.
 
-    It states the criteria of the correct finding, optionally the key features the first hard
-    distractor would show instead, and the record's other labelled findings.
+    It states the criteria of the correct finding (or, with ``grounded_targets`` and
+    measurements that meet them, the record's own values), optionally the key features the
+    first hard distractor would show instead, and the record's other labelled findings.
     """
     kb = knowledge_base()
-    parts = [kb[correct].description]
+    grounded = None
+    if config.grounded_targets and measurements is not None:
+        from ecgvlm.measure.text import grounded_text
+
+        grounded = grounded_text(correct, measurements)
+    parts = [grounded or kb[correct].description]
     if config.contrast and contrast_with is not None:
         features = list(kb[contrast_with].key_features)
         listed = features[0] if len(features) == 1 else ", ".join(features[:-1]) + " and " + features[-1]
@@ -158,7 +176,12 @@ def explain(
     return " ".join(parts)
 
 
-def make_mcq(record: EcgRecord, seed: int, config: McqConfig | None = None) -> McqSample:
+def make_mcq(
+    record: EcgRecord,
+    seed: int,
+    config: McqConfig | None = None,
+    measurements: Measurements | None = None,
+) -> McqSample:
     """Make one multiple-choice question about ``record``.
 
     Args:
@@ -166,6 +189,8 @@ def make_mcq(record: EcgRecord, seed: int, config: McqConfig | None = None) -> M
         seed: Picks the finding asked about (for multi-label records), the distractors and the
             answer's position; the same (record, seed, config) always gives the same sample.
         config: How many options, how many hard distractors, option wording.
+        measurements: ``ecgvlm.measure.measure_record(record)``, for grounded targets; None
+            keeps the generic explanation.
 
     Returns:
         An McqSample without image bytes (the prepare job adds the PNG).
@@ -201,7 +226,9 @@ def make_mcq(record: EcgRecord, seed: int, config: McqConfig | None = None) -> M
     option_labels = shuffled[:answer_index] + [correct] + shuffled[answer_index:]
     options = [option_text(kb[label], config.option_style) for label in option_labels]
     letter = LETTERS[answer_index]
-    explanation = explain(correct, record, config, contrast_with=hard[0] if hard else None)
+    explanation = explain(
+        correct, record, config, contrast_with=hard[0] if hard else None, measurements=measurements
+    )
     return McqSample(
         sample_id=f"{record.record_id}#q{seed}",
         record_id=record.record_id,

@@ -23,6 +23,7 @@ from ecgvlm.dataset import (
     split_files,
 )
 from ecgvlm.mcq import McqConfig, make_mcq
+from ecgvlm.measure import MEASURE_VERSION, Measurements, measure_record
 from ecgvlm.prompt import conversation_turns, parse_answer
 from ecgvlm.render import RenderConfig, render_printout
 from ecgvlm.signal import read_record
@@ -89,10 +90,15 @@ def test_manifest_counts_match_the_shards(prepared):
     assert result.n_samples == 9 + 4 + 180
     assert manifest["code_version"]["ecgvlm"]
     assert manifest["render_config_hash"] == config.render.config_hash()
+    assert manifest["measure_version"] == MEASURE_VERSION
     for name, split in manifest["splits"].items():
         rows = [r for f in split_files(config.output_dir, name) for r in pq.read_table(f).to_pylist()]
         assert len(rows) == split["n_samples"]
         assert sum(split["answer_letters"].values()) == len(rows)
+        # Every sample carries its record's measurements (rate at least, or the reason).
+        for r in rows:
+            m = Measurements.from_dict(json.loads(r["measurements"]))
+            assert m.heart_rate_bpm is not None or m.reasons["heart_rate_bpm"]
         label_counts = {}
         for r in rows:
             for lab in r["labels"]:
@@ -132,7 +138,7 @@ def test_rows_round_trip_into_the_same_samples(prepared, sources):
     samples = {s.record_id: s for n in config.splits for s in load_split(config.output_dir, n)}
     rec = read_record(sources / "cpsc2018" / "A0043")
     stored = samples["cpsc2018/A0043"]
-    expected = make_mcq(rec, config.seed, config.mcq)
+    expected = make_mcq(rec, config.seed, config.mcq, measurements=measure_record(rec))
     assert stored.options == expected.options and stored.target_text == expected.target_text
     assert stored.answer_letter == expected.answer_letter and stored.labels == ("AF", "RBBB")
     assert stored.png == render_printout(rec, config.render, seed=config.seed).png
