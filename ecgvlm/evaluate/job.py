@@ -27,36 +27,25 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import re
 import time
-import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from ecgvlm.config import check_choice, check_range, config_to_dict, save_config
-from ecgvlm.judge import JudgeConfig
-
-#: Columns of predictions.parquet, in order (DESIGN.md names the first eight).
-PREDICTION_COLUMNS: tuple[str, ...] = (
-    "sample_id",
-    "dataset",
-    "model",
-    "true_label",
-    "answer_letter",
-    "predicted_letter",
-    "predicted_label",
-    "explanation",
-    "raw_text",
-    "error",
-    "latency_s",
-    "attempts",
-    "prompt_version",
-    "finished_utc",
+from ecgvlm.evaluate.client import (
+    _MAX_BACKOFF_S,
+    ChatClient,
+    explanation_of,
+    list_models,
+    predict_one,
 )
+from ecgvlm.evaluate.errors import EvaluationError
+from ecgvlm.evaluate.judge import JudgeConfig
+from ecgvlm.evaluate.store import PredictionStore, prediction_schema
 
 #: Split columns the evaluation reads (``png`` only inside the pipeline, never in the driver).
 SPLIT_META_COLUMNS: tuple[str, ...] = (
@@ -69,14 +58,8 @@ SPLIT_META_COLUMNS: tuple[str, ...] = (
     "target_text",
 )
 
-_RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
-_MAX_BACKOFF_S = 30.0
 # Predictions are also flushed when this long has passed, so slow models lose little on a kill.
 _FLUSH_S = 10.0
-
-
-class EvaluationError(RuntimeError):
-    """The evaluation cannot run: no split, an unreachable endpoint, a bad output dir."""
 
 
 @dataclass(frozen=True)
@@ -239,285 +222,6 @@ def select_samples(meta: Any, datasets: tuple[str, ...], limit_per_dataset: int)
 
 
 # ---------------------------------------------------------------------------------------------
-# Stored predictions: part files written as they arrive, consolidated at the end
-# ---------------------------------------------------------------------------------------------
-
-
-def prediction_schema() -> Any:
-    import pyarrow as pa
-
-    return pa.schema(
-        [
-            ("sample_id", pa.string()),
-            ("dataset", pa.string()),
-            ("model", pa.string()),
-            ("true_label", pa.string()),
-            ("answer_letter", pa.string()),
-            ("predicted_letter", pa.string()),
-            ("predicted_label", pa.string()),
-            ("explanation", pa.string()),
-            ("raw_text", pa.string()),
-            ("error", pa.string()),
-            ("latency_s", pa.float64()),
-            ("attempts", pa.int32()),
-            ("prompt_version", pa.string()),
-            ("finished_utc", pa.string()),
-        ]
-    )
-
-
-class PredictionStore:
-    """Predictions of one output directory, keyed by (sample_id, model).
-
-    New rows go to ``predictions/part-<run>-<n>.parquet`` (written to a temporary name and
-    renamed, so a killed run leaves whole files or none); ``consolidate`` merges the parts
-    and any earlier ``predictions.parquet`` into a new ``predictions.parquet``, keeping the
-    latest row per key, and removes the merged parts.
-    """
-
-    def __init__(self, output_dir: str | Path) -> None:
-        self.output_dir = Path(output_dir)
-        self.parts_dir = self.output_dir / "predictions"
-        self.path = self.output_dir / "predictions.parquet"
-        self._run = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
-        self._seq = 0
-
-    def _sources(self) -> list[Path]:
-        parts = sorted(self.parts_dir.glob("part-*.parquet")) if self.parts_dir.is_dir() else []
-        return ([self.path] if self.path.is_file() else []) + parts
-
-    def load(self) -> Any:
-        """All stored rows, latest per key (pandas DataFrame with PREDICTION_COLUMNS)."""
-        import pandas as pd
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        schema = prediction_schema()
-        tables = []
-        for path in self._sources():
-            table = pq.read_table(path)
-            # Older files may lack newer columns: add them as nulls.
-            for name in schema.names:
-                if name not in table.schema.names:
-                    table = table.append_column(name, pa.nulls(len(table), schema.field(name).type))
-            tables.append(table.select(schema.names).cast(schema))
-        if not tables:
-            return pd.DataFrame({name: pd.Series(dtype=object) for name in schema.names})
-        frame = pa.concat_tables(tables).to_pandas()
-        # Sources are read oldest first, so keeping the last row per key keeps the newest.
-        frame = frame.drop_duplicates(["sample_id", "model"], keep="last").reset_index(drop=True)
-        # Nulls of text columns as None (pandas reads them as NaN), so rows read back as the
-        # Prediction records they were written from.
-        for name in schema.names:
-            if pa.types.is_string(schema.field(name).type):
-                frame[name] = frame[name].astype(object).where(frame[name].notna(), None)
-        return frame
-
-    def done_keys(self, retry_errors: bool = True) -> set[tuple[str, str]]:
-        """Keys that need no new request (errored ones only when ``retry_errors`` is off)."""
-        frame = self.load()
-        if retry_errors:
-            frame = frame[frame["error"].isna()]
-        return set(zip(frame["sample_id"], frame["model"]))
-
-    def append(self, rows: list[dict[str, Any]]) -> Path | None:
-        """Write ``rows`` as one new part file, atomically."""
-        if not rows:
-            return None
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        self.parts_dir.mkdir(parents=True, exist_ok=True)
-        schema = prediction_schema()
-        table = pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in rows], schema)
-        self._seq += 1
-        final = self.parts_dir / f"part-{self._run}-{self._seq:06d}.parquet"
-        tmp = final.with_suffix(".parquet.tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, final)
-        return final
-
-    def consolidate(self) -> Any:
-        """Merge everything into ``predictions.parquet`` (sorted, one row per key)."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        sources = self._sources()
-        frame = self.load().sort_values(["model", "dataset", "sample_id"]).reset_index(drop=True)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".parquet.tmp")
-        pq.write_table(pa.Table.from_pandas(frame, prediction_schema(), preserve_index=False), tmp)
-        os.replace(tmp, self.path)
-        for path in sources:
-            if path != self.path:
-                path.unlink()
-        return frame
-
-
-# ---------------------------------------------------------------------------------------------
-# The HTTP client
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ChatResult:
-    """One chat request's outcome: the reply text, or the error after all retries."""
-
-    text: str | None
-    error: str | None
-    latency_s: float
-    attempts: int
-
-
-def _retry_after_s(error: Any) -> float | None:
-    response = getattr(error, "response", None)
-    value = response.headers.get("retry-after") if response is not None else None
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
-
-
-class ChatClient:
-    """Calls ``POST {endpoint}/chat/completions`` with retries and backoff.
-
-    Built on the ``openai`` client with its own retries off, so the retry policy (which
-    errors, how many times, how long to wait) is this class's and is counted per request.
-
-    Args:
-        endpoint: Base URL ending in ``/v1``.
-        api_key: Sent as a bearer token; local endpoints ignore it.
-        timeout_s, max_retries, backoff_s, max_tokens, temperature: As in EvalConfig.
-    """
-
-    def __init__(
-        self,
-        endpoint: str,
-        api_key: str = "EMPTY",
-        timeout_s: float = 120.0,
-        max_retries: int = 3,
-        backoff_s: float = 1.0,
-        max_tokens: int = 256,
-        temperature: float = 0.0,
-    ) -> None:
-        import openai
-
-        self._openai = openai
-        self.client = openai.OpenAI(
-            base_url=endpoint, api_key=api_key, timeout=timeout_s, max_retries=0
-        )
-        self.max_retries = max_retries
-        self.backoff_s = backoff_s
-        self.max_tokens = max_tokens
-        self.temperature = temperature
-        self._rng = random.Random()
-
-    def _retryable(self, error: Exception) -> bool:
-        openai = self._openai
-        if isinstance(error, openai.APIStatusError):
-            return error.status_code in _RETRYABLE_STATUS
-        # Connection refused/reset, time-outs, and a body that is not a completion.
-        return isinstance(error, (openai.APIConnectionError, openai.APIResponseValidationError,
-                                  ValueError))
-
-    def chat(self, model: str, messages: list[dict[str, Any]]) -> ChatResult:
-        """The assistant's reply text, or the last error once retries are spent."""
-        start = time.perf_counter()
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                response = self.client.chat.completions.create(
-                    model=model,
-                    messages=messages,
-                    max_tokens=self.max_tokens,
-                    temperature=self.temperature,
-                )
-                if not response.choices:
-                    raise ValueError("reply has no choices")
-                text = response.choices[0].message.content or ""
-                return ChatResult(text, None, time.perf_counter() - start, attempt)
-            except Exception as e:  # noqa: BLE001 - classified below; never dropped
-                if attempt > self.max_retries or not self._retryable(e):
-                    message = f"{type(e).__name__}: {e}"
-                    return ChatResult(None, message[:500], time.perf_counter() - start, attempt)
-                delay = _retry_after_s(e)
-                if delay is None:
-                    delay = self.backoff_s * 2 ** (attempt - 1) * (0.5 + self._rng.random())
-                time.sleep(min(delay, _MAX_BACKOFF_S))
-
-    def close(self) -> None:
-        self.client.close()
-
-
-def list_models(endpoint: str, api_key: str = "EMPTY", timeout_s: float = 10.0) -> dict[str, str | None]:
-    """The models ``GET {endpoint}/models`` lists: id -> None when it can answer, else why not.
-
-    Our endpoint's model cards carry ``available`` and ``reason`` (e.g. gpt-4o without an
-    OpenAI key on the server); plain OpenAI-compatible servers list available models only.
-
-    Raises:
-        EvaluationError: when the endpoint cannot be reached or answers with an error.
-    """
-    import openai
-
-    client = openai.OpenAI(base_url=endpoint, api_key=api_key, timeout=timeout_s, max_retries=2)
-    try:
-        cards = list(client.models.list())
-    except openai.OpenAIError as e:
-        raise EvaluationError(f"endpoint {endpoint} did not list its models: {e}") from e
-    finally:
-        client.close()
-    out: dict[str, str | None] = {}
-    for card in cards:
-        extra = card.model_extra or {}
-        available = extra.get("available", True) is not False
-        out[card.id] = None if available else str(extra.get("reason") or "listed as unavailable")
-    return out
-
-
-_ANSWER_LEAD = re.compile(
-    r"^\s*(?:\**\s*)?(?:the\s+)?(?:correct\s+)?answer\s*(?:is|:)\s*\**\s*[(\[]?[A-Za-z][)\]]?\**"
-    r"\s*[.:,)\-–]?\s*",
-    flags=re.IGNORECASE,
-)
-
-
-def explanation_of(text: str) -> str:
-    """The reply without its leading answer statement ("The answer is B. ..." -> "...")."""
-    return _ANSWER_LEAD.sub("", text, count=1).strip()
-
-
-def predict_one(client: ChatClient, row: Mapping[str, Any], model: str) -> dict[str, Any]:
-    """Ask ``model`` one MCQ and turn the reply into a predictions.parquet row."""
-    from ecgvlm.prompt import PROMPT_VERSION, chat_messages, letter_index, parse_answer
-
-    options = list(row["options"])
-    option_labels = list(row["option_labels"])
-    answer_letter = str(row["answer_letter"])
-    true_label = option_labels[letter_index(answer_letter, len(options))]
-    messages = chat_messages(row["question"], options, row["png"])
-    result = client.chat(model, messages)
-    letter = parse_answer(result.text, options) if result.text is not None else None
-    return {
-        "sample_id": row["sample_id"],
-        "dataset": row["dataset"],
-        "model": model,
-        "true_label": true_label,
-        "answer_letter": answer_letter,
-        "predicted_letter": letter,
-        "predicted_label": option_labels[letter_index(letter, len(options))] if letter else None,
-        "explanation": explanation_of(result.text) if result.text else "",
-        "raw_text": result.text or "",
-        "error": result.error,
-        "latency_s": result.latency_s,
-        "attempts": result.attempts,
-        "prompt_version": PROMPT_VERSION,
-        "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
-# ---------------------------------------------------------------------------------------------
 # The Ray Data pipeline
 # ---------------------------------------------------------------------------------------------
 
@@ -669,7 +373,7 @@ def reference_description(true_label: str, target_text: str = "") -> str:
 
 def judge_items(predictions: Any, meta: Any, config: JudgeConfig) -> list[Any]:
     """The sampled explanations to judge, with their references (see ``judge.sample_for_judging``)."""
-    from ecgvlm.judge import JudgeItem, reference_text, sample_for_judging
+    from ecgvlm.evaluate.judge import JudgeItem, reference_text, sample_for_judging
     from ecgvlm.prompt import format_question, letter_index
 
     chosen = sample_for_judging(predictions.to_dict("records"), config.n_samples, config.seed)
@@ -708,7 +412,7 @@ def run_judge(
     """
     import pandas as pd
 
-    from ecgvlm.judge import RUBRIC_VERSION, JudgeUnavailableError, OpenAIJudge, judge_all
+    from ecgvlm.evaluate.judge import RUBRIC_VERSION, JudgeUnavailableError, OpenAIJudge, judge_all
     from ecgvlm.records import Judgement
 
     if not config.enabled:
@@ -777,10 +481,10 @@ def evaluate(config: EvalConfig) -> tuple[Any, dict[str, Path]]:
     Raises:
         EvaluationError: no split shards, an unreachable endpoint, or no model to evaluate.
     """
-    from ecgvlm.judge import RUBRIC_VERSION, summarize_judgements
-    from ecgvlm.metrics import metrics_by_model_and_dataset
+    from ecgvlm.evaluate.judge import RUBRIC_VERSION, summarize_judgements
+    from ecgvlm.evaluate.metrics import metrics_by_model_and_dataset
+    from ecgvlm.evaluate.report import EvalReport, git_sha, write_report
     from ecgvlm.prompt import PROMPT_VERSION
-    from ecgvlm.report import EvalReport, git_sha, write_report
 
     started = time.perf_counter()
     out = Path(config.output_dir)
