@@ -22,7 +22,9 @@ from ecgvlm.evaluate.job import (
     SPLIT_META_COLUMNS,
     ChatCaller,
     EvalConfig,
+    blind_baseline_rows,
     block_bytes,
+    chance_by_dataset,
     evaluate,
     expand_pending,
     judge_items,
@@ -31,7 +33,9 @@ from ecgvlm.evaluate.job import (
     reference_description,
     run_judge,
     run_predictions,
+    sample_cluster,
     select_samples,
+    source_recording,
     split_files,
 )
 from ecgvlm.evaluate.store import PREDICTION_COLUMNS, PredictionStore, prediction_schema
@@ -45,7 +49,9 @@ __all__ = [
     "EvalConfig",
     "EvaluationError",
     "PredictionStore",
+    "blind_baseline_rows",
     "block_bytes",
+    "chance_by_dataset",
     "evaluate",
     "expand_pending",
     "explanation_of",
@@ -58,6 +64,8 @@ __all__ = [
     "reference_description",
     "run_judge",
     "run_predictions",
+    "sample_cluster",
     "select_samples",
+    "source_recording",
     "split_files",
 ]

@@ -12,7 +12,14 @@ again once, and if the second reply fails too the sample is recorded as a judge 
 Any OpenAI-compatible server can judge (:class:`OpenAIJudge`: the OpenAI API with gpt-4o by
 default, or a local endpoint); tests use a fake behind the :class:`Judge` protocol or a fake
 HTTP server. ``RUBRIC_VERSION`` is a short hash of the prompt text, so a report names exactly
-which rubric produced its scores.
+which rubric produced its scores; :func:`request_hash` hashes everything a judge request
+depends on (the full messages, with the explanation and reference, and the judge's model,
+server, temperature and output settings), so a stored score is reused only for the very
+same request.
+
+Scores are compared **paired**: per data set, means run over the sample ids that every model
+had judged successfully, and differences between two models are means of per-sample
+differences with a bootstrap interval that resamples patients (or recordings).
 
 Nothing here opens a connection on import.
 """
@@ -31,6 +38,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ecgvlm.config import check_range
+from ecgvlm.evaluate.metrics import cluster_bootstrap_mean
 from ecgvlm.records import Judgement
 
 #: The study's criteria, in table order.
@@ -228,6 +236,23 @@ def judge_messages(item: JudgeItem) -> list[dict[str, str]]:
     return [{"role": "system", "content": RUBRIC_SYSTEM}, {"role": "user", "content": user}]
 
 
+def request_hash(item: JudgeItem, config: JudgeConfig) -> str:
+    """Short hash of one judge request: the full messages and every setting that shapes the
+    reply (model, base URL, temperature, JSON mode, token cap). Equal hashes, same request."""
+    blob = json.dumps(
+        {
+            "messages": judge_messages(item),
+            "model": config.model,
+            "base_url": config.base_url,
+            "temperature": config.temperature,
+            "json_mode": config.json_mode,
+            "max_tokens": config.max_tokens,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def parse_judge_reply(text: str) -> tuple[dict[str, int], str]:
     """Validate a judge reply strictly.
 
@@ -328,18 +353,8 @@ def judge_all(
     return out
 
 
-def sample_for_judging(
-    rows: Iterable[Mapping[str, Any]], n_samples: int, seed: int
-) -> dict[tuple[str, str], list[str]]:
-    """Pick up to ``n_samples`` sample ids per (model, data set), the same ids for every model.
-
-    Per data set, the ids that every model answered (no request error) are shuffled with
-    ``np.random.default_rng(seed)`` over their sorted order and the first ``n_samples`` taken,
-    so the draw is reproducible and the models are compared on the same ECGs.
-
-    Returns:
-        {(model, dataset): [sample_id, ...]}.
-    """
+def _answered(rows: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, set[str]]]:
+    """Data set -> model -> ids answered without a request error."""
     answered: dict[str, dict[str, set[str]]] = {}
     for row in rows:
         dataset, model = str(row["dataset"]), str(row["model"])
@@ -349,46 +364,140 @@ def sample_for_judging(
         # A null read back through pandas may be NaN rather than None.
         if error is None or (isinstance(error, float) and np.isnan(error)) or error == "":
             ids.add(str(row["sample_id"]))
+    return answered
+
+
+def unanswered_groups(rows: Iterable[Mapping[str, Any]]) -> list[tuple[str, str]]:
+    """(model, data set) pairs where every request failed: nothing of theirs can be judged,
+    and they are left out of the other models' common sample (see ``sample_for_judging``)."""
+    return sorted(
+        (model, dataset)
+        for dataset, per_model in _answered(rows).items()
+        for model, ids in per_model.items()
+        if not ids
+    )
+
+
+def sample_for_judging(
+    rows: Iterable[Mapping[str, Any]], n_samples: int, seed: int
+) -> dict[tuple[str, str], list[str]]:
+    """Pick up to ``n_samples`` sample ids per (model, data set), the same ids for every model.
+
+    Per data set, the ids that every model answered (no request error) are shuffled with
+    ``np.random.default_rng(seed)`` over their sorted order and the first ``n_samples`` taken,
+    so the draw is reproducible and the models are compared on the same ECGs. A model whose
+    every request on a data set failed is left out of that data set (and of the intersection,
+    which would otherwise be empty for all models); :func:`unanswered_groups` names it.
+
+    Returns:
+        {(model, dataset): [sample_id, ...]}.
+    """
     out: dict[tuple[str, str], list[str]] = {}
-    for dataset, per_model in sorted(answered.items()):
-        common = sorted(set.intersection(*per_model.values())) if per_model else []
+    for dataset, per_model in sorted(_answered(rows).items()):
+        answering = {m: ids for m, ids in per_model.items() if ids}
+        common = sorted(set.intersection(*answering.values())) if answering else []
         order = np.random.default_rng(seed).permutation(len(common))
         chosen = [common[i] for i in order[:n_samples]]
-        for model in sorted(per_model):
+        for model in sorted(answering):
             out[(model, dataset)] = chosen
     return out
 
 
-def summarize_judgements(
-    judgements: Iterable[Judgement], n_boot: int = 1000, seed: int = 0
-) -> dict[str, dict[str, dict[str, Any]]]:
-    """Table 2 numbers: per model and data set, each criterion's mean, sd and bootstrap CI.
+def _paired_ids(items: dict[str, list[Judgement]]) -> tuple[set[str], dict[str, str]]:
+    """Ids judged successfully for every model with any success, and the models left out."""
+    ok = {m: {j.sample_id for j in js if j.failure is None} for m, js in items.items()}
+    excluded = {m: "every judgement failed" for m, ids in ok.items() if not ids}
+    kept = [ids for m, ids in ok.items() if m not in excluded]
+    return (set.intersection(*kept) if kept else set()), excluded
 
-    Failures are counted (``n_failures``) and left out of the means.
+
+def summarize_judgements(
+    judgements: Iterable[Judgement],
+    n_boot: int = 1000,
+    seed: int = 0,
+    clusters: Mapping[str, Any] | None = None,
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Table 2 numbers: per model and data set, each criterion's paired mean, sd and CI.
+
+    Means run over the sample ids that every model of the data set had judged successfully
+    (``n_paired``), so models are compared on the same ECGs; a model with no successful
+    judgement on a data set is left out of that pairing (``excluded`` says why). Failures are
+    counted (``n_failures``). Intervals resample the ids' clusters (patients or recordings).
+
+    Args:
+        clusters: sample id -> its patient (or recording); ids without one are their own.
 
     Returns:
-        ``{model: {dataset: {"n": int, "n_failures": int, criterion: {"mean", "sd",
-        "ci": [lo, hi]}}}}`` (a criterion's entry is None when no judgement succeeded).
+        ``{model: {dataset: {"n": int, "n_failures": int, "n_paired": int, "excluded"?: str,
+        criterion: {"mean", "sd", "ci": [lo, hi]}}}}`` (a criterion's entry is None when no
+        paired judgement exists).
     """
-    groups: dict[tuple[str, str], list[Judgement]] = {}
+    clusters = clusters or {}
+    by_dataset: dict[str, dict[str, list[Judgement]]] = {}
     for j in judgements:
-        groups.setdefault((j.model, j.dataset), []).append(j)
+        by_dataset.setdefault(j.dataset, {}).setdefault(j.model, []).append(j)
     out: dict[str, dict[str, dict[str, Any]]] = {}
-    for (model, dataset), items in sorted(groups.items()):
-        ok = [j for j in items if j.failure is None]
-        entry: dict[str, Any] = {"n": len(items), "n_failures": len(items) - len(ok)}
-        for criterion in CRITERIA:
-            values = np.array([getattr(j, criterion) for j in ok], dtype=np.float64)
-            if len(values) == 0:
-                entry[criterion] = None
-                continue
-            rng = np.random.default_rng(seed)
-            means = values[rng.integers(0, len(values), size=(n_boot, len(values)))].mean(axis=1)
-            lo, hi = np.percentile(means, [2.5, 97.5])
-            entry[criterion] = {
-                "mean": float(values.mean()),
-                "sd": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
-                "ci": [float(lo), float(hi)],
+    for dataset, per_model in sorted(by_dataset.items()):
+        paired, excluded = _paired_ids(per_model)
+        for model, items in sorted(per_model.items()):
+            ok = sorted((j for j in items if j.failure is None and j.sample_id in paired),
+                        key=lambda j: j.sample_id)
+            entry: dict[str, Any] = {
+                "n": len(items),
+                "n_failures": sum(j.failure is not None for j in items),
+                "n_paired": len(ok),
             }
-        out.setdefault(model, {})[dataset] = entry
+            if model in excluded:
+                entry["excluded"] = excluded[model]
+            groups = [clusters.get(j.sample_id) for j in ok]
+            for criterion in CRITERIA:
+                values = np.array([getattr(j, criterion) for j in ok], dtype=np.float64)
+                if len(values) == 0:
+                    entry[criterion] = None
+                    continue
+                lo, hi = cluster_bootstrap_mean(values, groups, n_boot=n_boot, seed=seed)
+                entry[criterion] = {
+                    "mean": float(values.mean()),
+                    "sd": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+                    "ci": [lo, hi],
+                }
+            out.setdefault(model, {})[dataset] = entry
+    return out
+
+
+def paired_differences(
+    judgements: Iterable[Judgement],
+    n_boot: int = 1000,
+    seed: int = 0,
+    clusters: Mapping[str, Any] | None = None,
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per data set and pair of models ("a - b", names sorted): the mean per-sample difference
+    of each criterion over the ids both had judged successfully, with a paired bootstrap CI
+    that resamples the ids' clusters (patients or recordings).
+
+    Returns:
+        ``{dataset: {"a - b": {"n": int, criterion: {"mean", "ci": [lo, hi]}}}}``.
+    """
+    clusters = clusters or {}
+    scores: dict[str, dict[str, dict[str, Judgement]]] = {}
+    for j in judgements:
+        if j.failure is None:
+            scores.setdefault(j.dataset, {}).setdefault(j.model, {})[j.sample_id] = j
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for dataset, per_model in sorted(scores.items()):
+        models = sorted(per_model)
+        for i, a in enumerate(models):
+            for b in models[i + 1:]:
+                ids = sorted(set(per_model[a]) & set(per_model[b]))
+                if not ids:
+                    continue
+                groups = [clusters.get(s) for s in ids]
+                entry: dict[str, Any] = {"n": len(ids)}
+                for criterion in CRITERIA:
+                    diff = np.array([getattr(per_model[a][s], criterion)
+                                     - getattr(per_model[b][s], criterion) for s in ids],
+                                    dtype=np.float64)
+                    lo, hi = cluster_bootstrap_mean(diff, groups, n_boot=n_boot, seed=seed)
+                    entry[criterion] = {"mean": float(diff.mean()), "ci": [lo, hi]}
+                out.setdefault(dataset, {})[f"{a} - {b}"] = entry
     return out

@@ -1,8 +1,8 @@
-"""Classification metrics of MCQ answers, as the study reports them, with bootstrap CIs.
+"""Classification metrics of MCQ answers, as the study reports them, with honest intervals.
 
 The study's Table 1 reports balanced accuracy and weighted precision, recall and F1 per data
 set and model; we add macro-F1, the unparseable-answer rate, a per-class report, the confusion
-matrix and percentile bootstrap 95% confidence intervals, plus a prior-only baseline row.
+matrix and 95% confidence intervals, plus a blind baseline row that never sees the ECG.
 
 Conventions (the numbers in ``metrics.json`` depend on them):
 
@@ -10,22 +10,35 @@ Conventions (the numbers in ``metrics.json`` depend on them):
   letters, so they compare across questions whose options are shuffled.
 * An answer that could not be parsed, or a request that failed, is counted **wrong**: its
   prediction becomes :data:`UNPARSEABLE`, a class that is never a true label. It is never
-  replaced by a guess.
+  replaced by a guess. Precision is a property of predicted classes, so an unparseable answer
+  lowers recall and accuracy but no class's precision: weighted precision covers parsed
+  answers only.
 * Per-class averages run over the classes present among the true labels (a class that is
   only ever predicted has no support: it lowers the precision of nothing and the recall of
   the classes it was wrongly chosen for). ``macro_f1`` is the unweighted mean F1 over those
   classes; ``weighted_*`` weight each by its support; ``balanced_accuracy`` is the mean
   recall (sklearn's definition).
-* The prior-only baseline (:func:`prior_baseline`) by default always predicts the most
-  frequent true label of the evaluated set (ties broken alphabetically): it needs no image
-  and shows what the label distribution alone scores. ``strategy="sample"`` instead draws
-  each prediction from the empirical label prior with a seeded generator.
+* Intervals are percentile bootstrap intervals that resample **clusters**, not rows: windows
+  of one patient (or, without a patient id, of one source recording) are not independent,
+  and resampling rows makes intervals far too narrow. The resampling is stratified by true
+  class: for each class, the (cluster, class) cells holding it are drawn with replacement, so
+  every resample holds every class and class-averaged metrics average over the same classes
+  as the point estimate. (The correlation between one patient's cells of different classes
+  is not kept.) Where the bootstrap degenerates (a zero-width interval, or n < 10), rates
+  (accuracy, weighted recall, the unparseable rate, and balanced accuracy of a single-class
+  row) get a Wilson score interval instead; ``ci_method`` says which.
+* The blind baseline (:func:`option_prior_baseline`, model :data:`PRIOR_MODEL`) answers each
+  question with the offered option whose finding is most frequent among the correct answers
+  of the **training** split (ties broken by a seeded draw). On prior-balanced questions it
+  scores near chance (1 / number of options); far above chance means the questions can be
+  passed without looking.
 
 This module imports numpy and scikit-learn only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -47,12 +60,19 @@ METRIC_NAMES: tuple[str, ...] = (
     "accuracy",
 )
 
-#: The model name of the prior-only baseline rows in tables and ``metrics.json``.
+#: The model name of the blind baseline's rows in tables and ``metrics.json``.
 PRIOR_MODEL = "prior-baseline"
 
-PRIOR_STRATEGIES = ("majority", "sample")
+#: Metrics that are proportions of samples: they get an exact-coverage (Wilson) interval where
+#: the bootstrap degenerates.
+RATE_METRICS: tuple[str, ...] = ("accuracy", "weighted_recall", "unparseable_rate")
 
-# Resamples per vectorised chunk are capped so that one chunk's index array stays ~80 MB.
+#: Rows smaller than this are flagged: their numbers mean little.
+MIN_RELIABLE_N = 10
+#: Rows with fewer clusters (patients or recordings) than this are flagged.
+MIN_RELIABLE_CLUSTERS = 5
+
+# Resamples per vectorised chunk are capped so that one chunk's weight array stays ~80 MB.
 _BOOTSTRAP_CHUNK_ELEMENTS = 10_000_000
 
 
@@ -71,8 +91,14 @@ class ClassificationMetrics:
             request failed); all of them are counted wrong.
         n: Number of samples.
         n_unparseable: Number of samples counted unparseable.
-        ci: Metric name -> (low, high) percentile bootstrap interval.
+        ci: Metric name -> (low, high) interval (see ``ci_method``).
         ci_level: Coverage of ``ci`` (0.95).
+        ci_method: Metric name -> ``"cluster bootstrap"`` or ``"wilson"`` (where the
+            bootstrap degenerated).
+        ci_unit: What the bootstrap resampled: ``"patient"``, ``"recording"`` or ``"sample"``.
+        n_clusters: How many of those units the samples come from.
+        flags: Why the row's numbers may mislead (few samples, one true class, few patients);
+            empty when none applies.
         n_boot: Number of bootstrap resamples (0: no CIs).
         seed: Seed of the bootstrap generator.
         labels: The true classes (sorted) that the averages run over.
@@ -94,6 +120,10 @@ class ClassificationMetrics:
     n_unparseable: int
     ci: dict[str, tuple[float, float]] = field(default_factory=dict)
     ci_level: float = 0.95
+    ci_method: dict[str, str] = field(default_factory=dict)
+    ci_unit: str = "sample"
+    n_clusters: int = 0
+    flags: tuple[str, ...] = ()
     n_boot: int = 0
     seed: int = 0
     labels: tuple[str, ...] = ()
@@ -106,6 +136,7 @@ class ClassificationMetrics:
         data = asdict(self)
         data["ci"] = {k: [float(lo), float(hi)] for k, (lo, hi) in self.ci.items()}
         data["labels"] = list(self.labels)
+        data["flags"] = list(self.flags)
         data["confusion_labels"] = list(self.confusion_labels)
         data["confusion"] = [list(row) for row in self.confusion]
         return data
@@ -185,17 +216,78 @@ def _confusion_batch(t: np.ndarray, p: np.ndarray, k: int, idx: np.ndarray) -> n
     return counts.reshape(idx.shape[0], k, k + 1)
 
 
+def cluster_ids(
+    clusters: Sequence[Any] | None, n: int
+) -> np.ndarray:
+    """Integer cluster codes; None, NaN or "" entries (and ``clusters=None``) are their own."""
+    if clusters is None:
+        return np.arange(n, dtype=np.int64)
+    if len(clusters) != n:
+        raise MetricsError(f"clusters has {len(clusters)} entries but there are {n} samples")
+    index: dict[Any, int] = {}
+    out = np.empty(n, dtype=np.int64)
+    for i, c in enumerate(clusters):
+        missing = c is None or c == "" or (isinstance(c, float) and np.isnan(c))
+        key = ("\x00row", i) if missing else c
+        out[i] = index.setdefault(key, len(index))
+    return out
+
+
+def _cells(t: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(cell of each row, true class of each cell): one cell per (true class, cluster)."""
+    keys = t * (int(g.max()) + 1) + g
+    uniq, cell_of_row = np.unique(keys, return_inverse=True)
+    return cell_of_row.astype(np.int64), (uniq // (int(g.max()) + 1)).astype(np.int64)
+
+
+def _cell_weights(cell_class: np.ndarray, k: int, b: int, rng: np.random.Generator) -> np.ndarray:
+    """How often each cell is drawn in each of ``b`` resamples, shape (b, n_cells).
+
+    For every class, as many cells as hold it are drawn with replacement from those cells.
+    """
+    n_cells = len(cell_class)
+    weights = np.zeros(b * n_cells, dtype=np.int64)
+    offsets = (np.arange(b, dtype=np.int64) * n_cells)[:, None]
+    for c in range(k):
+        members = np.flatnonzero(cell_class == c)
+        if len(members) == 0:
+            continue
+        draws = members[rng.integers(0, len(members), size=(b, len(members)))]
+        weights += np.bincount((draws + offsets).ravel(), minlength=b * n_cells)
+    return weights.reshape(b, n_cells)
+
+
+def wilson_interval(successes: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``successes / n`` (never degenerate for n >= 1)."""
+    from statistics import NormalDist
+
+    if n < 1:
+        raise MetricsError(f"n must be >= 1, got {n}")
+    z = NormalDist().inv_cdf(1 - (1 - level) / 2)
+    phat = successes / n
+    denom = 1 + z * z / n
+    centre = (phat + z * z / (2 * n)) / denom
+    half = z * np.sqrt(phat * (1 - phat) / n + z * z / (4 * n * n)) / denom
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
 def bootstrap_ci(
     y_true: Sequence[str],
     y_pred: Sequence[str | None],
     n_boot: int = 1000,
     seed: int = 0,
     level: float = 0.95,
+    clusters: Sequence[Any] | None = None,
 ) -> dict[str, tuple[float, float]]:
     """Percentile bootstrap intervals of :data:`METRIC_NAMES` and the unparseable rate.
 
-    Samples are resampled with replacement ``n_boot`` times from ``np.random.default_rng(seed)``;
-    all resamples are scored at once from their confusion counts (chunked to bound memory).
+    Resamples (cluster, true class) cells, stratified by class (see the module docstring):
+    ``n_boot`` resamples from ``np.random.default_rng(seed)``, all scored at once from their
+    confusion counts (chunked to bound memory).
+
+    Args:
+        clusters: The cluster (patient or source recording) of each sample; None treats
+            every sample as its own cluster.
 
     Returns:
         Metric name -> (low, high) at ``level`` coverage.
@@ -206,24 +298,68 @@ def bootstrap_ci(
         raise MetricsError(f"level must be in (0, 1), got {level}")
     true, pred = as_label_arrays(y_true, y_pred)
     _, t, p = _encode(true, pred)
-    unparseable = (pred == UNPARSEABLE).astype(np.float64)
     k = int(t.max()) + 1
-    n = len(t)
+    cell_of_row, cell_class = _cells(t, cluster_ids(clusters, len(t)))
+    n_cells = len(cell_class)
+    # Per cell: its confusion counts (flattened K x (K+1)) and its unparseable count.
+    width = k * (k + 1)
+    codes = t * (k + 1) + p
+    cell_counts = np.zeros((n_cells, width + 1), dtype=np.float64)
+    np.add.at(cell_counts, (cell_of_row, codes), 1.0)
+    np.add.at(cell_counts, (cell_of_row, np.full(len(t), width)), (pred == UNPARSEABLE) * 1.0)
     rng = np.random.default_rng(seed)
-    chunk = max(1, _BOOTSTRAP_CHUNK_ELEMENTS // n)
+    chunk = max(1, _BOOTSTRAP_CHUNK_ELEMENTS // max(n_cells, len(t)))
     parts: dict[str, list[np.ndarray]] = {name: [] for name in (*METRIC_NAMES, "unparseable_rate")}
     for start in range(0, n_boot, chunk):
-        idx = rng.integers(0, n, size=(min(chunk, n_boot - start), n))
-        scores = _scores_from_confusion(_confusion_batch(t, p, k, idx))
+        weights = _cell_weights(cell_class, k, min(chunk, n_boot - start), rng)
+        summed = weights @ cell_counts
+        conf = summed[:, :width].round().astype(np.int64).reshape(-1, k, k + 1)
+        scores = _scores_from_confusion(conf)
         for name in METRIC_NAMES:
             parts[name].append(scores[name])
-        parts["unparseable_rate"].append(unparseable[idx].mean(axis=1))
+        parts["unparseable_rate"].append(summed[:, width] / conf.sum(axis=(1, 2)))
     tail = (1 - level) / 2 * 100
     out = {}
     for name, chunks in parts.items():
         lo, hi = np.percentile(np.concatenate(chunks), [tail, 100 - tail])
         out[name] = (float(lo), float(hi))
     return out
+
+
+def cluster_bootstrap_mean(
+    values: Sequence[float],
+    clusters: Sequence[Any] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values``, resampling clusters.
+
+    Each resample draws as many clusters as there are, with replacement, and takes the mean
+    over all values of the drawn clusters (a cluster drawn twice counts twice).
+    """
+    if n_boot < 1:
+        raise MetricsError(f"n_boot must be >= 1, got {n_boot}")
+    x = np.asarray(values, dtype=np.float64)
+    if len(x) == 0:
+        raise MetricsError("no values to average")
+    g = cluster_ids(clusters, len(x))
+    _, g = np.unique(g, return_inverse=True)
+    n_g = int(g.max()) + 1
+    sums = np.bincount(g, weights=x, minlength=n_g)
+    counts = np.bincount(g, minlength=n_g).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    chunk = max(1, _BOOTSTRAP_CHUNK_ELEMENTS // n_g)
+    means = []
+    for start in range(0, n_boot, chunk):
+        b = min(chunk, n_boot - start)
+        draws = rng.integers(0, n_g, size=(b, n_g))
+        w = np.bincount((draws + (np.arange(b) * n_g)[:, None]).ravel(),
+                        minlength=b * n_g).reshape(b, n_g)
+        means.append((w @ sums) / (w @ counts))
+    tail = (1 - level) / 2 * 100
+    lo, hi = np.percentile(np.concatenate(means), [tail, 100 - tail])
+    return float(lo), float(hi)
 
 
 def point_scores(y_true: Sequence[str], y_pred: Sequence[str | None]) -> dict[str, float]:
@@ -287,8 +423,10 @@ def classification_metrics(
     n_boot: int = 1000,
     seed: int = 0,
     level: float = 0.95,
+    clusters: Sequence[Any] | None = None,
+    cluster_unit: str = "sample",
 ) -> ClassificationMetrics:
-    """All metrics of one model on one data set: sklearn point estimates plus bootstrap CIs.
+    """All metrics of one model on one data set: sklearn point estimates plus intervals.
 
     Args:
         y_true: True labels (canonical finding abbreviations), one per sample.
@@ -296,6 +434,8 @@ def classification_metrics(
         n_boot: Bootstrap resamples; 0 skips the intervals.
         seed: Seed of the bootstrap generator.
         level: Coverage of the intervals.
+        clusters: The patient (or source recording) of each sample; None: each its own.
+        cluster_unit: What a cluster is, for the report (``patient``, ``recording``).
     """
     from sklearn.metrics import balanced_accuracy_score, f1_score, precision_recall_fscore_support
 
@@ -311,20 +451,50 @@ def classification_metrics(
         warnings.simplefilter("ignore", UserWarning)
         balanced = balanced_accuracy_score(true, pred)
     conf_labels, conf = confusion(true, pred)
+    n = len(true)
     n_unparseable = int((pred == UNPARSEABLE).sum())
-    ci = bootstrap_ci(true, pred, n_boot=n_boot, seed=seed, level=level) if n_boot else {}
+    n_correct = int((true == pred).sum())
+    unit = cluster_unit if clusters is not None else "sample"
+    n_clusters = len(np.unique(cluster_ids(clusters, n)))
+    ci: dict[str, tuple[float, float]] = {}
+    method: dict[str, str] = {}
+    if n_boot:
+        ci = bootstrap_ci(true, pred, n_boot=n_boot, seed=seed, level=level, clusters=clusters)
+        method = {name: f"{unit} bootstrap" for name in ci}
+        # The bootstrap cannot vary what it cannot resample (one cluster, every answer right
+        # or wrong, tiny n): give proportions an interval with its nominal coverage.
+        successes = {"accuracy": n_correct, "weighted_recall": n_correct,
+                     "unparseable_rate": n_unparseable}
+        if len(classes) == 1:
+            successes["balanced_accuracy"] = n_correct
+        for name, k in successes.items():
+            lo, hi = ci[name]
+            if hi <= lo or n < MIN_RELIABLE_N:
+                ci[name] = wilson_interval(k, n, level)
+                method[name] = "wilson"
+    flags = []
+    if n < MIN_RELIABLE_N:
+        flags.append(f"n={n} < {MIN_RELIABLE_N}")
+    if len(classes) == 1:
+        flags.append("one true class")
+    if unit != "sample" and n_clusters < MIN_RELIABLE_CLUSTERS:
+        flags.append(f"{n_clusters} {unit}{'s' if n_clusters != 1 else ''}")
     return ClassificationMetrics(
         balanced_accuracy=float(balanced),
         weighted_precision=float(wp),
         weighted_recall=float(wr),
         weighted_f1=float(wf),
         macro_f1=float(macro),
-        accuracy=float(np.mean(true == pred)),
-        unparseable_rate=n_unparseable / len(true),
-        n=len(true),
+        accuracy=n_correct / n,
+        unparseable_rate=n_unparseable / n,
+        n=n,
         n_unparseable=n_unparseable,
         ci=ci,
         ci_level=level,
+        ci_method=method,
+        ci_unit=unit,
+        n_clusters=n_clusters,
+        flags=tuple(flags),
         n_boot=n_boot,
         seed=seed,
         labels=tuple(classes),
@@ -334,70 +504,111 @@ def classification_metrics(
     )
 
 
-def prior_baseline(
-    y_true: Sequence[str],
-    strategy: str = "majority",
-    seed: int = 0,
-    prior_labels: Iterable[str] | None = None,
-) -> list[str]:
-    """Predictions of a prior-only model that never looks at the ECG.
+def finding_counts(
+    rows: Iterable[Mapping[str, Any]],
+) -> tuple[dict[str, Counter[str]], Counter[str]]:
+    """Counts of the correct answers' findings: per data set, and pooled over all rows.
 
     Args:
-        y_true: The evaluated samples' true labels (only their count is used when
-            ``prior_labels`` is given).
-        strategy: ``"majority"`` always predicts the most frequent label (ties broken
-            alphabetically); ``"sample"`` draws each prediction from the label frequencies.
-        seed: Seed for ``"sample"``.
-        prior_labels: Labels to take the prior from (e.g. the training split); defaults to
-            ``y_true`` itself.
+        rows: Questions with ``dataset`` and ``true_label`` (or ``option_labels`` and
+            ``answer_index``), e.g. the training split's metadata.
     """
-    if strategy not in PRIOR_STRATEGIES:
-        raise MetricsError(f"strategy must be one of {PRIOR_STRATEGIES}, got {strategy!r}")
-    counts = Counter(prior_labels if prior_labels is not None else y_true)
-    if not counts:
-        raise MetricsError("no labels to take a prior from")
-    if strategy == "majority":
-        top = max(counts.values())
-        label = min(c for c, v in counts.items() if v == top)
-        return [label] * len(y_true)
-    classes = sorted(counts)
-    prob = np.array([counts[c] for c in classes], dtype=np.float64)
-    draws = np.random.default_rng(seed).choice(len(classes), size=len(y_true), p=prob / prob.sum())
-    return [classes[i] for i in draws]
+    per_dataset: dict[str, Counter[str]] = {}
+    pooled: Counter[str] = Counter()
+    for row in rows:
+        label = row.get("true_label")
+        if label is None:
+            label = list(row["option_labels"])[int(row["answer_index"])]
+        per_dataset.setdefault(str(row["dataset"]), Counter())[str(label)] += 1
+        pooled[str(label)] += 1
+    return per_dataset, pooled
+
+
+def _tie_break(seed: int, sample_id: str, n: int) -> int:
+    """A seeded draw in [0, n) that depends on the sample only, not on the row order."""
+    digest = hashlib.sha256(f"{seed}\x1f{sample_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % n
+
+
+def option_prior_baseline(
+    samples: Iterable[Mapping[str, Any]],
+    prior: Mapping[str, Counter[str]] | Iterable[Mapping[str, Any]],
+    seed: int = 0,
+) -> dict[str, str]:
+    """The blind baseline: per question, the offered option whose finding is most frequent.
+
+    It never sees the ECG. Frequencies are counts of the correct answers' findings in the
+    training split: of the question's own data set, or pooled over all data sets when the
+    training split has none of that data set. Ties (e.g. options never seen in training)
+    are broken by a draw seeded with ``seed`` and the sample id.
+
+    Args:
+        samples: Questions with ``sample_id``, ``dataset`` and ``option_labels``.
+        prior: ``{dataset: Counter}`` or the training rows themselves (see
+            :func:`finding_counts`).
+        seed: Seed of the tie-breaking draw.
+
+    Returns:
+        sample id -> the predicted finding (always one of the question's options).
+    """
+    if isinstance(prior, Mapping):
+        per_dataset = {str(k): Counter(v) for k, v in prior.items()}
+        pooled: Counter[str] = Counter()
+        for counts in per_dataset.values():
+            pooled.update(counts)
+    else:
+        per_dataset, pooled = finding_counts(prior)
+    out = {}
+    for sample in samples:
+        options = [str(o) for o in sample["option_labels"]]
+        if not options:
+            raise MetricsError(f"sample {sample['sample_id']!r} has no options")
+        counts = per_dataset.get(str(sample["dataset"])) or pooled
+        scores = [counts.get(o, 0) for o in options]
+        best = [o for o, s in zip(options, scores) if s == max(scores)]
+        out[str(sample["sample_id"])] = best[_tie_break(seed, str(sample["sample_id"]), len(best))]
+    return out
+
+
+def cluster_unit(clusters: Iterable[Any]) -> str:
+    """What clusters named ``patient:<id>`` / ``recording:<id>`` are, in words."""
+    kinds = {str(c).split(":", 1)[0] for c in clusters if c is not None and c != ""}
+    if kinds == {"patient"}:
+        return "patient"
+    if kinds == {"recording"}:
+        return "recording"
+    return "patient or recording" if kinds else "sample"
 
 
 def metrics_by_model_and_dataset(
     rows: Iterable[Mapping[str, Any]],
     n_boot: int = 1000,
     seed: int = 0,
-    prior_strategy: str | None = "majority",
 ) -> dict[str, dict[str, ClassificationMetrics]]:
     """Score prediction rows (``model``, ``dataset``, ``true_label``, ``predicted_label``).
 
-    Returns ``{model: {dataset: ClassificationMetrics}}``; with ``prior_strategy`` set, a
-    :data:`PRIOR_MODEL` entry scores the prior-only baseline on each data set's samples (taken
-    once per sample id, so several models over the same split do not weight it twice).
+    A row's optional ``cluster`` (``patient:<id>``, or ``recording:<id>`` where no patient id
+    exists) is what the intervals resample; rows without one are their own cluster. The blind baseline is scored like any
+    model when its rows (model :data:`PRIOR_MODEL`, see :func:`option_prior_baseline`) are
+    among ``rows``.
+
+    Returns:
+        ``{model: {dataset: ClassificationMetrics}}``.
     """
-    groups: dict[tuple[str, str], tuple[list[str], list[str | None]]] = {}
-    truth_by_dataset: dict[str, dict[str, str]] = {}
+    groups: dict[tuple[str, str], tuple[list[str], list[str | None], list[Any]]] = {}
     for row in rows:
         key = (str(row["model"]), str(row["dataset"]))
-        true, pred = groups.setdefault(key, ([], []))
+        true, pred, clusters = groups.setdefault(key, ([], [], []))
         true.append(row["true_label"])
         pred.append(row.get("predicted_label"))
-        truth_by_dataset.setdefault(key[1], {})[str(row.get("sample_id", len(true)))] = row[
-            "true_label"
-        ]
+        clusters.append(row.get("cluster"))
     out: dict[str, dict[str, ClassificationMetrics]] = {}
-    for (model, dataset), (true, pred) in sorted(groups.items()):
-        out.setdefault(model, {})[dataset] = classification_metrics(true, pred, n_boot, seed)
-    if prior_strategy is not None:
-        for dataset, truth in sorted(truth_by_dataset.items()):
-            true = [truth[k] for k in sorted(truth)]
-            pred = prior_baseline(true, prior_strategy, seed)
-            out.setdefault(PRIOR_MODEL, {})[dataset] = classification_metrics(
-                true, pred, n_boot, seed
-            )
+    for (model, dataset), (true, pred, clusters) in sorted(groups.items()):
+        clustered = any(c is not None and c != "" for c in clusters)
+        out.setdefault(model, {})[dataset] = classification_metrics(
+            true, pred, n_boot, seed, clusters=clusters if clustered else None,
+            cluster_unit=cluster_unit(clusters),
+        )
     return out
 
 

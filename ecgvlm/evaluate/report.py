@@ -1,7 +1,8 @@
 """The evaluation report: ``report.md``, ``metrics.json``, ``run.json`` and PNG plots.
 
-``report.md`` holds Table 1 (classification metrics with bootstrap 95% CIs per data set x
-model, with the prior-only baseline), Table 2 (judge scores), the models that could not be
+``report.md`` holds Table 1 (classification metrics with 95% CIs per data set x model, with
+the blind baseline), Table 2 (judge scores, paired across models), Table 3 (paired judge
+differences between models), the models that could not be
 evaluated and why, and the run's provenance (models, endpoint, judge model, rubric and prompt
 versions, seeds, counts, git sha, resolved config). Its tables are plain GitHub markdown with
 one header row, so they parse back (``cell [lo, hi]`` for a value with its interval, ``n/a``
@@ -13,7 +14,8 @@ hi]}, per_class, confusion, ..., judge: {...}}}}``, the prior baseline under
 ``ecgvlm.metrics.PRIOR_MODEL``; ``run.json`` holds the provenance and the unavailable models.
 
 matplotlib is imported inside the plotting functions (Agg backend): importing this module
-stays cheap and never needs a display.
+stays cheap and never needs a display. A plot that fails is named in the report instead of
+stopping it: the tables are the result, the plots a view of them.
 """
 
 from __future__ import annotations
@@ -61,17 +63,22 @@ class EvalReport:
         judge: ``ecgvlm.judge.summarize_judgements`` output (empty when the judge did not run).
         unavailable: Model -> why it has no rows (e.g. gpt-4o without an API key).
         judge_note: Why Table 2 is empty or partial, if it is.
+        judge_pairs: ``ecgvlm.judge.paired_differences`` output: per data set, the paired
+            difference of each criterion between two models, with its interval.
         meta: Provenance: models, endpoint, judge model, rubric/prompt versions, seeds,
             counts, git sha, resolved config, timings.
-        prior_strategy: How the baseline predicts ("majority" or "sample").
+        baseline_note: How the blind baseline was fitted, or why it did not run.
+        chance: Data set -> the score of a uniform guess (mean of 1 / number of options).
     """
 
     metrics: dict[str, dict[str, ClassificationMetrics]]
     judge: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     unavailable: dict[str, str] = field(default_factory=dict)
     judge_note: str | None = None
+    judge_pairs: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
-    prior_strategy: str = "majority"
+    baseline_note: str | None = None
+    chance: dict[str, float] = field(default_factory=dict)
 
 
 def git_sha(cwd: str | Path | None = None) -> str | None:
@@ -130,11 +137,14 @@ def table1_markdown(report: EvalReport) -> str:
             m = report.metrics[model].get(dataset)
             if m is None:
                 continue
-            note = f"prior-only baseline ({report.prior_strategy} label)" if model == PRIOR_MODEL else ""
+            notes = list(m.flags)
+            if model == PRIOR_MODEL:
+                chance = report.chance.get(dataset)
+                notes.insert(0, "blind baseline" + (f", chance {chance:.3f}" if chance else ""))
             rows.append(
                 [dataset, model, str(m.n)]
                 + [_fmt_ci(getattr(m, k), m.ci.get(k)) for k in TABLE1_METRICS]
-                + [_fmt_ci(m.unparseable_rate, m.ci.get("unparseable_rate")), note]
+                + [_fmt_ci(m.unparseable_rate, m.ci.get("unparseable_rate")), "; ".join(notes)]
             )
     for model, reason in sorted(report.unavailable.items()):
         rows.append(["all", model, "0"] + [NA] * (len(TABLE1_METRICS) + 1) + [f"not evaluated: {reason}"])
@@ -157,10 +167,31 @@ def table2_markdown(report: EvalReport) -> str:
             for c in CRITERIA:
                 score = entry.get(c)
                 cells.append(NA if score is None else _fmt_ci(score["mean"], score["ci"], 2))
-            note = "all judgements failed" if entry["n_failures"] == entry["n"] else ""
+            if entry["n_failures"] == entry["n"]:
+                note = "all judgements failed"
+            elif entry.get("excluded"):
+                note = f"left out of the pairing: {entry['excluded']}"
+            else:
+                note = f"means over {entry.get('n_paired', entry['n'] - entry['n_failures'])} paired ids"
             rows.append([dataset, model, str(entry["n"]), str(entry["n_failures"])] + cells + [note])
     for model, reason in sorted(report.unavailable.items()):
         rows.append(["all", model, "0", "0"] + [NA] * len(CRITERIA) + [f"not evaluated: {reason}"])
+    return _md_table(header, rows)
+
+
+def table3_markdown(report: EvalReport) -> str:
+    """Table 3: paired differences of judge scores between two models (mean [95% CI])."""
+    header = ["Dataset", "Comparison", "Paired ids"] + [
+        _TITLES[c] + (" (lower is better)" if c in LOWER_IS_BETTER else "") for c in CRITERIA
+    ]
+    rows = []
+    for dataset, pairs in sorted(report.judge_pairs.items()):
+        for name, entry in sorted(pairs.items()):
+            cells = []
+            for c in CRITERIA:
+                diff = entry.get(c)
+                cells.append(NA if diff is None else _fmt_ci(diff["mean"], diff["ci"], 2))
+            rows.append([dataset, name, str(entry["n"])] + cells)
     return _md_table(header, rows)
 
 
@@ -173,48 +204,77 @@ def metrics_json(report: EvalReport) -> dict[str, dict[str, dict[str, Any]]]:
             judged = report.judge.get(model, {}).get(dataset)
             if judged is not None:
                 entry["judge"] = judged
+            if model == PRIOR_MODEL and dataset in report.chance:
+                entry["chance"] = report.chance[dataset]
             out.setdefault(model, {})[dataset] = entry
     return out
+
+
+def _units(report: EvalReport) -> str:
+    units = sorted({m.ci_unit for per_ds in report.metrics.values() for m in per_ds.values()})
+    return " / ".join(units) or "sample"
+
+
+def table1_caption(report: EvalReport) -> str:
+    """What Table 1's numbers are: intervals, resampled unit, conventions, the baseline."""
+    meta = report.meta
+    return (
+        f"Point estimate [95% CI]: percentile bootstrap ({meta.get('n_boot', '?')} resamples, "
+        f"seed {meta.get('bootstrap_seed', '?')}) that resamples whole {_units(report)}s "
+        "(windows of one patient are not independent), stratified by true class; Wilson "
+        "intervals for rates where the bootstrap degenerates (metrics.json `ci_method`). "
+        "Unparseable answers and failed requests count as wrong in accuracy, recall and F1; "
+        "weighted precision covers parsed answers only (an unparseable answer is no class's "
+        f"prediction). `{PRIOR_MODEL}` is the blind baseline: it never sees the ECG and "
+        "answers each question with the offered option whose finding is most frequent "
+        "among the training split's correct answers; near chance means the questions "
+        "cannot be passed from the label prior. Note flags rows whose numbers mean little "
+        "(n < 10, one true class, fewer than 5 patients)."
+    )
+
+
+def table2_caption(report: EvalReport) -> str:
+    """What Table 2's numbers are."""
+    meta = report.meta
+    return (
+        f"Judge `{meta.get('judge_model', NA)}`, rubric `{meta.get('rubric_version', NA)}`, "
+        f"up to {meta.get('judge_n_samples', '?')} samples per model x data set (the same "
+        f"sample ids for every model, seed {meta.get('judge_seed', '?')}). Scores 1-5, "
+        "mean [95% bootstrap CI resampling patients]; higher is better except "
+        "hallucination. Means are paired: over the ids that every model of the data set "
+        "had judged successfully. Failures (malformed twice or request failed) are counted "
+        "and left out."
+    )
 
 
 def report_markdown(report: EvalReport, plots: list[str] | None = None) -> str:
     """The whole ``report.md``."""
     meta = report.meta
-    prior = (
-        "the most frequent true label of each data set"
-        if report.prior_strategy == "majority"
-        else "labels drawn from each data set's label prior"
-    )
     lines = ["# ecgvlm evaluation report", ""]
     if meta.get("created_utc"):
-        lines += [f"Run {meta.get('run_name', '')} created {meta['created_utc']} "
-                  f"(git {meta.get('git_sha') or 'unknown'}).", ""]
+        run = (f"Run {meta.get('run_name', '')} created {meta['created_utc']} "
+               f"(git {meta.get('git_sha') or 'unknown'}).")
+        lines += [run, ""]
+    lines += ["## Table 1: classification", "", table1_caption(report), ""]
+    if report.baseline_note:
+        lines += [f"**Blind baseline:** {report.baseline_note}", ""]
     lines += [
-        "## Table 1: classification",
-        "",
-        (
-            f"Point estimate [95% percentile bootstrap CI, {meta.get('n_boot', '?')} resamples, "
-            f"seed {meta.get('bootstrap_seed', '?')}]. Unparseable answers and failed requests "
-            f"count as wrong. The prior-only baseline always predicts {prior} and never sees "
-            "the ECG."
-        ),
-        "",
         table1_markdown(report),
         "",
         "## Table 2: judge scores of the explanations",
         "",
-        (
-            f"Judge `{meta.get('judge_model', NA)}`, rubric `{meta.get('rubric_version', NA)}`, "
-            f"up to {meta.get('judge_n_samples', '?')} samples per model x data set (the same "
-            f"sample ids for every model, seed {meta.get('judge_seed', '?')}). Scores 1-5, "
-            "mean [95% bootstrap CI]; higher is better except hallucination. Failures "
-            "(malformed twice or request failed) are counted and left out of the means."
-        ),
+        table2_caption(report),
         "",
     ]
     if report.judge_note:
         lines += [f"**Note:** {report.judge_note}", ""]
     lines += [table2_markdown(report), ""]
+    if report.judge_pairs:
+        caption = ("Mean of (first model minus second) over the ids both had judged, with a "
+                   "paired bootstrap 95% CI that resamples patients (or recordings). An "
+                   "interval that excludes 0 is a difference the sample supports.")
+        lines += ["## Table 3: paired judge differences between models", "", caption, "",
+                  table3_markdown(report), ""]
     if report.unavailable:
         lines += ["## Models not evaluated", ""]
         lines += [f"- `{m}`: {why}" for m, why in sorted(report.unavailable.items())]
@@ -299,20 +359,27 @@ def plot_confusions(report: EvalReport, out_dir: Path) -> list[Path]:
 
 
 def _grouped_bars(ax: Any, groups: list[str], series: list[tuple[str, list, list]], hatch_for=()):
-    """Bars per group (x) and series (colour), asymmetric error bars from (lo, hi)."""
+    """Bars per group (x) and series (colour), each with its interval drawn from lo to hi.
+
+    The interval is drawn as it is, not as error around the bar: a percentile interval
+    need not contain its point estimate, and ``yerr`` cannot show that (it rejects negative
+    lengths).
+    """
     import numpy as np
 
     width = 0.8 / max(len(series), 1)
     x = np.arange(len(groups))
     for k, (name, values, cis) in enumerate(series):
         vals = np.array([np.nan if v is None else v for v in values], dtype=float)
-        err = np.array(
-            [[v - c[0], c[1] - v] if (c and v is not None) else [0, 0] for v, c in zip(values, cis)],
-            dtype=float,
-        ).T
-        ax.bar(x + (k - (len(series) - 1) / 2) * width, vals, width, yerr=err, capsize=2,
-               label=name, hatch="//" if name in hatch_for else None,
+        pos = x + (k - (len(series) - 1) / 2) * width
+        ax.bar(pos, vals, width, label=name, hatch="//" if name in hatch_for else None,
                alpha=0.6 if name in hatch_for else 0.9)
+        spans = [(p, c[0], c[1]) for p, v, c in zip(pos, values, cis) if c and v is not None]
+        if spans:
+            xs, los, his = (np.array(s, dtype=float) for s in zip(*spans))
+            ax.vlines(xs, los, his, colors="black", linewidth=1)
+            ax.hlines(np.concatenate([los, his]), np.concatenate([xs, xs]) - width * 0.15,
+                      np.concatenate([xs, xs]) + width * 0.15, colors="black", linewidth=1)
     ax.set_xticks(x, groups, fontsize=8)
 
 
@@ -417,25 +484,39 @@ def write_report(report: EvalReport, out_dir: str | Path) -> dict[str, Path]:
     written["metrics.json"] = path
     path = out / "run.json"
     run = {**report.meta, "unavailable": report.unavailable, "judge_note": report.judge_note,
-           "prior_strategy": report.prior_strategy}
+           "baseline_note": report.baseline_note, "chance": report.chance}
     path.write_text(json.dumps(run, indent=2, sort_keys=True, default=str))
     written["run.json"] = path
-    plots = plot_confusions(report, out)
-    for extra in (plot_metric_bars(report, out), plot_judge_bars(report, out)):
-        if extra is not None:
-            plots.append(extra)
+    plots: list[Path] = []
+    failures: list[str] = []
+    for plot in (plot_confusions, plot_metric_bars, plot_judge_bars):
+        try:
+            made = plot(report, out)
+        except Exception as e:  # noqa: BLE001 - named in report.md; the tables still count
+            failures.append(f"{plot.__name__}: {type(e).__name__}: {e}")
+            continue
+        plots += made if isinstance(made, list) else ([made] if made is not None else [])
     for p in plots:
         written[p.name] = p
     path = out / "report.md"
-    path.write_text(report_markdown(report, [str(p) for p in plots]))
+    text = report_markdown(report, [str(p) for p in plots])
+    if failures:
+        text += "\n## Plots that failed\n\n" + "\n".join(f"- {f}" for f in failures) + "\n"
+    path.write_text(text)
     written["report.md"] = path
     return written
 
 
 def console_tables(report: EvalReport) -> str:
     """Both tables as the CLI prints them at the end of a run."""
-    return (
-        "Table 1: classification (value [95% CI])\n" + table1_markdown(report)
-        + "\n\nTable 2: judge scores (mean [95% CI])\n" + table2_markdown(report) + "\n"
-    )
+    text = "Table 1: classification (value [95% CI])\n"
+    if report.baseline_note:
+        text += f"Blind baseline: {report.baseline_note}\n"
+    text += table1_markdown(report) + "\n\nTable 2: judge scores (mean [95% CI])\n"
+    if report.judge_note:
+        text += f"Note: {report.judge_note}\n"
+    text += table2_markdown(report) + "\n"
+    if report.judge_pairs:
+        text += "\nTable 3: paired judge differences (mean [95% CI])\n" + table3_markdown(report) + "\n"
+    return text
 

@@ -11,6 +11,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ecgvlm.evaluate.errors import EvaluationError
+
 #: Columns of predictions.parquet, in order (DESIGN.md names the first eight).
 PREDICTION_COLUMNS: tuple[str, ...] = (
     "sample_id",
@@ -27,6 +29,7 @@ PREDICTION_COLUMNS: tuple[str, ...] = (
     "attempts",
     "prompt_version",
     "finished_utc",
+    "split",
 )
 
 
@@ -49,6 +52,7 @@ def prediction_schema() -> Any:
             ("attempts", pa.int32()),
             ("prompt_version", pa.string()),
             ("finished_utc", pa.string()),
+            ("split", pa.string()),
         ]
     )
 
@@ -106,6 +110,25 @@ class PredictionStore:
         if retry_errors:
             frame = frame[frame["error"].isna()]
         return set(zip(frame["sample_id"], frame["model"]))
+
+    def check_resumable(self, split: str, prompt_version: str) -> None:
+        """Refuse to add to predictions of another split or prompt version.
+
+        Raises:
+            EvaluationError: when a stored row's ``split`` or ``prompt_version`` differs
+                (or was not recorded), naming what is stored and what this run asks.
+        """
+        frame = self.load()
+        if not len(frame):
+            return
+        for column, wanted in (("split", split), ("prompt_version", prompt_version)):
+            stored = sorted({str(v) if v is not None else "unrecorded" for v in frame[column]})
+            if stored != [wanted]:
+                raise EvaluationError(
+                    f"{self.output_dir} holds predictions of {column} {', '.join(stored)}, "
+                    f"this run asks {column} {wanted}: use another output_dir (resuming "
+                    "would mix two experiments)"
+                )
 
     def append(self, rows: list[dict[str, Any]]) -> Path | None:
         """Write ``rows`` as one new part file, atomically."""
