@@ -211,8 +211,9 @@ def metrics_json(report: EvalReport) -> dict[str, dict[str, dict[str, Any]]]:
 
 
 def _units(report: EvalReport) -> str:
+    """What the intervals resampled, in words ("patients", "recordings", "samples")."""
     units = sorted({m.ci_unit for per_ds in report.metrics.values() for m in per_ds.values()})
-    return " / ".join(units) or "sample"
+    return " / ".join(f"{u}s" for u in units) or "samples"
 
 
 def table1_caption(report: EvalReport) -> str:
@@ -220,7 +221,7 @@ def table1_caption(report: EvalReport) -> str:
     meta = report.meta
     return (
         f"Point estimate [95% CI]: percentile bootstrap ({meta.get('n_boot', '?')} resamples, "
-        f"seed {meta.get('bootstrap_seed', '?')}) that resamples whole {_units(report)}s "
+        f"seed {meta.get('bootstrap_seed', '?')}) that resamples whole {_units(report)} "
         "(windows of one patient are not independent), stratified by true class; Wilson "
         "intervals for rates where the bootstrap degenerates (metrics.json `ci_method`). "
         "Unparseable answers and failed requests count as wrong in accuracy, recall and F1; "
@@ -240,7 +241,7 @@ def table2_caption(report: EvalReport) -> str:
         f"Judge `{meta.get('judge_model', NA)}`, rubric `{meta.get('rubric_version', NA)}`, "
         f"up to {meta.get('judge_n_samples', '?')} samples per model x data set (the same "
         f"sample ids for every model, seed {meta.get('judge_seed', '?')}). Scores 1-5, "
-        "mean [95% bootstrap CI resampling patients]; higher is better except "
+        "mean [95% bootstrap CI resampling patients, or recordings]; higher is better except "
         "hallucination. Means are paired: over the ids that every model of the data set "
         "had judged successfully. Failures (malformed twice or request failed) are counted "
         "and left out."
