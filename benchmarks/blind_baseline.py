@@ -34,7 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
 
     from ecgvlm.config import load_config
-    from ecgvlm.dataset import PrepareConfig, Unit, _unit_from_json, assign_splits, list_sources, scan_path
+    from ecgvlm.dataset import (
+        PrepareConfig,
+        Unit,
+        _unit_from_json,
+        assign_splits,
+        list_sources,
+        scan_path,
+    )
     from ecgvlm.mcq import McqError, finding_prevalence, make_mcq
     from ecgvlm.metrics import option_prior_baseline
     from ecgvlm.records import EcgRecord

@@ -2,11 +2,10 @@
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from ecgvlm.config import ConfigError, load_config
-import pandas as pd
-
 from ecgvlm.evaluate import (
     EvalConfig,
     EvaluationError,

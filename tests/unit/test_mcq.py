@@ -64,8 +64,8 @@ GOLDEN_OPTIONS = (
      "aVL, V5 and V6, no septal q waves there, and a deep QS or rS in V1."),
     ("ST-segment depression: ST segment depressed at least 0.5 mm below the baseline, "
      "horizontal or downsloping, in two or more contiguous leads."),
-    "Atrial fibrillation: Irregularly irregular RR intervals with no distinct P waves, only a "
-    "fibrillatory baseline.",
+    ("Atrial fibrillation: Irregularly irregular RR intervals with no distinct P waves, only a "
+     "fibrillatory baseline."),
 )
 GOLDEN_TARGET = (
     "The answer is A. Right bundle branch block: the right ventricle is activated late through "
