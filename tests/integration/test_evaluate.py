@@ -109,6 +109,7 @@ def test_evaluate_end_to_end_with_fake_endpoint_and_judge(ray_local, split_dir, 
         n_chat = len(endpoint.chat_requests)
         last_request = endpoint.chat_requests[-1].json
         judge_requests = judge_server.chat_requests
+        judge_port = judge_server.port
 
     # predictions.parquet: one row per (sample, served model), exactly the endpoint's answers.
     pred = pd.read_parquet(out / "predictions.parquet")
@@ -189,9 +190,10 @@ def test_evaluate_end_to_end_with_fake_endpoint_and_judge(ray_local, split_dir, 
         assert (out / name).is_file(), name
     assert RUBRIC_VERSION in text and "prompt_version" in text
 
-    # A rerun with everything stored asks the endpoint nothing and gives the same rows.
+    # A rerun with everything stored asks the endpoint nothing and gives the same rows. The
+    # judge is the same server at the same URL (the URL is part of a judge request's identity).
     with FakeOpenAIServer(endpoint_responder, models=("pulse", "pulse-lora")) as endpoint, \
-            FakeOpenAIServer(judge_responder, models=("gpt-4o",)) as judge_server:
+            FakeOpenAIServer(judge_responder, models=("gpt-4o",), port=judge_port) as judge_server:
         config = load_config(EvalConfig, cfg_path, [f"endpoint={endpoint.base_url}",
                                                     f"judge.base_url={judge_server.base_url}"])
         evaluate(config)
@@ -203,7 +205,7 @@ def test_evaluate_end_to_end_with_fake_endpoint_and_judge(ray_local, split_dir, 
 
     # Another judge temperature is another request: nothing stored is reused.
     with FakeOpenAIServer(endpoint_responder, models=("pulse", "pulse-lora")) as endpoint, \
-            FakeOpenAIServer(judge_responder, models=("gpt-4o",)) as judge_server:
+            FakeOpenAIServer(judge_responder, models=("gpt-4o",), port=judge_port) as judge_server:
         config = load_config(EvalConfig, cfg_path, [f"endpoint={endpoint.base_url}",
                                                     f"judge.base_url={judge_server.base_url}",
                                                     "judge.temperature=0.5"])
