@@ -47,7 +47,7 @@ import numpy as np
 
 import ecgvlm
 from ecgvlm.config import ConfigError, absolute_path, check_range, config_to_dict, save_config
-from ecgvlm.mcq import McqConfig, McqError, known_findings, make_mcq
+from ecgvlm.mcq import McqConfig, McqError, finding_prevalence, known_findings, make_mcq
 from ecgvlm.measure import MEASURE_VERSION, measure_record
 from ecgvlm.prompt import PROMPT_VERSION, conversation_json, llava_record
 from ecgvlm.records import EcgRecord, McqSample
@@ -437,6 +437,7 @@ def build_shard(
     t0 = time.perf_counter()
     timers = Counter()
     units = [_unit_from_dict(u) for u in json.loads(spec["units"])]
+    prevalence = json.loads(spec.get("prevalence") or "{}")
     split, shard = spec["split"], spec["shard"]
     render_hash = config.render.config_hash()
     mcq_hash = config.mcq.config_hash()
@@ -481,7 +482,13 @@ def build_shard(
             t = time.perf_counter()
             for k in range(config.questions_per_record):
                 try:
-                    sample = make_mcq(rec, config.seed + k, config.mcq, measurements=measured)
+                    sample = make_mcq(
+                        rec,
+                        config.seed + k,
+                        config.mcq,
+                        prevalence.get(rec.dataset),
+                        measurements=measured,
+                    )
                 except McqError as e:
                     rejects.append(_reject("mcq", path, u.record_id, e))
                     continue
@@ -546,7 +553,7 @@ def _build_shards_batch(
     """Ray Data ``map_batches`` adapter: each row is one shard spec; returns summaries."""
     summaries = []
     for i in range(len(batch["shard"])):
-        spec = {key: str(batch[key][i]) for key in ("shard", "split", "units")}
+        spec = {key: str(batch[key][i]) for key in ("shard", "split", "units", "prevalence")}
         summaries.append(json.dumps(build_shard(spec, config, out_dir, dataset_id)))
     return {"summary": summaries}
 
@@ -651,6 +658,13 @@ def prepare_dataset(config: PrepareConfig) -> PrepareResult:
         )
     split_units = assign_splits(units, config)
     shards = plan_shards(split_units, config.shard_size)
+    # Prior-balanced distractors need each data set's findings and how often each is asked.
+    prevalence = {
+        ds: finding_prevalence(u.labels for u in units if u.dataset == ds)
+        for ds in sorted({u.dataset for u in units})
+    }
+    for spec in shards:
+        spec["prevalence"] = json.dumps(prevalence, sort_keys=True)
     dataset_id = _hash(
         {
             "config": config.identity(),
@@ -696,6 +710,7 @@ def prepare_dataset(config: PrepareConfig) -> PrepareResult:
         _merge_llava(out_dir, config.splits, shards)
     phases = {"scan_s": round(scan_s, 3), "build_s": round(time.time() - started - scan_s, 3)}
     manifest = _manifest(config, dataset_id, summaries, rejects, items, started, phases)
+    manifest["mcq_prevalence"] = prevalence
     save_config(config, out_dir / CONFIG_NAME)
     _write_atomic(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True).encode())
     return PrepareResult(

@@ -1,10 +1,19 @@
 """Multiple-choice questions about one ECG: one correct clinical description plus distractors.
 
-``make_mcq(record, seed, config)`` picks the finding to ask about (by seed, among the record's
-known findings), draws distractors from the knowledge base (a share of them "hard": findings
-easily confused with the right one; never a finding the record carries or one that may hold
-together with it), shuffles the option letters and writes the training target
+``make_mcq(record, seed, config, prevalence)`` picks the finding to ask about (by seed, among
+the record's known findings), draws distractors (never a finding the record carries or one
+that may hold together with it), shuffles the option letters and writes the training target
 "The answer is X. <explanation>".
+
+Distractors are **prior-balanced** by default (``distractors="prior_balanced"``): drawn from
+the data set's own findings with probability proportional to how often each is the asked
+finding (``prevalence``, see :func:`finding_prevalence`), so a correct answer and a distractor
+are a priori about equally likely to name any given finding, and choosing the most frequent
+offered finding without looking at the ECG scores near chance. The study's style
+(``distractors="knowledge_base"`` with ``hard_fraction=0.5``) draws from the whole knowledge
+base, half of them look-alikes of the correct finding; there the frequent true findings
+stand out among rare distractors and a blind guesser passes (docs/evaluate.md has the
+numbers). A share of look-alikes (``hard_fraction``) is available in both styles.
 
 Randomness comes from SHA-256 of (record id, seed, draw number) rather than ``random`` or
 numpy generators, whose streams may change between versions: the same (record, seed,
@@ -17,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -32,6 +42,7 @@ if TYPE_CHECKING:
 MIN_OPTIONS = 4
 MAX_OPTIONS = 8
 OPTION_STYLES = ("summary", "name")
+DISTRACTOR_STYLES = ("prior_balanced", "knowledge_base")
 DEFAULT_QUESTION = "Which of the following best describes a finding in this ECG?"
 
 
@@ -45,9 +56,16 @@ class McqConfig:
 
     Attributes:
         n_options: Options per question, correct one included (4-8).
+        distractors: ``"prior_balanced"``: the rest of the distractors are drawn from the data
+            set's own findings, weighted by their prevalence as asked findings (the
+            ``prevalence`` given to ``make_mcq``; findings outside it fill in only when too
+            few are allowed; without a ``prevalence`` every finding in the pool weighs the
+            same); ``"knowledge_base"``: drawn uniformly from the pool (the study's style).
         hard_fraction: Share of the distractors drawn from the correct finding's look-alikes
-            (``confusable`` in the knowledge base); the rest are drawn at random. Where too few
-            look-alikes are allowed, random ones fill in.
+            (``confusable`` in the knowledge base; in ``prior_balanced`` style only those the
+            data set has); the rest are drawn as ``distractors`` says. Where too few
+            look-alikes are allowed, the others fill in. Look-alikes are chosen by the
+            correct answer, so a non-zero share lets a blind guesser narrow the options.
         option_style: ``"summary"``: "<Name>: <one sentence of criteria>"; ``"name"``: the
             finding's name only.
         question: The question stem.
@@ -59,7 +77,8 @@ class McqConfig:
     """
 
     n_options: int = 4
-    hard_fraction: float = 0.5
+    distractors: str = "prior_balanced"
+    hard_fraction: float = 0.0
     option_style: str = "summary"
     question: str = DEFAULT_QUESTION
     label_pool: tuple[str, ...] = ()
@@ -68,6 +87,7 @@ class McqConfig:
 
     def __post_init__(self) -> None:
         check_range("n_options", self.n_options, MIN_OPTIONS, MAX_OPTIONS)
+        check_choice("distractors", self.distractors, DISTRACTOR_STYLES)
         check_range("hard_fraction", self.hard_fraction, 0.0, 1.0)
         check_choice("option_style", self.option_style, OPTION_STYLES)
         if not self.question.strip():
@@ -105,6 +125,24 @@ class _Draws:
         self._n += 1
         return int.from_bytes(digest, "big") % n
 
+    def weighted(self, items: list[str], weights: list[float], k: int) -> list[str]:
+        """``k`` distinct items, each draw proportional to the remaining items' weights."""
+        pool = list(zip(items, weights))
+        out = []
+        for _ in range(min(k, len(pool))):
+            total = sum(w for _, w in pool)
+            # 53 random bits: a float in [0, 1) that is the same on every platform.
+            u = self.below(2**53) / 2**53 * total
+            acc = 0.0
+            pick = len(pool) - 1
+            for i, (_, w) in enumerate(pool):
+                acc += w
+                if u < acc:
+                    pick = i
+                    break
+            out.append(pool.pop(pick)[0])
+        return out
+
     def sample(self, items: list[str], k: int) -> list[str]:
         """``k`` distinct items in drawn order (a partial Fisher-Yates shuffle)."""
         pool = list(items)
@@ -118,6 +156,22 @@ def known_findings(record: EcgRecord) -> list[str]:
     """The record's labels that the knowledge base describes, in the record's order."""
     kb = knowledge_base()
     return [label for label in record.labels if label in kb]
+
+
+def finding_prevalence(label_sets: Iterable[Sequence[str]]) -> dict[str, float]:
+    """How often each finding is the asked one, over a data set's records (shares sum to 1).
+
+    ``make_mcq`` asks about one of a record's known findings, each equally likely, so a record
+    adds ``1 / len(known)`` to each of its known findings.
+    """
+    kb = knowledge_base()
+    totals: dict[str, float] = {}
+    for labels in label_sets:
+        known = [label for label in labels if label in kb]
+        for label in known:
+            totals[label] = totals.get(label, 0.0) + 1.0 / len(known)
+    whole = sum(totals.values())
+    return {k: v / whole for k, v in sorted(totals.items())} if whole else {}
 
 
 def _allowed_distractors(record: EcgRecord, correct: str, pool: list[str]) -> list[str]:
@@ -180,6 +234,7 @@ def make_mcq(
     record: EcgRecord,
     seed: int,
     config: McqConfig | None = None,
+    prevalence: Mapping[str, float] | None = None,
     measurements: Measurements | None = None,
 ) -> McqSample:
     """Make one multiple-choice question about ``record``.
@@ -187,8 +242,12 @@ def make_mcq(
     Args:
         record: The ECG with canonical labels.
         seed: Picks the finding asked about (for multi-label records), the distractors and the
-            answer's position; the same (record, seed, config) always gives the same sample.
-        config: How many options, how many hard distractors, option wording.
+            answer's position; the same (record, seed, config, prevalence, measurements)
+            always gives the same sample.
+        config: How many options, which distractors, how many look-alikes, option wording.
+        prevalence: The record's data set's findings and how often each is asked
+            (:func:`finding_prevalence`), for ``prior_balanced`` distractors; ignored in the
+            ``knowledge_base`` style.
         measurements: ``ecgvlm.measure.measure_record(record)``, for grounded targets; None
             keeps the generic explanation.
 
@@ -216,10 +275,20 @@ def make_mcq(
             f"{record.record_id}: only {len(allowed)} findings can be distractors for "
             f"{correct}, need {config.n_distractors} (widen label_pool or lower n_options)"
         )
-    hard_pool = [c for c in kb[correct].confusable if c in allowed]
+    balanced = config.distractors == "prior_balanced" and bool(prevalence)
+    weight = {a: float(prevalence.get(a, 0.0)) for a in allowed} if balanced else {}
+    hard_pool = [c for c in kb[correct].confusable if c in allowed and (not balanced or weight[c] > 0)]
     hard = draws.sample(hard_pool, config.n_hard())
     rest = [a for a in allowed if a not in hard]
-    distractors = hard + draws.sample(rest, config.n_distractors - len(hard))
+    if balanced:
+        own = [a for a in rest if weight[a] > 0]
+        picked = draws.weighted(own, [weight[a] for a in own], config.n_distractors - len(hard))
+        # Too few of the data set's own findings: fill in from the rest of the pool.
+        filler = [a for a in rest if weight[a] <= 0]
+        picked += draws.sample(filler, config.n_distractors - len(hard) - len(picked))
+    else:
+        picked = draws.sample(rest, config.n_distractors - len(hard))
+    distractors = hard + picked
 
     answer_index = draws.below(config.n_options)
     shuffled = draws.sample(distractors, len(distractors))

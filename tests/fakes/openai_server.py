@@ -98,10 +98,13 @@ class FakeOpenAIServer:
         responder: Responder | None = None,
         models: Iterable[str | dict[str, Any]] = ("pulse", "pulse-lora", "gpt-4o"),
         host: str = "127.0.0.1",
+        port: int = 0,
     ) -> None:
         self.responder: Responder = responder or _default_responder
         self.models = tuple(models)
         self.host = host
+        # 0: a free port; a fixed one lets a rerun reach "the same" server at the same URL.
+        self._bind_port = port
         self.requests: list[RecordedRequest] = []
         self._script: collections.deque[Reply | str] = collections.deque()
         self._lock = threading.Lock()
@@ -204,7 +207,7 @@ class FakeOpenAIServer:
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (time-out test); nothing to answer
 
-        self._httpd = ThreadingHTTPServer((self.host, 0), Handler)
+        self._httpd = ThreadingHTTPServer((self.host, self._bind_port), Handler)
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, name="fake-openai", daemon=True

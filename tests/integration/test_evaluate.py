@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from ecgvlm.config import load_config
-from ecgvlm.evaluate import ChatClient, EvalConfig, PredictionStore, evaluate
+from ecgvlm.evaluate import ChatClient, EvalConfig, EvaluationError, PredictionStore, evaluate
 from ecgvlm.judge import RUBRIC_VERSION
 from tests.fakes.mcq_split import sample_rows, write_split
 from tests.fakes.openai_server import FakeOpenAIServer, Reply
@@ -79,6 +79,8 @@ def judge_responder(request):
 
 @pytest.fixture
 def split_dir(tmp_path):
+    # A training split too: the blind baseline counts its prior there, never on the test.
+    write_split(tmp_path / "prepared", sample_rows(N_PER_DATASET, seed=1), split="train")
     return write_split(tmp_path / "prepared", ROWS)
 
 
@@ -107,6 +109,7 @@ def test_evaluate_end_to_end_with_fake_endpoint_and_judge(ray_local, split_dir, 
         n_chat = len(endpoint.chat_requests)
         last_request = endpoint.chat_requests[-1].json
         judge_requests = judge_server.chat_requests
+        judge_port = judge_server.port
 
     # predictions.parquet: one row per (sample, served model), exactly the endpoint's answers.
     pred = pd.read_parquet(out / "predictions.parquet")
@@ -137,6 +140,10 @@ def test_evaluate_end_to_end_with_fake_endpoint_and_judge(ray_local, split_dir, 
     # metrics.json: pulse-lora answers samples 0,1,2,4,5,6 of 8 right per data set: 6/8.
     metrics = json.loads((out / "metrics.json").read_text())
     assert sorted(metrics) == ["prior-baseline", "pulse", "pulse-lora"]
+    assert metrics["prior-baseline"]["cpsc2018"]["chance"] == pytest.approx(0.25)
+    # Intervals resample source recordings (no patient ids in this split): 8 per data set.
+    assert metrics["pulse"]["cpsc2018"]["ci_unit"] == "recording"
+    assert metrics["pulse"]["cpsc2018"]["n_clusters"] == 8
     lora = metrics["pulse-lora"]["cpsc2018"]
     assert lora["weighted_recall"] == pytest.approx(6 / 8) and lora["n"] == 8
     # pulse: sample 4 of each data set is unparseable.
@@ -183,9 +190,10 @@ def test_evaluate_end_to_end_with_fake_endpoint_and_judge(ray_local, split_dir, 
         assert (out / name).is_file(), name
     assert RUBRIC_VERSION in text and "prompt_version" in text
 
-    # A rerun with everything stored asks the endpoint nothing and gives the same rows.
+    # A rerun with everything stored asks the endpoint nothing and gives the same rows. The
+    # judge is the same server at the same URL (the URL is part of a judge request's identity).
     with FakeOpenAIServer(endpoint_responder, models=("pulse", "pulse-lora")) as endpoint, \
-            FakeOpenAIServer(judge_responder, models=("gpt-4o",)) as judge_server:
+            FakeOpenAIServer(judge_responder, models=("gpt-4o",), port=judge_port) as judge_server:
         config = load_config(EvalConfig, cfg_path, [f"endpoint={endpoint.base_url}",
                                                     f"judge.base_url={judge_server.base_url}"])
         evaluate(config)
@@ -194,6 +202,19 @@ def test_evaluate_end_to_end_with_fake_endpoint_and_judge(ray_local, split_dir, 
         assert len(judge_server.chat_requests) == 2 * 2
     again = pd.read_parquet(out / "predictions.parquet")
     pd.testing.assert_frame_equal(again, pred)
+
+    # Another judge temperature is another request: nothing stored is reused.
+    with FakeOpenAIServer(endpoint_responder, models=("pulse", "pulse-lora")) as endpoint, \
+            FakeOpenAIServer(judge_responder, models=("gpt-4o",), port=judge_port) as judge_server:
+        config = load_config(EvalConfig, cfg_path, [f"endpoint={endpoint.base_url}",
+                                                    f"judge.base_url={judge_server.base_url}",
+                                                    "judge.temperature=0.5"])
+        evaluate(config)
+        assert len(judge_server.chat_requests) >= 2 * len(ROWS)
+        # Predictions of the test split are not mixed with another split's.
+        config = load_config(EvalConfig, cfg_path, [f"endpoint={endpoint.base_url}", "split=train"])
+        with pytest.raises(EvaluationError, match="holds predictions of split test"):
+            evaluate(config)
 
 
 def test_killed_run_resumes_without_redoing_or_duplicating(ray_local, split_dir, tmp_path):

@@ -138,7 +138,10 @@ def test_rows_round_trip_into_the_same_samples(prepared, sources):
     samples = {s.record_id: s for n in config.splits for s in load_split(config.output_dir, n)}
     rec = read_record(sources / "cpsc2018" / "A0043")
     stored = samples["cpsc2018/A0043"]
-    expected = make_mcq(rec, config.seed, config.mcq, measurements=measure_record(rec))
+    prevalence = read_manifest(config.output_dir)["mcq_prevalence"]["cpsc2018"]
+    expected = make_mcq(
+        rec, config.seed, config.mcq, prevalence, measurements=measure_record(rec)
+    )
     assert stored.options == expected.options and stored.target_text == expected.target_text
     assert stored.answer_letter == expected.answer_letter and stored.labels == ("AF", "RBBB")
     assert stored.png == render_printout(rec, config.render, seed=config.seed).png

@@ -21,7 +21,7 @@ from ecgvlm.dataset import (
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("name", ["prepare_demo.yaml", "prepare_study.yaml"])
+@pytest.mark.parametrize("name", ["prepare_demo.yaml", "prepare_study.yaml", "prepare_study_original.yaml"])
 def test_configs_load_and_name_their_command(name):
     path = REPO / "configs" / name
     assert path.read_text().startswith("#") and "jobs.prepare" in path.read_text().split("\n\n")[0]

@@ -2,10 +2,19 @@
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from ecgvlm.config import ConfigError, load_config
-from ecgvlm.evaluate import EvalConfig, EvaluationError, PredictionStore, explanation_of, split_files
+from ecgvlm.evaluate import (
+    EvalConfig,
+    EvaluationError,
+    PredictionStore,
+    explanation_of,
+    sample_cluster,
+    select_samples,
+    split_files,
+)
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -21,8 +30,8 @@ def test_configs_load(name):
 def test_config_errors_name_the_field():
     with pytest.raises(ConfigError, match=r"concurrency must be in \[1, 4096\], got 0"):
         load_config(EvalConfig, CONFIGS / "evaluate.yaml", ["concurrency=0"])
-    with pytest.raises(ConfigError, match="prior_strategy must be one of 'majority', 'sample'"):
-        load_config(EvalConfig, CONFIGS / "evaluate.yaml", ["prior_strategy=mode"])
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) prior_strategy for EvalConfig"):
+        load_config(EvalConfig, CONFIGS / "evaluate.yaml", ["prior_strategy=majority"])
     with pytest.raises(ConfigError, match="judge: judge.n_samples must be in"):
         load_config(EvalConfig, CONFIGS / "evaluate.yaml", ["judge.n_samples=0"])
     with pytest.raises(ConfigError, match="endpoint must be an http"):
@@ -54,3 +63,58 @@ def test_split_files_and_store_round_trip(tmp_path):
     assert frame.loc[0, "error"] is None
     assert store.done_keys() == {("s1", "m")}
     assert list((tmp_path / "predictions").glob("*.parquet")) == []
+
+
+def _long_recordings_meta():
+    """Windows of two long recordings and one short one, MIT-BIH style ids."""
+    rows = []
+    for rec, n in (("mitdb/100", 60), ("mitdb/101", 60), ("mitdb/102", 4)):
+        for k in range(n):
+            rows.append({"sample_id": f"{rec}@{k * 10}s#q0", "dataset": "mitdb",
+                         "record_id": f"{rec}@{k * 10}s", "patient_id": ""})
+    rows.append({"sample_id": "cpsc2018/A0001#q0", "dataset": "cpsc2018",
+                 "record_id": "cpsc2018/A0001", "patient_id": "A0001"})
+    return pd.DataFrame(rows)
+
+
+def test_limit_per_dataset_is_a_seeded_sample_spread_across_recordings():
+    meta = _long_recordings_meta()
+    chosen = select_samples(meta, (), 12, seed=0)
+    mitdb = chosen[chosen["dataset"] == "mitdb"]
+    per_rec = mitdb["record_id"].str.split("@").str[0].value_counts().to_dict()
+    # 12 over three recordings: 4 each (the short one has exactly 4), not 12 of one.
+    assert per_rec == {"mitdb/100": 4, "mitdb/101": 4, "mitdb/102": 4}
+    # Not the alphabetical first windows ("@0s, @100s, @110s, ...") of a recording.
+    first = sorted(meta[meta["record_id"].str.startswith("mitdb/100@")]["sample_id"])[:4]
+    assert set(mitdb["sample_id"]) != set(first) and not set(first) <= set(mitdb["sample_id"])
+    # Seeded: the same again, another seed another sample; no limit keeps everything.
+    assert chosen.equals(select_samples(meta, (), 12, seed=0))
+    assert set(select_samples(meta, (), 12, seed=1)["sample_id"]) != set(chosen["sample_id"])
+    assert len(select_samples(meta, (), 0)) == len(meta)
+    assert list(chosen[chosen["dataset"] == "cpsc2018"]["sample_id"]) == ["cpsc2018/A0001#q0"]
+
+
+def test_clusters_are_patients_else_source_recordings():
+    assert sample_cluster({"sample_id": "mitdb/100@10s#q0", "dataset": "mitdb",
+                           "record_id": "mitdb/100@10s", "patient_id": ""}) == "recording:mitdb/100"
+    assert sample_cluster({"sample_id": "ptbxl/1#q0", "dataset": "ptbxl", "record_id": "ptbxl/1",
+                           "patient_id": "15709"}) == "patient:ptbxl/15709"
+    # Splits written without record_id still give the recording (from the sample id).
+    assert sample_cluster({"sample_id": "mitdb/100@10s#q0", "dataset": "mitdb"}) == "recording:mitdb/100"
+
+
+def test_resume_refuses_predictions_of_another_split_or_prompt_version(tmp_path):
+    store = PredictionStore(tmp_path)
+    store.check_resumable("test", "v1")  # nothing stored: anything goes
+    row = {"sample_id": "s1", "dataset": "d", "model": "m", "true_label": "AF",
+           "answer_letter": "A", "prompt_version": "v1", "split": "test"}
+    store.append([row])
+    store.check_resumable("test", "v1")
+    with pytest.raises(EvaluationError, match="holds predictions of split test, this run asks split val"):
+        store.check_resumable("val", "v1")
+    with pytest.raises(EvaluationError, match="prompt_version v1, this run asks prompt_version v2"):
+        store.check_resumable("test", "v2")
+    # Rows that never recorded their split cannot be vouched for either.
+    store.append([{**row, "sample_id": "s2", "split": None}])
+    with pytest.raises(EvaluationError, match="split test, unrecorded"):
+        store.check_resumable("test", "v1")

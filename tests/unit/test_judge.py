@@ -187,3 +187,85 @@ def test_config_validation_and_missing_key():
         J.JudgeConfig(n_samples=0)
     with pytest.raises(J.JudgeUnavailableError, match="NO_SUCH_KEY_VAR is not set"):
         J.OpenAIJudge(J.JudgeConfig(api_key_env="NO_SUCH_KEY_VAR"))
+
+
+def _jd(model, sample_id, fa, failure=None, dataset="A"):
+    scores = {"factual_accuracy": fa, "completeness": 3, "detail_quality": 3,
+              "context_understanding": 3, "hallucination": 2}
+    if failure:
+        scores = {k: None for k in scores}
+    return Judgement(sample_id=sample_id, dataset=dataset, model=model, judge_model="j",
+                     rubric_version="v", failure=failure, **scores)
+
+
+def test_means_are_paired_over_ids_every_model_had_judged():
+    # s1's judgement of model b failed: a's mean must leave s1 out too, or the two means
+    # compare different ECGs (a on s1..s3, b on s2..s3).
+    judgements = [
+        _jd("a", "s1", 5), _jd("a", "s2", 2), _jd("a", "s3", 4),
+        _jd("b", "s1", 1, "malformed"), _jd("b", "s2", 3), _jd("b", "s3", 3),
+    ]
+    out = J.summarize_judgements(judgements, n_boot=200)
+    assert out["a"]["A"]["factual_accuracy"]["mean"] == pytest.approx(3.0)  # (2 + 4) / 2
+    assert out["a"]["A"]["n_paired"] == 2 and out["a"]["A"]["n"] == 3
+    assert out["b"]["A"]["factual_accuracy"]["mean"] == pytest.approx(3.0)
+    assert out["b"]["A"]["n_failures"] == 1
+    # Paired differences a - b by hand: s2: 2 - 3 = -1, s3: 4 - 3 = 1 -> mean 0.
+    diffs = J.paired_differences(judgements, n_boot=200)
+    entry = diffs["A"]["a - b"]
+    assert entry["n"] == 2
+    assert entry["factual_accuracy"]["mean"] == pytest.approx(0.0)
+    assert entry["completeness"] == {"mean": 0.0, "ci": [0.0, 0.0]}
+    lo, hi = entry["factual_accuracy"]["ci"]
+    assert lo == pytest.approx(-1.0) and hi == pytest.approx(1.0)
+
+
+def test_paired_interval_resamples_patients():
+    # Two patients, ten windows each; a beats b by 2 on patient p1 and ties on p2. Resampling
+    # windows gives a narrow interval; resampling patients can draw p1 twice or p2 twice.
+    judgements = []
+    for i in range(20):
+        patient_one = i < 10
+        judgements += [_jd("a", f"s{i}", 4 if patient_one else 3), _jd("b", f"s{i}", 2 if patient_one else 3)]
+    clusters = {f"s{i}": "patient:p1" if i < 10 else "patient:p2" for i in range(20)}
+    rows = J.paired_differences(judgements, n_boot=400, seed=0)["A"]["a - b"]["factual_accuracy"]
+    by_patient = J.paired_differences(judgements, n_boot=400, seed=0, clusters=clusters)
+    lo, hi = by_patient["A"]["a - b"]["factual_accuracy"]["ci"]
+    assert (lo, hi) == pytest.approx((0.0, 2.0))
+    assert rows["ci"][1] - rows["ci"][0] < hi - lo
+
+
+def test_a_model_failing_every_request_does_not_empty_the_data_set_for_the_others():
+    rows = [{"sample_id": f"s{i}", "dataset": "A", "model": m,
+             "error": "HTTP 500" if m == "gpt-4o" else None}
+            for i in range(5) for m in ("pulse", "pulse-lora", "gpt-4o")]
+    picked = J.sample_for_judging(rows, n_samples=3, seed=0)
+    assert sorted(picked) == [("pulse", "A"), ("pulse-lora", "A")]
+    assert len(picked[("pulse", "A")]) == 3
+    assert J.unanswered_groups(rows) == [("gpt-4o", "A")]
+    # Likewise a model whose every judgement failed is left out of the pairing, named.
+    judgements = [_jd("a", "s1", 4), _jd("a", "s2", 2), _jd("b", "s1", 1, "bad"),
+                  _jd("b", "s2", 1, "bad")]
+    out = J.summarize_judgements(judgements, n_boot=50)
+    assert out["a"]["A"]["factual_accuracy"]["mean"] == pytest.approx(3.0)
+    assert out["b"]["A"]["excluded"] == "every judgement failed"
+
+
+def test_request_hash_covers_everything_the_reply_depends_on():
+    import dataclasses
+
+    config = J.JudgeConfig()
+    base = J.request_hash(ITEM, config)
+    assert base == J.request_hash(ITEM, J.JudgeConfig())
+    changed = [
+        J.request_hash(dataclasses.replace(ITEM, explanation="Something else."), config),
+        J.request_hash(dataclasses.replace(ITEM, reference="Correct answer: LBBB"), config),
+        J.request_hash(dataclasses.replace(ITEM, question="Another stem?"), config),
+        J.request_hash(ITEM, J.JudgeConfig(temperature=0.7)),
+        J.request_hash(ITEM, J.JudgeConfig(base_url="http://127.0.0.1:9/v1")),
+        J.request_hash(ITEM, J.JudgeConfig(model="gpt-4o-mini")),
+        J.request_hash(ITEM, J.JudgeConfig(json_mode=False)),
+    ]
+    assert base not in changed and len(set(changed)) == len(changed)
+    # Scheduling settings do not change the request.
+    assert J.request_hash(ITEM, J.JudgeConfig(concurrency=1, n_samples=3)) == base

@@ -11,7 +11,8 @@ import pytest
 
 from ecgvlm.config import ConfigError
 from ecgvlm.knowledge import knowledge_base
-from ecgvlm.mcq import McqConfig, McqError, make_mcq
+from ecgvlm.mcq import McqConfig, McqError, finding_prevalence, make_mcq
+from ecgvlm.metrics import option_prior_baseline
 from ecgvlm.prompt import LETTERS, parse_answer
 from ecgvlm.records import EcgRecord, McqSample
 
@@ -28,7 +29,10 @@ def _record(labels, record_id="cpsc2018/A0001", dataset="cpsc2018", patient_id="
     )
 
 
-GOLDEN_OPTIONS = (
+# The study's question style (distractors from the whole knowledge base, half look-alikes):
+# pinned since before the default became prior-balanced, and unchanged by it.
+STUDY_STYLE = McqConfig(distractors="knowledge_base", hard_fraction=0.5)
+STUDY_GOLDEN_OPTIONS = (
     ("Right bundle branch block: QRS at least 120 ms with an rsR' (M-shaped) complex in V1-V2 "
      "and a wide, slurred S wave in I and V6."),
     ("Incomplete right bundle branch block: QRS of 110-119 ms with an rsr' pattern in V1-V2 and "
@@ -38,7 +42,7 @@ GOLDEN_OPTIONS = (
     ("Nonspecific intraventricular conduction disorder: QRS longer than 110 ms that fits neither "
      "right nor left bundle branch block criteria."),
 )
-GOLDEN_TARGET = (
+STUDY_GOLDEN_TARGET = (
     "The answer is A. Right bundle branch block: the right ventricle is activated late through "
     "the left bundle, so the QRS lasts at least 120 ms. V1 and V2 show an rsr', rsR' or rSR' "
     "pattern (R' usually taller than r), leads I and V6 show a wide, slurred S wave (longer "
@@ -49,13 +53,44 @@ GOLDEN_TARGET = (
 )
 
 
+# The default, prior-balanced: distractors from the data set's findings (PREVALENCE), drawn
+# in proportion to how often each is asked; no look-alike, so no contrast sentence. Re-pinned
+# deliberately when the default changed from the study's style.
+PREVALENCE = {"RBBB": 0.3, "IAVB": 0.2, "AF": 0.2, "LBBB": 0.1, "STD": 0.1, "PVC": 0.1}
+GOLDEN_OPTIONS = (
+    ("Right bundle branch block: QRS at least 120 ms with an rsR' (M-shaped) complex in V1-V2 "
+     "and a wide, slurred S wave in I and V6."),
+    ("Left bundle branch block: QRS at least 120 ms with broad notched or slurred R waves in I, "
+     "aVL, V5 and V6, no septal q waves there, and a deep QS or rS in V1."),
+    ("ST-segment depression: ST segment depressed at least 0.5 mm below the baseline, "
+     "horizontal or downsloping, in two or more contiguous leads."),
+    ("Atrial fibrillation: Irregularly irregular RR intervals with no distinct P waves, only a "
+     "fibrillatory baseline."),
+)
+GOLDEN_TARGET = (
+    "The answer is A. Right bundle branch block: the right ventricle is activated late through "
+    "the left bundle, so the QRS lasts at least 120 ms. V1 and V2 show an rsr', rsR' or rSR' "
+    "pattern (R' usually taller than r), leads I and V6 show a wide, slurred S wave (longer "
+    "than the R wave or over 40 ms), and the R-peak time in V1 exceeds 50 ms. T waves are "
+    "inverted in V1-V2, opposite to the terminal R'. "
+    "Also labelled in this ECG: first-degree atrioventricular block."
+)
+
+
 def test_golden_mcq_for_a_fixed_seed():
-    sample = make_mcq(_record(["RBBB", "IAVB", "UNK:999"]), seed=7)
+    sample = make_mcq(_record(["RBBB", "IAVB", "UNK:999"]), seed=7, prevalence=PREVALENCE)
     assert sample.question == "Which of the following best describes a finding in this ECG?"
     assert sample.options == GOLDEN_OPTIONS
-    assert sample.option_labels == ("RBBB", "IRBBB", "LAD", "NSIVCB")
+    # IAVB is the record's own finding: never a distractor, whatever its prevalence.
+    assert sample.option_labels == ("RBBB", "LBBB", "STD", "AF")
     assert (sample.answer_index, sample.answer_letter) == (0, "A")
     assert sample.target_text == GOLDEN_TARGET
+    # The study's style, for reproduction, gives the question it always gave.
+    study = make_mcq(_record(["RBBB", "IAVB", "UNK:999"]), seed=7, config=STUDY_STYLE,
+                     prevalence=PREVALENCE)
+    assert study.options == STUDY_GOLDEN_OPTIONS
+    assert study.option_labels == ("RBBB", "IRBBB", "LAD", "NSIVCB")
+    assert study.target_text == STUDY_GOLDEN_TARGET
     assert sample.sample_id == "cpsc2018/A0001#q7"
     assert sample.labels == ("RBBB", "IAVB", "UNK:999")
     assert sample.patient_id == "A0001" and sample.seed == 7
@@ -195,3 +230,53 @@ def test_config_hash_changes_with_config():
 def test_row_round_trip():
     s = dataclasses.replace(make_mcq(_record(["LBBB"]), 2), png=b"\x89PNG")
     assert McqSample.from_row(s.to_row()) == s
+
+
+# A skewed data set of single-finding records: AF is asked in 21% of questions, STach in 6%.
+# (No finding above 1/n_options: a finding asked more often than that is the answer more
+# often than a guesser who always picks it when offered could miss, whatever the distractors.)
+SKEWED = {"AF": 84, "RBBB": 70, "LBBB": 60, "PVC": 50, "STD": 40, "IAVB": 36, "LAD": 30, "STach": 24}
+
+
+def _skewed_questions(config, prevalence):
+    records = [_record([label], record_id=f"set/{label}{i}", patient_id=f"{label}{i}")
+               for label, n in SKEWED.items() for i in range(n)]
+    out = []
+    for rec in records:
+        s = make_mcq(rec, 0, config, prevalence)
+        out.append({"sample_id": s.sample_id, "dataset": "set", "option_labels": s.option_labels,
+                    "true_label": s.true_label})
+    return out
+
+
+def test_prior_balanced_questions_leave_a_blind_guesser_near_chance():
+    prevalence = finding_prevalence([[label] for label, n in SKEWED.items() for _ in range(n)])
+    assert prevalence["AF"] == pytest.approx(84 / 394) and sum(prevalence.values()) == pytest.approx(1)
+    default = _skewed_questions(McqConfig(), prevalence)
+    # Every distractor is one of the data set's findings...
+    assert {x for q in default for x in q["option_labels"]} == set(SKEWED)
+    # ...offered about as often as it is the answer, so options do not betray the answer.
+    offered = Counter(x for q in default for x in q["option_labels"])
+    answered = Counter(q["true_label"] for q in default)
+    ratio = {f: offered[f] / answered[f] for f in SKEWED}
+    assert all(3.0 < r < 5.0 for r in ratio.values()), ratio  # 4 would be exact balance
+    # The blind baseline (the offered option most frequent in training) against each style;
+    # the split is by record, every other record to training.
+    def blind_accuracy(questions):
+        train, test = questions[::2], questions[1::2]
+        pred = option_prior_baseline(test, train, seed=0)
+        return sum(pred[q["sample_id"]] == q["true_label"] for q in test) / len(test)
+
+    balanced = blind_accuracy(default)
+    study = blind_accuracy(_skewed_questions(STUDY_STYLE, prevalence))
+    assert abs(balanced - 0.25) < 0.08, balanced  # 0.30 here; chance 0.25
+    assert study > 0.6, study
+
+
+def test_prior_balanced_fills_in_from_the_pool_when_the_data_set_has_too_few_findings():
+    s = make_mcq(_record(["AF"]), 0, McqConfig(), prevalence={"AF": 0.7, "RBBB": 0.3})
+    assert "RBBB" in s.option_labels and len(set(s.option_labels)) == 4
+    # Without a prevalence every finding of the pool weighs the same.
+    assert make_mcq(_record(["AF"]), 0) == make_mcq(_record(["AF"]), 0, prevalence=None)
+    with pytest.raises(ConfigError, match="distractors must be one of"):
+        McqConfig(distractors="hard")

@@ -10,12 +10,18 @@ from ecgvlm.metrics import (
     PRIOR_MODEL,
     UNPARSEABLE,
     MetricsError,
+    _cell_weights,
+    _cells,
+    _encode,
     bootstrap_ci,
     classification_metrics,
+    cluster_bootstrap_mean,
+    cluster_ids,
     metrics_by_model_and_dataset,
     metrics_table,
+    option_prior_baseline,
     point_scores,
-    prior_baseline,
+    wilson_interval,
 )
 
 # Six samples, three classes, one unparseable answer (None).
@@ -92,27 +98,33 @@ def test_unparseable_is_never_a_hit_even_if_a_true_label_looks_empty():
     assert (m.n_unparseable, m.accuracy) == (2, pytest.approx(1 / 3))
 
 
-def test_prior_majority_baseline_by_hand():
-    # Counts NORM 3, AF 2, RBBB 1 -> always NORM.
-    # NORM: P 3/6, R 1, F1 2/3; AF, RBBB: 0.
-    # balanced 1/3, weighted recall 1/2, weighted precision 3*(1/2)/6 = 1/4,
-    # weighted F1 3*(2/3)/6 = 1/3, macro-F1 (2/3)/3 = 2/9.
-    pred = prior_baseline(Y_TRUE)
-    assert pred == ["NORM"] * 6
-    m = classification_metrics(Y_TRUE, pred, n_boot=0)
-    assert m.balanced_accuracy == pytest.approx(1 / 3)
-    assert m.weighted_recall == pytest.approx(1 / 2)
-    assert m.weighted_precision == pytest.approx(1 / 4)
-    assert m.weighted_f1 == pytest.approx(1 / 3)
-    assert m.macro_f1 == pytest.approx(2 / 9)
-    # Ties are broken alphabetically; a training prior can be given instead.
-    assert prior_baseline(["B", "A"]) == ["A", "A"]
-    assert prior_baseline(["A", "A"], prior_labels=["B", "B", "A"]) == ["B", "B"]
-    sampled = prior_baseline(["A"] * 2000 + ["B"] * 1000, strategy="sample", seed=3)
-    assert sampled == prior_baseline(["A"] * 2000 + ["B"] * 1000, strategy="sample", seed=3)
-    assert 0.6 < sampled.count("A") / 3000 < 0.73
-    with pytest.raises(MetricsError, match="strategy must be one of"):
-        prior_baseline(["A"], strategy="mode")
+def test_blind_baseline_takes_its_prior_from_training_and_answers_only_offered_options():
+    # Training: AF is the most frequent correct answer; in the test questions NORM is. The
+    # test labels must not matter: only the training counts and the offered options do.
+    train = [{"dataset": "cpsc2018", "true_label": x} for x in ["AF"] * 5 + ["NORM"] * 2 + ["RBBB"]]
+    test = [
+        {"sample_id": "q1", "dataset": "cpsc2018", "option_labels": ["NORM", "AF", "LBBB", "PVC"]},
+        # AF is not offered: the most frequent offered one (NORM) is chosen, never AF.
+        {"sample_id": "q2", "dataset": "cpsc2018", "option_labels": ["LBBB", "RBBB", "NORM", "PVC"]},
+        {"sample_id": "q3", "dataset": "cpsc2018", "option_labels": ["LBBB", "RBBB", "STD", "PVC"]},
+    ]
+    pred = option_prior_baseline(test, train, seed=0)
+    assert pred["q1"] == "AF"
+    assert pred["q2"] == "NORM"
+    assert pred["q3"] == "RBBB"
+    for sample in test:
+        assert pred[sample["sample_id"]] in sample["option_labels"]
+    # Ties (options never seen in training) are a seeded draw among the tied options; a data
+    # set absent from training falls back to the pooled counts.
+    tied = [{"sample_id": f"t{i}", "dataset": "mitdb", "option_labels": ["X", "Y", "Z", "W"]}
+            for i in range(200)]
+    draws = option_prior_baseline(tied, train, seed=3)
+    assert draws == option_prior_baseline(tied, train, seed=3)
+    assert draws != option_prior_baseline(tied, train, seed=4)
+    assert set(draws.values()) == {"X", "Y", "Z", "W"}
+    assert option_prior_baseline(
+        [{"sample_id": "m", "dataset": "mitdb", "option_labels": ["NORM", "AF"]}], train
+    ) == {"m": "AF"}
 
 
 def _sklearn_resample_scores(true, pred):
@@ -143,18 +155,103 @@ def test_vectorised_bootstrap_equals_sklearn_loop():
     true = list(rng.choice(classes, size=40, p=[0.3, 0.5, 0.15, 0.05]))
     pred = [t if rng.random() < 0.6 else rng.choice(classes + ["LBBB", None]) for t in true]
     pred_s = [p if p else UNPARSEABLE for p in pred]
+    patients = [f"p{i % 7}" for i in range(len(true))]
     n_boot, seed = 200, 11
-    ci = bootstrap_ci(true, pred, n_boot=n_boot, seed=seed)
+    ci = bootstrap_ci(true, pred, n_boot=n_boot, seed=seed, clusters=patients)
 
-    # Same generator, same draws: score each resample with sklearn in a plain loop.
-    idx = np.random.default_rng(seed).integers(0, len(true), size=(n_boot, len(true)))
+    # The same draws of (patient, class) cells, expanded to rows and scored by sklearn.
+    _, t_codes, _ = _encode(np.asarray(true, dtype=object), np.asarray(pred_s, dtype=object))
+    cell_of_row, cell_class = _cells(t_codes, cluster_ids(patients, len(true)))
+    weights = _cell_weights(cell_class, len(classes), n_boot, np.random.default_rng(seed))
+    rows_of_cell = [np.flatnonzero(cell_of_row == c) for c in range(len(cell_class))]
     ref = {name: [] for name in ci}
-    for row in idx:
-        scores = _sklearn_resample_scores([true[i] for i in row], [pred_s[i] for i in row])
+    for w in weights:
+        rows = np.concatenate([np.repeat(rows_of_cell[c], w[c]) for c in range(len(w))])
+        scores = _sklearn_resample_scores([true[i] for i in rows], [pred_s[i] for i in rows])
         for name in ci:
             ref[name].append(scores[name])
+        # Stratified: every resample holds every class as often as the data do.
+        assert sorted({true[i] for i in rows}) == sorted(set(true))
     for name, (lo, hi) in ci.items():
         assert (lo, hi) == pytest.approx(tuple(np.percentile(ref[name], [2.5, 97.5]))), name
+
+
+def _simulate_patients(rng, n_patients=5, n_windows=180):
+    """Windows of a few patients whose accuracy differs by patient; the truth is 0.675."""
+    acc = rng.uniform(0.4, 0.95, size=n_patients)
+    correct = rng.random((n_patients, n_windows)) < acc[:, None]
+    true = ["AF"] * (n_patients * n_windows)
+    pred = ["AF" if c else "NORM" for c in correct.ravel()]
+    patients = [f"p{g}" for g in np.repeat(np.arange(n_patients), n_windows)]
+    return true, pred, patients
+
+
+def test_patient_clustered_interval_covers_where_the_row_interval_does_not():
+    # The issue's simulation: 5 patients x 180 windows, accuracy varying by patient. Rows of
+    # one patient are not independent: a row-level interval is far too narrow.
+    rng = np.random.default_rng(2024)
+    truth = (0.4 + 0.95) / 2
+    covered = {"sample": 0, "patient": 0}
+    width = {"sample": [], "patient": []}
+    repeats = 120
+    for r in range(repeats):
+        true, pred, patients = _simulate_patients(rng)
+        for unit, clusters in (("sample", None), ("patient", patients)):
+            lo, hi = bootstrap_ci(true, pred, n_boot=300, seed=r, clusters=clusters)["accuracy"]
+            covered[unit] += lo <= truth <= hi
+            width[unit].append(hi - lo)
+    assert covered["sample"] / repeats < 0.5
+    assert covered["patient"] / repeats > 0.75
+    assert np.mean(width["patient"]) > 2 * np.mean(width["sample"])
+    # classification_metrics names the unit it resampled and flags the few patients.
+    true, pred, patients = _simulate_patients(np.random.default_rng(0))
+    m = classification_metrics(true, pred, n_boot=100, clusters=patients, cluster_unit="patient")
+    assert (m.ci_unit, m.n_clusters) == ("patient", 5)
+    assert m.ci_method["macro_f1"] == "patient bootstrap"
+    assert "one true class" in m.flags
+
+
+def test_rare_class_does_not_bias_class_averaged_intervals():
+    # 12 classes, one frequent, eleven rare; always predicting the frequent one gives
+    # balanced accuracy exactly 1/12. Resampling rows loses rare classes in almost every
+    # resample, so averages over fewer classes put the whole interval above the point
+    # estimate; stratified resampling keeps every class.
+    true = ["A"] * 109 + [f"R{i}" for i in range(11)]
+    pred = ["A"] * len(true)
+    m = classification_metrics(true, pred, n_boot=500, seed=0)
+    lo, hi = m.ci["balanced_accuracy"]
+    assert lo <= m.balanced_accuracy <= hi
+    assert m.balanced_accuracy == pytest.approx(1 / 12)
+    lo, hi = m.ci["macro_f1"]
+    assert lo <= m.macro_f1 <= hi
+
+
+def test_tiny_or_single_class_rows_get_flags_and_exact_intervals():
+    m = classification_metrics(["AF"], ["AF"], n_boot=200)
+    assert m.accuracy == 1.0
+    assert m.ci_method["accuracy"] == "wilson"
+    assert m.ci["accuracy"] == pytest.approx(wilson_interval(1, 1))
+    assert m.ci["accuracy"][0] < 0.25 and m.ci["accuracy"][1] == 1.0
+    assert m.ci["balanced_accuracy"] == m.ci["accuracy"]
+    assert set(m.flags) == {"n=1 < 10", "one true class"}
+    # Wilson by hand: 8/10 at 95% -> centre (0.8 + 1.96^2/20) / (1 + 1.96^2/10).
+    z = 1.959963984540054
+    centre = (0.8 + z * z / 20) / (1 + z * z / 10)
+    half = z * np.sqrt(0.8 * 0.2 / 10 + z * z / 400) / (1 + z * z / 10)
+    assert wilson_interval(8, 10) == pytest.approx((centre - half, centre + half))
+    # A row where every answer is right, 50 patients: the bootstrap has zero width, Wilson not.
+    big = classification_metrics(["A", "B"] * 25, ["A", "B"] * 25, n_boot=100,
+                                 clusters=[f"p{i}" for i in range(50)], cluster_unit="patient")
+    assert big.ci_method["accuracy"] == "wilson" and big.ci["accuracy"][0] < 1.0
+    assert big.flags == ()
+
+
+def test_cluster_bootstrap_mean_resamples_clusters():
+    values = [1.0] * 10 + [5.0] * 10
+    row = cluster_bootstrap_mean(values, None, n_boot=400, seed=0)
+    two = cluster_bootstrap_mean(values, ["a"] * 10 + ["b"] * 10, n_boot=400, seed=0)
+    assert two[1] - two[0] > row[1] - row[0]
+    assert two == pytest.approx((1.0, 5.0))
 
 
 def test_bootstrap_ci_properties():
@@ -182,11 +279,15 @@ def test_by_model_and_dataset_table_and_json():
                          "true_label": t, "predicted_label": p})
     rows.append({"sample_id": "m0", "dataset": "mitdb", "model": "pulse",
                  "true_label": "AF", "predicted_label": "AF"})
+    for i, t in enumerate(Y_TRUE):
+        rows.append({"sample_id": f"s{i}", "dataset": "cpsc2018", "model": PRIOR_MODEL,
+                     "true_label": t, "predicted_label": "NORM"})
+    rows.append({"sample_id": "m0", "dataset": "mitdb", "model": PRIOR_MODEL,
+                 "true_label": "AF", "predicted_label": "NORM"})
     out = metrics_by_model_and_dataset(rows, n_boot=20, seed=1)
     assert sorted(out) == ["prior-baseline", "pulse", "pulse-lora"]
     assert out["pulse"]["cpsc2018"].balanced_accuracy == pytest.approx(7 / 18)
     assert out["pulse-lora"]["cpsc2018"].balanced_accuracy == 1.0
-    # The baseline scores each sample once, not once per model.
     assert out[PRIOR_MODEL]["cpsc2018"].n == 6
     assert out[PRIOR_MODEL]["cpsc2018"].balanced_accuracy == pytest.approx(1 / 3)
     table = metrics_table(out)

@@ -6,7 +6,7 @@ import re
 import pytest
 from PIL import Image
 
-from ecgvlm.judge import CRITERIA, summarize_judgements
+from ecgvlm.judge import CRITERIA, paired_differences, summarize_judgements
 from ecgvlm.metrics import PRIOR_MODEL, metrics_by_model_and_dataset
 from ecgvlm.records import Judgement
 from ecgvlm.report import EvalReport, console_tables, write_report
@@ -57,6 +57,10 @@ def _report():
             for i, (t, p) in enumerate(zip(Y_TRUE, preds)):
                 rows.append({"sample_id": f"{dataset}-{i}", "dataset": dataset, "model": model,
                              "true_label": t, "predicted_label": p})
+    for dataset in ("cpsc2018", "mitdb"):
+        for i, t in enumerate(Y_TRUE):
+            rows.append({"sample_id": f"{dataset}-{i}", "dataset": dataset, "model": PRIOR_MODEL,
+                         "true_label": t, "predicted_label": "NORM"})
     metrics = metrics_by_model_and_dataset(rows, n_boot=200, seed=0)
     judgements = []
     for model, base in (("pulse", 2), ("pulse-lora", 4)):
@@ -71,6 +75,9 @@ def _report():
     return EvalReport(
         metrics=metrics,
         judge=summarize_judgements(judgements, n_boot=100),
+        judge_pairs=paired_differences(judgements, n_boot=100),
+        chance={"cpsc2018": 0.25, "mitdb": 0.25},
+        baseline_note="fitted on the 'train' split",
         unavailable={"gpt-4o": "OPENAI_API_KEY is not set"},
         meta={"models": ["pulse", "pulse-lora", "gpt-4o"], "judge_model": "fake-judge",
               "rubric_version": "abc", "prompt_version": "llava_v1-x", "bootstrap_seed": 0,
@@ -83,7 +90,7 @@ def test_report_tables_parse_back_to_the_metrics(tmp_path):
     report = _report()
     written = write_report(report, tmp_path)
     text = (tmp_path / "report.md").read_text()
-    table1, table2, counts = parse_markdown_tables(text)
+    table1, table2, table3, counts = parse_markdown_tables(text)
 
     # Table 1: data set x model incl. the baseline, then the unavailable model with its reason.
     assert [(r["Dataset"], r["Model"]) for r in table1] == [
@@ -99,16 +106,25 @@ def test_report_tables_parse_back_to_the_metrics(tmp_path):
     assert parse_cell(row["Unparseable"])[0] == pytest.approx(1 / 6, abs=5e-4)
     assert row["n"] == "6"
     assert parse_cell(table1[2]["Balanced accuracy"])[0] == pytest.approx(1 / 3, abs=5e-4)
-    assert "prior-only baseline" in table1[2]["Note"]
+    assert table1[2]["Note"].startswith("blind baseline, chance 0.250")
+    # n = 6 < 10: every row is flagged, and its rates get exact (Wilson) intervals.
+    assert "n=6 < 10" in row["Note"]
+    assert m.ci_method["accuracy"] == "wilson"
     assert table1[-1]["Balanced accuracy"] == "n/a"
     assert table1[-1]["Note"] == "not evaluated: OPENAI_API_KEY is not set"
 
-    # Table 2: pulse had one failure of four (scores 3, 2, 3 -> mean 8/3).
+    # Table 2: pulse had one failure of four (scores 3, 2, 3 -> mean 8/3); pulse-lora's means
+    # are paired over the same three ids (5, 4, 5 -> 14/3), not its four.
     t2 = {(r["Dataset"], r["Model"]): r for r in table2}
     assert t2[("cpsc2018", "pulse")]["Failures"] == "1"
     assert t2[("cpsc2018", "pulse")]["Judged"] == "4"
     assert parse_cell(t2[("cpsc2018", "pulse")]["Factual accuracy"])[0] == pytest.approx(8 / 3, abs=5e-3)
-    assert parse_cell(t2[("mitdb", "pulse-lora")]["Hallucination (lower is better)"])[0] == 4.5
+    assert parse_cell(t2[("mitdb", "pulse-lora")]["Hallucination (lower is better)"])[0] == pytest.approx(14 / 3, abs=5e-3)
+    assert t2[("mitdb", "pulse-lora")]["Note"] == "means over 3 paired ids"
+    # Table 3: pulse - pulse-lora = 3-5, 2-4, 3-5 = -2 on every paired id.
+    t3 = {(r["Dataset"], r["Comparison"]): r for r in table3}
+    assert parse_cell(t3[("mitdb", "pulse - pulse-lora")]["Completeness"]) == (-2.0, (-2.0, -2.0))
+    assert t3[("mitdb", "pulse - pulse-lora")]["Paired ids"] == "3"
     assert t2[("all", "gpt-4o")]["Note"].startswith("not evaluated")
     assert counts[0]["Unparseable"] == "2"
 
@@ -149,3 +165,55 @@ def test_report_without_judge_says_why(tmp_path):
     assert "judge_scores.png" not in written
     table2 = parse_markdown_tables(text)[1]
     assert [r["Model"] for r in table2] == ["gpt-4o"]
+
+
+def test_wording_of_the_captions():
+    text = report_markdown_text()
+    # Precision covers parsed answers only; the resampled unit is named; no "upper bound".
+    assert "weighted precision covers parsed answers only" in text
+    assert "resamples whole samples" in text
+    assert "upper bound" not in text
+
+
+def report_markdown_text():
+    from ecgvlm.report import report_markdown
+
+    return report_markdown(_report())
+
+
+def test_console_tables_carry_the_judge_note():
+    report = _report()
+    report.judge, report.judge_pairs = {}, {}
+    note = "judge not run: judge model 'gpt-4o' needs the OpenAI API but OPENAI_API_KEY is not set"
+    report.judge_note = note
+    console = console_tables(report)
+    assert note in console
+    assert console.index(note) > console.index("Table 2")
+
+
+def test_a_point_outside_its_interval_or_a_failing_plot_never_stops_the_report(tmp_path, monkeypatch):
+    import dataclasses
+
+    from ecgvlm import report as R
+
+    report = _report()
+    # As seen in a real run: macro-F1 0.9153 with CI [0.8015, 0.9147], a baseline 0.083 with
+    # [0.091, 0.167] (percentile intervals need not contain their point estimate).
+    m = report.metrics["pulse"]["cpsc2018"]
+    report.metrics["pulse"]["cpsc2018"] = dataclasses.replace(
+        m, macro_f1=0.9153, ci={**m.ci, "macro_f1": (0.8015, 0.9147)})
+    b = report.metrics[PRIOR_MODEL]["mitdb"]
+    report.metrics[PRIOR_MODEL]["mitdb"] = dataclasses.replace(
+        b, balanced_accuracy=0.083, ci={**b.ci, "balanced_accuracy": (0.091, 0.167)})
+    written = write_report(report, tmp_path)
+    assert "metrics_bars.png" in written and "report.md" in written
+
+    def broken(report, out_dir):
+        raise ValueError("'yerr' must not contain negative values")
+
+    monkeypatch.setattr(R, "plot_judge_bars", broken)
+    out = tmp_path / "again"
+    written = write_report(report, out)
+    text = (out / "report.md").read_text()
+    assert "## Plots that failed" in text and "'yerr' must not contain negative values" in text
+    assert "judge_scores.png" not in written and "metrics_bars.png" in written

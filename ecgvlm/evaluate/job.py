@@ -14,8 +14,12 @@ after ``ray.init``):
 3. the driver writes predictions as they arrive (an atomically renamed Parquet part file
    every ``flush_every`` rows in ``predictions/``) and, at the end, consolidates them into
    ``predictions.parquet``, one row per (sample_id, model);
-4. metrics (``ecgvlm.metrics``), the LLM judge on a seeded sample (``ecgvlm.judge``), and
-   the report (``ecgvlm.report``).
+4. metrics (``ecgvlm.metrics``) with intervals that resample patients (or source
+   recordings), the blind baseline fitted on the training split, the LLM judge on a seeded
+   sample (``ecgvlm.judge``), and the report (``ecgvlm.report``).
+
+A rerun refuses an output directory whose stored predictions come from another split or
+prompt version: mixing them would score two different experiments as one.
 
 Models the endpoint does not list, or whose every request failed, are reported as not
 evaluated, with the reason, instead of scoring as zero.
@@ -27,36 +31,25 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import re
 import time
-import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ecgvlm.config import check_choice, check_range, config_to_dict, save_config
-from ecgvlm.judge import JudgeConfig
-
-#: Columns of predictions.parquet, in order (DESIGN.md names the first eight).
-PREDICTION_COLUMNS: tuple[str, ...] = (
-    "sample_id",
-    "dataset",
-    "model",
-    "true_label",
-    "answer_letter",
-    "predicted_letter",
-    "predicted_label",
-    "explanation",
-    "raw_text",
-    "error",
-    "latency_s",
-    "attempts",
-    "prompt_version",
-    "finished_utc",
+from ecgvlm.config import check_range, config_to_dict, save_config
+from ecgvlm.evaluate.client import (
+    _MAX_BACKOFF_S,
+    ChatClient,
+    explanation_of,
+    list_models,
+    predict_one,
 )
+from ecgvlm.evaluate.errors import EvaluationError
+from ecgvlm.evaluate.judge import JudgeConfig
+from ecgvlm.evaluate.store import PredictionStore, prediction_schema
 
 #: Split columns the evaluation reads (``png`` only inside the pipeline, never in the driver).
 SPLIT_META_COLUMNS: tuple[str, ...] = (
@@ -68,15 +61,11 @@ SPLIT_META_COLUMNS: tuple[str, ...] = (
     "answer_letter",
     "target_text",
 )
+#: Split columns read when present: the unit the intervals resample and the limit spreads over.
+SPLIT_OPTIONAL_COLUMNS: tuple[str, ...] = ("record_id", "patient_id")
 
-_RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
-_MAX_BACKOFF_S = 30.0
 # Predictions are also flushed when this long has passed, so slow models lose little on a kill.
 _FLUSH_S = 10.0
-
-
-class EvaluationError(RuntimeError):
-    """The evaluation cannot run: no split, an unreachable endpoint, a bad output dir."""
 
 
 @dataclass(frozen=True)
@@ -92,8 +81,9 @@ class EvalConfig:
         endpoint_api_key_env: Environment variable with the endpoint's key (optional).
         models: Model names the endpoint serves (``pulse``, ``pulse-lora``, ``gpt-4o``).
         datasets: Only these data sets (empty: all in the split).
-        limit_per_dataset: Evaluate at most this many samples per data set (0: all); the
-            first ones by sample id, so reruns pick the same ones.
+        limit_per_dataset: Evaluate at most this many samples per data set (0: all): a
+            sample seeded by ``seed``, spread evenly across source recordings, so reruns
+            pick the same ones and one long recording does not fill the quota.
         concurrency: HTTP client actors in the Ray Data actor pool.
         requests_per_actor: Requests each actor keeps in flight (threads); the endpoint sees
             up to ``concurrency * requests_per_actor`` concurrent requests.
@@ -110,8 +100,10 @@ class EvalConfig:
             interruption loses at most this many finished requests.
         retry_errors: On resume, ask again the pairs whose stored prediction is an error.
         n_boot: Bootstrap resamples for the CIs.
-        seed: Seed of the bootstrap (the judge has its own).
-        prior_strategy: Prior-only baseline: ``majority`` or ``sample``.
+        seed: Seed of the bootstrap, of the ``limit_per_dataset`` sample and of the blind
+            baseline's tie-breaks (the judge has its own).
+        prior_split: The split the blind baseline's prior is counted on (the training
+            split of the same prepared set); empty: no baseline.
         judge: The LLM judge.
         progress: Show progress bars.
     """
@@ -137,7 +129,7 @@ class EvalConfig:
     retry_errors: bool = True
     n_boot: int = 1000
     seed: int = 0
-    prior_strategy: str = "majority"
+    prior_split: str = "train"
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     progress: bool = True
 
@@ -162,7 +154,6 @@ class EvalConfig:
         check_range("temperature", self.temperature, 0.0, 2.0)
         check_range("flush_every", self.flush_every, 1)
         check_range("n_boot", self.n_boot, 0)
-        check_choice("prior_strategy", self.prior_strategy, ("majority", "sample"))
 
     def in_flight(self) -> int:
         """Requests the endpoint sees at once at most."""
@@ -216,6 +207,7 @@ def read_split_meta(files: list[Path], columns: Iterable[str] = SPLIT_META_COLUM
             f"split shards lack column(s) {', '.join(missing)}; they have "
             f"{', '.join(dataset.schema.names)}"
         )
+    columns += [c for c in SPLIT_OPTIONAL_COLUMNS if c in dataset.schema.names and c not in columns]
     frame = dataset.to_table(columns=columns).to_pandas()
     dup = frame["sample_id"][frame["sample_id"].duplicated()]
     if len(dup):
@@ -223,8 +215,49 @@ def read_split_meta(files: list[Path], columns: Iterable[str] = SPLIT_META_COLUM
     return frame
 
 
-def select_samples(meta: Any, datasets: tuple[str, ...], limit_per_dataset: int) -> Any:
-    """Filter by data set and keep the first ``limit_per_dataset`` sample ids of each."""
+def source_recording(sample_id: str, record_id: str | None = None) -> str:
+    """The source recording of a sample: its record id without the window offset."""
+    rid = record_id if isinstance(record_id, str) and record_id else sample_id.split("#", 1)[0]
+    return rid.split("@", 1)[0]
+
+
+def sample_cluster(row: Any) -> str:
+    """What the intervals resample for a sample: ``patient:<id>``, or ``recording:<id>``
+    where the split has no patient id (windows of one recording are one patient)."""
+    patient = row.get("patient_id")
+    if isinstance(patient, str) and patient:
+        return f"patient:{row['dataset']}/{patient}"
+    return f"recording:{source_recording(str(row['sample_id']), row.get('record_id'))}"
+
+
+def _spread_order(ids: list[str], recordings: list[str], seed: int) -> list[int]:
+    """Positions of ``ids`` in round-robin order over recordings (seeded shuffles of the
+    recordings and of each recording's samples), so any prefix is spread across them."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    by_rec: dict[str, list[int]] = {}
+    for i in sorted(range(len(ids)), key=lambda i: ids[i]):
+        by_rec.setdefault(recordings[i], []).append(i)
+    queues = []
+    for rec in [sorted(by_rec)[k] for k in rng.permutation(len(by_rec))]:
+        members = by_rec[rec]
+        queues.append([members[k] for k in rng.permutation(len(members))])
+    order = []
+    depth = 0
+    while len(order) < len(ids):
+        order += [q[depth] for q in queues if depth < len(q)]
+        depth += 1
+    return order
+
+
+def select_samples(
+    meta: Any, datasets: tuple[str, ...], limit_per_dataset: int, seed: int = 0
+) -> Any:
+    """Filter by data set and keep a seeded ``limit_per_dataset`` samples of each, spread
+    across source recordings (see ``EvalConfig.limit_per_dataset``)."""
+    import pandas as pd
+
     if datasets:
         unknown = sorted(set(datasets) - set(meta["dataset"]))
         if unknown:
@@ -234,287 +267,15 @@ def select_samples(meta: Any, datasets: tuple[str, ...], limit_per_dataset: int)
         meta = meta[meta["dataset"].isin(datasets)]
     meta = meta.sort_values(["dataset", "sample_id"])
     if limit_per_dataset:
-        meta = meta.groupby("dataset", sort=True).head(limit_per_dataset)
+        parts = []
+        for _, group in meta.groupby("dataset", sort=True):
+            ids = list(group["sample_id"])
+            rec_ids = group["record_id"] if "record_id" in group else [None] * len(ids)
+            recordings = [source_recording(s, r) for s, r in zip(ids, rec_ids)]
+            keep = _spread_order(ids, recordings, seed)[:limit_per_dataset]
+            parts.append(group.iloc[sorted(keep)])
+        meta = pd.concat(parts) if parts else meta
     return meta.reset_index(drop=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# Stored predictions: part files written as they arrive, consolidated at the end
-# ---------------------------------------------------------------------------------------------
-
-
-def prediction_schema() -> Any:
-    import pyarrow as pa
-
-    return pa.schema(
-        [
-            ("sample_id", pa.string()),
-            ("dataset", pa.string()),
-            ("model", pa.string()),
-            ("true_label", pa.string()),
-            ("answer_letter", pa.string()),
-            ("predicted_letter", pa.string()),
-            ("predicted_label", pa.string()),
-            ("explanation", pa.string()),
-            ("raw_text", pa.string()),
-            ("error", pa.string()),
-            ("latency_s", pa.float64()),
-            ("attempts", pa.int32()),
-            ("prompt_version", pa.string()),
-            ("finished_utc", pa.string()),
-        ]
-    )
-
-
-class PredictionStore:
-    """Predictions of one output directory, keyed by (sample_id, model).
-
-    New rows go to ``predictions/part-<run>-<n>.parquet`` (written to a temporary name and
-    renamed, so a killed run leaves whole files or none); ``consolidate`` merges the parts
-    and any earlier ``predictions.parquet`` into a new ``predictions.parquet``, keeping the
-    latest row per key, and removes the merged parts.
-    """
-
-    def __init__(self, output_dir: str | Path) -> None:
-        self.output_dir = Path(output_dir)
-        self.parts_dir = self.output_dir / "predictions"
-        self.path = self.output_dir / "predictions.parquet"
-        self._run = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
-        self._seq = 0
-
-    def _sources(self) -> list[Path]:
-        parts = sorted(self.parts_dir.glob("part-*.parquet")) if self.parts_dir.is_dir() else []
-        return ([self.path] if self.path.is_file() else []) + parts
-
-    def load(self) -> Any:
-        """All stored rows, latest per key (pandas DataFrame with PREDICTION_COLUMNS)."""
-        import pandas as pd
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        schema = prediction_schema()
-        tables = []
-        for path in self._sources():
-            table = pq.read_table(path)
-            # Older files may lack newer columns: add them as nulls.
-            for name in schema.names:
-                if name not in table.schema.names:
-                    table = table.append_column(name, pa.nulls(len(table), schema.field(name).type))
-            tables.append(table.select(schema.names).cast(schema))
-        if not tables:
-            return pd.DataFrame({name: pd.Series(dtype=object) for name in schema.names})
-        frame = pa.concat_tables(tables).to_pandas()
-        # Sources are read oldest first, so keeping the last row per key keeps the newest.
-        frame = frame.drop_duplicates(["sample_id", "model"], keep="last").reset_index(drop=True)
-        # Nulls of text columns as None (pandas reads them as NaN), so rows read back as the
-        # Prediction records they were written from.
-        for name in schema.names:
-            if pa.types.is_string(schema.field(name).type):
-                frame[name] = frame[name].astype(object).where(frame[name].notna(), None)
-        return frame
-
-    def done_keys(self, retry_errors: bool = True) -> set[tuple[str, str]]:
-        """Keys that need no new request (errored ones only when ``retry_errors`` is off)."""
-        frame = self.load()
-        if retry_errors:
-            frame = frame[frame["error"].isna()]
-        return set(zip(frame["sample_id"], frame["model"]))
-
-    def append(self, rows: list[dict[str, Any]]) -> Path | None:
-        """Write ``rows`` as one new part file, atomically."""
-        if not rows:
-            return None
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        self.parts_dir.mkdir(parents=True, exist_ok=True)
-        schema = prediction_schema()
-        table = pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in rows], schema)
-        self._seq += 1
-        final = self.parts_dir / f"part-{self._run}-{self._seq:06d}.parquet"
-        tmp = final.with_suffix(".parquet.tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, final)
-        return final
-
-    def consolidate(self) -> Any:
-        """Merge everything into ``predictions.parquet`` (sorted, one row per key)."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        sources = self._sources()
-        frame = self.load().sort_values(["model", "dataset", "sample_id"]).reset_index(drop=True)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".parquet.tmp")
-        pq.write_table(pa.Table.from_pandas(frame, prediction_schema(), preserve_index=False), tmp)
-        os.replace(tmp, self.path)
-        for path in sources:
-            if path != self.path:
-                path.unlink()
-        return frame
-
-
-# ---------------------------------------------------------------------------------------------
-# The HTTP client
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ChatResult:
-    """One chat request's outcome: the reply text, or the error after all retries."""
-
-    text: str | None
-    error: str | None
-    latency_s: float
-    attempts: int
-
-
-def _retry_after_s(error: Any) -> float | None:
-    response = getattr(error, "response", None)
-    value = response.headers.get("retry-after") if response is not None else None
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
-
-
-class ChatClient:
-    """Calls ``POST {endpoint}/chat/completions`` with retries and backoff.
-
-    Built on the ``openai`` client with its own retries off, so the retry policy (which
-    errors, how many times, how long to wait) is this class's and is counted per request.
-
-    Args:
-        endpoint: Base URL ending in ``/v1``.
-        api_key: Sent as a bearer token; local endpoints ignore it.
-        timeout_s, max_retries, backoff_s, max_tokens, temperature: As in EvalConfig.
-    """
-
-    def __init__(
-        self,
-        endpoint: str,
-        api_key: str = "EMPTY",
-        timeout_s: float = 120.0,
-        max_retries: int = 3,
-        backoff_s: float = 1.0,
-        max_tokens: int = 256,
-        temperature: float = 0.0,
-    ) -> None:
-        import openai
-
-        self._openai = openai
-        self.client = openai.OpenAI(
-            base_url=endpoint, api_key=api_key, timeout=timeout_s, max_retries=0
-        )
-        self.max_retries = max_retries
-        self.backoff_s = backoff_s
-        self.max_tokens = max_tokens
-        self.temperature = temperature
-        self._rng = random.Random()
-
-    def _retryable(self, error: Exception) -> bool:
-        openai = self._openai
-        if isinstance(error, openai.APIStatusError):
-            return error.status_code in _RETRYABLE_STATUS
-        # Connection refused/reset, time-outs, and a body that is not a completion.
-        return isinstance(error, (openai.APIConnectionError, openai.APIResponseValidationError,
-                                  ValueError))
-
-    def chat(self, model: str, messages: list[dict[str, Any]]) -> ChatResult:
-        """The assistant's reply text, or the last error once retries are spent."""
-        start = time.perf_counter()
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                response = self.client.chat.completions.create(
-                    model=model,
-                    messages=messages,
-                    max_tokens=self.max_tokens,
-                    temperature=self.temperature,
-                )
-                if not response.choices:
-                    raise ValueError("reply has no choices")
-                text = response.choices[0].message.content or ""
-                return ChatResult(text, None, time.perf_counter() - start, attempt)
-            except Exception as e:  # noqa: BLE001 - classified below; never dropped
-                if attempt > self.max_retries or not self._retryable(e):
-                    message = f"{type(e).__name__}: {e}"
-                    return ChatResult(None, message[:500], time.perf_counter() - start, attempt)
-                delay = _retry_after_s(e)
-                if delay is None:
-                    delay = self.backoff_s * 2 ** (attempt - 1) * (0.5 + self._rng.random())
-                time.sleep(min(delay, _MAX_BACKOFF_S))
-
-    def close(self) -> None:
-        self.client.close()
-
-
-def list_models(endpoint: str, api_key: str = "EMPTY", timeout_s: float = 10.0) -> dict[str, str | None]:
-    """The models ``GET {endpoint}/models`` lists: id -> None when it can answer, else why not.
-
-    Our endpoint's model cards carry ``available`` and ``reason`` (e.g. gpt-4o without an
-    OpenAI key on the server); plain OpenAI-compatible servers list available models only.
-
-    Raises:
-        EvaluationError: when the endpoint cannot be reached or answers with an error.
-    """
-    import openai
-
-    client = openai.OpenAI(base_url=endpoint, api_key=api_key, timeout=timeout_s, max_retries=2)
-    try:
-        cards = list(client.models.list())
-    except openai.OpenAIError as e:
-        raise EvaluationError(f"endpoint {endpoint} did not list its models: {e}") from e
-    finally:
-        client.close()
-    out: dict[str, str | None] = {}
-    for card in cards:
-        extra = card.model_extra or {}
-        available = extra.get("available", True) is not False
-        out[card.id] = None if available else str(extra.get("reason") or "listed as unavailable")
-    return out
-
-
-_ANSWER_LEAD = re.compile(
-    r"^\s*(?:\**\s*)?(?:the\s+)?(?:correct\s+)?answer\s*(?:is|:)\s*\**\s*[(\[]?[A-Za-z][)\]]?\**"
-    r"\s*[.:,)\-–]?\s*",
-    flags=re.IGNORECASE,
-)
-
-
-def explanation_of(text: str) -> str:
-    """The reply without its leading answer statement ("The answer is B. ..." -> "...")."""
-    return _ANSWER_LEAD.sub("", text, count=1).strip()
-
-
-def predict_one(client: ChatClient, row: Mapping[str, Any], model: str) -> dict[str, Any]:
-    """Ask ``model`` one MCQ and turn the reply into a predictions.parquet row."""
-    from ecgvlm.prompt import PROMPT_VERSION, chat_messages, letter_index, parse_answer
-
-    options = list(row["options"])
-    option_labels = list(row["option_labels"])
-    answer_letter = str(row["answer_letter"])
-    true_label = option_labels[letter_index(answer_letter, len(options))]
-    messages = chat_messages(row["question"], options, row["png"])
-    result = client.chat(model, messages)
-    letter = parse_answer(result.text, options) if result.text is not None else None
-    return {
-        "sample_id": row["sample_id"],
-        "dataset": row["dataset"],
-        "model": model,
-        "true_label": true_label,
-        "answer_letter": answer_letter,
-        "predicted_letter": letter,
-        "predicted_label": option_labels[letter_index(letter, len(options))] if letter else None,
-        "explanation": explanation_of(result.text) if result.text else "",
-        "raw_text": result.text or "",
-        "error": result.error,
-        "latency_s": result.latency_s,
-        "attempts": result.attempts,
-        "prompt_version": PROMPT_VERSION,
-        "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -636,6 +397,8 @@ def run_predictions(
     try:
         for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
             rows = block.to_pylist()
+            for row in rows:
+                row["split"] = config.split
             buffer.extend(rows)
             if on_rows is not None:
                 on_rows(len(rows))
@@ -669,7 +432,7 @@ def reference_description(true_label: str, target_text: str = "") -> str:
 
 def judge_items(predictions: Any, meta: Any, config: JudgeConfig) -> list[Any]:
     """The sampled explanations to judge, with their references (see ``judge.sample_for_judging``)."""
-    from ecgvlm.judge import JudgeItem, reference_text, sample_for_judging
+    from ecgvlm.evaluate.judge import JudgeItem, reference_text, sample_for_judging
     from ecgvlm.prompt import format_question, letter_index
 
     chosen = sample_for_judging(predictions.to_dict("records"), config.n_samples, config.seed)
@@ -701,14 +464,26 @@ def judge_items(predictions: Any, meta: Any, config: JudgeConfig) -> list[Any]:
 def run_judge(
     predictions: Any, meta: Any, config: JudgeConfig, output_dir: Path, progress: bool = True
 ) -> tuple[list[Any], str | None]:
-    """Judge a seeded sample of explanations; reuse stored successes of the same judge+rubric.
+    """Judge a seeded sample of explanations; reuse stored successes of the same request.
+
+    A stored score is reused only when its ``request_hash`` (the full judge messages and the
+    judge's settings, see ``judge.request_hash``) equals this run's for the same sample and
+    model: a changed explanation, reference, rubric, judge model, server or temperature is
+    judged again.
 
     Returns:
-        (Judgement list, a note for the report when the judge did not run or failed).
+        (Judgement list, a note for the report when the judge did not run, failed, or left
+        a model out of a data set).
     """
     import pandas as pd
 
-    from ecgvlm.judge import RUBRIC_VERSION, JudgeUnavailableError, OpenAIJudge, judge_all
+    from ecgvlm.evaluate.judge import (
+        JudgeUnavailableError,
+        OpenAIJudge,
+        judge_all,
+        request_hash,
+        unanswered_groups,
+    )
     from ecgvlm.records import Judgement
 
     if not config.enabled:
@@ -718,29 +493,35 @@ def run_judge(
     except JudgeUnavailableError as e:
         return [], f"judge not run: {e}"
     path = output_dir / "judge.parquet"
-    cached: dict[tuple[str, str], Judgement] = {}
+    cached: dict[str, Judgement] = {}
     if path.is_file():
         for row in pd.read_parquet(path).to_dict("records"):
-            j = Judgement.from_row({k: (None if _isnan(v) else v) for k, v in row.items()})
-            if j.failure is None and j.judge_model == config.model and j.rubric_version == RUBRIC_VERSION:
-                cached[(j.sample_id, j.model)] = j
+            row = {k: (None if _isnan(v) else v) for k, v in row.items()}
+            j = Judgement.from_row(row)
+            if j.failure is None and row.get("request_hash"):
+                cached[str(row["request_hash"])] = j
     items = judge_items(predictions, meta, config)
-    todo = [it for it in items if (it.sample_id, it.model) not in cached]
+    hashes = [request_hash(it, config) for it in items]
+    todo = [it for it, h in zip(items, hashes) if h not in cached]
     bar = _progress(len(todo), "judge", progress)
     fresh = judge_all(judge, todo, config.concurrency, progress=bar.update)
     bar.close()
     new = {(j.sample_id, j.model): j for j in fresh}
-    judgements = [cached.get((it.sample_id, it.model)) or new[(it.sample_id, it.model)] for it in items]
-    frame = pd.DataFrame([j.to_row() for j in judgements])
+    judgements = [cached.get(h) or new[(it.sample_id, it.model)] for it, h in zip(items, hashes)]
+    frame = pd.DataFrame([{**j.to_row(), "request_hash": h} for j, h in zip(judgements, hashes)])
     if len(frame):
         tmp = path.with_suffix(".parquet.tmp")
         frame.to_parquet(tmp, index=False)
         os.replace(tmp, path)
     failed = sum(j.failure is not None for j in judgements)
-    note = None
+    notes = []
     if judgements and failed == len(judgements):
-        note = f"every judgement failed, e.g. {judgements[0].failure}"
-    return judgements, note
+        notes.append(f"every judgement failed, e.g. {judgements[0].failure}")
+    left_out = unanswered_groups(predictions.to_dict("records"))
+    if left_out:
+        named = ", ".join(f"{m} on {d}" for m, d in left_out)
+        notes.append(f"not judged, every request failed: {named} (left out of the pairing)")
+    return judgements, "; ".join(notes) or None
 
 
 def _isnan(value: Any) -> bool:
@@ -756,6 +537,55 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="req", disable=not enabled, dynamic_ncols=True)
+
+
+def chance_by_dataset(meta: Any) -> dict[str, float]:
+    """Data set -> the accuracy of a uniform guess: the mean of 1 / number of options."""
+    return {
+        str(dataset): float((1.0 / group["options"].map(len)).mean())
+        for dataset, group in meta.groupby("dataset", sort=True)
+    }
+
+
+def blind_baseline_rows(config: EvalConfig, meta: Any) -> tuple[list[dict[str, Any]], str]:
+    """Prediction rows of the blind baseline (``metrics.PRIOR_MODEL``) and how it was fitted.
+
+    Its prior counts the correct answers' findings in ``config.prior_split`` of the same
+    prepared set (see ``metrics.option_prior_baseline``); without that split there is no
+    baseline, and the note says why.
+    """
+    from ecgvlm.evaluate.metrics import PRIOR_MODEL, option_prior_baseline
+    from ecgvlm.prompt import letter_index
+
+    if not config.prior_split:
+        return [], "not run (prior_split is empty)"
+    try:
+        prior_meta = read_split_meta(
+            split_files(config.data_dir, config.prior_split),
+            ("sample_id", "dataset", "options", "option_labels", "answer_letter"),
+        )
+    except EvaluationError as e:
+        return [], f"not run: no {config.prior_split!r} split to fit its prior on ({e})"
+    train = [
+        {"dataset": r["dataset"],
+         "true_label": list(r["option_labels"])[letter_index(r["answer_letter"], len(r["options"]))]}
+        for r in prior_meta.to_dict("records")
+    ]
+    samples = meta.to_dict("records")
+    chosen = option_prior_baseline(samples, train, seed=config.seed)
+    rows = []
+    for sample in samples:
+        labels = list(sample["option_labels"])
+        truth = labels[letter_index(sample["answer_letter"], len(labels))]
+        rows.append({"sample_id": sample["sample_id"], "dataset": sample["dataset"],
+                     "model": PRIOR_MODEL, "true_label": truth,
+                     "predicted_label": chosen[str(sample["sample_id"])]})
+    note = (f"the offered option whose finding is most frequent among the {len(train)} "
+            f"correct answers of the {config.prior_split!r} split (per data set; seed "
+            f"{config.seed} breaks ties)")
+    if config.prior_split == config.split:
+        note += "; fitted on the evaluated split itself, so it is optimistic"
+    return rows, note
 
 
 def _unavailable_models(predictions: Any, models: Iterable[str]) -> dict[str, str]:
@@ -777,17 +607,21 @@ def evaluate(config: EvalConfig) -> tuple[Any, dict[str, Path]]:
     Raises:
         EvaluationError: no split shards, an unreachable endpoint, or no model to evaluate.
     """
-    from ecgvlm.judge import RUBRIC_VERSION, summarize_judgements
-    from ecgvlm.metrics import metrics_by_model_and_dataset
+    from ecgvlm.evaluate.judge import RUBRIC_VERSION, paired_differences, summarize_judgements
+    from ecgvlm.evaluate.metrics import metrics_by_model_and_dataset
+    from ecgvlm.evaluate.report import EvalReport, git_sha, write_report
     from ecgvlm.prompt import PROMPT_VERSION
-    from ecgvlm.report import EvalReport, git_sha, write_report
 
     started = time.perf_counter()
     out = Path(config.output_dir)
+    store = PredictionStore(out)
+    store.check_resumable(config.split, PROMPT_VERSION)
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
     files = split_files(config.data_dir, config.split)
-    meta = select_samples(read_split_meta(files), config.datasets, config.limit_per_dataset)
+    meta = select_samples(
+        read_split_meta(files), config.datasets, config.limit_per_dataset, config.seed
+    )
     if not len(meta):
         raise EvaluationError(f"split {config.split!r} in {config.data_dir} selects no samples")
 
@@ -802,7 +636,6 @@ def evaluate(config: EvalConfig) -> tuple[Any, dict[str, Path]]:
             unavailable[m] = f"the endpoint says it is unavailable: {served[m]}"
     models = [m for m in config.models if m not in unavailable]
 
-    store = PredictionStore(out)
     done = store.done_keys(config.retry_errors)
     pending = pending_pairs(meta, models, done)
     n_pending = sum(len(v) for v in pending.values())
@@ -826,11 +659,15 @@ def evaluate(config: EvalConfig) -> tuple[Any, dict[str, Path]]:
         reasons = "; ".join(f"{m}: {why}" for m, why in unavailable.items())
         raise EvaluationError(f"no model could be evaluated ({reasons})")
 
+    clusters = {str(row["sample_id"]): sample_cluster(row) for row in meta.to_dict("records")}
     records = scored.to_dict("records")
-    metrics = metrics_by_model_and_dataset(
-        records, n_boot=config.n_boot, seed=config.seed, prior_strategy=config.prior_strategy
-    )
+    baseline, baseline_note = blind_baseline_rows(config, meta)
+    for row in (*records, *baseline):
+        row["cluster"] = clusters[str(row["sample_id"])]
+    metrics = metrics_by_model_and_dataset([*records, *baseline], n_boot=config.n_boot,
+                                           seed=config.seed)
     judgements, judge_note = run_judge(scored, meta, config.judge, out, config.progress)
+    judge_boot = config.n_boot or 1000
 
     counts = {}
     for model in models:
@@ -843,10 +680,14 @@ def evaluate(config: EvalConfig) -> tuple[Any, dict[str, Path]]:
         }
     report = EvalReport(
         metrics=metrics,
-        judge=summarize_judgements(judgements, n_boot=config.n_boot or 1000, seed=config.judge.seed),
+        judge=summarize_judgements(judgements, n_boot=judge_boot, seed=config.judge.seed,
+                                   clusters=clusters),
+        judge_pairs=paired_differences(judgements, n_boot=judge_boot, seed=config.judge.seed,
+                                       clusters=clusters),
         unavailable=unavailable,
         judge_note=judge_note,
-        prior_strategy=config.prior_strategy,
+        baseline_note=baseline_note,
+        chance=chance_by_dataset(meta),
         meta={
             "run_name": out.name,
             "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),

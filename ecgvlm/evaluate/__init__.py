@@ -1,0 +1,71 @@
+"""The evaluation stage: batch predictions over HTTP, metrics, the LLM judge, the report.
+
+Modules:
+
+* :mod:`ecgvlm.evaluate.job`: ``EvalConfig`` and ``evaluate(config)``, the whole job
+  (reading the split, the Ray Data pipeline, the judge run, the report);
+* :mod:`ecgvlm.evaluate.client`: the HTTP client (retries, model list, one prediction row);
+* :mod:`ecgvlm.evaluate.store`: ``predictions.parquet`` and its part files (resume);
+* :mod:`ecgvlm.evaluate.metrics`: classification metrics, intervals, the blind baseline;
+* :mod:`ecgvlm.evaluate.judge`: the LLM judge and its summaries;
+* :mod:`ecgvlm.evaluate.report`: ``report.md``, ``metrics.json``, plots.
+
+``ecgvlm.metrics``, ``ecgvlm.judge`` and ``ecgvlm.report`` are the same modules under their
+older names. Nothing here starts Ray or opens a connection on import.
+"""
+
+from __future__ import annotations
+
+from ecgvlm.evaluate.client import ChatClient, ChatResult, explanation_of, list_models, predict_one
+from ecgvlm.evaluate.errors import EvaluationError
+from ecgvlm.evaluate.job import (
+    SPLIT_META_COLUMNS,
+    ChatCaller,
+    EvalConfig,
+    blind_baseline_rows,
+    block_bytes,
+    chance_by_dataset,
+    evaluate,
+    expand_pending,
+    judge_items,
+    pending_pairs,
+    read_split_meta,
+    reference_description,
+    run_judge,
+    run_predictions,
+    sample_cluster,
+    select_samples,
+    source_recording,
+    split_files,
+)
+from ecgvlm.evaluate.store import PREDICTION_COLUMNS, PredictionStore, prediction_schema
+
+__all__ = [
+    "PREDICTION_COLUMNS",
+    "SPLIT_META_COLUMNS",
+    "ChatCaller",
+    "ChatClient",
+    "ChatResult",
+    "EvalConfig",
+    "EvaluationError",
+    "PredictionStore",
+    "blind_baseline_rows",
+    "block_bytes",
+    "chance_by_dataset",
+    "evaluate",
+    "expand_pending",
+    "explanation_of",
+    "judge_items",
+    "list_models",
+    "pending_pairs",
+    "predict_one",
+    "prediction_schema",
+    "read_split_meta",
+    "reference_description",
+    "run_judge",
+    "run_predictions",
+    "sample_cluster",
+    "select_samples",
+    "source_recording",
+    "split_files",
+]

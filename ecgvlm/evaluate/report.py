@@ -1,0 +1,523 @@
+"""The evaluation report: ``report.md``, ``metrics.json``, ``run.json`` and PNG plots.
+
+``report.md`` holds Table 1 (classification metrics with 95% CIs per data set x model, with
+the blind baseline), Table 2 (judge scores, paired across models), Table 3 (paired judge
+differences between models), the models that could not be
+evaluated and why, and the run's provenance (models, endpoint, judge model, rubric and prompt
+versions, seeds, counts, git sha, resolved config). Its tables are plain GitHub markdown with
+one header row, so they parse back (``cell [lo, hi]`` for a value with its interval, ``n/a``
+for a missing value).
+
+``metrics.json`` is ``{model: {dataset: {balanced_accuracy, weighted_precision,
+weighted_recall, weighted_f1, macro_f1, accuracy, unparseable_rate, n, ci: {metric: [lo,
+hi]}, per_class, confusion, ..., judge: {...}}}}``, the prior baseline under
+``ecgvlm.metrics.PRIOR_MODEL``; ``run.json`` holds the provenance and the unavailable models.
+
+matplotlib is imported inside the plotting functions (Agg backend): importing this module
+stays cheap and never needs a display. A plot that fails is named in the report instead of
+stopping it: the tables are the result, the plots a view of them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ecgvlm.evaluate.judge import CRITERIA, LOWER_IS_BETTER
+from ecgvlm.evaluate.metrics import PRIOR_MODEL, ClassificationMetrics
+
+TABLE1_METRICS: tuple[str, ...] = (
+    "balanced_accuracy",
+    "weighted_f1",
+    "weighted_recall",
+    "weighted_precision",
+    "macro_f1",
+)
+_TITLES = {
+    "balanced_accuracy": "Balanced accuracy",
+    "weighted_f1": "Weighted F1",
+    "weighted_recall": "Weighted recall",
+    "weighted_precision": "Weighted precision",
+    "macro_f1": "Macro-F1",
+    "accuracy": "Accuracy",
+    "unparseable_rate": "Unparseable",
+    "factual_accuracy": "Factual accuracy",
+    "completeness": "Completeness",
+    "detail_quality": "Detail quality",
+    "context_understanding": "Context understanding",
+    "hallucination": "Hallucination",
+}
+NA = "n/a"
+
+
+@dataclass
+class EvalReport:
+    """Everything a report is written from.
+
+    Attributes:
+        metrics: ``{model: {dataset: ClassificationMetrics}}`` including the prior baseline.
+        judge: ``ecgvlm.judge.summarize_judgements`` output (empty when the judge did not run).
+        unavailable: Model -> why it has no rows (e.g. gpt-4o without an API key).
+        judge_note: Why Table 2 is empty or partial, if it is.
+        judge_pairs: ``ecgvlm.judge.paired_differences`` output: per data set, the paired
+            difference of each criterion between two models, with its interval.
+        meta: Provenance: models, endpoint, judge model, rubric/prompt versions, seeds,
+            counts, git sha, resolved config, timings.
+        baseline_note: How the blind baseline was fitted, or why it did not run.
+        chance: Data set -> the score of a uniform guess (mean of 1 / number of options).
+    """
+
+    metrics: dict[str, dict[str, ClassificationMetrics]]
+    judge: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    unavailable: dict[str, str] = field(default_factory=dict)
+    judge_note: str | None = None
+    judge_pairs: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    baseline_note: str | None = None
+    chance: dict[str, float] = field(default_factory=dict)
+
+
+def git_sha(cwd: str | Path | None = None) -> str | None:
+    """The current commit (with ``-dirty`` when the tree has changes), or None outside git."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+            capture_output=True, text=True, check=True, timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sha + ("-dirty" if dirty else "")
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return NA if value is None else f"{value:.{digits}f}"
+
+
+def _fmt_ci(value: float | None, ci: Any, digits: int = 3) -> str:
+    if value is None:
+        return NA
+    if not ci:
+        return _fmt(value, digits)
+    lo, hi = ci
+    return f"{value:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    def clean(cell: str) -> str:
+        return str(cell).replace("|", "/").replace("\n", " ")
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(clean(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _ordered_models(models: Any) -> list[str]:
+    """Evaluated models sorted, the prior baseline last."""
+    models = set(models)
+    return sorted(models - {PRIOR_MODEL}) + ([PRIOR_MODEL] if PRIOR_MODEL in models else [])
+
+
+def table1_markdown(report: EvalReport) -> str:
+    """Table 1: one row per data set x model, metric cells ``value [lo, hi]``."""
+    header = ["Dataset", "Model", "n"] + [_TITLES[m] for m in TABLE1_METRICS] + [
+        _TITLES["unparseable_rate"], "Note"
+    ]
+    datasets = sorted({d for per_ds in report.metrics.values() for d in per_ds})
+    rows = []
+    for dataset in datasets:
+        for model in _ordered_models(report.metrics):
+            m = report.metrics[model].get(dataset)
+            if m is None:
+                continue
+            notes = list(m.flags)
+            if model == PRIOR_MODEL:
+                chance = report.chance.get(dataset)
+                notes.insert(0, "blind baseline" + (f", chance {chance:.3f}" if chance else ""))
+            rows.append(
+                [dataset, model, str(m.n)]
+                + [_fmt_ci(getattr(m, k), m.ci.get(k)) for k in TABLE1_METRICS]
+                + [_fmt_ci(m.unparseable_rate, m.ci.get("unparseable_rate")), "; ".join(notes)]
+            )
+    for model, reason in sorted(report.unavailable.items()):
+        rows.append(["all", model, "0"] + [NA] * (len(TABLE1_METRICS) + 1) + [f"not evaluated: {reason}"])
+    return _md_table(header, rows)
+
+
+def table2_markdown(report: EvalReport) -> str:
+    """Table 2: judge scores (mean [95% CI]) per data set x model."""
+    header = ["Dataset", "Model", "Judged", "Failures"] + [
+        _TITLES[c] + (" (lower is better)" if c in LOWER_IS_BETTER else "") for c in CRITERIA
+    ] + ["Note"]
+    rows = []
+    datasets = sorted({d for per_ds in report.judge.values() for d in per_ds})
+    for dataset in datasets:
+        for model in _ordered_models(report.judge):
+            entry = report.judge[model].get(dataset)
+            if entry is None:
+                continue
+            cells = []
+            for c in CRITERIA:
+                score = entry.get(c)
+                cells.append(NA if score is None else _fmt_ci(score["mean"], score["ci"], 2))
+            if entry["n_failures"] == entry["n"]:
+                note = "all judgements failed"
+            elif entry.get("excluded"):
+                note = f"left out of the pairing: {entry['excluded']}"
+            else:
+                note = f"means over {entry.get('n_paired', entry['n'] - entry['n_failures'])} paired ids"
+            rows.append([dataset, model, str(entry["n"]), str(entry["n_failures"])] + cells + [note])
+    for model, reason in sorted(report.unavailable.items()):
+        rows.append(["all", model, "0", "0"] + [NA] * len(CRITERIA) + [f"not evaluated: {reason}"])
+    return _md_table(header, rows)
+
+
+def table3_markdown(report: EvalReport) -> str:
+    """Table 3: paired differences of judge scores between two models (mean [95% CI])."""
+    header = ["Dataset", "Comparison", "Paired ids"] + [
+        _TITLES[c] + (" (lower is better)" if c in LOWER_IS_BETTER else "") for c in CRITERIA
+    ]
+    rows = []
+    for dataset, pairs in sorted(report.judge_pairs.items()):
+        for name, entry in sorted(pairs.items()):
+            cells = []
+            for c in CRITERIA:
+                diff = entry.get(c)
+                cells.append(NA if diff is None else _fmt_ci(diff["mean"], diff["ci"], 2))
+            rows.append([dataset, name, str(entry["n"])] + cells)
+    return _md_table(header, rows)
+
+
+def metrics_json(report: EvalReport) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{model: {dataset: {...metrics, ci, per_class, confusion, judge?}}}``."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for model, per_ds in report.metrics.items():
+        for dataset, m in per_ds.items():
+            entry = m.to_json()
+            judged = report.judge.get(model, {}).get(dataset)
+            if judged is not None:
+                entry["judge"] = judged
+            if model == PRIOR_MODEL and dataset in report.chance:
+                entry["chance"] = report.chance[dataset]
+            out.setdefault(model, {})[dataset] = entry
+    return out
+
+
+def _units(report: EvalReport) -> str:
+    """What the intervals resampled, in words ("patients", "recordings", "samples")."""
+    units = sorted({m.ci_unit for per_ds in report.metrics.values() for m in per_ds.values()})
+    return " / ".join(f"{u}s" for u in units) or "samples"
+
+
+def table1_caption(report: EvalReport) -> str:
+    """What Table 1's numbers are: intervals, resampled unit, conventions, the baseline."""
+    meta = report.meta
+    return (
+        f"Point estimate [95% CI]: percentile bootstrap ({meta.get('n_boot', '?')} resamples, "
+        f"seed {meta.get('bootstrap_seed', '?')}) that resamples whole {_units(report)} "
+        "(windows of one patient are not independent), stratified by true class; Wilson "
+        "intervals for rates where the bootstrap degenerates (metrics.json `ci_method`). "
+        "Unparseable answers and failed requests count as wrong in accuracy, recall and F1; "
+        "weighted precision covers parsed answers only (an unparseable answer is no class's "
+        f"prediction). `{PRIOR_MODEL}` is the blind baseline: it never sees the ECG and "
+        "answers each question with the offered option whose finding is most frequent "
+        "among the training split's correct answers; near chance means the questions "
+        "cannot be passed from the label prior. Note flags rows whose numbers mean little "
+        "(n < 10, one true class, fewer than 5 patients)."
+    )
+
+
+def table2_caption(report: EvalReport) -> str:
+    """What Table 2's numbers are."""
+    meta = report.meta
+    return (
+        f"Judge `{meta.get('judge_model', NA)}`, rubric `{meta.get('rubric_version', NA)}`, "
+        f"up to {meta.get('judge_n_samples', '?')} samples per model x data set (the same "
+        f"sample ids for every model, seed {meta.get('judge_seed', '?')}). Scores 1-5, "
+        "mean [95% bootstrap CI resampling patients, or recordings]; higher is better except "
+        "hallucination. Means are paired: over the ids that every model of the data set "
+        "had judged successfully. Failures (malformed twice or request failed) are counted "
+        "and left out."
+    )
+
+
+def report_markdown(report: EvalReport, plots: list[str] | None = None) -> str:
+    """The whole ``report.md``."""
+    meta = report.meta
+    lines = ["# ecgvlm evaluation report", ""]
+    if meta.get("created_utc"):
+        run = (f"Run {meta.get('run_name', '')} created {meta['created_utc']} "
+               f"(git {meta.get('git_sha') or 'unknown'}).")
+        lines += [run, ""]
+    lines += ["## Table 1: classification", "", table1_caption(report), ""]
+    if report.baseline_note:
+        lines += [f"**Blind baseline:** {report.baseline_note}", ""]
+    lines += [
+        table1_markdown(report),
+        "",
+        "## Table 2: judge scores of the explanations",
+        "",
+        table2_caption(report),
+        "",
+    ]
+    if report.judge_note:
+        lines += [f"**Note:** {report.judge_note}", ""]
+    lines += [table2_markdown(report), ""]
+    if report.judge_pairs:
+        caption = ("Mean of (first model minus second) over the ids both had judged, with a "
+                   "paired bootstrap 95% CI that resamples patients (or recordings). An "
+                   "interval that excludes 0 is a difference the sample supports.")
+        lines += ["## Table 3: paired judge differences between models", "", caption, "",
+                  table3_markdown(report), ""]
+    if report.unavailable:
+        lines += ["## Models not evaluated", ""]
+        lines += [f"- `{m}`: {why}" for m, why in sorted(report.unavailable.items())]
+        lines += [""]
+    lines += ["## Run", ""]
+    for key in ("models", "endpoint", "judge_model", "judge_base_url", "rubric_version",
+                "prompt_version", "bootstrap_seed", "judge_seed", "n_boot", "split",
+                "git_sha", "wall_s", "throughput_ecg_per_s"):
+        if key in meta:
+            lines.append(f"- {key}: `{json.dumps(meta[key]) if not isinstance(meta[key], str) else meta[key]}`")
+    counts = meta.get("counts")
+    if counts:
+        lines += ["", "Counts per model:", ""]
+        header = ["Model", "Predictions", "Unparseable", "Request errors", "Resumed"]
+        rows = [
+            [m, str(c.get("n", 0)), str(c.get("unparseable", 0)), str(c.get("errors", 0)),
+             str(c.get("resumed", 0))]
+            for m, c in sorted(counts.items())
+        ]
+        lines += [_md_table(header, rows)]
+    if plots:
+        lines += ["", "## Plots", ""]
+        lines += [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
+    if meta.get("config"):
+        import yaml
+
+        lines += ["", "## Resolved config", "", "```yaml",
+                  yaml.safe_dump(meta["config"], sort_keys=False).rstrip(), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def plot_confusions(report: EvalReport, out_dir: Path) -> list[Path]:
+    """One PNG per model: a row-normalised confusion matrix per data set, counts written in."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    paths = []
+    for model in _ordered_models(report.metrics):
+        per_ds = report.metrics[model]
+        if model == PRIOR_MODEL or not per_ds:
+            continue
+        datasets = sorted(per_ds)
+        size = max(max(len(per_ds[d].confusion_labels), 2) for d in datasets)
+        ncols = min(3, len(datasets))
+        nrows = -(-len(datasets) // ncols)
+        fig, axes = plt.subplots(
+            nrows, ncols, figsize=(ncols * (0.6 * size + 2.2), nrows * (0.55 * size + 2.4)),
+            squeeze=False,
+        )
+        for ax in axes.flat[len(datasets):]:
+            ax.set_visible(False)
+        for ax, dataset in zip(axes.flat, datasets):
+            m = per_ds[dataset]
+            counts = np.array(m.confusion, dtype=float)
+            share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+            ax.imshow(share, cmap="Blues", vmin=0, vmax=1, aspect="auto")
+            cols = [("unparse-\nable" if c.startswith("<") else c) for c in m.confusion_labels]
+            ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right", fontsize=8)
+            ax.set_yticks(range(len(m.labels)), m.labels, fontsize=8)
+            for i in range(counts.shape[0]):
+                for j in range(counts.shape[1]):
+                    if counts[i, j]:
+                        ax.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=7,
+                                color="white" if share[i, j] > 0.6 else "black")
+            ax.set_xlabel("predicted")
+            ax.set_ylabel("true")
+            ax.set_title(f"{dataset} (n={m.n}, bal. acc {m.balanced_accuracy:.2f})", fontsize=9)
+        fig.suptitle(f"Confusion matrices: {model} (rows normalised)", fontsize=10)
+        fig.tight_layout(rect=(0, 0, 1, 0.97 if nrows > 1 else 0.93))
+        path = out_dir / f"confusion_{_safe_name(model)}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _grouped_bars(ax: Any, groups: list[str], series: list[tuple[str, list, list]], hatch_for=()):
+    """Bars per group (x) and series (colour), each with its interval drawn from lo to hi.
+
+    The interval is drawn as it is, not as error around the bar: a percentile interval
+    need not contain its point estimate, and ``yerr`` cannot show that (it rejects negative
+    lengths).
+    """
+    import numpy as np
+
+    width = 0.8 / max(len(series), 1)
+    x = np.arange(len(groups))
+    for k, (name, values, cis) in enumerate(series):
+        vals = np.array([np.nan if v is None else v for v in values], dtype=float)
+        pos = x + (k - (len(series) - 1) / 2) * width
+        ax.bar(pos, vals, width, label=name, hatch="//" if name in hatch_for else None,
+               alpha=0.6 if name in hatch_for else 0.9)
+        spans = [(p, c[0], c[1]) for p, v, c in zip(pos, values, cis) if c and v is not None]
+        if spans:
+            xs, los, his = (np.array(s, dtype=float) for s in zip(*spans))
+            ax.vlines(xs, los, his, colors="black", linewidth=1)
+            ax.hlines(np.concatenate([los, his]), np.concatenate([xs, xs]) - width * 0.15,
+                      np.concatenate([xs, xs]) + width * 0.15, colors="black", linewidth=1)
+    ax.set_xticks(x, groups, fontsize=8)
+
+
+def plot_metric_bars(report: EvalReport, out_dir: Path) -> Path | None:
+    """Table 1 as bars: one panel per metric, data sets on x, one bar per model, 95% CIs."""
+    if not report.metrics:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = sorted({d for per_ds in report.metrics.values() for d in per_ds})
+    models = _ordered_models(report.metrics)
+    # Few data sets: metrics side by side; many: one metric per row, so labels stay legible.
+    stacked = len(datasets) > 3
+    panel_w = min(16.0, max(3.2, 0.3 * len(datasets) * len(models) + 1.5))
+    n = len(TABLE1_METRICS)
+    fig, axes = plt.subplots(
+        n if stacked else 1, 1 if stacked else n, sharey=True, squeeze=False,
+        figsize=(panel_w, 2.8 * n + 0.6) if stacked else (panel_w * n + 1, 3.8),
+    )
+    axes = axes.flat
+    for ax, metric in zip(axes, TABLE1_METRICS):
+        series = []
+        for model in models:
+            ms = [report.metrics[model].get(d) for d in datasets]
+            series.append((model, [getattr(m, metric) if m else None for m in ms],
+                           [m.ci.get(metric) if m else None for m in ms]))
+        _grouped_bars(ax, datasets, series, hatch_for=(PRIOR_MODEL,))
+        if len(datasets) > 2:
+            ax.tick_params(axis="x", labelrotation=30)
+            for label in ax.get_xticklabels():
+                label.set_ha("right")
+        ax.set_title(_TITLES[metric], fontsize=10)
+        ax.set_ylim(0, 1.05)
+        ax.grid(axis="y", alpha=0.3)
+    axes = list(fig.axes)
+    axes[0].set_ylabel("score (95% bootstrap CI)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=len(models), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.97 if stacked else 0.9))
+    path = out_dir / "metrics_bars.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_judge_bars(report: EvalReport, out_dir: Path) -> Path | None:
+    """Table 2 as bars: one panel per data set, criteria on x, one bar per model, 95% CIs."""
+    if not report.judge:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = sorted({d for per_ds in report.judge.values() for d in per_ds})
+    models = _ordered_models(report.judge)
+    ncols = min(3, len(datasets))
+    nrows = -(-len(datasets) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols + 0.5, 3.4 * nrows + 0.6),
+                             sharey=True, squeeze=False)
+    for ax in axes.flat[len(datasets):]:
+        ax.set_visible(False)
+    labels = [_TITLES[c].replace(" ", "\n") + ("\n(lower better)" if c in LOWER_IS_BETTER else "")
+              for c in CRITERIA]
+    for ax, dataset in zip(axes.flat, datasets):
+        series = []
+        for model in models:
+            entry = report.judge[model].get(dataset) or {}
+            scores = [entry.get(c) for c in CRITERIA]
+            series.append((model, [s["mean"] if s else None for s in scores],
+                           [s["ci"] if s else None for s in scores]))
+        _grouped_bars(ax, labels, series)
+        ax.set_title(dataset, fontsize=10)
+        ax.set_ylim(0, 5.3)
+        ax.set_yticks(range(6))
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("judge score 1-5 (95% CI)")
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="upper center", ncol=len(models), fontsize=8, frameon=False)
+    fig.suptitle(f"Judge: {report.meta.get('judge_model', '')}", x=0.01, ha="left", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (3.4 * nrows + 0.6)))
+    path = out_dir / "judge_scores.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(report: EvalReport, out_dir: str | Path) -> dict[str, Path]:
+    """Write ``metrics.json``, ``run.json``, the plots and ``report.md`` into ``out_dir``.
+
+    Returns:
+        Name -> path of everything written.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    path = out / "metrics.json"
+    path.write_text(json.dumps(metrics_json(report), indent=2, sort_keys=True))
+    written["metrics.json"] = path
+    path = out / "run.json"
+    run = {**report.meta, "unavailable": report.unavailable, "judge_note": report.judge_note,
+           "baseline_note": report.baseline_note, "chance": report.chance}
+    path.write_text(json.dumps(run, indent=2, sort_keys=True, default=str))
+    written["run.json"] = path
+    plots: list[Path] = []
+    failures: list[str] = []
+    for plot in (plot_confusions, plot_metric_bars, plot_judge_bars):
+        try:
+            made = plot(report, out)
+        except Exception as e:  # noqa: BLE001 - named in report.md; the tables still count
+            failures.append(f"{plot.__name__}: {type(e).__name__}: {e}")
+            continue
+        plots += made if isinstance(made, list) else ([made] if made is not None else [])
+    for p in plots:
+        written[p.name] = p
+    path = out / "report.md"
+    text = report_markdown(report, [str(p) for p in plots])
+    if failures:
+        text += "\n## Plots that failed\n\n" + "\n".join(f"- {f}" for f in failures) + "\n"
+    path.write_text(text)
+    written["report.md"] = path
+    return written
+
+
+def console_tables(report: EvalReport) -> str:
+    """Both tables as the CLI prints them at the end of a run."""
+    text = "Table 1: classification (value [95% CI])\n"
+    if report.baseline_note:
+        text += f"Blind baseline: {report.baseline_note}\n"
+    text += table1_markdown(report) + "\n\nTable 2: judge scores (mean [95% CI])\n"
+    if report.judge_note:
+        text += f"Note: {report.judge_note}\n"
+    text += table2_markdown(report) + "\n"
+    if report.judge_pairs:
+        text += "\nTable 3: paired judge differences (mean [95% CI])\n" + table3_markdown(report) + "\n"
+    return text
+

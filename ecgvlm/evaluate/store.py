@@ -1,0 +1,164 @@
+"""Stored predictions: part files written as they arrive, consolidated at the end.
+
+Nothing here opens a file on import.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ecgvlm.evaluate.errors import EvaluationError
+
+#: Columns of predictions.parquet, in order (DESIGN.md names the first eight).
+PREDICTION_COLUMNS: tuple[str, ...] = (
+    "sample_id",
+    "dataset",
+    "model",
+    "true_label",
+    "answer_letter",
+    "predicted_letter",
+    "predicted_label",
+    "explanation",
+    "raw_text",
+    "error",
+    "latency_s",
+    "attempts",
+    "prompt_version",
+    "finished_utc",
+    "split",
+)
+
+
+def prediction_schema() -> Any:
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("sample_id", pa.string()),
+            ("dataset", pa.string()),
+            ("model", pa.string()),
+            ("true_label", pa.string()),
+            ("answer_letter", pa.string()),
+            ("predicted_letter", pa.string()),
+            ("predicted_label", pa.string()),
+            ("explanation", pa.string()),
+            ("raw_text", pa.string()),
+            ("error", pa.string()),
+            ("latency_s", pa.float64()),
+            ("attempts", pa.int32()),
+            ("prompt_version", pa.string()),
+            ("finished_utc", pa.string()),
+            ("split", pa.string()),
+        ]
+    )
+
+
+class PredictionStore:
+    """Predictions of one output directory, keyed by (sample_id, model).
+
+    New rows go to ``predictions/part-<run>-<n>.parquet`` (written to a temporary name and
+    renamed, so a killed run leaves whole files or none); ``consolidate`` merges the parts
+    and any earlier ``predictions.parquet`` into a new ``predictions.parquet``, keeping the
+    latest row per key, and removes the merged parts.
+    """
+
+    def __init__(self, output_dir: str | Path) -> None:
+        self.output_dir = Path(output_dir)
+        self.parts_dir = self.output_dir / "predictions"
+        self.path = self.output_dir / "predictions.parquet"
+        self._run = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+        self._seq = 0
+
+    def _sources(self) -> list[Path]:
+        parts = sorted(self.parts_dir.glob("part-*.parquet")) if self.parts_dir.is_dir() else []
+        return ([self.path] if self.path.is_file() else []) + parts
+
+    def load(self) -> Any:
+        """All stored rows, latest per key (pandas DataFrame with PREDICTION_COLUMNS)."""
+        import pandas as pd
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        schema = prediction_schema()
+        tables = []
+        for path in self._sources():
+            table = pq.read_table(path)
+            # Older files may lack newer columns: add them as nulls.
+            for name in schema.names:
+                if name not in table.schema.names:
+                    table = table.append_column(name, pa.nulls(len(table), schema.field(name).type))
+            tables.append(table.select(schema.names).cast(schema))
+        if not tables:
+            return pd.DataFrame({name: pd.Series(dtype=object) for name in schema.names})
+        frame = pa.concat_tables(tables).to_pandas()
+        # Sources are read oldest first, so keeping the last row per key keeps the newest.
+        frame = frame.drop_duplicates(["sample_id", "model"], keep="last").reset_index(drop=True)
+        # Nulls of text columns as None (pandas reads them as NaN), so rows read back as the
+        # Prediction records they were written from.
+        for name in schema.names:
+            if pa.types.is_string(schema.field(name).type):
+                frame[name] = frame[name].astype(object).where(frame[name].notna(), None)
+        return frame
+
+    def done_keys(self, retry_errors: bool = True) -> set[tuple[str, str]]:
+        """Keys that need no new request (errored ones only when ``retry_errors`` is off)."""
+        frame = self.load()
+        if retry_errors:
+            frame = frame[frame["error"].isna()]
+        return set(zip(frame["sample_id"], frame["model"]))
+
+    def check_resumable(self, split: str, prompt_version: str) -> None:
+        """Refuse to add to predictions of another split or prompt version.
+
+        Raises:
+            EvaluationError: when a stored row's ``split`` or ``prompt_version`` differs
+                (or was not recorded), naming what is stored and what this run asks.
+        """
+        frame = self.load()
+        if not len(frame):
+            return
+        for column, wanted in (("split", split), ("prompt_version", prompt_version)):
+            stored = sorted({str(v) if v is not None else "unrecorded" for v in frame[column]})
+            if stored != [wanted]:
+                raise EvaluationError(
+                    f"{self.output_dir} holds predictions of {column} {', '.join(stored)}, "
+                    f"this run asks {column} {wanted}: use another output_dir (resuming "
+                    "would mix two experiments)"
+                )
+
+    def append(self, rows: list[dict[str, Any]]) -> Path | None:
+        """Write ``rows`` as one new part file, atomically."""
+        if not rows:
+            return None
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self.parts_dir.mkdir(parents=True, exist_ok=True)
+        schema = prediction_schema()
+        table = pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in rows], schema)
+        self._seq += 1
+        final = self.parts_dir / f"part-{self._run}-{self._seq:06d}.parquet"
+        tmp = final.with_suffix(".parquet.tmp")
+        pq.write_table(table, tmp)
+        os.replace(tmp, final)
+        return final
+
+    def consolidate(self) -> Any:
+        """Merge everything into ``predictions.parquet`` (sorted, one row per key)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        sources = self._sources()
+        frame = self.load().sort_values(["model", "dataset", "sample_id"]).reset_index(drop=True)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".parquet.tmp")
+        pq.write_table(pa.Table.from_pandas(frame, prediction_schema(), preserve_index=False), tmp)
+        os.replace(tmp, self.path)
+        for path in sources:
+            if path != self.path:
+                path.unlink()
+        return frame
