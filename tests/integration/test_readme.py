@@ -52,7 +52,7 @@ from ecgvlm.local_ray import stop_processes_under
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 #: README.md first, then the docs in the order the README links them.
-DOCS = ["README.md", "docs/data.md", "docs/render.md", "docs/prepare.md", "docs/model.md",
+DOCS = ["README.md", "docs/data.md", "docs/measure.md", "docs/render.md", "docs/prepare.md", "docs/model.md",
         "docs/train.md", "docs/serve.md", "docs/evaluate.md"]
 BLOCK = re.compile(
     r"(?:<!-- readme-test: (?P<mark>[^\n]*?) -->[ \t]*\n)?"
