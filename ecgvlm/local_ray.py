@@ -66,12 +66,16 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def pids_under(temp_dir: str) -> list[int]:
-    """Processes whose command line or working directory names ``temp_dir``.
+def pids_under(temp_dir: str, env_marker: str | None = None) -> list[int]:
+    """Processes whose command line or working directory names ``temp_dir``, or whose
+    environment holds ``env_marker`` (e.g. ``RAY_AUTH_TOKEN=<the head's own token>``).
 
-    Ray's workers and agents rename themselves (``ray::DashboardAgent``) but keep their
-    working directory or log paths inside the head's temp dir.
+    Ray's workers and agents rename themselves (``ray::DashboardAgent``) and most keep their
+    working directory or log paths inside the head's temp dir; some (Serve's HTTP proxy)
+    do not, but every process the head starts inherits its environment, and with it the
+    head's unique auth token.
     """
+    marker = env_marker.encode() if env_marker else None
     pids = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
@@ -79,22 +83,25 @@ def pids_under(temp_dir: str) -> list[int]:
         try:
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             cwd = os.readlink(proc / "cwd")
+            environ = (proc / "environ").read_bytes() if marker else b""
         except OSError:
             continue
-        if temp_dir in cmdline or cwd.startswith(temp_dir):
+        if temp_dir in cmdline or cwd.startswith(temp_dir) or (marker and marker in environ):
             pids.append(int(proc.name))
     return pids
 
 
-def stop_processes_under(temp_dir: str, grace_s: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL, every process ``pids_under(temp_dir)`` finds."""
+def stop_processes_under(
+    temp_dir: str, grace_s: float = 10.0, env_marker: str | None = None
+) -> None:
+    """SIGTERM, then SIGKILL, every process ``pids_under(temp_dir, env_marker)`` finds."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        pids = pids_under(temp_dir)
+        pids = pids_under(temp_dir, env_marker)
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
         deadline = time.time() + grace_s
-        while pids and time.time() < deadline and pids_under(temp_dir):
+        while pids and time.time() < deadline and pids_under(temp_dir, env_marker):
             time.sleep(0.2)
 
 
@@ -153,6 +160,11 @@ def _start(temp_dir: str, head_env: dict[str, str], client_env: dict[str, str],
 
 def stop_head(head: LocalHead) -> None:
     """Stop every process of ``head`` and remove its temp dir."""
-    stop_processes_under(head.temp_dir)
+    stop_processes_under(head.temp_dir, env_marker=head_env_marker(head))
     shutil.rmtree(head.temp_dir, ignore_errors=True)
+
+
+def head_env_marker(head: LocalHead) -> str:
+    """The environment entry every process of ``head`` inherits, and no other process has."""
+    return f"RAY_AUTH_TOKEN={head.env['RAY_AUTH_TOKEN']}"
 

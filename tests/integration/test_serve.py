@@ -501,9 +501,15 @@ def test_ecgvlm_serve_takes_free_ports_and_sigterm_stops_all_it_started(tiny_pul
         taken = _listening_ports(pids) & RAY_DEFAULT_PORTS
         assert not taken, f"ecgvlm serve's Ray listens on Ray's default port(s) {taken}"
 
+        token = re.search(r"RAY_AUTH_TOKEN=(\w+)", Path(f"/proc/{pids[0]}/environ")
+                          .read_bytes().replace(b"\0", b" ").decode()).group(1)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0, "".join(lines) + proc.stdout.read()[-3000:]
-        left = pids_under(temp_dir)
+        # Once `ecgvlm serve` has exited, nothing of it answers any more (Serve's HTTP proxy
+        # once outlived it by seconds: the next server's health check reached the old one).
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+        left = pids_under(temp_dir, env_marker=f"RAY_AUTH_TOKEN={token}")
         names = [Path(f"/proc/{p}/cmdline").read_bytes()[:60] for p in left
                  if Path(f"/proc/{p}").exists()]
         assert not left, f"left running after SIGTERM: {names}"
