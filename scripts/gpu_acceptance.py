@@ -356,6 +356,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--golden", type=Path, default=REFERENCE_DIR / "golden_logits.npz")
     parser.add_argument("--parity-only", action="store_true", help="skip model, LoRA, generate")
     args = parser.parse_args(argv)
+    if not args.device.startswith("cuda") and not args.tiny and not args.parity_only:
+        # A PULSE-7B-shaped model in fp32 takes ~28 GB of host memory (it was OOM-killed at
+        # 21 GB on a 24 GB machine): without a GPU only the tiny path is worth running.
+        parser.error(
+            f"no CUDA GPU here (device {args.device}): the 7B-shaped steps need one; "
+            "run `scripts/gpu_acceptance.sh --device cpu --tiny` for the same steps on CPU"
+        )
     args.model_dtype = args.model_dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     args.gen_batches = [int(b) for b in args.gen_batches.split(",")]
     dtype_names = [d for d in args.parity_dtypes.split(",") if d]
