@@ -9,8 +9,9 @@ import pytest
 
 from ecgvlm.cli import main
 
+# The staged set through the suite's one fixture for it (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("shared_ecg_dir")
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ecg"
-pytestmark = pytest.mark.skipif(not DATA.exists(), reason="shared ECG records are not present")
 
 
 def test_measure_prints_table_and_label_checks(capsys: pytest.CaptureFixture[str]) -> None:
