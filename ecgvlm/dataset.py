@@ -38,7 +38,7 @@ import shutil
 import subprocess
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -821,6 +821,25 @@ def split_files(output_dir: str | Path, split: str) -> list[Path]:
             f"split {split!r} not in {output_dir}; splits: {', '.join(manifest['splits'])}"
         )
     return [Path(output_dir) / s["file"] for s in manifest["splits"][split]["shards"]]
+
+
+def read_shards(files: Sequence[str | Path], **read_kwargs: Any) -> Any:
+    """A Ray dataset of a split's Parquet shards (``read_kwargs`` go to ``read_parquet``).
+
+    Read with Ray Data's first Parquet datasource: the second (Ray's default since 2.5x)
+    starts 32 footer-reading actors for every read and every epoch's re-read, a fixed
+    10-15 s of process start-up on a 2-core node that dwarfs reading the few dozen local
+    shards a prepared split has (benchmarks/read_shards_bench.py measures both).
+    """
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    saved = context.use_datasource_v2
+    context.use_datasource_v2 = False
+    try:
+        return ray.data.read_parquet([str(f) for f in files], **read_kwargs)
+    finally:
+        context.use_datasource_v2 = saved
 
 
 def iter_split_rows(

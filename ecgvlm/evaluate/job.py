@@ -360,6 +360,8 @@ def run_predictions(
     """
     import ray.data
 
+    from ecgvlm.dataset import read_shards
+
     pending = {m: ids for m, ids in pending.items() if ids}
     if not pending:
         return 0
@@ -379,7 +381,7 @@ def run_predictions(
     context = ray.data.DataContext.get_current()
     saved_block_bytes = context.target_max_block_size
     context.target_max_block_size = block_bytes(files, config.batch_size)
-    ds = ray.data.read_parquet([str(f) for f in files]).select_columns(columns)
+    ds = read_shards(files).select_columns(columns)
     ds = ds.map_batches(expand_pending, batch_format="pyarrow", fn_kwargs={"pending": pending},
                         batch_size=None, num_cpus=0.25)
     ds = ds.map_batches(

@@ -39,6 +39,7 @@ from ecgvlm.train.data import (
     TrainDataError,
     check_training_data,
     decode_png,
+    read_val_rows,
     split_files,
     stratified_sample,
     val_sample_ids,
@@ -57,6 +58,7 @@ from ecgvlm.train.run import (
     check_run_dir,
     make_loop_config,
     run_training,
+    val_rows,
     wait_for_resources,
 )
 
@@ -84,12 +86,14 @@ __all__ = [
     "greedy_answer",
     "load_deepspeed_config",
     "make_loop_config",
+    "read_val_rows",
     "resolve_deepspeed_config",
     "run_training",
     "split_files",
     "stratified_sample",
     "train_loop_per_worker",
     "train_step",
+    "val_rows",
     "val_sample_ids",
     "wait_for_resources",
 ]

@@ -74,6 +74,9 @@ class TrainConfig:
         train_repeat: Passes over the train split per Ray Data epoch. Each epoch restarts
             Ray Data's streaming split (seconds); on a tiny data set repeat it so that cost is
             paid once per many steps rather than every step.
+        cache_train_below_mb: A train split whose Parquet files total less than this is
+            read once and kept in Ray's object store for every epoch: re-reading costs
+            seconds of task start-up per epoch even for a few rows. 0: always re-read.
         seed: Seed of model init, LoRA init, the train blocks' order, the val subset and
             shuffling.
         profile_comm: Time DeepSpeed's collectives (adds a synchronisation per collective).
@@ -120,6 +123,7 @@ class TrainConfig:
     max_failures: int = 1
     shuffle_buffer_size: int = 0
     train_repeat: int = 1
+    cache_train_below_mb: float = 256.0
     seed: int = 0
     profile_comm: bool = False
     fail_at_step: int | None = None
@@ -179,6 +183,7 @@ class TrainConfig:
         check_range("max_failures", self.max_failures, -1)
         check_range("shuffle_buffer_size", self.shuffle_buffer_size, 0)
         check_range("train_repeat", self.train_repeat, 1)
+        check_range("cache_train_below_mb", self.cache_train_below_mb, 0.0)
         if self.fail_at_step is not None:
             check_range("fail_at_step", self.fail_at_step, 1, self.max_steps - 1)
             if not self.fail_marker:

@@ -505,18 +505,6 @@ def _build_engine(
     return engine, collator
 
 
-def _read_val_rows(shard: Any, max_samples: int) -> list[dict[str, Any]]:
-    """The rows of the (unsplit) val data set, which the driver cut to the val subset."""
-    val_rows: list[dict[str, Any]] = []
-    for batch in shard.iter_batches(batch_size=64, batch_format="numpy"):
-        n = len(batch["sample_id"])
-        keys = [k for k in (*REQUIRED_COLUMNS, "dataset") if k in batch]
-        val_rows += [{k: batch[k][i] for k in keys} for i in range(n)]
-        if len(val_rows) >= max_samples:
-            break
-    return val_rows[:max_samples]
-
-
 def _train_batches(shard: Any, config: TrainConfig, position: _Position) -> Iterator[Any]:
     """Micro-batches of this worker's train shard from ``position`` on, epoch after epoch.
 
@@ -641,8 +629,8 @@ def train_loop_per_worker(loop_config: Mapping[str, Any]) -> None:
 
     Args:
         loop_config: ``{"train": TrainConfig as a dict, "deepspeed": DeepSpeed config dict,
-            "artifact": {"label_set", "data_manifest_hash", "render_config_hash", "git_sha"}}``
-            as built by :func:`ecgvlm.train.run.make_loop_config`.
+            "artifact": {"label_set", "data_manifest_hash", "render_config_hash", "git_sha"},
+            "val_rows": the val subset's rows}`` as built by :func:`ecgvlm.train.run.make_loop_config`.
     """
     import ray.train
     import ray.train.torch
@@ -665,7 +653,7 @@ def train_loop_per_worker(loop_config: Mapping[str, Any]) -> None:
     # own dropout masks (restored from the checkpoint when resuming).
     _seed_rank(config.seed, w.rank)
     position, resumed_from = _resume(w)
-    w.val_rows = _read_val_rows(ray.train.get_dataset_shard("val"), config.eval_max_samples)
+    w.val_rows = list(loop_config.get("val_rows", []))
     batches = _train_batches(ray.train.get_dataset_shard("train"), config, position)
     window = _Window(comm_before=_comm_ms_total())
     engine.train()

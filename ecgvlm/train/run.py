@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from ecgvlm.config import ConfigError, config_to_dict, resolve_paths, save_config
+from ecgvlm.dataset import read_shards
 from ecgvlm.train.config import (
     CHECKPOINT_ADAPTER,
     OPTIONAL_COLUMNS,
@@ -19,17 +20,22 @@ from ecgvlm.train.config import (
     TrainConfig,
     load_deepspeed_config,
 )
-from ecgvlm.train.data import DataSummary, check_training_data, val_sample_ids
+from ecgvlm.train.data import DataSummary, check_training_data, read_val_rows, val_sample_ids
 from ecgvlm.train.loop import train_loop_per_worker
 
 
 def make_loop_config(
-    config: TrainConfig, deepspeed_config: Mapping[str, Any], summary: DataSummary, git_sha: str | None
+    config: TrainConfig,
+    deepspeed_config: Mapping[str, Any],
+    summary: DataSummary,
+    git_sha: str | None,
+    val: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """The plain-data ``train_loop_config`` handed to every worker."""
+    """The plain-data ``train_loop_config`` handed to every worker (``val``: the val rows)."""
     return {
         "train": config_to_dict(config),
         "deepspeed": dict(deepspeed_config),
+        "val_rows": list(val or []),
         "artifact": {
             "label_set": list(summary.label_set),
             "data_manifest_hash": summary.manifest_hash,
@@ -137,11 +143,10 @@ def wait_for_resources(config: TrainConfig) -> None:
 
 
 def _data_config() -> Any:
-    """Train split sharded over workers in a fixed order; val whole on every worker.
+    """The train split sharded over workers in a fixed order.
 
     ``preserve_order`` makes block-to-worker assignment deterministic, so a run is
     reproducible for a seed and a resumed run skips exactly the batches it had consumed.
-    evaluate() strides the unsplit val rows by rank.
     """
     from ray.train import DataConfig
 
@@ -151,37 +156,45 @@ def _data_config() -> Any:
 
 
 def build_datasets(config: TrainConfig, summary: DataSummary) -> dict[str, Any]:
-    """The Ray datasets the workers read: ``{"train": ..., "val": ...}``.
+    """The Ray dataset the workers read: ``{"train": ...}``.
 
     Prepared splits are sorted by record id, i.e. grouped by source data set. The train
     split's Parquet shards and blocks are put in an order drawn from ``seed``, the same on
     every run and resume, so that a step does not see one source only; the workers' local
-    shuffle buffer then mixes rows across blocks. The val split is cut to a seeded subset of
-    ``eval_max_samples`` rows stratified by data set (:func:`val_sample_ids`).
+    shuffle buffer then mixes rows across blocks. A split smaller than
+    ``cache_train_below_mb`` is read once and kept for every epoch. (The val subset is not
+    a Ray dataset: :func:`val_rows` reads it on the driver.)
     """
     import pyarrow.parquet as pq
     import ray.data
 
     # Data tasks fit in the CPUs kept for them (Ray Data's default is a whole CPU each).
     data_cpus = min(1.0, config.data_cpus)
-
-    def read(split: str, shuffle: Any = None) -> Any:
-        files = summary.files[split]
-        names = set(pq.ParquetFile(files[0]).schema_arrow.names)
-        columns = list(REQUIRED_COLUMNS) + [c for c in OPTIONAL_COLUMNS if c in names]
-        return ray.data.read_parquet(files, columns=columns, num_cpus=data_cpus, shuffle=shuffle)
-
+    files = summary.files[config.train_split]
+    names = set(pq.ParquetFile(files[0]).schema_arrow.names)
+    columns = list(REQUIRED_COLUMNS) + [c for c in OPTIONAL_COLUMNS if c in names]
     # Small shards are read several to a block, so the shards' order is drawn at the read (and
     # the blocks' after it); the same seed every epoch and after a resume.
     files_order = ray.data.FileShuffleConfig(seed=config.seed, reseed_after_execution=False)
-    train = read(config.train_split, files_order).randomize_block_order(seed=config.seed)
-    if config.train_repeat > 1:
-        # Materialised once, so the copies do not re-read the files.
+    train = read_shards(
+        files, columns=columns, num_cpus=data_cpus, shuffle=files_order
+    ).randomize_block_order(seed=config.seed)
+    split_mb = sum(Path(f).stat().st_size for f in files) / 2**20
+    if config.train_repeat > 1 or split_mb < config.cache_train_below_mb:
+        # Materialised once, so that epochs (and the repeats' copies) do not re-read files.
         train = train.materialize()
-        train = train.union(*[train] * (config.train_repeat - 1))
-    chosen = set(val_sample_ids(summary.files[config.val_split], config.eval_max_samples, config.seed))
-    val = read(config.val_split).filter(lambda row: row["sample_id"] in chosen, num_cpus=data_cpus)
-    return {"train": train, "val": val}
+    if config.train_repeat > 1:
+        # Copy after copy: ``union`` would interleave the copies' blocks, so that one block's
+        # rows came train_repeat times in a row.
+        train = ray.data.from_arrow_refs(train.to_arrow_refs() * config.train_repeat)
+    return {"train": train}
+
+
+def val_rows(config: TrainConfig, summary: DataSummary) -> list[dict[str, Any]]:
+    """The val subset every worker evaluates on: ``eval_max_samples`` rows, a seeded sample
+    stratified by data set (:func:`val_sample_ids`)."""
+    files = summary.files[config.val_split]
+    return read_val_rows(files, val_sample_ids(files, config.eval_max_samples, config.seed))
 
 
 def run_training(config: TrainConfig, resume: bool = False) -> Any:
@@ -217,7 +230,9 @@ def run_training(config: TrainConfig, resume: bool = False) -> Any:
     save_config(config, run_dir / RUN_CONFIG)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=make_loop_config(config, deepspeed_config, summary, git_sha),
+        train_loop_config=make_loop_config(
+            config, deepspeed_config, summary, git_sha, val_rows(config, summary)
+        ),
         scaling_config=ScalingConfig(
             num_workers=config.num_workers,
             use_gpu=config.use_gpu,

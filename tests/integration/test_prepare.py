@@ -140,7 +140,7 @@ def test_rows_round_trip_into_the_same_samples(prepared, sources):
     stored = samples["cpsc2018/A0043"]
     prevalence = read_manifest(config.output_dir)["mcq_prevalence"]["cpsc2018"]
     expected = make_mcq(
-        rec, config.seed, config.mcq, prevalence, measurements=measure_record(rec)
+        rec, config.seed, config.mcq, prevalence, measurements=measure_record(rec, config.measure)
     )
     assert stored.options == expected.options and stored.target_text == expected.target_text
     assert stored.answer_letter == expected.answer_letter and stored.labels == ("AF", "RBBB")

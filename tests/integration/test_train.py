@@ -2,15 +2,13 @@
 
 One run is shared by most assertions: it overfits four samples, has rank 1 die once at
 step 15 (so it must resume from the step-10 checkpoint) and then finishes; it is then
-resubmitted with ``--resume`` and a longer schedule, which is refused. A last test submits
-the tiny config with ``ray job submit`` to a ``ray start --head`` cluster of its own.
+resubmitted with ``--resume`` and a longer schedule, which is refused. (``ray job submit``
+of the tiny config, and of its ``--resume``, is run by the README walk, test_readme.py.)
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,8 +24,10 @@ MAX_STEPS = 40
 FAIL_AT = 15
 EVAL_EVERY = 10
 # Step-1 train loss (mean of both ranks) of the seed-0 run on the tiny seed-0 checkpoint:
-# pinned so that numeric drift in the model, collator or optimizer shows.
-PINNED_FIRST_LOSS = 6.34349
+# pinned so that numeric drift in the model, collator or optimizer shows. (Re-pinned when the
+# train split came to be read by Ray Data's first Parquet datasource: other blocks, so other
+# rows on each rank at step 1.)
+PINNED_FIRST_LOSS = 6.33823
 PINNED_TOLERANCE = 2e-3
 
 
@@ -164,27 +164,3 @@ def test_resubmitting_needs_resume_and_the_runs_schedule(trained, capsys) -> Non
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"max_steps = {MAX_STEPS + 4} differs" in err[0], err
-
-
-def test_ray_job_submit_runs_the_tiny_config(ray_head, tiny_pulse_dir, prepared, tmp_path) -> None:
-    """``ray job submit`` to a ``ray start --head`` cluster (the session's ``ray_head``)."""
-    address, env = ray_head
-    ray_cli = Path(sys.executable).parent / "ray"
-    out = tmp_path / "adapter"
-    runtime_env = {
-        "env_vars": {"DS_ACCELERATOR": "cpu"},
-        "excludes": [".venv", ".git", "runs", "**/__pycache__", ".pytest_cache"],
-    }
-    submit = [
-        str(ray_cli), "job", "submit", f"--address={address}", "--working-dir", str(REPO),
-        "--runtime-env-json", json.dumps(runtime_env),
-        "--", "python", "-m", "jobs.train", "--config", "configs/train_tiny_cpu.yaml",
-        f"model_dir={tiny_pulse_dir}", f"data_dir={prepared}",
-        f"storage_path={tmp_path / 'runs'}", f"output_dir={out}",
-        "max_steps=4", "eval_every_steps=4", "log_every_steps=2", "train_repeat=4",
-    ]
-    job = subprocess.run(submit, check=False, env=env, capture_output=True, text=True, timeout=540)
-    assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
-    assert "succeeded" in job.stdout.lower()
-    assert (out / "adapter_config.json").is_file() and (out / "ecgvlm.json").is_file()
-

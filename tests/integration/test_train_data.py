@@ -6,13 +6,21 @@ each, read with Ray Data's ``preserve_order`` as the trainer reads them.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ecgvlm.train import REQUIRED_COLUMNS, DataSummary, TrainConfig, build_datasets
+from ecgvlm.train import (
+    REQUIRED_COLUMNS,
+    DataSummary,
+    TrainConfig,
+    build_datasets,
+    read_val_rows,
+    val_rows,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -63,10 +71,26 @@ def test_train_blocks_come_in_a_seeded_order_and_val_is_stratified(
     assert len({sample.split("/")[0] for sample in order[:12]}) >= 2, order
     # The same order on every run (and so on resume); another seed, another order.
     assert _order(build_datasets(config, summary)["train"]) == order
+    # Kept in the object store (this tiny split) or re-read every epoch: the same order.
+    uncached = replace(config, cache_train_below_mb=0.0)
+    assert _order(build_datasets(uncached, summary)["train"]) == order
+    # train_repeat passes come one after another (not each block repeated in a row).
+    repeated = replace(config, train_repeat=3)
+    assert _order(build_datasets(repeated, summary)["train"]) == order * 3
     other = TrainConfig(model_dir="m", data_dir=str(tmp_path), eval_max_samples=12, seed=1)
     assert _order(build_datasets(other, summary)["train"]) != order
 
-    val = build_datasets(config, summary)["val"].take_all()
+    assert set(build_datasets(config, summary)) == {"train"}
+    val = val_rows(config, summary)
     assert {k for k in REQUIRED_COLUMNS} <= set(val[0])
     per_source = {s: sum(row["dataset"] == s for row in val) for s in SOURCES}
     assert per_source == {s: 4 for s in SOURCES}, per_source
+
+
+def test_val_rows_come_in_the_order_asked_and_a_missing_one_is_named(tmp_path: Path) -> None:
+    files = _write_split(tmp_path, "val", 1, 3)
+    rows = read_val_rows(files, ["mitbih/val0002", "chapman/val0000"])
+    assert [r["sample_id"] for r in rows] == ["mitbih/val0002", "chapman/val0000"]
+    assert rows[0]["options"] == ["a", "b"] and rows[0]["dataset"] == "mitbih"
+    with pytest.raises(Exception, match="mitbih/val0099"):
+        read_val_rows(files, ["mitbih/val0099"])
