@@ -187,6 +187,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     from ecgvlm.config import load_config
     from ecgvlm.train import TrainConfig, run_training
+    from ecgvlm.train.run import quiet_placement_group_cleaner
 
     config = load_config(TrainConfig, args.config, args.overrides)
     # Under `ray job submit` RAY_ADDRESS names the cluster; otherwise a private local Ray.
@@ -203,7 +204,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             # (Ray would otherwise count the cores, and the data reads would never run).
             num_cpus = args.num_cpus or max(os.cpu_count() or 1, math.ceil(config.cpus_needed()))
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                     runtime_env={"env_vars": {"DS_ACCELERATOR": accelerator}})
+                     runtime_env={"env_vars": {"DS_ACCELERATOR": accelerator},
+                                  "worker_process_setup_hook": quiet_placement_group_cleaner})
     try:
         run_training(config, resume=args.resume)
     finally:

@@ -202,9 +202,14 @@ def peak_tflops(args: argparse.Namespace) -> float | None:
 
 
 def _optimizer(args: argparse.Namespace, peft_model: Any) -> tuple[Any, str]:
-    """A DeepSpeed engine when deepspeed imports (and is wanted), else torch AdamW."""
+    """A DeepSpeed engine when wanted and deepspeed imports, else torch AdamW.
+
+    ``auto`` wants DeepSpeed on CUDA only: on CPU its AdamW is a C++ op that DeepSpeed
+    compiles on first use (two to three minutes on a 2-core machine) before the first step.
+    """
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    if args.optimizer in ("auto", "deepspeed"):
+    on_cuda = str(args.device).startswith("cuda")
+    if args.optimizer == "deepspeed" or (args.optimizer == "auto" and on_cuda):
         try:
             import deepspeed
         except ImportError:
@@ -347,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny checkpoint instead of 7B shape")
     parser.add_argument("--parity-dtypes", default="fp32,bf16,fp16")
     parser.add_argument("--model-dtype", choices=sorted(DTYPES), default=None)
-    parser.add_argument("--optimizer", choices=("auto", "deepspeed", "adamw"), default="auto")
+    parser.add_argument("--optimizer", choices=("auto", "deepspeed", "adamw"), default="auto",
+                        help="auto: DeepSpeed on CUDA when installed, torch AdamW otherwise")
     parser.add_argument("--train-steps", type=int, default=4)
     parser.add_argument("--train-batch", type=int, default=1)
     parser.add_argument("--gen-batches", default="1,16")

@@ -197,6 +197,21 @@ def val_rows(config: TrainConfig, summary: DataSummary) -> list[dict[str, Any]]:
     return read_val_rows(files, val_sample_ids(files, config.eval_max_samples, config.seed))
 
 
+def quiet_placement_group_cleaner() -> None:
+    """Worker setup hook of ``ecgvlm train``'s private Ray, which runs without a dashboard.
+
+    Ray Train's placement-group cleaner asks the dashboard's state API every second whether
+    the controller is alive and, with no dashboard, logs a warning each time: dozens of lines
+    a minute between the metric lines. (It exists to free the workers' CPUs if the driver
+    dies; a private Ray dies with its driver.)
+    """
+    import logging
+
+    logging.getLogger(
+        "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+    ).setLevel(logging.ERROR)
+
+
 def run_training(config: TrainConfig, resume: bool = False) -> Any:
     """Validate, train, copy the best adapter to ``config.output_dir``; return the Result.
 

@@ -198,15 +198,19 @@ class Walk:
             self.server.wait()
 
     def run_block(self, block: Block) -> None:
+        """Run the block and note it in ``ran`` with its seconds (where the walk's time goes)."""
+        t0 = time.monotonic()
+        note = self._run_block(block)
+        self.ran.append(f"{time.monotonic() - t0:6.1f} s  {block.where()}{note}")
+
+    def _run_block(self, block: Block) -> str:
         if block.lang == "python":
             self.run_python(block)
-            self.ran.append(block.where())
-            return
+            return ""
         body = self.substitute(block.body)
         if not splittable(body):  # e.g. a curl body spanning lines: one script
             self.run_shell(block, body)
-            self.ran.append(block.where())
-            return
+            return ""
         todo = [ln for ln in logical_lines(body) if command_key(ln) not in self.done]
         for line in todo:
             if SERVER_COMMAND.match(line):
@@ -214,7 +218,7 @@ class Walk:
             else:
                 self.run_shell(block, line)
             self.done.add(command_key(line))
-        self.ran.append(block.where() + ("" if todo else " (every command ran before)"))
+        return "" if todo else " (every command ran before)"
 
 
 def _copy_tracked_files(dest: Path) -> None:
