@@ -38,7 +38,7 @@ def write_shards(root: Path, n_shards: int, n_rows: int) -> list[Path]:
     return files
 
 
-def time_reads(files: list[Path], use_v2: bool, repeats: int) -> list[float]:
+def time_reads(files: list[Path], use_v2: bool, repeats: int, n_rows: int) -> list[float]:
     import ray.data
 
     context = ray.data.DataContext.get_current()
@@ -48,7 +48,8 @@ def time_reads(files: list[Path], use_v2: bool, repeats: int) -> list[float]:
         t0 = time.perf_counter()
         n = ray.data.read_parquet([str(f) for f in files]).count()
         seconds.append(time.perf_counter() - t0)
-        assert n == len(files) * int(n / len(files))
+        if n != n_rows:
+            raise SystemExit(f"read {n} rows, wrote {n_rows}")
     return seconds
 
 
@@ -70,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         # Each in a fresh order of its own would need two Rays; alternate instead, v2 first.
         v2, v1 = [], []
         for _ in range(1 + args.repeats):
-            v2 += time_reads(files, True, 1)
-            v1 += time_reads(files, False, 1)
+            v2 += time_reads(files, True, 1, args.shards * args.rows)
+            v1 += time_reads(files, False, 1, args.shards * args.rows)
     ray.shutdown()
     load = os.getloadavg()[0]
     print(f"{args.shards} shards x {args.rows} rows, {os.cpu_count()} cores, Ray with "

@@ -826,10 +826,11 @@ def split_files(output_dir: str | Path, split: str) -> list[Path]:
 def read_shards(files: Sequence[str | Path], **read_kwargs: Any) -> Any:
     """A Ray dataset of a split's Parquet shards (``read_kwargs`` go to ``read_parquet``).
 
-    Read with Ray Data's first Parquet datasource: the second (Ray's default since 2.5x)
-    starts 32 footer-reading actors for every read and every epoch's re-read, a fixed
-    10-15 s of process start-up on a 2-core node that dwarfs reading the few dozen local
-    shards a prepared split has (benchmarks/read_shards_bench.py measures both).
+    Read with Ray Data's first Parquet datasource: the second (Ray's default) starts 32
+    footer-reading actors for every read. On a 2-core machine whose idle workers are gone
+    that cost 11-18 s per first read against 0.7-3 s; warm, the second was ~0.1 s faster
+    (benchmarks/read_shards_bench.py). A prepared split is a few dozen local shards, read
+    once per training run (small splits are cached) or evaluation.
     """
     import ray.data
 

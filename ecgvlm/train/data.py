@@ -155,18 +155,14 @@ def read_val_rows(files: Sequence[str | Path], sample_ids: Sequence[str]) -> lis
     (``eval_max_samples``), and a Ray Data pipeline for it cost each worker half a minute of
     task start-up on a 2-core machine before the first step.
     """
-    import pyarrow as pa
-    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     wanted = set(sample_ids)
-    value_set = pa.array(sorted(wanted), type=pa.string())
     found: dict[str, dict[str, Any]] = {}
     for path in files:
         names = set(pq.ParquetFile(path).schema_arrow.names)
         columns = list(REQUIRED_COLUMNS) + (["dataset"] if "dataset" in names else [])
-        table = pq.read_table(path, columns=columns)
-        table = table.filter(pc.is_in(table.column("sample_id"), value_set=value_set))
+        table = pq.read_table(path, columns=columns, filters=[("sample_id", "in", sorted(wanted))])
         found.update((row["sample_id"], row) for row in table.to_pylist())
     missing = wanted - found.keys()
     if missing:
