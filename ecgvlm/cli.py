@@ -230,7 +230,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ecgvlm.local_ray import start_head, stop_head
-    from ecgvlm.serving import ServeArgs, absolute_paths, check_paths, parse_adapter_specs
+    from ecgvlm.serving import (
+        PulseReplicaArgs,
+        ServeArgs,
+        absolute_paths,
+        check_paths,
+        parse_adapter_specs,
+    )
 
     # serve/app.py sits beside the package in a source checkout; replicas import it too.
     repo = Path(__file__).resolve().parents[1]
@@ -239,7 +245,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             f"serve/app.py not found under {repo}: run `ecgvlm serve` from a source checkout"
         )
     adapters = parse_adapter_specs(args.adapter)
-    serve_args = absolute_paths(ServeArgs(model_dir=args.model_dir, adapters=adapters))
+    pulse = PulseReplicaArgs(num_gpus="auto" if args.num_gpus is None else args.num_gpus)
+    serve_args = absolute_paths(ServeArgs(
+        model_dir=args.model_dir, adapters=adapters, dtype=args.dtype, device=args.device,
+        pulse=pulse,
+    ))
     check_paths(serve_args)  # before paying for Ray's start
 
     _stop_on_sigterm()
@@ -469,6 +479,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--num-cpus", type=int, default=None,
                    help="logical CPUs of its private Ray (default: max(8, cores))")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
+                   default="auto", help="PULSE's weights (auto: bfloat16 on a GPU, else float32)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: the GPU Ray reserves for the replica, else CPU")
+    p.add_argument("--num-gpus", type=float, default=None,
+                   help="GPUs Ray reserves for the PULSE replica (default: 1 when there is one)")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("evaluate", help="evaluate models through the endpoint")

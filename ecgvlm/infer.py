@@ -1,13 +1,20 @@
 """Generation with PULSE, shared by serving and training-time evaluation.
 
-One function, :func:`generate`, turns prompts (each holding one ``<image>``; the llava_v1 text
-itself comes from :mod:`ecgvlm.prompt`) and PIL images into :class:`Generation` records. It is
-batch-safe: prompts are left-padded, so every row's answer starts right after its own prompt,
-and a batch gives the same greedy answers as one prompt at a time.
+:func:`generate` turns prompts (each holding one ``<image>``; the llava_v1 text itself comes
+from :mod:`ecgvlm.prompt`) and PIL images into :class:`Generation` records. It is batch-safe:
+prompts are left-padded, so every row's answer starts right after its own prompt, and a batch
+gives the same greedy answers as one prompt at a time. It refuses a prompt longer than the
+model's context instead of cutting it.
+
+:func:`generate_batched` is what a server needs on a GPU: it splits a batch so that each part
+fits a token budget (the KV cache grows with rows x (longest prompt + new tokens)), and
+answers a CUDA out-of-memory error by freeing the cache and retrying halves, so one
+oversized batch costs the requests that cannot fit alone, not the whole batch.
 """
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +39,29 @@ class Generation:
     text: str
     prompt_tokens: int
     completion_tokens: int
+
+
+class PromptTooLongError(ValueError):
+    """A prompt past the model's context, or one that leaves no room for the new tokens.
+
+    Attributes:
+        row: index of the prompt at fault.
+        detail: what is wrong, without the row ("takes 4,200 tokens ...").
+        new_tokens_at_fault: True when the prompt fits but not with the new tokens asked for.
+    """
+
+    def __init__(self, row: int, detail: str, new_tokens_at_fault: bool) -> None:
+        super().__init__(f"prompt {row} {detail}")
+        self.row = row
+        self.detail = detail
+        self.new_tokens_at_fault = new_tokens_at_fault
+
+
+@dataclass(frozen=True)
+class OutOfMemory:
+    """A prompt that ran out of device memory even in a batch of its own (cache freed)."""
+
+    message: str
 
 
 def _unwrap(model: Any) -> Any:
@@ -98,11 +128,11 @@ def generate(
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     if seed is not None:
         torch.manual_seed(seed)
-    max_len = base.pulse_config.tokenizer_model_max_length or 1 << 62
     prompt_lengths = [
-        min(int(m.sum()) - 1 + base.num_image_features((int(w), int(h))), max_len)
+        int(m.sum()) - 1 + base.num_image_features((int(w), int(h)))
         for m, (w, h) in zip(batch["attention_mask"], batch["image_sizes"])
     ]
+    check_context(base, prompt_lengths, max_new_tokens)
     was_training = base.training
     base.eval()
     try:
@@ -123,3 +153,169 @@ def generate(
             )
         )
     return out
+
+
+# -- context and memory -------------------------------------------------------------------
+
+
+def prompt_tokens(model: Any, processor: Any, prompts: Sequence[str],
+                  images: Sequence[Image.Image]) -> list[int]:
+    """Positions each prompt takes in the LM: its text tokens plus its image's features.
+
+    Raises:
+        PromptError: a prompt without exactly one ``<image>``.
+    """
+    base = _unwrap(model)
+    ids = processor.encode_prompts(prompts)
+    return [len(row) - 1 + base.num_image_features(image.size) for row, image in zip(ids, images)]
+
+
+def check_context(model: Any, prompt_lengths: Sequence[int], max_new_tokens: int) -> None:
+    """Refuse a prompt the model would see cut, or whose answer runs past its positions.
+
+    LLaVA's code cuts merged sequences at ``tokenizer_model_max_length`` from the end, which
+    for a prompt would drop ``ASSISTANT:`` and leave the model continuing the question.
+
+    Raises:
+        PromptTooLongError: naming the first prompt at fault and the limit.
+    """
+    base = _unwrap(model)
+    max_len = base.pulse_config.tokenizer_model_max_length
+    max_positions = getattr(base.config, "max_position_embeddings", None)
+    for row, n in enumerate(prompt_lengths):
+        if max_len is not None and n > max_len:
+            raise PromptTooLongError(
+                row,
+                f"takes {n} tokens (text plus image features); the model reads at most "
+                f"{max_len} (tokenizer_model_max_length): shorten the text or send a smaller "
+                "image",
+                new_tokens_at_fault=False,
+            )
+        if max_positions is not None and n + max_new_tokens > max_positions:
+            raise PromptTooLongError(
+                row,
+                f"takes {n} tokens and {max_new_tokens} new tokens were asked for: "
+                f"{n + max_new_tokens} positions exceed the model's max_position_embeddings "
+                f"{max_positions}; ask for at most {max(max_positions - n, 0)} new tokens",
+                new_tokens_at_fault=True,
+            )
+
+
+@dataclass(frozen=True)
+class MemoryCosts:
+    """Device memory per token position of a batch, from the model's shapes and dtype.
+
+    Attributes:
+        kv_bytes_per_token: the KV cache: keys and values of every layer (PULSE-7B in bf16:
+            2 x 32 layers x 32 heads x 128 x 2 bytes = 0.5 MiB).
+        prefill_bytes_per_token: the largest activations alive at once during the prompt's
+            forward (residual, normed input, q/k/v, attention output, MLP gate, up and
+            activation), a bound, not a measurement.
+    """
+
+    kv_bytes_per_token: int
+    prefill_bytes_per_token: int
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.kv_bytes_per_token + self.prefill_bytes_per_token
+
+
+def memory_costs(model: Any) -> MemoryCosts:
+    """The :class:`MemoryCosts` of ``model``'s language model at its parameter dtype."""
+    base = _unwrap(model)
+    cfg = base.config
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    itemsize = base.dtype.itemsize
+    kv = 2 * cfg.num_hidden_layers * kv_heads * head_dim * itemsize
+    prefill = (6 * cfg.hidden_size + 3 * cfg.intermediate_size) * itemsize
+    return MemoryCosts(kv, prefill)
+
+
+def batch_tokens(prompt_lengths: Sequence[int], max_new_tokens: int) -> int:
+    """Positions a batch holds at its last step: left padding makes every row the longest's."""
+    return len(prompt_lengths) * (max(prompt_lengths) + max_new_tokens)
+
+
+def max_batch_tokens_for(free_bytes: int, costs: MemoryCosts,
+                         headroom_fraction: float = 0.1) -> int:
+    """The batch token budget that fits ``free_bytes`` (what is free after the weights),
+    keeping ``headroom_fraction`` for the allocator's fragmentation and the CLIP tower."""
+    if not 0 <= headroom_fraction < 1:
+        raise ValueError(f"headroom_fraction must be in [0, 1), got {headroom_fraction}")
+    return max(int(free_bytes * (1 - headroom_fraction)) // costs.bytes_per_token, 1)
+
+
+def plan_batches(prompt_lengths: Sequence[int], max_new_tokens: int,
+                 max_batch_tokens: int | None) -> list[list[int]]:
+    """Split prompts, in arrival order, into batches of at most ``max_batch_tokens``.
+
+    A prompt over the budget on its own still gets a batch of its own (the budget is a bound;
+    if it does run out of memory, :func:`generate_batched` says so for that prompt alone).
+    """
+    if max_batch_tokens is None:
+        return [list(range(len(prompt_lengths)))] if prompt_lengths else []
+    plans: list[list[int]] = []
+    for i, n in enumerate(prompt_lengths):
+        current = plans[-1] if plans else None
+        lengths = [prompt_lengths[j] for j in current or []] + [n]
+        if current and batch_tokens(lengths, max_new_tokens) <= max_batch_tokens:
+            current.append(i)
+        else:
+            plans.append([i])
+    return plans
+
+
+def free_device_memory() -> None:
+    """Return cached blocks to the device after an out-of-memory error."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def generate_batched(
+    model: Any,
+    processor: Any,
+    prompts: Sequence[str],
+    images: Sequence[Image.Image],
+    max_new_tokens: int = 128,
+    max_batch_tokens: int | None = None,
+    **kwargs: Any,
+) -> list[Generation | OutOfMemory]:
+    """:func:`generate` in batches that fit ``max_batch_tokens``, surviving out-of-memory.
+
+    A batch that runs out of device memory is retried as two halves after the cache is
+    freed; a prompt that fails alone is answered with :class:`OutOfMemory`, and every other
+    prompt still gets its answer. ``kwargs`` go to :func:`generate`.
+
+    Raises:
+        PromptTooLongError, PromptError, ImageInputError: as :func:`generate`.
+    """
+    lengths = prompt_tokens(model, processor, prompts, images)
+    check_context(model, lengths, max_new_tokens)
+    results: list[Generation | OutOfMemory | None] = [None] * len(prompts)
+    pending = plan_batches(lengths, max_new_tokens, max_batch_tokens)
+    while pending:
+        idxs = pending.pop(0)
+        try:
+            gens = generate(model, processor, [prompts[i] for i in idxs],
+                            [images[i] for i in idxs], max_new_tokens=max_new_tokens, **kwargs)
+        except torch.cuda.OutOfMemoryError:
+            gens = None  # freed below, once the exception no longer holds the batch's frames
+        if gens is not None:
+            for i, g in zip(idxs, gens):
+                results[i] = g
+            continue
+        free_device_memory()
+        if len(idxs) > 1:
+            half = len(idxs) // 2
+            pending[:0] = [idxs[:half], idxs[half:]]
+        else:
+            results[idxs[0]] = OutOfMemory(
+                f"out of device memory generating {max_new_tokens} tokens after a "
+                f"{lengths[idxs[0]]}-token prompt on its own"
+            )
+    assert all(r is not None for r in results)
+    return results  # type: ignore[return-value]

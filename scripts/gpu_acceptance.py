@@ -10,7 +10,12 @@ only torch, transformers, peft, safetensors, sentencepiece, tokenizers, numpy an
 2. a random-weight model of PULSE-7B's exact shape, built on the device in bfloat16;
 3. a few LoRA training steps on it (the study's r=4, alpha=8, q/k/v/o) on a printout-sized
    ECG: tokens/s, peak memory, MFU; through DeepSpeed when it is importable, else torch AdamW;
-4. batched greedy generation on printout-sized ECGs at batch 1 and 16: ECGs/s.
+4. batched greedy generation on printout-sized ECGs at batch 1 and 16: ECGs/s;
+5. what the server relies on (``ecgvlm.infer``, as ``PulseRunner`` calls it): answers unchanged
+   after a forward with ``output_hidden_states`` (the CLIP layer), the batch token budget from
+   free memory with peak memory at batch 8 against that budget's bound, and an out-of-memory
+   error induced by capping the process's GPU memory: the prompts that cannot fit are answered
+   ``OutOfMemory`` (the endpoint's 503), and allocated memory returns to its baseline.
 
 It prints one table and exits 1 when a parity check fails, 2 when another step errors.
 ``--device cpu --tiny`` runs every step on CPU with the tiny checkpoint in place of the 7B
@@ -330,6 +335,80 @@ def generation_rows(
     return rows
 
 
+# -- 5. serving ------------------------------------------------------------------------------
+
+
+def serving_rows(
+    args: argparse.Namespace, model: Any, processor: Any, image: Image.Image
+) -> list[Row]:
+    from ecgvlm.infer import (
+        OutOfMemory,
+        batch_tokens,
+        generate_batched,
+        max_batch_tokens_for,
+        memory_costs,
+        prompt_tokens,
+    )
+
+    rows = []
+    prompt = _prompt(QUESTION)
+    batch = {k: v.to(args.device) for k, v in processor([prompt], [image]).items()}
+    with torch.no_grad():
+        before = model(**batch).logits[0, -1].float()
+        model(**batch, output_hidden_states=True)
+        after = model(**batch).logits[0, -1].float()
+    diff = (after - before).abs().max().item()
+    rows.append(Row("clip layer", "after a forward with output_hidden_states",
+                    f"max |logit change| {diff:.1e}", diff == 0.0))  # fmt: skip
+
+    costs = memory_costs(model)
+    n_prompt = prompt_tokens(model, processor, [prompt], [image])[0]
+    n_batch = 8
+    prompts, images = [prompt] * n_batch, [image] * n_batch
+    if not args.device.startswith("cuda"):
+        out = generate_batched(model, processor, prompts[:3], images[:3], args.gen_tokens,
+                               max_batch_tokens=2 * (n_prompt + args.gen_tokens))
+        ok = not any(isinstance(g, OutOfMemory) for g in out)
+        rows.append(Row("serve batching", "cpu: budget of 2 prompts, 3 prompts",
+                        f"{len(out)} answers; no GPU memory to measure", ok))  # fmt: skip
+        return rows
+    torch.cuda.empty_cache()
+    free_bytes, total_bytes = torch.cuda.mem_get_info()
+    budget = max_batch_tokens_for(free_bytes, costs)
+    per_request = batch_tokens([n_prompt], args.gen_tokens)
+    rows.append(Row("serve budget", f"{free_bytes / 2**30:.1f} GiB free after the weights",
+                    f"KV {costs.kv_bytes_per_token / 2**20:.2f} MiB/token; budget {budget:,} "
+                    f"tokens = {budget // per_request} requests of {per_request:,}", None))  # fmt: skip
+    baseline = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = generate_batched(model, processor, prompts, images, args.gen_tokens,
+                           max_batch_tokens=budget)
+    grown = torch.cuda.max_memory_allocated() - baseline
+    bound = batch_tokens([n_prompt] * n_batch, args.gen_tokens) * costs.bytes_per_token
+    answered = sum(not isinstance(g, OutOfMemory) for g in out)
+    rows.append(Row("serve peak", f"batch {n_batch} x {per_request:,} tokens",
+                    f"{grown / 2**30:.2f} GiB over the weights; bound {bound / 2**30:.2f} GiB; "
+                    f"{answered}/{n_batch} answered", answered == n_batch and grown <= bound))  # fmt: skip
+
+    # Cap the process at what it holds plus half of one request's bound: every call must fail.
+    torch.cuda.empty_cache()
+    cap = torch.cuda.memory_reserved() + per_request * costs.bytes_per_token // 2
+    torch.cuda.set_per_process_memory_fraction(min(cap / total_bytes, 1.0))
+    try:
+        out = generate_batched(model, processor, prompts[:4], images[:4], args.gen_tokens,
+                               max_batch_tokens=None)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    failed = sum(isinstance(g, OutOfMemory) for g in out)
+    leaked = torch.cuda.memory_allocated() - baseline
+    again = generate_batched(model, processor, prompts[:1], images[:1], 2)
+    ok = failed == 4 and leaked <= 2**20 and not isinstance(again[0], OutOfMemory)
+    rows.append(Row("serve out-of-memory", "capped at what is held + half a request",
+                    f"{failed}/4 answered OutOfMemory (503); allocated vs baseline "
+                    f"{leaked / 2**20:+.1f} MiB; next request answered", ok))  # fmt: skip
+    return rows
+
+
 # -- table and main --------------------------------------------------------------------------
 
 
@@ -392,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     rows.append(Row("parity reference", "tests/reference", reference, None))
     with tempfile.TemporaryDirectory(prefix="pulse-accept-") as tmp:
-        steps = ("build", "lora", "generate")
+        steps = ("build", "lora", "generate", "serving")
         if args.parity_only:
             steps = ()
         try:
@@ -415,6 +494,8 @@ def main(argv: list[str] | None = None) -> int:
             rows += lora_rows(args, model, processor, image)
             steps = steps[1:]
             rows += generation_rows(args, model, processor, image)
+            steps = steps[1:]
+            rows += serving_rows(args, model, processor, image)
         except StopIteration:
             pass
         except Exception as e:  # noqa: BLE001 (reported in the table, which must still print)

@@ -40,7 +40,7 @@ app = FastAPI(title="ecgvlm", docs_url=None, redoc_url=None, openapi_url=None)
 
 @app.exception_handler(sv.ApiError)
 async def _api_error(request: Request, e: sv.ApiError) -> JSONResponse:
-    return JSONResponse(e.to_json(), status_code=e.status)
+    return JSONResponse(e.to_json(), status_code=e.status, headers=e.headers())
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -65,7 +65,9 @@ class PulseModel:
     def __init__(self, args: sv.ServeArgs) -> None:
         assert args.model_dir is not None
         self.runner = sv.PulseRunner(
-            args.model_dir, args.adapters, dtype=args.dtype, device=args.device
+            args.model_dir, args.adapters, dtype=args.dtype, device=args.device,
+            attn_implementation=args.attn_implementation,
+            max_batch_tokens=args.batching.max_batch_tokens,
         )
         self.default_adapter = next(iter(args.adapters), None)
         if self.default_adapter is not None:
@@ -78,14 +80,18 @@ class PulseModel:
         await asyncio.to_thread(self.runner.load_adapter, adapter)
         return _AdapterLease(self.runner, adapter, pinned=adapter == self.default_adapter)
 
-    async def generate(self, req: sv.GenerateRequest) -> sv.GenerateResult:
+    async def generate(self, req: sv.GenerateRequest) -> sv.GenerateResult | sv.ApiError:
+        # An ApiError (prompt over the context, out of memory) is returned, not raised, as
+        # Gpt4oProxy does: it is the request's answer, not a replica failure to log.
         adapter = serve.get_multiplexed_model_id()
         if adapter:
             await self.get_adapter(adapter)
         return await self.generate_batch(req)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def generate_batch(self, reqs: list[sv.GenerateRequest]) -> list[sv.GenerateResult]:
+    async def generate_batch(
+        self, reqs: list[sv.GenerateRequest]
+    ) -> list[sv.GenerateResult | sv.ApiError]:
         # One batch at a time (max_concurrent_batches=1): the thread keeps the replica's
         # event loop free for health checks and queueing while the model runs.
         return await asyncio.to_thread(self.runner.generate, reqs)
@@ -181,7 +187,10 @@ class Gateway:
         handle = self._pulse_handles.get(key)
         if handle is None:  # one handle per adapter, reused: options() builds a new handle
             handle = self._pulse_handles[key] = self.pulse.options(multiplexed_model_id=key)
-        return await handle.generate.remote(req)
+        out = await handle.generate.remote(req)
+        if isinstance(out, sv.ApiError):
+            raise out
+        return out
 
     async def _run_proxy(self, req: sv.ChatCompletionRequest) -> dict[str, Any]:
         out = await self.proxy.complete.remote(req)
@@ -217,10 +226,20 @@ class Gateway:
         self._authorize(request)
         proxy = await self.proxy.status.remote()
         no_pulse = None if self.pulse is not None else "started without model_dir"
-        cards = [sv.ModelCard(id=sv.PULSE_MODEL, available=no_pulse is None, reason=no_pulse)]
+        runtime = None
+        if self.pulse is not None:
+            try:  # how PULSE runs: device, dtype, attention kernel, batch token budget
+                stats = await asyncio.wait_for(self.pulse.stats.remote(), READY_TIMEOUT_S)
+                runtime = {k: stats[k] for k in sv.RUNTIME_KEYS}
+            except Exception as e:  # noqa: BLE001 - the list answers without it
+                runtime = {"error": type(e).__name__}
+        cards = [sv.ModelCard(id=sv.PULSE_MODEL, available=no_pulse is None, reason=no_pulse,
+                              runtime=runtime)]
         if self.adapters:
-            cards.append(sv.ModelCard(id=sv.LORA_MODEL, adapter=self.adapters[0]))
-            cards += [sv.ModelCard(id=f"{sv.LORA_MODEL}:{a}", adapter=a) for a in self.adapters]
+            cards.append(sv.ModelCard(id=sv.LORA_MODEL, adapter=self.adapters[0],
+                                      runtime=runtime))
+            cards += [sv.ModelCard(id=f"{sv.LORA_MODEL}:{a}", adapter=a, runtime=runtime)
+                      for a in self.adapters]
         cards.append(sv.ModelCard(id=sv.GPT4O_MODEL, owned_by="openai",
                                   available=proxy["available"], reason=proxy["reason"]))
         return {"object": "list", "data": [c.model_dump() for c in cards]}
@@ -379,7 +398,8 @@ def build_app(args: sv.ServeArgs | dict[str, Any]) -> serve.Application:
     token = os.environ.get(args.auth_token_env) or None
     pulse = None
     if args.model_dir is not None:
-        pulse = PulseModel.options(**args.pulse.deployment_options()).bind(args)
+        options = args.pulse.deployment_options(num_gpus=sv.pulse_gpus(args))
+        pulse = PulseModel.options(**options).bind(args)
     proxy = Gpt4oProxy.options(**args.proxy.deployment_options()).bind(
         args.openai, SecretStr(api_key) if api_key else None
     )

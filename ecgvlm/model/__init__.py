@@ -29,10 +29,11 @@ from ecgvlm.model.processor import (
     PromptError,
     PulseProcessor,
 )
-from ecgvlm.model.pulse import CheckpointError, PulseModel, load_pulse
+from ecgvlm.model.pulse import ATTN_IMPLEMENTATIONS, CheckpointError, PulseModel, load_pulse
 from ecgvlm.model.tiny import make_tiny_pulse
 
 __all__ = [
+    "ATTN_IMPLEMENTATIONS",
     "IGNORE_INDEX",
     "IMAGE_TOKEN",
     "IMAGE_TOKEN_INDEX",

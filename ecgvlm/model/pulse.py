@@ -17,6 +17,7 @@ type orders them (see :mod:`ecgvlm.model.config`); the result replaces the promp
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 import time
@@ -104,17 +105,47 @@ class PulseVisionTower(nn.Module):
         cfg = self.vision_tower.config
         return cfg.image_size // cfg.patch_size
 
+    def _clip_parts(self) -> tuple[nn.Module, nn.Module, nn.ModuleList]:
+        # transformers 5's CLIPVisionModel holds these directly; 4.x under ``vision_model``.
+        clip = getattr(self.vision_tower, "vision_model", self.vision_tower)
+        return clip.embeddings, clip.pre_layrnorm, clip.encoder.layers
+
+    @property
+    def layers_run(self) -> int:
+        """Encoder layers that produce hidden state ``select_layer`` (index 0: embeddings)."""
+        n_layers = len(self._clip_parts()[2])
+        return self.select_layer if self.select_layer >= 0 else n_layers + 1 + self.select_layer
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """CLIP's hidden state ``select_layer`` (LLaVA's ``hidden_states[select_layer]``).
+
+        Computed directly (embeddings, pre-layernorm, the first layers) rather than with
+        ``output_hidden_states=True``: transformers 5 records hidden states with hooks that a
+        forward of the whole model with ``output_hidden_states`` installs a second time, after
+        which every layer is recorded twice and ``[-2]`` silently becomes the last layer. This
+        also skips the layers after the selected one and keeps no other hidden states.
+        """
+        embeddings, pre_layernorm, layers = self._clip_parts()
         # The tower is frozen in PULSE and LLaVA runs it without gradients.
         with torch.no_grad():
             param = next(self.vision_tower.parameters())
-            out = self.vision_tower(
-                pixel_values.to(device=param.device, dtype=param.dtype), output_hidden_states=True
+            hidden = pre_layernorm(
+                embeddings(pixel_values.to(device=param.device, dtype=param.dtype))
             )
-            features = out.hidden_states[self.select_layer]
+            for layer in layers[: self.layers_run]:
+                hidden = _run_clip_layer(layer, hidden)
             if self.select_feature == "patch":
-                features = features[:, 1:]
-        return features.to(pixel_values.dtype)
+                hidden = hidden[:, 1:]
+        return hidden.to(pixel_values.dtype)
+
+
+def _run_clip_layer(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """One CLIP encoder layer without a mask, under transformers 4.x's or 5.x's signature."""
+    if "causal_attention_mask" in inspect.signature(layer.forward).parameters:  # 4.x
+        out = layer(hidden, None, None)
+    else:
+        out = layer(hidden, None)
+    return out[0] if isinstance(out, tuple) else out
 
 
 def build_projector(config: PulseConfig) -> nn.Module:
@@ -309,12 +340,16 @@ class PulseModel(LlamaForCausalLM):
         labels: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Any,
     ) -> Any:
         """Causal LM forward; with ``pixel_values`` the image features are merged in first.
 
         ``labels`` align with ``input_ids`` (-100 where no loss is wanted); the returned
         ``logits`` align with the merged sequence (padded on ``self.padding_side``).
+        ``logits_to_keep`` (Llama's: 0 keeps all, N the last N positions) is named here so
+        that ``generate`` passes 1 at prefill: a batch of 8 prompts of 3,000 tokens would
+        otherwise compute 8 x 3,000 x 32,000 logits (~1.5 GiB in bf16) to use 8 x 32,000.
         """
         if pixel_values is not None and inputs_embeds is None:
             if image_sizes is None:
@@ -329,6 +364,7 @@ class PulseModel(LlamaForCausalLM):
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
             labels=labels,
+            logits_to_keep=logits_to_keep,
             **kwargs,
         )
 
@@ -477,11 +513,33 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
+#: Attention kernels ``load_pulse`` accepts (transformers' names): SDPA is the default
+#: everywhere; flash-attention 2 where the ``flash-attn`` package is installed (CUDA, bf16/fp16).
+ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
+
+
+def check_attn_implementation(name: str) -> None:
+    """Refuse an unknown attention kernel, or flash-attention 2 where it is not installed."""
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(
+            f"attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {name!r}"
+        )
+    if name == "flash_attention_2":
+        from transformers.utils import is_flash_attn_2_available
+
+        if not is_flash_attn_2_available():
+            raise ValueError(
+                "attn_implementation flash_attention_2 needs the flash-attn package and a CUDA "
+                "device, and this environment has not both; use sdpa"
+            )
+
+
 def build_pulse(
     config_dict: dict[str, Any],
     vision_config: CLIPVisionConfig,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    attn_implementation: str = "sdpa",
 ) -> PulseModel:
     """An uninitialised-by-checkpoint PulseModel of the shape ``config_dict`` describes."""
     pulse_config = PulseConfig.from_dict(config_dict)
@@ -507,6 +565,9 @@ def build_pulse(
     llama_config = LlamaConfig(**text)
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating point torch dtype, got {dtype}")
+    check_attn_implementation(attn_implementation)
+    llama_config._attn_implementation = attn_implementation
+    vision_config._attn_implementation = attn_implementation
     with torch.device(device), _default_dtype(dtype):
         model = PulseModel(llama_config, pulse_config, vision_config)
     return model
@@ -593,6 +654,7 @@ def load_pulse(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     vision_tower_path: str | Path | None = None,
+    attn_implementation: str = "sdpa",
 ) -> tuple[PulseModel, PulseProcessor]:
     """Load a PULSE checkpoint in the original LLaVA layout from a local directory.
 
@@ -606,6 +668,8 @@ def load_pulse(
             safetensors weights), used instead of the one ``mm_vision_tower`` names. Its weights
             are used when ``unfreeze_mm_vision_tower`` is false or absent (LLaVA then ignores
             the checkpoint's tower weights) or when the checkpoint holds no tower weights.
+        attn_implementation: ``sdpa`` (default), ``flash_attention_2`` (needs flash-attn) or
+            ``eager``, for the language model and the CLIP tower alike.
 
     Returns:
         The model in eval mode and its processor.
@@ -614,6 +678,7 @@ def load_pulse(
         CheckpointError: missing files or shards, missing/unexpected weight keys (listed), shape
             mismatches.
         PulseConfigError: config values PULSE's code would not run this way.
+        ValueError: an attention implementation that is unknown or not installed.
     """
     path = Path(path)
     if not path.is_dir():
@@ -642,7 +707,8 @@ def load_pulse(
         raise CheckpointError(
             f"tokenizer.model has {len(tokenizer)} pieces but vocab_size is {vocab}"
         )
-    model = build_pulse(config_dict, vision.config, dtype=dtype, device=device)
+    model = build_pulse(config_dict, vision.config, dtype=dtype, device=device,
+                        attn_implementation=attn_implementation)
     model.load_ignored_keys = load_weights(model, files, vision.weights_dir, tower_from_dir)
     model.eval()
     # PEFT records this as the adapter's base model.

@@ -19,11 +19,13 @@ from ecgvlm.serving.args import (
     MAX_ADAPTERS_PER_REPLICA,
     AutoscalingArgs,
     BatchingArgs,
+    PulseReplicaArgs,
     ReplicaArgs,
     ServeArgs,
     absolute_paths,
     check_paths,
     parse_adapter_specs,
+    pulse_gpus,
 )
 from ecgvlm.serving.chat import (
     ChatCompletionRequest,
@@ -98,6 +100,7 @@ from ecgvlm.serving.proxy import (
     backoff_delay_s,
 )
 from ecgvlm.serving.pulse import (
+    RUNTIME_KEYS,
     GenerateRequest,
     GenerateResult,
     PulseRunner,
@@ -128,6 +131,7 @@ __all__ = [
     "MIN_FS_HZ",
     "MIN_OPTIONS",
     "PULSE_MODEL",
+    "RUNTIME_KEYS",
     "WFDB_UPLOAD_SUFFIXES",
     "ApiError",
     "AutoscalingArgs",
@@ -146,6 +150,7 @@ __all__ = [
     "ModelRoute",
     "OpenAIProxy",
     "OpenAISettings",
+    "PulseReplicaArgs",
     "PulseRunner",
     "ReplicaArgs",
     "ServeArgs",
@@ -171,6 +176,7 @@ __all__ = [
     "parse_chat_request",
     "parse_json_body",
     "parse_model",
+    "pulse_gpus",
     "read_adapter",
     "record_from_json",
     "record_from_wfdb_upload",

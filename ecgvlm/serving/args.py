@@ -22,6 +22,10 @@ class BatchingArgs(BaseModel):
 
     max_batch_size: int = Field(8, ge=1, le=256)
     batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=10.0)
+    #: Token budget of one generate call, rows x (longest prompt + max_tokens); a Serve batch
+    #: over it runs as several calls. None: derived on a GPU from the memory free after
+    #: loading (PULSE-7B in bf16 holds 0.5 MiB of KV cache per token), unbounded on CPU.
+    max_batch_tokens: int | None = Field(None, ge=1)
 
 
 class AutoscalingArgs(BaseModel):
@@ -58,10 +62,11 @@ class ReplicaArgs(BaseModel):
     num_gpus: float = Field(0.0, ge=0)
     max_ongoing_requests: int = Field(64, ge=1)
 
-    def deployment_options(self) -> dict[str, Any]:
-        """Keyword arguments for ``Deployment.options``."""
+    def deployment_options(self, num_gpus: float | None = None) -> dict[str, Any]:
+        """Keyword arguments for ``Deployment.options`` (``num_gpus`` overrides the field)."""
+        num_gpus = self.num_gpus if num_gpus is None else num_gpus
         opts: dict[str, Any] = {
-            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": num_gpus},
             "max_ongoing_requests": self.max_ongoing_requests,
         }
         if self.autoscaling is not None:
@@ -71,14 +76,40 @@ class ReplicaArgs(BaseModel):
         return opts
 
 
+class PulseReplicaArgs(ReplicaArgs):
+    """The PULSE replica's: by default one whole core and, when the cluster has a GPU, one GPU.
+
+    ``num_gpus: auto`` is there because a replica Ray reserved no GPU for still sees the
+    node's GPUs: PULSE would load onto a card Ray gives to other work.
+    """
+
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float | Literal["auto"] = "auto"  # type: ignore[assignment]
+
+    @model_validator(mode="after")
+    def _gpus_not_negative(self) -> PulseReplicaArgs:
+        if self.num_gpus != "auto" and self.num_gpus < 0:
+            raise ValueError(f"num_gpus must be >= 0 or auto, got {self.num_gpus}")
+        return self
+
+    def gpus(self, cluster_gpus: float) -> float:
+        """GPUs to reserve: ``auto`` is one when ``cluster_gpus`` has one, else none."""
+        if self.num_gpus == "auto":
+            return 1.0 if cluster_gpus >= 1 else 0.0
+        return float(self.num_gpus)
+
+
 class ServeArgs(BaseModel):
     """Everything the endpoint is built from (``serve/config.yaml``'s ``args``).
 
     Attributes:
         model_dir: PULSE checkpoint directory; None serves only ``gpt-4o``.
         adapters: Adapter name -> PEFT directory; the first is ``pulse-lora``.
-        dtype: Weight dtype on the replica (``float32``, ``bfloat16``, ``float16``).
-        device: ``auto`` (CUDA when the replica has a GPU), ``cpu`` or ``cuda``.
+        dtype: Weight dtype on the replica: ``auto`` (bfloat16 on CUDA, float32 on CPU),
+            ``float32``, ``bfloat16`` or ``float16``.
+        device: ``auto`` (CUDA when Ray reserved a GPU for the replica), ``cpu`` or ``cuda``.
+        attn_implementation: ``sdpa``, or ``flash_attention_2`` where flash-attn is
+            installed, or ``eager``; /v1/models reports the one that runs.
         openai: The ``gpt-4o`` upstream.
         limits: Request limits.
         auth_token_env: Environment variable holding the bearer token clients must send;
@@ -91,13 +122,14 @@ class ServeArgs(BaseModel):
 
     model_dir: str | None = None
     adapters: dict[str, str] = Field(default_factory=dict)
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
     openai: OpenAISettings = Field(default_factory=OpenAISettings)
     limits: ServeLimits = Field(default_factory=ServeLimits)
     auth_token_env: str = "ECGVLM_API_TOKEN"
     batching: BatchingArgs = Field(default_factory=BatchingArgs)
-    pulse: ReplicaArgs = Field(default_factory=lambda: ReplicaArgs(num_cpus=1.0))
+    pulse: PulseReplicaArgs = Field(default_factory=PulseReplicaArgs)
     gateway: ReplicaArgs = Field(default_factory=lambda: ReplicaArgs(num_cpus=0.25,
                                                                      max_ongoing_requests=256))
     proxy: ReplicaArgs = Field(default_factory=lambda: ReplicaArgs(num_cpus=0.1))
@@ -111,10 +143,33 @@ class ServeArgs(BaseModel):
                 )
         if self.adapters and self.model_dir is None:
             raise ValueError("adapters need model_dir (the base model they were trained on)")
+        if self.device == "cuda" and self.pulse.num_gpus == 0:
+            raise ValueError(
+                "device cuda needs pulse.num_gpus >= 1 (or auto): Ray must reserve the GPU "
+                "the replica uses"
+            )
         return self
 
     def served_adapters(self) -> list[str]:
         return list(self.adapters)
+
+
+def pulse_gpus(args: ServeArgs) -> float:
+    """GPUs each PULSE replica reserves. ``auto``: none for ``device: cpu`` (a CPU replica
+    holding a GPU would keep it from every other job); else one when the connected Ray
+    cluster has a GPU, or this machine when Ray is not started yet
+    (``serve.run(build_app(...))`` before ``ray.init``)."""
+    if args.pulse.num_gpus != "auto":
+        return float(args.pulse.num_gpus)
+    if args.device == "cpu":
+        return 0.0
+    import ray
+
+    if ray.is_initialized():
+        return args.pulse.gpus(float(ray.cluster_resources().get("GPU", 0.0)))
+    import torch
+
+    return args.pulse.gpus(float(torch.cuda.device_count()))
 
 
 def absolute_paths(args: ServeArgs, base: str | None = None) -> ServeArgs:

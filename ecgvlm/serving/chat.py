@@ -74,6 +74,8 @@ class ModelCard(BaseModel):
     available: bool = True
     reason: str | None = None  # why it is unavailable
     adapter: str | None = None  # the LoRA adapter a pulse-lora model answers with
+    # How PULSE runs on its replica (RUNTIME_KEYS of PulseRunner.stats), for pulse models.
+    runtime: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

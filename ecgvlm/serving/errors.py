@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,6 +22,7 @@ class ApiError(Exception):
             ``rate_limit_error``, ``server_error``, ``service_unavailable``...).
         param: The request field at fault (``messages[0].content[1].image_url.url``), if any.
         code: A short machine-readable code.
+        retry_after_s: Sent as ``Retry-After`` (whole seconds) when the client should retry.
     """
 
     def __init__(
@@ -30,6 +32,7 @@ class ApiError(Exception):
         type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        retry_after_s: float | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -37,13 +40,20 @@ class ApiError(Exception):
         self.type = type
         self.param = param
         self.code = code
+        self.retry_after_s = retry_after_s
 
     def to_json(self) -> dict[str, Any]:
         return error_body(self.message, self.type, self.param, self.code)
 
+    def headers(self) -> dict[str, str]:
+        if self.retry_after_s is None:
+            return {}
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
+
     def __reduce__(self) -> tuple[Any, ...]:
         # Crosses Ray's process boundary intact (default pickling loses keyword args).
-        return (ApiError, (self.status, self.message, self.type, self.param, self.code))
+        return (ApiError, (self.status, self.message, self.type, self.param, self.code,
+                           self.retry_after_s))
 
 
 def error_body(

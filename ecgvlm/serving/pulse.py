@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import io
+import logging
 import threading
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ecgvlm.serving.errors import ApiError
 from ecgvlm.serving.limits import DEFAULT_MAX_TOKENS
+
+logger = logging.getLogger("ray.serve")
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,56 @@ def read_adapter(path: str) -> tuple[Any, dict[str, Any]]:
     return config, weights
 
 
+#: What /v1/models shows of :meth:`PulseRunner.stats` for each pulse model.
+RUNTIME_KEYS = ("device", "dtype", "attn_implementation", "max_batch_tokens")
+
+#: Retry-After sent with a 503 for a request that ran out of device memory even alone: by
+#: then the requests it was batched with have finished and their cache is freed.
+OOM_RETRY_AFTER_S = 2.0
+
+
+def resolve_device(device: str, cuda_available: bool, reserved_gpu_ids: list[Any] | None) -> str:
+    """Where the replica's model goes.
+
+    ``auto`` picks CUDA only when a GPU is there *and*, under Ray, reserved for this process:
+    a Ray actor started with ``num_gpus=0`` still sees every GPU of its node, and weights put
+    there share a card Ray hands to someone else.
+
+    Args:
+        device: ``auto``, ``cpu`` or ``cuda`` (``cuda:N`` too).
+        cuda_available: ``torch.cuda.is_available()``.
+        reserved_gpu_ids: ``ray.get_gpu_ids()`` inside a Ray worker; None outside Ray.
+    """
+    if device.startswith("cuda") and not cuda_available:
+        raise ValueError(f"device {device}: torch sees no CUDA device in this process")
+    if device != "auto":
+        return device
+    if not cuda_available:
+        return "cpu"
+    if reserved_gpu_ids is not None and not reserved_gpu_ids:
+        logger.warning(
+            "a GPU is visible but Ray reserved none for this replica (pulse.num_gpus is 0): "
+            "running on CPU; set pulse.num_gpus: 1 (or auto) to use it"
+        )
+        return "cpu"
+    return "cuda"
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """``auto``: bfloat16 on CUDA (PULSE-7B's 13.2 GiB instead of 26), float32 on CPU."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if device.startswith("cuda") else "float32"
+
+
+def _reserved_gpu_ids() -> list[Any] | None:
+    try:
+        import ray
+    except ImportError:
+        return None
+    return ray.get_gpu_ids() if ray.is_initialized() else None
+
+
 class PulseRunner:
     """PULSE base weights loaded once, with LoRA adapters loaded onto the same weights.
 
@@ -89,39 +143,57 @@ class PulseRunner:
     model answers inside ``disable_adapter()``. Switching never reloads the base weights.
 
     All model access holds one lock: Serve runs generation in a worker thread while the
-    multiplexing cache may load or evict adapters.
+    multiplexing cache may load or evict adapters. :meth:`stats` does not take it, so that
+    readiness answers while a long batch runs.
 
     Args:
         model_dir: A PULSE checkpoint directory (``ecgvlm.model.load_pulse`` format).
         adapters: Adapter name -> PEFT directory; the names clients may ask for.
-        dtype: Torch dtype name for the weights.
-        device: ``"cpu"``, ``"cuda"``, or ``"auto"`` (CUDA when available).
+        dtype: Torch dtype name for the weights, or ``auto`` (see :func:`resolve_dtype`).
+        device: ``"cpu"``, ``"cuda"``, or ``"auto"`` (see :func:`resolve_device`).
+        attn_implementation: ``sdpa``, ``flash_attention_2`` or ``eager``.
+        max_batch_tokens: Token budget of one ``generate`` call (rows x (longest prompt +
+            new tokens)); None derives it on CUDA from the memory free after loading, and
+            sets none on CPU.
     """
 
     def __init__(
-        self, model_dir: str, adapters: dict[str, str] | None = None, dtype: str = "float32",
-        device: str = "auto",
+        self, model_dir: str, adapters: dict[str, str] | None = None, dtype: str = "auto",
+        device: str = "auto", attn_implementation: str = "sdpa",
+        max_batch_tokens: int | None = None,
     ) -> None:
         import torch
 
+        from ecgvlm.infer import max_batch_tokens_for, memory_costs
         from ecgvlm.model import load_pulse
 
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = device
+        self.device = resolve_device(device, torch.cuda.is_available(), _reserved_gpu_ids())
+        self.dtype = resolve_dtype(dtype, self.device)
         self.adapter_paths = dict(adapters or {})
         self._lock = threading.RLock()
         self.model, self.processor = load_pulse(
-            model_dir, dtype=getattr(torch, dtype), device=device
+            model_dir, dtype=getattr(torch, self.dtype), device=self.device,
+            attn_implementation=attn_implementation,
+        )
+        self.attn_implementation = self.model.config._attn_implementation
+        self.memory = memory_costs(self.model)
+        if max_batch_tokens is None and self.device.startswith("cuda"):
+            free_bytes, _ = torch.cuda.mem_get_info(torch.device(self.device))
+            max_batch_tokens = max_batch_tokens_for(free_bytes, self.memory)
+        self.max_batch_tokens = max_batch_tokens
+        logger.info(
+            "PULSE on %s in %s (%s attention); batch token budget %s", self.device, self.dtype,
+            self.attn_implementation, max_batch_tokens or "none",
         )
         self.base_loads = 1
         self.adapter_loads: Counter = Counter()
+        self.out_of_memory_events = 0
         self._loaded: list[str] = []
 
     @property
     def loaded_adapters(self) -> list[str]:
-        with self._lock:
-            return list(self._loaded)
+        # A copy of a list another thread appends to: atomic under the GIL, no lock needed.
+        return list(self._loaded)
 
     def load_adapter(self, name: str) -> None:
         """Load adapter ``name`` onto the base weights (no-op when already loaded)."""
@@ -157,18 +229,45 @@ class PulseRunner:
             self.model.delete_adapter(name)
             self._loaded.remove(name)
 
-    def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
-        """Answer a batch, one ``generate`` call per (adapter, settings) group."""
+    def _context_errors(
+        self, requests: Sequence[GenerateRequest], images: Sequence[Any]
+    ) -> dict[int, ApiError]:
+        """A 400 for each request whose prompt (or answer) does not fit the model's context."""
+        from ecgvlm.infer import PromptTooLongError, check_context, prompt_tokens
+
+        errors = {}
+        lengths = prompt_tokens(self.model, self.processor, [r.prompt for r in requests], images)
+        for i, (req, n) in enumerate(zip(requests, lengths)):
+            try:
+                check_context(self.model, [n], req.max_new_tokens)
+            except PromptTooLongError as e:
+                param = "max_tokens" if e.new_tokens_at_fault else "messages"
+                errors[i] = ApiError(400, f"{param}: the prompt {e.detail}", param=param,
+                                     code="context_length_exceeded")
+        return errors
+
+    def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult | ApiError]:
+        """Answer a batch, one ``generate`` call per (adapter, settings) group and token budget.
+
+        Returns, per request, its result or the error that is its answer: a 400 for a prompt
+        over the model's context, a 503 with ``retry_after_s`` for one that ran out of device
+        memory even alone. The other requests of the batch are answered either way.
+        """
         import contextlib
 
         from PIL import Image
 
-        from ecgvlm.infer import generate
+        from ecgvlm.infer import OutOfMemory, generate_batched
 
-        results: list[GenerateResult | None] = [None] * len(requests)
+        results: list[GenerateResult | ApiError | None] = [None] * len(requests)
         for (adapter, max_new_tokens, temperature, seed), idxs in group_requests(requests).items():
-            prompts = [requests[i].prompt for i in idxs]
             images = [Image.open(io.BytesIO(requests[i].image)).convert("RGB") for i in idxs]
+            errors = self._context_errors([requests[i] for i in idxs], images)
+            for k, error in errors.items():
+                results[idxs[k]] = error
+            keep = [k for k in range(len(idxs)) if k not in errors]
+            if not keep:
+                continue
             with self._lock:
                 if adapter is None:
                     ctx = (self.model.disable_adapter() if self._loaded
@@ -178,19 +277,34 @@ class PulseRunner:
                     self.model.set_adapter(adapter)
                     ctx = contextlib.nullcontext()
                 with ctx:
-                    gens = generate(
-                        self.model, self.processor, prompts, images,
-                        max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                    gens = generate_batched(
+                        self.model, self.processor, [requests[idxs[k]].prompt for k in keep],
+                        [images[k] for k in keep], max_new_tokens=max_new_tokens,
+                        max_batch_tokens=self.max_batch_tokens, temperature=temperature,
+                        seed=seed,
                     )
-            for i, g in zip(idxs, gens):
-                results[i] = GenerateResult(g.text, g.prompt_tokens, g.completion_tokens)
+            for k, g in zip(keep, gens):
+                if isinstance(g, OutOfMemory):
+                    self.out_of_memory_events += 1
+                    results[idxs[k]] = ApiError(
+                        503, f"{g.message}; retry, or ask for fewer max_tokens",
+                        "service_unavailable", code="out_of_memory",
+                        retry_after_s=OOM_RETRY_AFTER_S,
+                    )
+                else:
+                    results[idxs[k]] = GenerateResult(g.text, g.prompt_tokens, g.completion_tokens)
         assert all(r is not None for r in results)
         return results  # type: ignore[return-value]
 
     def stats(self) -> dict[str, Any]:
+        """What /readyz and /v1/models report; never waits for a running batch."""
         return {
             "base_loads": self.base_loads,
             "adapters_loaded": self.loaded_adapters,
             "adapter_loads": dict(self.adapter_loads),
             "device": self.device,
+            "dtype": self.dtype,
+            "attn_implementation": self.attn_implementation,
+            "max_batch_tokens": self.max_batch_tokens,
+            "out_of_memory_events": self.out_of_memory_events,
         }

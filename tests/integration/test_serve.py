@@ -190,6 +190,12 @@ def test_models_lists_what_is_served(endpoint):
     assert all(c["available"] for c in cards.values())
     assert cards["pulse-lora"]["adapter"] == "cpsc"
     assert cards["pulse-lora:chapman"]["adapter"] == "chapman"
+    # How PULSE runs: on this CPU-only test machine, float32 by default and SDPA attention.
+    assert cards["pulse"]["runtime"] == {"device": "cpu", "dtype": "float32",
+                                         "attn_implementation": "sdpa",
+                                         "max_batch_tokens": None}
+    assert cards["pulse-lora"]["runtime"] == cards["pulse"]["runtime"]
+    assert cards["gpt-4o"]["runtime"] is None
     assert requests.get(f"{endpoint['url']}/healthz", timeout=30).json() == {"status": "ok"}
     ready = requests.get(f"{endpoint['url']}/readyz", timeout=30)
     assert ready.status_code == 200 and ready.json()["checks"]["pulse"]["base_loads"] == 1
@@ -369,6 +375,10 @@ BAD_REQUESTS = [
     ("max_tokens over limit", "/v1/chat/completions",
      {"json": {"model": "pulse", "max_tokens": 10**6,
                "messages": [{"role": "user", "content": "x"}]}}, 400, "max_tokens"),
+    ("prompt past the context", "/v1/chat/completions",
+     {"json": {"model": "pulse", "messages": [{"role": "user", "content": [
+         {"type": "image_url", "image_url": {"url": sv.image_data_url(_png_bytes((64, 32)))}},
+         {"type": "text", "text": " ".join(["sinus"] * 5000)}]}]}}, 400, "messages"),
     ("body too large", "/v1/chat/completions",
      {"data": b"x" * (5 * 1024 * 1024), "headers": {"content-type": "application/json"}},
      413, None),

@@ -78,6 +78,8 @@ def test_acceptance_smoke_on_cpu_without_heavy_packages():
     for setting in ("batch 1, 2 new tokens", "batch 3, 2 new tokens"):
         assert setting in table and "ECGs/s" in table
     assert "tokens/s" in table and "MFU n/a" in table
+    assert "clip layer" in table and "max |logit change| 0.0e+00" in table
+    assert "serve batching" in table and "3 answers" in table
 
 
 def test_acceptance_exits_1_on_parity_failure(tmp_path):
