@@ -309,6 +309,9 @@ class Gateway:
                 param="content-type", code="unsupported_media_type")
         route = sv.resolve_model(query.model, self.adapters)
         question, options = sv.check_query(query, self.limits)
+        # Drawn and measured side by side, in threads: the ingress's event loop stays free.
+        measuring = (asyncio.create_task(asyncio.to_thread(sv.measure_json, record))
+                     if query.return_measurements else None)
         png = await asyncio.to_thread(sv.render_png, record)
         max_new = query.max_tokens or self.limits.default_max_tokens
         try:
@@ -336,12 +339,14 @@ class Gateway:
                          "total_tokens": result.prompt_tokens + result.completion_tokens}
         except sv.ApiError:
             self.usage.add(route.name, error=True)
+            if measuring is not None:
+                measuring.cancel()
             raise
         self.usage.add(route.name, usage)
         window_s = (record.start_s, record.n_samples / record.fs_hz)
         return JSONResponse(sv.interpret_response(
             route.name, text, question, options, usage, png if query.return_image else None,
-            window_s,
+            window_s, await measuring if measuring is not None else None,
         ))
 
     async def _parse_upload(self, request: Request, body: bytes) -> tuple[sv.InterpretQuery, Any]:

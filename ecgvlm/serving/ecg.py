@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import re
 from collections.abc import Sequence
@@ -13,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ecgvlm.mcq import DEFAULT_QUESTION as MCQ_DEFAULT_QUESTION
 from ecgvlm.serving.errors import bad_request, validation_error
+
+logger = logging.getLogger("ray.serve")
 from ecgvlm.serving.limits import (
     DEFAULT_WINDOW_S,
     MAX_FS_HZ,
@@ -46,6 +49,7 @@ class InterpretQuery(BaseModel):
         None, min_length=MIN_OPTIONS, max_length=MAX_OPTIONS
     )
     return_image: bool = False
+    return_measurements: bool = True
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     seed: int | None = None
@@ -274,6 +278,35 @@ def record_from_wfdb_upload(
     return record
 
 
+def measure_json(record: Any) -> dict[str, Any]:
+    """The drawn window's measurements (``ecgvlm.measure``) as JSON: rate, rhythm, intervals,
+    axis, ST and T per lead; None values carry their reason in ``reasons``.
+
+    ``measure_record`` never raises on bad signals; a bug that makes it raise still leaves the
+    answer standing, with the measurements replaced by the error's name.
+    """
+    import math
+
+    from ecgvlm.measure import measure_record
+
+    try:
+        data = measure_record(record).to_dict()
+    except Exception as e:  # noqa: BLE001 - the model's answer does not depend on it
+        logger.exception("measuring %s failed", getattr(record, "record_id", "?"))
+        return {"error": f"measurement failed ({type(e).__name__})"}
+
+    def finite(value: Any) -> Any:  # JSON has no NaN
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [finite(v) for v in value]
+        return value
+
+    return finite(data)
+
+
 def render_png(record: Any) -> bytes:
     """The printout PULSE and GPT-4o are shown: 3x4+II for 12 standard leads, else strips.
 
@@ -311,10 +344,12 @@ def split_explanation(text: str, letter: str | None) -> str:
 def interpret_response(
     model: str, text: str, question: str, options: Sequence[str], usage: dict[str, Any],
     png: bytes | None = None, window_s: tuple[float, float] | None = None,
+    measurements: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The /v1/ecg/interpret answer: letter, finding, explanation (and the image if asked).
 
-    ``window_s`` is the (start, duration) in seconds of the part of the signal drawn.
+    ``window_s`` is the (start, duration) in seconds of the part of the signal drawn;
+    ``measurements`` are that window's (:func:`measure_json`), when asked for.
     """
     from ecgvlm.prompt import letter_index, parse_answer
 
@@ -333,6 +368,8 @@ def interpret_response(
     }
     if window_s is not None:
         out["start_s"], out["duration_s"] = window_s
+    if measurements is not None:
+        out["measurements"] = measurements
     if png is not None:
         out["image_png_base64"] = base64.b64encode(png).decode("ascii")
     return out

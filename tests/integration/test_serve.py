@@ -280,6 +280,15 @@ def test_interpret_json_signal_with_pulse_returns_answer_and_image(endpoint, rec
 
     img = Image.open(io.BytesIO(base64.b64decode(out["image_png_base64"])))
     assert img.format == "PNG" and img.size[0] > img.size[1] > 300
+    # The signal's own measurements come with the answer, as ecgvlm.measure gives them.
+    from ecgvlm.measure import measure_record
+
+    expected = measure_record(record)
+    got = out["measurements"]
+    assert got["record_id"] == "upload" and expected.heart_rate_bpm is not None
+    assert got["heart_rate_bpm"] == pytest.approx(expected.heart_rate_bpm)
+    assert got["qrs_ms"] == pytest.approx(expected.qrs_ms)
+    assert [lead["lead"] for lead in got["leads"]] == list(record.leads)
 
 
 def test_interpret_wfdb_upload_answered_by_gpt4o(endpoint, samples_dir):
@@ -289,13 +298,13 @@ def test_interpret_wfdb_upload_answered_by_gpt4o(endpoint, samples_dir):
     files = [("files", (f"{path.name}{ext}", Path(f"{path}{ext}").read_bytes()))
              for ext in (".hea", ".mat")]
     data = {"model": "gpt-4o", "question": "What does this ECG show?",
-            "options": json.dumps(OPTIONS)}
+            "options": json.dumps(OPTIONS), "return_measurements": "false"}
     r = requests.post(f"{endpoint['url']}/v1/ecg/interpret", files=files, data=data, timeout=60)
     assert r.status_code == 200, r.text
     out = r.json()
     assert out["answer_letter"] == "B" and out["finding"] == "Atrial fibrillation"
     assert out["explanation"] == "Irregular RR intervals, no P waves."
-    assert "image_png_base64" not in out
+    assert "image_png_base64" not in out and "measurements" not in out
     sent = fake.chat_requests[before:]
     parts = sent[-1].json["messages"][-1]["content"]
     url = next(p["image_url"]["url"] for p in parts if p["type"] == "image_url")
@@ -312,6 +321,8 @@ def test_interpret_wfdb_upload_with_pulse(endpoint, samples_dir):
     r = requests.post(f"{endpoint['url']}/v1/ecg/interpret", files=files, data=data, timeout=60)
     assert r.status_code == 200, r.text
     assert r.json()["model"] == "pulse" and r.json()["image_png_base64"]
+    measured = r.json()["measurements"]
+    assert measured["record_id"] == "A0002" and measured["n_beats"] >= 8
 
 
 

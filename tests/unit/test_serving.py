@@ -457,3 +457,26 @@ def test_adapters_that_train_biases_are_refused(tiny_pulse_dir, tmp_path):
         sv.read_adapter(path)
     with pytest.raises(ValueError, match="not a readable PEFT adapter"):
         sv.read_adapter(str(tmp_path))
+
+
+def test_measure_json_is_strict_json_and_survives_a_failing_measurer(samples_dir, monkeypatch):
+    from ecgvlm.measure import measure_record
+    from ecgvlm.signal import read_record
+
+    record = read_record(samples_dir / "cpsc2018" / "A0002")
+    out = sv.measure_json(record)
+    json.dumps(out, allow_nan=False)  # what the endpoint's JSONResponse requires
+    assert out["heart_rate_bpm"] == pytest.approx(measure_record(record).heart_rate_bpm)
+    assert len(out["leads"]) == 12
+
+    import ecgvlm.measure
+
+    def broken(record):
+        raise RuntimeError("a bug in the measurer")
+
+    monkeypatch.setattr(ecgvlm.measure, "measure_record", broken)
+    assert sv.measure_json(record) == {"error": "measurement failed (RuntimeError)"}
+    monkeypatch.setattr(ecgvlm.measure, "measure_record", lambda r: ecgvlm.measure.Measurements(
+        "x", heart_rate_bpm=float("nan"), rr_mean_ms=float("inf")))
+    out = sv.measure_json(record)
+    assert out["heart_rate_bpm"] is None and out["rr_mean_ms"] is None
