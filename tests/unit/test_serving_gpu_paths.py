@@ -304,10 +304,20 @@ def test_serve_args_reserve_a_gpu_for_pulse_when_the_cluster_has_one(monkeypatch
     # A YAML pulse block that does not name num_gpus keeps auto.
     assert sv.ServeArgs(model_dir="m", pulse={"num_cpus": 0.5}).pulse.num_gpus == "auto"
     assert sv.ServeArgs(model_dir="m", pulse={"num_gpus": 2}).pulse.gpus(8.0) == 2.0
-    # Without Ray started, auto counts this machine's GPUs (simulated: 2, then none).
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    # Connected to Ray, auto counts the cluster's GPUs (simulated: a head without GPUs and
+    # a worker with four, then a cluster without any).
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 32.0, "GPU": 4.0})
     assert sv.pulse_gpus(args) == 1.0
     assert sv.pulse_gpus(sv.ServeArgs(model_dir="m", device="cpu")) == 0.0
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 32.0})
+    assert sv.pulse_gpus(args) == 0.0
+    # Without Ray started, it counts this machine's (simulated: 2, then none).
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert sv.pulse_gpus(args) == 1.0
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     assert sv.pulse_gpus(args) == 0.0
     with pytest.raises(ValueError, match="device cuda needs pulse.num_gpus"):
