@@ -2,7 +2,7 @@
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/blind_baseline.py --config configs/prepare_demo.yaml
     PYTHONPATH=$PWD .venv/bin/python benchmarks/blind_baseline.py --config configs/prepare_demo.yaml \
-        mcq.distractors=knowledge_base mcq.hard_fraction=0.5      (the study's style)
+        mcq.distractors=knowledge_base mcq.hard_fraction=0.5 'balanced_splits=[]'  (the study's style)
     PYTHONPATH=$PWD .venv/bin/python benchmarks/blind_baseline.py --config configs/prepare_demo.yaml \
         'sources=[{root: ../shared/data/ecg}]'                    (the shared real records)
 
@@ -39,10 +39,12 @@ def main(argv: list[str] | None = None) -> int:
         Unit,
         _unit_from_json,
         assign_splits,
+        balance_answers,
+        distractor_weights,
         list_sources,
         scan_path,
     )
-    from ecgvlm.mcq import McqError, finding_prevalence, make_mcq
+    from ecgvlm.mcq import McqError, make_mcq
     from ecgvlm.metrics import option_prior_baseline
     from ecgvlm.records import EcgRecord
 
@@ -51,11 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     for item in list_sources(config):
         rows = scan_path({"path": item["path"], "dataset": item["dataset"]}, config.window_s)
         units += [_unit_from_json(r["unit"]) for r in rows if r["unit"]]
-    split_units = assign_splits(sorted(units, key=Unit.sort_key), config)
-    prevalence = {
-        ds: finding_prevalence(u.labels for u in units if u.dataset == ds)
-        for ds in sorted({u.dataset for u in units})
-    }
+    split_units, _ = balance_answers(assign_splits(sorted(units, key=Unit.sort_key), config),
+                                     config)
+    weights = distractor_weights(split_units, config)
     questions: dict[str, list[dict]] = defaultdict(list)
     for split, members in split_units.items():
         for u in members:
@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
                             start_s=u.start_s)
             for k in range(config.questions_per_record):
                 try:
-                    s = make_mcq(rec, config.seed + k, config.mcq, prevalence.get(u.dataset))
+                    s = make_mcq(rec, config.seed + k, config.mcq,
+                                 weights[split].get(u.dataset))
                 except McqError:
                     continue
                 questions[split].append({"sample_id": s.sample_id, "dataset": s.dataset,
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     train = questions.get("train", [])
     held_out = [q for split in config.splits if split != "train" for q in questions[split]]
     pred = option_prior_baseline(held_out, train, seed=config.seed)
-    print(f"mcq: {json.dumps({'distractors': config.mcq.distractors, 'hard_fraction': config.mcq.hard_fraction, 'n_options': config.mcq.n_options})}")
+    print(f"mcq: {json.dumps({'distractors': config.mcq.distractors, 'hard_fraction': config.mcq.hard_fraction, 'n_options': config.mcq.n_options})}; balanced_splits: {config.balanced_splits}")
     print(f"train questions: {len(train)}; held-out (val+test) questions: {len(held_out)}")
     print("| data set | held-out n | chance | top answer's share | blind baseline accuracy |")
     print("|---|---|---|---|---|")

@@ -47,7 +47,16 @@ import numpy as np
 
 import ecgvlm
 from ecgvlm.config import ConfigError, absolute_path, check_range, config_to_dict, save_config
-from ecgvlm.mcq import McqConfig, McqError, finding_prevalence, known_findings, make_mcq
+from ecgvlm.knowledge import knowledge_base
+from ecgvlm.mcq import (
+    McqConfig,
+    McqError,
+    allowed_distractors,
+    asked_finding,
+    calibrate_distractor_weights,
+    known_findings,
+    make_mcq,
+)
 from ecgvlm.measure import MEASURE_VERSION, MeasureConfig, measure_record
 from ecgvlm.prompt import PROMPT_VERSION, conversation_json, llava_record
 from ecgvlm.records import EcgRecord, McqSample
@@ -114,6 +123,14 @@ class PrepareConfig:
             measurer's cost (about 0.5 s against 0.07 s per 12-lead 10 s record on one core,
             docs/measure.md), so rate, rhythm, QRS duration, axis and ST are measured and
             PR/QT are not; ``measure.delineate_waves=true`` measures everything.
+        balanced_splits: Splits whose questions are answer-balanced: per data set, no
+            finding is the correct answer of more than ``1 / mcq.n_options`` of the split's
+            units (or ``1 / K`` when it asks only K < n_options findings), by a seeded drop of
+            the excess units of the frequent findings, spread across recordings. With
+            prior-balanced distractors this puts a blind guesser that knows the training
+            prior near chance (benchmarks/blind_baseline.py). None (default): every split but
+            the first; ``[]``: none (the study's style, every unit kept). The finding counted
+            is the one question 0 of a unit asks.
         llava: Also write LLaVA training JSON per split plus an image folder.
         shard_size: Records (or windows) per Parquet shard; part of the data set's identity.
         num_cpus_per_task: Ray CPUs reserved by each scan and shard task.
@@ -131,6 +148,7 @@ class PrepareConfig:
     render: RenderConfig = field(default_factory=lambda: RenderConfig(layout="auto"))
     mcq: McqConfig = field(default_factory=McqConfig)
     measure: MeasureConfig = field(default_factory=lambda: MeasureConfig(delineate_waves=False))
+    balanced_splits: tuple[str, ...] | None = None
     llava: bool = False
     shard_size: int = 64
     num_cpus_per_task: float = 1.0
@@ -155,6 +173,11 @@ class PrepareConfig:
             check_range(f"fractions[{name}]", frac, 0.0, 1.0)
         if abs(sum(self.fractions) - 1.0) > 1e-6:
             raise ConfigError(f"fractions must sum to 1, got {sum(self.fractions)}")
+        unknown = sorted(set(self.balanced_splits or ()) - set(self.splits))
+        if unknown:
+            raise ConfigError(
+                f"balanced_splits names {unknown}, which are not among splits {list(self.splits)}"
+            )
         check_range("window_s", self.window_s, 1.0, 600.0)
         check_range("questions_per_record", self.questions_per_record, 1, 100)
         check_range("shard_size", self.shard_size, 1, 100_000)
@@ -206,6 +229,11 @@ class PrepareResult:
             "shards_written": self.shards_written,
             "shards_skipped": self.shards_skipped,
             "rejects": self.n_rejects,
+            # Units left out of held-out splits to keep their questions fair (balanced_splits).
+            "answer_balance_dropped": {
+                split: {ds: sum(r["dropped"].values()) for ds, r in by_ds.items() if r["dropped"]}
+                for split, by_ds in self.manifest.get("answer_balance", {}).items()
+            },
         }
 
 
@@ -357,6 +385,116 @@ def assign_splits(units: list[Unit], config: PrepareConfig) -> dict[str, list[Un
     }
 
 
+def _answer_cap(counts: Sequence[int], share: float) -> int:
+    """The largest per-finding count ``c`` with ``c <= share' * sum(min(n, c))``, where
+    ``share' = max(share, 1 / len(counts))`` (K findings cannot each be under 1/K)."""
+    target = max(share, 1.0 / len(counts))
+    for cap in range(max(counts), 0, -1):
+        if cap <= target * sum(min(n, cap) for n in counts) + 1e-9:
+            return cap
+    return 1
+
+
+def _fair_counts(groups: dict[str, list[Unit]], config: PrepareConfig) -> dict[str, int]:
+    """How many units of each asked finding to keep (from the front of each ranked list).
+
+    Fair means each finding can be offered as a distractor ``n_options - 1`` times as often
+    as it is the answer, counting only the kept questions for which the knowledge base allows
+    it as a distractor (sinus rhythm is none against a premature beat in sinus rhythm).
+    Shrinking one finding shrinks what the others may keep, so the counts are iterated to a
+    fixed point. Where that leaves nothing (as few findings as options, some of which exclude
+    each other), the largest smaller ratio that leaves something is used. Last, no finding
+    keeps more than ``1 / n_options`` of the units (``1 / K`` with only K findings).
+    """
+    pool = sorted(config.mcq.label_pool or knowledge_base())
+    asked = set(groups)
+    eligible = {
+        u.record_id: asked & set(allowed_distractors(u.labels, finding, pool))
+        for finding, members in groups.items()
+        for u in members
+    }
+    keep = {f: len(us) for f, us in groups.items()}
+    for per_answer in range(config.mcq.n_options - 1, 0, -1):
+        fair = dict(keep)
+        while True:
+            offers = Counter(
+                g for f, us in groups.items() for u in us[: fair[f]] for g in eligible[u.record_id]
+            )
+            shrunk = {f: min(n, offers[f] // per_answer) for f, n in fair.items()}
+            if shrunk == fair:
+                break
+            fair = shrunk
+        if sum(fair.values()):
+            keep = fair
+            break
+    live = [n for n in keep.values() if n]
+    cap = _answer_cap(live, 1.0 / config.mcq.n_options) if live else 0
+    return {f: min(n, cap) for f, n in keep.items()}
+
+
+def balance_answers(
+    split_units: dict[str, list[Unit]], config: PrepareConfig
+) -> tuple[dict[str, list[Unit]], dict[str, Any]]:
+    """``split_units`` with the ``balanced_splits`` answer-balanced (see ``PrepareConfig``).
+
+    Returns:
+        The kept units per split (in their order), and per balanced split and data set the
+        correct-finding counts kept and dropped, for the manifest.
+    """
+    names = config.splits[1:] if config.balanced_splits is None else config.balanced_splits
+    out, report = dict(split_units), {}
+    for split in names:
+        by_group: dict[tuple[str, str], list[Unit]] = {}
+        for u in split_units[split]:
+            finding = asked_finding(u.record_id, u.labels, config.seed)
+            if finding is not None:  # no question will be made of it either way
+                by_group.setdefault((u.dataset, finding), []).append(u)
+        dropped: set[str] = set()
+        report[split] = {}
+        for dataset in sorted({d for d, _ in by_group}):
+            # A seeded order by hash: the kept units spread across recordings.
+            groups = {
+                f: sorted(us, key=lambda u: _hash([config.seed, u.record_id]))
+                for (d, f), us in sorted(by_group.items())
+                if d == dataset
+            }
+            keep = _fair_counts(groups, config)
+            for finding, ranked in groups.items():
+                dropped |= {u.record_id for u in ranked[keep[finding] :]}
+            report[split][dataset] = {
+                "kept": {f: n for f, n in keep.items() if n},
+                "dropped": {f: len(us) - keep[f] for f, us in groups.items() if len(us) > keep[f]},
+            }
+        out[split] = [u for u in split_units[split] if u.record_id not in dropped]
+    return out, report
+
+
+def distractor_weights(
+    split_units: dict[str, list[Unit]], config: PrepareConfig
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Prior-balanced distractor weights per split and data set
+    (``ecgvlm.mcq.calibrate_distractor_weights`` over the split's own questions).
+
+    Per split, not over the whole data set: a patient-wise split mixes the findings
+    differently, and the options of a split's questions must not betray its answers.
+    Empty for the ``knowledge_base`` style, which draws uniformly.
+    """
+    if config.mcq.distractors != "prior_balanced":
+        return {split: {} for split in split_units}
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for split, members in split_units.items():
+        out[split] = {}
+        for ds in sorted({u.dataset for u in members}):
+            questions = [
+                (u.record_id, u.labels, config.seed + k)
+                for u in members
+                if u.dataset == ds
+                for k in range(config.questions_per_record)
+            ]
+            out[split][ds] = calibrate_distractor_weights(questions, config.mcq)
+    return out
+
+
 def plan_shards(split_units: dict[str, list[Unit]], shard_size: int) -> list[dict[str, Any]]:
     """Fixed shards per split: ``{"shard": "train/part-00000", "split", "units" (JSON)}``."""
     shards = []
@@ -443,7 +581,7 @@ def build_shard(
     t0 = time.perf_counter()
     timers = Counter()
     units = [_unit_from_dict(u) for u in json.loads(spec["units"])]
-    prevalence = json.loads(spec.get("prevalence") or "{}")
+    weights = json.loads(spec.get("distractor_weights") or "{}")
     split, shard = spec["split"], spec["shard"]
     render_hash = config.render.config_hash()
     mcq_hash = config.mcq.config_hash()
@@ -492,7 +630,7 @@ def build_shard(
                         rec,
                         config.seed + k,
                         config.mcq,
-                        prevalence.get(rec.dataset),
+                        weights.get(rec.dataset),
                         measurements=measured,
                     )
                 except McqError as e:
@@ -559,7 +697,7 @@ def _build_shards_batch(
     """Ray Data ``map_batches`` adapter: each row is one shard spec; returns summaries."""
     summaries = []
     for i in range(len(batch["shard"])):
-        spec = {key: str(batch[key][i]) for key in ("shard", "split", "units", "prevalence")}
+        spec = {key: str(batch[key][i]) for key in ("shard", "split", "units", "distractor_weights")}
         summaries.append(json.dumps(build_shard(spec, config, out_dir, dataset_id)))
     return {"summary": summaries}
 
@@ -662,15 +800,11 @@ def prepare_dataset(config: PrepareConfig) -> PrepareResult:
             f"none of the {len(items)} records could be used; see the rejects: "
             + json.dumps(scan_rejects[:3])
         )
-    split_units = assign_splits(units, config)
+    split_units, answer_balance = balance_answers(assign_splits(units, config), config)
     shards = plan_shards(split_units, config.shard_size)
-    # Prior-balanced distractors need each data set's findings and how often each is asked.
-    prevalence = {
-        ds: finding_prevalence(u.labels for u in units if u.dataset == ds)
-        for ds in sorted({u.dataset for u in units})
-    }
+    weights = distractor_weights(split_units, config)
     for spec in shards:
-        spec["prevalence"] = json.dumps(prevalence, sort_keys=True)
+        spec["distractor_weights"] = json.dumps(weights[spec["split"]], sort_keys=True)
     dataset_id = _hash(
         {
             "config": config.identity(),
@@ -716,7 +850,8 @@ def prepare_dataset(config: PrepareConfig) -> PrepareResult:
         _merge_llava(out_dir, config.splits, shards)
     phases = {"scan_s": round(scan_s, 3), "build_s": round(time.time() - started - scan_s, 3)}
     manifest = _manifest(config, dataset_id, summaries, rejects, items, started, phases)
-    manifest["mcq_prevalence"] = prevalence
+    manifest["mcq_distractor_weights"] = weights
+    manifest["answer_balance"] = answer_balance
     save_config(config, out_dir / CONFIG_NAME)
     _write_atomic(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True).encode())
     return PrepareResult(

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -158,6 +159,17 @@ def known_findings(record: EcgRecord) -> list[str]:
     return [label for label in record.labels if label in kb]
 
 
+def asked_finding(record_id: str, labels: Sequence[str], seed: int) -> str | None:
+    """The finding ``make_mcq(record, seed)`` asks about, from the record's id and labels only
+    (None when the knowledge base describes none of them). Prepare uses it to balance the
+    held-out questions before any signal is read."""
+    kb = knowledge_base()
+    known = [label for label in labels if label in kb]
+    if not known:
+        return None
+    return known[_Draws(f"{record_id}\x1f{seed}").below(len(known))]
+
+
 def finding_prevalence(label_sets: Iterable[Sequence[str]]) -> dict[str, float]:
     """How often each finding is the asked one, over a data set's records (shares sum to 1).
 
@@ -174,10 +186,10 @@ def finding_prevalence(label_sets: Iterable[Sequence[str]]) -> dict[str, float]:
     return {k: v / whole for k, v in sorted(totals.items())} if whole else {}
 
 
-def _allowed_distractors(record: EcgRecord, correct: str, pool: list[str]) -> list[str]:
-    """Findings from ``pool`` that are certainly wrong answers for this record."""
+def allowed_distractors(labels: Sequence[str], correct: str, pool: list[str]) -> list[str]:
+    """Findings from ``pool`` that are certainly wrong answers for a record with ``labels``."""
     kb = knowledge_base()
-    held = set(record.labels)
+    held = set(labels)
     excluded = set(held) | {correct}
     for label in held | {correct}:
         if label in kb:
@@ -230,6 +242,122 @@ def explain(
     return " ".join(parts)
 
 
+#: Rounds of :func:`calibrate_distractor_weights`; the best round is kept.
+CALIBRATION_ROUNDS = 12
+
+
+def calibrate_distractor_weights(
+    questions: Sequence[tuple[str, Sequence[str], int]],
+    config: McqConfig,
+    rounds: int = CALIBRATION_ROUNDS,
+) -> dict[str, float]:
+    """Distractor weights under which each finding is offered about ``n_options`` times as
+    often as it is the answer, over ``questions`` (one split of one data set).
+
+    A finding offered ``n`` times as often as it is correct tells a guesser who has not
+    looked nothing: every offered option is then right 1/n of the time. Drawing distractors
+    in proportion to how often each finding is asked gets close, but not all the way: a
+    finding may be a distractor only for some answers (sinus rhythm only against another
+    rhythm, not against a premature beat in sinus rhythm), so it is offered less and
+    betrays itself. Starting from those shares, each round replays the draws of every
+    question (:func:`draw_options`, deterministic) and scales each finding's weight by how
+    far its distractor count is from ``(n_options - 1) x`` its answer count.
+
+    Args:
+        questions: ``(record_id, labels, seed)`` of every question.
+
+    Returns:
+        Weights per asked finding (summing to 1); findings never asked get none, so they
+        fill in only where too few asked findings are allowed. The round whose largest
+        relative miss was smallest is returned; a finding asked more often than
+        ``1 / n_options`` of the time cannot reach its target (prepare's answer balance
+        keeps held-out splits below that).
+    """
+    asked = Counter(
+        f for f in (asked_finding(rid, labels, seed) for rid, labels, seed in questions) if f
+    )
+    if not asked:
+        return {}
+    total = sum(asked.values())
+    weights = {f: n / total for f, n in sorted(asked.items())}
+    target = {f: (config.n_options - 1) * n for f, n in asked.items()}
+    best, best_miss = dict(weights), float("inf")
+    for _ in range(rounds):
+        offered: Counter = Counter()
+        for record_id, labels, seed in questions:
+            try:
+                options, answer, _ = draw_options(record_id, labels, seed, config, weights)
+            except McqError:
+                continue
+            offered.update(o for i, o in enumerate(options) if i != answer)
+        miss = max(abs(offered[f] - target[f]) / target[f] for f in target)
+        if miss < best_miss:
+            best, best_miss = dict(weights), miss
+        # Damped multiplicative steps, bounded so an unreachable target cannot run away.
+        weights = {
+            f: w * min(max((target[f] / max(offered[f], 0.5)) ** 0.7, 0.2), 5.0)
+            for f, w in weights.items()
+        }
+        norm = sum(weights.values())
+        weights = {f: w / norm for f, w in weights.items()}
+    return best
+
+
+def draw_options(
+    record_id: str,
+    labels: Sequence[str],
+    seed: int,
+    config: McqConfig,
+    weights: Mapping[str, float] | None = None,
+) -> tuple[list[str], int, str | None]:
+    """The options of ``make_mcq``'s question, from the record's id and labels only.
+
+    Args:
+        weights: Distractor weights per finding for the ``prior_balanced`` style (``make_mcq``'s
+            ``prevalence``); None or empty draws uniformly from the pool.
+
+    Returns:
+        The option findings in order, the answer's index, and the look-alike the
+        explanation contrasts with (None without hard distractors).
+
+    Raises:
+        McqError: no known finding, or too few allowed distractors.
+    """
+    kb = knowledge_base()
+    known = [label for label in labels if label in kb]
+    if not known:
+        unknown = [label for label in labels if is_unknown(label)]
+        what = f"only unknown codes {unknown}" if unknown else f"labels {list(labels)}"
+        raise McqError(f"{record_id}: no finding to ask about ({what})")
+    draws = _Draws(f"{record_id}\x1f{seed}")
+    correct = known[draws.below(len(known))]  # asked_finding() draws the same
+    pool = sorted(config.label_pool or kb)
+    allowed = allowed_distractors(labels, correct, pool)
+    if len(allowed) < config.n_distractors:
+        raise McqError(
+            f"{record_id}: only {len(allowed)} findings can be distractors for "
+            f"{correct}, need {config.n_distractors} (widen label_pool or lower n_options)"
+        )
+    balanced = config.distractors == "prior_balanced" and bool(weights)
+    weight = {a: float(weights.get(a, 0.0)) for a in allowed} if balanced else {}
+    hard_pool = [c for c in kb[correct].confusable if c in allowed and (not balanced or weight[c] > 0)]
+    hard = draws.sample(hard_pool, config.n_hard())
+    rest = [a for a in allowed if a not in hard]
+    if balanced:
+        own = [a for a in rest if weight[a] > 0]
+        picked = draws.weighted(own, [weight[a] for a in own], config.n_distractors - len(hard))
+        # Too few of the data set's own findings: fill in from the rest of the pool.
+        filler = [a for a in rest if weight[a] <= 0]
+        picked += draws.sample(filler, config.n_distractors - len(hard) - len(picked))
+    else:
+        picked = draws.sample(rest, config.n_distractors - len(hard))
+    distractors = hard + picked
+    answer_index = draws.below(config.n_options)
+    shuffled = draws.sample(distractors, len(distractors))
+    option_labels = shuffled[:answer_index] + [correct] + shuffled[answer_index:]
+    return option_labels, answer_index, hard[0] if hard else None
+
+
 def make_mcq(
     record: EcgRecord,
     seed: int,
@@ -260,43 +388,14 @@ def make_mcq(
     """
     config = config or McqConfig()
     kb = knowledge_base()
-    known = known_findings(record)
-    if not known:
-        unknown = [label for label in record.labels if is_unknown(label)]
-        what = f"only unknown codes {unknown}" if unknown else f"labels {list(record.labels)}"
-        raise McqError(f"{record.record_id}: no finding to ask about ({what})")
-
-    draws = _Draws(f"{record.record_id}\x1f{seed}")
-    correct = known[draws.below(len(known))]
-    pool = sorted(config.label_pool or kb)
-    allowed = _allowed_distractors(record, correct, pool)
-    if len(allowed) < config.n_distractors:
-        raise McqError(
-            f"{record.record_id}: only {len(allowed)} findings can be distractors for "
-            f"{correct}, need {config.n_distractors} (widen label_pool or lower n_options)"
-        )
-    balanced = config.distractors == "prior_balanced" and bool(prevalence)
-    weight = {a: float(prevalence.get(a, 0.0)) for a in allowed} if balanced else {}
-    hard_pool = [c for c in kb[correct].confusable if c in allowed and (not balanced or weight[c] > 0)]
-    hard = draws.sample(hard_pool, config.n_hard())
-    rest = [a for a in allowed if a not in hard]
-    if balanced:
-        own = [a for a in rest if weight[a] > 0]
-        picked = draws.weighted(own, [weight[a] for a in own], config.n_distractors - len(hard))
-        # Too few of the data set's own findings: fill in from the rest of the pool.
-        filler = [a for a in rest if weight[a] <= 0]
-        picked += draws.sample(filler, config.n_distractors - len(hard) - len(picked))
-    else:
-        picked = draws.sample(rest, config.n_distractors - len(hard))
-    distractors = hard + picked
-
-    answer_index = draws.below(config.n_options)
-    shuffled = draws.sample(distractors, len(distractors))
-    option_labels = shuffled[:answer_index] + [correct] + shuffled[answer_index:]
+    option_labels, answer_index, contrast = draw_options(
+        record.record_id, record.labels, seed, config, prevalence
+    )
+    correct = option_labels[answer_index]
     options = [option_text(kb[label], config.option_style) for label in option_labels]
     letter = LETTERS[answer_index]
     explanation = explain(
-        correct, record, config, contrast_with=hard[0] if hard else None, measurements=measurements
+        correct, record, config, contrast_with=contrast, measurements=measurements
     )
     return McqSample(
         sample_id=f"{record.record_id}#q{seed}",

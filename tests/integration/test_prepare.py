@@ -138,9 +138,12 @@ def test_rows_round_trip_into_the_same_samples(prepared, sources):
     samples = {s.record_id: s for n in config.splits for s in load_split(config.output_dir, n)}
     rec = read_record(sources / "cpsc2018" / "A0043")
     stored = samples["cpsc2018/A0043"]
-    prevalence = read_manifest(config.output_dir)["mcq_prevalence"]["cpsc2018"]
+    split = next(n for n in config.splits
+                 if any(s.record_id == "cpsc2018/A0043"
+                        for s in load_split(config.output_dir, n, with_png=False)))
+    weights = read_manifest(config.output_dir)["mcq_distractor_weights"][split]["cpsc2018"]
     expected = make_mcq(
-        rec, config.seed, config.mcq, prevalence, measurements=measure_record(rec, config.measure)
+        rec, config.seed, config.mcq, weights, measurements=measure_record(rec, config.measure)
     )
     assert stored.options == expected.options and stored.target_text == expected.target_text
     assert stored.answer_letter == expected.answer_letter and stored.labels == ("AF", "RBBB")

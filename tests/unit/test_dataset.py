@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,43 @@ def test_splits_keep_patients_together_and_shards_are_fixed():
 
 def test_safe_names():
     assert safe_name("mitdb/106@90s#q0") == "mitdb_106_90s_q0"
+
+
+def _windows(split_counts: dict[str, int], record: str, start=0) -> list[Unit]:
+    out = []
+    for finding, n in split_counts.items():
+        for i in range(n):
+            t = float(start + len(out) * 10)
+            out.append(Unit("p/x", "mitdb", f"mitdb/{record}@{t:g}s", record, (finding,), t, True))
+    return out
+
+
+def test_held_out_splits_are_answer_balanced_and_train_is_not():
+    from ecgvlm.dataset import balance_answers
+    from ecgvlm.mcq import allowed_distractors, asked_finding
+
+    train = _windows({"NSR": 150, "PVC": 20}, "100")
+    test = _windows({"NSR": 80, "PVC": 10, "AF": 6, "AFL": 5}, "201")
+    val = _windows({"NSR": 30, "AF": 2}, "202")
+    config = PrepareConfig(sources=(SourceConfig("x"),))
+    kept, report = balance_answers({"train": train, "val": val, "test": test}, config)
+    assert kept["train"] == train  # the first split keeps every unit
+    asked = Counter(asked_finding(u.record_id, u.labels, 0) for u in kept["test"])
+    n = sum(asked.values())
+    assert max(asked.values()) <= n / 4  # no answer above 1 / n_options
+    assert asked["NSR"] <= asked["AF"] + asked["AFL"]  # its distractor uses come only from those
+    assert report["test"]["mitdb"]["dropped"]["NSR"] >= 70
+    assert report["test"]["mitdb"]["kept"] == dict(asked)
+    assert set(kept["test"]) <= set(test) and kept["test"] == [u for u in test if u in kept["test"]]
+    # Two findings cannot be fair with four options: each is capped at an equal share instead.
+    assert Counter(u.labels[0] for u in kept["val"]) == {"NSR": 2, "AF": 2}
+    # Seeded: the same kept windows every time, spread over the recording, not its start.
+    assert balance_answers({"train": train, "val": val, "test": test}, config)[0] == kept
+    nsr_starts = [u.start_s for u in kept["test"] if u.labels == ("NSR",)]
+    assert max(nsr_starts) > 400
+    # The study's style keeps everything; an unknown split name is refused.
+    study = PrepareConfig(sources=(SourceConfig("x"),), balanced_splits=())
+    assert balance_answers({"train": train, "val": val, "test": test}, study)[0]["test"] == test
+    with pytest.raises(ConfigError, match="balanced_splits names"):
+        PrepareConfig(sources=(SourceConfig("x"),), balanced_splits=("holdout",))
+    assert allowed_distractors(("PVC",), "PVC", ["NSR", "AF"]) == ["AF"]

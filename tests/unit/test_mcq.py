@@ -280,3 +280,47 @@ def test_prior_balanced_fills_in_from_the_pool_when_the_data_set_has_too_few_fin
     assert make_mcq(_record(["AF"]), 0) == make_mcq(_record(["AF"]), 0, prevalence=None)
     with pytest.raises(ConfigError, match="distractors must be one of"):
         McqConfig(distractors="hard")
+
+
+def test_asked_finding_and_draw_options_match_make_mcq():
+    from ecgvlm.mcq import asked_finding, draw_options
+
+    weights = finding_prevalence([["AF"], ["RBBB"], ["LBBB"], ["PVC"], ["NSR"], ["STD"]])
+    for i in range(60):
+        labels = [["AF", "RBBB"], ["PVC"], ["LBBB", "STD", "IAVB"]][i % 3]
+        rec = _record(labels, record_id=f"set/r{i}")
+        sample = make_mcq(rec, i, McqConfig(), weights)
+        assert asked_finding(rec.record_id, rec.labels, i) == sample.true_label
+        options, answer, _ = draw_options(rec.record_id, rec.labels, i, McqConfig(), weights)
+        assert tuple(options) == sample.option_labels and answer == sample.answer_index
+    assert asked_finding("set/x", ["UNK:1"], 0) is None
+
+
+def test_calibrated_weights_offer_each_finding_n_times_as_often_as_it_is_the_answer():
+    from ecgvlm.mcq import calibrate_distractor_weights, draw_options
+
+    # Premature beats in sinus rhythm: sinus rhythm may not be their distractor, so drawn in
+    # proportion to how often it is asked it is offered too seldom and betrays itself.
+    labels = {"NSR": 12, "PVC": 10, "PAC": 10, "AF": 14, "AFL": 12, "SB": 10}
+    questions = [(f"mitdb/{f}{i}", (f,), 0) for f, n in labels.items() for i in range(n)]
+    config = McqConfig()
+
+    def ratio(weights):
+        answered, offered = Counter(), Counter()
+        for rid, lab, seed in questions:
+            options, answer, _ = draw_options(rid, lab, seed, config, weights)
+            answered[options[answer]] += 1
+            offered.update(options)
+        return {f: offered[f] / answered[f] for f in labels}
+
+    shares = finding_prevalence([f] for f, n in labels.items() for _ in range(n))
+    calibrated = calibrate_distractor_weights(questions, config)
+    assert set(calibrated) == set(labels) and sum(calibrated.values()) == pytest.approx(1)
+    before, after = ratio(shares), ratio(calibrated)
+    # 4 would tell a guesser nothing; calibration brings the worst finding closer to it.
+    def worst(ratios):
+        return max(abs(v - 4) for v in ratios.values())
+
+    assert worst(after) < worst(before), (before, after)
+    assert worst(after) < 1.0, after
+    assert calibrate_distractor_weights([("x/1", ("UNK:1",), 0)], config) == {}
