@@ -86,8 +86,11 @@ def test_manifest_counts_match_the_shards(prepared):
     manifest = read_manifest(config.output_dir)
     assert manifest == result.manifest
     assert set(manifest["splits"]) == {"train", "val", "test"}
-    # 10 CPSC + 5 Chapman + 180 windows of 106, less the two rejected records.
-    assert result.n_samples == 9 + 4 + 180
+    # 10 CPSC + 5 Chapman + 180 windows of 106, less the two rejected records and the units
+    # the held-out splits left out to keep their questions fair (balanced_splits).
+    dropped = result.summary()["answer_balance_dropped"]
+    assert set(manifest["answer_balance"]) == {"val", "test"}
+    assert result.n_samples == 9 + 4 + 180 - sum(n for by_ds in dropped.values() for n in by_ds.values())
     assert manifest["code_version"]["ecgvlm"]
     assert manifest["render_config_hash"] == config.render.config_hash()
     assert manifest["measure_version"] == MEASURE_VERSION
