@@ -123,14 +123,15 @@ class PrepareConfig:
             measurer's cost (about 0.5 s against 0.07 s per 12-lead 10 s record on one core,
             docs/measure.md), so rate, rhythm, QRS duration, axis and ST are measured and
             PR/QT are not; ``measure.delineate_waves=true`` measures everything.
-        balanced_splits: Splits whose questions are answer-balanced: per data set, no
-            finding is the correct answer of more than ``1 / mcq.n_options`` of the split's
-            units (or ``1 / K`` when it asks only K < n_options findings), by a seeded drop of
-            the excess units of the frequent findings, spread across recordings. With
-            prior-balanced distractors this puts a blind guesser that knows the training
-            prior near chance (benchmarks/blind_baseline.py). None (default): every split but
-            the first; ``[]``: none (the study's style, every unit kept). The finding counted
-            is the one question 0 of a unit asks.
+        balanced_splits: Splits whose questions are answer-balanced: per data set, each
+            finding keeps only as many units as it can be offered fairly as a distractor
+            (``n_options - 1`` times its answers, among the kept questions the knowledge base
+            lets it be a distractor for) and at most ``1 / mcq.n_options`` of the split; the
+            excess of the frequent findings is a seeded drop spread across recordings
+            (``balance_answers``). With prior-balanced distractors this puts a blind guesser
+            that knows the training prior near chance (benchmarks/blind_baseline.py). None
+            (default): every split but the first; ``[]``: none (the study's style, every unit
+            kept). The finding counted is the one question 0 of a unit asks.
         llava: Also write LLaVA training JSON per split plus an image folder.
         shard_size: Records (or windows) per Parquet shard; part of the data set's identity.
         num_cpus_per_task: Ray CPUs reserved by each scan and shard task.
