@@ -322,7 +322,7 @@ def test_interpret_wfdb_upload_with_pulse(endpoint, samples_dir):
     assert r.status_code == 200, r.text
     assert r.json()["model"] == "pulse" and r.json()["image_png_base64"]
     measured = r.json()["measurements"]
-    assert measured["record_id"] == "A0002" and measured["n_beats"] >= 8
+    assert measured["record_id"] == "cpsc2018/A0002" and measured["n_beats"] >= 8
 
 
 
