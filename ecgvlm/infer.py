@@ -15,7 +15,7 @@ oversized batch costs the requests that cannot fit alone, not the whole batch.
 from __future__ import annotations
 
 import gc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -275,6 +275,44 @@ def free_device_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def run_within_budget(
+    run: Callable[[list[int]], list[Any]],
+    prompt_lengths: Sequence[int],
+    extra_tokens: int,
+    max_batch_tokens: int | None,
+    what: str,
+) -> list[Any]:
+    """``run(indices)`` over batches that fit ``max_batch_tokens``, surviving out-of-memory.
+
+    A batch that runs out of device memory is retried as two halves after the cache is
+    freed; a prompt that fails alone is answered with :class:`OutOfMemory` (``what`` says
+    what it was doing), and every other prompt still gets its result.
+    """
+    results: list[Any] = [None] * len(prompt_lengths)
+    pending = plan_batches(prompt_lengths, extra_tokens, max_batch_tokens)
+    while pending:
+        idxs = pending.pop(0)
+        try:
+            out = run(idxs)
+        except torch.cuda.OutOfMemoryError:
+            out = None  # freed below, once the exception no longer holds the batch's frames
+        if out is not None:
+            for i, r in zip(idxs, out):
+                results[i] = r
+            continue
+        free_device_memory()
+        if len(idxs) > 1:
+            half = len(idxs) // 2
+            pending[:0] = [idxs[:half], idxs[half:]]
+        else:
+            results[idxs[0]] = OutOfMemory(
+                f"out of device memory {what} after a {prompt_lengths[idxs[0]]}-token prompt "
+                "on its own"
+            )
+    assert all(r is not None for r in results)
+    return results
+
+
 def generate_batched(
     model: Any,
     processor: Any,
@@ -284,38 +322,157 @@ def generate_batched(
     max_batch_tokens: int | None = None,
     **kwargs: Any,
 ) -> list[Generation | OutOfMemory]:
-    """:func:`generate` in batches that fit ``max_batch_tokens``, surviving out-of-memory.
-
-    A batch that runs out of device memory is retried as two halves after the cache is
-    freed; a prompt that fails alone is answered with :class:`OutOfMemory`, and every other
-    prompt still gets its answer. ``kwargs`` go to :func:`generate`.
+    """:func:`generate` in batches that fit ``max_batch_tokens``, surviving out-of-memory
+    (:func:`run_within_budget`). ``kwargs`` go to :func:`generate`.
 
     Raises:
         PromptTooLongError, PromptError, ImageInputError: as :func:`generate`.
     """
     lengths = prompt_tokens(model, processor, prompts, images)
     check_context(model, lengths, max_new_tokens)
-    results: list[Generation | OutOfMemory | None] = [None] * len(prompts)
-    pending = plan_batches(lengths, max_new_tokens, max_batch_tokens)
-    while pending:
-        idxs = pending.pop(0)
-        try:
-            gens = generate(model, processor, [prompts[i] for i in idxs],
-                            [images[i] for i in idxs], max_new_tokens=max_new_tokens, **kwargs)
-        except torch.cuda.OutOfMemoryError:
-            gens = None  # freed below, once the exception no longer holds the batch's frames
-        if gens is not None:
-            for i, g in zip(idxs, gens):
-                results[i] = g
-            continue
-        free_device_memory()
-        if len(idxs) > 1:
-            half = len(idxs) // 2
-            pending[:0] = [idxs[:half], idxs[half:]]
+
+    def run(idxs: list[int]) -> list[Generation]:
+        return generate(model, processor, [prompts[i] for i in idxs], [images[i] for i in idxs],
+                        max_new_tokens=max_new_tokens, **kwargs)
+
+    return run_within_budget(run, lengths, max_new_tokens, max_batch_tokens,
+                             f"generating {max_new_tokens} tokens")
+
+
+# -- constrained choice -------------------------------------------------------------------
+
+#: What the model was trained to write before the letter (``ecgvlm.prompt.TARGET_TEMPLATE``,
+#: after ``ASSISTANT:`` and the space the llava_v1 template puts there).
+ANSWER_PREFIX = " The answer is "
+
+
+@dataclass(frozen=True)
+class ChoiceScores:
+    """One prompt's constrained answer.
+
+    Attributes:
+        logprobs: choice -> log-probability, normalised over the choices (they sum to 1 as
+            probabilities), in the order given.
+        sequence_logprobs: choice -> the model's own log-probability of the choice's tokens
+            after the prompt and answer prefix (not normalised).
+        prompt_tokens: positions of the prompt (text plus image features) and answer prefix.
+    """
+
+    logprobs: dict[str, float]
+    sequence_logprobs: dict[str, float]
+    prompt_tokens: int
+
+    @property
+    def best(self) -> str:
+        return max(self.logprobs, key=self.logprobs.__getitem__)
+
+
+def _common_prefix(rows: Sequence[Sequence[int]]) -> int:
+    n = min(len(r) for r in rows)
+    for i in range(n):
+        if any(r[i] != rows[0][i] for r in rows):
+            return i
+    return n
+
+
+def score_choices(
+    model: Any,
+    processor: Any,
+    prompts: Sequence[str],
+    images: Sequence[Image.Image],
+    choices: Sequence[Sequence[str]],
+    prefix: str = ANSWER_PREFIX,
+) -> list[ChoiceScores]:
+    """Score each prompt's ``choices`` as continuations of ``prompt + prefix``, in one forward
+    pass for the batch.
+
+    When every choice of a prompt is one token after the shared text (letters "A", "B", ...),
+    that prompt is one row and its choices are read from the next-token distribution: the
+    cost of a one-token generation. Otherwise each choice is a row of its own and its tokens'
+    log-probabilities are summed (teacher forcing). Rows are left-padded, so every row ends
+    at the last position and only the last positions' logits are computed.
+
+    Raises:
+        ValueError: a prompt without choices or with duplicate choices;
+        PromptTooLongError, PromptError, ImageInputError: as :func:`generate`.
+    """
+    base = _unwrap(model)
+    if len(choices) != len(prompts):
+        raise ValueError(f"need one choice list per prompt, got {len(choices)} for {len(prompts)}")
+    rows_ids: list[list[int]] = []
+    rows_image: list[Image.Image] = []
+    # Per prompt: (first row, [(choice, token ids scored, row offset)]).
+    plans: list[tuple[int, list[tuple[str, list[int], int]]]] = []
+    shared_lengths = []
+    for i, (prompt, image, options) in enumerate(zip(prompts, images, choices)):
+        if not options or len(set(options)) != len(options):
+            raise ValueError(f"prompt {i}: choices must be distinct and at least one")
+        full = processor.encode_prompts([prompt + prefix + c for c in options])
+        shared = _common_prefix(full) if len(full) > 1 else len(full[0]) - 1
+        if shared == 0 or any(len(f) == shared for f in full):
+            raise ValueError(f"prompt {i}: a choice adds no token after the prompt ({options})")
+        shared_lengths.append(shared)
+        first = len(rows_ids)
+        if all(len(f) == shared + 1 for f in full):
+            rows_ids.append(full[0][:shared])
+            rows_image.append(image)
+            plans.append((first, [(c, [f[shared]], 0) for c, f in zip(options, full)]))
         else:
-            results[idxs[0]] = OutOfMemory(
-                f"out of device memory generating {max_new_tokens} tokens after a "
-                f"{lengths[idxs[0]]}-token prompt on its own"
-            )
-    assert all(r is not None for r in results)
-    return results  # type: ignore[return-value]
+            for f in full:
+                rows_ids.append(f[:-1])
+                rows_image.append(image)
+            plans.append((first, [(c, f[shared:], k) for k, (c, f) in enumerate(zip(options, full))]))
+    n_image = [base.num_image_features(img.size) for img in images]
+    check_context(base, [s - 1 + n for s, n in zip(shared_lengths, n_image)], 1)
+    pixel_values, image_sizes = processor.encode_images(rows_image)
+    pad = processor.tokenizer.pad_token_id
+    device = base.device
+    batch = {
+        "input_ids": processor.pad(rows_ids, pad),
+        "attention_mask": processor.pad([[1] * len(r) for r in rows_ids], 0),
+        "pixel_values": pixel_values,
+        "image_sizes": image_sizes,
+    }
+    if processor.padding_side != "left":
+        raise ValueError("score_choices needs a left-padding processor")
+    batch = {k: v.to(device) for k, v in batch.items()}
+    keep = max(len(ids) for _, scored in plans for _, ids, _ in scored)
+    was_training = base.training
+    base.eval()
+    try:
+        with torch.no_grad():
+            logits = base(**batch, logits_to_keep=keep).logits.float()
+    finally:
+        base.train(was_training)
+    logp = torch.log_softmax(logits, dim=-1)  # (rows, keep, vocab); row ends at position -1
+    out = []
+    for (first, scored), shared, n in zip(plans, shared_lengths, n_image):
+        seq = {}
+        for choice, ids, offset in scored:
+            # A row ends one token before its choice's last token: the kept position
+            # keep - m + j predicts the choice's token j (one-token choices: the last one).
+            positions = range(keep - len(ids), keep)
+            seq[choice] = float(sum(logp[first + offset, p, t] for p, t in zip(positions, ids)))
+        total = torch.logsumexp(torch.tensor(list(seq.values()), dtype=torch.float64), 0).item()
+        out.append(ChoiceScores({c: v - total for c, v in seq.items()}, seq, shared - 1 + n))
+    return out
+
+
+def score_choices_batched(
+    model: Any,
+    processor: Any,
+    prompts: Sequence[str],
+    images: Sequence[Image.Image],
+    choices: Sequence[Sequence[str]],
+    max_batch_tokens: int | None = None,
+    prefix: str = ANSWER_PREFIX,
+) -> list[ChoiceScores | OutOfMemory]:
+    """:func:`score_choices` in batches that fit ``max_batch_tokens``, surviving
+    out-of-memory (:func:`run_within_budget`)."""
+    lengths = prompt_tokens(model, processor, prompts, images)
+
+    def run(idxs: list[int]) -> list[ChoiceScores]:
+        return score_choices(model, processor, [prompts[i] for i in idxs],
+                             [images[i] for i in idxs], [choices[i] for i in idxs], prefix)
+
+    return run_within_budget(run, lengths, 1, max_batch_tokens, "scoring choices")

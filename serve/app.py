@@ -255,6 +255,9 @@ class Gateway:
         req = sv.parse_chat_request(await self._read_body(request), self.limits)
         route = sv.resolve_model(req.model, self.adapters)
         images = sv.collect_images(req, self.limits)
+        if route.kind == "proxy" and req.guided_choice is not None:
+            raise sv.bad_request(f"guided_choice is answered by the pulse models; {route.name} "
+                                 "does not take it yet", param="guided_choice")
         try:
             if route.kind == "proxy":
                 out = await self._run_proxy(req)
@@ -283,10 +286,19 @@ class Gateway:
         except PromptError as e:
             raise sv.bad_request(str(e), param="messages") from e
         max_new = sv.requested_max_tokens(req, self.limits)
+        if req.logprobs and req.guided_choice is None:
+            raise sv.bad_request(
+                f"{route.name} returns log-probabilities only for a constrained choice "
+                "(guided_choice) so far", param="logprobs")
+        choices = tuple(req.guided_choice) if req.guided_choice is not None else None
         result = await self._run_pulse(route, sv.GenerateRequest(
             prompt=prompt, image=images[0].data, adapter=route.adapter,
             max_new_tokens=max_new, temperature=req.temperature or 0.0, seed=req.seed or 0,
+            guided_choice=choices,
         ))
+        if result.choice_logprobs is not None:
+            return sv.completion_response(route.name, result.text, result.prompt_tokens, 1,
+                                          logprobs=sv.choice_logprobs(result.choice_logprobs))
         finish = "length" if result.completion_tokens >= max_new else "stop"
         return sv.completion_response(route.name, result.text, result.prompt_tokens,
                                       result.completion_tokens, finish)

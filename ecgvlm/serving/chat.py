@@ -20,6 +20,8 @@ from ecgvlm.serving.limits import (
     GPT4O_MODEL,
     IMAGE_MIME_TYPES,
     LORA_MODEL,
+    MAX_CHOICE_CHARS,
+    MAX_CHOICES,
     PULSE_MODEL,
     ServeLimits,
 )
@@ -64,6 +66,12 @@ class ChatCompletionRequest(_Lenient):
     seed: int | None = None
     n: int = 1
     stream: bool = False
+    # vLLM's constrained choice (clients send it in extra_body): the answer is one of these.
+    guided_choice: list[Annotated[str, Field(min_length=1, max_length=MAX_CHOICE_CHARS)]] | None = (
+        Field(None, min_length=1, max_length=MAX_CHOICES)
+    )
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
 class ModelCard(BaseModel):
@@ -128,6 +136,12 @@ def parse_chat_request(body: bytes, limits: ServeLimits) -> ChatCompletionReques
         raise bad_request("stream=true is not supported; omit stream", param="stream")
     if req.n != 1:
         raise bad_request(f"n must be 1, got {req.n}", param="n")
+    if req.guided_choice is not None and len(set(req.guided_choice)) != len(req.guided_choice):
+        dup = next(c for c in req.guided_choice if req.guided_choice.count(c) > 1)
+        raise bad_request(f"guided_choice: {dup!r} is given twice; choices must be distinct",
+                          param="guided_choice")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise bad_request("top_logprobs needs logprobs: true", param="top_logprobs")
     if len(req.messages) > limits.max_messages:
         raise bad_request(
             f"{len(req.messages)} messages; the limit is {limits.max_messages}", param="messages"
@@ -276,12 +290,24 @@ def collect_images(req: ChatCompletionRequest, limits: ServeLimits) -> list[Deco
     return images
 
 
+def choice_logprobs(ranked: Sequence[tuple[str, float]]) -> dict[str, Any]:
+    """A constrained answer in OpenAI's ``logprobs`` shape: one content entry, the chosen
+    string, with every choice (most probable first) as its ``top_logprobs``."""
+
+    def entry(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+    best, best_logprob = ranked[0]
+    return {"content": [{**entry(best, best_logprob),
+                         "top_logprobs": [entry(c, lp) for c, lp in ranked]}]}
+
+
 def completion_response(
     model: str, text: str, prompt_tokens: int, completion_tokens: int,
-    finish_reason: str = "stop",
+    finish_reason: str = "stop", logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """An OpenAI ``chat.completion`` object with ``usage`` counts."""
-    return {
+    """An OpenAI ``chat.completion`` object with ``usage`` counts (and ``logprobs``)."""
+    out = {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
         "object": "chat.completion",
         "created": int(time.time()),
@@ -299,6 +325,9 @@ def completion_response(
             "total_tokens": int(prompt_tokens) + int(completion_tokens),
         },
     }
+    if logprobs is not None:
+        out["choices"][0]["logprobs"] = logprobs
+    return out
 
 
 @dataclass

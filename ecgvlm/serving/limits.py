@@ -33,6 +33,11 @@ DEFAULT_WINDOW_S = 10.0
 MIN_OPTIONS = 2
 MAX_OPTIONS = 10
 
+#: Most entries of ``guided_choice``, and most characters of one (letters A-Z, or short
+#: findings).
+MAX_CHOICES = 26
+MAX_CHOICE_CHARS = 64
+
 #: Names clients use for the served models.
 PULSE_MODEL = "pulse"
 LORA_MODEL = "pulse-lora"

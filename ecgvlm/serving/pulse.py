@@ -16,9 +16,18 @@ from ecgvlm.serving.limits import DEFAULT_MAX_TOKENS
 logger = logging.getLogger("ray.serve")
 
 
+#: Requests with the same key run as one model call: (adapter, "generate", max_new_tokens,
+#: temperature, seed) or (adapter, "choice") for constrained choices.
+GroupKey = tuple[Any, ...]
+
+
 @dataclass(frozen=True)
 class GenerateRequest:
-    """One prompt for the PULSE replica; ``adapter`` None means the base model."""
+    """One prompt for the PULSE replica; ``adapter`` None means the base model.
+
+    With ``guided_choice`` the answer is the most probable of those strings after the
+    trained answer prefix (one forward pass), not generated text.
+    """
 
     prompt: str
     image: bytes
@@ -26,28 +35,33 @@ class GenerateRequest:
     max_new_tokens: int = DEFAULT_MAX_TOKENS
     temperature: float = 0.0
     seed: int = 0
+    guided_choice: tuple[str, ...] | None = None
 
-    def group_key(self) -> tuple[str | None, int, float, int]:
-        """Requests sharing this key run as one ``generate`` call."""
-        return (self.adapter, self.max_new_tokens, self.temperature, self.seed)
+    def group_key(self) -> GroupKey:
+        """Requests sharing this key run as one ``generate`` (or scoring) call."""
+        if self.guided_choice is not None:
+            return (self.adapter, "choice")
+        return (self.adapter, "generate", self.max_new_tokens, self.temperature, self.seed)
 
 
 @dataclass(frozen=True)
 class GenerateResult:
+    """A generated answer, or with ``choice_logprobs`` (choice, log-probability normalised
+    over the choices, most probable first) a constrained one whose ``text`` is that choice."""
+
     text: str
     prompt_tokens: int
     completion_tokens: int
+    choice_logprobs: tuple[tuple[str, float], ...] | None = None
 
 
-def group_requests(
-    requests: Sequence[GenerateRequest],
-) -> dict[tuple[str | None, int, float, int], list[int]]:
-    """Indices of ``requests`` grouped by adapter and sampling settings, in arrival order.
+def group_requests(requests: Sequence[GenerateRequest]) -> dict[GroupKey, list[int]]:
+    """Indices of ``requests`` grouped by adapter and mode/settings, in arrival order.
 
-    A Serve batch may mix adapters (and temperatures): each group is one forward pass with
-    one adapter active.
+    A Serve batch may mix adapters, temperatures and constrained choices: each group is one
+    forward pass with one adapter active.
     """
-    groups: dict[tuple[str | None, int, float, int], list[int]] = {}
+    groups: dict[GroupKey, list[int]] = {}
     for i, req in enumerate(requests):
         groups.setdefault(req.group_key(), []).append(i)
     return groups
@@ -239,7 +253,7 @@ class PulseRunner:
         lengths = prompt_tokens(self.model, self.processor, [r.prompt for r in requests], images)
         for i, (req, n) in enumerate(zip(requests, lengths)):
             try:
-                check_context(self.model, [n], req.max_new_tokens)
+                check_context(self.model, [n], 1 if req.guided_choice else req.max_new_tokens)
             except PromptTooLongError as e:
                 param = "max_tokens" if e.new_tokens_at_fault else "messages"
                 errors[i] = ApiError(400, f"{param}: the prompt {e.detail}", param=param,
@@ -257,10 +271,11 @@ class PulseRunner:
 
         from PIL import Image
 
-        from ecgvlm.infer import OutOfMemory, generate_batched
+        from ecgvlm.infer import generate_batched, score_choices_batched
 
         results: list[GenerateResult | ApiError | None] = [None] * len(requests)
-        for (adapter, max_new_tokens, temperature, seed), idxs in group_requests(requests).items():
+        for key, idxs in group_requests(requests).items():
+            adapter = key[0]
             images = [Image.open(io.BytesIO(requests[i].image)).convert("RGB") for i in idxs]
             errors = self._context_errors([requests[i] for i in idxs], images)
             for k, error in errors.items():
@@ -268,6 +283,8 @@ class PulseRunner:
             keep = [k for k in range(len(idxs)) if k not in errors]
             if not keep:
                 continue
+            prompts = [requests[idxs[k]].prompt for k in keep]
+            kept_images = [images[k] for k in keep]
             with self._lock:
                 if adapter is None:
                     ctx = (self.model.disable_adapter() if self._loaded
@@ -277,24 +294,37 @@ class PulseRunner:
                     self.model.set_adapter(adapter)
                     ctx = contextlib.nullcontext()
                 with ctx:
-                    gens = generate_batched(
-                        self.model, self.processor, [requests[idxs[k]].prompt for k in keep],
-                        [images[k] for k in keep], max_new_tokens=max_new_tokens,
-                        max_batch_tokens=self.max_batch_tokens, temperature=temperature,
-                        seed=seed,
-                    )
-            for k, g in zip(keep, gens):
-                if isinstance(g, OutOfMemory):
-                    self.out_of_memory_events += 1
-                    results[idxs[k]] = ApiError(
-                        503, f"{g.message}; retry, or ask for fewer max_tokens",
-                        "service_unavailable", code="out_of_memory",
-                        retry_after_s=OOM_RETRY_AFTER_S,
-                    )
-                else:
-                    results[idxs[k]] = GenerateResult(g.text, g.prompt_tokens, g.completion_tokens)
+                    if key[1] == "choice":
+                        outs = score_choices_batched(
+                            self.model, self.processor, prompts, kept_images,
+                            [requests[idxs[k]].guided_choice for k in keep],
+                            max_batch_tokens=self.max_batch_tokens,
+                        )
+                    else:
+                        _, _, max_new_tokens, temperature, seed = key
+                        outs = generate_batched(
+                            self.model, self.processor, prompts, kept_images,
+                            max_new_tokens=max_new_tokens, max_batch_tokens=self.max_batch_tokens,
+                            temperature=temperature, seed=seed,
+                        )
+            for k, out in zip(keep, outs):
+                results[idxs[k]] = self._result(out)
         assert all(r is not None for r in results)
         return results  # type: ignore[return-value]
+
+    def _result(self, out: Any) -> GenerateResult | ApiError:
+        from ecgvlm.infer import ChoiceScores, OutOfMemory
+
+        if isinstance(out, OutOfMemory):
+            self.out_of_memory_events += 1
+            return ApiError(
+                503, f"{out.message}; retry, or ask for fewer max_tokens",
+                "service_unavailable", code="out_of_memory", retry_after_s=OOM_RETRY_AFTER_S,
+            )
+        if isinstance(out, ChoiceScores):
+            ranked = tuple(sorted(out.logprobs.items(), key=lambda kv: -kv[1]))
+            return GenerateResult(out.best, out.prompt_tokens, 1, ranked)
+        return GenerateResult(out.text, out.prompt_tokens, out.completion_tokens)
 
     def stats(self) -> dict[str, Any]:
         """What /readyz and /v1/models report; never waits for a running batch."""

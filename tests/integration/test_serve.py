@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 import os
 import re
 import signal
@@ -160,6 +161,30 @@ def test_openai_client_gets_answers_from_pulse_and_its_adapters(endpoint, png):
     assert stats["base_loads"] == 1
     assert set(stats["adapters_loaded"]) == {"cpsc", "chapman"}
     assert stats["adapter_loads"] == {"cpsc": 1, "chapman": 1}
+
+
+def test_guided_choice_through_the_openai_client(endpoint, png):
+    client = _client(endpoint["url"])
+    messages = _image_messages(png, "Which rhythm is this?\nA. Atrial fibrillation\n"
+                                    "B. Normal sinus rhythm\nC. Sinus bradycardia")
+    resp = client.chat.completions.create(
+        model="pulse-lora", messages=messages, logprobs=True,
+        extra_body={"guided_choice": ["A", "B", "C"]})
+    entry = resp.choices[0].logprobs.content[0]
+    assert resp.choices[0].message.content == entry.token and entry.token in "ABC"
+    ranked = [t.token for t in entry.top_logprobs]
+    assert sorted(ranked) == ["A", "B", "C"] and ranked[0] == entry.token
+    assert sum(math.exp(t.logprob) for t in entry.top_logprobs) == pytest.approx(1.0, abs=1e-6)
+    assert resp.usage.completion_tokens == 1
+    # The same request answers the same; gpt-4o and plain logprobs are refused by name.
+    again = client.chat.completions.create(model="pulse-lora", messages=messages,
+                                           extra_body={"guided_choice": ["A", "B", "C"]})
+    assert again.choices[0].logprobs.content[0].top_logprobs[0].logprob == pytest.approx(
+        entry.top_logprobs[0].logprob, abs=1e-6)
+    for model, extra in (("gpt-4o", {"guided_choice": ["A", "B"]}), ("pulse", {"logprobs": True})):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=model, messages=messages, extra_body=extra)
+        assert e.value.body["param"] in ("guided_choice", "logprobs")
 
 
 def test_concurrent_requests_to_mixed_models_all_answer(endpoint, png):
