@@ -99,7 +99,7 @@ def test_the_replica_answers_choices_and_generation_in_one_batch(tiny_pulse_dir)
     write = sv.GenerateRequest(prompt, _png(1), max_new_tokens=3)
     chosen, written = runner.generate([choose, write])
     assert chosen.choice_logprobs is not None and written.choice_logprobs is None
-    assert [c for c, _ in chosen.choice_logprobs][0] == chosen.text
+    assert chosen.choice_logprobs[0][0] == chosen.text
     assert sorted(c for c, _ in chosen.choice_logprobs) == LETTERS
     assert chosen.completion_tokens == 1 and written.completion_tokens >= 1
     assert runner.generate([choose])[0] == chosen
