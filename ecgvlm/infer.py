@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ecgvlm.prompt import ANSWER_PREFIX
+
 # The most new tokens one call may ask for (an MCQ answer plus explanation needs a few hundred).
 MAX_NEW_TOKENS_LIMIT = 4096
 
@@ -320,15 +322,17 @@ def generate_batched(
     images: Sequence[Image.Image],
     max_new_tokens: int = 128,
     max_batch_tokens: int | None = None,
+    prompt_lengths: Sequence[int] | None = None,
     **kwargs: Any,
 ) -> list[Generation | OutOfMemory]:
     """:func:`generate` in batches that fit ``max_batch_tokens``, surviving out-of-memory
-    (:func:`run_within_budget`). ``kwargs`` go to :func:`generate`.
+    (:func:`run_within_budget`). ``prompt_lengths``: :func:`prompt_tokens`, when the caller
+    has counted them. ``kwargs`` go to :func:`generate`.
 
     Raises:
         PromptTooLongError, PromptError, ImageInputError: as :func:`generate`.
     """
-    lengths = prompt_tokens(model, processor, prompts, images)
+    lengths = prompt_lengths or prompt_tokens(model, processor, prompts, images)
     check_context(model, lengths, max_new_tokens)
 
     def run(idxs: list[int]) -> list[Generation]:
@@ -340,11 +344,6 @@ def generate_batched(
 
 
 # -- constrained choice -------------------------------------------------------------------
-
-#: What the model was trained to write before the letter (``ecgvlm.prompt.TARGET_TEMPLATE``,
-#: after ``ASSISTANT:`` and the space the llava_v1 template puts there).
-ANSWER_PREFIX = " The answer is "
-
 
 @dataclass(frozen=True)
 class ChoiceScores:
@@ -399,6 +398,8 @@ def score_choices(
     base = _unwrap(model)
     if len(choices) != len(prompts):
         raise ValueError(f"need one choice list per prompt, got {len(choices)} for {len(prompts)}")
+    if processor.padding_side != "left":
+        raise ValueError("score_choices needs a left-padding processor")
     rows_ids: list[list[int]] = []
     rows_image: list[Image.Image] = []
     # Per prompt: (first row, [(choice, token ids scored, row offset)]).
@@ -433,8 +434,6 @@ def score_choices(
         "pixel_values": pixel_values,
         "image_sizes": image_sizes,
     }
-    if processor.padding_side != "left":
-        raise ValueError("score_choices needs a left-padding processor")
     batch = {k: v.to(device) for k, v in batch.items()}
     keep = max(len(ids) for _, scored in plans for _, ids, _ in scored)
     was_training = base.training
@@ -466,10 +465,12 @@ def score_choices_batched(
     choices: Sequence[Sequence[str]],
     max_batch_tokens: int | None = None,
     prefix: str = ANSWER_PREFIX,
+    prompt_lengths: Sequence[int] | None = None,
 ) -> list[ChoiceScores | OutOfMemory]:
     """:func:`score_choices` in batches that fit ``max_batch_tokens``, surviving
-    out-of-memory (:func:`run_within_budget`)."""
-    lengths = prompt_tokens(model, processor, prompts, images)
+    out-of-memory (:func:`run_within_budget`); ``prompt_lengths`` as in
+    :func:`generate_batched`."""
+    lengths = prompt_lengths or prompt_tokens(model, processor, prompts, images)
 
     def run(idxs: list[int]) -> list[ChoiceScores]:
         return score_choices(model, processor, [prompts[i] for i in idxs],

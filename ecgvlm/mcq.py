@@ -7,7 +7,8 @@ that may hold together with it), shuffles the option letters and writes the trai
 
 Distractors are **prior-balanced** by default (``distractors="prior_balanced"``): drawn from
 the data set's own findings with probability proportional to how often each is the asked
-finding (``prevalence``, see :func:`finding_prevalence`), so a correct answer and a distractor
+finding (``prevalence``: :func:`finding_prevalence`'s shares, or the weights prepare
+calibrates with :func:`calibrate_distractor_weights`), so a correct answer and a distractor
 are a priori about equally likely to name any given finding, and choosing the most frequent
 offered finding without looking at the ECG scores near chance. The study's style
 (``distractors="knowledge_base"`` with ``hard_fraction=0.5``) draws from the whole knowledge
@@ -242,8 +243,10 @@ def explain(
     return " ".join(parts)
 
 
-#: Rounds of :func:`calibrate_distractor_weights`; the best round is kept.
+#: Rounds of :func:`calibrate_distractor_weights` at most (the best is kept), and the largest
+#: relative miss of a finding's distractor count at which it stops early.
 CALIBRATION_ROUNDS = 12
+CALIBRATION_TOLERANCE = 0.05
 
 
 def calibrate_distractor_weights(
@@ -265,6 +268,7 @@ def calibrate_distractor_weights(
 
     Args:
         questions: ``(record_id, labels, seed)`` of every question.
+        rounds: At most this many rounds; 0 returns how often each finding is asked.
 
     Returns:
         Weights per asked finding (summing to 1); findings never asked get none, so they
@@ -282,7 +286,7 @@ def calibrate_distractor_weights(
     weights = {f: n / total for f, n in sorted(asked.items())}
     target = {f: (config.n_options - 1) * n for f, n in asked.items()}
     best, best_miss = dict(weights), float("inf")
-    for _ in range(rounds):
+    for _ in range(rounds):  # each round replays every question: stop once close enough
         offered: Counter = Counter()
         for record_id, labels, seed in questions:
             try:
@@ -293,6 +297,8 @@ def calibrate_distractor_weights(
         miss = max(abs(offered[f] - target[f]) / target[f] for f in target)
         if miss < best_miss:
             best, best_miss = dict(weights), miss
+        if best_miss <= CALIBRATION_TOLERANCE:
+            break
         # Damped multiplicative steps, bounded so an unreachable target cannot run away.
         weights = {
             f: w * min(max((target[f] / max(offered[f], 0.5)) ** 0.7, 0.2), 5.0)
@@ -374,7 +380,8 @@ def make_mcq(
             always gives the same sample.
         config: How many options, which distractors, how many look-alikes, option wording.
         prevalence: The record's data set's findings and how often each is asked
-            (:func:`finding_prevalence`), for ``prior_balanced`` distractors; ignored in the
+            (:func:`finding_prevalence`, or prepare's :func:`calibrate_distractor_weights`),
+            for ``prior_balanced`` distractors; ignored in the
             ``knowledge_base`` style.
         measurements: ``ecgvlm.measure.measure_record(record)``, for grounded targets; None
             keeps the generic explanation.

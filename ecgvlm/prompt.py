@@ -44,6 +44,10 @@ ANSWER_INSTRUCTION = (
 )
 OPTION_TEMPLATE = "{letter}. {text}"
 TARGET_TEMPLATE = "The answer is {letter}. {explanation}"
+#: What a trained model writes after the prompt and before the letter: the llava_v1 separator
+#: after ``ASSISTANT:``, then the target's words up to the letter (constrained choices are
+#: scored right after it).
+ANSWER_PREFIX = SEP + TARGET_TEMPLATE.split("{letter}", 1)[0]
 
 
 def _prompt_version() -> str:

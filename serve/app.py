@@ -322,7 +322,8 @@ class Gateway:
         route = sv.resolve_model(query.model, self.adapters)
         question, options = sv.check_query(query, self.limits)
         # Drawn and measured side by side, in threads: the ingress's event loop stays free.
-        measuring = (asyncio.create_task(asyncio.to_thread(sv.measure_json, record))
+        measuring = (asyncio.create_task(asyncio.to_thread(sv.measure_json, record,
+                                                           query.measure_waves))
                      if query.return_measurements else None)
         png = await asyncio.to_thread(sv.render_png, record)
         max_new = query.max_tokens or self.limits.default_max_tokens

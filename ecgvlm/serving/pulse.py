@@ -243,10 +243,11 @@ class PulseRunner:
             self.model.delete_adapter(name)
             self._loaded.remove(name)
 
-    def _context_errors(
+    def _check_context(
         self, requests: Sequence[GenerateRequest], images: Sequence[Any]
-    ) -> dict[int, ApiError]:
-        """A 400 for each request whose prompt (or answer) does not fit the model's context."""
+    ) -> tuple[list[int], dict[int, ApiError]]:
+        """Each request's prompt length, and a 400 for each one whose prompt (or answer)
+        does not fit the model's context."""
         from ecgvlm.infer import PromptTooLongError, check_context, prompt_tokens
 
         errors = {}
@@ -258,7 +259,7 @@ class PulseRunner:
                 param = "max_tokens" if e.new_tokens_at_fault else "messages"
                 errors[i] = ApiError(400, f"{param}: the prompt {e.detail}", param=param,
                                      code="context_length_exceeded")
-        return errors
+        return lengths, errors
 
     def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult | ApiError]:
         """Answer a batch, one ``generate`` call per (adapter, settings) group and token budget.
@@ -277,7 +278,7 @@ class PulseRunner:
         for key, idxs in group_requests(requests).items():
             adapter = key[0]
             images = [Image.open(io.BytesIO(requests[i].image)).convert("RGB") for i in idxs]
-            errors = self._context_errors([requests[i] for i in idxs], images)
+            lengths, errors = self._check_context([requests[i] for i in idxs], images)
             for k, error in errors.items():
                 results[idxs[k]] = error
             keep = [k for k in range(len(idxs)) if k not in errors]
@@ -285,6 +286,7 @@ class PulseRunner:
                 continue
             prompts = [requests[idxs[k]].prompt for k in keep]
             kept_images = [images[k] for k in keep]
+            kept_lengths = [lengths[k] for k in keep]
             with self._lock:
                 if adapter is None:
                     ctx = (self.model.disable_adapter() if self._loaded
@@ -298,14 +300,14 @@ class PulseRunner:
                         outs = score_choices_batched(
                             self.model, self.processor, prompts, kept_images,
                             [requests[idxs[k]].guided_choice for k in keep],
-                            max_batch_tokens=self.max_batch_tokens,
+                            max_batch_tokens=self.max_batch_tokens, prompt_lengths=kept_lengths,
                         )
                     else:
                         _, _, max_new_tokens, temperature, seed = key
                         outs = generate_batched(
                             self.model, self.processor, prompts, kept_images,
                             max_new_tokens=max_new_tokens, max_batch_tokens=self.max_batch_tokens,
-                            temperature=temperature, seed=seed,
+                            prompt_lengths=kept_lengths, temperature=temperature, seed=seed,
                         )
             for k, out in zip(keep, outs):
                 results[idxs[k]] = self._result(out)

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from ecgvlm import serving as sv
-from ecgvlm.infer import ANSWER_PREFIX, score_choices
+from ecgvlm.infer import score_choices
 from ecgvlm.model import load_pulse
-from ecgvlm.prompt import build_prompt
+from ecgvlm.prompt import ANSWER_PREFIX, build_prompt, build_training_text, format_target
 from tests.unit.pulse_support import noise_image, one_torch_thread  # noqa: F401
 
 OPTIONS = ["Atrial fibrillation", "Normal sinus rhythm", "Right bundle branch block",
@@ -39,6 +39,11 @@ def _direct(model, processor, prompt, image, choice, all_choices):
         logp = torch.log_softmax(model(**batch).logits[0].float(), -1)
     # The choice's token j sits at position -len(ids) + j and is predicted one position before.
     return sum(float(logp[-len(ids) + j - 1, t]) for j, t in enumerate(ids))
+
+
+def test_the_answer_prefix_is_what_training_puts_before_the_letter():
+    _, completion = build_training_text("Which?", OPTIONS, format_target("C", "Because."))
+    assert completion.startswith(ANSWER_PREFIX + "C.") and ANSWER_PREFIX == " The answer is "
 
 
 def test_choice_logprobs_equal_a_direct_forward_pass_and_sum_to_one(tiny):

@@ -468,15 +468,19 @@ def test_measure_json_is_strict_json_and_survives_a_failing_measurer(samples_dir
     json.dumps(out, allow_nan=False)  # what the endpoint's JSONResponse requires
     assert out["heart_rate_bpm"] == pytest.approx(measure_record(record).heart_rate_bpm)
     assert len(out["leads"]) == 12
+    # P/T waves only when asked for: PR is then measured, else None with its reason.
+    assert out["pr_ms"] is None and out["reasons"]["pr_ms"]
+    with_waves = sv.measure_json(record, waves=True)
+    assert with_waves["pr_ms"] == pytest.approx(measure_record(record).pr_ms)
 
     import ecgvlm.measure
 
     def broken(record):
         raise RuntimeError("a bug in the measurer")
 
-    monkeypatch.setattr(ecgvlm.measure, "measure_record", broken)
+    monkeypatch.setattr(ecgvlm.measure, "measure_record", lambda record, config: broken(record))
     assert sv.measure_json(record) == {"error": "measurement failed (RuntimeError)"}
-    monkeypatch.setattr(ecgvlm.measure, "measure_record", lambda r: ecgvlm.measure.Measurements(
+    monkeypatch.setattr(ecgvlm.measure, "measure_record", lambda r, c: ecgvlm.measure.Measurements(
         "x", heart_rate_bpm=float("nan"), rr_mean_ms=float("inf")))
     out = sv.measure_json(record)
     assert out["heart_rate_bpm"] is None and out["rr_mean_ms"] is None
