@@ -93,11 +93,11 @@ def job(endpoint: str, model: str, split_dir: Path, out: Path, n: int, concurren
 
     config = EvalConfig(data_dir=str(split_dir), output_dir=str(out), endpoint=endpoint,
                         models=(model,), concurrency=concurrency, batch_size=batch_size,
-                        flush_every=64, max_retries=0, progress=False)
+                        flush_every=64, max_retries=0, progress=False, answer_mode="generate")
     files = split_files(config.data_dir, config.split)
     meta = read_split_meta(files)
     store = PredictionStore(out)
-    pending = pending_pairs(meta, config.models, store.done_keys())
+    pending = pending_pairs(meta, [(model, "generate")], store.done_keys())
     arrivals: list[tuple[float, int]] = []
     start = time.perf_counter()
     written = run_predictions(config, files, pending, store,

@@ -16,18 +16,60 @@ from typing import Any
 
 from ecgvlm.evaluate.errors import EvaluationError
 
+#: How a model may answer a question: a constrained choice among the option letters (with
+#: every option's probability) or free text with an explanation.
+ANSWER_MODES: tuple[str, ...] = ("choice", "generate")
+
 _RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 _MAX_BACKOFF_S = 30.0
+# OpenAI's (and our endpoint's) upper bound on top_logprobs.
+_MAX_TOP_LOGPROBS = 20
 
 
 @dataclass
 class ChatResult:
-    """One chat request's outcome: the reply text, or the error after all retries."""
+    """One chat request's outcome: the reply text, or the error after all retries.
+
+    ``choice_logprobs`` holds, for a constrained-choice request, each choice's
+    log-probability as the server reported it.
+    """
 
     text: str | None
     error: str | None
     latency_s: float
     attempts: int
+    choice_logprobs: dict[str, float] | None = None
+
+
+class NoChoiceScoresError(Exception):
+    """A constrained-choice reply without the choices' log-probabilities (a server that does
+    not take ``guided_choice``): asking again will not help."""
+
+
+def choice_logprobs_of(response: Any, choices: list[str]) -> dict[str, float]:
+    """The log-probability of each choice in a constrained-choice reply.
+
+    Read from ``choices[0].logprobs.content[0].top_logprobs``: our endpoint lists every
+    choice there; vLLM lists the first token's most probable tokens, which are the choices
+    for single-letter options. Tokens are compared without surrounding spaces; a choice the
+    reply does not list is left out (probability 0 once normalised).
+
+    Raises:
+        NoChoiceScoresError: when the reply lists none of the choices.
+    """
+    logprobs = getattr(response.choices[0], "logprobs", None)
+    content = getattr(logprobs, "content", None) or []
+    found: dict[str, float] = {}
+    for entry in (content[0].top_logprobs or []) if content else []:
+        token = str(entry.token).strip()
+        if token in choices and token not in found:
+            found[token] = float(entry.logprob)
+    if not found:
+        raise NoChoiceScoresError(
+            "the reply carries no log-probabilities of the choices (does the server take "
+            "guided_choice with logprobs? answer_mode: [generate] asks for free text only)"
+        )
+    return found
 
 
 def _retry_after_s(error: Any) -> float | None:
@@ -75,16 +117,29 @@ class ChatClient:
 
     def _retryable(self, error: Exception) -> bool:
         openai = self._openai
+        if isinstance(error, NoChoiceScoresError):
+            return False
         if isinstance(error, openai.APIStatusError):
             return error.status_code in _RETRYABLE_STATUS
         # Connection refused/reset, time-outs, and a body that is not a completion.
         return isinstance(error, (openai.APIConnectionError, openai.APIResponseValidationError,
                                   ValueError))
 
-    def chat(self, model: str, messages: list[dict[str, Any]]) -> ChatResult:
-        """The assistant's reply text, or the last error once retries are spent."""
+    def chat(
+        self, model: str, messages: list[dict[str, Any]], guided_choice: list[str] | None = None
+    ) -> ChatResult:
+        """The assistant's reply text, or the last error once retries are spent.
+
+        With ``guided_choice`` the request is vLLM's constrained choice (sent in the body as
+        ``guided_choice``, with ``logprobs``), and the result carries every choice's
+        log-probability (see ``choice_logprobs_of``).
+        """
         start = time.perf_counter()
         attempt = 0
+        extra: dict[str, Any] = {}
+        if guided_choice is not None:
+            extra = {"extra_body": {"guided_choice": guided_choice}, "logprobs": True,
+                     "top_logprobs": min(len(guided_choice), _MAX_TOP_LOGPROBS)}
         while True:
             attempt += 1
             try:
@@ -93,11 +148,13 @@ class ChatClient:
                     messages=messages,
                     max_tokens=self.max_tokens,
                     temperature=self.temperature,
+                    **extra,
                 )
                 if not response.choices:
                     raise ValueError("reply has no choices")
                 text = response.choices[0].message.content or ""
-                return ChatResult(text, None, time.perf_counter() - start, attempt)
+                scores = choice_logprobs_of(response, guided_choice) if guided_choice else None
+                return ChatResult(text, None, time.perf_counter() - start, attempt, scores)
             except Exception as e:  # noqa: BLE001 - classified below; never dropped
                 if attempt > self.max_retries or not self._retryable(e):
                     message = f"{type(e).__name__}: {e}"
@@ -149,26 +206,64 @@ def explanation_of(text: str) -> str:
     return _ANSWER_LEAD.sub("", text, count=1).strip()
 
 
-def predict_one(client: ChatClient, row: Mapping[str, Any], model: str) -> dict[str, Any]:
-    """Ask ``model`` one MCQ and turn the reply into a predictions.parquet row."""
-    from ecgvlm.prompt import PROMPT_VERSION, chat_messages, letter_index, parse_answer
+def option_probabilities(logprobs: Mapping[str, float], letters: list[str]) -> list[float]:
+    """Each option's probability, in option order: the choices' log-probabilities
+    exponentiated and normalised over the options (a letter not reported gets 0)."""
+    import math
+
+    top = max(logprobs.values())
+    weights = [math.exp(logprobs[x] - top) if x in logprobs else 0.0 for x in letters]
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+def predict_one(
+    client: ChatClient, row: Mapping[str, Any], model: str, answer_mode: str = "generate"
+) -> dict[str, Any]:
+    """Ask ``model`` one MCQ and turn the reply into a predictions.parquet row.
+
+    ``answer_mode`` ``generate`` parses the letter out of free text (the explanation is the
+    rest of the reply); ``choice`` asks for a constrained choice among the option letters and
+    keeps every option's probability in ``option_probs``; the answer is the most probable
+    option (the first of equals).
+    """
+    from ecgvlm.prompt import (
+        PROMPT_VERSION,
+        chat_messages,
+        letter_index,
+        option_letters,
+        parse_answer,
+    )
 
     options = list(row["options"])
     option_labels = list(row["option_labels"])
     answer_letter = str(row["answer_letter"])
     true_label = option_labels[letter_index(answer_letter, len(options))]
     messages = chat_messages(row["question"], options, row["png"])
-    result = client.chat(model, messages)
-    letter = parse_answer(result.text, options) if result.text is not None else None
+    probs = None
+    if answer_mode == "choice":
+        letters = list(option_letters(len(options)))
+        result = client.chat(model, messages, guided_choice=letters)
+        letter = None
+        if result.choice_logprobs is not None:
+            probs = option_probabilities(result.choice_logprobs, letters)
+            letter = letters[max(range(len(letters)), key=lambda i: (probs[i], -i))]
+        explanation = ""
+    else:
+        result = client.chat(model, messages)
+        letter = parse_answer(result.text, options) if result.text is not None else None
+        explanation = explanation_of(result.text) if result.text else ""
     return {
         "sample_id": row["sample_id"],
         "dataset": row["dataset"],
         "model": model,
+        "answer_mode": answer_mode,
         "true_label": true_label,
         "answer_letter": answer_letter,
         "predicted_letter": letter,
         "predicted_label": option_labels[letter_index(letter, len(options))] if letter else None,
-        "explanation": explanation_of(result.text) if result.text else "",
+        "option_probs": probs,
+        "explanation": explanation,
         "raw_text": result.text or "",
         "error": result.error,
         "latency_s": result.latency_s,

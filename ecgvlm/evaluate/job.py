@@ -29,6 +29,7 @@ Nothing here starts Ray or opens a connection on import.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -39,9 +40,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ecgvlm.config import check_range, config_to_dict, save_config
+from ecgvlm.config import check_choice, check_range, config_to_dict, save_config
+from ecgvlm.evaluate.calibration import CalibrationConfig, calibrate_models
 from ecgvlm.evaluate.client import (
     _MAX_BACKOFF_S,
+    ANSWER_MODES,
     ChatClient,
     explanation_of,
     list_models,
@@ -94,6 +97,13 @@ class EvalConfig:
             and 5xx replies.
         backoff_s: First retry delay; doubles each retry (with jitter, at most 30 s), or the
             server's ``Retry-After`` when it sends one.
+        answer_mode: How each model answers, one or both of ``choice`` (a constrained choice
+            among the option letters, every option's probability stored: Table 1 and the
+            calibration read these) and ``generate`` (free text with an explanation, the
+            letter parsed out of it: the judge reads these). With both, Table 1 shows the
+            choices and a second table the parsed answers.
+        calibration: Calibration metrics, temperature scaling and abstention of the
+            ``choice`` answers (``ecgvlm.evaluate.calibration``).
         max_tokens: Cap on generated tokens per answer.
         temperature: Sampling temperature (0: greedy).
         flush_every: Predictions buffered by the driver before a part file is written; an
@@ -123,6 +133,8 @@ class EvalConfig:
     timeout_s: float = 120.0
     max_retries: int = 3
     backoff_s: float = 1.0
+    answer_mode: tuple[str, ...] | str = ANSWER_MODES
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     max_tokens: int = 256
     temperature: float = 0.0
     flush_every: int = 32
@@ -140,6 +152,12 @@ class EvalConfig:
             raise ValueError("models must list at least one model")
         if len(set(self.models)) != len(self.models):
             raise ValueError(f"models must not repeat, got {list(self.models)}")
+        modes = (self.answer_mode,) if isinstance(self.answer_mode, str) else tuple(self.answer_mode)
+        for mode in modes:
+            check_choice("answer_mode", mode, ANSWER_MODES)
+        if not modes or len(set(modes)) != len(modes):
+            raise ValueError(f"answer_mode must list choice and/or generate once each, got {list(modes)}")
+        object.__setattr__(self, "answer_mode", modes)
         if not re.match(r"^https?://", self.endpoint):
             raise ValueError(f"endpoint must be an http(s) URL ending in /v1, got {self.endpoint!r}")
         check_range("limit_per_dataset", self.limit_per_dataset, 0)
@@ -158,6 +176,11 @@ class EvalConfig:
     def in_flight(self) -> int:
         """Requests the endpoint sees at once at most."""
         return self.concurrency * self.requests_per_actor
+
+    @property
+    def table1_mode(self) -> str:
+        """The answer mode Table 1 scores: ``choice`` when it runs, else ``generate``."""
+        return "choice" if "choice" in self.answer_mode else "generate"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,19 +306,24 @@ def select_samples(
 # ---------------------------------------------------------------------------------------------
 
 
-def expand_pending(batch: Any, pending: dict[str, list[str]]) -> Any:
-    """One row per (sample, model still to ask), with a ``model`` column (pyarrow batch)."""
+def expand_pending(batch: Any, pending: dict[tuple[str, str], list[str]]) -> Any:
+    """One row per (sample, model, answer mode still to ask), with ``model`` and
+    ``answer_mode`` columns (pyarrow batch)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    def tagged(table: Any, model: str, mode: str) -> Any:
+        table = table.append_column("model", pa.array([model] * len(table), pa.string()))
+        return table.append_column("answer_mode", pa.array([mode] * len(table), pa.string()))
+
     tables = []
-    for model, ids in pending.items():
+    for (model, mode), ids in pending.items():
         mask = pc.is_in(batch["sample_id"], value_set=pa.array(ids, pa.string()))
         chosen = batch.filter(mask)
         if len(chosen):
-            tables.append(chosen.append_column("model", pa.array([model] * len(chosen), pa.string())))
+            tables.append(tagged(chosen, model, mode))
     if not tables:
-        return batch.slice(0, 0).append_column("model", pa.array([], pa.string()))
+        return tagged(batch.slice(0, 0), "", "")
     return pa.concat_tables(tables)
 
 
@@ -314,7 +342,7 @@ class ChatCaller:
         rows = batch.to_pylist()
 
         def one(row: dict[str, Any]) -> dict[str, Any]:
-            return predict_one(self.client, row, row["model"])
+            return predict_one(self.client, row, row["model"], row["answer_mode"])
 
         out = list(self.pool.map(one, rows)) if self.pool else [one(r) for r in rows]
         schema = prediction_schema()
@@ -322,11 +350,11 @@ class ChatCaller:
 
 
 def pending_pairs(
-    meta: Any, models: Iterable[str], done: set[tuple[str, str]]
-) -> dict[str, list[str]]:
-    """Model -> sample ids still to ask."""
+    meta: Any, tasks: Iterable[tuple[str, str]], done: set[tuple[str, str, str]]
+) -> dict[tuple[str, str], list[str]]:
+    """(model, answer mode) -> sample ids still to ask."""
     ids = list(meta["sample_id"])
-    return {m: [s for s in ids if (s, m) not in done] for m in models}
+    return {(m, mode): [s for s in ids if (s, m, mode) not in done] for m, mode in tasks}
 
 
 def block_bytes(files: list[Path], batch_size: int) -> int:
@@ -349,7 +377,7 @@ def block_bytes(files: list[Path], batch_size: int) -> int:
 def run_predictions(
     config: EvalConfig,
     files: list[Path],
-    pending: dict[str, list[str]],
+    pending: dict[tuple[str, str], list[str]],
     store: PredictionStore,
     on_rows: Callable[[int], None] | None = None,
 ) -> int:
@@ -362,7 +390,7 @@ def run_predictions(
 
     from ecgvlm.dataset import read_shards
 
-    pending = {m: ids for m, ids in pending.items() if ids}
+    pending = {task: ids for task, ids in pending.items() if ids}
     if not pending:
         return 0
     api_key = os.environ.get(config.endpoint_api_key_env) or "EMPTY"
@@ -590,6 +618,49 @@ def blind_baseline_rows(config: EvalConfig, meta: Any) -> tuple[list[dict[str, A
     return rows, note
 
 
+def validation_choices(
+    config: EvalConfig, models: list[str], output_dir: Path
+) -> tuple[list[dict[str, Any]], str | None]:
+    """``choice`` answers of ``models`` on the calibration split (``calibration.split``),
+    asked through the same pipeline and stored in ``<output_dir>/calibration/`` (resumable
+    like the evaluated split). The same data sets and per-data-set limit as the evaluation.
+
+    Returns:
+        (prediction rows with option probabilities, a note when there are none or when they
+        come from the evaluated split itself).
+    """
+    from ecgvlm.prompt import PROMPT_VERSION
+
+    split = config.calibration.split
+    if not split:
+        return [], "calibration.split is empty: raw probabilities, no fitted threshold"
+    try:
+        files = split_files(config.data_dir, split)
+    except EvaluationError as e:
+        return [], f"nothing fitted: no {split!r} split to fit on ({e})"
+    meta = read_split_meta(files)
+    datasets = tuple(d for d in config.datasets if d in set(meta["dataset"]))
+    if config.datasets and not datasets:
+        return [], f"nothing fitted: the {split!r} split has none of the data sets {list(config.datasets)}"
+    meta = select_samples(meta, datasets, config.limit_per_dataset, config.seed)
+    store = PredictionStore(output_dir / "calibration")
+    store.check_resumable(split, PROMPT_VERSION)
+    pending = pending_pairs(meta, [(m, "choice") for m in models], store.done_keys(config.retry_errors))
+    bar = _progress(sum(len(v) for v in pending.values()), f"predict ({split})", config.progress)
+    try:
+        run_predictions(dataclasses.replace(config, split=split), files, pending, store,
+                        on_rows=bar.update)
+    finally:
+        bar.close()
+    rows = store.consolidate()
+    rows = rows[rows["sample_id"].isin(set(meta["sample_id"])) & rows["model"].isin(models)
+                & (rows["answer_mode"] == "choice")]
+    note = None
+    if split == config.split:
+        note = f"fitted on the evaluated split {split!r} itself: optimistic"
+    return rows.to_dict("records"), note
+
+
 def _unavailable_models(predictions: Any, models: Iterable[str]) -> dict[str, str]:
     """Models with rows that all failed: not evaluated (with the first error as the reason)."""
     out = {}
@@ -638,10 +709,11 @@ def evaluate(config: EvalConfig) -> tuple[Any, dict[str, Path]]:
             unavailable[m] = f"the endpoint says it is unavailable: {served[m]}"
     models = [m for m in config.models if m not in unavailable]
 
+    tasks = [(m, mode) for m in models for mode in config.answer_mode]
     done = store.done_keys(config.retry_errors)
-    pending = pending_pairs(meta, models, done)
+    pending = pending_pairs(meta, tasks, done)
     n_pending = sum(len(v) for v in pending.values())
-    resumed = {m: sum((s, m) in done for s in meta["sample_id"]) for m in models}
+    resumed = {task: sum((s, *task) in done for s in meta["sample_id"]) for task in tasks}
     bar = _progress(n_pending, "predict", config.progress)
     t0 = time.perf_counter()
     try:
@@ -654,31 +726,59 @@ def evaluate(config: EvalConfig) -> tuple[Any, dict[str, Path]]:
     selected = set(meta["sample_id"])
     predictions = predictions[
         predictions["sample_id"].isin(selected) & predictions["model"].isin(models)
+        & predictions["answer_mode"].isin(config.answer_mode)
     ].reset_index(drop=True)
-    unavailable.update(_unavailable_models(predictions, models))
-    scored = predictions[~predictions["model"].isin(unavailable)]
-    if not len(scored):
+    clusters = {str(row["sample_id"]): sample_cluster(row) for row in meta.to_dict("records")}
+    by_mode = {mode: predictions[predictions["answer_mode"] == mode] for mode in config.answer_mode}
+    failed = {mode: _unavailable_models(rows, models) for mode, rows in by_mode.items()}
+    table1_mode = config.table1_mode
+    unavailable.update({m: f"{why} ({table1_mode} answers)" for m, why in failed[table1_mode].items()})
+    scored = {mode: rows[~rows["model"].isin(list(failed[mode]))] for mode, rows in by_mode.items()}
+    if not any(len(rows) for rows in scored.values()):
         reasons = "; ".join(f"{m}: {why}" for m, why in unavailable.items())
         raise EvaluationError(f"no model could be evaluated ({reasons})")
 
-    clusters = {str(row["sample_id"]): sample_cluster(row) for row in meta.to_dict("records")}
-    records = scored.to_dict("records")
+    records = scored[table1_mode].to_dict("records")
     baseline, baseline_note = blind_baseline_rows(config, meta)
     for row in (*records, *baseline):
         row["cluster"] = clusters[str(row["sample_id"])]
     metrics = metrics_by_model_and_dataset([*records, *baseline], n_boot=config.n_boot,
                                            seed=config.seed)
-    judgements, judge_note = run_judge(scored, meta, config.judge, out, config.progress)
+    generated_metrics: dict[str, Any] = {}
+    generated_note = None
+    if table1_mode != "generate" and "generate" in config.answer_mode:
+        rows = [{**r, "cluster": clusters[str(r["sample_id"])]}
+                for r in scored["generate"].to_dict("records")]
+        generated_metrics = metrics_by_model_and_dataset(rows, n_boot=config.n_boot,
+                                                         seed=config.seed)
+        if failed["generate"]:
+            generated_note = "; ".join(f"{m}: {why}" for m, why in sorted(failed["generate"].items()))
+
+    calibration: dict[str, Any] = {}
+    calibration_note = None
+    if "choice" in config.answer_mode and len(scored["choice"]):
+        choice_models = sorted(set(scored["choice"]["model"]))
+        val_rows, calibration_note = validation_choices(config, choice_models, out)
+        test_rows = [{**r, "cluster": clusters[str(r["sample_id"])]}
+                     for r in scored["choice"].to_dict("records")]
+        calibration = calibrate_models(test_rows, val_rows, config.calibration,
+                                       n_boot=config.n_boot, seed=config.seed)
+
+    if "generate" in config.answer_mode:
+        judgements, judge_note = run_judge(scored["generate"], meta, config.judge, out,
+                                           config.progress)
+    else:
+        judgements, judge_note = [], "no explanations to judge: answer_mode has no 'generate'"
     judge_boot = config.n_boot or 1000
 
-    counts = {}
-    for model in models:
-        rows = predictions[predictions["model"] == model]
-        counts[model] = {
+    counts: dict[str, dict[str, dict[str, int]]] = {}
+    for model, mode in tasks:
+        rows = by_mode[mode][by_mode[mode]["model"] == model]
+        counts.setdefault(model, {})[mode] = {
             "n": len(rows),
             "unparseable": int((rows["predicted_letter"].isna() & rows["error"].isna()).sum()),
             "errors": int(rows["error"].notna().sum()),
-            "resumed": int(resumed.get(model, 0)),
+            "resumed": int(resumed.get((model, mode), 0)),
         }
     report = EvalReport(
         metrics=metrics,
@@ -690,10 +790,16 @@ def evaluate(config: EvalConfig) -> tuple[Any, dict[str, Path]]:
         judge_note=judge_note,
         baseline_note=baseline_note,
         chance=chance_by_dataset(meta),
+        answer_mode=table1_mode,
+        generated=generated_metrics,
+        generated_note=generated_note,
+        calibration=calibration,
+        calibration_note=calibration_note,
         meta={
             "run_name": out.name,
             "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "models": list(config.models),
+            "answer_mode": list(config.answer_mode),
             "endpoint": config.endpoint,
             "split": config.split,
             "data_dir": config.data_dir,

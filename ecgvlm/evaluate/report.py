@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ecgvlm.evaluate.calibration import CALIBRATION_NAMES as CALIBRATION_COLUMNS
+from ecgvlm.evaluate.calibration import calibration_json
 from ecgvlm.evaluate.judge import CRITERIA, LOWER_IS_BETTER
 from ecgvlm.evaluate.metrics import PRIOR_MODEL, ClassificationMetrics
 
@@ -50,8 +52,14 @@ _TITLES = {
     "detail_quality": "Detail quality",
     "context_understanding": "Context understanding",
     "hallucination": "Hallucination",
+    "ece": "ECE",
+    "brier": "Brier",
+    "log_loss": "Log loss",
+    "aurc": "AURC",
 }
 NA = "n/a"
+_MODE_WORDS = {"choice": "constrained choice among the option letters",
+               "generate": "letters parsed from generated text"}
 
 
 @dataclass
@@ -69,6 +77,12 @@ class EvalReport:
             counts, git sha, resolved config, timings.
         baseline_note: How the blind baseline was fitted, or why it did not run.
         chance: Data set -> the score of a uniform guess (mean of 1 / number of options).
+        answer_mode: How Table 1's answers were given: ``choice`` or ``generate``.
+        generated: With Table 1 from ``choice``, the metrics of the answers parsed from
+            generated text (Table 1b); empty otherwise.
+        generated_note: Models left out of Table 1b, and why.
+        calibration: ``ecgvlm.evaluate.calibration.calibrate_models`` output (Tables 4, 5).
+        calibration_note: Where the temperature and threshold were fitted, or why not.
     """
 
     metrics: dict[str, dict[str, ClassificationMetrics]]
@@ -79,6 +93,11 @@ class EvalReport:
     meta: dict[str, Any] = field(default_factory=dict)
     baseline_note: str | None = None
     chance: dict[str, float] = field(default_factory=dict)
+    answer_mode: str = "generate"
+    generated: dict[str, dict[str, ClassificationMetrics]] = field(default_factory=dict)
+    generated_note: str | None = None
+    calibration: dict[str, dict[str, Any]] = field(default_factory=dict)
+    calibration_note: str | None = None
 
 
 def git_sha(cwd: str | Path | None = None) -> str | None:
@@ -125,16 +144,18 @@ def _ordered_models(models: Any) -> list[str]:
     return sorted(models - {PRIOR_MODEL}) + ([PRIOR_MODEL] if PRIOR_MODEL in models else [])
 
 
-def table1_markdown(report: EvalReport) -> str:
-    """Table 1: one row per data set x model, metric cells ``value [lo, hi]``."""
+def table1_markdown(report: EvalReport, generated: bool = False) -> str:
+    """Table 1: one row per data set x model, metric cells ``value [lo, hi]`` (with
+    ``generated``: Table 1b, the answers parsed from generated text)."""
     header = ["Dataset", "Model", "n"] + [_TITLES[m] for m in TABLE1_METRICS] + [
         _TITLES["unparseable_rate"], "Note"
     ]
-    datasets = sorted({d for per_ds in report.metrics.values() for d in per_ds})
+    metrics = report.generated if generated else report.metrics
+    datasets = sorted({d for per_ds in metrics.values() for d in per_ds})
     rows = []
     for dataset in datasets:
-        for model in _ordered_models(report.metrics):
-            m = report.metrics[model].get(dataset)
+        for model in _ordered_models(metrics):
+            m = metrics[model].get(dataset)
             if m is None:
                 continue
             notes = list(m.flags)
@@ -146,7 +167,7 @@ def table1_markdown(report: EvalReport) -> str:
                 + [_fmt_ci(getattr(m, k), m.ci.get(k)) for k in TABLE1_METRICS]
                 + [_fmt_ci(m.unparseable_rate, m.ci.get("unparseable_rate")), "; ".join(notes)]
             )
-    for model, reason in sorted(report.unavailable.items()):
+    for model, reason in sorted(report.unavailable.items()) if not generated else ():
         rows.append(["all", model, "0"] + [NA] * (len(TABLE1_METRICS) + 1) + [f"not evaluated: {reason}"])
     return _md_table(header, rows)
 
@@ -195,12 +216,98 @@ def table3_markdown(report: EvalReport) -> str:
     return _md_table(header, rows)
 
 
-def metrics_json(report: EvalReport) -> dict[str, dict[str, dict[str, Any]]]:
-    """``{model: {dataset: {...metrics, ci, per_class, confusion, judge?}}}``."""
+def _calibration_entries(report: EvalReport) -> list[tuple[str, str, dict[str, Any]]]:
+    """(dataset, model, entry) of ``report.calibration``, data sets then models sorted."""
+    datasets = sorted({d for c in report.calibration.values() for d in c["datasets"]})
+    return [(d, model, report.calibration[model]["datasets"][d]) for d in datasets
+            for model in sorted(report.calibration) if d in report.calibration[model]["datasets"]]
+
+
+def table4_markdown(report: EvalReport) -> str:
+    """Table 4: calibration of the option probabilities, raw and after temperature scaling."""
+    coverages: list[str] = []
+    for _, _, entry in _calibration_entries(report):
+        if entry["raw"] is not None:
+            coverages = list(entry["raw"].accuracy_at_coverage)
+            break
+    header = (["Dataset", "Model", "Probabilities", "n", "Accuracy"]
+              + [_TITLES[c] for c in CALIBRATION_COLUMNS] + [f"Acc. {c.split('@')[1]}" for c in coverages]
+              + ["Note"])
+    rows = []
+    for dataset, model, entry in _calibration_entries(report):
+        note = f"{entry['n_missing']} failed request(s) left out" if entry["n_missing"] else ""
+        if entry["raw"] is None:
+            rows.append([dataset, model, "none", "0", NA] + [NA] * (len(CALIBRATION_COLUMNS) + len(coverages))
+                        + [note])
+            continue
+        for kind in ("raw", "scaled"):
+            m = entry[kind]
+            if m is None:
+                continue
+            label = "raw" if kind == "raw" else f"T = {m.temperature:.2f}"
+            rows.append(
+                [dataset, model, label, str(m.n), _fmt_ci(m.accuracy, m.ci.get("accuracy"))]
+                + [_fmt_ci(getattr(m, c), m.ci.get(c)) for c in CALIBRATION_COLUMNS]
+                + [_fmt_ci(m.accuracy_at_coverage[c], m.ci.get(c)) for c in coverages]
+                + [note])
+    return _md_table(header, rows)
+
+
+def table5_markdown(report: EvalReport) -> str:
+    """Table 5: answering only above the confidence threshold (coverage, accuracy)."""
+    header = ["Dataset", "Model", "Threshold", "Coverage", "Accuracy when answering",
+              "Accuracy of all"]
+    rows = []
+    for dataset, model, entry in _calibration_entries(report):
+        a = entry["abstention"]
+        if a is None:
+            continue
+        m = entry["scaled"] or entry["raw"]
+        rows.append([dataset, model, _fmt(a.threshold) if a.threshold != float("inf") else "1 (all)",
+                     _fmt_ci(a.coverage, a.ci.get("coverage")),
+                     _fmt_ci(None if a.accuracy != a.accuracy else a.accuracy, a.ci.get("accuracy")),
+                     _fmt(m.accuracy)])
+    return _md_table(header, rows)
+
+
+def calibration_caption(report: EvalReport) -> str:
+    """What Tables 4 and 5 are."""
+    meta = report.meta
+    cal = (meta.get("config") or {}).get("calibration") or {}
+    fits = []
+    for model, c in sorted(report.calibration.items()):
+        fit = c["fit"]
+        parts = []
+        if fit.get("temperature") is not None:
+            parts.append(f"T = {fit['temperature']:.3f}")
+        if fit.get("threshold") is not None:
+            parts.append("threshold " + ("1 (abstain on all)" if fit["threshold"] == float("inf")
+                                          else f"{fit['threshold']:.3f}"))
+        parts += fit.get("notes", [])
+        fits.append(f"`{model}`: " + ("; ".join(parts) or "nothing fitted")
+                    + f" ({fit.get('n_fit', 0)} validation answers)")
+    return (
+        "The constrained-choice answers' option probabilities. Confidence is the top "
+        f"option's probability. ECE: {cal.get('n_bins', '?')} equal-mass bins; Brier: "
+        "multi-class, sum over options (0 best, 2 worst); log loss of the correct option; "
+        "AURC: area under the risk-coverage curve (lower is better; a confidence that says "
+        "nothing gives about the error rate); Acc. c: accuracy of the c most confident "
+        "answers. Point estimate [95% CI] resampling the same units as Table 1. "
+        "Temperature and threshold are fitted per model on the "
+        f"`{cal.get('split') or 'none'}` split and applied unchanged here: "
+        + "; ".join(fits) + "."
+    )
+
+
+def metrics_json(report: EvalReport, generated: bool = False) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{model: {dataset: {...metrics, ci, per_class, confusion, answer_mode, judge?}}}``
+    (with ``generated``: Table 1b's)."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
-    for model, per_ds in report.metrics.items():
+    for model, per_ds in (report.generated if generated else report.metrics).items():
         for dataset, m in per_ds.items():
             entry = m.to_json()
+            if model != PRIOR_MODEL:
+                entry["answer_mode"] = "generate" if generated else report.answer_mode
             judged = report.judge.get(model, {}).get(dataset)
             if judged is not None:
                 entry["judge"] = judged
@@ -256,12 +363,31 @@ def report_markdown(report: EvalReport, plots: list[str] | None = None) -> str:
         run = (f"Run {meta.get('run_name', '')} created {meta['created_utc']} "
                f"(git {meta.get('git_sha') or 'unknown'}).")
         lines += [run, ""]
-    lines += ["## Table 1: classification", "", table1_caption(report), ""]
+    lines += [f"## Table 1: classification ({_MODE_WORDS[report.answer_mode]})", "",
+              table1_caption(report), ""]
     if report.baseline_note:
         lines += [f"**Blind baseline:** {report.baseline_note}", ""]
+    lines += [table1_markdown(report), ""]
+    if report.generated:
+        lines += ["## Table 1b: classification of the answers in generated text", "",
+                  ("The same questions answered in free text, the letter parsed out of the "
+                   "reply (the explanations the judge reads); intervals as in Table 1."), ""]
+        if report.generated_note:
+            lines += [f"**Not evaluated:** {report.generated_note}", ""]
+        lines += [table1_markdown(report, generated=True), ""]
+    if report.calibration:
+        lines += ["## Table 4: calibration of the option probabilities", "",
+                  calibration_caption(report), ""]
+        if report.calibration_note:
+            lines += [f"**Note:** {report.calibration_note}", ""]
+        lines += [table4_markdown(report), ""]
+        abstaining = table5_markdown(report)
+        if abstaining.count("\n") > 1:
+            lines += ["## Table 5: abstention", "",
+                      ("Each model answers only when its (temperature-scaled) top probability "
+                       "reaches the threshold; coverage is the share answered."), "",
+                      abstaining, ""]
     lines += [
-        table1_markdown(report),
-        "",
         "## Table 2: judge scores of the explanations",
         "",
         table2_caption(report),
@@ -288,12 +414,13 @@ def report_markdown(report: EvalReport, plots: list[str] | None = None) -> str:
             lines.append(f"- {key}: `{json.dumps(meta[key]) if not isinstance(meta[key], str) else meta[key]}`")
     counts = meta.get("counts")
     if counts:
-        lines += ["", "Counts per model:", ""]
-        header = ["Model", "Predictions", "Unparseable", "Request errors", "Resumed"]
+        lines += ["", "Counts per model and answer mode:", ""]
+        header = ["Model", "Answer mode", "Predictions", "Unparseable", "Request errors",
+                  "Resumed"]
         rows = [
-            [m, str(c.get("n", 0)), str(c.get("unparseable", 0)), str(c.get("errors", 0)),
+            [m, mode, str(c.get("n", 0)), str(c.get("unparseable", 0)), str(c.get("errors", 0)),
              str(c.get("resumed", 0))]
-            for m, c in sorted(counts.items())
+            for m, per_mode in sorted(counts.items()) for mode, c in sorted(per_mode.items())
         ]
         lines += [_md_table(header, rows)]
     if plots:
@@ -471,6 +598,81 @@ def plot_judge_bars(report: EvalReport, out_dir: Path) -> Path | None:
     return path
 
 
+def _calibration_panels(report: EvalReport, title: str) -> tuple[Any, Any, list[str]]:
+    """A figure with one panel per data set of ``report.calibration``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = sorted({d for c in report.calibration.values() for d, e in c["datasets"].items()
+                       if e["raw"] is not None})
+    ncols = min(3, len(datasets))
+    nrows = -(-len(datasets) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.9 * nrows), squeeze=False)
+    for ax in axes.flat[len(datasets):]:
+        ax.set_visible(False)
+    fig.suptitle(title, fontsize=10)
+    return fig, axes, datasets
+
+
+def plot_reliability(report: EvalReport, out_dir: Path) -> Path | None:
+    """Reliability diagrams, one panel per data set: accuracy against mean confidence per
+    equal-mass bin for each model, raw (solid) and temperature-scaled (dashed)."""
+    if not any(e["raw"] for c in report.calibration.values() for e in c["datasets"].values()):
+        return None
+    import matplotlib.pyplot as plt
+
+    fig, axes, datasets = _calibration_panels(report, "Reliability (equal-mass bins)")
+    for ax, dataset in zip(axes.flat, datasets):
+        ax.plot([0, 1], [0, 1], color="grey", linewidth=0.8, linestyle=":")
+        for k, model in enumerate(sorted(report.calibration)):
+            entry = report.calibration[model]["datasets"].get(dataset) or {}
+            for kind, style in (("raw", "-"), ("scaled", "--")):
+                m = entry.get(kind)
+                if m is None:
+                    continue
+                label = model if kind == "raw" else f"{model}, T={m.temperature:.2f}"
+                ax.plot([b["confidence"] for b in m.reliability], [b["accuracy"] for b in m.reliability],
+                        style, marker="o", markersize=3, color=f"C{k}", label=label)
+        ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="mean confidence", ylabel="accuracy",
+               title=dataset)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out_dir / "reliability.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_risk_coverage(report: EvalReport, out_dir: Path) -> Path | None:
+    """Risk-coverage curves, one panel per data set: the error rate of the answers kept as
+    coverage grows from the most confident down, one line per model."""
+    if not any(e["raw"] for c in report.calibration.values() for e in c["datasets"].values()):
+        return None
+    import matplotlib.pyplot as plt
+
+    fig, axes, datasets = _calibration_panels(report, "Risk-coverage (raw probabilities)")
+    for ax, dataset in zip(axes.flat, datasets):
+        for k, model in enumerate(sorted(report.calibration)):
+            m = (report.calibration[model]["datasets"].get(dataset) or {}).get("raw")
+            if m is None:
+                continue
+            coverage, risk = zip(*m.risk_coverage)
+            ax.step(coverage, risk, where="post", color=f"C{k}",
+                    label=f"{model} (AURC {m.aurc:.3f})")
+        ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="coverage", ylabel="risk (error rate)",
+               title=dataset)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out_dir / "risk_coverage.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_report(report: EvalReport, out_dir: str | Path) -> dict[str, Path]:
     """Write ``metrics.json``, ``run.json``, the plots and ``report.md`` into ``out_dir``.
 
@@ -483,14 +685,25 @@ def write_report(report: EvalReport, out_dir: str | Path) -> dict[str, Path]:
     path = out / "metrics.json"
     path.write_text(json.dumps(metrics_json(report), indent=2, sort_keys=True))
     written["metrics.json"] = path
+    if report.generated:
+        path = out / "metrics_generate.json"
+        path.write_text(json.dumps(metrics_json(report, generated=True), indent=2, sort_keys=True))
+        written["metrics_generate.json"] = path
+    if report.calibration:
+        path = out / "calibration.json"
+        path.write_text(json.dumps(calibration_json(report.calibration), indent=2, sort_keys=True))
+        written["calibration.json"] = path
     path = out / "run.json"
     run = {**report.meta, "unavailable": report.unavailable, "judge_note": report.judge_note,
-           "baseline_note": report.baseline_note, "chance": report.chance}
+           "baseline_note": report.baseline_note, "chance": report.chance,
+           "table1_answer_mode": report.answer_mode, "generated_note": report.generated_note,
+           "calibration_note": report.calibration_note}
     path.write_text(json.dumps(run, indent=2, sort_keys=True, default=str))
     written["run.json"] = path
     plots: list[Path] = []
     failures: list[str] = []
-    for plot in (plot_confusions, plot_metric_bars, plot_judge_bars):
+    for plot in (plot_confusions, plot_metric_bars, plot_judge_bars, plot_reliability,
+                 plot_risk_coverage):
         try:
             made = plot(report, out)
         except Exception as e:  # noqa: BLE001 - named in report.md; the tables still count
@@ -510,13 +723,18 @@ def write_report(report: EvalReport, out_dir: str | Path) -> dict[str, Path]:
 
 def console_tables(report: EvalReport) -> str:
     """Both tables as the CLI prints them at the end of a run."""
-    text = "Table 1: classification (value [95% CI])\n"
+    text = f"Table 1: classification, {_MODE_WORDS[report.answer_mode]} (value [95% CI])\n"
     if report.baseline_note:
         text += f"Blind baseline: {report.baseline_note}\n"
     text += table1_markdown(report) + "\n\nTable 2: judge scores (mean [95% CI])\n"
     if report.judge_note:
         text += f"Note: {report.judge_note}\n"
     text += table2_markdown(report) + "\n"
+    if report.calibration:
+        text += "\nTable 4: calibration of the option probabilities (value [95% CI])\n"
+        if report.calibration_note:
+            text += f"Note: {report.calibration_note}\n"
+        text += table4_markdown(report) + "\n"
     if report.judge_pairs:
         text += "\nTable 3: paired judge differences (mean [95% CI])\n" + table3_markdown(report) + "\n"
     return text

@@ -13,6 +13,9 @@ from typing import Any
 
 from ecgvlm.evaluate.errors import EvaluationError
 
+#: What identifies a stored prediction: one row per sample, model and answer mode.
+KEY_COLUMNS: tuple[str, ...] = ("sample_id", "model", "answer_mode")
+
 #: Columns of predictions.parquet, in order (DESIGN.md names the first eight).
 PREDICTION_COLUMNS: tuple[str, ...] = (
     "sample_id",
@@ -22,6 +25,8 @@ PREDICTION_COLUMNS: tuple[str, ...] = (
     "answer_letter",
     "predicted_letter",
     "predicted_label",
+    "answer_mode",
+    "option_probs",
     "explanation",
     "raw_text",
     "error",
@@ -45,6 +50,8 @@ def prediction_schema() -> Any:
             ("answer_letter", pa.string()),
             ("predicted_letter", pa.string()),
             ("predicted_label", pa.string()),
+            ("answer_mode", pa.string()),
+            ("option_probs", pa.list_(pa.float64())),
             ("explanation", pa.string()),
             ("raw_text", pa.string()),
             ("error", pa.string()),
@@ -58,7 +65,7 @@ def prediction_schema() -> Any:
 
 
 class PredictionStore:
-    """Predictions of one output directory, keyed by (sample_id, model).
+    """Predictions of one output directory, keyed by (sample_id, model, answer_mode).
 
     New rows go to ``predictions/part-<run>-<n>.parquet`` (written to a temporary name and
     renamed, so a killed run leaves whole files or none); ``consolidate`` merges the parts
@@ -81,6 +88,7 @@ class PredictionStore:
         """All stored rows, latest per key (pandas DataFrame with PREDICTION_COLUMNS)."""
         import pandas as pd
         import pyarrow as pa
+        import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
         schema = prediction_schema()
@@ -91,12 +99,17 @@ class PredictionStore:
             for name in schema.names:
                 if name not in table.schema.names:
                     table = table.append_column(name, pa.nulls(len(table), schema.field(name).type))
+            if table.column("answer_mode").null_count:
+                # Written before answer modes existed: every answer was generated text.
+                filled = pc.fill_null(table.column("answer_mode"), "generate")
+                table = table.set_column(table.schema.get_field_index("answer_mode"), "answer_mode",
+                                         filled)
             tables.append(table.select(schema.names).cast(schema))
         if not tables:
             return pd.DataFrame({name: pd.Series(dtype=object) for name in schema.names})
         frame = pa.concat_tables(tables).to_pandas()
         # Sources are read oldest first, so keeping the last row per key keeps the newest.
-        frame = frame.drop_duplicates(["sample_id", "model"], keep="last").reset_index(drop=True)
+        frame = frame.drop_duplicates(list(KEY_COLUMNS), keep="last").reset_index(drop=True)
         # Nulls of text columns as None (pandas reads them as NaN), so rows read back as the
         # Prediction records they were written from.
         for name in schema.names:
@@ -104,12 +117,13 @@ class PredictionStore:
                 frame[name] = frame[name].astype(object).where(frame[name].notna(), None)
         return frame
 
-    def done_keys(self, retry_errors: bool = True) -> set[tuple[str, str]]:
-        """Keys that need no new request (errored ones only when ``retry_errors`` is off)."""
+    def done_keys(self, retry_errors: bool = True) -> set[tuple[str, str, str]]:
+        """(sample_id, model, answer_mode) keys that need no new request (errored ones only
+        when ``retry_errors`` is off)."""
         frame = self.load()
         if retry_errors:
             frame = frame[frame["error"].isna()]
-        return set(zip(frame["sample_id"], frame["model"]))
+        return set(zip(*(frame[c] for c in KEY_COLUMNS)))
 
     def check_resumable(self, split: str, prompt_version: str) -> None:
         """Refuse to add to predictions of another split or prompt version.
@@ -153,7 +167,8 @@ class PredictionStore:
         import pyarrow.parquet as pq
 
         sources = self._sources()
-        frame = self.load().sort_values(["model", "dataset", "sample_id"]).reset_index(drop=True)
+        order = ["model", "answer_mode", "dataset", "sample_id"]
+        frame = self.load().sort_values(order).reset_index(drop=True)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".parquet.tmp")
         pq.write_table(pa.Table.from_pandas(frame, prediction_schema(), preserve_index=False), tmp)

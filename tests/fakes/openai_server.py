@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -40,6 +41,9 @@ class Reply:
         body: Raw response bytes sent as-is (e.g. ``b"{not json"``), overriding ``content``.
         delay_s: Sleep before answering (to exercise client time-outs).
         headers: Extra response headers (e.g. ``{"Retry-After": "0"}``).
+        choice_logprobs: Choice -> log-probability: the reply carries them as our endpoint
+            answers ``guided_choice`` (``choices[0].logprobs.content[0].top_logprobs``
+            lists every choice, most probable first; the content is the most probable).
     """
 
     content: str | None = None
@@ -47,6 +51,7 @@ class Reply:
     body: bytes | None = None
     delay_s: float = 0.0
     headers: dict[str, str] = field(default_factory=dict)
+    choice_logprobs: dict[str, float] | None = None
 
 
 @dataclass
@@ -64,9 +69,20 @@ def _default_responder(request: dict[str, Any]) -> Reply:
     return Reply(content="The answer is A.")
 
 
-def completion_body(content: str, model: str) -> dict[str, Any]:
-    """A chat.completion object as the OpenAI API returns it."""
-    return {
+def completion_body(
+    content: str, model: str, choice_logprobs: dict[str, float] | None = None
+) -> dict[str, Any]:
+    """A chat.completion object as the OpenAI API returns it (with ``choice_logprobs``: as
+    our endpoint answers a constrained choice)."""
+    if choice_logprobs:
+        ranked = sorted(choice_logprobs.items(), key=lambda kv: -kv[1])
+        content = ranked[0][0]
+
+        def entry(token: str, logprob: float) -> dict[str, Any]:
+            return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+        logprobs = {"content": [{**entry(*ranked[0]), "top_logprobs": [entry(*kv) for kv in ranked]}]}
+    body = {
         "id": f"chatcmpl-fake-{time.monotonic_ns()}",
         "object": "chat.completion",
         "created": int(time.time()),
@@ -80,6 +96,9 @@ def completion_body(content: str, model: str) -> dict[str, Any]:
         ],
         "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
     }
+    if choice_logprobs:
+        body["choices"][0]["logprobs"] = logprobs
+    return body
 
 
 class FakeOpenAIServer:
@@ -201,7 +220,9 @@ class FakeOpenAIServer:
                     ).encode()
                 else:
                     model = str(payload.get("model", ""))
-                    body = json.dumps(completion_body(reply.content or "", model)).encode()
+                    body = json.dumps(
+                        completion_body(reply.content or "", model, reply.choice_logprobs)
+                    ).encode()
                 try:
                     self._send(reply.status, body, reply.headers)
                 except (BrokenPipeError, ConnectionResetError):
@@ -241,6 +262,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     def respond(request: dict[str, Any]) -> Reply:
+        choices = request.get("guided_choice")
+        if choices:  # every option equally likely, as an untrained model nearly says
+            uniform = {c: -math.log(len(choices)) for c in choices}
+            return Reply(choice_logprobs=uniform, delay_s=args.delay_s)
         return Reply(content=args.answer, delay_s=args.delay_s)
 
     server = FakeOpenAIServer(respond).start()

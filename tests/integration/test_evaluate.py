@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from ecgvlm.config import load_config
+from ecgvlm.config import config_from_dict, load_config
 from ecgvlm.evaluate import ChatClient, EvalConfig, EvaluationError, PredictionStore, evaluate
 from ecgvlm.judge import RUBRIC_VERSION
 from tests.fakes.mcq_split import sample_rows, write_split
@@ -40,7 +40,7 @@ SERVED = ("pulse", "pulse-lora", {"id": "gpt-4o", "object": "model", "owned_by":
 
 
 def _index(sample_id: str) -> int:
-    return int(re.search(r"/r(\d+)#", sample_id).group(1))
+    return int(re.search(r"/[rv](\d+)#", sample_id).group(1))
 
 
 def expected_letter(sample_id: str, model: str) -> str | None:
@@ -90,7 +90,7 @@ def _config(split_dir, out, endpoint, judge_url, **kw):
     data = {"data_dir": str(split_dir), "output_dir": str(out), "endpoint": endpoint,
             "models": ["pulse", "pulse-lora", "gpt-4o"], "concurrency": 2, "batch_size": 4,
             "timeout_s": 10, "max_retries": 2, "backoff_s": 0.01, "n_boot": 100,
-            "progress": False, "judge": judge}
+            "progress": False, "judge": judge, "answer_mode": ["generate"]}
     data.update(kw)
     return data
 
@@ -217,6 +217,128 @@ def test_evaluate_end_to_end_with_fake_endpoint_and_judge(ray_local, split_dir, 
             evaluate(config)
 
 
+# Constrained choice: the fake endpoint's option log-probabilities are known per sample.
+# Validation: the top option has probability 27/30 (log-odds ln 27 against each other option)
+# and is right on 3 questions in 4, so the log loss is least at T = ln 27 / ln 9 = 1.5 (where
+# the top option's scaled probability e^a / (e^a + 3) equals 3/4, e^a = 9).
+# Validation ids differ from the test ids ("/v" for "/r") so that the fake tells them apart.
+VAL_ROWS = [{**r, "sample_id": r["sample_id"].replace("/r", "/v"),
+             "question": r["question"].replace("/r", "/v")}
+            for r in sample_rows(N_PER_DATASET, seed=2)]
+VAL_BY_ID = {r["sample_id"]: r for r in VAL_ROWS}
+TOP_SHARE = (0.4, 0.6, 0.8, 0.95)
+
+
+def choice_logprobs(sample: dict, model: str, split: str) -> dict[str, float]:
+    """The fake endpoint's option log-probabilities for one question."""
+    import math
+
+    i = _index(sample["sample_id"])
+    correct = sample["answer_index"]
+    if split == "val":
+        top = correct if i % 4 != 3 else (correct + 1) % 4
+        p_top = 27 / 30
+    else:  # pulse-lora is right unless i % 4 == 3; pulse is right on even i
+        right = i % 4 != 3 if model == "pulse-lora" else i % 2 == 0
+        top = correct if right else (correct + 2) % 4
+        p_top = TOP_SHARE[i % 4]
+    return {"ABCD"[k]: math.log(p_top if k == top else (1 - p_top) / 3) for k in range(4)}
+
+
+def choice_responder(request):
+    text = request["messages"][-1]["content"][-1]["text"]
+    sample_id = re.search(r"ECG (\S+) show", text).group(1)
+    if "guided_choice" not in request:
+        return endpoint_responder(request)
+    assert request["guided_choice"] == ["A", "B", "C", "D"] and request["logprobs"] is True
+    split = "val" if sample_id in VAL_BY_ID else "test"
+    sample = VAL_BY_ID[sample_id] if split == "val" else BY_ID[sample_id]
+    return Reply(choice_logprobs=choice_logprobs(sample, request["model"], split))
+
+
+def test_choice_mode_stores_probabilities_and_reports_calibration(ray_local, split_dir, tmp_path):
+    import numpy as np
+
+    from ecgvlm.evaluate import calibration as cal
+
+    write_split(split_dir, VAL_ROWS, split="val")
+    out = tmp_path / "eval"
+    with FakeOpenAIServer(choice_responder, models=("pulse", "pulse-lora")) as endpoint:
+        cfg = _config(split_dir, out, endpoint.base_url, None, models=["pulse", "pulse-lora"],
+                      answer_mode=["choice", "generate"], n_boot=200,
+                      calibration={"n_bins": 4, "target_accuracy": 0.7})
+        cfg["judge"] = {"enabled": False}
+        report, written = evaluate(config_from_dict(EvalConfig, cfg))
+        n_requests = len(endpoint.chat_requests)
+        # A rerun resumes: test answers of both modes and validation answers are all stored.
+        evaluate(config_from_dict(EvalConfig, cfg))
+        assert len(endpoint.chat_requests) == n_requests
+    # Two models x (test in two modes + validation choices).
+    assert n_requests == 2 * (2 * len(ROWS) + len(VAL_ROWS))
+
+    pred = pd.read_parquet(out / "predictions.parquet")
+    assert len(pred) == 2 * 2 * len(ROWS) and pred["error"].isna().all()
+    choice = pred[pred["answer_mode"] == "choice"]
+    for row in choice.itertuples():
+        sample = BY_ID[row.sample_id]
+        want = np.exp(list(choice_logprobs(sample, row.model, "test").values()))
+        np.testing.assert_allclose(row.option_probs, want / want.sum(), atol=1e-12)
+        assert row.predicted_letter == "ABCD"[int(np.argmax(want))] and row.explanation == ""
+    generated = pred[pred["answer_mode"] == "generate"]
+    assert (generated["explanation"].str.len() > 0).any()
+    val = pd.read_parquet(out / "calibration" / "predictions.parquet")
+    assert len(val) == 2 * len(VAL_ROWS) and set(val["split"]) == {"val"}
+
+    # Table 1 scores the choices; Table 1b the letters parsed from text.
+    metrics = json.loads((out / "metrics.json").read_text())
+    lora = metrics["pulse-lora"]["cpsc2018"]
+    assert lora["answer_mode"] == "choice" and lora["accuracy"] == pytest.approx(6 / 8)
+    assert metrics["pulse"]["mitdb"]["accuracy"] == pytest.approx(4 / 8)
+    assert metrics["pulse"]["mitdb"]["unparseable_rate"] == 0
+    generated_metrics = json.loads((out / "metrics_generate.json").read_text())
+    assert generated_metrics["pulse"]["mitdb"]["unparseable_rate"] == pytest.approx(1 / 8)
+
+    # Calibration: the numbers are those of the known probabilities.
+    calibration = json.loads((out / "calibration.json").read_text())
+    for model in ("pulse", "pulse-lora"):
+        fit = calibration[model]["fit"]
+        assert fit["temperature"] == pytest.approx(1.5, rel=1e-4) and fit["n_fit"] == len(VAL_ROWS)
+        # After scaling every validation question has confidence 3/4 at accuracy 3/4 >= 0.7.
+        assert fit["threshold"] == pytest.approx(0.75, abs=1e-5)
+        for dataset in ("cpsc2018", "mitdb"):
+            rows = [r for r in ROWS if r["dataset"] == dataset]
+            probs = np.exp([list(choice_logprobs(r, model, "test").values()) for r in rows])
+            probs /= probs.sum(axis=1, keepdims=True)
+            answers = np.array([r["answer_index"] for r in rows])
+            conf, correct = probs.max(axis=1), probs.argmax(axis=1) == answers
+            entry = calibration[model]["datasets"][dataset]
+            raw = entry["raw"]
+            onehot = np.eye(4)[answers]
+            assert raw["brier"] == pytest.approx(((probs - onehot) ** 2).sum(axis=1).mean())
+            assert raw["log_loss"] == pytest.approx(-np.log(probs[np.arange(8), answers]).mean())
+            assert raw["ece"] == pytest.approx(cal.expected_calibration_error(conf, correct, 4))
+            assert raw["aurc"] == pytest.approx(cal.aurc(conf, correct))
+            assert raw["ci"]["ece"][0] <= raw["ece"] <= raw["ci"]["ece"][1]
+            scaled = cal.scale_temperature(probs, fit["temperature"])
+            assert entry["scaled"]["brier"] == pytest.approx(
+                ((scaled - onehot) ** 2).sum(axis=1).mean())
+            kept = scaled.max(axis=1) >= fit["threshold"]
+            assert entry["abstention"]["coverage"] == pytest.approx(kept.mean())
+            assert entry["abstention"]["accuracy"] == pytest.approx(correct[kept].mean())
+
+    # The report shows both tables, the calibration and abstention tables, and the plots.
+    text = (out / "report.md").read_text()
+    assert "## Table 1: classification (constrained choice" in text and "## Table 1b" in text
+    tables = parse_markdown_tables(text)
+    table4 = next(t for t in tables if "ECE" in t[0])
+    assert {(r["Model"], r["Probabilities"]) for r in table4} == {
+        (m, p) for m in ("pulse", "pulse-lora") for p in ("raw", "T = 1.50")}
+    assert any("Accuracy when answering" in t[0] for t in tables)
+    for name in ("reliability.png", "risk_coverage.png", "calibration.json"):
+        assert name in written and (out / name).is_file(), name
+    assert report.judge_note == "the judge is disabled in the config (judge.enabled: false)"
+
+
 def test_killed_run_resumes_without_redoing_or_duplicating(ray_local, split_dir, tmp_path):
     out = tmp_path / "eval"
     total = 2 * len(ROWS)
@@ -256,8 +378,9 @@ def test_killed_run_resumes_without_redoing_or_duplicating(ray_local, split_dir,
         evaluate(load_config(EvalConfig, cfg_path))
         second_run = endpoint.chat_requests[requested_before:]
 
+    # (sample, model, answer mode): the run asks for generated text only.
     asked_again = {(re.search(r"ECG (\S+) show", r.json["messages"][-1]["content"][-1]["text"])
-                    .group(1), r.json["model"]) for r in second_run}
+                    .group(1), r.json["model"], "generate") for r in second_run}
     assert not asked_again & stored, "stored predictions were requested again"
     # Only pairs unfinished at the kill were asked: at most those in flight were lost.
     assert len(second_run) == total - len(stored)
@@ -321,7 +444,7 @@ def test_evaluate_against_the_real_endpoint_with_the_tiny_model(
         with FakeOpenAIServer(judge_responder, models=("gpt-4o",)) as judge_server:
             cfg = _config(split_dir, out, f"http://127.0.0.1:{port}/v1", judge_server.base_url,
                           models=["pulse", "pulse-lora", "gpt-4o", "pulse-xl"],
-                          limit_per_dataset=3, max_tokens=8)
+                          limit_per_dataset=3, max_tokens=8, answer_mode=["choice", "generate"])
             cfg_path = tmp_path / "eval.yaml"
             cfg_path.write_text(yaml.safe_dump(cfg))
             report, _ = evaluate(load_config(EvalConfig, cfg_path))
@@ -332,17 +455,32 @@ def test_evaluate_against_the_real_endpoint_with_the_tiny_model(
 
     pred = pd.read_parquet(out / "predictions.parquet")
     assert sorted(set(pred["model"])) == ["pulse", "pulse-lora"]
-    assert len(pred) == 2 * 6 and pred["error"].isna().all(), pred["error"].dropna()[:3]
+    assert len(pred) == 2 * 2 * 6 and pred["error"].isna().all(), pred["error"].dropna()[:3]
     assert (pred["raw_text"].str.len() > 0).all()  # the tiny model generated text
-    # A random model's replies are rarely answers: whatever parse_answer did not accept is
-    # counted unparseable, and the metrics say so.
+    # Constrained choice: every reply is one of the letters, with a probability per option
+    # (summing to 1), and the answer is the most probable one.
+    choice = pred[pred["answer_mode"] == "choice"]
+    for row in choice.itertuples():
+        probs = list(row.option_probs)
+        assert len(probs) == 4 and sum(probs) == pytest.approx(1.0, abs=1e-9)
+        assert row.predicted_letter == "ABCD"[probs.index(max(probs))] == row.raw_text
     metrics = json.loads((out / "metrics.json").read_text())
+    generated = json.loads((out / "metrics_generate.json").read_text())
     for model in ("pulse", "pulse-lora"):
         for dataset in ("cpsc2018", "mitdb"):
-            rows = pred[(pred["model"] == model) & (pred["dataset"] == dataset)]
             assert metrics[model][dataset]["n"] == 3
-            assert metrics[model][dataset]["unparseable_rate"] == pytest.approx(
+            assert metrics[model][dataset]["unparseable_rate"] == 0  # Table 1: real answers
+            # A random model's free text is rarely an answer: whatever parse_answer did not
+            # accept is counted unparseable in Table 1b, and the metrics say so.
+            rows = pred[(pred["model"] == model) & (pred["dataset"] == dataset)
+                        & (pred["answer_mode"] == "generate")]
+            assert generated[model][dataset]["unparseable_rate"] == pytest.approx(
                 rows["predicted_letter"].isna().mean())
+    # Calibration of the real probabilities; no validation split here, so nothing is fitted.
+    calibration = json.loads((out / "calibration.json").read_text())
+    assert calibration["pulse"]["datasets"]["mitdb"]["raw"]["n"] == 3
+    assert calibration["pulse"]["fit"]["temperature"] is None
+    assert "no 'val' split" in report.calibration_note
     assert "ECGVLM_TEST_NO_OPENAI_KEY" in report.unavailable["gpt-4o"]
     assert "does not serve it" in report.unavailable["pulse-xl"]
     assert n_judged >= 12  # every (sample, model) judged once at least

@@ -5,7 +5,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from ecgvlm.config import ConfigError, load_config
+from ecgvlm.config import ConfigError, config_from_dict, load_config
 from ecgvlm.evaluate import (
     EvalConfig,
     EvaluationError,
@@ -55,14 +55,39 @@ def test_split_files_and_store_round_trip(tmp_path):
     store.append([row])
     # An errored row is asked again on resume (unless retry_errors is off)...
     assert store.done_keys() == set()
-    assert store.done_keys(retry_errors=False) == {("s1", "m")}
+    # A row without an answer mode (written before modes existed) was generated text.
+    assert store.done_keys(retry_errors=False) == {("s1", "m", "generate")}
     # ...and the newer answer replaces it: one row per key, nulls as None.
     store.append([{**row, "error": None, "predicted_letter": "A", "predicted_label": "AF"}])
     frame = store.consolidate()
     assert len(frame) == 1 and frame.loc[0, "predicted_letter"] == "A"
     assert frame.loc[0, "error"] is None
-    assert store.done_keys() == {("s1", "m")}
+    assert store.done_keys() == {("s1", "m", "generate")}
     assert list((tmp_path / "predictions").glob("*.parquet")) == []
+    # The same sample and model answered by constrained choice is another prediction, and
+    # its option probabilities come back as they were written.
+    store.append([{**row, "error": None, "answer_mode": "choice", "predicted_letter": "B",
+                   "option_probs": [0.25, 0.5, 0.125, 0.125]}])
+    frame = store.consolidate()
+    assert len(frame) == 2 and store.done_keys() == {("s1", "m", "generate"), ("s1", "m", "choice")}
+    choice = frame[frame["answer_mode"] == "choice"].iloc[0]
+    assert list(choice["option_probs"]) == [0.25, 0.5, 0.125, 0.125]
+    assert frame[frame["answer_mode"] == "generate"].iloc[0]["option_probs"] is None
+
+
+def test_answer_mode_takes_a_list_or_one_mode():
+    base = {"data_dir": "d"}
+    assert config_from_dict(EvalConfig, base).answer_mode == ("choice", "generate")
+    assert config_from_dict(EvalConfig, base).table1_mode == "choice"
+    one = config_from_dict(EvalConfig, {**base, "answer_mode": "generate"})
+    assert one.answer_mode == ("generate",) and one.table1_mode == "generate"
+    with pytest.raises(ConfigError, match="answer_mode must be one of 'choice', 'generate', got 'greedy'"):
+        config_from_dict(EvalConfig, {**base, "answer_mode": ["greedy"]})
+    with pytest.raises(ConfigError, match="answer_mode must list"):
+        config_from_dict(EvalConfig, {**base, "answer_mode": []})
+    with pytest.raises(ConfigError, match="calibration: .*not both"):
+        config_from_dict(EvalConfig, {**base, "calibration": {"abstain_below": 0.5,
+                                                              "target_accuracy": 0.9}})
 
 
 def _long_recordings_meta():

@@ -82,7 +82,8 @@ def _report():
         meta={"models": ["pulse", "pulse-lora", "gpt-4o"], "judge_model": "fake-judge",
               "rubric_version": "abc", "prompt_version": "llava_v1-x", "bootstrap_seed": 0,
               "judge_seed": 0, "n_boot": 200, "git_sha": "deadbeef", "config": {"a": 1},
-              "counts": {"pulse": {"n": 12, "unparseable": 2, "errors": 0, "resumed": 0}}},
+              "counts": {"pulse": {"generate": {"n": 12, "unparseable": 2, "errors": 0,
+                                                "resumed": 0}}}},
     )
 
 
