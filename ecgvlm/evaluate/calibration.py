@@ -45,7 +45,14 @@ from typing import Any
 import numpy as np
 
 from ecgvlm.config import check_range
-from ecgvlm.evaluate.metrics import MetricsError, cluster_ids
+from ecgvlm.evaluate.metrics import (
+    MIN_RELIABLE_CLUSTERS,
+    MIN_RELIABLE_N,
+    MetricsError,
+    cluster_ids,
+    cluster_unit,
+    wilson_interval,
+)
 
 #: Temperatures the fit searches between (a wider range only ever means a degenerate fit).
 TEMPERATURE_BOUNDS: tuple[float, float] = (0.05, 20.0)
@@ -302,6 +309,33 @@ def bootstrap_intervals(
     return out
 
 
+def _wilson_where_degenerate(
+    ci: dict[str, tuple[float, float]], proportions: dict[str, tuple[int, int]]
+) -> dict[str, tuple[float, float]]:
+    """``ci`` with a Wilson interval for each proportion (name -> (successes, n)) whose
+    bootstrap interval is missing, zero-width or from fewer than ``MIN_RELIABLE_N`` values,
+    as Table 1 does (``ecgvlm.evaluate.metrics``)."""
+    out = dict(ci)
+    for name, (k, n) in proportions.items():
+        lo, hi = out.get(name, (0.0, 0.0))
+        if n and (hi <= lo or n < MIN_RELIABLE_N):
+            out[name] = wilson_interval(k, n)
+    return out
+
+
+def reliability_flags(n: int, clusters: Sequence[Any] | None) -> tuple[str, ...]:
+    """Why a row's numbers may mislead: fewer than ``MIN_RELIABLE_N`` questions, fewer than
+    ``MIN_RELIABLE_CLUSTERS`` patients or recordings (the words Table 1's Note uses)."""
+    flags = []
+    if n < MIN_RELIABLE_N:
+        flags.append(f"n={n} < {MIN_RELIABLE_N}")
+    unit = cluster_unit(clusters or [])
+    n_clusters = len(np.unique(cluster_ids(clusters, n)))
+    if unit != "sample" and n_clusters < MIN_RELIABLE_CLUSTERS:
+        flags.append(f"{n_clusters} {unit}{'s' if n_clusters != 1 else ''}")
+    return tuple(flags)
+
+
 @dataclass(frozen=True)
 class CalibrationMetrics:
     """Calibration of one model on one data set (one set of probabilities).
@@ -312,7 +346,10 @@ class CalibrationMetrics:
         mean_confidence: Mean top-option probability.
         ece, brier, log_loss, aurc: See the module docstring.
         accuracy_at_coverage: ``accuracy@50%`` ... -> accuracy of the most confident answers.
-        ci: Statistic name -> (low, high) 95% cluster-bootstrap interval.
+        ci: Statistic name -> (low, high) 95% cluster-bootstrap interval; none from fewer than
+            two clusters (one patient's windows cannot be resampled), where ``accuracy``
+            gets a Wilson interval as in Table 1.
+        flags: Why the numbers may mislead (few questions, few patients), as in Table 1.
         temperature: The temperature applied to the probabilities (1.0: raw).
         reliability: The reliability diagram's equal-mass bins.
         risk_coverage: (coverage, risk) points of the risk-coverage curve.
@@ -327,6 +364,7 @@ class CalibrationMetrics:
     aurc: float
     accuracy_at_coverage: dict[str, float]
     ci: dict[str, tuple[float, float]] = field(default_factory=dict)
+    flags: tuple[str, ...] = ()
     temperature: float = 1.0
     reliability: tuple[dict[str, float], ...] = ()
     risk_coverage: tuple[tuple[float, float], ...] = ()
@@ -334,6 +372,7 @@ class CalibrationMetrics:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["ci"] = {k: [lo, hi] for k, (lo, hi) in self.ci.items()}
+        data["flags"] = list(self.flags)
         data["reliability"] = list(self.reliability)
         data["risk_coverage"] = [list(p) for p in self.risk_coverage]
         return data
@@ -361,11 +400,14 @@ def calibration_metrics(
         raise MetricsError("an answer index is outside its question's options")
     point = _statistics(probs, answer_index, n_bins, coverages)
     ci = {}
-    if n_boot:
+    n_clusters = len(np.unique(cluster_ids(clusters, len(probs))))
+    if n_boot and n_clusters > 1:
         ci = bootstrap_intervals(
             lambda rows: _statistics(probs[rows], answer_index[rows], n_bins, coverages, fast=True),
             len(probs), clusters, n_boot, seed)
     confidence, correct = confidence_and_correct(probs, answer_index)
+    if n_boot:
+        ci = _wilson_where_degenerate(ci, {"accuracy": (int(correct.sum()), len(probs))})
     coverage, risk = risk_coverage_curve(confidence, correct)
     return CalibrationMetrics(
         n=len(probs),
@@ -377,6 +419,7 @@ def calibration_metrics(
         aurc=point["aurc"],
         accuracy_at_coverage={coverage_key(c): point[coverage_key(c)] for c in coverages},
         ci=ci,
+        flags=reliability_flags(len(probs), clusters),
         temperature=temperature,
         reliability=tuple(reliability_bins(confidence, correct, n_bins)),
         risk_coverage=tuple(zip(coverage.round(6).tolist(), risk.round(6).tolist())),
@@ -441,7 +484,14 @@ def abstention(
         return {"coverage": float(answered.mean()), "accuracy": acc}
 
     point = stats(np.arange(len(confidence)))
-    ci = bootstrap_intervals(stats, len(confidence), clusters, n_boot, seed) if n_boot else {}
+    ci = {}
+    if n_boot:
+        if len(np.unique(cluster_ids(clusters, len(confidence)))) > 1:
+            ci = bootstrap_intervals(stats, len(confidence), clusters, n_boot, seed)
+        answered = confidence >= threshold
+        ci = _wilson_where_degenerate(ci, {
+            "coverage": (int(answered.sum()), len(confidence)),
+            "accuracy": (int(correct[answered].sum()), int(answered.sum()))})
     return Abstention(threshold, len(confidence), point["coverage"], point["accuracy"], ci)
 
 
@@ -488,6 +538,10 @@ def fit_model(val_rows: Sequence[dict[str, Any]], config: CalibrationConfig) -> 
     if config.temperature_scaling:
         fit["temperature"] = fit_temperature(probs, answers)
         probs = scale_temperature(probs, fit["temperature"])
+        if fit["temperature"] >= TEMPERATURE_BOUNDS[1] * 0.999:
+            fit["notes"].append(
+                f"T reached the search bound {TEMPERATURE_BOUNDS[1]:g}: on validation the "
+                "probabilities do no better than uniform ones (a model at chance)")
     if config.target_accuracy is not None:
         confidence, correct = confidence_and_correct(probs, answers)
         fit["threshold"] = choose_threshold(confidence, correct, config.target_accuracy)

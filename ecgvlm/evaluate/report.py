@@ -235,7 +235,10 @@ def table4_markdown(report: EvalReport) -> str:
               + ["Note"])
     rows = []
     for dataset, model, entry in _calibration_entries(report):
-        note = f"{entry['n_missing']} failed request(s) left out" if entry["n_missing"] else ""
+        notes = list(entry["raw"].flags) if entry["raw"] is not None else []
+        if entry["n_missing"]:
+            notes.append(f"{entry['n_missing']} failed request(s) left out")
+        note = "; ".join(notes)
         if entry["raw"] is None:
             rows.append([dataset, model, "none", "0", NA] + [NA] * (len(CALIBRATION_COLUMNS) + len(coverages))
                         + [note])

@@ -159,3 +159,24 @@ def test_config_validation_names_the_field():
         cal.CalibrationConfig(coverages=(0.0,))
     with pytest.raises(ValueError, match="target_accuracy needs"):
         cal.CalibrationConfig(split="", target_accuracy=0.9)
+
+
+def test_one_patient_gets_no_bootstrap_interval_but_a_wilson_accuracy_and_a_flag():
+    # Windows of one recording cannot be resampled: a zero-width "interval" would claim a
+    # precision the data do not have.
+    rng = np.random.default_rng(2)
+    probs = rng.dirichlet(np.ones(4), size=20)
+    answers = rng.integers(0, 4, size=20)
+    m = cal.calibration_metrics(probs, answers, clusters=["recording:mitdb/100"] * 20, n_boot=100)
+    assert "ece" not in m.ci and "brier" not in m.ci
+    k = int((probs.argmax(axis=1) == answers).sum())
+    from ecgvlm.evaluate.metrics import wilson_interval
+
+    assert m.ci["accuracy"] == pytest.approx(wilson_interval(k, 20))
+    assert m.flags == ("1 recording",)
+    few = cal.calibration_metrics(probs[:5], answers[:5], n_boot=0)
+    assert few.flags == ("n=5 < 10",) and few.ci == {}
+    conf, correct = cal.confidence_and_correct(probs, answers)
+    a = cal.abstention(conf, correct, 0.4, clusters=["recording:mitdb/100"] * 20, n_boot=100)
+    answered = conf >= 0.4
+    assert a.ci["coverage"] == pytest.approx(wilson_interval(int(answered.sum()), 20))
