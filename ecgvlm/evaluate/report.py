@@ -619,12 +619,25 @@ def _calibration_panels(report: EvalReport, title: str) -> tuple[Any, Any, list[
     return fig, axes, datasets
 
 
+def _save_panels(fig: Any, axes: Any, datasets: list[str], labels: tuple[str, str], path: Path) -> Path:
+    """Unit axes, titles, legends and grids on the panels of ``_calibration_panels``; save."""
+    import matplotlib.pyplot as plt
+
+    for ax, dataset in zip(axes.flat, datasets):
+        ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel=labels[0], ylabel=labels[1], title=dataset)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_reliability(report: EvalReport, out_dir: Path) -> Path | None:
     """Reliability diagrams, one panel per data set: accuracy against mean confidence per
     equal-mass bin for each model, raw (solid) and temperature-scaled (dashed)."""
     if not any(e["raw"] for c in report.calibration.values() for e in c["datasets"].values()):
         return None
-    import matplotlib.pyplot as plt
 
     fig, axes, datasets = _calibration_panels(report, "Reliability (equal-mass bins)")
     for ax, dataset in zip(axes.flat, datasets):
@@ -638,15 +651,8 @@ def plot_reliability(report: EvalReport, out_dir: Path) -> Path | None:
                 label = model if kind == "raw" else f"{model}, T={m.temperature:.2f}"
                 ax.plot([b["confidence"] for b in m.reliability], [b["accuracy"] for b in m.reliability],
                         style, marker="o", markersize=3, color=f"C{k}", label=label)
-        ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="mean confidence", ylabel="accuracy",
-               title=dataset)
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = out_dir / "reliability.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_panels(fig, axes, datasets, ("mean confidence", "accuracy"),
+                        out_dir / "reliability.png")
 
 
 def plot_risk_coverage(report: EvalReport, out_dir: Path) -> Path | None:
@@ -654,7 +660,6 @@ def plot_risk_coverage(report: EvalReport, out_dir: Path) -> Path | None:
     coverage grows from the most confident down, one line per model."""
     if not any(e["raw"] for c in report.calibration.values() for e in c["datasets"].values()):
         return None
-    import matplotlib.pyplot as plt
 
     fig, axes, datasets = _calibration_panels(report, "Risk-coverage (raw probabilities)")
     for ax, dataset in zip(axes.flat, datasets):
@@ -665,15 +670,8 @@ def plot_risk_coverage(report: EvalReport, out_dir: Path) -> Path | None:
             coverage, risk = zip(*m.risk_coverage)
             ax.step(coverage, risk, where="post", color=f"C{k}",
                     label=f"{model} (AURC {m.aurc:.3f})")
-        ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="coverage", ylabel="risk (error rate)",
-               title=dataset)
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = out_dir / "risk_coverage.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_panels(fig, axes, datasets, ("coverage", "risk (error rate)"),
+                        out_dir / "risk_coverage.png")
 
 
 def write_report(report: EvalReport, out_dir: str | Path) -> dict[str, Path]:
