@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import io
-import threading
 
 import pytest
 import torch
@@ -108,3 +107,77 @@ def test_bad_top_logprobs_is_refused(tiny):
     with pytest.raises(ValueError, match="top_logprobs"):
         generate(model, processor, [build_prompt("x", OPTIONS)], [noise_image(96, 48, 0)],
                  max_new_tokens=2, top_logprobs=21)
+
+
+# -- the replica ---------------------------------------------------------------------------------
+
+
+def _png(seed=0, size=(96, 48)) -> bytes:
+    buf = io.BytesIO()
+    noise_image(*size, seed).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_the_replica_returns_each_tokens_logprob_with_its_bytes(runner):
+    prompt = build_prompt("Which rhythm?", OPTIONS)
+    want = sv.GenerateRequest(prompt, _png(0), max_new_tokens=8, top_logprobs=3)
+    plain = sv.GenerateRequest(prompt, _png(1), max_new_tokens=8)
+    got, other = runner.generate([want, plain])
+    assert other.token_logprobs is None  # batched together, only one asked
+    (alone,) = runner.generate([sv.GenerateRequest(prompt, _png(0), max_new_tokens=8)])
+    assert got.text == alone.text
+    assert len(got.token_logprobs) == got.completion_tokens  # no end-of-sequence in 8 tokens
+    for entry in got.token_logprobs:
+        assert len(entry.top) == 3 and entry.top[0].logprob == entry.logprob  # greedy
+        assert [t.logprob for t in entry.top] == sorted((t.logprob for t in entry.top),
+                                                        reverse=True)
+        assert entry.token == bytes(entry.bytes).decode("utf-8", "backslashreplace")
+    # The tokens' bytes are the answer's (the tokenizer's word-boundary marker is a space).
+    raw = b"".join(bytes(e.bytes) for e in got.token_logprobs)
+    assert raw.decode("utf-8", "replace").strip() == got.text
+    body = sv.completion_response("pulse", got.text, got.prompt_tokens, got.completion_tokens,
+                                  logprobs=sv.logprobs_json(got.token_logprobs))
+    content = body["choices"][0]["logprobs"]["content"]
+    assert set(content[0]) == {"token", "logprob", "bytes", "top_logprobs"}
+    assert set(content[0]["top_logprobs"][0]) == {"token", "logprob", "bytes"}
+
+
+def test_a_streamed_answer_adds_up_to_the_answer_token_by_token(runner):
+    prompt = build_prompt("Which rhythm?", OPTIONS)
+    # The tiny model writes many byte tokens: partial UTF-8 characters are held back.
+    req = sv.GenerateRequest(prompt, _png(0), max_new_tokens=120, top_logprobs=1)
+    deltas: list[sv.StreamDelta] = []
+    hooks = sv.RequestHooks(on_delta=deltas.append)
+    (streamed, plain) = runner.generate([req, req], [hooks, None])
+    assert streamed == plain
+    assert "".join(d.text for d in deltas) == streamed.text
+    assert len(deltas) > 20  # token by token, not at the end
+    assert tuple(e for d in deltas for e in d.logprobs) == streamed.token_logprobs
+    assert sv.StreamDelta.merge(deltas).text == streamed.text
+
+
+def test_a_request_whose_client_left_stops_and_leaves_nothing_in_flight(runner):
+    prompt = build_prompt("Which rhythm?", OPTIONS)
+    req = sv.GenerateRequest(prompt, _png(0), max_new_tokens=200)
+    before = runner.stats()["cancelled"]
+    seen: list[sv.StreamDelta] = []
+    hooks = sv.RequestHooks()
+    in_flight_during: list[int] = []
+
+    def on_delta(delta):
+        seen.append(delta)
+        in_flight_during.append(runner.stats()["in_flight"])
+        if len(seen) == 3:
+            hooks.cancel.set()  # what the replica does when the caller goes away
+
+    hooks.on_delta = on_delta
+    left_early = sv.RequestHooks()
+    left_early.cancel.set()
+    short = sv.GenerateRequest(prompt, _png(1), max_new_tokens=5)
+    stopped, never, other = runner.generate([req, req, short], [hooks, left_early, None])
+    assert in_flight_during[0] == 3
+    assert stopped.completion_tokens < 10  # stopped at its next token, not at 200
+    assert isinstance(never, sv.ApiError) and never.status == sv.CLIENT_CLOSED
+    assert other.completion_tokens == 5
+    stats = runner.stats()
+    assert stats["in_flight"] == 0 and stats["cancelled"] == before + 2
