@@ -18,6 +18,7 @@ import hmac
 import logging
 import os
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -469,6 +470,11 @@ class Gateway:
                      if query.return_measurements else None)
         png = await asyncio.to_thread(sv.render_png, record)
         max_new = query.max_tokens or self.limits.default_max_tokens
+        from ecgvlm.prompt import option_letters
+
+        letters = tuple(option_letters(len(options)))
+        # The answer with its explanation, and the option letters scored as a constrained
+        # choice, asked together (two rows of one batch on a PULSE replica).
         try:
             if route.kind == "proxy":
                 from ecgvlm.prompt import chat_messages
@@ -477,31 +483,41 @@ class Gateway:
                     "model": route.name, "messages": chat_messages(question, options, png),
                     "max_tokens": max_new, "temperature": query.temperature, "seed": query.seed,
                 })
-                out = await self._run_proxy(chat)
+                out, chosen = await asyncio.gather(
+                    self._run_proxy(chat),
+                    self._run_proxy(chat.model_copy(update={"guided_choice": list(letters)})))
                 text = out["choices"][0]["message"].get("content") or ""
-                usage = out.get("usage") or {}
+                usages = [out.get("usage") or {}, chosen.get("usage") or {}]
+                top = chosen["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+                ranked = [(t["token"], t["logprob"]) for t in top]
             else:
                 from ecgvlm.prompt import build_prompt
 
-                result = await self._run_pulse(route, sv.GenerateRequest(
+                gen = sv.GenerateRequest(
                     prompt=build_prompt(question, options), image=png, adapter=route.adapter,
                     max_new_tokens=max_new, temperature=query.temperature or 0.0,
                     seed=query.seed or 0,
-                ))
+                )
+                result, chosen = await asyncio.gather(
+                    self._run_pulse(route, gen),
+                    self._run_pulse(route, replace(gen, guided_choice=letters)))
                 text = result.text
-                usage = {"prompt_tokens": result.prompt_tokens,
-                         "completion_tokens": result.completion_tokens,
-                         "total_tokens": result.prompt_tokens + result.completion_tokens}
+                usages = [sv.usage_json(r.prompt_tokens, r.completion_tokens)
+                          for r in (result, chosen)]
+                ranked = list(chosen.choice_logprobs or ())
         except sv.ApiError:
             self.usage.add(route.name, error=True)
             if measuring is not None:
                 measuring.cancel()
             raise
+        usage = sv.usage_json(*(sum(int(u.get(k) or 0) for u in usages)
+                                for k in ("prompt_tokens", "completion_tokens")))
         self.usage.add(route.name, usage)
         window_s = (record.start_s, record.n_samples / record.fs_hz)
         return JSONResponse(sv.interpret_response(
             route.name, text, question, options, usage, png if query.return_image else None,
             window_s, await measuring if measuring is not None else None,
+            choice_logprobs=ranked, abstain_below=self.args.abstain_below,
         ))
 
     async def _parse_upload(self, request: Request, body: bytes) -> tuple[sv.InterpretQuery, Any]:

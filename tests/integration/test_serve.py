@@ -39,6 +39,7 @@ UPSTREAM_KEY = "sk-upstream-test-key"
 MAX_RETRIES = 2
 
 
+ABSTAIN_BELOW = 0.9
 #: What the fake gpt-4o upstream gives a constrained choice's one token: B most probable.
 UPSTREAM_CHOICE = [("B", math.log(0.93)), (" B", math.log(0.02)), ("A", math.log(0.03)),
                    ("The", math.log(0.01))]
@@ -123,6 +124,7 @@ def endpoint(ray_local, tiny_pulse_dir, tmp_path_factory):
                        "backoff_base_s": 0.01, "backoff_max_s": 0.05},
             "limits": {"max_body_bytes": 4 * 1024 * 1024, "default_max_tokens": 8},
             "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.005},
+            "abstain_below": ABSTAIN_BELOW,
             "pulse": {"num_cpus": 0.5}, **common,
         })
         mp.delenv("OPENAI_API_KEY")
@@ -409,6 +411,20 @@ def test_interpret_json_signal_with_pulse_returns_answer_and_image(endpoint, rec
     assert out["model"] == "pulse-lora" and out["options"] == OPTIONS
     assert out["question"] == sv.DEFAULT_QUESTION
     assert isinstance(out["text"], str) and out["usage"]["completion_tokens"] > 0
+    # The option letters scored as a constrained choice: what guided_choice gives for the
+    # same printout and question.
+    from ecgvlm.prompt import chat_messages
+
+    png = base64.b64decode(out["image_png_base64"])
+    chosen = _client(endpoint["url"]).chat.completions.create(
+        model="pulse-lora", messages=chat_messages(sv.DEFAULT_QUESTION, OPTIONS, png),
+        extra_body={"guided_choice": list("ABCD")})
+    expected = {t.token: math.exp(t.logprob)
+                for t in chosen.choices[0].logprobs.content[0].top_logprobs}
+    assert list(out["probabilities"]) == list("ABCD")
+    assert out["probabilities"] == pytest.approx(expected, abs=1e-6)
+    assert out["uncertain"] is (max(expected.values()) < ABSTAIN_BELOW)
+    assert out["uncertain"] is True and out["abstain_below"] == ABSTAIN_BELOW  # a random model
     # A tiny random model rarely names a letter; when it does, finding must match it.
     if out["answer_letter"] is not None:
         assert out["finding"] == OPTIONS["ABCD".index(out["answer_letter"])]
@@ -441,8 +457,13 @@ def test_interpret_wfdb_upload_answered_by_gpt4o(endpoint, samples_dir):
     assert out["answer_letter"] == "B" and out["finding"] == "Atrial fibrillation"
     assert out["explanation"] == "Irregular RR intervals, no P waves."
     assert "image_png_base64" not in out and "measurements" not in out
+    # The letters scored from the upstream's top log-probabilities: B is sure enough.
+    assert out["probabilities"]["B"] == pytest.approx(0.95 / 0.98 / (1 + 2 * 0.01 / 20 / 0.98))
+    assert out["uncertain"] is False
     sent = fake.chat_requests[before:]
-    parts = sent[-1].json["messages"][-1]["content"]
+    assert len(sent) == 2  # the answer, and the letters' one token
+    answer = next(s for s in sent if s.json.get("max_tokens") != 1)
+    parts = answer.json["messages"][-1]["content"]
     url = next(p["image_url"]["url"] for p in parts if p["type"] == "image_url")
     assert base64.b64decode(url.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
     text = next(p["text"] for p in parts if p["type"] == "text")

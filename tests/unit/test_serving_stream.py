@@ -1,5 +1,5 @@
-"""Streaming events, and the gpt-4o route's logprobs, streams and constrained choices against
-a fake upstream on loopback (no Ray)."""
+"""Streaming events, the gpt-4o route's logprobs, streams and constrained choices against a
+fake upstream on loopback, and /v1/ecg/interpret's probabilities (no Ray)."""
 
 from __future__ import annotations
 
@@ -166,3 +166,36 @@ def test_gpt4o_stream_passes_the_upstreams_chunks_through(upstream):
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == "The answer is B. Irregular rhythm."
     assert chunks[-1].usage.total_tokens == 2 and chunks[-2].choices[0].finish_reason == "stop"
+
+
+# -- /v1/ecg/interpret's probabilities ------------------------------------------------------------
+
+
+def test_interpret_reports_probabilities_and_uncertainty():
+    ranked = [("B", LN(0.55)), ("A", LN(0.3)), ("C", LN(0.15))]
+    usage = sv.usage_json(1, 1)
+    out = sv.interpret_response("pulse", "The answer is B.", "Q?", ["x", "y", "z"], usage,
+                                choice_logprobs=ranked, abstain_below=0.6)
+    assert list(out["probabilities"]) == ["A", "B", "C"]
+    assert out["probabilities"]["B"] == pytest.approx(0.55)
+    assert out["uncertain"] is True and out["abstain_below"] == 0.6
+    sure = sv.interpret_response("pulse", "B", "Q?", ["x", "y", "z"], usage,
+                                 choice_logprobs=ranked, abstain_below=0.5)
+    assert sure["uncertain"] is False and sure["answer_letter"] == "B"
+    never = sv.interpret_response("pulse", "B", "Q?", ["x", "y", "z"], usage,
+                                  choice_logprobs=ranked)
+    assert never["uncertain"] is False  # abstain_below 0: never uncertain
+
+
+@pytest.mark.parametrize("value", [1.0, -0.1, "high"])
+def test_abstain_below_must_be_a_probability_below_one(value):
+    with pytest.raises(ValueError, match="abstain_below"):
+        sv.ServeArgs(abstain_below=value)
+    assert sv.ServeArgs(abstain_below=0.7).abstain_below == 0.7
+
+
+def test_cli_serve_refuses_a_bad_abstain_below_before_starting_ray(tmp_path, capsys):
+    from ecgvlm.cli import main
+
+    assert main(["serve", "--model-dir", str(tmp_path), "--abstain-below", "1.5"]) == 2
+    assert "abstain_below" in capsys.readouterr().err
