@@ -1,12 +1,16 @@
 """Throughput and latency of the endpoint on the tiny PULSE checkpoint, batching on and off.
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/serve_bench.py [--requests 64] [--max-tokens 4]
+        [--kinds generate,generate-1,choice]
 
 For each batching setting the app is deployed on a local Ray, warmed up, and driven by an
-asyncio client at concurrency 1, 8 and 32 with the same chat request (one small PNG, greedy,
-``--max-tokens`` new tokens). Serve's overhead is the endpoint's p50 latency at concurrency 1
-minus the p50 of the same ``PulseRunner.generate`` call made in this process. Targets
-(issue 7): batching >= 3x throughput at concurrency 32; overhead p50 <= 10 ms.
+asyncio client at concurrency 1, 8 and 32 with one kind of chat request at a time (one small
+PNG, greedy): ``generate`` (``--max-tokens`` new tokens), ``generate-1`` (one new token) and
+``choice`` (``guided_choice`` over four letters with ``logprobs``). Serve's overhead is the
+endpoint's p50 latency at concurrency 1 minus the p50 of the same ``PulseRunner.generate``
+call made in this process. Targets: batching >= 3x throughput at concurrency 32 and overhead
+p50 <= 10 ms (issue 7); a constrained choice costs no more than a 1-token generation
+(issue 16).
 
 Numbers on a shared 2-core machine are noisy: compare the ratios within one run.
 """
@@ -27,6 +31,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 CONCURRENCY = (1, 8, 32)
+#: Request kinds: the extra fields of each one's body (``generate``: ``--max-tokens``).
+KINDS = {
+    "generate": {},
+    "generate-1": {"max_tokens": 1},
+    "choice": {"guided_choice": ["A", "B", "C", "D"], "logprobs": True},
+}
 
 
 def _free_port() -> int:
@@ -135,7 +145,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--batch-wait-s", type=float, default=0.02)
     parser.add_argument("--direct-calls", type=int, default=30, help="overhead pairs")
+    parser.add_argument("--kinds", default=",".join(KINDS),
+                        help=f"comma-separated request kinds, of {', '.join(KINDS)} "
+                             "(generate always runs)")
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.kinds.split(",")) - set(KINDS))
+    if unknown:
+        parser.error(f"--kinds: unknown {', '.join(unknown)}; choose from {', '.join(KINDS)}")
+    # The generation rows give the batching speed-up: always run.
+    kinds = ["generate"] + [k for k in KINDS if k != "generate" and k in args.kinds.split(",")]
 
     import ray
     from ray import serve
@@ -179,12 +197,15 @@ def main(argv: list[str] | None = None) -> int:
             if batch == 1:
                 direct, endpoint, health = _overhead_pairs(runner, url, body, png, prompt,
                                                    args.max_tokens, args.direct_calls)
-            for c in CONCURRENCY:
-                n = max(args.requests, c)
-                wall_s, lat = asyncio.run(_drive(url, body, c, n))
-                rows.append((label, c, n, n / wall_s, statistics.median(lat) * 1000,
-                             _percentile(lat, 99) * 1000))
-                print(f"  batching {label:3s} c={c:<2d} {n / wall_s:7.2f} req/s", flush=True)
+            for kind in kinds:
+                kind_body = {**body, **KINDS[kind]}
+                for c in CONCURRENCY:
+                    n = max(args.requests, c)
+                    wall_s, lat = asyncio.run(_drive(url, kind_body, c, n))
+                    rows.append((kind, label, c, n, n / wall_s, statistics.median(lat) * 1000,
+                                 _percentile(lat, 99) * 1000))
+                    print(f"  {kind:10s} batching {label:3s} c={c:<2d} {n / wall_s:7.2f} req/s",
+                          flush=True)
             serve.delete("bench")
     finally:
         serve.shutdown()
@@ -193,11 +214,19 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"tiny PULSE, {args.max_tokens} new tokens, 336x168 PNG, max_batch_size "
           f"{args.max_batch_size}, batch_wait {args.batch_wait_s:g} s, {os.cpu_count()} cores")
-    print("| batching | concurrency | requests | req/s | p50 ms | p99 ms |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    for label, c, n, rps, p50, p99 in rows:
-        print(f"| {label} | {c} | {n} | {rps:.2f} | {p50:.1f} | {p99:.1f} |")
-    rps = {(label, c): r for label, c, _, r, _, _ in rows}
+    names = {"generate": f"generate {args.max_tokens} tokens", "generate-1": "generate 1 token",
+             "choice": "choice (4 letters)"}
+    print("| request | batching | concurrency | requests | req/s | p50 ms | p99 ms |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    for kind, label, c, n, rps, p50, p99 in sorted(rows, key=lambda r: (r[1], r[2])):
+        print(f"| {names[kind]} | {label} | {c} | {n} | {rps:.2f} | {p50:.1f} | {p99:.1f} |")
+    p50s = {(kind, label, c): p50 for kind, label, c, _, _, p50, _ in rows}
+    if "choice" in kinds and "generate-1" in kinds:
+        ratios = ", ".join(
+            f"{label} c={c}: {p50s[('choice', label, c)] / p50s[('generate-1', label, c)]:.2f}x"
+            for label in ("off", "on") for c in CONCURRENCY)
+        print(f"\nchoice p50 / 1-token generation p50 (target <= 1): {ratios}")
+    rps = {(label, c): r for kind, label, c, _, r, _, _ in rows if kind == "generate"}
     speedup = rps[("on", 32)] / rps[("off", 32)]
     direct_ms, endpoint_ms = statistics.median(direct), statistics.median(endpoint)
     overhead = endpoint_ms - direct_ms

@@ -248,7 +248,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     pulse = PulseReplicaArgs(num_gpus="auto" if args.num_gpus is None else args.num_gpus)
     serve_args = absolute_paths(ServeArgs(
         model_dir=args.model_dir, adapters=adapters, dtype=args.dtype, device=args.device,
-        pulse=pulse,
+        pulse=pulse, abstain_below=args.abstain_below,
     ))
     check_paths(serve_args)  # before paying for Ray's start
 
@@ -485,6 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: the GPU Ray reserves for the replica, else CPU")
     p.add_argument("--num-gpus", type=float, default=None,
                    help="GPUs Ray reserves for the PULSE replica (default: 1 when there is one)")
+    p.add_argument("--abstain-below", type=float, default=0.0, metavar="P",
+                   help="/v1/ecg/interpret says uncertain when the most probable option's "
+                        "probability is below P, in [0, 1) (default 0: never)")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("evaluate", help="evaluate models through the endpoint")

@@ -28,6 +28,27 @@ from ecgvlm.prompt import ANSWER_PREFIX
 MAX_NEW_TOKENS_LIMIT = 4096
 
 
+#: Most alternatives a generated token's log-probability comes with (OpenAI's limit).
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the distribution it was drawn from.
+
+    Attributes:
+        token_id: the token generated.
+        logprob: its log-probability: ``log_softmax(logits)`` when greedy, ``log_softmax(
+            logits / temperature)`` (after the nucleus cut, with ``top_p`` < 1) when sampling.
+        top: the most probable tokens of that distribution as (token id, log-probability),
+            most probable first (as many as asked for).
+    """
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass(frozen=True)
 class Generation:
     """One answer.
@@ -36,11 +57,21 @@ class Generation:
         text: decoded answer, up to (not including) the first end-of-sequence token.
         prompt_tokens: tokens of the prompt, text plus image features, as the LM saw them.
         completion_tokens: tokens generated, the end-of-sequence token included if produced.
+        logprobs: with ``logprobs`` asked for, one entry per generated token before the
+            end-of-sequence token; else None.
+        cancelled: generation of this row was stopped because ``is_cancelled`` said so.
     """
 
     text: str
     prompt_tokens: int
     completion_tokens: int
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    cancelled: bool = False
+
+
+#: ``on_token(row, step, token_id, logprob)``: called from the generating thread for each
+#: token a row generates (its end-of-sequence token included), ``logprob`` None unless asked.
+TokenCallback = Callable[[int, int, int, "TokenLogprob | None"], None]
 
 
 class PromptTooLongError(ValueError):
@@ -77,6 +108,98 @@ def _unwrap(model: Any) -> Any:
             return model
 
 
+class _GenerationTap:
+    """What ``generate`` watches step by step: each row's tokens, their log-probabilities,
+    and whether its client still wants it.
+
+    Two hooks into transformers' decoding loop share it: :meth:`processor` (a logits
+    processor, run on each step's logits before any sampling warper) keeps the step's
+    log-probabilities, and :meth:`criterion` (a stopping criterion, run once the step's
+    tokens are chosen) records the tokens, calls ``on_token`` and stops cancelled rows.
+    """
+
+    def __init__(
+        self, rows: int, eos_token_id: int, temperature: float, top_p: float,
+        top_logprobs: int | None, on_token: TokenCallback | None,
+        is_cancelled: Callable[[int], bool] | None,
+    ) -> None:
+        self.eos = eos_token_id
+        self.temperature = temperature
+        self.top_p = top_p
+        self.top_logprobs = top_logprobs
+        self.on_token = on_token
+        self.is_cancelled = is_cancelled
+        self.step = 0
+        self.counts = [0] * rows
+        self.finished = [False] * rows
+        self.cancelled = [False] * rows
+        self.logprobs: list[list[TokenLogprob]] = [[] for _ in range(rows)]
+        self._logp: torch.Tensor | None = None
+
+    def processor(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.top_logprobs is not None:
+            # The distribution the token is drawn from: the sampler divides by the
+            # temperature and cuts the nucleus after this processor has run.
+            dist = scores.float()
+            if self.temperature > 0:
+                dist = dist / self.temperature
+                if self.top_p < 1:
+                    from transformers import TopPLogitsWarper
+
+                    dist = TopPLogitsWarper(self.top_p)(input_ids, dist)
+            self._logp = torch.log_softmax(dist, dim=-1)
+        return scores
+
+    def criterion(self, input_ids: torch.Tensor, scores: Any = None, **kwargs: Any) -> torch.Tensor:
+        tokens = input_ids[:, -1].tolist()
+        chosen: list[float] = []
+        top: list[list[tuple[int, float]]] = [[] for _ in tokens]
+        if self._logp is not None:
+            ids = input_ids[:, -1:].to(self._logp.device)
+            chosen = self._logp.gather(1, ids)[:, 0].tolist()
+            if self.top_logprobs:
+                values, indices = self._logp.topk(self.top_logprobs, dim=-1)
+                top = [list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
+        for row, token in enumerate(tokens):
+            if self.finished[row]:
+                continue
+            self.counts[row] += 1
+            entry = (TokenLogprob(token, chosen[row], tuple(top[row]))
+                     if self._logp is not None else None)
+            if entry is not None and token != self.eos:
+                self.logprobs[row].append(entry)
+            if self.on_token is not None:
+                self.on_token(row, self.step, token, entry)
+            if token == self.eos:
+                self.finished[row] = True
+            elif self.is_cancelled is not None and self.is_cancelled(row):
+                self.finished[row] = self.cancelled[row] = True
+        self.step += 1
+        return torch.tensor(self.cancelled, dtype=torch.bool, device=input_ids.device)
+
+    def hooks(self) -> dict[str, Any]:
+        """``generate`` keyword arguments that install the tap."""
+        from transformers import (
+            LogitsProcessor,
+            LogitsProcessorList,
+            StoppingCriteria,
+            StoppingCriteriaList,
+        )
+
+        tap = self
+
+        class _Criterion(StoppingCriteria):
+            def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> Any:
+                return tap.criterion(input_ids, scores, **kwargs)
+
+        class _Processor(LogitsProcessor):
+            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+                return tap.processor(input_ids, scores)
+
+        return {"logits_processor": LogitsProcessorList([_Processor()]),
+                "stopping_criteria": StoppingCriteriaList([_Criterion()])}
+
+
 def generate(
     model: Any,
     processor: Any,
@@ -86,8 +209,14 @@ def generate(
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int | None = None,
+    top_logprobs: int | None = None,
+    on_token: TokenCallback | None = None,
+    is_cancelled: Callable[[int], bool] | None = None,
 ) -> list[Generation]:
     """Answer each prompt about its image.
+
+    Sampling draws from ``softmax(logits / temperature)``, cut to the nucleus ``top_p``, and
+    nothing else (OpenAI's sampling: no top-k).
 
     Args:
         model: a PulseModel (or a PEFT model wrapping one).
@@ -98,6 +227,11 @@ def generate(
         temperature: 0 for greedy decoding, else sampling temperature.
         top_p: nucleus sampling mass when sampling.
         seed: seeds torch's generator for sampling (reproducible answers).
+        top_logprobs: None for no log-probabilities; else each generated token's
+            :class:`TokenLogprob` with this many alternatives (0 to ``MAX_TOP_LOGPROBS``).
+        on_token: called for each generated token as it is chosen (streaming).
+        is_cancelled: ``is_cancelled(row)`` is asked after each of a row's tokens; True stops
+            that row (the others go on; the call returns when every row has stopped).
 
     Returns:
         One Generation per prompt, in order.
@@ -113,6 +247,8 @@ def generate(
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_logprobs is not None and not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
+        raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {top_logprobs}")
     base = _unwrap(model)
     batch = processor(list(prompts), list(images))
     device = base.device
@@ -125,9 +261,15 @@ def generate(
         "bos_token_id": tokenizer.bos_token_id,
     }
     if temperature > 0:
-        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
+        # top_k=0: transformers would otherwise cut to its default top-50 unasked.
+        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    tap = None
+    if top_logprobs is not None or on_token is not None or is_cancelled is not None:
+        tap = _GenerationTap(len(prompts), tokenizer.eos_token_id, temperature, top_p,
+                             top_logprobs, on_token, is_cancelled)
+        kwargs.update(tap.hooks())
     if seed is not None:
         torch.manual_seed(seed)
     prompt_lengths = [
@@ -145,13 +287,19 @@ def generate(
     out = []
     eos = tokenizer.eos_token_id
     for row, ids in enumerate(new_ids.tolist()):
-        n = ids.index(eos) + 1 if eos in ids else len(ids)
-        # Rows that finished early are padded with pad ids after their EOS; count up to EOS.
+        # Rows that finished early are padded after their EOS (or their cancellation).
+        if tap is not None:
+            n = tap.counts[row]
+        else:
+            n = ids.index(eos) + 1 if eos in ids else len(ids)
         out.append(
             Generation(
                 text=processor.decode(ids[:n]),
                 prompt_tokens=prompt_lengths[row],
                 completion_tokens=n,
+                logprobs=(tuple(tap.logprobs[row])
+                          if tap is not None and top_logprobs is not None else None),
+                cancelled=tap is not None and tap.cancelled[row],
             )
         )
     return out
@@ -327,17 +475,26 @@ def generate_batched(
 ) -> list[Generation | OutOfMemory]:
     """:func:`generate` in batches that fit ``max_batch_tokens``, surviving out-of-memory
     (:func:`run_within_budget`). ``prompt_lengths``: :func:`prompt_tokens`, when the caller
-    has counted them. ``kwargs`` go to :func:`generate`.
+    has counted them. ``on_token`` and ``is_cancelled`` are :func:`generate`'s, with rows
+    numbered as ``prompts`` (a row retried after running out of memory starts again at step
+    0); other ``kwargs`` go to :func:`generate`.
 
     Raises:
         PromptTooLongError, PromptError, ImageInputError: as :func:`generate`.
     """
     lengths = prompt_lengths or prompt_tokens(model, processor, prompts, images)
     check_context(model, lengths, max_new_tokens)
+    on_token = kwargs.pop("on_token", None)
+    is_cancelled = kwargs.pop("is_cancelled", None)
 
     def run(idxs: list[int]) -> list[Generation]:
+        hooks: dict[str, Any] = {}
+        if on_token is not None:
+            hooks["on_token"] = lambda row, *rest: on_token(idxs[row], *rest)
+        if is_cancelled is not None:
+            hooks["is_cancelled"] = lambda row: is_cancelled(idxs[row])
         return generate(model, processor, [prompts[i] for i in idxs], [images[i] for i in idxs],
-                        max_new_tokens=max_new_tokens, **kwargs)
+                        max_new_tokens=max_new_tokens, **hooks, **kwargs)
 
     return run_within_budget(run, lengths, max_new_tokens, max_batch_tokens,
                              f"generating {max_new_tokens} tokens")

@@ -17,10 +17,12 @@ import asyncio
 import hmac
 import logging
 import os
+from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import SecretStr
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -83,18 +85,57 @@ class PulseModel:
     async def generate(self, req: sv.GenerateRequest) -> sv.GenerateResult | sv.ApiError:
         # An ApiError (prompt over the context, out of memory) is returned, not raised, as
         # Gpt4oProxy does: it is the request's answer, not a replica failure to log.
+        await self._use_adapter()
+        hooks = sv.RequestHooks()
+        try:
+            return await self.generate_batch((req, hooks))
+        finally:
+            # Cancelled when the caller leaves: its row stops at the next token. Harmless
+            # once answered.
+            hooks.cancel.set()
+
+    async def stream(
+        self, req: sv.GenerateRequest
+    ) -> AsyncIterator[sv.StreamDelta | sv.GenerateResult | sv.ApiError]:
+        """``req`` answered token by token: deltas as the batch it joined generates them
+        (those that pile up while the caller reads are merged), then the result."""
+        await self._use_adapter()
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        hooks = sv.RequestHooks(
+            on_delta=lambda delta: loop.call_soon_threadsafe(queue.put_nowait, delta))
+        answer = asyncio.ensure_future(self.generate_batch((req, hooks)))
+        # After every delta: the thread queues them before its batch can return.
+        answer.add_done_callback(queue.put_nowait)
+        try:
+            while True:
+                items = [await queue.get()]
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                deltas = [i for i in items if isinstance(i, sv.StreamDelta)]
+                if deltas:
+                    yield sv.StreamDelta.merge(deltas)
+                if answer in items:
+                    yield answer.result()
+                    return
+        finally:
+            hooks.cancel.set()  # the caller left (or the answer is in): stop generating
+            answer.cancel()
+
+    async def _use_adapter(self) -> None:
         adapter = serve.get_multiplexed_model_id()
         if adapter:
             await self.get_adapter(adapter)
-        return await self.generate_batch(req)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def generate_batch(
-        self, reqs: list[sv.GenerateRequest]
+        self, jobs: list[tuple[sv.GenerateRequest, sv.RequestHooks]]
     ) -> list[sv.GenerateResult | sv.ApiError]:
         # One batch at a time (max_concurrent_batches=1): the thread keeps the replica's
-        # event loop free for health checks and queueing while the model runs.
-        return await asyncio.to_thread(self.runner.generate, reqs)
+        # event loop free for health checks and queueing while the model runs. Streamed and
+        # plain requests share batches; the hooks are this replica's own.
+        return await asyncio.to_thread(self.runner.generate, [r for r, _ in jobs],
+                                       [h for _, h in jobs])
 
     def stats(self) -> dict[str, Any]:
         return self.runner.stats()
@@ -131,6 +172,15 @@ class Gpt4oProxy:
         except sv.ApiError as e:
             return {"error": e}
 
+    async def stream(self, req: sv.ChatCompletionRequest) -> AsyncIterator[dict[str, Any]]:
+        """The upstream's chunks as ``{"chunk": ...}``; a failure as a last ``{"error": ...}``.
+        Closing this stream closes the upstream's."""
+        try:
+            async for chunk in self.proxy.stream(req):
+                yield {"chunk": chunk}
+        except sv.ApiError as e:
+            yield {"error": e}
+
 
 @serve.deployment
 @serve.ingress(app)
@@ -146,12 +196,13 @@ class Gateway:
     ) -> None:
         self.pulse = pulse
         self.proxy = proxy
+        self._proxy_stream = proxy.options(stream=True)
         self.args = args
         self.limits = args.limits
         self.adapters = args.served_adapters()
         self._token = auth_token.get_secret_value().encode() if auth_token else None
         self.usage = sv.UsageCounter()
-        self._pulse_handles: dict[str, DeploymentHandle] = {}
+        self._pulse_handles: dict[tuple[str, bool], DeploymentHandle] = {}
 
     # -- helpers -------------------------------------------------------------------------
     def _authorize(self, request: Request) -> None:
@@ -178,16 +229,20 @@ class Gateway:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def _run_pulse(self, route: sv.ModelRoute, req: sv.GenerateRequest) -> sv.GenerateResult:
+    def _pulse_handle(self, route: sv.ModelRoute, stream: bool = False) -> DeploymentHandle:
         if self.pulse is None:
             raise sv.ApiError(503, "pulse is not served here: start the endpoint with "
                               "model_dir (ecgvlm serve --model-dir DIR)",
                               "service_unavailable", "model", "model_unavailable")
-        key = route.adapter or ""
+        key = (route.adapter or "", stream)
         handle = self._pulse_handles.get(key)
-        if handle is None:  # one handle per adapter, reused: options() builds a new handle
-            handle = self._pulse_handles[key] = self.pulse.options(multiplexed_model_id=key)
-        out = await handle.generate.remote(req)
+        if handle is None:  # one handle per adapter and mode, reused: options() builds one
+            handle = self._pulse_handles[key] = self.pulse.options(
+                multiplexed_model_id=key[0], stream=stream)
+        return handle
+
+    async def _run_pulse(self, route: sv.ModelRoute, req: sv.GenerateRequest) -> sv.GenerateResult:
+        out = await self._pulse_handle(route).generate.remote(req)
         if isinstance(out, sv.ApiError):
             raise out
         return out
@@ -250,15 +305,14 @@ class Gateway:
         return {"object": "usage", "replica_models": self.usage.to_json()}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(self, request: Request) -> JSONResponse:
+    async def chat_completions(self, request: Request) -> Response:
         self._authorize(request)
         req = sv.parse_chat_request(await self._read_body(request), self.limits)
         route = sv.resolve_model(req.model, self.adapters)
         images = sv.collect_images(req, self.limits)
-        if route.kind == "proxy" and req.guided_choice is not None:
-            raise sv.bad_request(f"guided_choice is answered by the pulse models; {route.name} "
-                                 "does not take it yet", param="guided_choice")
         try:
+            if req.stream and req.guided_choice is None:
+                return await self._stream(req, route, images)  # usage counted at its end
             if route.kind == "proxy":
                 out = await self._run_proxy(req)
             else:
@@ -267,11 +321,14 @@ class Gateway:
             self.usage.add(route.name, error=True)
             raise
         self.usage.add(route.name, out.get("usage"))
+        if req.stream:  # a constrained choice is answered at once: its stream in one go
+            return Response("".join(sv.completion_events(out, req.include_usage())),
+                            media_type=sv.EVENT_STREAM)
         return JSONResponse(out)
 
-    async def _chat_pulse(
+    def _pulse_request(
         self, req: sv.ChatCompletionRequest, route: sv.ModelRoute, images: list[sv.DecodedImage]
-    ) -> dict[str, Any]:
+    ) -> sv.GenerateRequest:
         from ecgvlm.prompt import PromptError, prompt_from_messages
 
         if len(images) != 1:
@@ -285,23 +342,109 @@ class Gateway:
                                               for m in req.messages])
         except PromptError as e:
             raise sv.bad_request(str(e), param="messages") from e
-        max_new = sv.requested_max_tokens(req, self.limits)
-        if req.logprobs and req.guided_choice is None:
-            raise sv.bad_request(
-                f"{route.name} returns log-probabilities only for a constrained choice "
-                "(guided_choice) so far", param="logprobs")
-        choices = tuple(req.guided_choice) if req.guided_choice is not None else None
-        result = await self._run_pulse(route, sv.GenerateRequest(
+        return sv.GenerateRequest(
             prompt=prompt, image=images[0].data, adapter=route.adapter,
-            max_new_tokens=max_new, temperature=req.temperature or 0.0, seed=req.seed or 0,
-            guided_choice=choices,
-        ))
+            max_new_tokens=sv.requested_max_tokens(req, self.limits),
+            temperature=req.temperature or 0.0, seed=req.seed or 0,
+            guided_choice=tuple(req.guided_choice) if req.guided_choice is not None else None,
+            top_logprobs=req.top_logprobs_wanted(),
+        )
+
+    async def _chat_pulse(
+        self, req: sv.ChatCompletionRequest, route: sv.ModelRoute, images: list[sv.DecodedImage]
+    ) -> dict[str, Any]:
+        gen = self._pulse_request(req, route, images)
+        result = await self._run_pulse(route, gen)
         if result.choice_logprobs is not None:
             return sv.completion_response(route.name, result.text, result.prompt_tokens, 1,
                                           logprobs=sv.choice_logprobs(result.choice_logprobs))
-        finish = "length" if result.completion_tokens >= max_new else "stop"
+        finish = "length" if result.completion_tokens >= gen.max_new_tokens else "stop"
+        logprobs = (sv.logprobs_json(result.token_logprobs)
+                    if result.token_logprobs is not None else None)
         return sv.completion_response(route.name, result.text, result.prompt_tokens,
-                                      result.completion_tokens, finish)
+                                      result.completion_tokens, finish, logprobs)
+
+    async def _stream(
+        self, req: sv.ChatCompletionRequest, route: sv.ModelRoute, images: list[sv.DecodedImage]
+    ) -> StreamingResponse:
+        """A streamed answer. The first item is awaited before the response starts, so that
+        errors known by then (a prompt over the context, an upstream refusing) are plain HTTP
+        errors; later ones are an error event."""
+        if route.kind == "proxy":
+            gen = self._proxy_stream.stream.remote(req)
+        else:
+            gen_req = self._pulse_request(req, route, images)
+            gen = self._pulse_handle(route, stream=True).stream.remote(gen_req)
+        try:
+            first = await anext(gen, None)
+        except BaseException:
+            gen.cancel()
+            raise
+        error = first.get("error") if isinstance(first, dict) else first
+        if isinstance(error, sv.ApiError):
+            raise error
+        events = (self._proxy_events(route, first, gen) if route.kind == "proxy"
+                  else self._pulse_events(route, req, first, gen, gen_req.max_new_tokens))
+        return StreamingResponse(self._guarded(route, events, gen), media_type=sv.EVENT_STREAM,
+                                 headers={"Cache-Control": "no-cache"})
+
+    async def _guarded(self, route: sv.ModelRoute, events: AsyncIterator[str],
+                       gen: Any) -> AsyncIterator[str]:
+        """``events`` to the client. A failure mid-stream (a replica lost) is an error event,
+        and logged; a client that leaves cancels the model's stream, so nothing runs on."""
+        ended = False
+        try:
+            async for event in events:
+                yield event
+            ended = True
+        except Exception as e:
+            ended = True
+            self.usage.add(route.name, error=True)
+            logger.exception("stream of %s failed", route.name)
+            yield sv.error_event(sv.ApiError(500, f"internal error ({type(e).__name__})",
+                                             "server_error"))
+        finally:
+            if not ended:
+                gen.cancel()
+
+    async def _pulse_events(
+        self, route: sv.ModelRoute, req: sv.ChatCompletionRequest, item: Any, gen: Any,
+        max_new_tokens: int,
+    ) -> AsyncIterator[str]:
+        writer = sv.ChunkWriter(route.name, req.include_usage())
+        yield writer.role()
+        while True:
+            if isinstance(item, sv.StreamDelta):
+                logprobs = item.logprobs if req.logprobs else None
+                if item.text or logprobs:
+                    yield writer.content(item.text, logprobs)
+            elif isinstance(item, sv.ApiError):
+                self.usage.add(route.name, error=True)
+                yield sv.error_event(item)
+                return
+            else:  # the result: every delta has been sent
+                usage = sv.usage_json(item.prompt_tokens, item.completion_tokens)
+                yield writer.finish("length" if item.completion_tokens >= max_new_tokens
+                                    else "stop")
+                if writer.include_usage:
+                    yield writer.usage(usage)
+                yield sv.DONE_EVENT
+                self.usage.add(route.name, usage)
+                return
+            item = await gen.__anext__()
+
+    async def _proxy_events(self, route: sv.ModelRoute, item: Any, gen: Any) -> AsyncIterator[str]:
+        usage = None
+        while item is not None:
+            if "error" in item:
+                self.usage.add(route.name, error=True)
+                yield sv.error_event(item["error"])
+                return
+            usage = item["chunk"].get("usage") or usage
+            yield sv.sse_event(item["chunk"])
+            item = await anext(gen, None)
+        yield sv.DONE_EVENT
+        self.usage.add(route.name, usage)
 
     @app.post("/v1/ecg/interpret")
     async def interpret(self, request: Request) -> JSONResponse:
@@ -327,6 +470,11 @@ class Gateway:
                      if query.return_measurements else None)
         png = await asyncio.to_thread(sv.render_png, record)
         max_new = query.max_tokens or self.limits.default_max_tokens
+        from ecgvlm.prompt import option_letters
+
+        letters = tuple(option_letters(len(options)))
+        # The answer with its explanation, and the option letters scored as a constrained
+        # choice, asked together (two rows of one batch on a PULSE replica).
         try:
             if route.kind == "proxy":
                 from ecgvlm.prompt import chat_messages
@@ -335,31 +483,41 @@ class Gateway:
                     "model": route.name, "messages": chat_messages(question, options, png),
                     "max_tokens": max_new, "temperature": query.temperature, "seed": query.seed,
                 })
-                out = await self._run_proxy(chat)
+                out, chosen = await asyncio.gather(
+                    self._run_proxy(chat),
+                    self._run_proxy(chat.model_copy(update={"guided_choice": list(letters)})))
                 text = out["choices"][0]["message"].get("content") or ""
-                usage = out.get("usage") or {}
+                usages = [out.get("usage") or {}, chosen.get("usage") or {}]
+                top = chosen["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+                ranked = [(t["token"], t["logprob"]) for t in top]
             else:
                 from ecgvlm.prompt import build_prompt
 
-                result = await self._run_pulse(route, sv.GenerateRequest(
+                gen = sv.GenerateRequest(
                     prompt=build_prompt(question, options), image=png, adapter=route.adapter,
                     max_new_tokens=max_new, temperature=query.temperature or 0.0,
                     seed=query.seed or 0,
-                ))
+                )
+                result, chosen = await asyncio.gather(
+                    self._run_pulse(route, gen),
+                    self._run_pulse(route, replace(gen, guided_choice=letters)))
                 text = result.text
-                usage = {"prompt_tokens": result.prompt_tokens,
-                         "completion_tokens": result.completion_tokens,
-                         "total_tokens": result.prompt_tokens + result.completion_tokens}
+                usages = [sv.usage_json(r.prompt_tokens, r.completion_tokens)
+                          for r in (result, chosen)]
+                ranked = list(chosen.choice_logprobs or ())
         except sv.ApiError:
             self.usage.add(route.name, error=True)
             if measuring is not None:
                 measuring.cancel()
             raise
+        usage = sv.usage_json(*(sum(int(u.get(k) or 0) for u in usages)
+                                for k in ("prompt_tokens", "completion_tokens")))
         self.usage.add(route.name, usage)
         window_s = (record.start_s, record.n_samples / record.fs_hz)
         return JSONResponse(sv.interpret_response(
             route.name, text, question, options, usage, png if query.return_image else None,
             window_s, await measuring if measuring is not None else None,
+            choice_logprobs=ranked, abstain_below=self.args.abstain_below,
         ))
 
     async def _parse_upload(self, request: Request, body: bytes) -> tuple[sv.InterpretQuery, Any]:

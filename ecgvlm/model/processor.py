@@ -441,6 +441,21 @@ class LlamaSentencePieceTokenizer:
         ]
         return self._sp.DecodeIds(pieces)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for, as OpenAI's ``logprobs`` show a token: a
+        byte-fallback piece (``<0xE2>``) is that byte, the word-boundary marker a space, a
+        control or unknown token (``</s>``, ``<unk>``) its own text; an id past the vocabulary
+        stands for nothing."""
+        token_id = int(token_id)
+        if not 0 <= token_id < len(self):
+            return b""
+        piece = self._sp.IdToPiece(token_id)
+        if self._sp.IsByte(token_id):
+            return bytes([int(piece[3:-1], 16)])
+        if self._sp.IsControl(token_id) or self._sp.IsUnknown(token_id):
+            return piece.encode("utf-8")
+        return piece.replace(SPIECE_UNDERLINE, " ").encode("utf-8")
+
     def tokenize_with_image(self, prompt: str) -> list[int]:
         """LLaVA's ``tokenizer_image_token``: ``<image>`` becomes ``IMAGE_TOKEN_INDEX``."""
         chunks = [self.encode(chunk) for chunk in prompt.split(IMAGE_TOKEN)]

@@ -8,6 +8,7 @@ without Ray:
 - ``chat``: the chat-completions schema, model routing, data-URL images, responses, usage;
 - ``proxy``: the retrying client for the OpenAI-compatible ``gpt-4o`` upstream;
 - ``ecg``: ``/v1/ecg/interpret``'s signals (JSON or WFDB upload), rendering and answers;
+- ``stream``: ``stream: true``'s ``chat.completion.chunk`` server-sent events;
 - ``pulse``: ``PulseRunner``, one base model with LoRA adapters sharing its weights;
 - ``args``: ``ServeArgs``, what the app is built from.
 
@@ -34,8 +35,10 @@ from ecgvlm.serving.chat import (
     DecodedImage,
     ImagePart,
     ImageUrl,
+    LogprobEntry,
     ModelCard,
     ModelRoute,
+    StreamOptions,
     TextPart,
     UsageCounter,
     check_image_bytes,
@@ -44,9 +47,11 @@ from ecgvlm.serving.chat import (
     completion_response,
     decode_data_url,
     image_data_url,
+    logprobs_json,
     parse_chat_request,
     requested_max_tokens,
     resolve_model,
+    usage_json,
 )
 from ecgvlm.serving.ecg import (
     DEFAULT_QUESTION,
@@ -90,6 +95,7 @@ from ecgvlm.serving.limits import (
     MAX_OPTIONS,
     MAX_TEXT_CHARS,
     MAX_TOKENS,
+    MAX_TOP_LOGPROBS,
     MIN_DURATION_S,
     MIN_FS_HZ,
     MIN_OPTIONS,
@@ -102,18 +108,32 @@ from ecgvlm.serving.proxy import (
     backoff_delay_s,
 )
 from ecgvlm.serving.pulse import (
+    CLIENT_CLOSED,
     RUNTIME_KEYS,
     GenerateRequest,
     GenerateResult,
     PulseRunner,
+    RequestHooks,
+    StreamDelta,
     group_requests,
     read_adapter,
 )
+from ecgvlm.serving.stream import (
+    DONE_EVENT,
+    EVENT_STREAM,
+    ChunkWriter,
+    completion_events,
+    error_event,
+    sse_event,
+)
 
 __all__ = [
+    "CLIENT_CLOSED",
     "DEFAULT_MAX_TOKENS",
     "DEFAULT_QUESTION",
     "DEFAULT_WINDOW_S",
+    "DONE_EVENT",
+    "EVENT_STREAM",
     "GPT4O_MODEL",
     "IMAGE_MIME_TYPES",
     "LORA_MODEL",
@@ -129,6 +149,7 @@ __all__ = [
     "MAX_OPTIONS",
     "MAX_TEXT_CHARS",
     "MAX_TOKENS",
+    "MAX_TOP_LOGPROBS",
     "MIN_DURATION_S",
     "MIN_FS_HZ",
     "MIN_OPTIONS",
@@ -140,6 +161,7 @@ __all__ = [
     "BatchingArgs",
     "ChatCompletionRequest",
     "ChatMessage",
+    "ChunkWriter",
     "ContentPart",
     "DecodedImage",
     "GenerateRequest",
@@ -148,6 +170,7 @@ __all__ = [
     "ImageUrl",
     "InterpretJsonRequest",
     "InterpretQuery",
+    "LogprobEntry",
     "ModelCard",
     "ModelRoute",
     "OpenAIProxy",
@@ -155,8 +178,11 @@ __all__ = [
     "PulseReplicaArgs",
     "PulseRunner",
     "ReplicaArgs",
+    "RequestHooks",
     "ServeArgs",
     "ServeLimits",
+    "StreamDelta",
+    "StreamOptions",
     "TextPart",
     "UsageCounter",
     "absolute_paths",
@@ -169,12 +195,15 @@ __all__ = [
     "check_signal",
     "choice_logprobs",
     "collect_images",
+    "completion_events",
     "completion_response",
     "decode_data_url",
     "error_body",
+    "error_event",
     "group_requests",
     "image_data_url",
     "interpret_response",
+    "logprobs_json",
     "measure_json",
     "parse_adapter_specs",
     "parse_chat_request",
@@ -190,5 +219,7 @@ __all__ = [
     "safe_upload_name",
     "select_window",
     "split_explanation",
+    "sse_event",
+    "usage_json",
     "validation_error",
 ]

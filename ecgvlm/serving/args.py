@@ -115,6 +115,8 @@ class ServeArgs(BaseModel):
         auth_token_env: Environment variable holding the bearer token clients must send;
             unset or empty turns auth off. Read by the app builder, never logged.
         batching: PULSE request batching.
+        abstain_below: ``/v1/ecg/interpret`` calls an answer ``uncertain`` when its most
+            probable option's probability is below this, in [0, 1); 0 never does.
         pulse, gateway, proxy: Replicas and resources of each deployment.
     """
 
@@ -129,6 +131,7 @@ class ServeArgs(BaseModel):
     limits: ServeLimits = Field(default_factory=ServeLimits)
     auth_token_env: str = "ECGVLM_API_TOKEN"
     batching: BatchingArgs = Field(default_factory=BatchingArgs)
+    abstain_below: float = Field(0.0, ge=0.0, lt=1.0)
     pulse: PulseReplicaArgs = Field(default_factory=PulseReplicaArgs)
     gateway: ReplicaArgs = Field(default_factory=lambda: ReplicaArgs(num_cpus=0.25,
                                                                      max_ongoing_requests=256))

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
 from ecgvlm.serving.errors import ApiError, bad_request, parse_json_body, validation_error
 from ecgvlm.serving.limits import (
@@ -22,6 +22,7 @@ from ecgvlm.serving.limits import (
     LORA_MODEL,
     MAX_CHOICE_CHARS,
     MAX_CHOICES,
+    MAX_TOP_LOGPROBS,
     PULSE_MODEL,
     ServeLimits,
 )
@@ -55,6 +56,12 @@ class ChatMessage(_Lenient):
     content: str | list[ContentPart]
 
 
+class StreamOptions(_Lenient):
+    """OpenAI's ``stream_options``: with ``include_usage`` a last chunk carries ``usage``."""
+
+    include_usage: StrictBool = False
+
+
 class ChatCompletionRequest(_Lenient):
     """The subset of OpenAI's chat-completions request that the endpoint honours."""
 
@@ -65,13 +72,21 @@ class ChatCompletionRequest(_Lenient):
     max_completion_tokens: int | None = Field(None, ge=1)
     seed: int | None = None
     n: int = 1
-    stream: bool = False
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
     # vLLM's constrained choice (clients send it in extra_body): the answer is one of these.
     guided_choice: list[Annotated[str, Field(min_length=1, max_length=MAX_CHOICE_CHARS)]] | None = (
         Field(None, min_length=1, max_length=MAX_CHOICES)
     )
-    logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: StrictBool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, strict=True)
+
+    def top_logprobs_wanted(self) -> int | None:
+        """Alternatives per generated token: None without ``logprobs``, else 0-20."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
 
 
 class ModelCard(BaseModel):
@@ -132,10 +147,12 @@ def parse_chat_request(body: bytes, limits: ServeLimits) -> ChatCompletionReques
         req = ChatCompletionRequest.model_validate(data)
     except ValidationError as e:
         raise validation_error(e) from e
-    if req.stream:
-        raise bad_request("stream=true is not supported; omit stream", param="stream")
     if req.n != 1:
-        raise bad_request(f"n must be 1, got {req.n}", param="n")
+        with_stream = " (and stream: true streams one answer)" if req.stream else ""
+        raise bad_request(f"n must be 1{with_stream}, got {req.n}", param="n")
+    if req.stream_options is not None and not req.stream:
+        raise bad_request("stream_options is only allowed with stream: true",
+                          param="stream_options")
     if req.guided_choice is not None and len(set(req.guided_choice)) != len(req.guided_choice):
         dup = next(c for c in req.guided_choice if req.guided_choice.count(c) > 1)
         raise bad_request(f"guided_choice: {dup!r} is given twice; choices must be distinct",
@@ -290,16 +307,51 @@ def collect_images(req: ChatCompletionRequest, limits: ServeLimits) -> list[Deco
     return images
 
 
+@dataclass(frozen=True)
+class LogprobEntry:
+    """One token of an answer in OpenAI's ``logprobs.content`` shape.
+
+    Attributes:
+        token: its text (``bytes`` decoded; a byte that is part of a character is shown as
+            ``\\xNN``).
+        bytes: its UTF-8 bytes, which add up to the answer's text across entries.
+        logprob: its log-probability.
+        top: the most probable alternatives at its position, most probable first.
+    """
+
+    token: str
+    bytes: tuple[int, ...]
+    logprob: float
+    top: tuple[LogprobEntry, ...] = ()
+
+    @classmethod
+    def of(cls, raw: bytes, logprob: float, top: tuple[LogprobEntry, ...] = ()) -> LogprobEntry:
+        return cls(raw.decode("utf-8", errors="backslashreplace"), tuple(raw), logprob, top)
+
+    def to_json(self, with_top: bool = True) -> dict[str, Any]:
+        out: dict[str, Any] = {"token": self.token, "logprob": self.logprob,
+                               "bytes": list(self.bytes)}
+        if with_top:
+            out["top_logprobs"] = [t.to_json(with_top=False) for t in self.top]
+        return out
+
+
+def logprobs_json(entries: Sequence[LogprobEntry]) -> dict[str, Any]:
+    """``choices[i].logprobs`` of a completion (or of a streamed chunk)."""
+    return {"content": [e.to_json() for e in entries]}
+
+
 def choice_logprobs(ranked: Sequence[tuple[str, float]]) -> dict[str, Any]:
     """A constrained answer in OpenAI's ``logprobs`` shape: one content entry, the chosen
     string, with every choice (most probable first) as its ``top_logprobs``."""
+    top = tuple(LogprobEntry.of(c.encode("utf-8"), lp) for c, lp in ranked)
+    return logprobs_json([LogprobEntry(top[0].token, top[0].bytes, top[0].logprob, top)])
 
-    def entry(token: str, logprob: float) -> dict[str, Any]:
-        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
 
-    best, best_logprob = ranked[0]
-    return {"content": [{**entry(best, best_logprob),
-                         "top_logprobs": [entry(c, lp) for c, lp in ranked]}]}
+def usage_json(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    """OpenAI's ``usage`` object."""
+    return {"prompt_tokens": int(prompt_tokens), "completion_tokens": int(completion_tokens),
+            "total_tokens": int(prompt_tokens) + int(completion_tokens)}
 
 
 def completion_response(
@@ -319,11 +371,7 @@ def completion_response(
                 "finish_reason": finish_reason,
             }
         ],
-        "usage": {
-            "prompt_tokens": int(prompt_tokens),
-            "completion_tokens": int(completion_tokens),
-            "total_tokens": int(prompt_tokens) + int(completion_tokens),
-        },
+        "usage": usage_json(prompt_tokens, completion_tokens),
     }
     if logprobs is not None:
         out["choices"][0]["logprobs"] = logprobs

@@ -349,11 +349,15 @@ def interpret_response(
     model: str, text: str, question: str, options: Sequence[str], usage: dict[str, Any],
     png: bytes | None = None, window_s: tuple[float, float] | None = None,
     measurements: dict[str, Any] | None = None,
+    choice_logprobs: Sequence[tuple[str, float]] | None = None, abstain_below: float = 0.0,
 ) -> dict[str, Any]:
     """The /v1/ecg/interpret answer: letter, finding, explanation (and the image if asked).
 
     ``window_s`` is the (start, duration) in seconds of the part of the signal drawn;
     ``measurements`` are that window's (:func:`measure_json`), when asked for.
+    ``choice_logprobs``: each option letter's log-probability as a constrained choice; they
+    give ``probabilities`` (letter -> probability, in letter order) and ``uncertain``, true
+    when the most probable letter's probability is below ``abstain_below``.
     """
     from ecgvlm.prompt import letter_index, parse_answer
 
@@ -370,6 +374,13 @@ def interpret_response(
         "options": list(options),
         "usage": usage,
     }
+    if choice_logprobs is not None:
+        import math
+
+        probabilities = {c: math.exp(lp) for c, lp in sorted(choice_logprobs)}
+        out["probabilities"] = probabilities
+        out["uncertain"] = max(probabilities.values()) < abstain_below
+        out["abstain_below"] = abstain_below
     if window_s is not None:
         out["start_s"], out["duration_s"] = window_s
     if measurements is not None:

@@ -37,6 +37,8 @@ MAX_OPTIONS = 10
 #: findings).
 MAX_CHOICES = 26
 MAX_CHOICE_CHARS = 64
+#: Most alternatives per token a client may ask for with ``top_logprobs`` (OpenAI's limit).
+MAX_TOP_LOGPROBS = 20
 
 #: Names clients use for the served models.
 PULSE_MODEL = "pulse"

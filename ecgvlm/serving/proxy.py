@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from ecgvlm.serving.chat import ChatCompletionRequest
+from ecgvlm.serving.chat import ChatCompletionRequest, choice_logprobs, completion_response
 from ecgvlm.serving.errors import ApiError
+
+#: Alternatives the upstream is asked for when it answers a constrained choice (OpenAI's most).
+UPSTREAM_TOP_LOGPROBS = 20
+#: Fields of a chat request passed to the upstream as they are, when set.
+PASSED_FIELDS = ("temperature", "max_tokens", "max_completion_tokens", "seed", "logprobs",
+                 "top_logprobs")
 
 
 class OpenAISettings(BaseModel):
@@ -56,6 +63,66 @@ def backoff_delay_s(
     if retry_after_s is not None and retry_after_s > 0:
         delay = max(delay, min(retry_after_s, max_s))
     return delay
+
+
+def choice_instruction(choices: Sequence[str]) -> str:
+    """What is added to the last user message when the upstream answers a constrained choice."""
+    return "Answer with only one of these, and nothing else: " + ", ".join(choices)
+
+
+def choice_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
+    """``req.messages`` with :func:`choice_instruction` appended to the last user message."""
+    assert req.guided_choice is not None
+    messages = [m.model_dump(exclude_none=True) for m in req.messages]
+    instruction = choice_instruction(req.guided_choice)
+    last = next((m for m in reversed(messages) if m["role"] == "user"), None)
+    if last is None:
+        messages.append({"role": "user", "content": instruction})
+    elif isinstance(last["content"], str):
+        last["content"] = f"{last['content']}\n\n{instruction}"
+    else:
+        last["content"] = [*last["content"], {"type": "text", "text": instruction}]
+    return messages
+
+
+def rank_choices(
+    top: Sequence[tuple[str, float]], choices: Sequence[str]
+) -> list[tuple[str, float]]:
+    """Each choice's log-probability, normalised over the choices, from the upstream's first
+    answer token and its top alternatives (``top``: (token, log-probability) pairs).
+
+    1. A listed token counts for the choice whose text it equals once spaces are stripped
+       (" A" and "A" both count for "A"), or else for the one choice that starts with it;
+       a token that fits no choice, or several, counts for none.
+    2. A choice's probability is the sum of its tokens' probabilities.
+    3. A choice no listed token counts for gets the smallest listed probability divided by
+       ``UPSTREAM_TOP_LOGPROBS``: any token outside the list is at most as probable as the
+       least probable one in it, and the list's twentieth of that bound ranks it below every
+       choice that was seen. With no choice seen, every choice gets that value (uniform).
+    4. The log-probabilities are normalised over the choices (they sum to 1 as
+       probabilities) and returned most probable first, ties in the order given.
+
+    Raises:
+        ValueError: ``top`` is empty.
+    """
+    if not top:
+        raise ValueError("no log-probabilities to read the choices from")
+    stripped = [c.strip() for c in choices]
+    mass: dict[str, float] = {}
+    for token, logprob in top:
+        text = token.strip()
+        if not text:
+            continue
+        hits = [c for c, s in zip(choices, stripped) if s == text]
+        if not hits:
+            hits = [c for c, s in zip(choices, stripped) if s.startswith(text)]
+        if len(hits) == 1:
+            mass[hits[0]] = mass.get(hits[0], 0.0) + math.exp(logprob)
+    floor = min(lp for _, lp in top) - math.log(UPSTREAM_TOP_LOGPROBS)
+    logprobs = [math.log(mass[c]) if c in mass else floor for c in choices]
+    top_lp = max(logprobs)
+    total = top_lp + math.log(sum(math.exp(lp - top_lp) for lp in logprobs))
+    return sorted(zip(choices, (lp - total for lp in logprobs)), key=lambda kv: -kv[1])
 
 
 def _retry_after_s(headers: Any) -> float | None:
@@ -129,48 +196,121 @@ class OpenAIProxy:
         return self._client
 
     async def complete(self, req: ChatCompletionRequest) -> dict[str, Any]:
-        """Send ``req`` upstream and return its ``chat.completion`` as a dict.
+        """Send ``req`` upstream and return its ``chat.completion`` as a dict (``logprobs``
+        and ``top_logprobs`` passed through); a ``guided_choice`` is answered by
+        :meth:`choose`.
 
         Raises:
             ApiError: 503 without a key; after retries are spent, 429 (still rate-limited),
                 502 (upstream 5xx or rejected credentials), 504 (time-out or no connection);
                 upstream 4xx other than 429 pass through with the upstream's message.
         """
+        if req.guided_choice is not None:
+            return await self.choose(req)
+        async with self._semaphore:
+            resp = await self._create(self._kwargs(req))
+        return resp.model_dump(exclude_none=True)
+
+    async def stream(self, req: ChatCompletionRequest) -> AsyncIterator[dict[str, Any]]:
+        """``req`` with ``stream: true``: the upstream's ``chat.completion.chunk`` objects as
+        it sends them. Retries happen before the first chunk only; the concurrency slot is
+        held until the stream ends or its consumer closes it.
+
+        Raises:
+            ApiError: as :meth:`complete` before the first chunk; 502 when the upstream's
+                stream breaks off.
+        """
+        import openai
+
+        kwargs = {**self._kwargs(req), "stream": True}
+        if req.stream_options is not None:
+            kwargs["stream_options"] = req.stream_options.model_dump()
+        async with self._semaphore:
+            stream = await self._create(kwargs)
+            try:
+                async for chunk in stream:
+                    yield chunk.model_dump(exclude_unset=True)
+            except openai.APIError as e:
+                raise ApiError(502, f"the gpt-4o upstream's stream broke off: "
+                               f"{type(e).__name__}", "upstream_error",
+                               code="upstream_error") from e
+            finally:
+                await stream.close()
+
+    async def choose(self, req: ChatCompletionRequest) -> dict[str, Any]:
+        """A constrained choice answered by the upstream, in the PULSE models' shape.
+
+        The upstream is asked for one token (``max_tokens`` 1) with its top
+        ``UPSTREAM_TOP_LOGPROBS`` log-probabilities, the choices listed in an instruction
+        after the last user message (:func:`choice_instruction`); the choices' probabilities
+        are read off that token's alternatives by :func:`rank_choices`.
+
+        Raises:
+            ApiError: as :meth:`complete`; 502 when the upstream returns no log-probabilities.
+        """
+        assert req.guided_choice is not None
+        kwargs: dict[str, Any] = {
+            "model": self.settings.model, "messages": choice_messages(req), "max_tokens": 1,
+            "logprobs": True, "top_logprobs": UPSTREAM_TOP_LOGPROBS,
+        }
+        for name in ("temperature", "seed"):
+            if getattr(req, name) is not None:
+                kwargs[name] = getattr(req, name)
+        async with self._semaphore:
+            resp = await self._create(kwargs)
+        data = resp.model_dump(exclude_none=True)
+        content = ((data.get("choices") or [{}])[0].get("logprobs") or {}).get("content") or []
+        top = [(t["token"], t["logprob"]) for t in (content[0].get("top_logprobs") or [])
+               ] if content else []
+        if not top:
+            raise ApiError(502, "the gpt-4o upstream returned no top_logprobs for the answer "
+                           "token, so the choices cannot be scored", "upstream_error",
+                           code="upstream_no_logprobs")
+        ranked = rank_choices(top, req.guided_choice)
+        usage = data.get("usage") or {}
+        return completion_response(data.get("model") or self.settings.model, ranked[0][0],
+                                   usage.get("prompt_tokens", 0), 1,
+                                   logprobs=choice_logprobs(ranked))
+
+    def _kwargs(self, req: ChatCompletionRequest) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "model": self.settings.model,
+            "messages": [m.model_dump(exclude_none=True) for m in req.messages],
+        }
+        for name in PASSED_FIELDS:
+            value = getattr(req, name)
+            if value is not None:
+                kwargs[name] = value
+        return kwargs
+
+    async def _create(self, kwargs: dict[str, Any]) -> Any:
+        """``chat.completions.create(**kwargs)`` with our retries (the caller holds the
+        concurrency slot)."""
         if not self.available:
             raise ApiError(503, self.unavailable_reason or "", "service_unavailable",
                            param="model", code="model_unavailable")
         import openai
 
-        kwargs: dict[str, Any] = {
-            "model": self.settings.model,
-            "messages": [m.model_dump(exclude_none=True) for m in req.messages],
-        }
-        for name in ("temperature", "max_tokens", "max_completion_tokens", "seed"):
-            value = getattr(req, name)
-            if value is not None:
-                kwargs[name] = value
         attempts = self.settings.max_retries + 1
         last: Exception | None = None
-        async with self._semaphore:
-            client = self._get_client()
-            for attempt in range(attempts):
-                self.attempts += 1
-                retry_after = None
-                try:
-                    resp = await client.chat.completions.create(**kwargs)
-                    return resp.model_dump(exclude_none=True)
-                except openai.APIStatusError as e:
-                    last = e
-                    if e.status_code != 429 and e.status_code < 500:
-                        raise self._client_error(e) from e
-                    retry_after = _retry_after_s(getattr(e.response, "headers", None))
-                except (openai.APITimeoutError, openai.APIConnectionError) as e:
-                    last = e
-                if attempt + 1 < attempts:
-                    await self._sleep(backoff_delay_s(
-                        attempt, self.settings.backoff_base_s, self.settings.backoff_max_s,
-                        self._rng, retry_after,
-                    ))
+        client = self._get_client()
+        for attempt in range(attempts):
+            self.attempts += 1
+            retry_after = None
+            try:
+                return await client.chat.completions.create(**kwargs)
+            except openai.APIStatusError as e:
+                last = e
+                if e.status_code != 429 and e.status_code < 500:
+                    raise self._client_error(e) from e
+                retry_after = _retry_after_s(getattr(e.response, "headers", None))
+            except (openai.APITimeoutError, openai.APIConnectionError) as e:
+                last = e
+            if attempt + 1 < attempts:
+                await self._sleep(backoff_delay_s(
+                    attempt, self.settings.backoff_base_s, self.settings.backoff_max_s,
+                    self._rng, retry_after,
+                ))
         raise self._final_error(last, attempts) from last
 
     def _client_error(self, e: Any) -> ApiError:

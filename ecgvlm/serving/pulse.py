@@ -6,10 +6,11 @@ import io
 import logging
 import threading
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+from ecgvlm.serving.chat import LogprobEntry
 from ecgvlm.serving.errors import ApiError
 from ecgvlm.serving.limits import DEFAULT_MAX_TOKENS
 
@@ -26,7 +27,9 @@ class GenerateRequest:
     """One prompt for the PULSE replica; ``adapter`` None means the base model.
 
     With ``guided_choice`` the answer is the most probable of those strings after the
-    trained answer prefix (one forward pass), not generated text.
+    trained answer prefix (one forward pass), not generated text. ``top_logprobs`` None
+    asks for no log-probabilities of generated tokens; 0-20 for each token's with that many
+    alternatives.
     """
 
     prompt: str
@@ -36,9 +39,11 @@ class GenerateRequest:
     temperature: float = 0.0
     seed: int = 0
     guided_choice: tuple[str, ...] | None = None
+    top_logprobs: int | None = None
 
     def group_key(self) -> GroupKey:
-        """Requests sharing this key run as one ``generate`` (or scoring) call."""
+        """Requests sharing this key run as one ``generate`` (or scoring) call; asking for
+        log-probabilities or not does not split a group."""
         if self.guided_choice is not None:
             return (self.adapter, "choice")
         return (self.adapter, "generate", self.max_new_tokens, self.temperature, self.seed)
@@ -47,12 +52,88 @@ class GenerateRequest:
 @dataclass(frozen=True)
 class GenerateResult:
     """A generated answer, or with ``choice_logprobs`` (choice, log-probability normalised
-    over the choices, most probable first) a constrained one whose ``text`` is that choice."""
+    over the choices, most probable first) a constrained one whose ``text`` is that choice.
+    ``token_logprobs``: each generated token's, when asked for."""
 
     text: str
     prompt_tokens: int
     completion_tokens: int
     choice_logprobs: tuple[tuple[str, float], ...] | None = None
+    token_logprobs: tuple[LogprobEntry, ...] | None = None
+
+
+@dataclass(frozen=True)
+class StreamDelta:
+    """What a streamed answer gained: text, and its new tokens' log-probabilities when asked
+    for (a token may come before the text it completes is shown)."""
+
+    text: str
+    logprobs: tuple[LogprobEntry, ...] = ()
+
+    @staticmethod
+    def merge(deltas: Sequence[StreamDelta]) -> StreamDelta:
+        return StreamDelta("".join(d.text for d in deltas),
+                           tuple(e for d in deltas for e in d.logprobs))
+
+
+@dataclass
+class RequestHooks:
+    """A request's replica-local ends (never sent across processes): where its stream goes
+    (``on_delta``, called from the generating thread) and the flag its caller sets on
+    leaving (``cancel``: the request stops at its next token)."""
+
+    on_delta: Callable[[StreamDelta], None] | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+#: Status of the answer a request gets when its caller left before it ran (nginx's
+#: "client closed request"); nobody reads it.
+CLIENT_CLOSED = 499
+
+
+class _TextStream:
+    """One streamed row: its tokens so far and the text already sent.
+
+    Text goes out as it becomes final: ``processor.decode`` of the tokens so far, held back
+    while it ends in a partial UTF-8 character (U+FFFD), and trailing white space waits for
+    what follows it (the answer is stripped), so the pieces add up to the answer's text.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str], on_delta: Callable[[StreamDelta], None],
+                 entry: Callable[[Any], LogprobEntry] | None) -> None:
+        self.decode = decode
+        self.on_delta = on_delta
+        self.entry = entry
+        self.ids: list[int] = []
+        self.sent = ""
+        self.pending: list[LogprobEntry] = []
+        self.diverged = False
+
+    def push(self, step: int, token: int, logprob: Any, eos: int) -> None:
+        if step < len(self.ids):
+            # A batch retried after running out of memory generates the row again.
+            self.diverged = self.diverged or self.ids[step] != token
+            return
+        self.ids.append(token)
+        if self.entry is not None and logprob is not None and token != eos:
+            self.pending.append(self.entry(logprob))
+        text = self.decode(self.ids)
+        if text.endswith("\ufffd") or not text.startswith(self.sent):
+            text = self.sent
+        self._send(text)
+
+    def finish(self, text: str) -> None:
+        if text.startswith(self.sent):
+            self._send(text)
+        else:
+            logger.warning("streamed text %r is not a prefix of the answer %r", self.sent, text)
+
+    def _send(self, text: str) -> None:
+        if self.diverged or (text == self.sent and not self.pending):
+            return
+        delta = StreamDelta(text[len(self.sent):], tuple(self.pending))
+        self.sent, self.pending = text, []
+        self.on_delta(delta)
 
 
 def group_requests(requests: Sequence[GenerateRequest]) -> dict[GroupKey, list[int]]:
@@ -202,6 +283,11 @@ class PulseRunner:
         self.base_loads = 1
         self.adapter_loads: Counter = Counter()
         self.out_of_memory_events = 0
+        # Requests inside generate() not yet answered, and those stopped because their
+        # client left (streams and plain requests alike).
+        self.in_flight = 0
+        self.cancelled = 0
+        self._counts_lock = threading.Lock()
         self._loaded: list[str] = []
 
     @property
@@ -261,60 +347,123 @@ class PulseRunner:
                                      code="context_length_exceeded")
         return lengths, errors
 
-    def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult | ApiError]:
+    def generate(
+        self, requests: Sequence[GenerateRequest],
+        hooks: Sequence[RequestHooks | None] | None = None,
+    ) -> list[GenerateResult | ApiError]:
         """Answer a batch, one ``generate`` call per (adapter, settings) group and token budget.
+
+        Args:
+            requests: The batch, in arrival order.
+            hooks: Per request (or None), where its stream goes and its cancel flag: a
+                request whose flag is set is not started, or stops at its next token.
 
         Returns, per request, its result or the error that is its answer: a 400 for a prompt
         over the model's context, a 503 with ``retry_after_s`` for one that ran out of device
         memory even alone. The other requests of the batch are answered either way.
         """
+        hooks = list(hooks) if hooks is not None else [None] * len(requests)
+        results: list[GenerateResult | ApiError | None] = [None] * len(requests)
+        self._count(in_flight=len(requests))
+        answered = 0
+        try:
+            for key, idxs in group_requests(requests).items():
+                self._run_group(key, idxs, requests, hooks, results)
+                self._count(in_flight=-len(idxs))
+                answered += len(idxs)
+        finally:
+            self._count(in_flight=answered - len(requests))
+        assert all(r is not None for r in results)
+        return results  # type: ignore[return-value]
+
+    def _run_group(
+        self, key: GroupKey, idxs: list[int], requests: Sequence[GenerateRequest],
+        hooks: Sequence[RequestHooks | None], results: list[GenerateResult | ApiError | None],
+    ) -> None:
         import contextlib
 
         from PIL import Image
 
         from ecgvlm.infer import generate_batched, score_choices_batched
 
-        results: list[GenerateResult | ApiError | None] = [None] * len(requests)
-        for key, idxs in group_requests(requests).items():
-            adapter = key[0]
-            images = [Image.open(io.BytesIO(requests[i].image)).convert("RGB") for i in idxs]
-            lengths, errors = self._check_context([requests[i] for i in idxs], images)
-            for k, error in errors.items():
-                results[idxs[k]] = error
-            keep = [k for k in range(len(idxs)) if k not in errors]
-            if not keep:
-                continue
-            prompts = [requests[idxs[k]].prompt for k in keep]
-            kept_images = [images[k] for k in keep]
-            kept_lengths = [lengths[k] for k in keep]
-            with self._lock:
-                if adapter is None:
-                    ctx = (self.model.disable_adapter() if self._loaded
-                           else contextlib.nullcontext())
+        adapter = key[0]
+        for i in idxs:
+            if hooks[i] is not None and hooks[i].cancel.is_set():  # its caller already left
+                results[i] = ApiError(CLIENT_CLOSED, "the client closed the request",
+                                      code="client_closed")
+                self._count(cancelled=1)
+        idxs = [i for i in idxs if results[i] is None]
+        if not idxs:
+            return
+        images = [Image.open(io.BytesIO(requests[i].image)).convert("RGB") for i in idxs]
+        lengths, errors = self._check_context([requests[i] for i in idxs], images)
+        for k, error in errors.items():
+            results[idxs[k]] = error
+        keep = [idxs[k] for k in range(len(idxs)) if k not in errors]
+        if not keep:
+            return
+        prompts = [requests[i].prompt for i in keep]
+        kept_images = [images[k] for k in range(len(idxs)) if k not in errors]
+        kept_lengths = [lengths[k] for k in range(len(idxs)) if k not in errors]
+        streams = {row: self._text_stream(requests[i], hooks[i]) for row, i in enumerate(keep)
+                   if hooks[i] is not None and hooks[i].on_delta is not None}
+        with self._lock:
+            if adapter is None:
+                ctx = (self.model.disable_adapter() if self._loaded
+                       else contextlib.nullcontext())
+            else:
+                self.load_adapter(adapter)
+                self.model.set_adapter(adapter)
+                ctx = contextlib.nullcontext()
+            with ctx:
+                if key[1] == "choice":
+                    outs = score_choices_batched(
+                        self.model, self.processor, prompts, kept_images,
+                        [requests[i].guided_choice for i in keep],
+                        max_batch_tokens=self.max_batch_tokens, prompt_lengths=kept_lengths,
+                    )
                 else:
-                    self.load_adapter(adapter)
-                    self.model.set_adapter(adapter)
-                    ctx = contextlib.nullcontext()
-                with ctx:
-                    if key[1] == "choice":
-                        outs = score_choices_batched(
-                            self.model, self.processor, prompts, kept_images,
-                            [requests[idxs[k]].guided_choice for k in keep],
-                            max_batch_tokens=self.max_batch_tokens, prompt_lengths=kept_lengths,
-                        )
-                    else:
-                        _, _, max_new_tokens, temperature, seed = key
-                        outs = generate_batched(
-                            self.model, self.processor, prompts, kept_images,
-                            max_new_tokens=max_new_tokens, max_batch_tokens=self.max_batch_tokens,
-                            prompt_lengths=kept_lengths, temperature=temperature, seed=seed,
-                        )
-            for k, out in zip(keep, outs):
-                results[idxs[k]] = self._result(out)
-        assert all(r is not None for r in results)
-        return results  # type: ignore[return-value]
+                    _, _, max_new_tokens, temperature, seed = key
+                    eos = self.processor.tokenizer.eos_token_id
+                    wanted = [requests[i].top_logprobs for i in keep
+                              if requests[i].top_logprobs is not None]
 
-    def _result(self, out: Any) -> GenerateResult | ApiError:
+                    def on_token(row: int, step: int, token: int, logprob: Any) -> None:
+                        if row in streams:
+                            streams[row].push(step, token, logprob, eos)
+
+                    def is_cancelled(row: int) -> bool:
+                        return hooks[keep[row]] is not None and hooks[keep[row]].cancel.is_set()
+
+                    outs = generate_batched(
+                        self.model, self.processor, prompts, kept_images,
+                        max_new_tokens=max_new_tokens, max_batch_tokens=self.max_batch_tokens,
+                        prompt_lengths=kept_lengths, temperature=temperature, seed=seed,
+                        top_logprobs=max(wanted) if wanted else None,
+                        on_token=on_token if streams else None, is_cancelled=is_cancelled,
+                    )
+        for row, (i, out) in enumerate(zip(keep, outs)):
+            results[i] = self._result(out, requests[i].top_logprobs, streams.get(row))
+
+    def _text_stream(self, req: GenerateRequest, hooks: RequestHooks) -> _TextStream:
+        assert hooks.on_delta is not None
+        k = req.top_logprobs
+        entry = None if k is None else (lambda logprob: self._logprob_entry(logprob, k))
+        return _TextStream(self.processor.decode, hooks.on_delta, entry)
+
+    def _logprob_entry(self, logprob: Any, k: int) -> LogprobEntry:
+        """An ``ecgvlm.infer.TokenLogprob`` as the API shows it, with ``k`` alternatives."""
+        token_bytes = self.processor.tokenizer.token_bytes
+        top = tuple(LogprobEntry.of(token_bytes(t), lp) for t, lp in logprob.top[:k])
+        return LogprobEntry.of(token_bytes(logprob.token_id), logprob.logprob, top)
+
+    def _count(self, in_flight: int = 0, cancelled: int = 0) -> None:
+        with self._counts_lock:
+            self.in_flight += in_flight
+            self.cancelled += cancelled
+
+    def _result(self, out: Any, top_logprobs: int | None = None,
+                stream: _TextStream | None = None) -> GenerateResult | ApiError:
         from ecgvlm.infer import ChoiceScores, OutOfMemory
 
         if isinstance(out, OutOfMemory):
@@ -326,10 +475,27 @@ class PulseRunner:
         if isinstance(out, ChoiceScores):
             ranked = tuple(sorted(out.logprobs.items(), key=lambda kv: -kv[1]))
             return GenerateResult(out.best, out.prompt_tokens, 1, ranked)
-        return GenerateResult(out.text, out.prompt_tokens, out.completion_tokens)
+        if out.cancelled:
+            self._count(cancelled=1)
+        if stream is not None:
+            if stream.diverged:
+                self.out_of_memory_events += 1
+                return ApiError(
+                    503, "ran out of device memory while streaming, and the answer generated "
+                    "again differs from the part already sent; retry",
+                    "service_unavailable", code="out_of_memory", retry_after_s=OOM_RETRY_AFTER_S)
+            stream.finish(out.text)
+        entries = None
+        if top_logprobs is not None and out.logprobs is not None:
+            entries = tuple(self._logprob_entry(lp, top_logprobs) for lp in out.logprobs)
+        return GenerateResult(out.text, out.prompt_tokens, out.completion_tokens,
+                              token_logprobs=entries)
 
     def stats(self) -> dict[str, Any]:
-        """What /readyz and /v1/models report; never waits for a running batch."""
+        """What /readyz and /v1/models report; never waits for a running batch.
+
+        ``in_flight``: requests handed to :meth:`generate` and not answered yet;
+        ``cancelled``: requests stopped (or never started) because their client left."""
         return {
             "base_loads": self.base_loads,
             "adapters_loaded": self.loaded_adapters,
@@ -339,4 +505,6 @@ class PulseRunner:
             "attn_implementation": self.attn_implementation,
             "max_batch_tokens": self.max_batch_tokens,
             "out_of_memory_events": self.out_of_memory_events,
+            "in_flight": self.in_flight,
+            "cancelled": self.cancelled,
         }

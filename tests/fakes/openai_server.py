@@ -10,6 +10,10 @@ and time-out code. Tests decide what comes back:
 * a FIFO of scripted replies (``server.script(Reply(status=429), "ok")``) served before the
   responder, for "fail twice then succeed" scenarios.
 
+A request with ``"stream": true`` is answered with server-sent ``chat.completion.chunk``
+events (the content split after each space, a usage chunk when ``stream_options.include_usage``,
+then ``[DONE]``); a reply's ``logprobs`` is sent as ``choices[0].logprobs``.
+
 Every request is recorded in ``server.requests`` (path, parsed JSON body, headers).
 
 Example:
@@ -44,6 +48,9 @@ class Reply:
         choice_logprobs: Choice -> log-probability: the reply carries them as our endpoint
             answers ``guided_choice`` (``choices[0].logprobs.content[0].top_logprobs``
             lists every choice, most probable first; the content is the most probable).
+        logprobs: ``choices[0].logprobs`` of the answer (OpenAI's shape, ``{"content":
+            [{"token", "logprob", "bytes", "top_logprobs"}, ...]}``), if any; overrides
+            ``choice_logprobs``'.
     """
 
     content: str | None = None
@@ -52,6 +59,7 @@ class Reply:
     delay_s: float = 0.0
     headers: dict[str, str] = field(default_factory=dict)
     choice_logprobs: dict[str, float] | None = None
+    logprobs: dict[str, Any] | None = None
 
 
 @dataclass
@@ -99,6 +107,31 @@ def completion_body(
     if choice_logprobs:
         body["choices"][0]["logprobs"] = logprobs
     return body
+
+
+def stream_body(content: str, model: str, include_usage: bool = False) -> bytes:
+    """The server-sent events of a streamed answer: role, the content split after each
+    space, the finish reason, usage when asked for, ``[DONE]``."""
+    import re
+
+    base = {"id": f"chatcmpl-fake-{time.monotonic_ns()}", "object": "chat.completion.chunk",
+            "created": int(time.time()), "model": model}
+
+    def event(delta: dict[str, Any] | None, finish: str | None = None) -> str:
+        choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None,
+                                             "finish_reason": finish}]
+        chunk = {**base, "choices": choices}
+        if include_usage:
+            chunk["usage"] = (None if delta is not None else
+                              {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2})
+        return f"data: {json.dumps(chunk)}\n\n"
+
+    events = [event({"role": "assistant", "content": ""})]
+    events += [event({"content": piece}) for piece in re.findall(r"\S*\s*", content) if piece]
+    events.append(event({}, "stop"))
+    if include_usage:
+        events.append(event(None))
+    return ("".join(events) + "data: [DONE]\n\n").encode()
 
 
 class FakeOpenAIServer:
@@ -169,9 +202,10 @@ class FakeOpenAIServer:
             def log_message(self, format: str, *args: Any) -> None:  # quiet test output
                 pass
 
-            def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None):
+            def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None,
+                      content_type: str = "application/json"):
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(body)))
                 for key, value in (headers or {}).items():
                     self.send_header(key, value)
@@ -211,6 +245,7 @@ class FakeOpenAIServer:
                 reply = server._next_reply(payload)
                 if reply.delay_s:
                     time.sleep(reply.delay_s)
+                content_type = "application/json"
                 if reply.body is not None:
                     body = reply.body
                 elif reply.status != 200:
@@ -218,13 +253,18 @@ class FakeOpenAIServer:
                         {"error": {"message": f"fake error {reply.status}", "type": "fake",
                                    "code": reply.status}}
                     ).encode()
+                elif payload.get("stream"):
+                    usage = bool((payload.get("stream_options") or {}).get("include_usage"))
+                    body = stream_body(reply.content or "", str(payload.get("model", "")), usage)
+                    content_type = "text/event-stream"
                 else:
                     model = str(payload.get("model", ""))
-                    body = json.dumps(
-                        completion_body(reply.content or "", model, reply.choice_logprobs)
-                    ).encode()
+                    completion = completion_body(reply.content or "", model, reply.choice_logprobs)
+                    if reply.logprobs is not None:
+                        completion["choices"][0]["logprobs"] = reply.logprobs
+                    body = json.dumps(completion).encode()
                 try:
-                    self._send(reply.status, body, reply.headers)
+                    self._send(reply.status, body, reply.headers, content_type)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (time-out test); nothing to answer
 

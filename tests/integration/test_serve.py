@@ -39,6 +39,21 @@ UPSTREAM_KEY = "sk-upstream-test-key"
 MAX_RETRIES = 2
 
 
+ABSTAIN_BELOW = 0.9
+#: What the fake gpt-4o upstream gives a constrained choice's one token: B most probable.
+UPSTREAM_CHOICE = [("B", math.log(0.93)), (" B", math.log(0.02)), ("A", math.log(0.03)),
+                   ("The", math.log(0.01))]
+
+
+def _upstream_answer(request: dict) -> Reply | str:
+    """The fake gpt-4o: a letter with its top log-probabilities when asked for one token with
+    them (a constrained choice), else an answer with its explanation."""
+    if request.get("max_tokens") == 1 and request.get("top_logprobs"):
+        top = [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in UPSTREAM_CHOICE]
+        return Reply(content="B", logprobs={"content": [{**top[0], "top_logprobs": top}]})
+    return "The answer is B. Irregular RR intervals, no P waves."
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -92,7 +107,7 @@ def endpoint(ray_local, tiny_pulse_dir, tmp_path_factory):
         "cpsc": str(_make_adapter(model_dir, root / "lora-cpsc", seed=1)),
         "chapman": str(_make_adapter(model_dir, root / "lora-chapman", seed=2)),
     }
-    fake = FakeOpenAIServer(lambda req: "The answer is B. Irregular RR intervals, no P waves.")
+    fake = FakeOpenAIServer(_upstream_answer)
     fake.start()
     port = _free_port()
     serve.shutdown()  # a Serve left by another module would keep its own port
@@ -109,6 +124,7 @@ def endpoint(ray_local, tiny_pulse_dir, tmp_path_factory):
                        "backoff_base_s": 0.01, "backoff_max_s": 0.05},
             "limits": {"max_body_bytes": 4 * 1024 * 1024, "default_max_tokens": 8},
             "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.005},
+            "abstain_below": ABSTAIN_BELOW,
             "pulse": {"num_cpus": 0.5}, **common,
         })
         mp.delenv("OPENAI_API_KEY")
@@ -176,15 +192,88 @@ def test_guided_choice_through_the_openai_client(endpoint, png):
     assert sorted(ranked) == ["A", "B", "C"] and ranked[0] == entry.token
     assert sum(math.exp(t.logprob) for t in entry.top_logprobs) == pytest.approx(1.0, abs=1e-6)
     assert resp.usage.completion_tokens == 1
-    # The same request answers the same; gpt-4o and plain logprobs are refused by name.
+    # The same request answers the same.
     again = client.chat.completions.create(model="pulse-lora", messages=messages,
                                            extra_body={"guided_choice": ["A", "B", "C"]})
     assert again.choices[0].logprobs.content[0].top_logprobs[0].logprob == pytest.approx(
         entry.top_logprobs[0].logprob, abs=1e-6)
-    for model, extra in (("gpt-4o", {"guided_choice": ["A", "B"]}), ("pulse", {"logprobs": True})):
-        with pytest.raises(openai.BadRequestError) as e:
-            client.chat.completions.create(model=model, messages=messages, extra_body=extra)
-        assert e.value.body["param"] in ("guided_choice", "logprobs")
+    # Streamed, a constrained answer is one delta with the same log-probabilities.
+    chunks = list(client.chat.completions.create(
+        model="pulse-lora", messages=messages, stream=True,
+        extra_body={"guided_choice": ["A", "B", "C"]}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == entry.token
+    streamed = next(c for c in chunks if c.choices[0].logprobs is not None)
+    assert [t.logprob for t in streamed.choices[0].logprobs.content[0].top_logprobs] == (
+        pytest.approx([t.logprob for t in entry.top_logprobs], abs=1e-6))
+
+
+def test_logprobs_of_generated_text_through_the_openai_client(endpoint, png):
+    client = _client(endpoint["url"])
+    plain = client.chat.completions.create(model="pulse", messages=_image_messages(png),
+                                           max_tokens=6, temperature=0)
+    resp = client.chat.completions.create(model="pulse", messages=_image_messages(png),
+                                          max_tokens=6, temperature=0, logprobs=True,
+                                          top_logprobs=3)
+    assert resp.choices[0].message.content == plain.choices[0].message.content
+    content = resp.choices[0].logprobs.content
+    assert len(content) == resp.usage.completion_tokens == 6  # no end-of-sequence here
+    for entry in content:
+        assert len(entry.top_logprobs) == 3 and entry.logprob <= 0
+        assert entry.top_logprobs[0].token == entry.token  # greedy: the most probable
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)
+    raw = b"".join(bytes(e.bytes) for e in content)
+    assert raw.decode("utf-8", "replace").strip() == resp.choices[0].message.content
+    none = client.chat.completions.create(model="pulse", messages=_image_messages(png),
+                                          max_tokens=2, logprobs=True)
+    assert all(e.top_logprobs == [] for e in none.choices[0].logprobs.content)
+    assert plain.choices[0].logprobs is None
+
+
+def test_streaming_through_the_openai_clients_iterator_equals_the_plain_answer(endpoint, png):
+    client = _client(endpoint["url"])
+    for model, max_tokens in (("pulse-lora", 40), ("pulse", 12)):
+        plain = client.chat.completions.create(model=model, messages=_image_messages(png),
+                                               max_tokens=max_tokens, temperature=0)
+        stream = client.chat.completions.create(
+            model=model, messages=_image_messages(png), max_tokens=max_tokens, temperature=0,
+            stream=True, stream_options={"include_usage": True}, logprobs=True)
+        chunks = list(stream)
+        assert chunks[0].choices[0].delta.role == "assistant"
+        texts = [c.choices[0].delta.content for c in chunks if c.choices
+                 and c.choices[0].delta.content]
+        assert "".join(texts) == plain.choices[0].message.content
+        assert len(texts) > 3  # as it is generated, not all at the end
+        assert chunks[-2].choices[0].finish_reason == plain.choices[0].finish_reason
+        assert chunks[-1].choices == [] and chunks[-1].usage == plain.usage
+        tokens = [e for c in chunks if c.choices and c.choices[0].logprobs
+                  for e in c.choices[0].logprobs.content]
+        assert len(tokens) == plain.usage.completion_tokens
+
+
+def _pulse_stats() -> dict:
+    from ray import serve
+
+    return serve.get_deployment_handle("PulseModel", app_name="ecgvlm").stats.remote().result()
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_slot(endpoint, png):
+    before = _pulse_stats()["cancelled"]
+    body = {"model": "pulse", "messages": _image_messages(png), "max_tokens": 1000,
+            "stream": True}
+    with requests.post(f"{endpoint['url']}/v1/chat/completions", json=body, stream=True,
+                       timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        first = next(r.iter_lines())
+        assert first.startswith(b"data: ") and b"chat.completion.chunk" in first
+    # Connection closed after the first chunk: the replica stops that answer.
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        stats = _pulse_stats()
+        if stats["in_flight"] == 0 and stats["cancelled"] > before:
+            break
+        time.sleep(0.2)
+    assert stats["in_flight"] == 0, stats
+    assert stats["cancelled"] == before + 1, stats  # stopped before its 1000 tokens
 
 
 def test_concurrent_requests_to_mixed_models_all_answer(endpoint, png):
@@ -244,6 +333,30 @@ def test_gpt4o_retries_429_and_500_then_answers(endpoint):
     assert headers["authorization"] == f"Bearer {UPSTREAM_KEY}"
 
 
+def test_gpt4o_streams_the_upstreams_chunks_and_answers_constrained_choices(endpoint):
+    client = _client(endpoint["url"])
+    messages = [{"role": "user", "content": "Which rhythm? A. Sinus B. AF"}]
+    chunks = list(client.chat.completions.create(model="gpt-4o", messages=messages, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (
+        "The answer is B. Irregular RR intervals, no P waves.")
+    sent = endpoint["fake"].chat_requests[-1].json
+    assert sent["stream"] is True
+    # An upstream failing before its first chunk is a plain HTTP error, after the retries.
+    endpoint["fake"].script(*[Reply(status=429)] * (MAX_RETRIES + 1))
+    with pytest.raises(openai.RateLimitError):
+        list(client.chat.completions.create(model="gpt-4o", messages=messages, stream=True))
+    resp = client.chat.completions.create(model="gpt-4o", messages=messages, logprobs=True,
+                                          extra_body={"guided_choice": ["A", "B"]})
+    entry = resp.choices[0].logprobs.content[0]
+    probs = {t.token: math.exp(t.logprob) for t in entry.top_logprobs}
+    assert resp.choices[0].message.content == entry.token == "B"
+    # "B" and " B" count for B, "The" for neither: renormalised over A and B.
+    assert probs == pytest.approx({"B": 0.95 / 0.98, "A": 0.03 / 0.98})
+    sent = endpoint["fake"].chat_requests[-1].json
+    assert (sent["max_tokens"], sent["top_logprobs"]) == (1, 20)
+    assert sent["messages"][-1]["content"].endswith("A, B")
+
+
 @pytest.mark.parametrize(
     "reply, status, code",
     [
@@ -298,6 +411,20 @@ def test_interpret_json_signal_with_pulse_returns_answer_and_image(endpoint, rec
     assert out["model"] == "pulse-lora" and out["options"] == OPTIONS
     assert out["question"] == sv.DEFAULT_QUESTION
     assert isinstance(out["text"], str) and out["usage"]["completion_tokens"] > 0
+    # The option letters scored as a constrained choice: what guided_choice gives for the
+    # same printout and question.
+    from ecgvlm.prompt import chat_messages
+
+    png = base64.b64decode(out["image_png_base64"])
+    chosen = _client(endpoint["url"]).chat.completions.create(
+        model="pulse-lora", messages=chat_messages(sv.DEFAULT_QUESTION, OPTIONS, png),
+        extra_body={"guided_choice": list("ABCD")})
+    expected = {t.token: math.exp(t.logprob)
+                for t in chosen.choices[0].logprobs.content[0].top_logprobs}
+    assert list(out["probabilities"]) == list("ABCD")
+    assert out["probabilities"] == pytest.approx(expected, abs=1e-6)
+    assert out["uncertain"] is (max(expected.values()) < ABSTAIN_BELOW)
+    assert out["uncertain"] is True and out["abstain_below"] == ABSTAIN_BELOW  # a random model
     # A tiny random model rarely names a letter; when it does, finding must match it.
     if out["answer_letter"] is not None:
         assert out["finding"] == OPTIONS["ABCD".index(out["answer_letter"])]
@@ -330,8 +457,13 @@ def test_interpret_wfdb_upload_answered_by_gpt4o(endpoint, samples_dir):
     assert out["answer_letter"] == "B" and out["finding"] == "Atrial fibrillation"
     assert out["explanation"] == "Irregular RR intervals, no P waves."
     assert "image_png_base64" not in out and "measurements" not in out
+    # The letters scored from the upstream's top log-probabilities: B is sure enough.
+    assert out["probabilities"]["B"] == pytest.approx(0.95 / 0.98 / (1 + 2 * 0.01 / 20 / 0.98))
+    assert out["uncertain"] is False
     sent = fake.chat_requests[before:]
-    parts = sent[-1].json["messages"][-1]["content"]
+    assert len(sent) == 2  # the answer, and the letters' one token
+    answer = next(s for s in sent if s.json.get("max_tokens") != 1)
+    parts = answer.json["messages"][-1]["content"]
     url = next(p["image_url"]["url"] for p in parts if p["type"] == "image_url")
     assert base64.b64decode(url.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
     text = next(p["text"] for p in parts if p["type"] == "text")
@@ -415,6 +547,19 @@ BAD_REQUESTS = [
      {"json": {"model": "pulse", "messages": [{"role": "user", "content": [
          {"type": "image_url", "image_url": {"url": sv.image_data_url(_png_bytes((64, 32)))}},
          {"type": "text", "text": " ".join(["sinus"] * 5000)}]}]}}, 400, "messages"),
+    ("stream past the context", "/v1/chat/completions",
+     {"json": {"model": "pulse", "stream": True, "messages": [{"role": "user", "content": [
+         {"type": "image_url", "image_url": {"url": sv.image_data_url(_png_bytes((64, 32)))}},
+         {"type": "text", "text": " ".join(["sinus"] * 5000)}]}]}}, 400, "messages"),
+    ("stream with n 2", "/v1/chat/completions",
+     {"json": {"model": "pulse", "stream": True, "n": 2,
+               "messages": [{"role": "user", "content": "x"}]}}, 400, "n"),
+    ("stream_options without stream", "/v1/chat/completions",
+     {"json": {"model": "gpt-4o", "stream_options": {"include_usage": True},
+               "messages": [{"role": "user", "content": "x"}]}}, 400, "stream_options"),
+    ("top_logprobs over 20", "/v1/chat/completions",
+     {"json": {"model": "pulse", "logprobs": True, "top_logprobs": 21,
+               "messages": [{"role": "user", "content": "x"}]}}, 400, "top_logprobs"),
     ("body too large", "/v1/chat/completions",
      {"data": b"x" * (5 * 1024 * 1024), "headers": {"content-type": "application/json"}},
      413, None),

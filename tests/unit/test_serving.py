@@ -83,8 +83,19 @@ def test_parse_chat_request_accepts_text_and_image_parts_and_ignores_extras():
         (_chat(temperature=5), "temperature"),
         (_chat(max_tokens=0), "max_tokens"),
         (_chat(max_tokens=sv.MAX_TOKENS + 1), "max_tokens"),
-        (_chat(stream=True), "stream"),
         (_chat(n=2), "n"),
+        # Streaming and log-probabilities: each bad field named.
+        (_chat(stream="yes"), "stream"),
+        (_chat(stream=True, n=2), "n"),
+        (_chat(stream_options={"include_usage": True}), "stream_options"),
+        (_chat(stream=True, stream_options={"include_usage": "yes"}),
+         "stream_options.include_usage"),
+        (_chat(stream=True, stream_options=[1]), "stream_options"),
+        (_chat(logprobs="true"), "logprobs"),
+        (_chat(logprobs=True, top_logprobs="3"), "top_logprobs"),
+        (_chat(logprobs=True, top_logprobs=-1), "top_logprobs"),
+        (_chat(logprobs=True, top_logprobs=21), "top_logprobs"),
+        (_chat(top_logprobs=2), "top_logprobs"),
     ],
 )
 def test_bad_chat_requests_are_400s_naming_the_field(body, param):
