@@ -50,7 +50,7 @@ class Reply:
             lists every choice, most probable first; the content is the most probable).
         logprobs: ``choices[0].logprobs`` of the answer (OpenAI's shape, ``{"content":
             [{"token", "logprob", "bytes", "top_logprobs"}, ...]}``), if any; overrides
-            ``choice_logprobs``'.
+            ``choice_logprobs``.
     """
 
     content: str | None = None
