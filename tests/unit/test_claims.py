@@ -1,0 +1,256 @@
+"""Claims of explanations, and their verdicts against a record's measurements and labels.
+
+The sentence set below is written by hand: each sentence with the claims a careful reader
+finds in it (kind, value, polarity) and the verdict each must get against ``RECORD``. The
+extractor must find them with a precision of at least 95% over the whole set.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from ecgvlm.evaluate.claims import (
+    CONTRADICTED,
+    SUPPORTED,
+    UNVERIFIABLE,
+    ClaimConfig,
+    check_claims,
+    extract_claims,
+    parse_leads,
+)
+from ecgvlm.measure import Measurements
+from ecgvlm.measure.core import LeadMeasurements
+
+S, C, U = SUPPORTED, CONTRADICTED, UNVERIFIABLE
+
+# A sinus bradycardia with first-degree AV block and RBBB, left axis, inferior ST elevation.
+_ST = {"I": -0.07, "II": 0.14, "III": 0.21, "aVR": -0.10, "aVL": -0.12, "aVF": 0.16,
+       "V1": 0.01, "V2": 0.03, "V3": 0.02, "V4": 0.0, "V5": -0.02, "V6": -0.01}
+_T_NEGATIVE = {"III", "aVR", "aVL", "aVF", "V1"}
+RECORD = Measurements(
+    record_id="test/1", heart_rate_bpm=52.0, rr_mean_ms=1154.0, rr_sd_ms=20.0,
+    rr_irregularity=0.03, rr_irregular=False, n_beats=10, premature_beats=0,
+    p_wave_fraction=0.95, pr_ms=224.0, qrs_ms=132.0, qt_ms=452.0, qtc_bazett_ms=421.0,
+    qtc_fridericia_ms=431.0, qrs_axis_deg=-48.0,
+    leads=tuple(LeadMeasurements(lead, "ok", st, "negative" if lead in _T_NEGATIVE else "positive",
+                                 1.0) for lead, st in _ST.items()),
+)
+LABELS = ("SB", "IAVB", "RBBB")
+
+# (sentence, [(kind, value, polarity, verdict)]); polarity "" / "neg" / "hedge".
+SENTENCES: list[tuple[str, list[tuple[str, object, str, str]]]] = [
+    # numbers with units
+    ("Heart rate 52 bpm.", [("heart_rate", 52.0, "", S)]),
+    ("The ventricular rate is 75 bpm.", [("heart_rate", 75.0, "", C)]),
+    ("Rate of about 60 beats per minute.", [("heart_rate", 60.0, "", S)]),
+    ("Sinus rhythm at 110 bpm.", [("finding", "NSR", "", C), ("heart_rate", 110.0, "", C)]),
+    ("HR 48/min.", [("heart_rate", 48.0, "", S)]),
+    ("PR interval 220 ms.", [("pr", 220.0, "", S)]),
+    ("PR of 0.16 s.", [("pr", 160.0, "", C)]),
+    ("The PR interval measures 0.22 seconds.", [("pr", 220.0, "", S)]),
+    ("QRS duration 130 ms.", [("qrs", 130.0, "", S)]),
+    ("QRS 90 ms.", [("qrs", 90.0, "", C)]),
+    ("QRS >= 120 ms.", [("qrs", 120.0, "", S)]),
+    ("QRS duration of at least 120 ms.", [("qrs", 120.0, "", S)]),
+    ("QRS less than 100 ms.", [("qrs", 100.0, "", C)]),
+    ("QT 450 ms.", [("qt", 450.0, "", S)]),
+    ("QTc 500 ms.", [("qtc", 500.0, "", C)]),
+    ("QTc (Bazett) 430 ms.", [("qtc", 430.0, "", S)]),
+    ("QRS axis -45 degrees.", [("axis", -45.0, "", S)]),
+    ("Axis +60°.", [("axis", 60.0, "", C)]),
+    # numbers without units
+    ("PR 0.24.", [("pr", 240.0, "", S)]),
+    ("QRS 128.", [("qrs", 128.0, "", S)]),
+    ("Rate 120.", [("heart_rate", 120.0, "", C)]),
+    # ranges
+    ("Rate 60-100 bpm.", [("heart_rate", 60.0, "", S)]),
+    ("QRS 80-100 ms.", [("qrs", 80.0, "", C)]),
+    # rate categories
+    ("Bradycardia.", [("rate", "brady", "", S)]),
+    ("The patient is tachycardic.", [("rate", "tachy", "", C)]),
+    ("Normal heart rate.", [("rate", "normal", "", C)]),
+    # rhythm
+    ("Regular rhythm.", [("rhythm", "regular", "", S)]),
+    ("Irregularly irregular rhythm.", [("rhythm", "irregular", "", C)]),
+    ("RR intervals are irregular.", [("rhythm", "irregular", "", C)]),
+    ("Irregular RR intervals (RR irregularity 0.31).", [("rhythm", "irregular", "", C)]),
+    # P waves
+    ("P waves are present before each QRS.", [("p_waves", "present", "", S)]),
+    ("No P waves.", [("p_waves", "present", "neg", C)]),
+    ("P waves are absent.", [("p_waves", "present", "neg", C)]),
+    ("Absence of discernible P waves.", [("p_waves", "present", "neg", C)]),
+    # PR, QRS, QT categories
+    ("Prolonged PR interval.", [("pr_length", "prolonged", "", S)]),
+    ("Short PR.", [("pr_length", "short", "", C)]),
+    ("Wide QRS complexes.", [("qrs_width", "wide", "", S)]),
+    ("Narrow QRS.", [("qrs_width", "narrow", "", U)]),  # 132 ms: within the 15 ms margin
+    ("The QRS is not wide.", [("qrs_width", "wide", "neg", C)]),
+    ("Prolonged QT interval.", [("qt_length", "prolonged", "", C)]),
+    # axis categories
+    ("Left axis deviation.", [("axis_deviation", "left", "", S)]),
+    ("Right axis deviation.", [("axis_deviation", "right", "", C)]),
+    ("Normal axis.", [("axis_deviation", "normal", "", C)]),
+    # ST and T by lead and lead group
+    ("ST elevation in II, III and aVF.", [("st_elevation", None, "", S)]),
+    ("Inferior ST elevation.", [("st_elevation", None, "", S)]),
+    ("ST elevation in V1-V3.", [("st_elevation", None, "", C)]),
+    ("ST-segment depression in leads I and aVL.", [("st_depression", None, "", S)]),
+    ("ST depression in V5.", [("st_depression", None, "", C)]),
+    ("No ST elevation.", [("st_elevation", None, "neg", C)]),
+    ("Without ST depression in the lateral leads.", [("st_depression", None, "neg", C)]),
+    ("T-wave inversion in III and aVF.", [("t_inversion", None, "", S)]),
+    ("Inverted T waves in V2-V4.", [("t_inversion", None, "", C)]),
+    ("T waves are inverted in the septal leads.", [("t_inversion", None, "", S)]),
+    # named findings
+    ("Sinus bradycardia.", [("finding", "SB", "", S), ("rate", "brady", "", S)]),
+    ("First-degree AV block.", [("finding", "IAVB", "", S)]),
+    ("RBBB.", [("finding", "RBBB", "", S)]),
+    ("Right bundle branch block with a wide QRS.", [("finding", "RBBB", "", S), ("qrs_width", "wide", "", S)]),
+    ("Atrial fibrillation.", [("finding", "AF", "", C)]),
+    ("AF with rapid ventricular response.", [("finding", "AF", "", C)]),
+    ("No atrial fibrillation.", [("finding", "AF", "neg", S)]),
+    ("There is no RBBB.", [("finding", "RBBB", "neg", C)]),
+    ("Sinus tachycardia.", [("finding", "STach", "", C), ("rate", "tachy", "", C)]),
+    ("Left ventricular hypertrophy.", [("finding", "LVH", "", U)]),
+    # hedges
+    ("Cannot exclude left ventricular hypertrophy.", [("finding", "LVH", "hedge", U)]),
+    ("Possible atrial fibrillation.", [("finding", "AF", "hedge", U)]),
+    ("This may represent ST elevation in V1.", [("st_elevation", None, "hedge", U)]),
+    ("Findings suggest right axis deviation.", [("axis_deviation", "right", "hedge", U)]),
+    # negation scope
+    ("No ST elevation and a normal axis.", [("st_elevation", None, "neg", C),
+                                            ("axis_deviation", "normal", "", C)]),
+    ("No ST elevation or ST depression.", [("st_elevation", None, "neg", C),
+                                           ("st_depression", None, "neg", C)]),
+    ("Regular rhythm without P waves.", [("rhythm", "regular", "", S),
+                                         ("p_waves", "present", "neg", C)]),
+    # several claims
+    ("Sinus bradycardia at 52 bpm with a PR of 224 ms and QRS 132 ms.",
+     [("finding", "SB", "", S), ("rate", "brady", "", S), ("heart_rate", 52.0, "", S),
+      ("pr", 224.0, "", S), ("qrs", 132.0, "", S)]),
+    ("Ventricular rate 48 bpm; a P wave before 100% of QRS complexes. PR 168 ms, QRS 92 ms.",
+     [("heart_rate", 48.0, "", S), ("p_waves", "present", "", S), ("pr", 168.0, "", C),
+      ("qrs", 92.0, "", C)]),
+    # no claims
+    ("The answer is B.", []),
+    ("This ECG shows a finding.", []),
+    ("I think the tracing is interesting.", []),
+    ("", []),
+    ("Ce tracé montre une fibrillation auriculaire.", []),
+]
+
+
+def _polarity(claim):
+    return "hedge" if claim.hedged else ("neg" if claim.negated else "")
+
+
+def test_the_hand_written_set_is_large_and_covers_every_kind():
+    assert len(SENTENCES) >= 60
+    kinds = {k for _, want in SENTENCES for k, *_ in want}
+    assert kinds >= {"heart_rate", "pr", "qrs", "qt", "qtc", "axis", "rate", "rhythm", "p_waves",
+                     "pr_length", "qrs_width", "qt_length", "axis_deviation", "st_elevation",
+                     "st_depression", "t_inversion", "finding"}
+
+
+def test_extraction_precision_and_recall_on_the_hand_written_set():
+    extracted = matched = expected = 0
+    misses = []
+    for sentence, want in SENTENCES:
+        got = [(c.kind, c.value, _polarity(c)) for c in extract_claims(sentence)]
+        wanted = [(k, v, p) for k, v, p, _ in want]
+        extracted += len(got)
+        expected += len(wanted)
+        hits = sum(1 for g in got if g in wanted)
+        matched += hits
+        if hits != len(got) or hits != len(wanted):
+            misses.append((sentence, got, wanted))
+    precision = matched / extracted
+    recall = matched / expected
+    assert precision >= 0.95, misses
+    assert recall >= 0.90, misses
+
+
+@pytest.mark.parametrize("sentence,want", SENTENCES)
+def test_verdicts_against_the_record(sentence, want):
+    claims = extract_claims(sentence)
+    verdicts = {(v.claim.kind, v.claim.value, _polarity(v.claim)): v
+                for v in check_claims(claims, RECORD, LABELS)}
+    for kind, value, polarity, verdict in want:
+        got = verdicts.get((kind, value, polarity))
+        assert got is not None, (sentence, kind, value, [c.text for c in claims])
+        assert got.verdict == verdict, (sentence, got)
+
+
+def test_spans_point_at_the_claim_text():
+    text = "Sinus bradycardia at 52 bpm; ST elevation in II, III and aVF."
+    for claim in extract_claims(text):
+        assert text[claim.span[0]:claim.span[1]] == claim.text
+    st = next(c for c in extract_claims(text) if c.kind == "st_elevation")
+    assert st.leads == ("II", "III", "aVF") and st.text == "ST elevation in II, III and aVF"
+
+
+def test_leads_lists_ranges_and_groups():
+    assert parse_leads("V1-V3") == ("V1", "V2", "V3")
+    assert parse_leads("leads II, III and aVF") == ("II", "III", "aVF")
+    assert parse_leads("inferior") == ("II", "III", "aVF")
+    assert parse_leads("the lateral leads and V1") == ("I", "aVL", "V5", "V6", "V1")
+    assert parse_leads("avl, AVF") == ("aVL", "aVF")
+
+
+def test_verdicts_carry_the_measured_value_and_the_rule():
+    [verdict] = check_claims(extract_claims("QRS 90 ms."), RECORD, LABELS)
+    assert verdict.verdict == C and verdict.measured == 132.0
+    assert verdict.rule == "90 ms within 30 ms"
+    [verdict] = check_claims(extract_claims("Regular rhythm."), RECORD, LABELS,
+                             ClaimConfig())
+    assert verdict.to_json()["verdict"] == S and verdict.to_json()["span"] == [0, 14]
+
+
+def test_missing_measurements_and_bad_text_never_raise():
+    claims = extract_claims("Rate 52 bpm, atrial fibrillation.")
+    verdicts = check_claims(claims, None, ())
+    assert [v.verdict for v in verdicts] == [U, U]
+    assert verdicts[0].reason == "the sample has no measurements"
+    # A record measured without P/T delineation: PR claims are unverifiable, with the reason.
+    unmeasured = Measurements(record_id="x", heart_rate_bpm=70.0, reasons={"pr_ms": "not delineated"})
+    [pr] = check_claims(extract_claims("PR 200 ms."), unmeasured, ())
+    assert pr.verdict == U and "not delineated" in pr.reason
+    assert extract_claims("x" * 100_001) == []
+    assert extract_claims(None) == []  # type: ignore[arg-type]
+    assert extract_claims("\x00\ufffd" * 50) == []
+
+
+def _grounded_references(samples_dir):
+    """(record id, label, measurements, labels, grounded text) of the bundled 12-lead records,
+    measured as ``ecgvlm prepare`` measures them."""
+    from ecgvlm.measure import MeasureConfig, grounded_text, measure_record
+    from ecgvlm.signal import find_record_paths, read_record
+
+    out = []
+    config = MeasureConfig(delineate_waves=True)
+    for path in find_record_paths(samples_dir):
+        if "mitdb" in path.parts:
+            continue
+        record = read_record(path)
+        m = measure_record(record, config)
+        for label in record.labels:
+            text = grounded_text(label, m)
+            if text:
+                out.append((record.record_id, label, m, tuple(record.labels), text))
+    return out
+
+
+def test_grounded_references_are_never_contradicted_and_moved_ones_are(samples_dir):
+    refs = _grounded_references(samples_dir)
+    assert len(refs) >= 10
+    own = [v for _, _, m, labels, text in refs for v in check_claims(extract_claims(text), m, labels)]
+    assert own and all(v.verdict != C for v in own), [v for v in own if v.verdict == C]
+    assert sum(v.verdict == S for v in own) / len(own) > 0.8
+    # The same explanations moved to a record without their finding.
+    moved = []
+    for rid, label, _, _, text in refs:
+        for other_rid, _, m, labels, _ in refs:
+            if other_rid != rid and label not in labels:
+                moved += check_claims(extract_claims(text), m, labels)
+    rate = sum(v.verdict == C for v in moved) / len(moved)
+    assert rate > 0.2, rate
