@@ -38,7 +38,7 @@ This module imports numpy, scipy and scikit-learn only.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -49,6 +49,7 @@ from ecgvlm.evaluate.metrics import (
     MIN_RELIABLE_CLUSTERS,
     MIN_RELIABLE_N,
     MetricsError,
+    bootstrap_intervals,
     cluster_ids,
     cluster_unit,
     wilson_interval,
@@ -265,48 +266,6 @@ def _statistics(probs: np.ndarray, answer_index: np.ndarray, n_bins: int,
 def coverage_key(coverage: float) -> str:
     """``accuracy@80%`` for 0.8: the name of an accuracy-at-coverage statistic."""
     return f"accuracy@{coverage * 100:g}%"
-
-
-def cluster_resamples(
-    clusters: Sequence[Any] | None, n: int, n_boot: int, seed: int
-) -> Any:
-    """Yield ``n_boot`` row-index arrays, each drawing as many clusters as there are, with
-    replacement, and taking all rows of every drawn cluster."""
-    g = cluster_ids(clusters, n)
-    _, g = np.unique(g, return_inverse=True)
-    order = np.argsort(g, kind="stable")
-    bounds = np.r_[0, np.cumsum(np.bincount(g))]
-    members = [order[bounds[c]:bounds[c + 1]] for c in range(len(bounds) - 1)]
-    rng = np.random.default_rng(seed)
-    for _ in range(n_boot):
-        yield np.concatenate([members[c] for c in rng.integers(0, len(members), len(members))])
-
-
-def bootstrap_intervals(
-    statistic: Callable[[np.ndarray], dict[str, float]],
-    n: int,
-    clusters: Sequence[Any] | None,
-    n_boot: int,
-    seed: int,
-    level: float = 0.95,
-) -> dict[str, tuple[float, float]]:
-    """Percentile intervals of every value ``statistic(rows)`` returns, over cluster resamples.
-
-    Values that are NaN on a resample (nothing answered) are left out of that statistic's
-    percentiles.
-    """
-    draws: dict[str, list[float]] = {}
-    for rows in cluster_resamples(clusters, n, n_boot, seed):
-        for name, value in statistic(rows).items():
-            draws.setdefault(name, []).append(value)
-    tail = (1 - level) / 2 * 100
-    out = {}
-    for name, values in draws.items():
-        finite = np.asarray([v for v in values if not math.isnan(v)])
-        if len(finite):
-            lo, hi = np.percentile(finite, [tail, 100 - tail])
-            out[name] = (float(lo), float(hi))
-    return out
 
 
 def _wilson_where_degenerate(

@@ -785,3 +785,126 @@ def count_verdicts(verdicts: Iterable[Verdict]) -> ClaimCounts:
         if v.verdict == CONTRADICTED:
             spans.append(v.claim.span)
     return ClaimCounts(counts[SUPPORTED], counts[CONTRADICTED], counts[UNVERIFIABLE], spans)
+
+
+# ---------------------------------------------------------------------------------------------
+# In the evaluation
+# ---------------------------------------------------------------------------------------------
+
+#: Pseudo-models of the claims table: the grounded reference explanations checked against
+#: their own records (the checker's floor: no contradiction expected), and moved to a record
+#: with another finding (what a wrong explanation looks like to the checker).
+REFERENCE_MODEL = "reference"
+MOVED_REFERENCE_MODEL = "reference-moved"
+
+
+def measurements_of(value: Any) -> Any | None:
+    """``Measurements`` from the prepared set's JSON column (None when absent or unreadable)."""
+    import json
+
+    from ecgvlm.measure import Measurements
+
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    try:
+        data = json.loads(value) if isinstance(value, str) else value
+        return Measurements.from_dict(data) if isinstance(data, dict) else None
+    except (TypeError, ValueError):
+        return None
+
+
+def check_explanation(
+    text: str | None, measurements: Any | None, labels: Sequence[str], config: ClaimConfig
+) -> list[Verdict]:
+    """Every claim of ``text`` with its verdict against one record."""
+    return check_claims(extract_claims(text), measurements, labels, config)
+
+
+@dataclass(frozen=True)
+class ClaimStats:
+    """The explanations of one model on one data set, checked against the signal.
+
+    Attributes:
+        n_explanations: Explanations read (replies of successful requests).
+        n_claims: Claims found in them.
+        claims_per_explanation: ``n_claims / n_explanations``.
+        supported, contradicted, unverifiable: Shares of the claims.
+        contradicted_rate: Contradicted among the checkable (supported + contradicted)
+            claims; None when none is checkable.
+        with_contradiction: Share of explanations with at least one contradicted claim.
+        ci: Statistic -> 95% cluster-bootstrap interval.
+    """
+
+    n_explanations: int
+    n_claims: int
+    claims_per_explanation: float
+    supported: float
+    contradicted: float
+    unverifiable: float
+    contradicted_rate: float | None
+    with_contradiction: float
+    ci: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["ci"] = {k: [lo, hi] for k, (lo, hi) in self.ci.items()}
+        return data
+
+
+def claim_stats(
+    counts: Sequence[ClaimCounts], clusters: Sequence[Any] | None = None, n_boot: int = 1000,
+    seed: int = 0,
+) -> ClaimStats:
+    """Summarise per-explanation verdict counts, with intervals resampling clusters."""
+    import numpy as np
+
+    from ecgvlm.evaluate.metrics import bootstrap_intervals
+
+    table = np.array([[c.supported, c.contradicted, c.unverifiable] for c in counts],
+                     dtype=np.float64).reshape(-1, 3)
+
+    def stats(rows: np.ndarray) -> dict[str, float]:
+        sup, con, unv = table[rows].sum(axis=0)
+        n = sup + con + unv
+        return {
+            "claims_per_explanation": n / max(len(rows), 1),
+            "supported": sup / n if n else math.nan,
+            "contradicted": con / n if n else math.nan,
+            "unverifiable": unv / n if n else math.nan,
+            "contradicted_rate": con / (sup + con) if sup + con else math.nan,
+            "with_contradiction": float((table[rows, 1] > 0).mean()) if len(rows) else math.nan,
+        }
+
+    point = stats(np.arange(len(table)))
+    ci = bootstrap_intervals(stats, len(table), clusters, n_boot, seed) if n_boot and len(table) else {}
+
+    def share(name: str) -> float:
+        return 0.0 if math.isnan(point[name]) else point[name]
+
+    return ClaimStats(
+        n_explanations=len(table), n_claims=int(table.sum()),
+        claims_per_explanation=point["claims_per_explanation"], supported=share("supported"),
+        contradicted=share("contradicted"), unverifiable=share("unverifiable"),
+        contradicted_rate=None if math.isnan(point["contradicted_rate"]) else point["contradicted_rate"],
+        with_contradiction=share("with_contradiction"), ci=ci)
+
+
+def reference_texts(samples: Sequence[dict[str, Any]], seed: int = 0) -> tuple[list[str | None], list[str | None]]:
+    """The grounded reference explanation of each sample (``grounded_text`` of its correct
+    finding on its measurements; None where there is none), and for each sample the
+    reference of another sample whose finding differs (a seeded draw), to be checked
+    against this one."""
+    import numpy as np
+
+    from ecgvlm.measure import grounded_text
+
+    own: list[str | None] = []
+    for s in samples:
+        m = measurements_of(s.get("measurements"))
+        own.append(grounded_text(str(s["true_label"]), m) if m is not None else None)
+    rng = np.random.default_rng(seed)
+    moved: list[str | None] = []
+    for s in samples:
+        donors = [i for i, t in enumerate(own) if t and samples[i]["true_label"] != s["true_label"]]
+        moved.append(own[int(rng.choice(donors))] if donors else None)
+    return own, moved

@@ -42,6 +42,7 @@ from typing import Any
 
 from ecgvlm.config import check_choice, check_range, config_to_dict, save_config
 from ecgvlm.evaluate.calibration import CalibrationConfig, calibrate_models
+from ecgvlm.evaluate.claims import ClaimConfig
 from ecgvlm.evaluate.client import (
     _MAX_BACKOFF_S,
     ANSWER_MODES,
@@ -66,6 +67,8 @@ SPLIT_META_COLUMNS: tuple[str, ...] = (
 )
 #: Split columns read when present: the unit the intervals resample and the limit spreads over.
 SPLIT_OPTIONAL_COLUMNS: tuple[str, ...] = ("record_id", "patient_id")
+#: Split columns the claim check reads when present (the record's measurements and labels).
+SPLIT_CLAIM_COLUMNS: tuple[str, ...] = ("measurements", "labels")
 
 # Predictions are also flushed when this long has passed, so slow models lose little on a kill.
 _FLUSH_S = 10.0
@@ -104,6 +107,8 @@ class EvalConfig:
             choices and a second table the parsed answers.
         calibration: Calibration metrics, temperature scaling and abstention of the
             ``choice`` answers (``ecgvlm.evaluate.calibration``).
+        claims: Thresholds and tolerances of the check of the ``generate`` explanations
+            against the record's measurements (``ecgvlm.evaluate.claims``).
         max_tokens: Cap on generated tokens per answer.
         temperature: Sampling temperature (0: greedy).
         flush_every: Predictions buffered by the driver before a part file is written; an
@@ -135,6 +140,7 @@ class EvalConfig:
     backoff_s: float = 1.0
     answer_mode: tuple[str, ...] | str = ANSWER_MODES
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    claims: ClaimConfig = field(default_factory=ClaimConfig)
     max_tokens: int = 256
     temperature: float = 0.0
     flush_every: int = 32
@@ -230,7 +236,8 @@ def read_split_meta(files: list[Path], columns: Iterable[str] = SPLIT_META_COLUM
             f"split shards lack column(s) {', '.join(missing)}; they have "
             f"{', '.join(dataset.schema.names)}"
         )
-    columns += [c for c in SPLIT_OPTIONAL_COLUMNS if c in dataset.schema.names and c not in columns]
+    optional = SPLIT_OPTIONAL_COLUMNS + (SPLIT_CLAIM_COLUMNS if "question" in columns else ())
+    columns += [c for c in optional if c in dataset.schema.names and c not in columns]
     frame = dataset.to_table(columns=columns).to_pandas()
     dup = frame["sample_id"][frame["sample_id"].duplicated()]
     if len(dup):
@@ -661,6 +668,135 @@ def validation_choices(
     return rows.to_dict("records"), note
 
 
+def true_label_of(sample: dict[str, Any]) -> str:
+    """The finding of a split row's correct option."""
+    from ecgvlm.prompt import letter_index
+
+    labels = list(sample["option_labels"])
+    return str(labels[letter_index(str(sample["answer_letter"]), len(labels))])
+
+
+def check_explanations(
+    config: EvalConfig, generated: Any, meta: Any, clusters: dict[str, str]
+) -> tuple[dict[tuple[str, str], str], dict[str, Any], list[dict[str, Any]], str | None]:
+    """Check every generated explanation against its record (``ecgvlm.evaluate.claims``).
+
+    The reference rows (``claims.REFERENCE_MODEL``, ``claims.MOVED_REFERENCE_MODEL``) check
+    the grounded reference explanations against their own and against another record.
+
+    Returns:
+        ((sample_id, model) -> the verdicts as JSON, ``{model: {dataset: ClaimStats}}``,
+        per-explanation rows (sample, model, dataset, counts, verdicts) for examples and
+        the judge comparison, a note when the split has no measurements).
+    """
+    import json
+
+    from ecgvlm.evaluate.claims import (
+        MOVED_REFERENCE_MODEL,
+        REFERENCE_MODEL,
+        check_explanation,
+        claim_stats,
+        count_verdicts,
+        measurements_of,
+        reference_texts,
+    )
+
+    samples = meta.to_dict("records")
+    by_id = {str(s["sample_id"]): s for s in samples}
+    records = {sid: (measurements_of(s.get("measurements")), list(s.get("labels") or []))
+               for sid, s in by_id.items()}
+    note = None
+    if "measurements" not in meta:
+        note = ("the split has no measurements column (prepared before measurements existed): "
+                "only named findings are checked, against the labels")
+    rows: list[dict[str, Any]] = []
+    stored: dict[tuple[str, str], str] = {}
+    for pred in generated.to_dict("records"):
+        if pred.get("error"):
+            continue
+        sid = str(pred["sample_id"])
+        verdicts = check_explanation(pred.get("explanation"), *records[sid], config.claims)
+        stored[(sid, str(pred["model"]))] = json.dumps([v.to_json() for v in verdicts])
+        rows.append({"sample_id": sid, "model": pred["model"], "dataset": pred["dataset"],
+                     "text": pred.get("explanation") or "", "verdicts": verdicts})
+    for sample in samples:
+        sample["true_label"] = true_label_of(sample)
+    own, moved = reference_texts(samples, config.seed)
+    for sample, mine, other in zip(samples, own, moved):
+        sid = str(sample["sample_id"])
+        for model, text in ((REFERENCE_MODEL, mine), (MOVED_REFERENCE_MODEL, other)):
+            if text:
+                rows.append({"sample_id": sid, "model": model, "dataset": sample["dataset"],
+                             "text": text,
+                             "verdicts": check_explanation(text, *records[sid], config.claims)})
+    summary: dict[str, Any] = {}
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        row["counts"] = count_verdicts(row["verdicts"])
+        groups.setdefault((str(row["model"]), str(row["dataset"])), []).append(row)
+    for (model, dataset), group in sorted(groups.items()):
+        summary.setdefault(model, {})[dataset] = claim_stats(
+            [r["counts"] for r in group], [clusters[r["sample_id"]] for r in group],
+            n_boot=config.n_boot, seed=config.seed)
+    return stored, summary, rows, note
+
+
+def claim_examples(rows: list[dict[str, Any]], seed: int = 0, per_model: int = 3) -> dict[str, list[dict[str, Any]]]:
+    """Per model, up to ``per_model`` explanations with contradicted claims (a seeded pick,
+    those with contradictions first), each with its text and verdicts."""
+    import random
+
+    out: dict[str, list[dict[str, Any]]] = {}
+    rng = random.Random(seed)
+    for model in sorted({str(r["model"]) for r in rows}):
+        mine = sorted((r for r in rows if r["model"] == model), key=lambda r: r["sample_id"])
+        rng.shuffle(mine)
+        mine.sort(key=lambda r: -r["counts"].contradicted)
+        out[model] = [{"sample_id": r["sample_id"], "dataset": r["dataset"], "text": r["text"],
+                       "verdicts": [v.to_json() for v in r["verdicts"]]}
+                      for r in mine[:per_model] if r["verdicts"]]
+    return out
+
+
+def judge_claim_agreement(
+    judgements: list[Any], rows: list[dict[str, Any]], clusters: dict[str, str], n_boot: int,
+    seed: int,
+) -> dict[str, dict[str, Any]]:
+    """Per model: Spearman's rank correlation, over the judged explanations with a checkable
+    claim, between the judge's factual accuracy (and hallucination) and the share of the
+    explanation's checkable claims that are contradicted, with a cluster-bootstrap CI."""
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    from ecgvlm.evaluate.metrics import bootstrap_intervals
+
+    rates = {}
+    for r in rows:
+        c = r["counts"]
+        if c.supported + c.contradicted:
+            rates[(r["sample_id"], str(r["model"]))] = c.contradicted / (c.supported + c.contradicted)
+    out: dict[str, dict[str, Any]] = {}
+    for model in sorted({str(j.model) for j in judgements}):
+        pairs = [(j.factual_accuracy, j.hallucination,
+                  rates[(j.sample_id, model)], clusters.get(j.sample_id))
+                 for j in judgements if j.model == model and j.failure is None
+                 and (j.sample_id, model) in rates]
+        if len(pairs) < 3:
+            continue
+        x = np.array([p[:3] for p in pairs], dtype=np.float64)
+
+        def rho(rows_: np.ndarray, x: np.ndarray = x) -> dict[str, float]:
+            sub = x[rows_]
+            return {name: float(spearmanr(sub[:, k], sub[:, 2]).statistic) if
+                    np.ptp(sub[:, k]) and np.ptp(sub[:, 2]) else float("nan")
+                    for k, name in ((0, "factual_accuracy"), (1, "hallucination"))}
+
+        point = rho(np.arange(len(x)))
+        out[model] = {"n": len(pairs), **{k: (None if math.isnan(v) else v) for k, v in point.items()},
+                      "ci": bootstrap_intervals(rho, len(x), [p[3] for p in pairs], n_boot, seed)}
+    return out
+
+
 def _unavailable_models(predictions: Any, models: Iterable[str]) -> dict[str, str]:
     """Models with rows that all failed: not evaluated (with the first error as the reason)."""
     out = {}
@@ -764,12 +900,28 @@ def evaluate(config: EvalConfig) -> tuple[Any, dict[str, Path]]:
         calibration = calibrate_models(test_rows, val_rows, config.calibration,
                                        n_boot=config.n_boot, seed=config.seed)
 
+    claims: dict[str, Any] = {}
+    claim_rows: list[dict[str, Any]] = []
+    claims_note = None
+    claims_s = 0.0
+    if "generate" in config.answer_mode and len(scored["generate"]):
+        t_claims = time.perf_counter()
+        stored, claims, claim_rows, claims_note = check_explanations(
+            config, scored["generate"], meta, clusters)
+        keys = list(zip(predictions["sample_id"], predictions["model"], predictions["answer_mode"]))
+        predictions["claims"] = [stored.get((sid, model)) if mode == "generate" else None
+                                 for sid, model, mode in keys]
+        PredictionStore(out).write(predictions)
+        claims_s = time.perf_counter() - t_claims
+
     if "generate" in config.answer_mode:
         judgements, judge_note = run_judge(scored["generate"], meta, config.judge, out,
                                            config.progress)
     else:
         judgements, judge_note = [], "no explanations to judge: answer_mode has no 'generate'"
     judge_boot = config.n_boot or 1000
+    judge_agreement = judge_claim_agreement(judgements, claim_rows, clusters, judge_boot,
+                                            config.seed)
 
     counts: dict[str, dict[str, dict[str, int]]] = {}
     for model, mode in tasks:
@@ -795,6 +947,10 @@ def evaluate(config: EvalConfig) -> tuple[Any, dict[str, Path]]:
         generated_note=generated_note,
         calibration=calibration,
         calibration_note=calibration_note,
+        claims=claims,
+        claims_note=claims_note,
+        claim_examples=claim_examples(claim_rows, config.seed),
+        judge_agreement=judge_agreement,
         meta={
             "run_name": out.name,
             "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -818,6 +974,7 @@ def evaluate(config: EvalConfig) -> tuple[Any, dict[str, Path]]:
             "counts": counts,
             "new_predictions": n_new,
             "predict_s": round(predict_s, 3),
+            "claims_s": round(claims_s, 3),
             "throughput_ecg_per_s": round(n_new / predict_s, 3) if n_new and predict_s else None,
             "wall_s": round(time.perf_counter() - started, 3),
             "config": config_to_dict(config),

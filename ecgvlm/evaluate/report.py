@@ -83,6 +83,11 @@ class EvalReport:
         generated_note: Models left out of Table 1b, and why.
         calibration: ``ecgvlm.evaluate.calibration.calibrate_models`` output (Tables 4, 5).
         calibration_note: Where the temperature and threshold were fitted, or why not.
+        claims: ``{model: {dataset: ClaimStats}}`` of the explanations checked against the
+            signal, with the reference pseudo-models (Table 6).
+        claims_note: Why the check is partial, if it is.
+        claim_examples: Model -> a few explanations with their verdicts.
+        judge_agreement: Model -> rank correlations between the judge and the check.
     """
 
     metrics: dict[str, dict[str, ClassificationMetrics]]
@@ -98,6 +103,10 @@ class EvalReport:
     generated_note: str | None = None
     calibration: dict[str, dict[str, Any]] = field(default_factory=dict)
     calibration_note: str | None = None
+    claims: dict[str, dict[str, Any]] = field(default_factory=dict)
+    claims_note: str | None = None
+    claim_examples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    judge_agreement: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def git_sha(cwd: str | Path | None = None) -> str | None:
@@ -273,6 +282,62 @@ def table5_markdown(report: EvalReport) -> str:
     return _md_table(header, rows)
 
 
+def table6_markdown(report: EvalReport) -> str:
+    """Table 6: explanations checked against the signal, per data set x model."""
+    from ecgvlm.evaluate.claims import MOVED_REFERENCE_MODEL, REFERENCE_MODEL
+
+    header = ["Dataset", "Model", "Explanations", "Claims per explanation", "Supported",
+              "Contradicted", "Unverifiable", "Contradicted-claim rate",
+              "With a contradiction"]
+    refs = [REFERENCE_MODEL, MOVED_REFERENCE_MODEL]
+    models = sorted(m for m in report.claims if m not in refs) + [m for m in refs if m in report.claims]
+    rows = []
+    for dataset in sorted({d for per in report.claims.values() for d in per}):
+        for model in models:
+            c = report.claims[model].get(dataset)
+            if c is None:
+                continue
+            rows.append([dataset, model, str(c.n_explanations),
+                         _fmt_ci(c.claims_per_explanation, c.ci.get("claims_per_explanation"), 2)]
+                        + [_fmt_ci(getattr(c, k), c.ci.get(k)) for k in
+                           ("supported", "contradicted", "unverifiable", "contradicted_rate",
+                            "with_contradiction")])
+    return _md_table(header, rows)
+
+
+def marked_explanation(text: str, verdicts: list[dict[str, Any]]) -> str:
+    """The explanation with each contradicted claim in bold and its measured value after it."""
+    out, last = [], 0
+    for v in sorted((v for v in verdicts if v["verdict"] == "contradicted"), key=lambda v: v["span"]):
+        start, end = v["span"]
+        if start < last:
+            continue
+        measured = v["measured"]
+        if isinstance(measured, float):
+            measured = f"{measured:.3g}"
+        out += [text[last:start], f"**{text[start:end]}** [measured: {measured}]"]
+        last = end
+    out.append(text[last:])
+    return "".join(out).replace("\n", " ")
+
+
+def claims_caption(report: EvalReport) -> str:
+    """What Table 6 is."""
+    return (
+        "Each generated explanation's checkable claims (rates, intervals, axis, rhythm, P "
+        "waves, ST and T by lead, named findings; `ecgvlm/evaluate/claims.py`) checked "
+        "against the record's own measurements and labels: supported, contradicted (the "
+        "measurement misses the stated value or guideline threshold by more than the "
+        "tolerance) or unverifiable (not measured, hedged, or in the margin). Shares are of "
+        "the claims; the contradicted-claim rate is of the checkable ones (supported + "
+        "contradicted). `reference` is the grounded reference explanation of each sample "
+        "checked against its own record (the checker's floor: 0 expected); "
+        "`reference-moved` is another sample's reference, of another finding, checked "
+        "against this record (what a wrong explanation looks like). Intervals resample "
+        "patients (or recordings) as in Table 1."
+    )
+
+
 def calibration_caption(report: EvalReport) -> str:
     """What Tables 4 and 5 are."""
     meta = report.meta
@@ -311,6 +376,9 @@ def metrics_json(report: EvalReport, generated: bool = False) -> dict[str, dict[
             entry = m.to_json()
             if model != PRIOR_MODEL:
                 entry["answer_mode"] = "generate" if generated else report.answer_mode
+            checked = report.claims.get(model, {}).get(dataset)
+            if checked is not None:
+                entry["claims"] = checked.to_json()
             judged = report.judge.get(model, {}).get(dataset)
             if judged is not None:
                 entry["judge"] = judged
@@ -378,18 +446,6 @@ def report_markdown(report: EvalReport, plots: list[str] | None = None) -> str:
         if report.generated_note:
             lines += [f"**Not evaluated:** {report.generated_note}", ""]
         lines += [table1_markdown(report, generated=True), ""]
-    if report.calibration:
-        lines += ["## Table 4: calibration of the option probabilities", "",
-                  calibration_caption(report), ""]
-        if report.calibration_note:
-            lines += [f"**Note:** {report.calibration_note}", ""]
-        lines += [table4_markdown(report), ""]
-        abstaining = table5_markdown(report)
-        if abstaining.count("\n") > 1:
-            lines += ["## Table 5: abstention", "",
-                      ("Each model answers only when its (temperature-scaled) top probability "
-                       "reaches the threshold; coverage is the share answered."), "",
-                      abstaining, ""]
     lines += [
         "## Table 2: judge scores of the explanations",
         "",
@@ -405,6 +461,41 @@ def report_markdown(report: EvalReport, plots: list[str] | None = None) -> str:
                    "interval that excludes 0 is a difference the sample supports.")
         lines += ["## Table 3: paired judge differences between models", "", caption, "",
                   table3_markdown(report), ""]
+    if report.calibration:
+        lines += ["## Table 4: calibration of the option probabilities", "",
+                  calibration_caption(report), ""]
+        if report.calibration_note:
+            lines += [f"**Note:** {report.calibration_note}", ""]
+        lines += [table4_markdown(report), ""]
+        abstaining = table5_markdown(report)
+        if abstaining.count("\n") > 1:
+            lines += ["## Table 5: abstention", "",
+                      ("Each model answers only when its (temperature-scaled) top probability "
+                       "reaches the threshold; coverage is the share answered."), "",
+                      abstaining, ""]
+    if report.claims:
+        lines += ["## Table 6: explanations checked against the signal", "",
+                  claims_caption(report), ""]
+        if report.claims_note:
+            lines += [f"**Note:** {report.claims_note}", ""]
+        lines += [table6_markdown(report), ""]
+        for model, agreement in sorted(report.judge_agreement.items()):
+            cells = []
+            for key, words in (("factual_accuracy", "factual accuracy"),
+                               ("hallucination", "hallucination")):
+                cells.append(f"{words} {_fmt_ci(agreement.get(key), agreement['ci'].get(key), 2)}")
+            lines += [f"- `{model}`: Spearman's rho between the judge's scores and the "
+                      f"contradicted share of the explanation's checkable claims over "
+                      f"{agreement['n']} explanations: " + "; ".join(cells) + "."]
+        if report.judge_agreement:
+            lines += [""]
+        if any(report.claim_examples.values()):
+            lines += ["Examples (contradicted claims in bold, with the measured value):", ""]
+            for model, examples in sorted(report.claim_examples.items()):
+                for ex in examples:
+                    lines.append(f"- `{model}` on `{ex['sample_id']}`: "
+                                 + marked_explanation(ex["text"][:600], ex["verdicts"]))
+            lines += [""]
     if report.unavailable:
         lines += ["## Models not evaluated", ""]
         lines += [f"- `{m}`: {why}" for m, why in sorted(report.unavailable.items())]
@@ -674,6 +765,43 @@ def plot_risk_coverage(report: EvalReport, out_dir: Path) -> Path | None:
                         out_dir / "risk_coverage.png")
 
 
+def plot_claims(report: EvalReport, out_dir: Path) -> Path | None:
+    """Table 6 as stacked bars: per data set, each model's claims split into supported,
+    contradicted and unverifiable, with claims per explanation written next to them."""
+    if not report.claims:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = sorted({d for per in report.claims.values() for d in per})
+    models = sorted(report.claims)
+    fig, axes = plt.subplots(len(datasets), 1, figsize=(7.5, 0.45 * len(models) * len(datasets) + 1.2),
+                             squeeze=False)
+    colours = {"supported": "#4c9a2a", "contradicted": "#c0392b", "unverifiable": "#bbbbbb"}
+    for ax, dataset in zip(axes[:, 0], datasets):
+        names = [m for m in models if dataset in report.claims[m]]
+        left = [0.0] * len(names)
+        for kind, colour in colours.items():
+            widths = [getattr(report.claims[m][dataset], kind) for m in names]
+            ax.barh(names, widths, left=left, color=colour, label=kind)
+            left = [a + b for a, b in zip(left, widths)]
+        for y, m in enumerate(names):
+            c = report.claims[m][dataset]
+            ax.text(1.01, y, f"{c.claims_per_explanation:.1f}/expl.", va="center", fontsize=7)
+        ax.set_xlim(0, 1.15)
+        ax.set_title(dataset, fontsize=9)
+        ax.tick_params(labelsize=8)
+    axes[0, 0].legend(fontsize=7, ncol=3, loc="lower right", bbox_to_anchor=(1.0, 1.05))
+    axes[-1, 0].set_xlabel("share of claims")
+    fig.tight_layout()
+    path = out_dir / "claims.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_report(report: EvalReport, out_dir: str | Path) -> dict[str, Path]:
     """Write ``metrics.json``, ``run.json``, the plots and ``report.md`` into ``out_dir``.
 
@@ -690,6 +818,14 @@ def write_report(report: EvalReport, out_dir: str | Path) -> dict[str, Path]:
         path = out / "metrics_generate.json"
         path.write_text(json.dumps(metrics_json(report, generated=True), indent=2, sort_keys=True))
         written["metrics_generate.json"] = path
+    if report.claims:
+        path = out / "claims.json"
+        data = {"stats": {m: {d: c.to_json() for d, c in per.items()}
+                          for m, per in report.claims.items()},
+                "examples": report.claim_examples, "judge_agreement": report.judge_agreement,
+                "note": report.claims_note}
+        path.write_text(json.dumps(data, indent=2, sort_keys=True, default=list))
+        written["claims.json"] = path
     if report.calibration:
         path = out / "calibration.json"
         path.write_text(json.dumps(calibration_json(report.calibration), indent=2, sort_keys=True))
@@ -704,7 +840,7 @@ def write_report(report: EvalReport, out_dir: str | Path) -> dict[str, Path]:
     plots: list[Path] = []
     failures: list[str] = []
     for plot in (plot_confusions, plot_metric_bars, plot_judge_bars, plot_reliability,
-                 plot_risk_coverage):
+                 plot_risk_coverage, plot_claims):
         try:
             made = plot(report, out)
         except Exception as e:  # noqa: BLE001 - named in report.md; the tables still count
@@ -723,7 +859,7 @@ def write_report(report: EvalReport, out_dir: str | Path) -> dict[str, Path]:
 
 
 def console_tables(report: EvalReport) -> str:
-    """Both tables as the CLI prints them at the end of a run."""
+    """The tables as the CLI prints them at the end of a run."""
     text = f"Table 1: classification, {_MODE_WORDS[report.answer_mode]} (value [95% CI])\n"
     if report.baseline_note:
         text += f"Blind baseline: {report.baseline_note}\n"
@@ -731,12 +867,17 @@ def console_tables(report: EvalReport) -> str:
     if report.judge_note:
         text += f"Note: {report.judge_note}\n"
     text += table2_markdown(report) + "\n"
+    if report.judge_pairs:
+        text += "\nTable 3: paired judge differences (mean [95% CI])\n" + table3_markdown(report) + "\n"
     if report.calibration:
         text += "\nTable 4: calibration of the option probabilities (value [95% CI])\n"
         if report.calibration_note:
             text += f"Note: {report.calibration_note}\n"
         text += table4_markdown(report) + "\n"
-    if report.judge_pairs:
-        text += "\nTable 3: paired judge differences (mean [95% CI])\n" + table3_markdown(report) + "\n"
+    if report.claims:
+        text += "\nTable 6: explanations checked against the signal (value [95% CI])\n"
+        if report.claims_note:
+            text += f"Note: {report.claims_note}\n"
+        text += table6_markdown(report) + "\n"
     return text
 

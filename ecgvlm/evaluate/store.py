@@ -28,6 +28,7 @@ PREDICTION_COLUMNS: tuple[str, ...] = (
     "answer_mode",
     "option_probs",
     "explanation",
+    "claims",
     "raw_text",
     "error",
     "latency_s",
@@ -53,6 +54,7 @@ def prediction_schema() -> Any:
             ("answer_mode", pa.string()),
             ("option_probs", pa.list_(pa.float64())),
             ("explanation", pa.string()),
+            ("claims", pa.string()),
             ("raw_text", pa.string()),
             ("error", pa.string()),
             ("latency_s", pa.float64()),
@@ -163,17 +165,21 @@ class PredictionStore:
 
     def consolidate(self) -> Any:
         """Merge everything into ``predictions.parquet`` (sorted, one row per key)."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         sources = self._sources()
         order = ["model", "answer_mode", "dataset", "sample_id"]
         frame = self.load().sort_values(order).reset_index(drop=True)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".parquet.tmp")
-        pq.write_table(pa.Table.from_pandas(frame, prediction_schema(), preserve_index=False), tmp)
-        os.replace(tmp, self.path)
+        self.write(frame)
         for path in sources:
             if path != self.path:
                 path.unlink()
         return frame
+
+    def write(self, frame: Any) -> None:
+        """Replace ``predictions.parquet`` with ``frame`` (written aside, then renamed)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".parquet.tmp")
+        pq.write_table(pa.Table.from_pandas(frame, prediction_schema(), preserve_index=False), tmp)
+        os.replace(tmp, self.path)

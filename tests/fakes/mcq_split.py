@@ -33,9 +33,29 @@ def tiny_png(seed: int, size: tuple[int, int] = (64, 48)) -> bytes:
     return buf.getvalue()
 
 
+# Measurements that fit each finding (the ``measurements`` column, as ``ecgvlm prepare``
+# writes it): a rate, regular or irregular RR, a P wave before every beat or none, the QRS.
+_FITTING = {
+    "NSR": {"heart_rate_bpm": 75.0, "rr_irregularity": 0.03, "rr_irregular": False, "p_wave_fraction": 1.0, "qrs_ms": 92.0},
+    "AF": {"heart_rate_bpm": 118.0, "rr_irregularity": 0.3, "rr_irregular": True, "p_wave_fraction": 0.1, "qrs_ms": 88.0},
+    "RBBB": {"heart_rate_bpm": 70.0, "rr_irregularity": 0.03, "rr_irregular": False, "p_wave_fraction": 1.0, "qrs_ms": 142.0},
+    "LBBB": {"heart_rate_bpm": 66.0, "rr_irregularity": 0.03, "rr_irregular": False, "p_wave_fraction": 1.0, "qrs_ms": 150.0},
+    "XYZ": {"heart_rate_bpm": 80.0, "rr_irregularity": 0.03, "rr_irregular": False, "p_wave_fraction": 1.0, "qrs_ms": 96.0},
+}
+
+
+def fitting_measurements(label: str, record_id: str) -> str:
+    """A ``Measurements`` JSON whose values fit ``label`` (see ``_FITTING``)."""
+    import json
+
+    return json.dumps({"record_id": record_id, "n_beats": 10, "leads": [], "reasons": {},
+                       **_FITTING[label]})
+
+
 def sample_rows(n_per_dataset: int, datasets=("cpsc2018", "mitdb"), seed: int = 0,
-                png_size: tuple[int, int] = (64, 48)) -> list[dict]:
-    """Rows of a seeded split: true label, options and answer position vary per sample."""
+                png_size: tuple[int, int] = (64, 48), measurements: bool = False) -> list[dict]:
+    """Rows of a seeded split: true label, options and answer position vary per sample
+    (with ``measurements``: a ``measurements`` column fitting the true label)."""
     rng = np.random.default_rng(seed)
     rows = []
     for dataset in datasets:
@@ -58,6 +78,8 @@ def sample_rows(n_per_dataset: int, datasets=("cpsc2018", "mitdb"), seed: int = 
                 "target_text": f"The answer is {letter}. {explanation}",
                 "labels": [label],
             })
+            if measurements:
+                rows[-1]["measurements"] = fitting_measurements(label, f"{dataset}/r{i:03d}")
     return rows
 
 

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 N_PER_DATASET = 8
-ROWS = sample_rows(N_PER_DATASET)
+ROWS = sample_rows(N_PER_DATASET, measurements=True)
 BY_ID = {r["sample_id"]: r for r in ROWS}
 EXPLANATION = {"pulse": "Regular rhythm seen in lead II.", "pulse-lora": "Wide QRS in V1."}
 # As our endpoint lists models when the server has no OpenAI key.
@@ -190,6 +190,35 @@ def test_evaluate_end_to_end_with_fake_endpoint_and_judge(ray_local, split_dir, 
         assert (out / name).is_file(), name
     assert RUBRIC_VERSION in text and "prompt_version" in text
 
+    # Table 6: every explanation checked against its record's measurements. pulse-lora says
+    # "Wide QRS in V1." (the QRS is wide only in the bundle branch blocks); pulse "Regular
+    # rhythm seen in lead II." (irregular only in AF) or nothing checkable.
+    for row in pred.itertuples():
+        verdicts = json.loads(row.claims)
+        sample = BY_ID[row.sample_id]
+        label = sample["option_labels"][sample["answer_index"]]
+        if expected_letter(row.sample_id, row.model) is None:
+            assert verdicts == []
+            continue
+        [verdict] = verdicts
+        assert verdict["kind"] == ("qrs_width" if row.model == "pulse-lora" else "rhythm")
+        fits = label in ("RBBB", "LBBB") if row.model == "pulse-lora" else label != "AF"
+        assert verdict["verdict"] == ("supported" if fits else "contradicted"), (label, verdict)
+    checked = json.loads((out / "claims.json").read_text())["stats"]
+    for dataset in ("cpsc2018", "mitdb"):
+        labels = [r["option_labels"][r["answer_index"]] for r in ROWS if r["dataset"] == dataset]
+        wide = sum(x in ("RBBB", "LBBB") for x in labels)
+        lora = checked["pulse-lora"][dataset]
+        assert lora["n_explanations"] == 8 and lora["n_claims"] == 8
+        assert lora["contradicted_rate"] == pytest.approx(1 - wide / 8)
+        # The grounded references are never contradicted by their own records.
+        assert checked["reference"][dataset]["contradicted"] == 0
+        assert checked["reference"][dataset]["n_claims"] > 0
+    assert metrics["pulse-lora"]["cpsc2018"]["claims"]["n_claims"] == 8
+    table6 = next(t for t in parse_markdown_tables(text) if t and "Contradicted-claim rate" in t[0])
+    assert {r["Model"] for r in table6} >= {"pulse", "pulse-lora", "reference", "reference-moved"}
+    assert "[measured:" in text  # an example with its contradicted span marked
+
     # A rerun with everything stored asks the endpoint nothing and gives the same rows. The
     # judge is the same server at the same URL (the URL is part of a judge request's identity).
     with FakeOpenAIServer(endpoint_responder, models=("pulse", "pulse-lora")) as endpoint, \
@@ -330,10 +359,10 @@ def test_choice_mode_stores_probabilities_and_reports_calibration(ray_local, spl
     text = (out / "report.md").read_text()
     assert "## Table 1: classification (constrained choice" in text and "## Table 1b" in text
     tables = parse_markdown_tables(text)
-    table4 = next(t for t in tables if "ECE" in t[0])
+    table4 = next(t for t in tables if t and "ECE" in t[0])
     assert {(r["Model"], r["Probabilities"]) for r in table4} == {
         (m, p) for m in ("pulse", "pulse-lora") for p in ("raw", "T = 1.50")}
-    assert any("Accuracy when answering" in t[0] for t in tables)
+    assert any(t and "Accuracy when answering" in t[0] for t in tables)
     for name in ("reliability.png", "risk_coverage.png", "calibration.json"):
         assert name in written and (out / name).is_file(), name
     assert report.judge_note == "the judge is disabled in the config (judge.enabled: false)"
