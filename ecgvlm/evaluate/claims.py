@@ -828,19 +828,19 @@ class ClaimStats:
         n_explanations: Explanations read (replies of successful requests).
         n_claims: Claims found in them.
         claims_per_explanation: ``n_claims / n_explanations``.
-        supported, contradicted, unverifiable: Shares of the claims.
+        supported, contradicted, unverifiable: Shares of the claims (None without claims).
         contradicted_rate: Contradicted among the checkable (supported + contradicted)
             claims; None when none is checkable.
         with_contradiction: Share of explanations with at least one contradicted claim.
-        ci: Statistic -> 95% cluster-bootstrap interval.
+        ci: Statistic -> 95% cluster-bootstrap interval (none from fewer than two clusters).
     """
 
     n_explanations: int
     n_claims: int
     claims_per_explanation: float
-    supported: float
-    contradicted: float
-    unverifiable: float
+    supported: float | None
+    contradicted: float | None
+    unverifiable: float | None
     contradicted_rate: float | None
     with_contradiction: float
     ci: dict[str, tuple[float, float]] = field(default_factory=dict)
@@ -858,7 +858,7 @@ def claim_stats(
     """Summarise per-explanation verdict counts, with intervals resampling clusters."""
     import numpy as np
 
-    from ecgvlm.evaluate.metrics import bootstrap_intervals
+    from ecgvlm.evaluate.metrics import bootstrap_intervals, cluster_ids
 
     table = np.array([[c.supported, c.contradicted, c.unverifiable] for c in counts],
                      dtype=np.float64).reshape(-1, 3)
@@ -876,17 +876,20 @@ def claim_stats(
         }
 
     point = stats(np.arange(len(table)))
-    ci = bootstrap_intervals(stats, len(table), clusters, n_boot, seed) if n_boot and len(table) else {}
+    # One patient's explanations cannot be resampled: no interval rather than a zero-width one.
+    ci = {}
+    if n_boot and len(np.unique(cluster_ids(clusters, len(table)))) > 1:
+        ci = bootstrap_intervals(stats, len(table), clusters, n_boot, seed)
 
-    def share(name: str) -> float:
-        return 0.0 if math.isnan(point[name]) else point[name]
+    def value(name: str) -> float | None:
+        return None if math.isnan(point[name]) else point[name]
 
     return ClaimStats(
         n_explanations=len(table), n_claims=int(table.sum()),
-        claims_per_explanation=point["claims_per_explanation"], supported=share("supported"),
-        contradicted=share("contradicted"), unverifiable=share("unverifiable"),
-        contradicted_rate=None if math.isnan(point["contradicted_rate"]) else point["contradicted_rate"],
-        with_contradiction=share("with_contradiction"), ci=ci)
+        claims_per_explanation=point["claims_per_explanation"], supported=value("supported"),
+        contradicted=value("contradicted"), unverifiable=value("unverifiable"),
+        contradicted_rate=value("contradicted_rate"),
+        with_contradiction=value("with_contradiction") or 0.0, ci=ci)
 
 
 def reference_texts(samples: Sequence[dict[str, Any]], seed: int = 0) -> tuple[list[str | None], list[str | None]]:

@@ -703,7 +703,8 @@ def check_explanations(
 
     samples = meta.to_dict("records")
     by_id = {str(s["sample_id"]): s for s in samples}
-    records = {sid: (measurements_of(s.get("measurements")), list(s.get("labels") or []))
+    records = {sid: (measurements_of(s.get("measurements")),
+                     [] if s.get("labels") is None else [str(x) for x in s["labels"]])
                for sid, s in by_id.items()}
     note = None
     if "measurements" not in meta:

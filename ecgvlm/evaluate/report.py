@@ -784,7 +784,7 @@ def plot_claims(report: EvalReport, out_dir: Path) -> Path | None:
         names = [m for m in models if dataset in report.claims[m]]
         left = [0.0] * len(names)
         for kind, colour in colours.items():
-            widths = [getattr(report.claims[m][dataset], kind) for m in names]
+            widths = [getattr(report.claims[m][dataset], kind) or 0.0 for m in names]
             ax.barh(names, widths, left=left, color=colour, label=kind)
             left = [a + b for a, b in zip(left, widths)]
         for y, m in enumerate(names):

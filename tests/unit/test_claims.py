@@ -254,3 +254,20 @@ def test_grounded_references_are_never_contradicted_and_moved_ones_are(samples_d
                 moved += check_claims(extract_claims(text), m, labels)
     rate = sum(v.verdict == C for v in moved) / len(moved)
     assert rate > 0.2, rate
+
+
+def test_claim_stats_by_hand_and_without_claims():
+    from ecgvlm.evaluate.claims import ClaimCounts, claim_stats
+
+    counts = [ClaimCounts(2, 1, 1), ClaimCounts(0, 0, 0), ClaimCounts(3, 0, 0), ClaimCounts(0, 2, 0)]
+    stats = claim_stats(counts, [f"patient:{i}" for i in range(4)], n_boot=200)
+    assert (stats.n_explanations, stats.n_claims) == (4, 9)
+    assert stats.claims_per_explanation == pytest.approx(9 / 4)
+    assert (stats.supported, stats.contradicted, stats.unverifiable) == pytest.approx((5 / 9, 3 / 9, 1 / 9))
+    assert stats.contradicted_rate == pytest.approx(3 / 8)
+    assert stats.with_contradiction == pytest.approx(2 / 4)
+    lo, hi = stats.ci["contradicted_rate"]
+    assert lo <= 3 / 8 <= hi
+    # No claims at all: shares are unknown, not zero; one patient: no interval.
+    empty = claim_stats([ClaimCounts()] * 3, ["recording:mitdb/100"] * 3, n_boot=100)
+    assert empty.supported is None and empty.contradicted_rate is None and empty.ci == {}
