@@ -615,11 +615,16 @@ def _meets(value: float, threshold: float, margin: float, above: bool) -> bool |
     return True if value <= threshold else (False if value > threshold + margin else None)
 
 
-def _both(a: bool | None, b: bool | None) -> bool | None:
-    """``a and b`` where None is unknown."""
-    if a is False or b is False:
-        return False
-    return None if a is None or b is None else True
+def _three_ways(
+    value: float, low: float, high: float, margin: float
+) -> tuple[bool | None, bool | None, bool | None]:
+    """Whether ``value`` is below ``low``, above ``high``, and between them (``_meets``
+    each; None where the margin leaves it undecided)."""
+    below = _meets(value, low, margin, above=False)
+    above = _meets(value, high, margin, above=True)
+    inside = (_meets(value, low, margin, above=True), _meets(value, high, margin, above=False))
+    between = False if False in inside else (None if None in inside else True)
+    return below, above, between
 
 
 def _check_category(claim: Claim, m: Any, config: ClaimConfig) -> Verdict:
@@ -629,11 +634,8 @@ def _check_category(claim: Claim, m: Any, config: ClaimConfig) -> Verdict:
         if hr is None:
             return _unverifiable(claim, f"heart_rate_bpm: {reason}")
         margin = config.rate_tolerance_bpm / 2
-        brady = _meets(hr, config.brady_bpm, margin, above=False)
-        tachy = _meets(hr, config.tachy_bpm, margin, above=True)
-        normal = _both(_meets(hr, config.brady_bpm, margin, above=True),
-                       _meets(hr, config.tachy_bpm, margin, above=False))
-        holds = {"brady": brady, "tachy": tachy, "normal": normal}[str(value)]
+        below, above, between = _three_ways(hr, config.brady_bpm, config.tachy_bpm, margin)
+        holds = {"brady": below, "tachy": above, "normal": between}[str(value)]
         return _decide(claim, holds, hr, f"brady < {config.brady_bpm:g}, tachy > "
                                          f"{config.tachy_bpm:g} bpm (margin {margin:g})")
     if kind == "rhythm":
@@ -680,11 +682,9 @@ def _check_category(claim: Claim, m: Any, config: ClaimConfig) -> Verdict:
         if axis is None:
             return _unverifiable(claim, f"qrs_axis_deg: {reason}")
         margin = config.axis_tolerance_deg / 3
-        left = _meets(axis, config.axis_left_deg, margin, above=False)
-        right = _meets(axis, config.axis_right_deg, margin, above=True)
-        normal = _both(_meets(axis, config.axis_left_deg, margin, above=True),
-                       _meets(axis, config.axis_right_deg, margin, above=False))
-        holds = {"left": left, "right": right, "normal": normal}[str(value)]
+        below, above, between = _three_ways(axis, config.axis_left_deg, config.axis_right_deg,
+                                            margin)
+        holds = {"left": below, "right": above, "normal": between}[str(value)]
         return _decide(claim, holds, axis, f"left < {config.axis_left_deg:g}, right > "
                                            f"{config.axis_right_deg:g} deg (margin {margin:g})")
     return _check_per_lead(claim, m, config)
