@@ -402,7 +402,13 @@ def test_killed_run_resumes_without_redoing_or_duplicating(ray_local, split_dir,
         stored = PredictionStore(out).done_keys()
         assert 1 <= len(stored) < total, (len(stored), proc.stderr.read().decode()[-2000:])
         assert not (out / "predictions.parquet").exists()  # killed before consolidating
-        requested_before = len(endpoint.chat_requests)
+        # The killed driver's client actors live in the shared cluster until Ray reaps them
+        # and may still send a request: wait until none has arrived for 2 s.
+        requested_before, quiet_since = len(endpoint.chat_requests), time.monotonic()
+        while time.monotonic() - quiet_since < 2.0 and time.monotonic() < deadline + 60:
+            time.sleep(0.2)
+            if len(endpoint.chat_requests) != requested_before:
+                requested_before, quiet_since = len(endpoint.chat_requests), time.monotonic()
 
         evaluate(load_config(EvalConfig, cfg_path))
         second_run = endpoint.chat_requests[requested_before:]

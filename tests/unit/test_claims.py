@@ -271,3 +271,34 @@ def test_claim_stats_by_hand_and_without_claims():
     # No claims at all: shares are unknown, not zero; one patient: no interval.
     empty = claim_stats([ClaimCounts()] * 3, ["recording:mitdb/100"] * 3, n_boot=100)
     assert empty.supported is None and empty.contradicted_rate is None and empty.ci == {}
+
+
+def test_judge_agreement_is_spearman_over_the_judged_explanations():
+    from scipy.stats import spearmanr
+
+    from ecgvlm.evaluate.claims import ClaimCounts
+    from ecgvlm.evaluate.job import judge_claim_agreement
+    from ecgvlm.records import Judgement
+
+    # Explanation i has i contradicted of 5 checkable claims; the judge's factual accuracy
+    # falls as contradictions rise (with one tie) and hallucination rises with them.
+    rows, judgements = [], []
+    factual = [5, 5, 4, 2, 1, 1]
+    for i in range(6):
+        sid = f"d/r{i}#0"
+        rows.append({"sample_id": sid, "model": "m", "counts": ClaimCounts(5 - i, i, 0)})
+        judgements.append(Judgement(sid, "d", "m", "judge", "v", factual[i], 3, 3, 3, i % 6 or 1))
+    rows.append({"sample_id": "d/r9#0", "model": "m", "counts": ClaimCounts(0, 0, 2)})  # no checkable claim
+    judgements.append(Judgement("d/r9#0", "d", "m", "judge", "v", 5, 3, 3, 3, 1))
+    judgements.append(Judgement("d/r8#0", "d", "m", "judge", "v", None, None, None, None, None,
+                                failure="malformed twice"))
+    clusters = {f"d/r{i}#0": f"patient:{i}" for i in range(10)}
+    out = judge_claim_agreement(judgements, rows, clusters, n_boot=200, seed=0)
+    rates = [i / 5 for i in range(6)]
+    assert out["m"]["n"] == 6
+    assert out["m"]["factual_accuracy"] == pytest.approx(spearmanr(factual, rates).statistic)
+    assert out["m"]["factual_accuracy"] < -0.9
+    assert out["m"]["hallucination"] == pytest.approx(
+        spearmanr([i % 6 or 1 for i in range(6)], rates).statistic)
+    lo, hi = out["m"]["ci"]["factual_accuracy"]
+    assert lo <= out["m"]["factual_accuracy"] <= hi
