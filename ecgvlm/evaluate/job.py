@@ -30,11 +30,12 @@ Nothing here starts Ray or opens a connection on import.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -69,6 +70,9 @@ SPLIT_META_COLUMNS: tuple[str, ...] = (
 SPLIT_OPTIONAL_COLUMNS: tuple[str, ...] = ("record_id", "patient_id")
 #: Split columns the claim check reads when present (the record's measurements and labels).
 SPLIT_CLAIM_COLUMNS: tuple[str, ...] = ("measurements", "labels")
+
+#: Image controls the evaluation can run (``EvalConfig.controls``); ``normal`` is the printout.
+CONTROLS: tuple[str, ...] = ("blank", "mismatched")
 
 # Predictions are also flushed when this long has passed, so slow models lose little on a kill.
 _FLUSH_S = 10.0
@@ -109,6 +113,11 @@ class EvalConfig:
             ``choice`` answers (``ecgvlm.evaluate.calibration``).
         claims: Thresholds and tolerances of the check of the ``generate`` explanations
             against the record's measurements (``ecgvlm.evaluate.claims``).
+        controls: Image controls, each one more pass over the split in Table 1's answer
+            mode (``CONTROLS``): ``blank`` asks about the same page and grid with no trace,
+            ``mismatched`` about the printout of another sample of the data set whose
+            correct finding is not among this question's options. The report compares each
+            with the normal images, paired per sample ("Does it read the ECG?").
         max_tokens: Cap on generated tokens per answer.
         temperature: Sampling temperature (0: greedy).
         flush_every: Predictions buffered by the driver before a part file is written; an
@@ -141,6 +150,7 @@ class EvalConfig:
     answer_mode: tuple[str, ...] | str = ANSWER_MODES
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     claims: ClaimConfig = field(default_factory=ClaimConfig)
+    controls: tuple[str, ...] = ()
     max_tokens: int = 256
     temperature: float = 0.0
     flush_every: int = 32
@@ -164,6 +174,10 @@ class EvalConfig:
         if not modes or len(set(modes)) != len(modes):
             raise ValueError(f"answer_mode must list choice and/or generate once each, got {list(modes)}")
         object.__setattr__(self, "answer_mode", modes)
+        for control in self.controls:
+            check_choice("controls", control, CONTROLS)
+        if len(set(self.controls)) != len(self.controls):
+            raise ValueError(f"controls must not repeat, got {list(self.controls)}")
         if not re.match(r"^https?://", self.endpoint):
             raise ValueError(f"endpoint must be an http(s) URL ending in /v1, got {self.endpoint!r}")
         check_range("limit_per_dataset", self.limit_per_dataset, 0)
@@ -313,24 +327,60 @@ def select_samples(
 # ---------------------------------------------------------------------------------------------
 
 
-def expand_pending(batch: Any, pending: dict[tuple[str, str], list[str]]) -> Any:
-    """One row per (sample, model, answer mode still to ask), with ``model`` and
-    ``answer_mode`` columns (pyarrow batch)."""
+@functools.lru_cache(maxsize=16)
+def blank_png(leads: tuple[str, ...], render_json: str) -> bytes:
+    """The blank control's page for a record with ``leads`` (cached: one per lead set)."""
+    import json
+
+    from ecgvlm.config import config_from_dict
+    from ecgvlm.render.config import RenderConfig
+    from ecgvlm.render.printout import blank_printout
+
+    config = config_from_dict(RenderConfig, {**json.loads(render_json), "augment": False})
+    return blank_printout(leads, config).png
+
+
+def expand_pending(
+    batch: Any,
+    pending: dict[tuple[str, str, str], list[str]],
+    recipients: dict[str, list[dict[str, Any]]] | None = None,
+    blank_leads: dict[str, tuple[str, ...]] | None = None,
+    render_json: str = "{}",
+) -> Any:
+    """One row per (sample, model, answer mode, condition) still to ask, with ``model``,
+    ``answer_mode`` and ``condition`` columns (pyarrow batch).
+
+    ``blank`` rows carry the blank page for the sample's leads (``blank_leads``) instead of
+    its printout; ``mismatched`` rows are made from the donors in this batch: ``recipients``
+    maps a donor's sample id to the split rows (without ``png``) that get its printout.
+    """
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    def tagged(table: Any, model: str, mode: str) -> Any:
-        table = table.append_column("model", pa.array([model] * len(table), pa.string()))
-        return table.append_column("answer_mode", pa.array([mode] * len(table), pa.string()))
+    def tagged(table: Any, model: str, mode: str, condition: str) -> Any:
+        for name, value in (("model", model), ("answer_mode", mode), ("condition", condition)):
+            table = table.append_column(name, pa.array([value] * len(table), pa.string()))
+        return table
 
     tables = []
-    for (model, mode), ids in pending.items():
-        mask = pc.is_in(batch["sample_id"], value_set=pa.array(ids, pa.string()))
-        chosen = batch.filter(mask)
+    for (model, mode, condition), ids in pending.items():
+        if condition == "mismatched":
+            wanted = set(ids)
+            rows = [{**r, "png": donor["png"]}
+                    for donor in batch.select(["sample_id", "png"]).to_pylist()
+                    for r in (recipients or {}).get(donor["sample_id"], ()) if r["sample_id"] in wanted]
+            chosen = pa.Table.from_pylist(rows, schema=batch.schema) if rows else batch.slice(0, 0)
+        else:
+            chosen = batch.filter(pc.is_in(batch["sample_id"], value_set=pa.array(ids, pa.string())))
+            if condition == "blank" and len(chosen):
+                pngs = [blank_png((blank_leads or {})[sid], render_json)
+                        for sid in chosen["sample_id"].to_pylist()]
+                chosen = chosen.set_column(chosen.schema.get_field_index("png"), "png",
+                                           pa.array(pngs, chosen.schema.field("png").type))
         if len(chosen):
-            tables.append(tagged(chosen, model, mode))
+            tables.append(tagged(chosen, model, mode, condition))
     if not tables:
-        return tagged(batch.slice(0, 0), "", "")
+        return tagged(batch.slice(0, 0), "", "", "")
     return pa.concat_tables(tables)
 
 
@@ -349,7 +399,8 @@ class ChatCaller:
         rows = batch.to_pylist()
 
         def one(row: dict[str, Any]) -> dict[str, Any]:
-            return predict_one(self.client, row, row["model"], row["answer_mode"])
+            out = predict_one(self.client, row, row["model"], row["answer_mode"])
+            return {**out, "condition": row["condition"]}
 
         out = list(self.pool.map(one, rows)) if self.pool else [one(r) for r in rows]
         schema = prediction_schema()
@@ -357,11 +408,11 @@ class ChatCaller:
 
 
 def pending_pairs(
-    meta: Any, tasks: Iterable[tuple[str, str]], done: set[tuple[str, str, str]]
-) -> dict[tuple[str, str], list[str]]:
-    """(model, answer mode) -> sample ids still to ask."""
+    meta: Any, tasks: Iterable[tuple[str, str, str]], done: set[tuple[str, str, str, str]]
+) -> dict[tuple[str, str, str], list[str]]:
+    """(model, answer mode, condition) -> sample ids still to ask."""
     ids = list(meta["sample_id"])
-    return {(m, mode): [s for s in ids if (s, m, mode) not in done] for m, mode in tasks}
+    return {task: [s for s in ids if (s, *task) not in done] for task in tasks}
 
 
 def block_bytes(files: list[Path], batch_size: int) -> int:
@@ -384,8 +435,9 @@ def block_bytes(files: list[Path], batch_size: int) -> int:
 def run_predictions(
     config: EvalConfig,
     files: list[Path],
-    pending: dict[tuple[str, str], list[str]],
+    pending: dict[tuple[str, str, str], list[str]],
     store: PredictionStore,
+    controls: dict[str, Any] | None = None,
     on_rows: Callable[[int], None] | None = None,
 ) -> int:
     """Stream pending pairs through the endpoint and store rows as they arrive.
@@ -417,7 +469,8 @@ def run_predictions(
     saved_block_bytes = context.target_max_block_size
     context.target_max_block_size = block_bytes(files, config.batch_size)
     ds = read_shards(files).select_columns(columns)
-    ds = ds.map_batches(expand_pending, batch_format="pyarrow", fn_kwargs={"pending": pending},
+    ds = ds.map_batches(expand_pending, batch_format="pyarrow",
+                        fn_kwargs={"pending": pending, **(controls or {})},
                         batch_size=None, num_cpus=0.25)
     ds = ds.map_batches(
         ChatCaller,
@@ -652,7 +705,8 @@ def validation_choices(
     meta = select_samples(meta, datasets, config.limit_per_dataset, config.seed)
     store = PredictionStore(output_dir / "calibration")
     store.check_resumable(split, PROMPT_VERSION)
-    pending = pending_pairs(meta, [(m, "choice") for m in models], store.done_keys(config.retry_errors))
+    pending = pending_pairs(meta, [(m, "choice", "normal") for m in models],
+                            store.done_keys(config.retry_errors))
     bar = _progress(sum(len(v) for v in pending.values()), f"predict ({split})", config.progress)
     try:
         run_predictions(dataclasses.replace(config, split=split), files, pending, store,
@@ -661,11 +715,114 @@ def validation_choices(
         bar.close()
     rows = store.consolidate()
     rows = rows[rows["sample_id"].isin(set(meta["sample_id"])) & rows["model"].isin(models)
-                & (rows["answer_mode"] == "choice")]
+                & (rows["answer_mode"] == "choice") & (rows["condition"] == "normal")]
     note = None
     if split == config.split:
         note = f"fitted on the evaluated split {split!r} itself: optimistic"
     return rows.to_dict("records"), note
+
+
+def control_inputs(config: EvalConfig, meta: Any) -> tuple[dict[str, Any], str | None]:
+    """What ``expand_pending`` needs for the image controls, from the split's metadata.
+
+    ``blank``: each sample's lead names (from its measurements; the 12 standard leads when
+    it has none) and the prepared set's render config (``manifest.json``, drawn without
+    augmentation). ``mismatched``: for each sample a donor of the same data set (seeded)
+    whose correct finding is not among the sample's options, as donor -> recipient rows.
+
+    Returns:
+        (keyword arguments of ``expand_pending``, a note naming samples left without a donor).
+    """
+    import json
+
+    import numpy as np
+
+    from ecgvlm.signal import STANDARD_LEADS
+
+    kwargs: dict[str, Any] = {"recipients": {}, "blank_leads": {}, "render_json": "{}"}
+    note = None
+    if not config.controls:
+        return kwargs, note
+    samples = meta.to_dict("records")
+    if "blank" in config.controls:
+        from ecgvlm.evaluate.claims import measurements_of
+
+        for sample in samples:
+            m = measurements_of(sample.get("measurements"))
+            leads = tuple(lm.lead for lm in m.leads) if m is not None and m.leads else STANDARD_LEADS
+            kwargs["blank_leads"][str(sample["sample_id"])] = leads
+        manifest = Path(config.data_dir) / "manifest.json"
+        render = {"layout": "auto"}
+        if manifest.is_file():
+            render = (json.loads(manifest.read_text()).get("config") or {}).get("render") or render
+        kwargs["render_json"] = json.dumps(render, sort_keys=True)
+    if "mismatched" in config.controls:
+        rng = np.random.default_rng(config.seed)
+        columns = [c for c in SPLIT_META_COLUMNS if c != "target_text"]
+        lonely = []
+        for sample in sorted(samples, key=lambda r: str(r["sample_id"])):
+            offered = set(sample["option_labels"])
+            donors = sorted(str(d["sample_id"]) for d in samples if d["dataset"] == sample["dataset"]
+                            and true_label_of(d) not in offered)
+            if not donors:
+                lonely.append(str(sample["sample_id"]))
+                continue
+            donor = donors[int(rng.integers(len(donors)))]
+            kwargs["recipients"].setdefault(donor, []).append(
+                {c: (list(sample[c]) if c in ("options", "option_labels") else sample[c])
+                 for c in columns})
+        if lonely:
+            note = (f"mismatched: {len(lonely)} sample(s) have no printout of their data set "
+                    f"whose finding is not among their options (e.g. {lonely[0]}); not asked")
+    return kwargs, note
+
+
+def compare_controls(
+    predictions: Any, mode: str, controls: Sequence[str], clusters: dict[str, str],
+    n_boot: int, seed: int,
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Accuracy with the normal printout and with each control, paired per sample.
+
+    Returns:
+        ``{model: {dataset: {"n_normal", "accuracy_normal", <control>: {"n", "accuracy",
+        "accuracy_normal" (on the same samples), "difference" (normal minus control),
+        "ci" (paired cluster-bootstrap interval of the difference, None from one
+        cluster)}}}}``; a failed request counts wrong, as in Table 1.
+    """
+    from ecgvlm.evaluate.metrics import cluster_bootstrap_mean, cluster_ids
+
+    rows = predictions[predictions["answer_mode"] == mode]
+    correct = {(r["sample_id"], r["model"], r["condition"]): r["predicted_label"] == r["true_label"]
+               for r in rows.to_dict("records")}
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    if not controls:
+        return out
+    for r in rows[rows["condition"] == "normal"].to_dict("records"):
+        entry = out.setdefault(str(r["model"]), {}).setdefault(str(r["dataset"]), {"ids": []})
+        entry["ids"].append(str(r["sample_id"]))
+    for model, per_ds in out.items():
+        for entry in per_ds.values():
+            ids = entry.pop("ids")
+            entry["n_normal"] = len(ids)
+            entry["accuracy_normal"] = sum(correct[(s, model, "normal")] for s in ids) / len(ids)
+            for control in controls:
+                paired = [s for s in ids if (s, model, control) in correct]
+                if not paired:
+                    continue
+                diffs = [float(correct[(s, model, "normal")]) - float(correct[(s, model, control)])
+                         for s in paired]
+                groups = [clusters[s] for s in paired]
+                ci = None
+                if n_boot and len(set(cluster_ids(groups, len(groups)))) > 1:
+                    ci = cluster_bootstrap_mean(diffs, groups, n_boot=n_boot, seed=seed)
+                entry[control] = {
+                    "n": len(paired),
+                    "accuracy": sum(correct[(s, model, control)] for s in paired) / len(paired),
+                    "accuracy_normal": sum(correct[(s, model, "normal")] for s in paired) / len(paired),
+                    "difference": sum(diffs) / len(diffs),
+                    "ci": ci,
+                }
+    return out
 
 
 def true_label_of(sample: dict[str, Any]) -> str:
@@ -846,15 +1003,22 @@ def evaluate(config: EvalConfig) -> tuple[Any, dict[str, Path]]:
             unavailable[m] = f"the endpoint says it is unavailable: {served[m]}"
     models = [m for m in config.models if m not in unavailable]
 
-    tasks = [(m, mode) for m in models for mode in config.answer_mode]
+    tasks = [(m, mode, "normal") for m in models for mode in config.answer_mode]
+    tasks += [(m, config.table1_mode, c) for m in models for c in config.controls]
+    control_kwargs, controls_note = control_inputs(config, meta)
     done = store.done_keys(config.retry_errors)
     pending = pending_pairs(meta, tasks, done)
+    if "mismatched" in config.controls:  # samples without a donor are not asked
+        asked = {r["sample_id"] for rs in control_kwargs["recipients"].values() for r in rs}
+        pending.update({t: [s for s in ids if s in asked] for t, ids in pending.items()
+                        if t[2] == "mismatched"})
     n_pending = sum(len(v) for v in pending.values())
     resumed = {task: sum((s, *task) in done for s in meta["sample_id"]) for task in tasks}
     bar = _progress(n_pending, "predict", config.progress)
     t0 = time.perf_counter()
     try:
-        n_new = run_predictions(config, files, pending, store, on_rows=bar.update)
+        n_new = run_predictions(config, files, pending, store, on_rows=bar.update,
+                                controls=control_kwargs)
     finally:
         bar.close()
     predict_s = time.perf_counter() - t0
@@ -866,7 +1030,8 @@ def evaluate(config: EvalConfig) -> tuple[Any, dict[str, Path]]:
         & predictions["answer_mode"].isin(config.answer_mode)
     ].reset_index(drop=True)
     clusters = {str(row["sample_id"]): sample_cluster(row) for row in meta.to_dict("records")}
-    by_mode = {mode: predictions[predictions["answer_mode"] == mode] for mode in config.answer_mode}
+    normal = predictions[predictions["condition"] == "normal"]
+    by_mode = {mode: normal[normal["answer_mode"] == mode] for mode in config.answer_mode}
     failed = {mode: _unavailable_models(rows, models) for mode, rows in by_mode.items()}
     table1_mode = config.table1_mode
     unavailable.update({m: f"{why} ({table1_mode} answers)" for m, why in failed[table1_mode].items()})
@@ -881,6 +1046,9 @@ def evaluate(config: EvalConfig) -> tuple[Any, dict[str, Path]]:
         row["cluster"] = clusters[str(row["sample_id"])]
     metrics = metrics_by_model_and_dataset([*records, *baseline], n_boot=config.n_boot,
                                            seed=config.seed)
+    controls = compare_controls(predictions[~predictions["model"].isin(list(unavailable))],
+                                table1_mode, config.controls, clusters, config.n_boot,
+                                config.seed)
     generated_metrics: dict[str, Any] = {}
     generated_note = None
     if table1_mode != "generate" and "generate" in config.answer_mode:
@@ -925,13 +1093,15 @@ def evaluate(config: EvalConfig) -> tuple[Any, dict[str, Path]]:
                                             config.seed)
 
     counts: dict[str, dict[str, dict[str, int]]] = {}
-    for model, mode in tasks:
-        rows = by_mode[mode][by_mode[mode]["model"] == model]
-        counts.setdefault(model, {})[mode] = {
+    for model, mode, condition in tasks:
+        rows = predictions[(predictions["model"] == model) & (predictions["answer_mode"] == mode)
+                           & (predictions["condition"] == condition)]
+        name = mode if condition == "normal" else f"{mode} ({condition})"
+        counts.setdefault(model, {})[name] = {
             "n": len(rows),
             "unparseable": int((rows["predicted_letter"].isna() & rows["error"].isna()).sum()),
             "errors": int(rows["error"].notna().sum()),
-            "resumed": int(resumed.get((model, mode), 0)),
+            "resumed": int(resumed.get((model, mode, condition), 0)),
         }
     report = EvalReport(
         metrics=metrics,
@@ -950,6 +1120,8 @@ def evaluate(config: EvalConfig) -> tuple[Any, dict[str, Path]]:
         calibration_note=calibration_note,
         claims=claims,
         claims_note=claims_note,
+        controls=controls,
+        controls_note=controls_note,
         claim_examples=claim_examples(claim_rows, config.seed),
         judge_agreement=judge_agreement,
         meta={
@@ -957,6 +1129,7 @@ def evaluate(config: EvalConfig) -> tuple[Any, dict[str, Path]]:
             "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "models": list(config.models),
             "answer_mode": list(config.answer_mode),
+            "controls": list(config.controls),
             "endpoint": config.endpoint,
             "split": config.split,
             "data_dir": config.data_dir,

@@ -88,6 +88,8 @@ class EvalReport:
         claims_note: Why the check is partial, if it is.
         claim_examples: Model -> a few explanations with their verdicts.
         judge_agreement: Model -> rank correlations between the judge and the check.
+        controls: ``job.compare_controls`` output (Table 7), empty without controls.
+        controls_note: Samples a control could not be run on, and why.
     """
 
     metrics: dict[str, dict[str, ClassificationMetrics]]
@@ -107,6 +109,8 @@ class EvalReport:
     claims_note: str | None = None
     claim_examples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     judge_agreement: dict[str, dict[str, Any]] = field(default_factory=dict)
+    controls: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    controls_note: str | None = None
 
 
 def git_sha(cwd: str | Path | None = None) -> str | None:
@@ -321,6 +325,44 @@ def marked_explanation(text: str, verdicts: list[dict[str, Any]]) -> str:
     return "".join(out).replace("\n", " ")
 
 
+def control_verdict(entry: dict[str, Any]) -> str:
+    """In words: whether accuracy falls without the ECG (normal minus blank, or mismatched)."""
+    for control in ("blank", "mismatched"):
+        c = entry.get(control)
+        if c is None:
+            continue
+        if c["ci"] is None:
+            return f"undecided: no interval from one patient ({control})"
+        if c["ci"][0] > 0:
+            return f"reads the ECG: accuracy falls with a {control} image"
+        return (f"no evidence it reads the ECG: it scores as well with a {control} image "
+                "(the interval of the drop includes 0)")
+    return ""
+
+
+def table7_markdown(report: EvalReport) -> str:
+    """Table 7: accuracy with the printout and with each image control, paired per sample."""
+    controls = sorted({c for per in report.controls.values() for e in per.values()
+                       for c in e if isinstance(e[c], dict)})
+    header = ["Dataset", "Model", "n", "Accuracy (printout)"]
+    for c in controls:
+        header += [f"Accuracy ({c})", f"Printout minus {c}"]
+    header += ["In words"]
+    rows = []
+    for dataset in sorted({d for per in report.controls.values() for d in per}):
+        for model in sorted(report.controls):
+            entry = report.controls[model].get(dataset)
+            if entry is None:
+                continue
+            cells = [dataset, model, str(entry["n_normal"]), _fmt(entry["accuracy_normal"])]
+            for c in controls:
+                e = entry.get(c)
+                cells += ([NA, NA] if e is None else
+                          [_fmt(e["accuracy"]), _fmt_ci(e["difference"], e["ci"])])
+            rows.append(cells + [control_verdict(entry)])
+    return _md_table(header, rows)
+
+
 def claims_caption(report: EvalReport) -> str:
     """What Table 6 is."""
     return (
@@ -379,6 +421,9 @@ def metrics_json(report: EvalReport, generated: bool = False) -> dict[str, dict[
             checked = report.claims.get(model, {}).get(dataset)
             if checked is not None:
                 entry["claims"] = checked.to_json()
+            controlled = report.controls.get(model, {}).get(dataset)
+            if controlled is not None and not generated:
+                entry["controls"] = controlled
             judged = report.judge.get(model, {}).get(dataset)
             if judged is not None:
                 entry["judge"] = judged
@@ -496,6 +541,17 @@ def report_markdown(report: EvalReport, plots: list[str] | None = None) -> str:
                     lines.append(f"- `{model}` on `{ex['sample_id']}`: "
                                  + marked_explanation(ex["text"][:600], ex["verdicts"]))
             lines += [""]
+    if report.controls:
+        caption = ("Does the model read the ECG? Table 1's questions asked again with a blank "
+                   "page (the same layout, grid and labels, no trace) and with the printout of "
+                   "another sample of the data set whose correct finding is not among the "
+                   "options. \"Printout minus control\" is the paired accuracy difference on the "
+                   "same samples with a 95% bootstrap interval resampling patients (or "
+                   "recordings); printout minus blank is the model's image reliance.")
+        lines += ["## Table 7: does it read the ECG?", "", caption, ""]
+        if report.controls_note:
+            lines += [f"**Note:** {report.controls_note}", ""]
+        lines += [table7_markdown(report), ""]
     if report.unavailable:
         lines += ["## Models not evaluated", ""]
         lines += [f"- `{m}`: {why}" for m, why in sorted(report.unavailable.items())]
@@ -879,5 +935,8 @@ def console_tables(report: EvalReport) -> str:
         if report.claims_note:
             text += f"Note: {report.claims_note}\n"
         text += table6_markdown(report) + "\n"
+    if report.controls:
+        text += "\nTable 7: does it read the ECG? (paired accuracy differences [95% CI])\n"
+        text += table7_markdown(report) + "\n"
     return text
 

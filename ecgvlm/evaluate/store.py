@@ -13,8 +13,9 @@ from typing import Any
 
 from ecgvlm.evaluate.errors import EvaluationError
 
-#: What identifies a stored prediction: one row per sample, model and answer mode.
-KEY_COLUMNS: tuple[str, ...] = ("sample_id", "model", "answer_mode")
+#: What identifies a stored prediction: one row per sample, model, answer mode and image
+#: condition (``normal``, or a control such as ``blank``).
+KEY_COLUMNS: tuple[str, ...] = ("sample_id", "model", "answer_mode", "condition")
 
 #: Columns of predictions.parquet, in order (DESIGN.md names the first eight).
 PREDICTION_COLUMNS: tuple[str, ...] = (
@@ -26,6 +27,7 @@ PREDICTION_COLUMNS: tuple[str, ...] = (
     "predicted_letter",
     "predicted_label",
     "answer_mode",
+    "condition",
     "option_probs",
     "explanation",
     "claims",
@@ -52,6 +54,7 @@ def prediction_schema() -> Any:
             ("predicted_letter", pa.string()),
             ("predicted_label", pa.string()),
             ("answer_mode", pa.string()),
+            ("condition", pa.string()),
             ("option_probs", pa.list_(pa.float64())),
             ("explanation", pa.string()),
             ("claims", pa.string()),
@@ -67,7 +70,7 @@ def prediction_schema() -> Any:
 
 
 class PredictionStore:
-    """Predictions of one output directory, keyed by (sample_id, model, answer_mode).
+    """Predictions of one output directory, keyed by ``KEY_COLUMNS``.
 
     New rows go to ``predictions/part-<run>-<n>.parquet`` (written to a temporary name and
     renamed, so a killed run leaves whole files or none); ``consolidate`` merges the parts
@@ -101,11 +104,11 @@ class PredictionStore:
             for name in schema.names:
                 if name not in table.schema.names:
                     table = table.append_column(name, pa.nulls(len(table), schema.field(name).type))
-            if table.column("answer_mode").null_count:
-                # Written before answer modes existed: every answer was generated text.
-                filled = pc.fill_null(table.column("answer_mode"), "generate")
-                table = table.set_column(table.schema.get_field_index("answer_mode"), "answer_mode",
-                                         filled)
+            # Written before answer modes and controls existed: generated text, normal images.
+            for name, default in (("answer_mode", "generate"), ("condition", "normal")):
+                if table.column(name).null_count:
+                    filled = pc.fill_null(table.column(name), default)
+                    table = table.set_column(table.schema.get_field_index(name), name, filled)
             tables.append(table.select(schema.names).cast(schema))
         if not tables:
             return pd.DataFrame({name: pd.Series(dtype=object) for name in schema.names})
@@ -119,9 +122,9 @@ class PredictionStore:
                 frame[name] = frame[name].astype(object).where(frame[name].notna(), None)
         return frame
 
-    def done_keys(self, retry_errors: bool = True) -> set[tuple[str, str, str]]:
-        """(sample_id, model, answer_mode) keys that need no new request (errored ones only
-        when ``retry_errors`` is off)."""
+    def done_keys(self, retry_errors: bool = True) -> set[tuple[str, str, str, str]]:
+        """(sample_id, model, answer_mode, condition) keys that need no new request (errored
+        ones only when ``retry_errors`` is off)."""
         frame = self.load()
         if retry_errors:
             frame = frame[frame["error"].isna()]
@@ -166,7 +169,7 @@ class PredictionStore:
     def consolidate(self) -> Any:
         """Merge everything into ``predictions.parquet`` (sorted, one row per key)."""
         sources = self._sources()
-        order = ["model", "answer_mode", "dataset", "sample_id"]
+        order = ["model", "answer_mode", "condition", "dataset", "sample_id"]
         frame = self.load().sort_values(order).reset_index(drop=True)
         self.write(frame)
         for path in sources:

@@ -287,3 +287,19 @@ def render_printout(
         augmentations=names,
         geometry_exact="rotation" not in names,
     )
+
+
+def blank_printout(
+    leads: tuple[str, ...], config: RenderConfig | None = None, fs_hz: float = 500.0,
+    duration_s: float = 10.0,
+) -> Printout:
+    """The page a record with these leads would be printed on, with no trace: the same
+    layout, grid, lead labels, calibration pulses and caption, every sample missing (NaN is
+    drawn as a gap). The evaluation's ``blank`` control asks a model about this page."""
+    from ecgvlm.records import EcgRecord
+
+    n_samples = max(1, round(fs_hz * duration_s))
+    record = EcgRecord(record_id="blank/page", dataset="blank",
+                       signal_mv=np.full((n_samples, len(leads)), np.nan, dtype=np.float32),
+                       fs_hz=fs_hz, leads=tuple(leads))
+    return render_printout(record, config)

@@ -8,6 +8,7 @@ second fake server returning valid JSON, malformed JSON once, and malformed JSON
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -282,6 +283,12 @@ def choice_responder(request):
     assert request["guided_choice"] == ["A", "B", "C", "D"] and request["logprobs"] is True
     split = "val" if sample_id in VAL_BY_ID else "test"
     sample = VAL_BY_ID[sample_id] if split == "val" else BY_ID[sample_id]
+    from ecgvlm.prompt import png_data_url
+
+    if request["messages"][-1]["content"][0]["image_url"]["url"] != png_data_url(sample["png"]):
+        # Not this sample's printout (an image control): the model says A.
+        return Reply(choice_logprobs={"A": math.log(0.7), "B": math.log(0.1), "C": math.log(0.1),
+                                      "D": math.log(0.1)})
     return Reply(choice_logprobs=choice_logprobs(sample, request["model"], split))
 
 
@@ -295,18 +302,35 @@ def test_choice_mode_stores_probabilities_and_reports_calibration(ray_local, spl
     with FakeOpenAIServer(choice_responder, models=("pulse", "pulse-lora")) as endpoint:
         cfg = _config(split_dir, out, endpoint.base_url, None, models=["pulse", "pulse-lora"],
                       answer_mode=["choice", "generate"], n_boot=200,
-                      calibration={"n_bins": 4, "target_accuracy": 0.7})
+                      calibration={"n_bins": 4, "target_accuracy": 0.7},
+                      controls=["blank", "mismatched"])
         cfg["judge"] = {"enabled": False}
         report, written = evaluate(config_from_dict(EvalConfig, cfg))
         n_requests = len(endpoint.chat_requests)
         # A rerun resumes: test answers of both modes and validation answers are all stored.
         evaluate(config_from_dict(EvalConfig, cfg))
         assert len(endpoint.chat_requests) == n_requests
-    # Two models x (test in two modes + validation choices).
-    assert n_requests == 2 * (2 * len(ROWS) + len(VAL_ROWS))
-
+    # Two models x (test in two modes, blank and mismatched controls + validation choices).
     pred = pd.read_parquet(out / "predictions.parquet")
-    assert len(pred) == 2 * 2 * len(ROWS) and pred["error"].isna().all()
+    n_mismatched = int((pred["condition"] == "mismatched").sum()) // 2
+    assert 0 < n_mismatched <= len(ROWS)
+    assert n_requests == 2 * (2 * len(ROWS) + len(ROWS) + n_mismatched + len(VAL_ROWS))
+    assert len(pred) == 2 * (3 * len(ROWS) + n_mismatched) and pred["error"].isna().all()
+    assert set(pred.loc[pred["condition"] != "normal", "answer_mode"]) == {"choice"}
+
+    # Table 7: with another image the fake says A, so the control's accuracy is the share of
+    # A answers; the paired difference is against the same samples' printout accuracy.
+    metrics = json.loads((out / "metrics.json").read_text())
+    for model in ("pulse", "pulse-lora"):
+        for dataset in ("cpsc2018", "mitdb"):
+            rows = [r for r in ROWS if r["dataset"] == dataset]
+            blank = metrics[model][dataset]["controls"]["blank"]
+            assert blank["n"] == 8
+            assert blank["accuracy"] == pytest.approx(np.mean([r["answer_letter"] == "A" for r in rows]))
+            assert blank["difference"] == pytest.approx(metrics[model][dataset]["accuracy"]
+                                                        - blank["accuracy"])
+            assert blank["ci"][0] <= blank["difference"] <= blank["ci"][1]
+    pred = pred[pred["condition"] == "normal"]
     choice = pred[pred["answer_mode"] == "choice"]
     for row in choice.itertuples():
         sample = BY_ID[row.sample_id]
@@ -319,7 +343,6 @@ def test_choice_mode_stores_probabilities_and_reports_calibration(ray_local, spl
     assert len(val) == 2 * len(VAL_ROWS) and set(val["split"]) == {"val"}
 
     # Table 1 scores the choices; Table 1b the letters parsed from text.
-    metrics = json.loads((out / "metrics.json").read_text())
     lora = metrics["pulse-lora"]["cpsc2018"]
     assert lora["answer_mode"] == "choice" and lora["accuracy"] == pytest.approx(6 / 8)
     assert metrics["pulse"]["mitdb"]["accuracy"] == pytest.approx(4 / 8)
@@ -363,6 +386,8 @@ def test_choice_mode_stores_probabilities_and_reports_calibration(ray_local, spl
     assert {(r["Model"], r["Probabilities"]) for r in table4} == {
         (m, p) for m in ("pulse", "pulse-lora") for p in ("raw", "T = 1.50")}
     assert any(t and "Accuracy when answering" in t[0] for t in tables)
+    table7 = next(t for t in tables if t and "Printout minus blank" in t[0])
+    assert {r["Model"] for r in table7} == {"pulse", "pulse-lora"} and all(r["In words"] for r in table7)
     for name in ("reliability.png", "risk_coverage.png", "calibration.json"):
         assert name in written and (out / name).is_file(), name
     assert report.judge_note == "the judge is disabled in the config (judge.enabled: false)"

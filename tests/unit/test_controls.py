@@ -1,0 +1,107 @@
+"""The image controls of the evaluation: the blank page, the donors of mismatched printouts,
+and the paired comparison with the normal printouts."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ecgvlm.evaluate.job import EvalConfig, compare_controls, control_inputs, expand_pending
+from ecgvlm.render.config import RenderConfig
+from ecgvlm.render.printout import blank_printout, render_printout
+from ecgvlm.signal import read_record
+from tests.fakes.mcq_split import sample_rows
+
+
+def _ink(png: bytes) -> np.ndarray:
+    """Ink pixels of a palette PNG (the low nibble of the index; the grid is the high one)."""
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(png))
+    assert image.mode == "P"
+    return (np.asarray(image) & 0x0F) > 0
+
+
+@pytest.mark.parametrize("record_path", ["cpsc2018/A0002", "mitdb/106"])
+def test_blank_page_has_no_trace_only_what_every_page_has(samples_dir, record_path):
+    record = read_record(samples_dir / record_path)
+    config = RenderConfig(layout="auto")
+    real = render_printout(record, config)
+    blank = blank_printout(record.leads, config, fs_hz=record.fs_hz, duration_s=record.duration_s)
+    assert blank.layout == real.layout and blank.size_px == real.size_px
+    assert [p.box_px for p in blank.panels] == [p.box_px for p in real.panels]
+    blank_ink, real_ink = _ink(blank.png), _ink(real.png)
+    # Labels, calibration pulses, separators and caption are on both pages; traces only on the
+    # printout: the blank page's ink is a subset of the printout's, and a small one.
+    assert not (blank_ink & ~real_ink).any()
+    assert real_ink.sum() > 4 * blank_ink.sum()
+
+
+def _meta(rows):
+    return pd.DataFrame([{k: v for k, v in r.items() if k != "png"} for r in rows])
+
+
+def test_mismatched_donors_never_offer_their_finding_among_the_options(tmp_path):
+    rows = sample_rows(8, measurements=True)
+    config = EvalConfig(data_dir=str(tmp_path), controls=("blank", "mismatched"))
+    kwargs, note = control_inputs(config, _meta(rows))
+    by_id = {r["sample_id"]: r for r in rows}
+    recipients = [(donor, r) for donor, rs in kwargs["recipients"].items() for r in rs]
+    assert len(recipients) + (int(note.split()[1]) if note else 0) == len(rows)
+    for donor, recipient in recipients:
+        d = by_id[donor]
+        assert d["dataset"] == recipient["dataset"] and donor != recipient["sample_id"]
+        assert d["option_labels"][d["answer_index"]] not in recipient["option_labels"]
+    # Seeded: the same donors again.
+    assert control_inputs(config, _meta(rows))[0]["recipients"] == kwargs["recipients"]
+    # The blank page is drawn for the sample's leads (none measured here: the 12 standard).
+    assert set(map(len, kwargs["blank_leads"].values())) == {12}
+
+    import pyarrow as pa
+
+    batch = pa.Table.from_pylist([{k: r[k] for k in ("sample_id", "dataset", "question", "options",
+                                                      "option_labels", "answer_letter", "png")}
+                                  for r in rows])
+    pending = {("m", "choice", "blank"): [rows[0]["sample_id"]],
+               ("m", "choice", "mismatched"): [r["sample_id"] for _, r in recipients]}
+    out = expand_pending(batch, pending, **kwargs).to_pylist()
+    blank = [r for r in out if r["condition"] == "blank"]
+    assert len(blank) == 1 and blank[0]["png"] != rows[0]["png"]
+    mismatched = [r for r in out if r["condition"] == "mismatched"]
+    assert len(mismatched) == len(recipients)
+    for r in mismatched:
+        donor = next(d for d, rec in recipients if rec["sample_id"] == r["sample_id"])
+        assert r["png"] == by_id[donor]["png"] and r["question"] == by_id[r["sample_id"]]["question"]
+
+
+def test_paired_differences_by_hand():
+    # Four samples of two patients: right on the printout 3 times, on the blank page once.
+    normal = [True, True, True, False]
+    blank = [False, True, False, False]
+    rows = []
+    for i, (n, b) in enumerate(zip(normal, blank)):
+        for condition, right in (("normal", n), ("blank", b)):
+            rows.append({"sample_id": f"s{i}", "model": "m", "dataset": "d", "answer_mode": "choice",
+                         "condition": condition, "true_label": "AF",
+                         "predicted_label": "AF" if right else "NSR"})
+    clusters = {"s0": "patient:a", "s1": "patient:a", "s2": "patient:b", "s3": "patient:b"}
+    out = compare_controls(pd.DataFrame(rows), "choice", ("blank",), clusters, 500, 0)
+    entry = out["m"]["d"]
+    assert entry["accuracy_normal"] == 0.75 and entry["blank"]["accuracy"] == 0.25
+    assert entry["blank"]["difference"] == pytest.approx(0.5)
+    # Patient a's differences are (1, 0), patient b's (1, 0): every resample of patients
+    # has a mean of 0.5, so the paired interval is [0.5, 0.5].
+    assert entry["blank"]["ci"] == pytest.approx((0.5, 0.5))
+    one = compare_controls(pd.DataFrame(rows), "choice", ("blank",), {s: "patient:a" for s in clusters},
+                           500, 0)
+    assert one["m"]["d"]["blank"]["ci"] is None  # one patient: no interval
+
+
+def test_controls_config_names_the_bad_one():
+    from ecgvlm.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match="controls must be one of 'blank', 'mismatched', got 'text'"):
+        config_from_dict(EvalConfig, {"data_dir": "d", "controls": ["text"]})
