@@ -16,6 +16,8 @@ fixed service time per request (``--service-ms``, default 20 ms: a warm tiny-mod
 
 The job's overhead is ``1 - job ECG/s / endpoint ECG/s``, steady state (first to last
 arrival) and end to end (including Ray Data start-up and actor creation). Target: <= 10%.
+A last row times the check of the stored explanations against the split's measurements
+(``ecgvlm.evaluate.claims``), which the job runs on the driver after the predictions.
 """
 
 from __future__ import annotations
@@ -80,8 +82,9 @@ def endpoint_alone(endpoint: str, model: str, rows: list[dict], concurrency: int
 
 
 def job(endpoint: str, model: str, split_dir: Path, out: Path, n: int, concurrency: int,
-        batch_size: int) -> tuple[float, float, int]:
-    """(end-to-end seconds, first-to-last-arrival seconds, rows) of the job's predict phase."""
+        batch_size: int) -> tuple[float, float, int, object]:
+    """(end-to-end seconds, first-to-last-arrival seconds, rows, stored predictions) of the
+    job's predict phase."""
     from ecgvlm.evaluate import (
         EvalConfig,
         PredictionStore,
@@ -109,7 +112,21 @@ def job(endpoint: str, model: str, split_dir: Path, out: Path, n: int, concurren
     # Steady state: rows after the first arrival, over the time to the last one.
     first_t, first_k = arrivals[0]
     span = arrivals[-1][0] - first_t
-    return wall, span, n - first_k
+    return wall, span, n - first_k, frame
+
+
+def check_claims_s(frame, rows: list[dict]) -> float:
+    """Seconds to check every stored explanation against its sample's measurements, as the
+    job does on the driver after the predictions (``evaluate.job.check_explanations``)."""
+    from ecgvlm.evaluate.claims import ClaimConfig, check_explanation, measurements_of
+
+    by_id = {r["sample_id"]: r for r in rows}
+    config = ClaimConfig()
+    start = time.perf_counter()
+    records = {sid: (measurements_of(r["measurements"]), list(r["labels"])) for sid, r in by_id.items()}
+    for pred in frame.to_dict("records"):
+        check_explanation(pred["explanation"], *records[pred["sample_id"]], config)
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -129,7 +146,7 @@ def main() -> None:
     from tests.fakes.mcq_split import sample_rows, write_split
 
     width, height = (int(v) for v in args.png_size.split("x"))
-    rows = sample_rows(args.n // 2 + args.n % 2, png_size=(width, height))[: args.n]
+    rows = sample_rows(args.n // 2 + args.n % 2, png_size=(width, height), measurements=True)[: args.n]
     proc = None
     endpoint = args.endpoint
     if endpoint is None:
@@ -146,8 +163,9 @@ def main() -> None:
                 ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False,
                          log_to_driver=False, configure_logging=False)
             try:
-                wall_s, span_s, steady_n = job(endpoint, args.model, split_dir, Path(tmp) / "out",
-                                               len(rows), args.concurrency, args.batch_size)
+                wall_s, span_s, steady_n, frame = job(endpoint, args.model, split_dir,
+                                                      Path(tmp) / "out", len(rows),
+                                                      args.concurrency, args.batch_size)
             finally:
                 ray.shutdown()
     finally:
@@ -171,6 +189,10 @@ def main() -> None:
           f"{steady:.1f} | {100 * (1 - steady / alone):.1f}% |")
     print(f"| evaluation job, end to end (incl. Ray Data + actor start) | {len(rows)} | "
           f"{wall_s:.2f} | {e2e:.1f} | {100 * (1 - e2e / alone):.1f}% |")
+    claims_s = check_claims_s(frame, rows)
+    print(f"| explanations checked against the signal (driver, after the job) | {len(rows)} | "
+          f"{claims_s:.3f} | {len(rows) / claims_s:.0f} | +{100 * claims_s / wall_s:.2f}% of the "
+          "job's end-to-end wall |")
 
 
 if __name__ == "__main__":
