@@ -100,7 +100,7 @@ def job(endpoint: str, model: str, split_dir: Path, out: Path, n: int, concurren
     files = split_files(config.data_dir, config.split)
     meta = read_split_meta(files)
     store = PredictionStore(out)
-    pending = pending_pairs(meta, [(model, "generate")], store.done_keys())
+    pending = pending_pairs(meta, [(model, "generate", "normal")], store.done_keys())
     arrivals: list[tuple[float, int]] = []
     start = time.perf_counter()
     written = run_predictions(config, files, pending, store,
