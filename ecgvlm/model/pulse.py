@@ -169,6 +169,12 @@ def unpad_features(features: torch.Tensor, image_size: tuple[int, int]) -> torch
     return features[:, :, pad : cur_w - pad]
 
 
+# transformers 5 names the KV cache argument ``cache`` and warns on every ``past_key_values``
+# (which its own ``generate`` and older callers still pass); transformers 4 knows only that.
+_CACHE_KWARG = ("cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters
+                else "past_key_values")
+
+
 class PulseModel(LlamaForCausalLM):
     """PULSE: a ``LlamaForCausalLM`` whose ``model`` also holds the CLIP tower and projector.
 
@@ -358,6 +364,8 @@ class PulseModel(LlamaForCausalLM):
                 input_ids, attention_mask, pixel_values, image_sizes, labels
             )
             input_ids = None
+        if _CACHE_KWARG != "past_key_values" and "past_key_values" in kwargs:
+            kwargs.setdefault(_CACHE_KWARG, kwargs.pop("past_key_values"))
         return super().forward(
             input_ids=input_ids,
             attention_mask=attention_mask,

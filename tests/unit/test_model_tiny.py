@@ -113,3 +113,24 @@ def test_padded_batch_logits_equal_single(tiny, side):
         n = single.shape[0]
         got = batched[row, -n:] if side == "left" else batched[row, :n]
         torch.testing.assert_close(got, single, atol=1e-5, rtol=1e-5)
+
+
+def test_cached_decoding_raises_no_deprecation_and_matches_a_full_forward(tiny):
+    # transformers 5 warns on every ``past_key_values`` (835 warnings per suite before);
+    # the model hands the cache on under the name its parent takes.
+    import warnings
+
+    model, processor = tiny
+    batch = processor([llava_v1("What is the rhythm?")], [noise_image(120, 90, 3)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        out = model(**batch, use_cache=True)
+        token = out.logits[0, -1].argmax().view(1, 1)
+        length = out.logits.shape[1] + 1
+        step = model(input_ids=token, attention_mask=torch.ones((1, length), dtype=torch.long),
+                     past_key_values=out.past_key_values, use_cache=True)
+    embeds, mask, _, _ = model.merge_inputs(batch["input_ids"], batch["attention_mask"],
+                                            batch["pixel_values"], batch["image_sizes"])
+    full = model(inputs_embeds=torch.cat([embeds, model.get_input_embeddings()(token)], dim=1),
+                 attention_mask=torch.ones((1, length), dtype=torch.long))
+    torch.testing.assert_close(step.logits[0, -1], full.logits[0, -1], atol=1e-4, rtol=1e-4)
