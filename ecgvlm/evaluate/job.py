@@ -694,6 +694,9 @@ def validation_choices(
     split = config.calibration.split
     if not split:
         return [], "calibration.split is empty: raw probabilities, no fitted threshold"
+    if not config.calibration.temperature_scaling and config.calibration.target_accuracy is None:
+        return [], ("nothing to fit on the validation split (temperature_scaling is off and "
+                    "no target_accuracy): raw probabilities")
     try:
         files = split_files(config.data_dir, split)
     except EvaluationError as e:
