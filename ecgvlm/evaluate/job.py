@@ -1026,11 +1026,11 @@ def evaluate(config: EvalConfig) -> tuple[Any, dict[str, Path]]:
         bar.close()
     predict_s = time.perf_counter() - t0
 
-    predictions = store.consolidate()
+    stored_rows = store.consolidate()
     selected = set(meta["sample_id"])
-    predictions = predictions[
-        predictions["sample_id"].isin(selected) & predictions["model"].isin(models)
-        & predictions["answer_mode"].isin(config.answer_mode)
+    predictions = stored_rows[
+        stored_rows["sample_id"].isin(selected) & stored_rows["model"].isin(models)
+        & stored_rows["answer_mode"].isin(config.answer_mode)
     ].reset_index(drop=True)
     clusters = {str(row["sample_id"]): sample_cluster(row) for row in meta.to_dict("records")}
     normal = predictions[predictions["condition"] == "normal"]
@@ -1080,10 +1080,14 @@ def evaluate(config: EvalConfig) -> tuple[Any, dict[str, Path]]:
         t_claims = time.perf_counter()
         stored, claims, claim_rows, claims_note = check_explanations(
             config, scored["generate"], meta, clusters)
-        keys = list(zip(predictions["sample_id"], predictions["model"], predictions["answer_mode"]))
-        predictions["claims"] = [stored.get((sid, model)) if mode == "generate" else None
-                                 for sid, model, mode in keys]
-        PredictionStore(out).write(predictions)
+        # Into every stored row (also those of samples or models this run did not select:
+        # predictions.parquet is rewritten whole, nothing may be lost).
+        stored_rows["claims"] = [
+            stored.get((sid, model), old) if mode == "generate" and condition == "normal" else old
+            for sid, model, mode, condition, old in zip(
+                stored_rows["sample_id"], stored_rows["model"], stored_rows["answer_mode"],
+                stored_rows["condition"], stored_rows["claims"])]
+        store.write(stored_rows)
         claims_s = time.perf_counter() - t_claims
 
     if "generate" in config.answer_mode:

@@ -392,6 +392,15 @@ def test_choice_mode_stores_probabilities_and_reports_calibration(ray_local, spl
         assert name in written and (out / name).is_file(), name
     assert report.judge_note == "the judge is disabled in the config (judge.enabled: false)"
 
+    # A narrower rerun (fewer samples, one model) rewrites predictions.parquet with the claim
+    # check: the rows it did not select are kept.
+    n_stored = len(pd.read_parquet(out / "predictions.parquet"))
+    with FakeOpenAIServer(choice_responder, models=("pulse", "pulse-lora")) as endpoint:
+        narrow = {**cfg, "endpoint": endpoint.base_url, "limit_per_dataset": 2, "models": ["pulse"]}
+        evaluate(config_from_dict(EvalConfig, narrow))
+        assert endpoint.chat_requests == []
+    assert len(pd.read_parquet(out / "predictions.parquet")) == n_stored
+
 
 def test_killed_run_resumes_without_redoing_or_duplicating(ray_local, split_dir, tmp_path):
     out = tmp_path / "eval"
