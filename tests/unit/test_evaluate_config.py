@@ -56,20 +56,20 @@ def test_split_files_and_store_round_trip(tmp_path):
     # An errored row is asked again on resume (unless retry_errors is off)...
     assert store.done_keys() == set()
     # A row without an answer mode (written before modes existed) was generated text.
-    assert store.done_keys(retry_errors=False) == {("s1", "m", "generate")}
+    assert store.done_keys(retry_errors=False) == {("s1", "m", "generate", "normal")}
     # ...and the newer answer replaces it: one row per key, nulls as None.
     store.append([{**row, "error": None, "predicted_letter": "A", "predicted_label": "AF"}])
     frame = store.consolidate()
     assert len(frame) == 1 and frame.loc[0, "predicted_letter"] == "A"
     assert frame.loc[0, "error"] is None
-    assert store.done_keys() == {("s1", "m", "generate")}
+    assert store.done_keys() == {("s1", "m", "generate", "normal")}
     assert list((tmp_path / "predictions").glob("*.parquet")) == []
     # The same sample and model answered by constrained choice is another prediction, and
     # its option probabilities come back as they were written.
     store.append([{**row, "error": None, "answer_mode": "choice", "predicted_letter": "B",
                    "option_probs": [0.25, 0.5, 0.125, 0.125]}])
     frame = store.consolidate()
-    assert len(frame) == 2 and store.done_keys() == {("s1", "m", "generate"), ("s1", "m", "choice")}
+    assert len(frame) == 2 and store.done_keys() == {("s1", "m", "generate", "normal"), ("s1", "m", "choice", "normal")}
     choice = frame[frame["answer_mode"] == "choice"].iloc[0]
     assert list(choice["option_probs"]) == [0.25, 0.5, 0.125, 0.125]
     assert frame[frame["answer_mode"] == "generate"].iloc[0]["option_probs"] is None
