@@ -892,6 +892,18 @@ def claim_stats(
         with_contradiction=value("with_contradiction") or 0.0, ci=ci)
 
 
+def draw_donor(by_label: dict[str, list[Any]], excluded: set[str], rng: Any) -> Any | None:
+    """A uniform seeded draw among the members of ``by_label``'s groups whose label is not
+    ``excluded`` (None when there are none): O(labels) per draw, not O(samples)."""
+    labels = [label for label in sorted(by_label) if label not in excluded]
+    k = int(rng.integers(sum(len(by_label[label]) for label in labels) or 1))
+    for label in labels:
+        if k < len(by_label[label]):
+            return by_label[label][k]
+        k -= len(by_label[label])
+    return None
+
+
 def reference_texts(samples: Sequence[dict[str, Any]], seed: int = 0) -> tuple[list[str | None], list[str | None]]:
     """The grounded reference explanation of each sample (``grounded_text`` of its correct
     finding on its measurements; None where there is none), and for each sample the
@@ -906,8 +918,8 @@ def reference_texts(samples: Sequence[dict[str, Any]], seed: int = 0) -> tuple[l
         m = measurements_of(s.get("measurements"))
         own.append(grounded_text(str(s["true_label"]), m) if m is not None else None)
     rng = np.random.default_rng(seed)
-    moved: list[str | None] = []
-    for s in samples:
-        donors = [i for i, t in enumerate(own) if t and samples[i]["true_label"] != s["true_label"]]
-        moved.append(own[int(rng.choice(donors))] if donors else None)
-    return own, moved
+    by_label: dict[str, list[str]] = {}
+    for s, text in zip(samples, own):
+        if text:
+            by_label.setdefault(str(s["true_label"]), []).append(text)
+    return own, [draw_donor(by_label, {str(s["true_label"])}, rng) for s in samples]

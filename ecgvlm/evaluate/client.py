@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from ecgvlm.evaluate.errors import EvaluationError
+from ecgvlm.serving.limits import MAX_TOP_LOGPROBS  # OpenAI's and our endpoint's bound
 
 #: How a model may answer a question: a constrained choice among the option letters (with
 #: every option's probability) or free text with an explanation.
@@ -22,8 +23,6 @@ ANSWER_MODES: tuple[str, ...] = ("choice", "generate")
 
 _RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 _MAX_BACKOFF_S = 30.0
-# OpenAI's (and our endpoint's) upper bound on top_logprobs.
-_MAX_TOP_LOGPROBS = 20
 
 
 @dataclass
@@ -139,7 +138,7 @@ class ChatClient:
         extra: dict[str, Any] = {}
         if guided_choice is not None:
             extra = {"extra_body": {"guided_choice": guided_choice}, "logprobs": True,
-                     "top_logprobs": min(len(guided_choice), _MAX_TOP_LOGPROBS)}
+                     "top_logprobs": min(len(guided_choice), MAX_TOP_LOGPROBS)}
         while True:
             attempt += 1
             try:

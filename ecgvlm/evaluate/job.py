@@ -740,6 +740,7 @@ def control_inputs(config: EvalConfig, meta: Any) -> tuple[dict[str, Any], str |
 
     import numpy as np
 
+    from ecgvlm.evaluate.claims import draw_donor
     from ecgvlm.signal import STANDARD_LEADS
 
     kwargs: dict[str, Any] = {"recipients": {}, "blank_leads": {}, "render_json": "{}"}
@@ -763,14 +764,16 @@ def control_inputs(config: EvalConfig, meta: Any) -> tuple[dict[str, Any], str |
         rng = np.random.default_rng(config.seed)
         columns = [c for c in SPLIT_META_COLUMNS if c != "target_text"]
         lonely = []
-        for sample in sorted(samples, key=lambda r: str(r["sample_id"])):
-            offered = set(sample["option_labels"])
-            donors = sorted(str(d["sample_id"]) for d in samples if d["dataset"] == sample["dataset"]
-                            and true_label_of(d) not in offered)
-            if not donors:
+        ordered = sorted(samples, key=lambda r: str(r["sample_id"]))
+        pools: dict[str, dict[str, list[str]]] = {}  # data set -> true finding -> sample ids
+        for d in ordered:
+            pools.setdefault(str(d["dataset"]), {}).setdefault(true_label_of(d), []).append(
+                str(d["sample_id"]))
+        for sample in ordered:
+            donor = draw_donor(pools[str(sample["dataset"])], set(sample["option_labels"]), rng)
+            if donor is None:
                 lonely.append(str(sample["sample_id"]))
                 continue
-            donor = donors[int(rng.integers(len(donors)))]
             kwargs["recipients"].setdefault(donor, []).append(
                 {c: (list(sample[c]) if c in ("options", "option_labels") else sample[c])
                  for c in columns})
