@@ -74,8 +74,12 @@ COLUMNS = (
     "sample_id", "dataset", "record_id", "patient_id", "start_s", "labels", "png",
     "question", "options", "option_labels", "answer_index", "answer_letter", "target_text",
     "conversation", "render_config_hash", "mcq_config_hash", "prompt_version", "seed", "split",
-    "measurements",
+    "measurements", "source_path",
 )
+#: What a shard holds; a marker of another format means the shard is built again, so a rerun
+#: brings an older data set's shards up to date (2: ``source_path``, which lets the evaluation
+#: re-render a sample's printout from its record).
+SHARD_FORMAT = 2
 
 
 class PrepareError(ValueError):
@@ -300,6 +304,21 @@ def _read_windows_cached(path: str, dataset: str | None, window_s: float) -> tup
     from ecgvlm.signal import read_windows
 
     return tuple(read_windows(path, window_s=window_s, dataset=dataset))
+
+
+def read_sample_record(source_path: str, dataset: str, record_id: str, window_s: float) -> EcgRecord:
+    """The record (or MIT-BIH window) a split row was made from, read again as prepare read
+    it: the row's ``source_path``, ``dataset`` and ``record_id`` and the manifest's
+    ``window_s``. The evaluation re-renders printouts from it.
+
+    Raises:
+        EcgReadError: the record cannot be read (moved, deleted, unreadable).
+        PrepareError: the file no longer holds ``record_id``.
+    """
+    for record in _read_units(source_path, dataset or None, window_s):
+        if record.record_id == record_id:
+            return record
+    raise PrepareError(f"{source_path} no longer holds {record_id} (window_s={window_s})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -539,11 +558,14 @@ def sample_row(
     render_config_hash: str,
     mcq_config_hash: str,
     measurements: str = "null",
+    source_path: str = "",
 ) -> dict[str, Any]:
-    """The Parquet row of one sample (``COLUMNS``); ``measurements`` is the record's JSON."""
+    """The Parquet row of one sample (``COLUMNS``); ``measurements`` is the record's JSON,
+    ``source_path`` the record it was read from (absolute, without extension)."""
     row = sample.to_row()
     row.update(
         measurements=measurements,
+        source_path=source_path,
         conversation=conversation_json(sample.question, sample.options, sample.target_text),
         render_config_hash=render_config_hash,
         mcq_config_hash=mcq_config_hash,
@@ -649,7 +671,7 @@ def build_shard(
                     rejects.append(_reject("mcq", path, u.record_id, e))
                     continue
                 sample = replace(sample, png=png)
-                rows.append(sample_row(sample, split, render_hash, mcq_hash, measured_json))
+                rows.append(sample_row(sample, split, render_hash, mcq_hash, measured_json, path))
                 if config.llava:
                     image = f"images/{split}/{safe_name(sample.sample_id)}.png"
                     images[image] = png
@@ -682,6 +704,7 @@ def build_shard(
 
     summary = {
         "dataset_id": dataset_id,
+        "format": SHARD_FORMAT,
         "shard": shard,
         "split": split,
         "file": f"{shard}.parquet",
@@ -727,7 +750,9 @@ def _load_marker(out_dir: Path, shard: str, dataset_id: str, need_llava: bool) -
         summary = json.loads(marker.read_text())
     except (OSError, json.JSONDecodeError):
         return None  # a torn marker: the shard is simply built again
-    if summary.get("dataset_id") != dataset_id or (need_llava and not summary.get("llava")):
+    if summary.get("dataset_id") != dataset_id or summary.get("format") != SHARD_FORMAT:
+        return None
+    if need_llava and not summary.get("llava"):
         return None
     return summary
 

@@ -5,6 +5,10 @@ Modules:
 * :mod:`ecgvlm.evaluate.job`: ``EvalConfig`` and ``evaluate(config)``, the whole job
   (reading the split, the Ray Data pipeline, the judge run, the report);
 * :mod:`ecgvlm.evaluate.client`: the HTTP client (retries, model list, one prediction row);
+* :mod:`ecgvlm.evaluate.conditions`: the image controls and the printout-artefact sweep
+  (the images besides the printout, and their paired comparison);
+* :mod:`ecgvlm.evaluate.calibration`: calibration, temperature scaling, abstention;
+* :mod:`ecgvlm.evaluate.claims`: explanations checked against the signal's measurements;
 * :mod:`ecgvlm.evaluate.store`: ``predictions.parquet`` and its part files (resume);
 * :mod:`ecgvlm.evaluate.metrics`: classification metrics, intervals, the blind baseline;
 * :mod:`ecgvlm.evaluate.judge`: the LLM judge and its summaries;
@@ -17,6 +21,7 @@ older names. Nothing here starts Ray or opens a connection on import.
 from __future__ import annotations
 
 from ecgvlm.evaluate.client import ChatClient, ChatResult, explanation_of, list_models, predict_one
+from ecgvlm.evaluate.conditions import CONTROLS, RobustnessConfig, compare_conditions
 from ecgvlm.evaluate.errors import EvaluationError
 from ecgvlm.evaluate.job import (
     SPLIT_META_COLUMNS,
@@ -41,6 +46,7 @@ from ecgvlm.evaluate.job import (
 from ecgvlm.evaluate.store import PREDICTION_COLUMNS, PredictionStore, prediction_schema
 
 __all__ = [
+    "CONTROLS",
     "PREDICTION_COLUMNS",
     "SPLIT_META_COLUMNS",
     "ChatCaller",
@@ -49,9 +55,11 @@ __all__ = [
     "EvalConfig",
     "EvaluationError",
     "PredictionStore",
+    "RobustnessConfig",
     "blind_baseline_rows",
     "block_bytes",
     "chance_by_dataset",
+    "compare_conditions",
     "evaluate",
     "expand_pending",
     "explanation_of",

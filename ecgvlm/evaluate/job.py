@@ -30,7 +30,6 @@ Nothing here starts Ray or opens a connection on import.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
 import re
@@ -52,27 +51,27 @@ from ecgvlm.evaluate.client import (
     list_models,
     predict_one,
 )
+from ecgvlm.evaluate.conditions import (
+    ASKED_COLUMNS,
+    CONTROLS,
+    RERENDER_COLUMNS,
+    RobustnessConfig,
+    blank_png,
+    compare_conditions,
+    condition_inputs,
+    rerendered,
+    true_label_of,
+)
 from ecgvlm.evaluate.errors import EvaluationError
 from ecgvlm.evaluate.judge import JudgeConfig
 from ecgvlm.evaluate.store import PredictionStore, prediction_schema
 
 #: Split columns the evaluation reads (``png`` only inside the pipeline, never in the driver).
-SPLIT_META_COLUMNS: tuple[str, ...] = (
-    "sample_id",
-    "dataset",
-    "question",
-    "options",
-    "option_labels",
-    "answer_letter",
-    "target_text",
-)
+SPLIT_META_COLUMNS: tuple[str, ...] = (*ASKED_COLUMNS, "target_text")
 #: Split columns read when present: the unit the intervals resample and the limit spreads over.
-SPLIT_OPTIONAL_COLUMNS: tuple[str, ...] = ("record_id", "patient_id")
+SPLIT_OPTIONAL_COLUMNS: tuple[str, ...] = ("record_id", "patient_id", "source_path")
 #: Split columns the claim check reads when present (the record's measurements and labels).
 SPLIT_CLAIM_COLUMNS: tuple[str, ...] = ("measurements", "labels")
-
-#: Image controls the evaluation can run (``EvalConfig.controls``); ``normal`` is the printout.
-CONTROLS: tuple[str, ...] = ("blank", "mismatched")
 
 # Predictions are also flushed when this long has passed, so slow models lose little on a kill.
 _FLUSH_S = 10.0
@@ -118,6 +117,9 @@ class EvalConfig:
             ``mismatched`` about the printout of another sample of the data set whose
             correct finding is not among this question's options. The report compares each
             with the normal images, paired per sample ("Does it read the ECG?").
+        robustness: The printout-artefact sweep (``conditions.RobustnessConfig``): each
+            artefact at each strength is one more pass in Table 1's answer mode, on the
+            printout re-rendered from the record's signal ("Robust to printout artefacts?").
         max_tokens: Cap on generated tokens per answer.
         temperature: Sampling temperature (0: greedy).
         flush_every: Predictions buffered by the driver before a part file is written; an
@@ -151,6 +153,7 @@ class EvalConfig:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     claims: ClaimConfig = field(default_factory=ClaimConfig)
     controls: tuple[str, ...] = ()
+    robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
     max_tokens: int = 256
     temperature: float = 0.0
     flush_every: int = 32
@@ -327,25 +330,15 @@ def select_samples(
 # ---------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=16)
-def blank_png(leads: tuple[str, ...], render_json: str) -> bytes:
-    """The blank control's page for a record with ``leads`` (cached: one per lead set)."""
-    import json
-
-    from ecgvlm.config import config_from_dict
-    from ecgvlm.render.config import RenderConfig
-    from ecgvlm.render.printout import blank_printout
-
-    config = config_from_dict(RenderConfig, {**json.loads(render_json), "augment": False})
-    return blank_printout(leads, config).png
-
-
 def expand_pending(
     batch: Any,
     pending: dict[tuple[str, str, str], list[str]],
     recipients: dict[str, list[dict[str, Any]]] | None = None,
     blank_leads: dict[str, tuple[str, ...]] | None = None,
     render_json: str = "{}",
+    window_s: float = 10.0,
+    seed: int = 0,
+    sweep: Sequence[str] = (),
 ) -> Any:
     """One row per (sample, model, answer mode, condition) still to ask, with ``model``,
     ``answer_mode`` and ``condition`` columns (pyarrow batch).
@@ -353,6 +346,9 @@ def expand_pending(
     ``blank`` rows carry the blank page for the sample's leads (``blank_leads``) instead of
     its printout; ``mismatched`` rows are made from the donors in this batch: ``recipients``
     maps a donor's sample id to the split rows (without ``png``) that get its printout.
+    Conditions of the ``sweep`` carry the printout re-rendered from the sample's record
+    (``conditions.rerendered``: read once, drawn once per condition whatever the models).
+    Arguments after ``pending`` come from ``conditions.condition_inputs``.
     """
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -362,6 +358,18 @@ def expand_pending(
             table = table.append_column(name, pa.array([value] * len(table), pa.string()))
         return table
 
+    def with_png(table: Any, pngs: list[bytes]) -> Any:
+        return table.set_column(table.schema.get_field_index("png"), "png",
+                                pa.array(pngs, table.schema.field("png").type))
+
+    swept = {condition: set(ids) for (_, _, condition), ids in pending.items() if condition in sweep}
+    images: dict[tuple[str, str], bytes] = {}
+    if swept:
+        wanted = set().union(*swept.values())
+        rows = [r for r in batch.drop_columns(["png"]).to_pylist() if r["sample_id"] in wanted]
+        for row in rows:
+            conditions = [c for c, ids in swept.items() if row["sample_id"] in ids]
+            images.update(rerendered([row], conditions, render_json, window_s, seed))
     tables = []
     for (model, mode, condition), ids in pending.items():
         if condition == "mismatched":
@@ -373,10 +381,11 @@ def expand_pending(
         else:
             chosen = batch.filter(pc.is_in(batch["sample_id"], value_set=pa.array(ids, pa.string())))
             if condition == "blank" and len(chosen):
-                pngs = [blank_png((blank_leads or {})[sid], render_json)
-                        for sid in chosen["sample_id"].to_pylist()]
-                chosen = chosen.set_column(chosen.schema.get_field_index("png"), "png",
-                                           pa.array(pngs, chosen.schema.field("png").type))
+                chosen = with_png(chosen, [blank_png((blank_leads or {})[sid], render_json)
+                                           for sid in chosen["sample_id"].to_pylist()])
+            elif condition in swept and len(chosen):
+                chosen = with_png(chosen, [images[(sid, condition)]
+                                           for sid in chosen["sample_id"].to_pylist()])
         if len(chosen):
             tables.append(tagged(chosen, model, mode, condition))
     if not tables:
@@ -462,8 +471,9 @@ def run_predictions(
         "max_tokens": config.max_tokens,
         "temperature": config.temperature,
     }
-    columns = [*SPLIT_META_COLUMNS, "png"]
-    columns.remove("target_text")
+    columns = [*ASKED_COLUMNS, "png"]
+    if (controls or {}).get("sweep"):
+        columns += RERENDER_COLUMNS
     # Ray Data sizes blocks by bytes; this pipeline's blocks hold about batch_size rows.
     context = ray.data.DataContext.get_current()
     saved_block_bytes = context.target_max_block_size
@@ -725,120 +735,6 @@ def validation_choices(
     return rows.to_dict("records"), note
 
 
-def control_inputs(config: EvalConfig, meta: Any) -> tuple[dict[str, Any], str | None]:
-    """What ``expand_pending`` needs for the image controls, from the split's metadata.
-
-    ``blank``: each sample's lead names (from its measurements; the 12 standard leads when
-    it has none) and the prepared set's render config (``manifest.json``, drawn without
-    augmentation). ``mismatched``: for each sample a donor of the same data set (seeded)
-    whose correct finding is not among the sample's options, as donor -> recipient rows.
-
-    Returns:
-        (keyword arguments of ``expand_pending``, a note naming samples left without a donor).
-    """
-    import json
-
-    import numpy as np
-
-    from ecgvlm.evaluate.claims import draw_donor
-    from ecgvlm.signal import STANDARD_LEADS
-
-    kwargs: dict[str, Any] = {"recipients": {}, "blank_leads": {}, "render_json": "{}"}
-    note = None
-    if not config.controls:
-        return kwargs, note
-    samples = meta.to_dict("records")
-    if "blank" in config.controls:
-        from ecgvlm.evaluate.claims import measurements_of
-
-        for sample in samples:
-            m = measurements_of(sample.get("measurements"))
-            leads = tuple(lm.lead for lm in m.leads) if m is not None and m.leads else STANDARD_LEADS
-            kwargs["blank_leads"][str(sample["sample_id"])] = leads
-        manifest = Path(config.data_dir) / "manifest.json"
-        render = {"layout": "auto"}
-        if manifest.is_file():
-            render = (json.loads(manifest.read_text()).get("config") or {}).get("render") or render
-        kwargs["render_json"] = json.dumps(render, sort_keys=True)
-    if "mismatched" in config.controls:
-        rng = np.random.default_rng(config.seed)
-        columns = [c for c in SPLIT_META_COLUMNS if c != "target_text"]
-        lonely = []
-        ordered = sorted(samples, key=lambda r: str(r["sample_id"]))
-        pools: dict[str, dict[str, list[str]]] = {}  # data set -> true finding -> sample ids
-        for d in ordered:
-            pools.setdefault(str(d["dataset"]), {}).setdefault(true_label_of(d), []).append(
-                str(d["sample_id"]))
-        for sample in ordered:
-            donor = draw_donor(pools[str(sample["dataset"])], set(sample["option_labels"]), rng)
-            if donor is None:
-                lonely.append(str(sample["sample_id"]))
-                continue
-            kwargs["recipients"].setdefault(donor, []).append(
-                {c: (list(sample[c]) if c in ("options", "option_labels") else sample[c])
-                 for c in columns})
-        if lonely:
-            note = (f"mismatched: {len(lonely)} sample(s) have no printout of their data set "
-                    f"whose finding is not among their options (e.g. {lonely[0]}); not asked")
-    return kwargs, note
-
-
-def compare_controls(
-    predictions: Any, mode: str, controls: Sequence[str], clusters: dict[str, str],
-    n_boot: int, seed: int,
-) -> dict[str, dict[str, dict[str, Any]]]:
-    """Accuracy with the normal printout and with each control, paired per sample.
-
-    Returns:
-        ``{model: {dataset: {"n_normal", "accuracy_normal", <control>: {"n", "accuracy",
-        "accuracy_normal" (on the same samples), "difference" (normal minus control),
-        "ci" (paired cluster-bootstrap interval of the difference, None from one
-        cluster)}}}}``; a failed request counts wrong, as in Table 1.
-    """
-    from ecgvlm.evaluate.metrics import cluster_bootstrap_mean, cluster_ids
-
-    rows = predictions[predictions["answer_mode"] == mode]
-    correct = {(r["sample_id"], r["model"], r["condition"]): r["predicted_label"] == r["true_label"]
-               for r in rows.to_dict("records")}
-    out: dict[str, dict[str, dict[str, Any]]] = {}
-    if not controls:
-        return out
-    for r in rows[rows["condition"] == "normal"].to_dict("records"):
-        entry = out.setdefault(str(r["model"]), {}).setdefault(str(r["dataset"]), {"ids": []})
-        entry["ids"].append(str(r["sample_id"]))
-    for model, per_ds in out.items():
-        for entry in per_ds.values():
-            ids = entry.pop("ids")
-            entry["n_normal"] = len(ids)
-            entry["accuracy_normal"] = sum(correct[(s, model, "normal")] for s in ids) / len(ids)
-            for control in controls:
-                paired = [s for s in ids if (s, model, control) in correct]
-                if not paired:
-                    continue
-                diffs = [float(correct[(s, model, "normal")]) - float(correct[(s, model, control)])
-                         for s in paired]
-                groups = [clusters[s] for s in paired]
-                ci = None
-                if n_boot and len(set(cluster_ids(groups, len(groups)))) > 1:
-                    ci = cluster_bootstrap_mean(diffs, groups, n_boot=n_boot, seed=seed)
-                entry[control] = {
-                    "n": len(paired),
-                    "accuracy": sum(correct[(s, model, control)] for s in paired) / len(paired),
-                    "accuracy_normal": sum(correct[(s, model, "normal")] for s in paired) / len(paired),
-                    "difference": sum(diffs) / len(diffs),
-                    "ci": ci,
-                }
-    return out
-
-
-def true_label_of(sample: dict[str, Any]) -> str:
-    """The finding of a split row's correct option."""
-    from ecgvlm.prompt import letter_index
-
-    labels = list(sample["option_labels"])
-    return str(labels[letter_index(str(sample["answer_letter"]), len(labels))])
-
-
 def check_explanations(
     config: EvalConfig, generated: Any, meta: Any, clusters: dict[str, str]
 ) -> tuple[dict[tuple[str, str], str], dict[str, Any], list[dict[str, Any]], str | None]:
@@ -1010,8 +906,10 @@ def evaluate(config: EvalConfig) -> tuple[Any, dict[str, Path]]:
     models = [m for m in config.models if m not in unavailable]
 
     tasks = [(m, mode, "normal") for m in models for mode in config.answer_mode]
-    tasks += [(m, config.table1_mode, c) for m in models for c in config.controls]
-    control_kwargs, controls_note = control_inputs(config, meta)
+    sweep = config.robustness.conditions()
+    control_kwargs, condition_notes = condition_inputs(config, meta, sweep)
+    tasks += [(m, config.table1_mode, c) for m in models
+              for c in (*config.controls, *control_kwargs["sweep"])]
     done = store.done_keys(config.retry_errors)
     pending = pending_pairs(meta, tasks, done)
     if "mismatched" in config.controls:  # samples without a donor are not asked
@@ -1052,9 +950,12 @@ def evaluate(config: EvalConfig) -> tuple[Any, dict[str, Path]]:
         row["cluster"] = clusters[str(row["sample_id"])]
     metrics = metrics_by_model_and_dataset([*records, *baseline], n_boot=config.n_boot,
                                            seed=config.seed)
-    controls = compare_controls(predictions[~predictions["model"].isin(list(unavailable))],
-                                table1_mode, config.controls, clusters, config.n_boot,
-                                config.seed)
+    answered = predictions[~predictions["model"].isin(list(unavailable))]
+    n_bins = config.calibration.n_bins
+    controls = compare_conditions(answered, table1_mode, config.controls, clusters,
+                                  config.n_boot, config.seed, n_bins)
+    robustness = compare_conditions(answered, table1_mode, control_kwargs["sweep"], clusters,
+                                    config.n_boot, config.seed, n_bins)
     generated_metrics: dict[str, Any] = {}
     generated_note = None
     if table1_mode != "generate" and "generate" in config.answer_mode:
@@ -1131,7 +1032,9 @@ def evaluate(config: EvalConfig) -> tuple[Any, dict[str, Path]]:
         claims=claims,
         claims_note=claims_note,
         controls=controls,
-        controls_note=controls_note,
+        controls_note=condition_notes.get("controls"),
+        robustness=robustness,
+        robustness_note=condition_notes.get("robustness"),
         claim_examples=claim_examples(claim_rows, config.seed),
         judge_agreement=judge_agreement,
         meta={
@@ -1140,6 +1043,7 @@ def evaluate(config: EvalConfig) -> tuple[Any, dict[str, Path]]:
             "models": list(config.models),
             "answer_mode": list(config.answer_mode),
             "controls": list(config.controls),
+            "robustness": list(sweep),
             "endpoint": config.endpoint,
             "split": config.split,
             "data_dir": config.data_dir,

@@ -88,8 +88,12 @@ class EvalReport:
         claims_note: Why the check is partial, if it is.
         claim_examples: Model -> a few explanations with their verdicts.
         judge_agreement: Model -> rank correlations between the judge and the check.
-        controls: ``job.compare_controls`` output (Table 7), empty without controls.
+        controls: ``conditions.compare_conditions`` output for the image controls (Table
+            7), empty without controls.
         controls_note: Samples a control could not be run on, and why.
+        robustness: ``conditions.compare_conditions`` output for the printout-artefact sweep
+            (Table 8), empty without one.
+        robustness_note: Why the sweep did not run, if it did not.
     """
 
     metrics: dict[str, dict[str, ClassificationMetrics]]
@@ -111,6 +115,8 @@ class EvalReport:
     judge_agreement: dict[str, dict[str, Any]] = field(default_factory=dict)
     controls: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     controls_note: str | None = None
+    robustness: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    robustness_note: str | None = None
 
 
 def git_sha(cwd: str | Path | None = None) -> str | None:
@@ -363,6 +369,37 @@ def table7_markdown(report: EvalReport) -> str:
     return _md_table(header, rows)
 
 
+def _condition_order(condition: str) -> tuple[str, float]:
+    name, _, strength = condition.partition("@")
+    return (name, float(strength) if strength else 0.0)
+
+
+def table8_markdown(report: EvalReport) -> str:
+    """Table 8: accuracy (and calibration error) per printout artefact and strength, with
+    the paired drop from the clean printout on the same samples."""
+    conditions = sorted({c for per in report.robustness.values() for e in per.values()
+                         for c in e if isinstance(e[c], dict)}, key=_condition_order)
+    with_ece = any(e[c]["ece"] is not None for per in report.robustness.values()
+                   for e in per.values() for c in conditions if c in e)
+    header = ["Dataset", "Model", "Artefact", "Strength", "n", "Accuracy", "Accuracy (clean)",
+              "Drop [95% CI]"] + (["ECE", "ECE (clean)"] if with_ece else [])
+    rows = []
+    for dataset in sorted({d for per in report.robustness.values() for d in per}):
+        for model in sorted(report.robustness):
+            entry = report.robustness[model].get(dataset)
+            for condition in conditions:
+                e = (entry or {}).get(condition)
+                if e is None:
+                    continue
+                name, _, strength = condition.partition("@")
+                cells = [dataset, model, name, strength or NA, str(e["n"]), _fmt(e["accuracy"]),
+                         _fmt(e["accuracy_normal"]), _fmt_ci(e["difference"], e["ci"])]
+                if with_ece:
+                    cells += [_fmt(e["ece"]), _fmt(e["ece_normal"])]
+                rows.append(cells)
+    return _md_table(header, rows)
+
+
 def claims_caption(report: EvalReport) -> str:
     """What Table 6 is."""
     return (
@@ -424,6 +461,9 @@ def metrics_json(report: EvalReport, generated: bool = False) -> dict[str, dict[
             controlled = report.controls.get(model, {}).get(dataset)
             if controlled is not None and not generated:
                 entry["controls"] = controlled
+            swept = report.robustness.get(model, {}).get(dataset)
+            if swept is not None and not generated:
+                entry["robustness"] = {c: e for c, e in swept.items() if isinstance(e, dict)}
             judged = report.judge.get(model, {}).get(dataset)
             if judged is not None:
                 entry["judge"] = judged
@@ -552,6 +592,18 @@ def report_markdown(report: EvalReport, plots: list[str] | None = None) -> str:
         if report.controls_note:
             lines += [f"**Note:** {report.controls_note}", ""]
         lines += [table7_markdown(report), ""]
+    if report.robustness or report.robustness_note:
+        caption = ("Robust to printout artefacts? Table 1's questions asked again with each "
+                   "sample's printout re-rendered from its signal with one artefact at one "
+                   "strength (seeded per sample), or in the study's ecg_plot style (a "
+                   "different printer). \"Drop\" is clean minus artefact accuracy on the same "
+                   "samples, with a 95% paired bootstrap interval resampling patients (or "
+                   "recordings); the ECE is that of the option probabilities (equal-mass bins).")
+        lines += ["## Table 8: robust to printout artefacts?", "", caption, ""]
+        if report.robustness_note:
+            lines += [f"**Note:** robustness sweep {report.robustness_note}", ""]
+        if report.robustness:
+            lines += [table8_markdown(report), ""]
     if report.unavailable:
         lines += ["## Models not evaluated", ""]
         lines += [f"- `{m}`: {why}" for m, why in sorted(report.unavailable.items())]
@@ -858,6 +910,65 @@ def plot_claims(report: EvalReport, out_dir: Path) -> Path | None:
     return path
 
 
+def plot_robustness(report: EvalReport, out_dir: Path) -> Path | None:
+    """Accuracy against artefact strength, one panel per artefact, one line per model
+    (pooled over data sets; strength 0 is the clean printout); printers (``ecg_plot``) as
+    one more panel of bars."""
+    from ecgvlm.evaluate.conditions import PRINTERS, strength_curve
+
+    conditions = {c for per in report.robustness.values() for e in per.values()
+                  for c in e if isinstance(e[c], dict)}
+    if not conditions:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    artefacts = sorted({c.partition("@")[0] for c in conditions if "@" in c})
+    printers = sorted(c for c in conditions if c in PRINTERS)
+    panels = artefacts + (["printer"] if printers else [])
+    ncols = min(4, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 3.2 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    models = sorted(report.robustness)
+    for ax, artefact in zip(axes.flat, artefacts):
+        for k, model in enumerate(models):
+            points = strength_curve(report.robustness[model], artefact)
+            if points:
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
+                        color=f"C{k}", label=model)
+        ax.set(title=artefact, xlabel="strength (0: clean)", ylabel="accuracy", ylim=(0, 1.02))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if printers:
+        ax = axes.flat[len(artefacts)]
+        def pooled(model: str, condition: str, key: str) -> float:
+            pairs = [(e[condition][key], e[condition]["n"])
+                     for e in report.robustness[model].values() if condition in e]
+            n = sum(c for _, c in pairs)
+            return sum(a * c for a, c in pairs) / n if n else float("nan")
+
+        series = [(model, [pooled(model, printers[0], "accuracy_normal")]
+                   + [pooled(model, p, "accuracy") for p in printers]) for model in models]
+        width = 0.8 / max(len(series), 1)
+        for k, (model, values) in enumerate(series):
+            ax.bar([i + k * width for i in range(len(values))], values, width, color=f"C{k}",
+                   label=model)
+        ax.set_xticks([i + width * (len(series) - 1) / 2 for i in range(1 + len(printers))],
+                      ["clean", *printers])
+        ax.set(title="printer", ylabel="accuracy", ylim=(0, 1.02))
+        ax.legend(fontsize=7)
+    fig.suptitle("Accuracy on re-rendered printouts (pooled over data sets)", fontsize=10)
+    fig.tight_layout()
+    path = out_dir / "robustness.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_report(report: EvalReport, out_dir: str | Path) -> dict[str, Path]:
     """Write ``metrics.json``, ``run.json``, the plots and ``report.md`` into ``out_dir``.
 
@@ -890,13 +1001,14 @@ def write_report(report: EvalReport, out_dir: str | Path) -> dict[str, Path]:
     run = {**report.meta, "unavailable": report.unavailable, "judge_note": report.judge_note,
            "baseline_note": report.baseline_note, "chance": report.chance,
            "table1_answer_mode": report.answer_mode, "generated_note": report.generated_note,
-           "calibration_note": report.calibration_note}
+           "calibration_note": report.calibration_note, "controls_note": report.controls_note,
+           "robustness_note": report.robustness_note}
     path.write_text(json.dumps(run, indent=2, sort_keys=True, default=str))
     written["run.json"] = path
     plots: list[Path] = []
     failures: list[str] = []
     for plot in (plot_confusions, plot_metric_bars, plot_judge_bars, plot_reliability,
-                 plot_risk_coverage, plot_claims):
+                 plot_risk_coverage, plot_claims, plot_robustness):
         try:
             made = plot(report, out)
         except Exception as e:  # noqa: BLE001 - named in report.md; the tables still count
@@ -938,5 +1050,11 @@ def console_tables(report: EvalReport) -> str:
     if report.controls:
         text += "\nTable 7: does it read the ECG? (paired accuracy differences [95% CI])\n"
         text += table7_markdown(report) + "\n"
+    if report.robustness or report.robustness_note:
+        text += "\nTable 8: robust to printout artefacts? (paired accuracy drops [95% CI])\n"
+        if report.robustness_note:
+            text += f"Note: robustness sweep {report.robustness_note}\n"
+        if report.robustness:
+            text += table8_markdown(report) + "\n"
     return text
 

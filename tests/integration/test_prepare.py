@@ -20,6 +20,7 @@ from ecgvlm.dataset import (
     load_split,
     prepare_dataset,
     read_manifest,
+    read_sample_record,
     split_files,
 )
 from ecgvlm.mcq import McqConfig, make_mcq
@@ -162,6 +163,14 @@ def test_rows_round_trip_into_the_same_samples(prepared, sources):
     )
     window = samples["mitdb/106@90s"]
     assert window.start_s == 90.0 and window.patient_id and window.png.startswith(b"\x89PNG")
+    # Each row names the record it came from: read again, it is the record prepare drew.
+    assert Path(row["source_path"]).resolve() == (sources / "cpsc2018" / "A0043").resolve()
+    again = read_sample_record(row["source_path"], row["dataset"], row["record_id"], config.window_s)
+    assert render_printout(again, config.render, seed=config.seed).png == stored.png
+    window_row = next(r for n in config.splits for f in split_files(config.output_dir, n)
+                      for r in pq.read_table(f).to_pylist() if r["record_id"] == "mitdb/106@90s")
+    again = read_sample_record(window_row["source_path"], "mitdb", "mitdb/106@90s", config.window_s)
+    assert render_printout(again, config.render, seed=config.seed).png == window.png
 
 
 def test_rerun_skips_finished_shards_and_rebuilds_identical_ones(prepared):
@@ -176,6 +185,12 @@ def test_rerun_skips_finished_shards_and_rebuilds_identical_ones(prepared):
     third = prepare_dataset(config)
     assert third.shards_written == 1
     assert _sha(shard) == digest
+    # A shard of an older format (before source_path) is built again, not skipped.
+    marker = shard.with_suffix(".done.json")
+    old = json.loads(marker.read_text())
+    marker.write_text(json.dumps({k: v for k, v in old.items() if k != "format"}))
+    assert prepare_dataset(config).shards_written == 1
+    assert json.loads(marker.read_text())["format"] == old["format"] and _sha(shard) == digest
 
 
 def test_a_different_config_does_not_mix_into_the_folder(prepared, sources):

@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ecgvlm.evaluate.job import EvalConfig, compare_controls, control_inputs, expand_pending
+from ecgvlm.evaluate.conditions import compare_conditions, condition_inputs
+from ecgvlm.evaluate.job import EvalConfig, expand_pending
 from ecgvlm.render.config import RenderConfig
 from ecgvlm.render.printout import blank_printout, render_printout
 from ecgvlm.signal import read_record
@@ -47,7 +48,8 @@ def _meta(rows):
 def test_mismatched_donors_never_offer_their_finding_among_the_options(tmp_path):
     rows = sample_rows(8, measurements=True)
     config = EvalConfig(data_dir=str(tmp_path), controls=("blank", "mismatched"))
-    kwargs, note = control_inputs(config, _meta(rows))
+    kwargs, notes = condition_inputs(config, _meta(rows))
+    note = notes.get("controls")
     by_id = {r["sample_id"]: r for r in rows}
     recipients = [(donor, r) for donor, rs in kwargs["recipients"].items() for r in rs]
     assert len(recipients) + (int(note.split()[1]) if note else 0) == len(rows)
@@ -56,7 +58,7 @@ def test_mismatched_donors_never_offer_their_finding_among_the_options(tmp_path)
         assert d["dataset"] == recipient["dataset"] and donor != recipient["sample_id"]
         assert d["option_labels"][d["answer_index"]] not in recipient["option_labels"]
     # Seeded: the same donors again.
-    assert control_inputs(config, _meta(rows))[0]["recipients"] == kwargs["recipients"]
+    assert condition_inputs(config, _meta(rows))[0]["recipients"] == kwargs["recipients"]
     # The blank page is drawn for the sample's leads (none measured here: the 12 standard).
     assert set(map(len, kwargs["blank_leads"].values())) == {12}
 
@@ -88,14 +90,14 @@ def test_paired_differences_by_hand():
                          "condition": condition, "true_label": "AF",
                          "predicted_label": "AF" if right else "NSR"})
     clusters = {"s0": "patient:a", "s1": "patient:a", "s2": "patient:b", "s3": "patient:b"}
-    out = compare_controls(pd.DataFrame(rows), "choice", ("blank",), clusters, 500, 0)
+    out = compare_conditions(pd.DataFrame(rows), "choice", ("blank",), clusters, 500, 0)
     entry = out["m"]["d"]
     assert entry["accuracy_normal"] == 0.75 and entry["blank"]["accuracy"] == 0.25
     assert entry["blank"]["difference"] == pytest.approx(0.5)
     # Patient a's differences are (1, 0), patient b's (1, 0): every resample of patients
     # has a mean of 0.5, so the paired interval is [0.5, 0.5].
     assert entry["blank"]["ci"] == pytest.approx((0.5, 0.5))
-    one = compare_controls(pd.DataFrame(rows), "choice", ("blank",), {s: "patient:a" for s in clusters},
+    one = compare_conditions(pd.DataFrame(rows), "choice", ("blank",), {s: "patient:a" for s in clusters},
                            500, 0)
     assert one["m"]["d"]["blank"]["ci"] is None  # one patient: no interval
 
@@ -105,3 +107,38 @@ def test_controls_config_names_the_bad_one():
 
     with pytest.raises(ConfigError, match="controls must be one of 'blank', 'mismatched', got 'text'"):
         config_from_dict(EvalConfig, {"data_dir": "d", "controls": ["text"]})
+
+
+def test_robustness_config_names_its_conditions_and_the_bad_entry():
+    from ecgvlm.config import ConfigError, config_from_dict
+    from ecgvlm.evaluate.conditions import RobustnessConfig, parse_condition
+
+    sweep = RobustnessConfig(artefacts=("jpeg", "ecg_plot", "noise"), strengths=(2, 0.5))
+    assert sweep.conditions() == ("jpeg@0.5", "jpeg@2", "ecg_plot", "noise@0.5", "noise@2")
+    assert parse_condition("jpeg@0.5") == ("jpeg", 0.5) and parse_condition("ecg_plot") == ("ecg_plot", None)
+    assert RobustnessConfig().conditions() == ()
+    with pytest.raises(ConfigError, match="robustness.artefacts must be one of .* got 'smudge'"):
+        config_from_dict(EvalConfig, {"data_dir": "d", "robustness": {"artefacts": ["smudge"]}})
+    with pytest.raises(ConfigError, match="robustness.strengths"):
+        RobustnessConfig(artefacts=("blur",), strengths=(5.0,))
+    with pytest.raises(ConfigError, match="must not repeat"):
+        RobustnessConfig(artefacts=("blur", "blur"))
+
+
+def test_sweep_needs_readable_records_and_says_which_is_missing(tmp_path, samples_dir):
+    rows = sample_rows(2)
+    from ecgvlm.evaluate.conditions import RobustnessConfig
+
+    config = EvalConfig(data_dir=str(tmp_path), robustness=RobustnessConfig(artefacts=("noise",)))
+    sweep = config.robustness.conditions()
+    # Prepared before source_path existed: not run, and the note says how to fix it.
+    kwargs, notes = condition_inputs(config, _meta(rows), sweep)
+    assert kwargs["sweep"] == () and "no source_path column" in notes["robustness"]
+    # A record that is not where it was prepared from is named.
+    present = str(samples_dir / "cpsc2018" / "A0002")
+    meta = _meta([{**r, "source_path": p} for r, p in zip(rows, [present, str(tmp_path / "gone")])])
+    kwargs, notes = condition_inputs(config, meta, sweep)
+    assert kwargs["sweep"] == () and str(tmp_path / "gone") in notes["robustness"]
+    meta = _meta([{**r, "source_path": present} for r in rows])
+    kwargs, notes = condition_inputs(config, meta, sweep)
+    assert kwargs["sweep"] == sweep and notes == {}
