@@ -142,8 +142,15 @@ class Walk:
         return TRAIN_COMMAND.sub(rf"\1 {TRAIN_OVERRIDES}", text)
 
     def fail(self, block: Block, what: str, output: str) -> None:
+        server = ""
+        if self.server is not None and self.server_log is not None:
+            state = ("running" if self.server.poll() is None
+                     else f"exited with {self.server.returncode}")
+            server = (f"\n--- the server started before ({state}), its log's end ---\n"
+                      f"{self.server_log.read_text(errors='replace')[-3000:]}")
         pytest.fail(f"{block.where()}: {what}\n--- block ---\n{block.body}--- output ---\n"
-                    f"{output[-6000:]}", pytrace=False)
+                    f"{output[-6000:]}{server}\n--- the walk so far ---\n" + "\n".join(self.ran),
+                    pytrace=False)
 
     def run(self, block: Block, argv: list[str], what: str) -> None:
         """Run ``argv`` in the copy; a failure or the walk's deadline fails with the block."""
