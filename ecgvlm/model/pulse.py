@@ -170,9 +170,15 @@ def unpad_features(features: torch.Tensor, image_size: tuple[int, int]) -> torch
 
 
 # transformers 5 names the KV cache argument ``cache`` and warns on every ``past_key_values``
-# (which its own ``generate`` and older callers still pass); transformers 4 knows only that.
-_CACHE_KWARG = ("cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters
-                else "past_key_values")
+# (which its own ``generate`` and older callers still pass), and on reading an output's
+# ``past_key_values``; transformers 4 knows only that name.
+CACHE_KWARG = ("cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters
+               else "past_key_values")
+
+
+def kv_cache(output: Any) -> Any:
+    """The KV cache of a forward's output, read under this transformers' name for it."""
+    return getattr(output, CACHE_KWARG)
 
 
 class PulseModel(LlamaForCausalLM):
@@ -364,8 +370,8 @@ class PulseModel(LlamaForCausalLM):
                 input_ids, attention_mask, pixel_values, image_sizes, labels
             )
             input_ids = None
-        if _CACHE_KWARG != "past_key_values" and "past_key_values" in kwargs:
-            kwargs.setdefault(_CACHE_KWARG, kwargs.pop("past_key_values"))
+        if CACHE_KWARG != "past_key_values" and "past_key_values" in kwargs:
+            kwargs.setdefault(CACHE_KWARG, kwargs.pop("past_key_values"))
         return super().forward(
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -113,6 +113,8 @@ def greedy_tokens(
     """
     import torch
 
+    from ecgvlm.model.pulse import CACHE_KWARG, kv_cache
+
     inputs = _to_device(processor([prompt], [image]), device, dtype)
     out = module(**inputs, use_cache=True)
     # The image merge changes the sequence length: the mask grows from the merged one.
@@ -127,7 +129,7 @@ def greedy_tokens(
         out = module(
             input_ids=torch.tensor([[token]], device=device),
             attention_mask=torch.ones((1, length), dtype=torch.long, device=device),
-            past_key_values=out.past_key_values,
+            **{CACHE_KWARG: kv_cache(out)},
             use_cache=True,
         )
     return new

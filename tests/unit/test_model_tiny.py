@@ -115,6 +115,36 @@ def test_padded_batch_logits_equal_single(tiny, side):
         torch.testing.assert_close(got, single, atol=1e-5, rtol=1e-5)
 
 
+def test_training_validation_decodes_without_the_cache_deprecation(tiny):
+    # transformers 5 logs (once per process, so a Ray worker's log showed it every run) when a
+    # cache is passed or read as ``past_key_values``; the validation decoder uses its name.
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    from ecgvlm.prompt import build_prompt
+    from ecgvlm.train.loop import greedy_tokens
+
+    model, processor = tiny
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    root = hf_logging.get_logger("transformers")
+    root.addHandler(handler)
+    hf_logging.get_logger("transformers.utils.generic").warning_once.cache_clear()
+    try:
+        tokens = greedy_tokens(model, processor, build_prompt("Rhythm?", ["Sinus", "AF"]),
+                               noise_image(120, 90, 3), 4, torch.device("cpu"), torch.float32)
+        # The check itself can fail: reading the old name does log.
+        hf_logging.get_logger("transformers.utils.generic").warning_once.cache_clear()
+        _ = model(**processor([llava_v1("Rate?")], [noise_image(60, 40, 3)]), use_cache=True).past_key_values
+    finally:
+        root.removeHandler(handler)
+    assert len(tokens) == 4
+    deprecations = [m for m in seen if "deprecated" in m]
+    assert deprecations == ["`past_key_values`/`cache_params` are deprecated. Use `cache` instead."]
+
+
 def test_cached_decoding_raises_no_deprecation_and_matches_a_full_forward(tiny):
     # transformers 5 warns on every ``past_key_values`` (835 warnings per suite before);
     # the model hands the cache on under the name its parent takes.
