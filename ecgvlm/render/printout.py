@@ -275,7 +275,7 @@ def render_printout(
         image.putpalette(palette)
         paper_rgb = tuple(round(v) for v in (paper or style.paper))
         image = apply_image_augmentations(image, names, rng, config.augment_strength, paper_rgb)
-        png = raster.encode_png(image)
+        png = raster.encode_rgb_png(np.asarray(image.convert("RGB")))
     else:
         png = raster.encode_palette_png(rows, palette)
     return Printout(

@@ -302,23 +302,44 @@ def encode_palette_png(rows: np.ndarray, palette_rgb: bytes) -> bytes:
     Raises:
         PngError: if the bytes do not read back as a PNG of this size.
     """
-    height, width = rows.shape[0], rows.shape[1] - 1
+    return _encode_png(rows, rows.shape[1] - 1, 3, palette_rgb)
+
+
+def encode_rgb_png(rgb: np.ndarray) -> bytes:
+    """Write an (height, width, 3) uint8 array (an augmented page) as an RGB PNG, checked.
+
+    As ``encode_palette_png``: filter "none" and libdeflate at level 1. On the augmented
+    pages (noise, blur, rotation, JPEG) that is 5-7x faster than Pillow's encoder, whose
+    per-row adaptive filters buy nothing here (they made the noisy page 15% larger).
+
+    Raises:
+        PngError: if the bytes do not read back as a PNG of this size.
+    """
+    height, width, channels = rgb.shape
+    if channels != 3 or rgb.dtype != np.uint8:
+        raise PngError(f"encode_rgb_png takes (height, width, 3) uint8, got {rgb.shape} {rgb.dtype}")
+    rows = np.empty((height, width * 3 + 1), dtype=np.uint8)
+    rows[:, 0] = 0  # filter byte: none
+    rows[:, 1:] = rgb.reshape(height, width * 3)
+    return _encode_png(rows, width, 2)
+
+
+def _encode_png(rows: np.ndarray, width: int, color_type: int, palette_rgb: bytes = b"") -> bytes:
+    """The PNG of ``rows`` (scanlines, each led by its filter byte) in 8-bit ``color_type``
+    (2: RGB, 3: palette)."""
+    height = rows.shape[0]
     raw = memoryview(np.ascontiguousarray(rows)).cast("B")  # no copy of the scanlines
     compressed = _zlib_level1(raw)
     # The zlib trailer is the Adler-32 of what the compressor was given: checking it costs
     # a fraction of a millisecond, unlike inflating the whole stream again.
     if compressed[-4:] != struct.pack(">I", _adler32(raw)):
         raise PngError("PNG encoder: the compressed scanlines do not match the image")
-    header = struct.pack(">IIBBBBB", width, height, 8, 3, 0, 0, 0)
-    data = b"".join(
-        (
-            PNG_SIGNATURE,
-            _chunk(b"IHDR", header),
-            _chunk(b"PLTE", palette_rgb),
-            _chunk(b"IDAT", compressed),
-            _chunk(b"IEND", b""),
-        )
-    )
+    header = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
+    chunks = [PNG_SIGNATURE, _chunk(b"IHDR", header)]
+    if palette_rgb:
+        chunks.append(_chunk(b"PLTE", palette_rgb))
+    chunks += [_chunk(b"IDAT", compressed), _chunk(b"IEND", b"")]
+    data = b"".join(chunks)
     _check_png(data, (width, height))
     return data
 
@@ -334,17 +355,3 @@ def _check_png(data: bytes, size: tuple[int, int]) -> None:
         raise PngError(f"PNG encoder produced an unreadable image: {e}") from e
     if read_size != size:
         raise PngError(f"PNG encoder wrote size {read_size}, expected {size}")
-
-
-def encode_png(image: object) -> bytes:
-    """Encode a PIL image (e.g. an augmented RGB page) as PNG at zlib level 1, checked.
-
-    Raises:
-        PngError: if the encoded bytes are not a valid PNG of the same size; a corrupt PNG
-            is never returned.
-    """
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=1)  # type: ignore[attr-defined]
-    data = buf.getvalue()
-    _check_png(data, image.size)  # type: ignore[attr-defined]
-    return data

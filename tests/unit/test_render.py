@@ -328,15 +328,17 @@ def test_non_geometric_augmentations_keep_the_trace_readable(samples_dir):
         assert np.median(r) > 0.97 and min(r) > 0.8
 
 
-def test_never_returns_a_corrupt_png(monkeypatch):
-    image = Image.new("P", (20, 10))
-
-    def truncated_save(self, fp, format=None, **params):
-        fp.write(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
-
-    monkeypatch.setattr(Image.Image, "save", truncated_save)
-    with pytest.raises(PngError):
-        raster.encode_png(image)
+def test_rgb_png_reads_back_exactly_and_is_checked(monkeypatch):
+    printout = render_printout(synthetic(), RenderConfig(augment=("noise", "rotation")), seed=3)
+    rgb = np.asarray(decode(printout).convert("RGB"))
+    assert decode(printout).mode == "RGB" and raster.encode_rgb_png(rgb) == printout.png
+    monkeypatch.setattr(raster, "_zlib_level1", lambda raw: raster.zlib.compress(raw[1:], 1))
+    with pytest.raises(PngError, match="do not match"):
+        raster.encode_rgb_png(rgb)
+    monkeypatch.undo()
+    monkeypatch.setattr(raster, "_chunk", lambda kind, data: b"\0" * 8)
+    with pytest.raises(PngError, match="unreadable"):  # a corrupt PNG is never returned
+        raster.encode_rgb_png(rgb)
 
 
 def test_palette_png_reads_back_exactly_and_is_checked(monkeypatch):
