@@ -204,7 +204,7 @@ def generate(
     model: Any,
     processor: Any,
     prompts: Sequence[str],
-    images: Sequence[Image.Image],
+    images: Sequence[Image.Image] | None,
     max_new_tokens: int = 128,
     temperature: float = 0.0,
     top_p: float = 1.0,
@@ -222,7 +222,8 @@ def generate(
         model: a PulseModel (or a PEFT model wrapping one).
         processor: its PulseProcessor.
         prompts: full prompt strings, one ``<image>`` each.
-        images: one PIL image per prompt.
+        images: one PIL image per prompt; None asks every prompt without an image (prompts
+            without ``<image>``: what the language model answers alone).
         max_new_tokens: at most this many new tokens per answer.
         temperature: 0 for greedy decoding, else sampling temperature.
         top_p: nucleus sampling mass when sampling.
@@ -250,7 +251,7 @@ def generate(
     if top_logprobs is not None and not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
         raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {top_logprobs}")
     base = _unwrap(model)
-    batch = processor(list(prompts), list(images))
+    batch = processor(list(prompts), None if images is None else list(images))
     device = base.device
     batch = {k: v.to(device) for k, v in batch.items()}
     tokenizer = processor.tokenizer
@@ -272,10 +273,13 @@ def generate(
         kwargs.update(tap.hooks())
     if seed is not None:
         torch.manual_seed(seed)
-    prompt_lengths = [
-        int(m.sum()) - 1 + base.num_image_features((int(w), int(h)))
-        for m, (w, h) in zip(batch["attention_mask"], batch["image_sizes"])
-    ]
+    if "image_sizes" in batch:
+        prompt_lengths = [
+            int(m.sum()) - 1 + base.num_image_features((int(w), int(h)))
+            for m, (w, h) in zip(batch["attention_mask"], batch["image_sizes"])
+        ]
+    else:
+        prompt_lengths = [int(m.sum()) for m in batch["attention_mask"]]
     check_context(base, prompt_lengths, max_new_tokens)
     was_training = base.training
     base.eval()
@@ -309,15 +313,22 @@ def generate(
 
 
 def prompt_tokens(model: Any, processor: Any, prompts: Sequence[str],
-                  images: Sequence[Image.Image]) -> list[int]:
-    """Positions each prompt takes in the LM: its text tokens plus its image's features.
+                  images: Sequence[Image.Image] | None) -> list[int]:
+    """Positions each prompt takes in the LM: its text tokens plus its image's features
+    (``images`` None: prompts asked without an image, text tokens only).
 
     Raises:
-        PromptError: a prompt without exactly one ``<image>``.
+        PromptError: a prompt without exactly one ``<image>`` (with images: any, without).
     """
+    if images is None:
+        return [len(row) for row in processor.encode_prompts(prompts, with_image=False)]
     base = _unwrap(model)
     ids = processor.encode_prompts(prompts)
     return [len(row) - 1 + base.num_image_features(image.size) for row, image in zip(ids, images)]
+
+
+def _pick(images: Sequence[Image.Image] | None, idxs: Sequence[int]) -> list[Image.Image] | None:
+    return None if images is None else [images[i] for i in idxs]
 
 
 def check_context(model: Any, prompt_lengths: Sequence[int], max_new_tokens: int) -> None:
@@ -467,7 +478,7 @@ def generate_batched(
     model: Any,
     processor: Any,
     prompts: Sequence[str],
-    images: Sequence[Image.Image],
+    images: Sequence[Image.Image] | None,
     max_new_tokens: int = 128,
     max_batch_tokens: int | None = None,
     prompt_lengths: Sequence[int] | None = None,
@@ -493,7 +504,7 @@ def generate_batched(
             hooks["on_token"] = lambda row, *rest: on_token(idxs[row], *rest)
         if is_cancelled is not None:
             hooks["is_cancelled"] = lambda row: is_cancelled(idxs[row])
-        return generate(model, processor, [prompts[i] for i in idxs], [images[i] for i in idxs],
+        return generate(model, processor, [prompts[i] for i in idxs], _pick(images, idxs),
                         max_new_tokens=max_new_tokens, **hooks, **kwargs)
 
     return run_within_budget(run, lengths, max_new_tokens, max_batch_tokens,
@@ -535,7 +546,7 @@ def score_choices(
     model: Any,
     processor: Any,
     prompts: Sequence[str],
-    images: Sequence[Image.Image],
+    images: Sequence[Image.Image] | None,
     choices: Sequence[Sequence[str]],
     prefix: str = ANSWER_PREFIX,
 ) -> list[ChoiceScores]:
@@ -546,7 +557,8 @@ def score_choices(
     that prompt is one row and its choices are read from the next-token distribution: the
     cost of a one-token generation. Otherwise each choice is a row of its own and its tokens'
     log-probabilities are summed (teacher forcing). Rows are left-padded, so every row ends
-    at the last position and only the last positions' logits are computed.
+    at the last position and only the last positions' logits are computed. ``images`` None
+    scores prompts asked without an image (no ``<image>`` in them).
 
     Raises:
         ValueError: a prompt without choices or with duplicate choices;
@@ -557,15 +569,17 @@ def score_choices(
         raise ValueError(f"need one choice list per prompt, got {len(choices)} for {len(prompts)}")
     if processor.padding_side != "left":
         raise ValueError("score_choices needs a left-padding processor")
+    with_image = images is not None
     rows_ids: list[list[int]] = []
-    rows_image: list[Image.Image] = []
+    rows_image: list[Image.Image | None] = []
     # Per prompt: (first row, [(choice, token ids scored, row offset)]).
     plans: list[tuple[int, list[tuple[str, list[int], int]]]] = []
     shared_lengths = []
-    for i, (prompt, image, options) in enumerate(zip(prompts, images, choices)):
+    for i, (prompt, image, options) in enumerate(zip(prompts, images or [None] * len(prompts),
+                                                     choices)):
         if not options or len(set(options)) != len(options):
             raise ValueError(f"prompt {i}: choices must be distinct and at least one")
-        full = processor.encode_prompts([prompt + prefix + c for c in options])
+        full = processor.encode_prompts([prompt + prefix + c for c in options], with_image)
         shared = _common_prefix(full) if len(full) > 1 else len(full[0]) - 1
         if shared == 0 or any(len(f) == shared for f in full):
             raise ValueError(f"prompt {i}: a choice adds no token after the prompt ({options})")
@@ -580,17 +594,20 @@ def score_choices(
                 rows_ids.append(f[:-1])
                 rows_image.append(image)
             plans.append((first, [(c, f[shared:], k) for k, (c, f) in enumerate(zip(options, full))]))
-    n_image = [base.num_image_features(img.size) for img in images]
-    check_context(base, [s - 1 + n for s, n in zip(shared_lengths, n_image)], 1)
-    pixel_values, image_sizes = processor.encode_images(rows_image)
+    # A prompt's length in the LM: its text, with its image token replaced by the features.
+    n_image = [base.num_image_features(img.size) - 1 for img in images] if with_image else [0] * len(prompts)
+    check_context(base, [s + n for s, n in zip(shared_lengths, n_image)], 1)
     pad = processor.tokenizer.pad_token_id
     device = base.device
     batch = {
         "input_ids": processor.pad(rows_ids, pad),
         "attention_mask": processor.pad([[1] * len(r) for r in rows_ids], 0),
-        "pixel_values": pixel_values,
-        "image_sizes": image_sizes,
     }
+    if with_image:
+        batch["pixel_values"], batch["image_sizes"] = processor.encode_images(rows_image)
+    else:
+        # The image merge numbers positions without the padding; text rows need the same.
+        batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     batch = {k: v.to(device) for k, v in batch.items()}
     keep = max(len(ids) for _, scored in plans for _, ids, _ in scored)
     was_training = base.training
@@ -610,7 +627,7 @@ def score_choices(
             positions = range(keep - len(ids), keep)
             seq[choice] = float(sum(logp[first + offset, p, t] for p, t in zip(positions, ids)))
         total = torch.logsumexp(torch.tensor(list(seq.values()), dtype=torch.float64), 0).item()
-        out.append(ChoiceScores({c: v - total for c, v in seq.items()}, seq, shared - 1 + n))
+        out.append(ChoiceScores({c: v - total for c, v in seq.items()}, seq, shared + n))
     return out
 
 
@@ -618,7 +635,7 @@ def score_choices_batched(
     model: Any,
     processor: Any,
     prompts: Sequence[str],
-    images: Sequence[Image.Image],
+    images: Sequence[Image.Image] | None,
     choices: Sequence[Sequence[str]],
     max_batch_tokens: int | None = None,
     prefix: str = ANSWER_PREFIX,
@@ -631,6 +648,6 @@ def score_choices_batched(
 
     def run(idxs: list[int]) -> list[ChoiceScores]:
         return score_choices(model, processor, [prompts[i] for i in idxs],
-                             [images[i] for i in idxs], [choices[i] for i in idxs], prefix)
+                             _pick(images, idxs), [choices[i] for i in idxs], prefix)
 
     return run_within_budget(run, lengths, 1, max_batch_tokens, "scoring choices")

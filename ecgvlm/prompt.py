@@ -211,7 +211,7 @@ def png_data_url(png: bytes) -> str:
 def chat_messages(
     question: str,
     options: Sequence[str],
-    png: bytes,
+    png: bytes | None,
     system: str | None = SYSTEM_PROMPT,
 ) -> list[dict[str, Any]]:
     """OpenAI chat-completions messages asking one MCQ about one PNG image.
@@ -222,21 +222,18 @@ def chat_messages(
     Args:
         question: The question stem.
         options: Option texts in display order.
-        png: The ECG printout as PNG bytes.
+        png: The ECG printout as PNG bytes; None (or empty) asks the question with no image
+            (the evaluation's ``text_only`` baseline).
         system: System message; None leaves it out (the server then uses LLaVA's).
     """
     messages: list[dict[str, Any]] = []
     if system is not None:
         messages.append({"role": "system", "content": system})
-    messages.append(
-        {
-            "role": "user",
-            "content": [
-                {"type": "image_url", "image_url": {"url": png_data_url(png)}},
-                {"type": "text", "text": format_question(question, options)},
-            ],
-        }
-    )
+    content: list[dict[str, Any]] = []
+    if png:
+        content.append({"type": "image_url", "image_url": {"url": png_data_url(png)}})
+    content.append({"type": "text", "text": format_question(question, options)})
+    messages.append({"role": "user", "content": content})
     return messages
 
 

@@ -331,11 +331,13 @@ class Gateway:
     ) -> sv.GenerateRequest:
         from ecgvlm.prompt import PromptError, prompt_from_messages
 
-        if len(images) != 1:
+        if len(images) > 1:
+            # None is a question to the language model alone (the evaluation's text-only
+            # baseline); PULSE was trained on one printout per question.
             raise sv.bad_request(
-                f"{route.name} reads exactly one image per request (an image_url part with a "
+                f"{route.name} reads at most one image per request (an image_url part with a "
                 f"PNG or JPEG data URL), got {len(images)}",
-                param="messages", code="image_required",
+                param="messages", code="too_many_images",
             )
         try:
             prompt, _ = prompt_from_messages([m.model_dump(exclude_none=True)
@@ -343,7 +345,7 @@ class Gateway:
         except PromptError as e:
             raise sv.bad_request(str(e), param="messages") from e
         return sv.GenerateRequest(
-            prompt=prompt, image=images[0].data, adapter=route.adapter,
+            prompt=prompt, image=images[0].data if images else None, adapter=route.adapter,
             max_new_tokens=sv.requested_max_tokens(req, self.limits),
             temperature=req.temperature or 0.0, seed=req.seed or 0,
             guided_choice=tuple(req.guided_choice) if req.guided_choice is not None else None,

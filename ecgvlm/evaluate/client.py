@@ -238,7 +238,7 @@ def predict_one(
     option_labels = list(row["option_labels"])
     answer_letter = str(row["answer_letter"])
     true_label = option_labels[letter_index(answer_letter, len(options))]
-    messages = chat_messages(row["question"], options, row["png"])
+    messages = chat_messages(row["question"], options, row["png"] or None)  # b"": text only
     probs = None
     if answer_mode == "choice":
         letters = list(option_letters(len(options)))

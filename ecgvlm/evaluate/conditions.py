@@ -4,7 +4,8 @@ Every prediction carries a ``condition``: ``normal`` is the printout prepare dre
 answer two questions about a model:
 
 * **Does it read the ECG?** The controls (``EvalConfig.controls``, :data:`CONTROLS`) take the
-  ECG away: ``blank`` is the same page (layout, grid, lead labels, calibration pulses,
+  ECG away: ``text_only`` asks the question with no image at all (what the language model
+  alone gets); ``blank`` is the same page (layout, grid, lead labels, calibration pulses,
   caption) with no trace; ``mismatched`` is the printout of another sample of the data set
   whose correct finding is not among this question's options.
 * **Is it robust to printout artefacts?** The sweep (``EvalConfig.robustness``,
@@ -33,7 +34,7 @@ from ecgvlm.config import ConfigError, check_choice, check_range
 from ecgvlm.render.config import AUGMENTATIONS
 
 #: Image controls (``EvalConfig.controls``).
-CONTROLS: tuple[str, ...] = ("blank", "mismatched")
+CONTROLS: tuple[str, ...] = ("text_only", "blank", "mismatched")
 #: Sweep entries that are a whole printer style rather than an artefact with a strength.
 PRINTERS: tuple[str, ...] = ("ecg_plot",)
 #: What ``RobustnessConfig.artefacts`` may name: the renderer's augmentations and printers.

@@ -113,7 +113,8 @@ class EvalConfig:
         claims: Thresholds and tolerances of the check of the ``generate`` explanations
             against the record's measurements (``ecgvlm.evaluate.claims``).
         controls: Image controls, each one more pass over the split in Table 1's answer
-            mode (``CONTROLS``): ``blank`` asks about the same page and grid with no trace,
+            mode (``CONTROLS``): ``text_only`` asks the question with no image (what the
+            language model alone gets), ``blank`` about the same page and grid with no trace,
             ``mismatched`` about the printout of another sample of the data set whose
             correct finding is not among this question's options. The report compares each
             with the normal images, paired per sample ("Does it read the ECG?").
@@ -343,6 +344,7 @@ def expand_pending(
     """One row per (sample, model, answer mode, condition) still to ask, with ``model``,
     ``answer_mode`` and ``condition`` columns (pyarrow batch).
 
+    ``text_only`` rows carry no image (an empty ``png``: the question is asked alone);
     ``blank`` rows carry the blank page for the sample's leads (``blank_leads``) instead of
     its printout; ``mismatched`` rows are made from the donors in this batch: ``recipients``
     maps a donor's sample id to the split rows (without ``png``) that get its printout.
@@ -380,7 +382,9 @@ def expand_pending(
             chosen = pa.Table.from_pylist(rows, schema=batch.schema) if rows else batch.slice(0, 0)
         else:
             chosen = batch.filter(pc.is_in(batch["sample_id"], value_set=pa.array(ids, pa.string())))
-            if condition == "blank" and len(chosen):
+            if condition == "text_only" and len(chosen):
+                chosen = with_png(chosen, [b""] * len(chosen))  # asked with no image part
+            elif condition == "blank" and len(chosen):
                 chosen = with_png(chosen, [blank_png((blank_leads or {})[sid], render_json)
                                            for sid in chosen["sample_id"].to_pylist()])
             elif condition in swept and len(chosen):

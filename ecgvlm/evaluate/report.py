@@ -332,16 +332,18 @@ def marked_explanation(text: str, verdicts: list[dict[str, Any]]) -> str:
 
 
 def control_verdict(entry: dict[str, Any]) -> str:
-    """In words: whether accuracy falls without the ECG (normal minus blank, or mismatched)."""
-    for control in ("blank", "mismatched"):
+    """In words: whether accuracy falls without the ECG (normal minus blank, mismatched or
+    text_only, the first that ran)."""
+    for control in ("blank", "mismatched", "text_only"):
         c = entry.get(control)
         if c is None:
             continue
+        image = "no image" if control == "text_only" else f"a {control} image"
         if c["ci"] is None:
             return f"undecided: no interval from one patient ({control})"
         if c["ci"][0] > 0:
-            return f"reads the ECG: accuracy falls with a {control} image"
-        return (f"no evidence it reads the ECG: it scores as well with a {control} image "
+            return f"reads the ECG: accuracy falls with {image}"
+        return (f"no evidence it reads the ECG: it scores as well with {image} "
                 "(the interval of the drop includes 0)")
     return ""
 
@@ -582,7 +584,8 @@ def report_markdown(report: EvalReport, plots: list[str] | None = None) -> str:
                                  + marked_explanation(ex["text"][:600], ex["verdicts"]))
             lines += [""]
     if report.controls:
-        caption = ("Does the model read the ECG? Table 1's questions asked again with a blank "
+        caption = ("Does the model read the ECG? Table 1's questions asked again with no image "
+                   "(text_only: what the language model alone gets), with a blank "
                    "page (the same layout, grid and labels, no trace) and with the printout of "
                    "another sample of the data set whose correct finding is not among the "
                    "options. \"Printout minus control\" is the paired accuracy difference on the "

@@ -505,16 +505,20 @@ class PulseProcessor:
                 out[row, : len(seq)] = torch.tensor(list(seq), dtype=torch.long)
         return out
 
-    def encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
-        """Token ids per prompt, each with exactly one ``IMAGE_TOKEN_INDEX``."""
+    def encode_prompts(self, prompts: Sequence[str], with_image: bool = True) -> list[list[int]]:
+        """Token ids per prompt, each with exactly one ``IMAGE_TOKEN_INDEX`` (``with_image``)
+        or none (a question asked without an image)."""
         out = []
+        want = 1 if with_image else 0
         for i, prompt in enumerate(prompts):
             if not isinstance(prompt, str):
                 raise PromptError(f"prompt {i} must be a str, got {type(prompt).__name__}")
             count = prompt.count(IMAGE_TOKEN)
-            if count != 1:
+            if count != want:
                 raise PromptError(
                     f"prompt {i} must contain exactly one {IMAGE_TOKEN!r} placeholder, has {count}"
+                    if with_image else
+                    f"prompt {i} is asked without an image but contains {count} {IMAGE_TOKEN!r}"
                 )
             out.append(self.tokenizer.tokenize_with_image(prompt))
         return out
@@ -533,13 +537,15 @@ class PulseProcessor:
         return pixel_values, torch.tensor(sizes, dtype=torch.long)
 
     def __call__(
-        self, prompts: Sequence[str], images: Sequence[Image.Image]
+        self, prompts: Sequence[str], images: Sequence[Image.Image] | None
     ) -> dict[str, torch.Tensor]:
-        """Batch ``prompts`` (one ``<image>`` each) with their ``images``.
+        """Batch ``prompts`` (one ``<image>`` each) with their ``images``; with ``images``
+        None, prompts asked without an image (no ``<image>``: the language model alone).
 
         Returns:
             ``input_ids`` (B, L) with -200 at the image position, ``attention_mask`` (B, L),
-            ``pixel_values`` (B, T, 3, S, S), ``image_sizes`` (B, 2) as (width, height).
+            ``pixel_values`` (B, T, 3, S, S), ``image_sizes`` (B, 2) as (width, height); the
+            last two only with images.
 
         Raises:
             PromptError: a prompt without exactly one ``<image>``, or len(prompts) !=
@@ -548,6 +554,12 @@ class PulseProcessor:
         """
         if isinstance(prompts, str):
             prompts = [prompts]
+        if images is None:
+            if not prompts:
+                raise PromptError("need at least one prompt")
+            ids = self.encode_prompts(prompts, with_image=False)
+            return {"input_ids": self.pad(ids, self.tokenizer.pad_token_id),
+                    "attention_mask": self.pad([[1] * len(r) for r in ids], 0)}
         if isinstance(images, Image.Image):
             images = [images]
         if len(prompts) != len(images) or not prompts:

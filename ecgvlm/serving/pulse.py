@@ -33,7 +33,7 @@ class GenerateRequest:
     """
 
     prompt: str
-    image: bytes
+    image: bytes | None  # None: asked without an image (the language model alone)
     adapter: str | None = None
     max_new_tokens: int = DEFAULT_MAX_TOKENS
     temperature: float = 0.0
@@ -44,9 +44,10 @@ class GenerateRequest:
     def group_key(self) -> GroupKey:
         """Requests sharing this key run as one ``generate`` (or scoring) call; asking for
         log-probabilities or not does not split a group."""
+        seen = self.image is not None  # a batch has an image in every row or in none
         if self.guided_choice is not None:
-            return (self.adapter, "choice")
-        return (self.adapter, "generate", self.max_new_tokens, self.temperature, self.seed)
+            return (self.adapter, seen, "choice")
+        return (self.adapter, seen, "generate", self.max_new_tokens, self.temperature, self.seed)
 
 
 @dataclass(frozen=True)
@@ -330,7 +331,7 @@ class PulseRunner:
             self._loaded.remove(name)
 
     def _check_context(
-        self, requests: Sequence[GenerateRequest], images: Sequence[Any]
+        self, requests: Sequence[GenerateRequest], images: Sequence[Any] | None
     ) -> tuple[list[int], dict[int, ApiError]]:
         """Each request's prompt length, and a 400 for each one whose prompt (or answer)
         does not fit the model's context."""
@@ -395,7 +396,8 @@ class PulseRunner:
         idxs = [i for i in idxs if results[i] is None]
         if not idxs:
             return
-        images = [Image.open(io.BytesIO(requests[i].image)).convert("RGB") for i in idxs]
+        images = ([Image.open(io.BytesIO(requests[i].image)).convert("RGB") for i in idxs]
+                  if key[1] else None)
         lengths, errors = self._check_context([requests[i] for i in idxs], images)
         for k, error in errors.items():
             results[idxs[k]] = error
@@ -403,7 +405,8 @@ class PulseRunner:
         if not keep:
             return
         prompts = [requests[i].prompt for i in keep]
-        kept_images = [images[k] for k in range(len(idxs)) if k not in errors]
+        kept_images = (None if images is None
+                       else [images[k] for k in range(len(idxs)) if k not in errors])
         kept_lengths = [lengths[k] for k in range(len(idxs)) if k not in errors]
         streams = {row: self._text_stream(requests[i], hooks[i]) for row, i in enumerate(keep)
                    if hooks[i] is not None and hooks[i].on_delta is not None}
@@ -416,14 +419,14 @@ class PulseRunner:
                 self.model.set_adapter(adapter)
                 ctx = contextlib.nullcontext()
             with ctx:
-                if key[1] == "choice":
+                if key[2] == "choice":
                     outs = score_choices_batched(
                         self.model, self.processor, prompts, kept_images,
                         [requests[i].guided_choice for i in keep],
                         max_batch_tokens=self.max_batch_tokens, prompt_lengths=kept_lengths,
                     )
                 else:
-                    _, _, max_new_tokens, temperature, seed = key
+                    _, _, _, max_new_tokens, temperature, seed = key
                     eos = self.processor.tokenizer.eos_token_id
                     wanted = [requests[i].top_logprobs for i in keep
                               if requests[i].top_logprobs is not None]

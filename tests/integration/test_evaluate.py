@@ -513,7 +513,8 @@ def test_evaluate_against_the_real_endpoint_with_the_tiny_model(
         with FakeOpenAIServer(judge_responder, models=("gpt-4o",)) as judge_server:
             cfg = _config(split_dir, out, f"http://127.0.0.1:{port}/v1", judge_server.base_url,
                           models=["pulse", "pulse-lora", "gpt-4o", "pulse-xl"],
-                          limit_per_dataset=3, max_tokens=8, answer_mode=["choice", "generate"])
+                          limit_per_dataset=3, max_tokens=8, answer_mode=["choice", "generate"],
+                          controls=["text_only"])
             cfg_path = tmp_path / "eval.yaml"
             cfg_path.write_text(yaml.safe_dump(cfg))
             report, _ = evaluate(load_config(EvalConfig, cfg_path))
@@ -524,8 +525,12 @@ def test_evaluate_against_the_real_endpoint_with_the_tiny_model(
 
     pred = pd.read_parquet(out / "predictions.parquet")
     assert sorted(set(pred["model"])) == ["pulse", "pulse-lora"]
-    assert len(pred) == 2 * 2 * 6 and pred["error"].isna().all(), pred["error"].dropna()[:3]
+    assert len(pred) == 2 * 3 * 6 and pred["error"].isna().all(), pred["error"].dropna()[:3]
     assert (pred["raw_text"].str.len() > 0).all()  # the tiny model generated text
+    # The text-only baseline: PULSE answered every question without an image, in choices.
+    text_only = pred[pred["condition"] == "text_only"]
+    assert len(text_only) == 2 * 6 and set(text_only["answer_mode"]) == {"choice"}
+    assert all(len(p) == 4 for p in text_only["option_probs"])
     # Constrained choice: every reply is one of the letters, with a probability per option
     # (summing to 1), and the answer is the most probable one.
     choice = pred[pred["answer_mode"] == "choice"]
@@ -539,6 +544,7 @@ def test_evaluate_against_the_real_endpoint_with_the_tiny_model(
         for dataset in ("cpsc2018", "mitdb"):
             assert metrics[model][dataset]["n"] == 3
             assert metrics[model][dataset]["unparseable_rate"] == 0  # Table 1: real answers
+            assert metrics[model][dataset]["controls"]["text_only"]["n"] == 3
             # A random model's free text is rarely an answer: whatever parse_answer did not
             # accept is counted unparseable in Table 1b, and the metrics say so.
             rows = pred[(pred["model"] == model) & (pred["dataset"] == dataset)

@@ -79,6 +79,53 @@ def test_choices_score_the_same_batched_and_alone(tiny):
         score_choices(model, processor, prompts[:1], images[:1], [["A", "A"]])
 
 
+def _text_only(question, options):
+    """The prompt the endpoint builds for a question sent with no image part."""
+    from ecgvlm.prompt import chat_messages, prompt_from_messages
+
+    prompt, images = prompt_from_messages(chat_messages(question, options, None))
+    assert images == [] and "<image>" not in prompt
+    return prompt
+
+
+def test_text_only_prompts_score_and_generate_the_same_batched_and_alone(tiny):
+    from ecgvlm.infer import generate
+    from ecgvlm.model.processor import PromptError
+
+    model, processor = tiny
+    prompts = [_text_only("Which?", OPTIONS), _text_only("Rhythm now, in one word?", OPTIONS[:2])]
+    choices = [LETTERS, OPTIONS[:2]]
+    batched = score_choices(model, processor, prompts, None, choices)
+    for i in range(2):
+        (alone,) = score_choices(model, processor, [prompts[i]], None, [choices[i]])
+        for c in choices[i]:  # left padding and position ids: the same probabilities
+            assert math.exp(batched[i].logprobs[c]) == pytest.approx(
+                math.exp(alone.logprobs[c]), abs=1e-5)
+    # The tiny model barely feels positions (random rotary weights: 1e-6), so that equality
+    # cannot show the left-padded rows are numbered as unpadded ones; what reaches the model
+    # can: each row's first real token is position 0, as the image merge numbers them.
+    seen = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw), with_kwargs=True)
+    try:
+        score_choices(model, processor, prompts, None, choices)
+    finally:
+        hook.remove()
+    mask, positions = seen[0]["attention_mask"], seen[0]["position_ids"]
+    for row in range(len(mask)):
+        real = mask[row].bool()
+        assert positions[row][real].tolist() == list(range(int(real.sum())))
+    # Against a plain forward pass over the unpadded text.
+    ids = processor.encode_prompts([prompts[0] + ANSWER_PREFIX + "C"], with_image=False)[0]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -2].float(), -1)
+    assert batched[0].sequence_logprobs["C"] == pytest.approx(float(logp[ids[-1]]), abs=1e-5)
+    together = generate(model, processor, prompts, None, max_new_tokens=5)
+    for i in range(2):
+        assert generate(model, processor, [prompts[i]], None, max_new_tokens=5)[0].text == together[i].text
+    with pytest.raises(PromptError, match="without an image but contains 1"):
+        score_choices(model, processor, [build_prompt("Which?", OPTIONS)], None, [LETTERS])
+
+
 def test_one_letter_choice_is_one_row_per_prompt(tiny):
     model, processor = tiny
     rows = []
@@ -114,6 +161,17 @@ def test_the_replica_answers_choices_and_generation_in_one_batch(tiny_pulse_dir)
     assert entry["token"] == chosen.text == body["choices"][0]["message"]["content"]
     assert [t["token"] for t in entry["top_logprobs"]] == [c for c, _ in chosen.choice_logprobs]
     assert entry["bytes"] == list(chosen.text.encode())
+
+
+def test_the_replica_answers_questions_without_an_image_beside_those_with_one(tiny_pulse_dir):
+    runner = sv.PulseRunner(str(tiny_pulse_dir), device="cpu")
+    with_image = sv.GenerateRequest(build_prompt("Which?", OPTIONS), _png(0), guided_choice=tuple(LETTERS))
+    text = sv.GenerateRequest(_text_only("Which?", OPTIONS), None, guided_choice=tuple(LETTERS))
+    written = sv.GenerateRequest(_text_only("Rate?", OPTIONS), None, max_new_tokens=3)
+    both = runner.generate([with_image, text, written])
+    assert runner.generate([text])[0] == both[1] and runner.generate([with_image])[0] == both[0]
+    assert both[1].choice_logprobs is not None and both[1].prompt_tokens < both[0].prompt_tokens
+    assert both[2].completion_tokens >= 1
 
 
 def _chat(**extra) -> bytes:

@@ -67,9 +67,16 @@ def test_mismatched_donors_never_offer_their_finding_among_the_options(tmp_path)
     batch = pa.Table.from_pylist([{k: r[k] for k in ("sample_id", "dataset", "question", "options",
                                                       "option_labels", "answer_letter", "png")}
                                   for r in rows])
-    pending = {("m", "choice", "blank"): [rows[0]["sample_id"]],
+    pending = {("m", "choice", "text_only"): [rows[1]["sample_id"]],
+               ("m", "choice", "blank"): [rows[0]["sample_id"]],
                ("m", "choice", "mismatched"): [r["sample_id"] for _, r in recipients]}
     out = expand_pending(batch, pending, **kwargs).to_pylist()
+    (text_only,) = [r for r in out if r["condition"] == "text_only"]
+    assert text_only["png"] == b"" and text_only["sample_id"] == rows[1]["sample_id"]
+    from ecgvlm.prompt import chat_messages
+
+    parts = chat_messages(text_only["question"], text_only["options"], text_only["png"] or None)
+    assert [p["type"] for p in parts[-1]["content"]] == ["text"]  # asked with no image
     blank = [r for r in out if r["condition"] == "blank"]
     assert len(blank) == 1 and blank[0]["png"] != rows[0]["png"]
     mismatched = [r for r in out if r["condition"] == "mismatched"]
@@ -105,7 +112,7 @@ def test_paired_differences_by_hand():
 def test_controls_config_names_the_bad_one():
     from ecgvlm.config import ConfigError, config_from_dict
 
-    with pytest.raises(ConfigError, match="controls must be one of 'blank', 'mismatched', got 'text'"):
+    with pytest.raises(ConfigError, match="controls must be one of 'text_only', 'blank', 'mismatched', got 'text'"):
         config_from_dict(EvalConfig, {"data_dir": "d", "controls": ["text"]})
 
 
