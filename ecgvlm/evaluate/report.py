@@ -933,7 +933,8 @@ def plot_robustness(report: EvalReport, out_dir: Path) -> Path | None:
     panels = artefacts + (["printer"] if printers else [])
     ncols = min(4, len(panels))
     nrows = -(-len(panels) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 3.2 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(max(5.0, 3.6 * ncols), 3.4 * nrows),
+                             squeeze=False)
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
     models = sorted(report.robustness)
@@ -964,7 +965,7 @@ def plot_robustness(report: EvalReport, out_dir: Path) -> Path | None:
                       ["clean", *printers])
         ax.set(title="printer", ylabel="accuracy", ylim=(0, 1.02))
         ax.legend(fontsize=7)
-    fig.suptitle("Accuracy on re-rendered printouts (pooled over data sets)", fontsize=10)
+    fig.suptitle("Re-rendered printouts, pooled over data sets", fontsize=9)
     fig.tight_layout()
     path = out_dir / "robustness.png"
     fig.savefig(path, dpi=110)
