@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 
-.PHONY: venv test test-unit demo clean lock
+.PHONY: venv test test-unit test-browser demo clean lock
 
 # The virtualenv's tools first, as in an activated venv and in the test suite: DeepSpeed
 # JIT-builds its CPU comm op with the first `ninja` on PATH, and a switch between the venv's
@@ -26,7 +26,14 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --ignore=tests/browser
+
+# The reading room in a real browser: Debian's chromium, installed when it is missing (apt,
+# as root or through sudo); the page's screenshot is kept as docs/images/reading_room.png.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+test-browser: venv
+	command -v chromium >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; }
+	ECGVLM_SCREENSHOT_DIR=$(CURDIR)/docs/images $(PY) -m pytest -q tests/browser
 
 test-unit: venv
 	$(PY) -m pytest -q tests/unit

@@ -248,7 +248,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     pulse = PulseReplicaArgs(num_gpus="auto" if args.num_gpus is None else args.num_gpus)
     serve_args = absolute_paths(ServeArgs(
         model_dir=args.model_dir, adapters=adapters, dtype=args.dtype, device=args.device,
-        pulse=pulse, abstain_below=args.abstain_below,
+        pulse=pulse, abstain_below=args.abstain_below, report_dir=args.report_dir,
     ))
     check_paths(serve_args)  # before paying for Ray's start
 
@@ -278,7 +278,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(
             f"ecgvlm endpoint ready at http://{args.host}:{args.port}/v1 "
             f"(models: {', '.join(models)}; Ray: private head in {head.temp_dir}); "
-            "Ctrl-C stops it",
+            f"the reading room at http://{args.host}:{args.port}/ ; Ctrl-C stops it",
             flush=True,
         )
         while True:
@@ -488,6 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--abstain-below", type=float, default=0.0, metavar="P",
                    help="/v1/ecg/interpret says uncertain when the most probable option's "
                         "probability is below P, in [0, 1) (default 0: never)")
+    p.add_argument("--report-dir", default=None, metavar="DIR",
+                   help="an evaluation's output_dir for the reading room's report view")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("evaluate", help="evaluate models through the endpoint")

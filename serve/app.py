@@ -22,7 +22,7 @@ from dataclasses import replace
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import SecretStr
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -30,13 +30,15 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ecgvlm import serving as sv
+from ecgvlm.serving import room
 
 logger = logging.getLogger("ray.serve")
 
 #: How long /readyz waits for a model deployment to answer.
 READY_TIMEOUT_S = 5.0
 
-# No /docs or /openapi.json: every route but the health checks sits behind auth.
+# No /docs or /openapi.json: every route but the health checks and the reading room's page
+# (which holds no data: it asks the API, with the user's token) sits behind auth.
 app = FastAPI(title="ecgvlm", docs_url=None, redoc_url=None, openapi_url=None)
 
 
@@ -201,6 +203,7 @@ class Gateway:
         self.limits = args.limits
         self.adapters = args.served_adapters()
         self._token = auth_token.get_secret_value().encode() if auth_token else None
+        self._samples_dir = args.samples_dir or room.default_samples_dir()
         self.usage = sv.UsageCounter()
         self._pulse_handles: dict[tuple[str, bool], DeploymentHandle] = {}
 
@@ -254,6 +257,55 @@ class Gateway:
         return out["completion"]
 
     # -- routes --------------------------------------------------------------------------
+    @app.get("/")
+    async def reading_room(self) -> HTMLResponse:
+        # The page itself is public; everything it shows comes from the API behind auth,
+        # with the token the user types into it.
+        return HTMLResponse(room.page_html(auth=self._token is not None))
+
+    @app.get("/v1/ecg/samples")
+    async def samples(self, request: Request) -> dict[str, Any]:
+        self._authorize(request)
+        listed = await asyncio.to_thread(room.list_samples, self._samples_dir)  # walks a folder
+        return {"object": "list", "data": listed}
+
+    @app.get("/v1/ecg/samples/{name:path}")
+    async def sample_file(self, name: str, request: Request) -> FileResponse:
+        self._authorize(request)
+        return FileResponse(room.sample_file(self._samples_dir, name),
+                            media_type="application/octet-stream")
+
+    @app.get("/v1/report")
+    async def report(self, request: Request) -> dict[str, Any]:
+        self._authorize(request)
+        return await asyncio.to_thread(room.report_summary, self.args.report_dir)
+
+    @app.get("/v1/report/plots/{name}")
+    async def report_plot(self, name: str, request: Request) -> FileResponse:
+        self._authorize(request)
+        return FileResponse(room.report_plot(self.args.report_dir, name), media_type="image/png")
+
+    @app.get("/v1/report/predictions")
+    async def report_predictions(self, request: Request) -> dict[str, Any]:
+        self._authorize(request)
+        q = request.query_params
+        try:
+            correct = {"true": True, "false": False, "": None}[q.get("correct", "").lower()]
+            offset, limit = int(q.get("offset", 0)), int(q.get("limit", 50))
+        except (KeyError, ValueError) as e:
+            raise sv.bad_request(f"correct must be true or false, offset and limit integers "
+                                 f"({e})", param="query") from e
+        return await asyncio.to_thread(
+            room.report_predictions, self.args.report_dir, q.get("dataset"), q.get("model"),
+            q.get("condition"), correct, q.get("contradicted", "").lower() == "true", offset,
+            limit)
+
+    @app.get("/v1/report/printouts/{sample_id:path}")
+    async def report_printout(self, sample_id: str, request: Request) -> Response:
+        self._authorize(request)
+        png = await asyncio.to_thread(room.report_printout, self.args.report_dir, sample_id)
+        return Response(png, media_type="image/png")
+
     @app.get("/healthz")
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
@@ -470,7 +522,7 @@ class Gateway:
         measuring = (asyncio.create_task(asyncio.to_thread(sv.measure_json, record,
                                                            query.measure_waves))
                      if query.return_measurements else None)
-        png = await asyncio.to_thread(sv.render_png, record)
+        png = await asyncio.to_thread(sv.render_png, record, query.layout)
         max_new = query.max_tokens or self.limits.default_max_tokens
         from ecgvlm.prompt import option_letters
 

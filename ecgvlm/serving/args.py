@@ -115,6 +115,11 @@ class ServeArgs(BaseModel):
         auth_token_env: Environment variable holding the bearer token clients must send;
             unset or empty turns auth off. Read by the app builder, never logged.
         batching: PULSE request batching.
+        samples_dir: Records the reading room (``GET /``) offers in its list, WFDB or CPSC
+            files under this folder; None: the repository's ``data/samples`` when ecgvlm runs
+            from a checkout, else none.
+        report_dir: An evaluation's ``output_dir`` the reading room's second view shows
+            (``report.md``, its plots, a browser of ``predictions.parquet``); None: none.
         abstain_below: ``/v1/ecg/interpret`` calls an answer ``uncertain`` when its most
             probable option's probability is below this, in [0, 1); 0 never does.
         pulse, gateway, proxy: Replicas and resources of each deployment.
@@ -131,6 +136,8 @@ class ServeArgs(BaseModel):
     limits: ServeLimits = Field(default_factory=ServeLimits)
     auth_token_env: str = "ECGVLM_API_TOKEN"
     batching: BatchingArgs = Field(default_factory=BatchingArgs)
+    samples_dir: str | None = None
+    report_dir: str | None = None
     abstain_below: float = Field(0.0, ge=0.0, lt=1.0)
     pulse: PulseReplicaArgs = Field(default_factory=PulseReplicaArgs)
     gateway: ReplicaArgs = Field(default_factory=lambda: ReplicaArgs(num_cpus=0.25,
@@ -182,18 +189,22 @@ def absolute_paths(args: ServeArgs, base: str | None = None) -> ServeArgs:
 
     model_dir = None if args.model_dir is None else absolute_path(args.model_dir, base)
     adapters = {name: absolute_path(path, base) for name, path in args.adapters.items()}
-    return args.model_copy(update={"model_dir": model_dir, "adapters": adapters})
+    samples = None if args.samples_dir is None else absolute_path(args.samples_dir, base)
+    report = None if args.report_dir is None else absolute_path(args.report_dir, base)
+    return args.model_copy(update={"model_dir": model_dir, "adapters": adapters,
+                                   "samples_dir": samples, "report_dir": report})
 
 
 def check_paths(args: ServeArgs) -> None:
-    """Raise ValueError naming the field when ``model_dir`` or an adapter is not a directory.
+    """Raise ValueError naming the field when ``model_dir``, ``report_dir`` or an adapter is
+    not a directory.
 
     Checked where the app is built (on the cluster for ``serve deploy``), before any replica
     starts.
     """
     import os
 
-    paths = [("model_dir", args.model_dir)]
+    paths = [("model_dir", args.model_dir), ("report_dir", args.report_dir)]
     paths += [(f"adapters.{n}", p) for n, p in args.adapters.items()]
     for what, path in paths:
         if path is not None and not os.path.isdir(path):

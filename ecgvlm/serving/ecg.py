@@ -7,7 +7,7 @@ import logging
 import os
 import re
 from collections.abc import Sequence
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -50,6 +50,8 @@ class InterpretQuery(BaseModel):
     )
     return_image: bool = False
     return_measurements: bool = True
+    # How the printout is drawn (and shown to the model); auto: 3x4+II for 12 leads.
+    layout: Literal["auto", "3x4+II", "6x2", "12x1"] = "auto"
     # P and T waves (PR, QT, QTc) cost ~10x the rest (0.49 s against 0.05 s per 12-lead 10 s
     # record on one core): asked for, not done for every request.
     measure_waves: bool = False
@@ -311,8 +313,9 @@ def measure_json(record: Any, waves: bool = False) -> dict[str, Any]:
     return finite(data)
 
 
-def render_png(record: Any) -> bytes:
-    """The printout PULSE and GPT-4o are shown: 3x4+II for 12 standard leads, else strips.
+def render_png(record: Any, layout: str = "auto") -> bytes:
+    """The printout PULSE and GPT-4o are shown: ``layout``, where ``auto`` is 3x4+II for
+    12 standard leads, else strips.
 
     Records with more leads than a strip page holds but not all 12 are drawn 3x4+II with the
     missing panels blank.
@@ -323,7 +326,7 @@ def render_png(record: Any) -> bytes:
     from ecgvlm.render import RenderConfig, RenderError, render_printout
 
     try:
-        return render_printout(record, RenderConfig(layout="auto")).png
+        return render_printout(record, RenderConfig(layout=layout)).png
     except RenderError as first:
         try:
             return render_printout(
@@ -343,6 +346,18 @@ def split_explanation(text: str, letter: str | None) -> str:
         rf"(?:option\s+)?[(\[]?{letter}[)\]]?\**\s*[.:)\-]?\s*"
     )
     return re.sub(pattern, "", text, count=1, flags=re.IGNORECASE).strip()
+
+
+def claims_json(explanation: str, measurements: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each checkable claim of ``explanation`` with its verdict against the measurements
+    (``ecgvlm.evaluate.claims``; spans index into ``explanation``). A claim about a finding
+    is unverifiable here: the record's labels are not known to the endpoint."""
+    from ecgvlm.evaluate.claims import ClaimConfig, check_explanation, measurements_of
+
+    measured = measurements_of(measurements)
+    if measured is None:
+        return []
+    return [v.to_json() for v in check_explanation(explanation, measured, (), ClaimConfig())]
 
 
 def interpret_response(
@@ -385,6 +400,7 @@ def interpret_response(
         out["start_s"], out["duration_s"] = window_s
     if measurements is not None:
         out["measurements"] = measurements
+        out["claims"] = claims_json(out["explanation"], measurements)
     if png is not None:
         out["image_png_base64"] = base64.b64encode(png).decode("ascii")
     return out

@@ -95,3 +95,40 @@ def write_split(root: Path, rows: list[dict], split: str = "test", shards: int =
         if part:
             pq.write_table(pa.Table.from_pylist(part), out / f"part-{k:03d}.parquet")
     return Path(root)
+
+
+def write_report_dir(root: Path, rows: list[dict], models=("pulse", "pulse-lora")) -> Path:
+    """A small evaluation output directory over ``rows`` (written as the test split under
+    ``root/prepared``): ``report.md``, one plot, ``config.yaml`` naming the split, and
+    ``predictions.parquet`` where ``pulse`` answers A and ``pulse-lora`` the correct letter,
+    each explanation claiming a rate of 150 bpm (contradicted by the fitting measurements
+    of every finding but AF, whose rate is 118)."""
+    import json
+
+    import pandas as pd
+    import yaml
+
+    root = Path(root)
+    data_dir = write_split(root / "prepared", rows)
+    out = root / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text("# Evaluation report\n\n## Table 1: classification\n")
+    (out / "metrics_bars.png").write_bytes(tiny_png(1))
+    (out / "config.yaml").write_text(yaml.safe_dump({"data_dir": str(data_dir), "split": "test"}))
+    preds = []
+    for r in rows:
+        true = r["option_labels"][r["answer_index"]]
+        for model in models:
+            letter = "A" if model == "pulse" else r["answer_letter"]
+            verdict = "supported" if true == "AF" else "contradicted"
+            claims = [{"kind": "heart_rate", "value": 150.0, "span": [0, 15], "text": "rate is 150 bpm",
+                       "verdict": verdict, "measured": 118.0 if true == "AF" else 75.0,
+                       "rule": "within 10 bpm", "reason": ""}]
+            preds.append({"sample_id": r["sample_id"], "dataset": r["dataset"], "model": model,
+                          "answer_mode": "generate", "condition": "normal", "true_label": true,
+                          "answer_letter": r["answer_letter"], "predicted_letter": letter,
+                          "predicted_label": r["option_labels"][LETTERS.index(letter)],
+                          "explanation": "rate is 150 bpm and regular.",
+                          "claims": json.dumps(claims), "error": None})
+    pd.DataFrame(preds).to_parquet(out / "predictions.parquet")
+    return out

@@ -29,12 +29,14 @@ import requests
 pytestmark = pytest.mark.integration
 
 from ecgvlm import serving as sv
+from tests.fakes.mcq_split import sample_rows, write_report_dir
 from tests.fakes.openai_server import FakeOpenAIServer, Reply
 
 RECORD = "cpsc2018/A0002"
 OPTIONS = ["Normal sinus rhythm", "Atrial fibrillation", "Left bundle branch block",
            "Right bundle branch block"]
 TOKEN = "test-token-1234"
+REPORT_ROWS = sample_rows(4)  # the evaluation report the reading room's second view shows
 UPSTREAM_KEY = "sk-upstream-test-key"
 MAX_RETRIES = 2
 
@@ -120,6 +122,7 @@ def endpoint(ray_local, tiny_pulse_dir, tmp_path_factory):
         mp.delenv("ECGVLM_API_TOKEN", raising=False)
         main = build_app({
             "model_dir": str(model_dir), "adapters": adapters,
+            "report_dir": str(write_report_dir(root / "report", REPORT_ROWS)),
             "openai": {"base_url": fake.base_url, "timeout_s": 1.0, "max_retries": MAX_RETRIES,
                        "backoff_base_s": 0.01, "backoff_max_s": 0.05},
             "limits": {"max_body_bytes": 4 * 1024 * 1024, "default_max_tokens": 8},
@@ -494,6 +497,91 @@ def test_interpret_a_30_min_mitdb_upload_from_start_s(endpoint, samples_dir):
     late = data[:-1] + [("start_s", "4000")]
     r = requests.post(f"{endpoint['url']}/v1/ecg/interpret", files=files, data=late, timeout=120)
     assert r.status_code == 400 and r.json()["error"]["param"] == "start_s", r.text
+
+# --- the reading room's API ------------------------------------------------------------------
+
+
+def test_interpret_checks_the_explanation_against_the_measurements(endpoint, samples_dir):
+    # gpt-4o (the fake upstream) says "Irregular RR intervals, no P waves." about A0002, whose
+    # RR intervals are regular; P waves are not measured without measure_waves.
+    path = samples_dir / RECORD
+    files = [("files", (f"{path.name}{ext}", Path(f"{path}{ext}").read_bytes()))
+             for ext in (".hea", ".mat")]
+    data = {"model": "gpt-4o", "options": json.dumps(OPTIONS), "layout": "12x1",
+            "return_image": "true"}
+    r = requests.post(f"{endpoint['url']}/v1/ecg/interpret", files=files, data=data, timeout=60)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["measurements"]["rr_irregular"] is False
+    verdicts = {out["explanation"][slice(*c["span"])]: c["verdict"] for c in out["claims"]}
+    assert verdicts == {"Irregular RR intervals": "contradicted", "no P waves": "unverifiable"}
+    from PIL import Image
+
+    width, height = Image.open(io.BytesIO(base64.b64decode(out["image_png_base64"]))).size
+    assert width == height  # 12x1 is drawn on a square page, the default 3x4+II on a 2:1 one
+    bad = requests.post(f"{endpoint['url']}/v1/ecg/interpret", files=files,
+                        data={**data, "layout": "5x5"}, timeout=60)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "layout"
+
+
+def test_reading_room_page_and_its_sample_records(endpoint, samples_dir):
+    page = requests.get(f"{endpoint['url']}/", timeout=30)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    settings = json.loads(re.search(r"const SETTINGS = (\{.*?\});", page.text).group(1))
+    assert settings["auth"] is False and settings["question"] == sv.DEFAULT_QUESTION
+    assert len(settings["options"]) == 4 and "3x4+II" in settings["layouts"]
+    assert "https://" not in page.text  # nothing from a CDN: the page works offline
+    listed = requests.get(f"{endpoint['url']}/v1/ecg/samples", timeout=30).json()["data"]
+    by_name = {s["name"]: s["files"] for s in listed}
+    assert by_name[RECORD] == ["A0002.hea", "A0002.mat"] and "mitdb/106" in by_name
+    got = requests.get(f"{endpoint['url']}/v1/ecg/samples/{RECORD}.hea", timeout=30)
+    assert got.status_code == 200 and got.content == (samples_dir / f"{RECORD}.hea").read_bytes()
+    for name, status in (("cpsc2018/A0002.txt", 400), ("cpsc2018/..%2F..%2Fpyproject.toml", 400),
+                         ("cpsc2018/A9999.hea", 404)):
+        r = requests.get(f"{endpoint['url']}/v1/ecg/samples/{name}", timeout=30)
+        assert r.status_code == status and r.json()["error"]["param"] == "name", (name, r.text)
+    # With auth on: the page loads without a token and asks for one; its data needs it.
+    secure = requests.get(f"{endpoint['secure']}/", timeout=30)
+    assert secure.status_code == 200 and '"auth": true' in secure.text
+    assert requests.get(f"{endpoint['secure']}/v1/ecg/samples", timeout=30).status_code == 401
+    assert requests.get(f"{endpoint['secure']}/v1/ecg/samples", timeout=30,
+                        headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+
+
+def test_reading_room_report_view_serves_the_evaluation(endpoint):
+    url = endpoint["url"]
+    report = requests.get(f"{url}/v1/report", timeout=30).json()
+    assert report["report_md"].startswith("# Evaluation report") and report["plots"] == ["metrics_bars.png"]
+    assert report["filters"]["model"] == ["pulse", "pulse-lora"] and report["n_predictions"] == 16
+    assert requests.get(f"{url}/v1/report/plots/metrics_bars.png", timeout=30).content[:4] == b"\x89PNG"
+    assert requests.get(f"{url}/v1/report/plots/..%2Freport.md", timeout=30).status_code == 404
+    by_id = {r["sample_id"]: r for r in REPORT_ROWS}
+
+    def rows(**query):
+        r = requests.get(f"{url}/v1/report/predictions", params=query, timeout=30)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    wrong = rows(model="pulse", correct="false")
+    assert wrong["total"] == sum(r["answer_letter"] != "A" for r in REPORT_ROWS)
+    assert all(w["model"] == "pulse" and w["predicted_label"] != w["true_label"] for w in wrong["data"])
+    contradicted = rows(contradicted="true", dataset="mitdb")
+    want = [r for r in REPORT_ROWS if r["dataset"] == "mitdb" and r["option_labels"][r["answer_index"]] != "AF"]
+    assert contradicted["total"] == 2 * len(want) and all(c["contradicted"] == 1 for c in contradicted["data"])
+    assert rows(limit=3, offset=15)["data"][0]["claims"][0]["verdict"] in ("supported", "contradicted")
+    bad = requests.get(f"{url}/v1/report/predictions", params={"correct": "maybe"}, timeout=30)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "query"
+    from urllib.parse import quote
+
+    sid = REPORT_ROWS[1]["sample_id"]  # "cpsc2018/r001#0": the "#" is sent encoded
+    png = requests.get(f"{url}/v1/report/printouts/{quote(sid, safe='')}", timeout=30)
+    assert png.status_code == 200 and png.content == by_id[sid]["png"]
+    assert requests.get(f"{url}/v1/report/printouts/nope%230", timeout=30).status_code == 404
+    # An endpoint started without a report says how to give one.
+    none = requests.get(f"{endpoint['secure']}/v1/report", timeout=30,
+                        headers={"Authorization": f"Bearer {TOKEN}"})
+    assert none.status_code == 404 and "--report-dir" in none.json()["error"]["message"]
+
 
 # --- bad requests ------------------------------------------------------------------------------
 

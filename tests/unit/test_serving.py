@@ -495,3 +495,24 @@ def test_measure_json_is_strict_json_and_survives_a_failing_measurer(samples_dir
         "x", heart_rate_bpm=float("nan"), rr_mean_ms=float("inf")))
     out = sv.measure_json(record)
     assert out["heart_rate_bpm"] is None and out["rr_mean_ms"] is None
+
+
+def test_reading_room_sample_files_stay_inside_the_samples_folder(tmp_path, samples_dir):
+    from ecgvlm.serving import room
+
+    root = str(samples_dir)
+    assert room.sample_file(root, "cpsc2018/A0002.hea") == (samples_dir / "cpsc2018/A0002.hea").resolve()
+    (tmp_path / "secret.hea").write_text("x")
+    for name, status in (("../secret.hea", 400), ("cpsc2018/../../../etc/passwd", 400),
+                         (str(tmp_path / "secret.hea"), 400), ("cpsc2018/A0002.csv", 400),
+                         ("cpsc2018/A0001.hea", 404)):
+        with pytest.raises(sv.ApiError) as err:
+            room.sample_file(root, name)
+        assert err.value.status == status and err.value.param == "name", name
+    with pytest.raises(sv.ApiError, match="no sample records"):
+        room.sample_file(None, "cpsc2018/A0002.hea")
+    names = {s["name"]: s["files"] for s in room.list_samples(root)}
+    assert names["mitdb/106"] == ["106.atr", "106.dat", "106.hea"]
+    assert room.list_samples(str(tmp_path / "none")) == []
+    page = room.page_html(auth=True)
+    assert '"auth": true' in page and "/*ECGVLM_CONFIG*/" not in page
