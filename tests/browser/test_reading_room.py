@@ -125,7 +125,7 @@ def test_a_bundled_sample_read_by_every_model_with_its_claims_marked(endpoint, t
     gpt4o = _column(dom, "gpt-4o")
     assert 'class="answer">B. Atrial fibrillation' in gpt4o
     assert re.search(r'<span class="claim contradicted"[^>]*>Irregular RR intervals</span>', gpt4o)
-    assert re.search(r'<span class="claim unverifiable"[^>]*>no P waves</span>', gpt4o)
+    assert re.search(r"no <span class=\"claim unverifiable\"[^>]*>P waves</span>", gpt4o)
     # Errors are words on the page: an unknown sample is named.
     missing = _chromium(f"{endpoint}/?sample=nope/X1", "--dump-dom")
     assert "no bundled sample nope/X1" in missing
