@@ -90,7 +90,7 @@ def endpoint(tiny_pulse_dir, tmp_path_factory):
                 pass
             assert time.time() < deadline, f"no /healthz in 400 s:\n{log.read_text()[-3000:]}"
             time.sleep(2)
-        yield url
+        yield url, fake
     finally:
         os.killpg(server.pid, signal.SIGINT)
         try:
@@ -110,6 +110,7 @@ def _column(dom: str, model: str) -> str:
 
 
 def test_a_bundled_sample_read_by_every_model_with_its_claims_marked(endpoint, tmp_path):
+    endpoint, _ = endpoint
     page = f"{endpoint}/?sample={SAMPLE}"
     dom = _chromium(page, "--dump-dom")
     assert 'data-ready="1"' in dom and 'id="page-error" class="error"></div>' in dom
@@ -138,7 +139,21 @@ def test_a_bundled_sample_read_by_every_model_with_its_claims_marked(endpoint, t
         shutil.copy(shot, Path(keep) / "reading_room.png")
 
 
+def test_an_api_error_is_shown_in_words_in_its_column(endpoint):
+    url, fake = endpoint
+    # The upstream refuses gpt-4o's two requests (the answer and the letters' scores): its
+    # column says why, PULSE's column still answers.
+    fake.script(Reply(status=401), Reply(status=401))
+    dom = _chromium(f"{url}/?sample={SAMPLE}", "--dump-dom")
+    gpt4o = _column(dom, "gpt-4o")
+    assert 'data-done="error"' in gpt4o
+    message = re.search(r'<div class="error">([^<]+)</div>', gpt4o)
+    assert message and message.group(1).startswith("5") and "gpt-4o" in message.group(1), gpt4o[:1500]
+    assert 'data-done="answer"' in _column(dom, "pulse")
+
+
 def test_the_report_view_lists_the_evaluations_predictions(endpoint):
+    endpoint, _ = endpoint
     dom = _chromium(f"{endpoint}/#report", "--dump-dom")
     assert 'id="report-error" class="error"></div>' in dom
     assert "# Evaluation report" in dom and re.search(r'<img src="blob:[^"]+" alt="metrics_bars.png"', dom)
