@@ -116,14 +116,31 @@ def _report_dir(report_dir: str | None) -> Path:
 
 def report_summary(report_dir: str | None) -> dict[str, Any]:
     """The report's markdown, its plots and the filters the prediction browser offers."""
-    import pandas as pd
-
     root = _report_dir(report_dir)
-    rows = pd.read_parquet(root / "predictions.parquet", columns=["dataset", "model", "condition"])
+    rows = _predictions(root)
     return {"report_md": (root / "report.md").read_text(),
             "plots": sorted(p.name for p in root.glob("*.png")),
             "filters": {c: sorted(map(str, rows[c].unique())) for c in ("dataset", "model", "condition")},
             "n_predictions": len(rows)}
+
+
+def _predictions(root: Path) -> Any:
+    """``predictions.parquet`` with every browser column; an older run's file lacks some
+    (``condition`` before the image controls, ``claims`` before the claim check): those read
+    as the printout and as no claims."""
+    import pandas as pd
+
+    path = root / "predictions.parquet"
+    if not path.is_file():
+        raise ApiError(404, f"{root} holds no predictions.parquet", param="report_dir",
+                       code="not_found")
+    frame = pd.read_parquet(path)
+    defaults = {"condition": "normal", "answer_mode": "generate", "claims": None,
+                "explanation": "", "error": None, "predicted_letter": None}
+    for column, value in defaults.items():
+        if column not in frame.columns:
+            frame[column] = value
+    return frame[[c for c in ROW_COLUMNS if c in frame.columns]]
 
 
 def report_plot(report_dir: str | None, name: str) -> Path:
@@ -142,17 +159,13 @@ def report_predictions(
 ) -> dict[str, Any]:
     """Prediction rows matching the filters (``contradicted``: only explanations with a claim
     contradicted by the signal), ``limit`` of them from ``offset``, with the total."""
-    import pandas as pd
-
-    root = _report_dir(report_dir)
-    frame = pd.read_parquet(root / "predictions.parquet")
-    frame = frame[[c for c in ROW_COLUMNS if c in frame.columns]]
+    frame = _predictions(_report_dir(report_dir))
     for column, value in (("dataset", dataset), ("model", model), ("condition", condition)):
         if value:
             frame = frame[frame[column] == value]
     if correct is not None:
         frame = frame[(frame["predicted_label"] == frame["true_label"]) == correct]
-    verdicts = [json.loads(c) if isinstance(c, str) and c else [] for c in frame.get("claims", [])]
+    verdicts = [json.loads(c) if isinstance(c, str) and c else [] for c in frame["claims"]]
     n_contradicted = [sum(v.get("verdict") == "contradicted" for v in vs) for vs in verdicts]
     frame = frame.assign(claims=verdicts, contradicted=n_contradicted)
     if contradicted:

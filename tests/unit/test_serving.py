@@ -516,3 +516,23 @@ def test_reading_room_sample_files_stay_inside_the_samples_folder(tmp_path, samp
     assert room.list_samples(str(tmp_path / "none")) == []
     page = room.page_html(auth=True)
     assert '"auth": true' in page and "/*ECGVLM_CONFIG*/" not in page
+
+
+def test_report_view_reads_an_older_runs_predictions(tmp_path):
+    # Before the image controls and the claim check, predictions.parquet had neither
+    # ``condition`` nor ``claims``: the browser shows such rows as printouts without claims.
+    import pandas as pd
+
+    from ecgvlm.serving import room
+
+    (tmp_path / "report.md").write_text("# old report\n")
+    pd.DataFrame([{"sample_id": "d/r1#0", "dataset": "d", "model": "pulse", "true_label": "AF",
+                   "predicted_label": "AF", "explanation": "rate 80."}]).to_parquet(
+        tmp_path / "predictions.parquet")
+    summary = room.report_summary(str(tmp_path))
+    assert summary["filters"]["condition"] == ["normal"] and summary["n_predictions"] == 1
+    rows = room.report_predictions(str(tmp_path), condition="normal", correct=True)
+    assert rows["total"] == 1 and rows["data"][0]["claims"] == [] and rows["data"][0]["contradicted"] == 0
+    (tmp_path / "predictions.parquet").unlink()
+    with pytest.raises(sv.ApiError, match="no predictions.parquet"):
+        room.report_summary(str(tmp_path))
