@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 
-.PHONY: venv test test-unit test-browser demo clean lock
+.PHONY: venv test test-unit test-browser reliability demo clean lock
 
 # The virtualenv's tools first, as in an activated venv and in the test suite: DeepSpeed
 # JIT-builds its CPU comm op with the first `ninja` on PATH, and a switch between the venv's
@@ -34,6 +34,13 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 test-browser: venv
 	command -v chromium >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; }
 	ECGVLM_SCREENSHOT_DIR=$(CURDIR)/docs/images $(PY) -m pytest -q tests/browser
+
+# The reliability suite's long form: many more fuzzed requests (tests/reliability/), then the
+# load benchmark (32 clients for 60 s, 256 in overload, recovery). `make test` runs the
+# suite's short form.
+reliability: venv
+	ECGVLM_FUZZ_EXAMPLES=$${ECGVLM_FUZZ_EXAMPLES:-500} $(PY) -m pytest -q -rP tests/reliability
+	PYTHONPATH=$(CURDIR) $(PY) benchmarks/load.py
 
 test-unit: venv
 	$(PY) -m pytest -q tests/unit

@@ -709,6 +709,7 @@ def build_shard(
         "split": split,
         "file": f"{shard}.parquet",
         "sha256": hashlib.sha256(shard_path.read_bytes()).hexdigest(),
+        "bytes": shard_path.stat().st_size,
         "n_samples": len(rows),
         "n_units": len(units),
         "labels": dict(Counter(lab for r in rows for lab in r["labels"])),
@@ -754,6 +755,9 @@ def _load_marker(out_dir: Path, shard: str, dataset_id: str, need_llava: bool) -
         return None
     if need_llava and not summary.get("llava"):
         return None
+    size = summary.get("bytes")  # markers before it was kept have none
+    if size is not None and (out_dir / f"{shard}.parquet").stat().st_size != size:
+        return None  # truncated or replaced since: built again
     return summary
 
 
@@ -993,6 +997,23 @@ def split_files(output_dir: str | Path, split: str) -> list[Path]:
             f"split {split!r} not in {output_dir}; splits: {', '.join(manifest['splits'])}"
         )
     return [Path(output_dir) / s["file"] for s in manifest["splits"][split]["shards"]]
+
+
+def check_shards_readable(files: Sequence[str | Path]) -> None:
+    """Read each shard's Parquet footer; raise ValueError naming the first that is not a
+    whole Parquet file (cut short by a full disk or an interrupted copy), before any reader
+    fails on it deep inside a pipeline."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for path in files:
+        try:
+            pq.read_metadata(path)
+        except (OSError, pa.ArrowInvalid) as e:
+            raise ValueError(
+                f"{path} is not a readable Parquet shard ({e}); rerun `ecgvlm prepare` with "
+                "the same config: it rebuilds shards that changed since they were written"
+            ) from e
 
 
 def read_shards(files: Sequence[str | Path], **read_kwargs: Any) -> Any:

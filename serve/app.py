@@ -17,7 +17,7 @@ import asyncio
 import hmac
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import replace
 from typing import Any
 
@@ -60,6 +60,19 @@ async def _internal_error(request: Request, e: Exception) -> JSONResponse:
     return JSONResponse(
         sv.error_body(f"internal error ({type(e).__name__})", "server_error"), status_code=500
     )
+
+
+async def _answer(call: Awaitable[Any]) -> Any:
+    """``call``'s result, with Ray's "not now" errors (a deployment over its queue, a replica
+    lost mid-request) raised as the 503 ApiError the client gets, in our error shape."""
+    try:
+        return await call
+    except Exception as e:
+        error = sv.unavailable_error(e)
+        if error is None:
+            raise
+        logger.warning("%s: %s", error.code, e)
+        raise error from e
 
 
 @serve.deployment
@@ -245,13 +258,13 @@ class Gateway:
         return handle
 
     async def _run_pulse(self, route: sv.ModelRoute, req: sv.GenerateRequest) -> sv.GenerateResult:
-        out = await self._pulse_handle(route).generate.remote(req)
+        out = await _answer(self._pulse_handle(route).generate.remote(req))
         if isinstance(out, sv.ApiError):
             raise out
         return out
 
     async def _run_proxy(self, req: sv.ChatCompletionRequest) -> dict[str, Any]:
-        out = await self.proxy.complete.remote(req)
+        out = await _answer(self.proxy.complete.remote(req))
         if "error" in out:
             raise out["error"]
         return out["completion"]
@@ -289,12 +302,12 @@ class Gateway:
     async def report_predictions(self, request: Request) -> dict[str, Any]:
         self._authorize(request)
         q = request.query_params
-        try:
-            correct = {"true": True, "false": False, "": None}[q.get("correct", "").lower()]
-            offset, limit = int(q.get("offset", 0)), int(q.get("limit", 50))
-        except (KeyError, ValueError) as e:
-            raise sv.bad_request(f"correct must be true or false, offset and limit integers "
-                                 f"({e})", param="query") from e
+        flag = q.get("correct", "").lower()
+        if flag not in ("true", "false", ""):
+            raise sv.bad_request(f"correct must be true or false, got {q['correct']!r}",
+                                 param="correct")
+        correct = flag == "true" if flag else None
+        offset, limit = room.query_int(q, "offset", 0), room.query_int(q, "limit", 50)
         return await asyncio.to_thread(
             room.report_predictions, self.args.report_dir, q.get("dataset"), q.get("model"),
             q.get("condition"), correct, q.get("contradicted", "").lower() == "true", offset,
@@ -395,7 +408,7 @@ class Gateway:
             prompt, _ = prompt_from_messages([m.model_dump(exclude_none=True)
                                               for m in req.messages])
         except PromptError as e:
-            raise sv.bad_request(str(e), param="messages") from e
+            raise sv.bad_request(f"messages: {e}", param="messages") from e
         return sv.GenerateRequest(
             prompt=prompt, image=images[0].data if images else None, adapter=route.adapter,
             max_new_tokens=sv.requested_max_tokens(req, self.limits),
@@ -430,7 +443,7 @@ class Gateway:
             gen_req = self._pulse_request(req, route, images)
             gen = self._pulse_handle(route, stream=True).stream.remote(gen_req)
         try:
-            first = await anext(gen, None)
+            first = await _answer(anext(gen, None))
         except BaseException:
             gen.cancel()
             raise
@@ -454,9 +467,11 @@ class Gateway:
         except Exception as e:
             ended = True
             self.usage.add(route.name, error=True)
-            logger.exception("stream of %s failed", route.name)
-            yield sv.error_event(sv.ApiError(500, f"internal error ({type(e).__name__})",
-                                             "server_error"))
+            error = sv.unavailable_error(e)
+            if error is None:
+                logger.exception("stream of %s failed", route.name)
+                error = sv.ApiError(500, f"internal error ({type(e).__name__})", "server_error")
+            yield sv.error_event(error)
         finally:
             if not ended:
                 gen.cancel()

@@ -246,6 +246,12 @@ def read_split_meta(files: list[Path], columns: Iterable[str] = SPLIT_META_COLUM
     """
     import pyarrow.dataset as pads
 
+    from ecgvlm.dataset import check_shards_readable
+
+    try:
+        check_shards_readable(files)
+    except ValueError as e:
+        raise EvaluationError(str(e)) from e
     dataset = pads.dataset([str(f) for f in files], format="parquet")
     columns = list(columns)
     missing = [c for c in columns if c not in dataset.schema.names]

@@ -77,6 +77,7 @@ from ecgvlm.serving.errors import (
     check_body_size,
     error_body,
     parse_json_body,
+    unavailable_error,
     validation_error,
 )
 from ecgvlm.serving.limits import (
@@ -220,6 +221,7 @@ __all__ = [
     "select_window",
     "split_explanation",
     "sse_event",
+    "unavailable_error",
     "usage_json",
     "validation_error",
 ]

@@ -61,6 +61,11 @@ class ReplicaArgs(BaseModel):
     num_cpus: float = Field(0.5, ge=0)
     num_gpus: float = Field(0.0, ge=0)
     max_ongoing_requests: int = Field(64, ge=1)
+    #: Requests each caller (the HTTP proxy, the gateway) holds for this deployment while
+    #: every replica has ``max_ongoing_requests``; more are shed at once with a 503 and
+    #: ``Retry-After: retry_after_s`` instead of waiting without bound. -1: no limit.
+    max_queued_requests: int = Field(-1, ge=-1)
+    retry_after_s: float = Field(1.0, gt=0)
 
     def deployment_options(self, num_gpus: float | None = None) -> dict[str, Any]:
         """Keyword arguments for ``Deployment.options`` (``num_gpus`` overrides the field)."""
@@ -68,6 +73,8 @@ class ReplicaArgs(BaseModel):
         opts: dict[str, Any] = {
             "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": num_gpus},
             "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "backpressure_config": {"status_code": 503, "retry_after_s": self.retry_after_s},
         }
         if self.autoscaling is not None:
             opts["autoscaling_config"] = self.autoscaling.model_dump()
@@ -85,6 +92,8 @@ class PulseReplicaArgs(ReplicaArgs):
 
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float | Literal["auto"] = "auto"  # type: ignore[assignment]
+    # A batch of 8 answers at a time: 64 more waiting is already 8 batches of explanations.
+    max_queued_requests: int = Field(64, ge=-1)
 
     @model_validator(mode="after")
     def _gpus_not_negative(self) -> PulseReplicaArgs:

@@ -143,6 +143,13 @@ def parse_chat_request(body: bytes, limits: ServeLimits) -> ChatCompletionReques
     data = parse_json_body(body)
     if not isinstance(data, dict):
         raise bad_request("request body must be a JSON object", code="invalid_json")
+    messages = data.get("messages")
+    if isinstance(messages, list) and len(messages) > limits.max_messages:
+        # Before validation: a 2 MB array of a million numbers would otherwise cost the
+        # ingress a million validation errors (~170 MB) to refuse.
+        raise bad_request(
+            f"{len(messages)} messages; the limit is {limits.max_messages}", param="messages"
+        )
     try:
         req = ChatCompletionRequest.model_validate(data)
     except ValidationError as e:
@@ -159,10 +166,6 @@ def parse_chat_request(body: bytes, limits: ServeLimits) -> ChatCompletionReques
                           param="guided_choice")
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("top_logprobs needs logprobs: true", param="top_logprobs")
-    if len(req.messages) > limits.max_messages:
-        raise bad_request(
-            f"{len(req.messages)} messages; the limit is {limits.max_messages}", param="messages"
-        )
     tokens = req.max_completion_tokens or req.max_tokens
     if tokens is not None and tokens > limits.max_tokens:
         which = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"

@@ -98,11 +98,37 @@ def validation_error(e: ValidationError) -> ApiError:
     return bad_request(message, param=param, code=err["type"])
 
 
+#: Deepest nesting of arrays and objects a request body may have. Ours need 6 (a chat
+#: message's content part's image URL); a deeper body is refused before it can exhaust the
+#: parser's or the validator's recursion.
+MAX_JSON_DEPTH = 32
+
+
+def _json_depth(value: Any) -> int:
+    depth, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, (dict, list)):
+            depth = max(depth, level)
+            if level > MAX_JSON_DEPTH:
+                break
+            stack.extend((v, level + 1) for v in (item.values() if isinstance(item, dict)
+                                                   else item))
+    return depth
+
+
 def parse_json_body(body: bytes) -> Any:
+    too_deep = bad_request(f"request body nests arrays or objects deeper than "
+                           f"{MAX_JSON_DEPTH} levels", code="invalid_json")
     try:
-        return json.loads(body)
+        data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise bad_request(f"request body is not valid JSON: {e}", code="invalid_json") from e
+    except RecursionError as e:
+        raise too_deep from e
+    if _json_depth(data) > MAX_JSON_DEPTH:
+        raise too_deep
+    return data
 
 
 def check_body_size(n_bytes: int, limits: ServeLimits) -> None:
@@ -112,3 +138,36 @@ def check_body_size(n_bytes: int, limits: ServeLimits) -> None:
             f"request body is {n_bytes} bytes; the limit is {limits.max_body_bytes} bytes",
             code="body_too_large",
         )
+
+
+#: Retry-After of a 503 for a model replica that died mid-request: Serve starts a new one,
+#: which takes a few seconds on the tiny model and a minute or more for PULSE-7B on a GPU.
+REPLICA_LOST_RETRY_AFTER_S = 5.0
+
+
+def unavailable_error(e: BaseException) -> ApiError | None:
+    """The 503 (or 429) for Ray's errors that mean "not now" rather than a bug, else None.
+
+    A deployment over its ``max_queued_requests`` (Serve's ``BackPressureError``, with the
+    status and ``Retry-After`` its ``backpressure_config`` asks for), a replica that died or
+    is unreachable mid-request (Serve restarts it; the request is not retried because it may
+    have run), and a deployment that failed to start are answered so that a client retries,
+    not with a 500 and a traceback in the log.
+    """
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    if isinstance(e, BackPressureError):
+        return ApiError(
+            e.status_code, f"the model is at capacity ({e.message}): retry later",
+            "rate_limit_error" if e.status_code == 429 else "service_unavailable",
+            code="overloaded", retry_after_s=e.retry_after_s or 1.0)
+    if isinstance(e, RayActorError):  # ActorDiedError, ActorUnavailableError
+        return ApiError(
+            503, f"the model replica was lost while answering ({type(e).__name__}); it is "
+            "being restarted: retry", "service_unavailable", code="replica_unavailable",
+            retry_after_s=REPLICA_LOST_RETRY_AFTER_S)
+    if isinstance(e, DeploymentUnavailableError):
+        return ApiError(503, f"the model is not available: {e}", "service_unavailable",
+                        code="model_unavailable", retry_after_s=REPLICA_LOST_RETRY_AFTER_S)
+    return None

@@ -13,6 +13,7 @@ sample list, and a sample's files resolved safely.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -81,15 +82,15 @@ def sample_file(root: str | None, name: str) -> Path:
             ``root`` or a file type the page never asks for.
     """
     if root is None:
-        raise ApiError(404, "this endpoint offers no sample records (samples_dir)",
+        raise ApiError(404, "name: this endpoint offers no sample records (samples_dir)",
                        param="name", code="not_found")
     base = Path(root).resolve()
     path = (base / name).resolve()
     if not path.is_relative_to(base) or path.suffix not in SAMPLE_SUFFIXES:
-        raise ApiError(400, f"{name!r} is not a sample record's file (a .hea, .dat, .mat or "
+        raise ApiError(400, f"name: {name!r} is not a sample record's file (a .hea, .dat, .mat or "
                        ".atr under the samples folder)", param="name", code="invalid_name")
     if not path.is_file():
-        raise ApiError(404, f"no sample file {name!r}", param="name", code="not_found")
+        raise ApiError(404, f"name: no sample file {name!r}", param="name", code="not_found")
     return path
 
 
@@ -105,11 +106,11 @@ ROW_COLUMNS: tuple[str, ...] = ("sample_id", "dataset", "model", "answer_mode", 
 
 def _report_dir(report_dir: str | None) -> Path:
     if report_dir is None:
-        raise ApiError(404, "this endpoint was started without a report directory "
+        raise ApiError(404, "report_dir: this endpoint was started without a report directory "
                        "(ecgvlm serve --report-dir DIR)", param="report_dir", code="not_found")
     root = Path(report_dir)
     if not (root / "report.md").is_file():
-        raise ApiError(404, f"{report_dir} holds no report.md (an evaluation's output_dir)",
+        raise ApiError(404, f"report_dir: {report_dir} holds no report.md (an evaluation's output_dir)",
                        param="report_dir", code="not_found")
     return root
 
@@ -132,7 +133,7 @@ def _predictions(root: Path) -> Any:
 
     path = root / "predictions.parquet"
     if not path.is_file():
-        raise ApiError(404, f"{root} holds no predictions.parquet", param="report_dir",
+        raise ApiError(404, f"report_dir: {root} holds no predictions.parquet", param="report_dir",
                        code="not_found")
     frame = pd.read_parquet(path)
     defaults = {"condition": "normal", "answer_mode": "generate", "claims": None,
@@ -148,8 +149,20 @@ def report_plot(report_dir: str | None, name: str) -> Path:
     root = _report_dir(report_dir)
     path = root / name
     if "/" in name or "\\" in name or path.suffix != ".png" or not path.is_file():
-        raise ApiError(404, f"the report has no plot {name!r}", param="name", code="not_found")
+        raise ApiError(404, f"name: the report has no plot {name!r}", param="name", code="not_found")
     return path
+
+
+def query_int(params: Mapping[str, str], name: str, default: int) -> int:
+    """The integer query parameter ``name`` (``default`` when absent), or a 400 naming it."""
+    value = params.get(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ApiError(400, f"{name} must be an integer, got {value!r}", param=name,
+                       code="invalid_query") from None
 
 
 def report_predictions(
@@ -186,11 +199,12 @@ def report_printout(report_dir: str | None, sample_id: str) -> bytes:
     data_dir, split = config.get("data_dir"), config.get("split", "test")
     folder = Path(str(data_dir)) / str(split) if data_dir else None
     if folder is None or not folder.is_dir():
-        raise ApiError(404, f"the prepared split the report read ({folder}) is not here",
+        raise ApiError(404, f"sample_id: the prepared split the report read ({folder}) is "
+                       "not here",
                        param="sample_id", code="not_found")
     table = pads.dataset(str(folder), format="parquet").to_table(
         columns=["png"], filter=pads.field("sample_id") == sample_id)
     if not table.num_rows:
-        raise ApiError(404, f"no sample {sample_id!r} in {folder}", param="sample_id",
+        raise ApiError(404, f"sample_id: no sample {sample_id!r} in {folder}", param="sample_id",
                        code="not_found")
     return table.column("png")[0].as_py()

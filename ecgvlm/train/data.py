@@ -67,7 +67,7 @@ def check_training_data(config: TrainConfig) -> DataSummary:
     import pyarrow.parquet as pq
 
     from ecgvlm.adapter import hash_file
-    from ecgvlm.dataset import MANIFEST_NAME, read_manifest
+    from ecgvlm.dataset import MANIFEST_NAME, check_shards_readable, read_manifest
 
     rows: dict[str, int] = {}
     files: dict[str, list[str]] = {}
@@ -75,6 +75,10 @@ def check_training_data(config: TrainConfig) -> DataSummary:
     for split in (config.train_split, config.val_split):
         paths = split_files(config.data_dir, split)
         files[split] = [str(p) for p in paths]
+        try:
+            check_shards_readable(paths)
+        except ValueError as e:
+            raise TrainDataError(f"split {split!r}: {e}") from e
         n = 0
         for path in paths:
             meta = pq.ParquetFile(path)

@@ -406,11 +406,7 @@ def test_killed_run_resumes_without_redoing_or_duplicating(ray_local, split_dir,
     out = tmp_path / "eval"
     total = 2 * len(ROWS)
 
-    def slow(request):
-        time.sleep(0.3)  # 32 requests at concurrency 2 take >= 5 s: time to kill midway
-        return endpoint_responder(request)
-
-    with FakeOpenAIServer(slow, models=("pulse", "pulse-lora")) as endpoint:
+    with FakeOpenAIServer(slow_endpoint_responder, models=("pulse", "pulse-lora")) as endpoint:
         cfg = _config(split_dir, out, endpoint.base_url, None, flush_every=1, batch_size=2,
                       models=["pulse", "pulse-lora"])
         cfg["judge"] = {"enabled": False}
@@ -461,6 +457,69 @@ def test_killed_run_resumes_without_redoing_or_duplicating(ray_local, split_dir,
     assert list((out / "predictions").glob("*.parquet")) == []
 
 
+def slow_endpoint_responder(request):
+    time.sleep(0.3)  # 32 requests at concurrency 2 take >= 5 s: time to kill midway
+    return endpoint_responder(request)
+
+
+#: The fake endpoint in a process of its own (so that it can be killed): prints its port.
+_ENDPOINT_PROCESS = (
+    "import sys, time\n"
+    "from tests.fakes.openai_server import FakeOpenAIServer\n"
+    "from tests.integration.test_evaluate import slow_endpoint_responder\n"
+    "server = FakeOpenAIServer(slow_endpoint_responder, models=('pulse', 'pulse-lora')).start()\n"
+    "print(server.port, flush=True)\n"
+    "time.sleep(3600)\n"
+)
+
+
+def test_endpoint_killed_mid_run_and_restarted_the_rerun_asks_only_what_failed(
+    ray_local, split_dir, tmp_path
+):
+    """The endpoint's process is killed once the first answers are stored: the job's retries
+    give up on what is left, which is stored as errors (the run still finishes); an endpoint
+    comes back at the same address and the rerun asks exactly those again."""
+    out = tmp_path / "eval"
+    total = 2 * len(ROWS)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    endpoint = subprocess.Popen([sys.executable, "-c", _ENDPOINT_PROCESS], cwd=REPO, env=env,
+                                stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(endpoint.stdout.readline())
+        cfg = _config(split_dir, out, f"http://127.0.0.1:{port}/v1", None, flush_every=1,
+                      batch_size=2, models=["pulse", "pulse-lora"])
+        cfg["judge"] = {"enabled": False}
+        cfg_path = tmp_path / "eval.yaml"
+        cfg_path.write_text(yaml.safe_dump(cfg))
+        job = subprocess.Popen(
+            [sys.executable, "-m", "jobs.evaluate", "--config", str(cfg_path)], cwd=REPO,
+            env={**env, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address},
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and job.poll() is None:
+            if list((out / "predictions").glob("part-*.parquet")):
+                break
+            time.sleep(0.02)
+    finally:
+        endpoint.kill()
+        endpoint.wait(timeout=30)
+    _, stderr = job.communicate(timeout=300)
+    assert job.returncode == 0, stderr[-3000:]
+    stored = PredictionStore(out).load()
+    failed = stored[stored["error"].notna()]
+    assert len(stored) == total and 0 < len(failed) < total, stored["error"].value_counts()
+    with FakeOpenAIServer(endpoint_responder, models=("pulse", "pulse-lora"),
+                          port=port) as restarted:
+        evaluate(config_from_dict(EvalConfig, cfg))
+        asked_again = {(re.search(r"ECG (\S+) show", r.json["messages"][-1]["content"][-1]["text"])
+                        .group(1), r.json["model"]) for r in restarted.chat_requests}
+    assert asked_again == set(zip(failed["sample_id"], failed["model"]))
+    assert len(restarted.chat_requests) == len(failed)
+    pred = pd.read_parquet(out / "predictions.parquet")
+    assert len(pred) == total and not pred.duplicated(["sample_id", "model"]).any()
+    assert pred["error"].isna().all()
+
+
 def test_chat_client_retries_backoff_and_gives_up():
     with FakeOpenAIServer(lambda req: "The answer is C.") as server:
         client = ChatClient(server.base_url, timeout_s=0.5, max_retries=4, backoff_s=0.01)
@@ -496,9 +555,9 @@ def test_evaluate_against_the_real_endpoint_with_the_tiny_model(
     from ray import serve
 
     from serve.app import build_app
-    from tests.integration.test_serve import _make_adapter
+    from tests.fakes.adapters import make_random_adapter
 
-    adapter = _make_adapter(tiny_pulse_dir, tmp_path / "lora", seed=1)
+    adapter = make_random_adapter(tiny_pulse_dir, tmp_path / "lora", seed=1)
     port = _free_port()
     serve.shutdown()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -47,3 +47,22 @@ def test_job_reports_library_error_in_one_line(module, command, args, named, tmp
     # From the repository root, as the docs run them; outputs would go to runs/ (none written).
     done = _run(["-m", module, *args], cwd=ROOT)
     _assert_one_line_error(done, command, named)
+
+
+@pytest.mark.integration
+def test_a_shard_cut_short_after_prepare_is_named_by_train_and_evaluate(tmp_path, tiny_pulse_dir):
+    from tests.unit.test_train import write_prepared
+
+    data = write_prepared(tmp_path / "prepared", {"train": 4, "val": 4, "test": 4})
+    for split in ("val", "test"):
+        shard = next((data / split).glob("*.parquet"))
+        shard.write_bytes(shard.read_bytes()[:500])
+    done = _run(["-m", "jobs.train", "--config", "configs/train_tiny_cpu.yaml",
+                 f"data_dir={data}", f"model_dir={tiny_pulse_dir}",
+                 f"storage_path={tmp_path / 'runs'}", f"output_dir={tmp_path / 'adapter'}"],
+                cwd=ROOT)
+    _assert_one_line_error(done, "train", f"{data}/val/part-00000.parquet is not a readable")
+    done = _run(["-m", "jobs.evaluate", "--config", "configs/evaluate_demo.yaml",
+                 f"data_dir={data}", f"output_dir={tmp_path / 'eval'}", "--num-cpus", "1"],
+                cwd=ROOT)
+    _assert_one_line_error(done, "evaluate", f"{data}/test/part-00000.parquet is not a readable")

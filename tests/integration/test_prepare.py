@@ -191,6 +191,10 @@ def test_rerun_skips_finished_shards_and_rebuilds_identical_ones(prepared):
     marker.write_text(json.dumps({k: v for k, v in old.items() if k != "format"}))
     assert prepare_dataset(config).shards_written == 1
     assert json.loads(marker.read_text())["format"] == old["format"] and _sha(shard) == digest
+    # A shard cut short after its marker was written (a full disk, a bad copy) is built
+    # again, not taken as finished.
+    shard.write_bytes(shard.read_bytes()[:1000])
+    assert prepare_dataset(config).shards_written == 1 and _sha(shard) == digest
 
 
 def test_a_different_config_does_not_mix_into_the_folder(prepared, sources):

@@ -53,7 +53,7 @@ ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 #: README.md first, then the docs in the order the README links them.
 DOCS = ["README.md", "docs/data.md", "docs/measure.md", "docs/render.md", "docs/prepare.md", "docs/model.md",
-        "docs/train.md", "docs/serve.md", "docs/evaluate.md"]
+        "docs/train.md", "docs/serve.md", "docs/evaluate.md", "docs/reliability.md"]
 BLOCK = re.compile(
     r"(?:<!-- readme-test: (?P<mark>[^\n]*?) -->[ \t]*\n)?"
     r"^(?P<indent>[ \t]*)```(?P<lang>[a-z]*)\n(?P<body>.*?)^(?P=indent)```",

@@ -29,6 +29,7 @@ import requests
 pytestmark = pytest.mark.integration
 
 from ecgvlm import serving as sv
+from tests.fakes.adapters import make_random_adapter
 from tests.fakes.mcq_split import sample_rows, write_report_dir
 from tests.fakes.openai_server import FakeOpenAIServer, Reply
 
@@ -62,25 +63,6 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _make_adapter(model_dir: Path, out: Path, seed: int) -> Path:
-    """The study's LoRA adapter (``attach_lora``: r=4, alpha=8, bias=lora_only, language
-    model only) with random instead of zero B matrices, so it changes the output as a
-    trained one does."""
-    import torch
-
-    from ecgvlm.model import attach_lora, load_pulse, save_adapter
-
-    model, _ = load_pulse(model_dir)
-    torch.manual_seed(seed)  # lora_A's initialisation
-    peft_model = attach_lora(model)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
-    return save_adapter(peft_model, out)
-
-
 @pytest.fixture(scope="module")
 def record(samples_dir):
     from ecgvlm.signal import read_record
@@ -106,8 +88,8 @@ def endpoint(ray_local, tiny_pulse_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     model_dir = tiny_pulse_dir
     adapters = {
-        "cpsc": str(_make_adapter(model_dir, root / "lora-cpsc", seed=1)),
-        "chapman": str(_make_adapter(model_dir, root / "lora-chapman", seed=2)),
+        "cpsc": str(make_random_adapter(model_dir, root / "lora-cpsc", seed=1)),
+        "chapman": str(make_random_adapter(model_dir, root / "lora-chapman", seed=2)),
     }
     fake = FakeOpenAIServer(_upstream_answer)
     fake.start()
@@ -570,7 +552,9 @@ def test_reading_room_report_view_serves_the_evaluation(endpoint):
     assert contradicted["total"] == 2 * len(want) and all(c["contradicted"] == 1 for c in contradicted["data"])
     assert rows(limit=3, offset=15)["data"][0]["claims"][0]["verdict"] in ("supported", "contradicted")
     bad = requests.get(f"{url}/v1/report/predictions", params={"correct": "maybe"}, timeout=30)
-    assert bad.status_code == 400 and bad.json()["error"]["param"] == "query"
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "correct"
+    bad = requests.get(f"{url}/v1/report/predictions", params={"limit": "ten"}, timeout=30)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "limit"
     from urllib.parse import quote
 
     sid = REPORT_ROWS[1]["sample_id"]  # "cpsc2018/r001#0": the "#" is sent encoded

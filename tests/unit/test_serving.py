@@ -536,3 +536,23 @@ def test_report_view_reads_an_older_runs_predictions(tmp_path):
     (tmp_path / "predictions.parquet").unlink()
     with pytest.raises(sv.ApiError, match="no predictions.parquet"):
         room.report_summary(str(tmp_path))
+
+
+def test_rays_not_now_errors_are_503s_with_retry_after_and_bugs_are_not():
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    shed = sv.unavailable_error(BackPressureError(num_queued_requests=8, max_queued_requests=8,
+                                                  retry_after_s=2.5))
+    assert (shed.status, shed.code, shed.headers()) == (503, "overloaded", {"Retry-After": "3"})
+    assert "max_queued_requests=8" in shed.message
+    limited = sv.unavailable_error(BackPressureError(1, 1, status_code=429))
+    assert (limited.status, limited.type, limited.headers()) == (
+        429, "rate_limit_error", {"Retry-After": "1"})
+    for lost in (ActorDiedError(), ActorUnavailableError("gone", None)):
+        error = sv.unavailable_error(lost)
+        assert (error.status, error.code) == (503, "replica_unavailable")
+        assert error.headers() == {"Retry-After": "5"}
+    assert sv.unavailable_error(DeploymentUnavailableError("PulseModel")).status == 503
+    assert sv.unavailable_error(ValueError("a bug")) is None
+    assert sv.unavailable_error(KeyError("a bug")) is None
