@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import sys
 from collections.abc import Callable, Iterator
 
@@ -354,6 +355,13 @@ def _ray_for_job(address: str | None, num_cpus: int | None) -> Iterator[None]:
         ray.shutdown()
 
 
+#: Errors of a folder a job cannot write (full, read-only, not a folder, not ours): the
+#: message names the path, and the fix is the user's ("[Errno 28] No space left on device:
+#: '.../part-00003.parquet'").
+_STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES,
+                             errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EEXIST})
+
+
 def is_user_error(error: BaseException) -> bool:
     """Whether ``error`` is bad input or a failed precondition the user can fix.
 
@@ -362,6 +370,8 @@ def is_user_error(error: BaseException) -> bool:
     endpoint); both are reported in one line. Anything else is a bug and keeps its traceback.
     """
     if isinstance(error, (ValueError, FileNotFoundError)):
+        return True
+    if isinstance(error, OSError) and error.errno in _STORAGE_ERRNOS:
         return True
     return isinstance(error, RuntimeError) and type(error).__module__.startswith("ecgvlm.")
 

@@ -833,6 +833,7 @@ def prepare_dataset(config: PrepareConfig) -> PrepareResult:
 
     _data_context_quiet()
     out_dir = Path(config.output_dir).expanduser().resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)  # not a folder we can write: said before the scan
     started = time.time()
     units, scan_rejects, items = scan(config)
     scan_s = time.time() - started

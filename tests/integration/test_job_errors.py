@@ -42,6 +42,11 @@ def _assert_one_line_error(done: subprocess.CompletedProcess[str], command: str,
      "no/such/prepared"),
     ("jobs.demo", "demo", ["--prepare-config", "no/such/prepare.yaml", "--num-cpus", "1"],
      "no/such/prepare.yaml"),
+    # An output folder that cannot be written (here: under a file; a full or read-only disk
+    # is the same kind of OSError): one line naming it.
+    ("jobs.prepare", "prepare", ["--config", "configs/prepare_demo.yaml",
+                                 "output_dir=README.md/prepared", "--num-cpus", "1"],
+     "Not a directory: '" + str(ROOT / "README.md" / "prepared")),
 ])
 def test_job_reports_library_error_in_one_line(module, command, args, named, tmp_path):
     # From the repository root, as the docs run them; outputs would go to runs/ (none written).

@@ -139,6 +139,23 @@ def test_library_errors_are_one_line_with_status_2(capsys):
         report_user_errors("evaluate", _raise(KeyError("bug")))
 
 
+def test_a_folder_that_cannot_be_written_is_one_line_naming_it(capsys):
+    import errno
+
+    import pytest
+
+    from ecgvlm.cli import report_user_errors
+
+    full = OSError(errno.ENOSPC, "No space left on device", "/data/prepared/train/part-3.parquet")
+    assert report_user_errors("prepare", _raise(full)) == 2
+    assert capsys.readouterr().err == (
+        "ecgvlm prepare: error: [Errno 28] No space left on device: "
+        "'/data/prepared/train/part-3.parquet'\n")
+    # Other OS errors (a connection reset, a bug's EBADF) keep their traceback.
+    with pytest.raises(ConnectionResetError):
+        report_user_errors("prepare", _raise(ConnectionResetError(errno.ECONNRESET, "reset")))
+
+
 def test_an_error_raised_in_a_ray_task_is_reported_as_its_cause(capsys):
     import traceback
 
