@@ -234,6 +234,11 @@ def run_training(config: TrainConfig, resume: bool = False) -> Any:
 
     if not ray.is_initialized():
         raise RuntimeError("run_training needs a connected Ray (ray.init) first")
+    finished = _finished_run(config) if resume else None
+    if finished is not None:  # nothing left to train: no worker is started
+        print(f"[jobs.train] run {config.run_name!r} already reached max_steps "
+              f"{config.max_steps}; nothing to resume", flush=True)
+        return _export_best_adapter(config, finished)
     wait_for_resources(config)
 
     # The loop prints its own metric lines; Ray Data's bars would interleave with them.
@@ -266,7 +271,29 @@ def run_training(config: TrainConfig, resume: bool = False) -> Any:
         datasets=datasets,
         dataset_config=_data_config(),
     )
-    result = trainer.fit()
+    return _export_best_adapter(config, trainer.fit())
+
+
+def _finished_run(config: TrainConfig) -> Any:
+    """The run's Ray Train ``Result`` when it already reached ``max_steps``, else None."""
+    import logging
+
+    from ray.train import Result
+
+    # Reading the run logs Ray Train's "a run snapshot was found ... will be loaded" notice,
+    # which is about a resumed training function: none starts here.
+    quiet = logging.getLogger("ray.train.v2._internal.execution.checkpoint.checkpoint_manager")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    try:
+        result = Result.from_path(str(config.run_dir()))
+    finally:
+        quiet.setLevel(level)
+    return result if (result.metrics or {}).get("step", -1) >= config.max_steps else None
+
+
+def _export_best_adapter(config: TrainConfig, result: Any) -> Any:
+    """Copy the best checkpoint's adapter to ``config.output_dir``; return ``result``."""
     best = result.get_best_checkpoint(
         config.checkpoint_score_attribute, config.checkpoint_score_order
     ) or result.checkpoint

@@ -9,6 +9,7 @@ of the tiny config, and of its ``--resume``, is run by the README walk, test_rea
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -137,6 +138,18 @@ def test_adapter_loads_with_peft_and_changes_the_output(trained, tiny_pulse_dir,
     assert not torch.allclose(before.logits, after.logits, atol=1e-4)
     # Trained on these very answers, the adapter must lower their loss.
     assert float(after.loss) < float(before.loss)
+
+
+def test_resuming_a_finished_run_trains_nothing_and_exports_its_best_adapter(trained) -> None:
+    from ecgvlm.train import run_training
+
+    config = trained["config"]
+    history = _history(config)
+    shutil.rmtree(config.output_dir)
+    result = run_training(config, resume=True)
+    assert result.metrics["step"] == MAX_STEPS
+    assert _history(config) == history  # no step ran again
+    assert (Path(config.output_dir) / "ecgvlm.json").is_file()
 
 
 def test_resubmitting_needs_resume_and_the_runs_schedule(trained, capsys) -> None:
