@@ -222,3 +222,50 @@ def test_cli_prepare_with_llava_format(ray_local, sources, tmp_path, capsys):
         assert human["from"] == "human" and human["value"].startswith("<image>\n")
         assert gpt["from"] == "gpt" and gpt["value"].startswith("The answer is ")
     assert read_manifest(tmp_path / "out")["config"]["seed"] == 3
+
+
+def test_a_killed_prepare_keeps_its_finished_shards_and_a_rerun_completes_them(
+    ray_local, prepared, sources, tmp_path
+):
+    """``jobs.prepare`` killed (SIGKILL) once its first shard is finished: the rerun keeps
+    that shard, builds the rest, and ends with the same data set as an uninterrupted run
+    (byte-identical shards, each listed once)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from ecgvlm.config import save_config
+
+    config, first = prepared
+    out = tmp_path / "killed"
+    killed_config = _config(sources, out)
+    save_config(killed_config, tmp_path / "prepare.yaml")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+           "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    job = subprocess.Popen([sys.executable, "-m", "jobs.prepare", "--config",
+                            str(tmp_path / "prepare.yaml")], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline and job.poll() is None:
+            if list(out.glob("*/*.done.json")):
+                break
+            time.sleep(0.05)
+    finally:
+        job.send_signal(signal.SIGKILL)
+        job.wait(timeout=30)
+    finished = sorted(p.name for p in out.glob("*/*.done.json"))
+    total = sum(len(s["shards"]) for s in first.manifest["splits"].values())
+    assert 1 <= len(finished) < total, (finished, job.stderr.read()[-2000:])
+    assert not (out / "manifest.json").exists()  # killed before the end
+
+    again = prepare_dataset(killed_config)
+    assert again.shards_skipped >= len(finished)
+    assert again.shards_written + again.shards_skipped == total
+    assert again.manifest["splits"] == first.manifest["splits"]
+    for split in config.splits:
+        ours, theirs = split_files(out, split), split_files(config.output_dir, split)
+        assert [p.name for p in ours] == [p.name for p in theirs]
+        assert [_sha(p) for p in ours] == [_sha(p) for p in theirs]
