@@ -12,6 +12,7 @@ sample list, and a sample's files resolved safely.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping
 from importlib import resources
@@ -126,22 +127,36 @@ def report_summary(report_dir: str | None) -> dict[str, Any]:
 
 
 def _predictions(root: Path) -> Any:
-    """``predictions.parquet`` with every browser column; an older run's file lacks some
-    (``condition`` before the image controls, ``claims`` before the claim check): those read
-    as the printout and as no claims."""
-    import pandas as pd
-
+    """``predictions.parquet`` with every browser column, ``claims`` parsed and each row's
+    count of ``contradicted`` claims; read once per version of the file (the page asks for a
+    page of rows at a time, an evaluation's rerun replaces the file)."""
     path = root / "predictions.parquet"
     if not path.is_file():
         raise ApiError(404, f"report_dir: {root} holds no predictions.parquet", param="report_dir",
                        code="not_found")
-    frame = pd.read_parquet(path)
+    stat = path.stat()
+    return _read_predictions(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _read_predictions(path: str, mtime_ns: int, size: int) -> Any:
+    """The browser's columns of ``path`` (``mtime_ns`` and ``size`` key the cache). An older
+    run's file lacks some (``condition`` before the image controls, ``claims`` before the
+    claim check): those read as the printout and as no claims."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    present = set(pq.read_schema(path).names)
+    frame = pd.read_parquet(path, columns=[c for c in ROW_COLUMNS if c in present])
     defaults = {"condition": "normal", "answer_mode": "generate", "claims": None,
                 "explanation": "", "error": None, "predicted_letter": None}
     for column, value in defaults.items():
         if column not in frame.columns:
             frame[column] = value
-    return frame[[c for c in ROW_COLUMNS if c in frame.columns]]
+    verdicts = [json.loads(c) if isinstance(c, str) and c else [] for c in frame["claims"]]
+    return frame[list(ROW_COLUMNS)].assign(
+        claims=verdicts,
+        contradicted=[sum(v.get("verdict") == "contradicted" for v in vs) for vs in verdicts])
 
 
 def report_plot(report_dir: str | None, name: str) -> Path:
@@ -178,9 +193,6 @@ def report_predictions(
             frame = frame[frame[column] == value]
     if correct is not None:
         frame = frame[(frame["predicted_label"] == frame["true_label"]) == correct]
-    verdicts = [json.loads(c) if isinstance(c, str) and c else [] for c in frame["claims"]]
-    n_contradicted = [sum(v.get("verdict") == "contradicted" for v in vs) for vs in verdicts]
-    frame = frame.assign(claims=verdicts, contradicted=n_contradicted)
     if contradicted:
         frame = frame[frame["contradicted"] > 0]
     limit = max(1, min(int(limit), MAX_ROWS))

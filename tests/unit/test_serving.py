@@ -556,3 +556,27 @@ def test_rays_not_now_errors_are_503s_with_retry_after_and_bugs_are_not():
     assert sv.unavailable_error(DeploymentUnavailableError("PulseModel")).status == 503
     assert sv.unavailable_error(ValueError("a bug")) is None
     assert sv.unavailable_error(KeyError("a bug")) is None
+
+
+def test_report_rows_are_read_once_per_version_of_predictions_parquet(tmp_path):
+    import os
+
+    import pandas as pd
+
+    from ecgvlm.serving import room
+    from tests.fakes.mcq_split import sample_rows, write_report_dir
+
+    root = write_report_dir(tmp_path / "report", sample_rows(2))
+    first = room.report_predictions(str(root), limit=500)
+    reads = room._read_predictions.cache_info().misses
+    assert room.report_predictions(str(root), model="pulse", limit=500)["total"] < first["total"]
+    assert room._read_predictions.cache_info().misses == reads  # filtered from the cache
+    # A rerun of the evaluation replaces the file: the next request reads the new one.
+    path = root / "predictions.parquet"
+    frame = pd.read_parquet(path)
+    frame.iloc[:3].to_parquet(path)
+    os.utime(path, ns=(0, path.stat().st_mtime_ns + 1_000_000))
+    assert room.report_predictions(str(root), limit=500)["total"] == 3
+    claims = first["data"][0]["claims"]
+    assert isinstance(claims, list) and first["data"][0]["contradicted"] == sum(
+        c["verdict"] == "contradicted" for c in claims)
