@@ -2,8 +2,8 @@
 
 The first test lays out a directory as docs/train.md does (``configs/``, ``runs/tiny-pulse``,
 ``runs/prepared-tiny``) and runs ``jobs.train`` from there with the shipped config's relative
-paths: Ray Train workers run in a directory of their own, so every path must be made absolute
-before they start. The others check that a run the cluster cannot hold (a 2-CPU Ray, CPUs
+paths (Ray Train workers run in a directory of their own, so every path must be made absolute
+before they start), kills its driver mid-run and resumes it. The others check that a run the cluster cannot hold (a 2-CPU Ray, CPUs
 held by other work) fails with a one-line reason instead of hanging.
 """
 
@@ -54,24 +54,40 @@ def user_dir(tmp_path: Path, tiny_pulse_dir: Path) -> Path:
 def test_relative_paths_and_resume_from_the_users_directory(
     ray_local, user_dir: Path, monkeypatch
 ) -> None:
-    """``python -m jobs.train`` and ``--resume`` with the shipped config's relative paths,
-    run from the user's directory; the Ray Train workers run in directories of their own."""
+    """``python -m jobs.train`` with the shipped config's relative paths, run from the user's
+    directory, its driver killed (SIGKILL) after the step-2 checkpoint; ``--resume`` from the
+    same directory reaches the configured steps. The Ray Train workers run in directories of
+    their own."""
     from jobs.train import main
 
-    monkeypatch.chdir(user_dir)
-    # Rank 1 dies at step 3 (after the step-2 checkpoint) and the run is not retried; the
-    # --resume below then finishes it. fail_marker is a relative path too.
-    common = ["--config", "configs/train_tiny_cpu.yaml", "max_steps=4", "eval_every_steps=2",
-              "log_every_steps=1", "fail_marker=runs/failed"]
-    with pytest.raises(Exception, match="injected failure at step 3"):
-        main([*common, "fail_at_step=3", "max_failures=0"])
-    assert (user_dir / "runs" / "failed").read_text().startswith("failed at step 3")
-    assert main(["--resume", *common]) == 0
+    common = ["--config", "configs/train_tiny_cpu.yaml", "max_steps=6", "eval_every_steps=2",
+              "log_every_steps=1"]
     run_dir = user_dir / "runs" / "train" / "tiny-cpu"
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "jobs.train", *common], cwd=user_dir,
+        env={**_env(), "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 400
+    try:
+        while time.monotonic() < deadline and driver.poll() is None:
+            # Killed once the controller has recorded the step-2 checkpoint (steps 3-6, two
+            # evaluations and two checkpoints, are still ahead of it).
+            if snapshot.is_file() and "checkpoint_step_000002" in snapshot.read_text():
+                break
+            time.sleep(0.05)
+    finally:
+        driver.kill()
+        driver.wait(timeout=30)
+    assert driver.returncode == -9, driver.stderr.read()[-3000:]  # killed, not finished
+    monkeypatch.chdir(user_dir)
+    assert main(["--resume", *common]) == 0
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["step"], r["resumed_from_step"]) for r in history] == [
-        (1, -1), (2, -1), (3, 2), (4, 2)
-    ]
+    first = [r["step"] for r in history if r["resumed_from_step"] == -1]
+    resumed = [r["step"] for r in history if r["resumed_from_step"] != -1]
+    assert first[:2] == [1, 2] and first == list(range(1, len(first) + 1)), history
+    assert resumed == [3, 4, 5, 6], history  # from the step-2 checkpoint to max_steps
+    assert {r["resumed_from_step"] for r in history if r["resumed_from_step"] != -1} == {2}
     adapter = user_dir / "runs" / "train" / "tiny-cpu-adapter"
     assert (adapter / "adapter_config.json").is_file() and (adapter / "ecgvlm.json").is_file()
     # The resolved config written next to the run names absolute paths only.
