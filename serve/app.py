@@ -400,7 +400,7 @@ class Gateway:
             # None is a question to the language model alone (the evaluation's text-only
             # baseline); PULSE was trained on one printout per question.
             raise sv.bad_request(
-                f"{route.name} reads at most one image per request (an image_url part with a "
+                f"messages: {route.name} reads at most one image per request (an image_url part with a "
                 f"PNG or JPEG data URL), got {len(images)}",
                 param="messages", code="too_many_images",
             )

@@ -183,17 +183,18 @@ def parse_chat_request(body: bytes, limits: ServeLimits) -> ChatCompletionReques
                 n_images += 1
                 if msg.role != "user":
                     raise bad_request(
-                        "images are only accepted in user messages",
+                        f"messages[{i}].content: images are only accepted in user messages, "
+                        f"not in a {msg.role!r} message",
                         param=f"messages[{i}].content",
                     )
     if n_chars > limits.max_text_chars:
         raise bad_request(
-            f"{n_chars} characters of text; the limit is {limits.max_text_chars}",
+            f"messages: {n_chars} characters of text; the limit is {limits.max_text_chars}",
             param="messages",
         )
     if n_images > limits.max_images_per_request:
         raise bad_request(
-            f"{n_images} images; the limit is {limits.max_images_per_request}", param="messages"
+            f"messages: {n_images} images; the limit is {limits.max_images_per_request}", param="messages"
         )
     return req
 

@@ -333,7 +333,7 @@ def render_png(record: Any, layout: str = "auto") -> bytes:
                 record, RenderConfig(layout="3x4+II", missing_leads="skip")
             ).png
         except RenderError:
-            raise bad_request(f"cannot draw this ECG: {first}", param="leads",
+            raise bad_request(f"leads: cannot draw this ECG: {first}", param="leads",
                               code="unrenderable") from first
 
 
