@@ -64,7 +64,7 @@ class TrainConfig:
         eval_max_samples: Val samples per evaluation: a subset of the split drawn with
             ``seed`` and stratified by data set, the same at every evaluation.
         eval_max_new_tokens: Tokens generated per val sample for the MCQ accuracy.
-        log_every_steps: Report train metrics every this many steps.
+        log_every_steps: Print and log (``metrics.jsonl``) train metrics every this many steps.
         checkpoint_num_to_keep: Checkpoints kept (the best by the score metric, plus the
             latest, which Ray Train never deletes).
         checkpoint_score_attribute: Val metric ranking checkpoints.

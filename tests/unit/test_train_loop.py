@@ -247,3 +247,25 @@ def test_collator_refuses_a_sample_whose_answer_the_length_limit_would_cut(
     with pytest.raises(TrainDataError, match=f"sample {longest}: .* take {limit} positions.*"
                                              f"{limit - 1}; 1 of its"):
         Collator(processor, limit - 1, model.num_image_features)(batch)
+
+
+def test_log_steps_are_logged_but_not_reported_to_ray_train(tmp_path: Path, monkeypatch) -> None:
+    """Ray Train's controller takes one report per health check (2 s) and a report waits for
+    the previous one: a report at every log step held each step to 2 s. Log steps go to the
+    console and ``metrics.jsonl`` only."""
+    import json
+
+    import ray.train
+
+    from ecgvlm.train.loop import _report, _Worker
+
+    reported: list[dict] = []
+    monkeypatch.setattr(ray.train, "report", lambda metrics, **_: reported.append(metrics))
+    config = TrainConfig(model_dir="m", data_dir="d", storage_path=str(tmp_path), run_name="r",
+                         max_steps=20, eval_every_steps=10, log_every_steps=1)
+    worker = _Worker(config, None, None, "cpu", torch.float32, 0, 2, 2, {})
+    for step in (1, 2, 3):
+        _report(worker, {"step": step, "train_loss": 1.0}, _Position(step=step), is_eval=False)
+    assert reported == []
+    history = (config.run_dir() / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in history] == [1, 2, 3]
