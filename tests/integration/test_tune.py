@@ -1,0 +1,106 @@
+"""A real Ray Tune search of the tiny training config: ASHA, a killed search resumed.
+
+One search of three trials (one at a time, three steps each, an evaluation every step) runs
+as a user runs it, ``python -m jobs.tune`` from a directory laid out as docs/train.md leaves
+it, with the shipped config's relative paths. Its driver is SIGKILLed once the first trial has
+finished and ASHA has stopped the second; ``--resume`` runs the third without running the
+first two again. ASHA must stop at
+least one trial early, the best config must load as a ``TrainConfig`` and the best adapter
+with PEFT. (``ecgvlm tune`` of the shipped config, uninterrupted, is run by the README walk.)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ecgvlm.config import load_config
+from tests.integration.test_train_launch import _env
+from tests.unit.test_train import write_prepared
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+# Learning rates far apart, the large one first and no warm-up, so that after one step the
+# first trial's validation loss is clearly below the second's and ASHA stops that one at its
+# first rung.
+SEARCH = "search={learning_rate: {grid: [0.05, 1.0e-6, 1.0e-5]}}"
+COMMON = ["--config", "configs/tune_tiny_cpu.yaml", SEARCH, "num_samples=1", "train.max_steps=3",
+          "train.warmup_steps=0"]
+
+
+@pytest.fixture
+def user_dir(tmp_path: Path, tiny_pulse_dir: Path) -> Path:
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    (tmp_path / "runs").mkdir()
+    shutil.copytree(tiny_pulse_dir, tmp_path / "runs" / "tiny-pulse")
+    write_prepared(tmp_path / "runs" / "prepared-tiny", {"train": 4, "val": 4})
+    return tmp_path
+
+
+def _history(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_search_stops_weak_trials_and_a_killed_search_resumes(ray_head_info, user_dir: Path) -> None:
+    # The suite's `ray start` cluster: a trial ASHA stops is freed by Ray Train's
+    # placement-group cleaner, which needs the dashboard (the in-process ray_local has none).
+    head, head_env = ray_head_info
+    env = {**_env(), **head_env, "RAY_ADDRESS": head.address}
+    trials_dir = user_dir / "runs" / "tune" / "tiny-cpu" / "train"
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "jobs.tune", *COMMON], cwd=user_dir, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 400
+    try:
+        # Killed once the third trial's run exists: the first has finished and ASHA has
+        # stopped the second (the rungs' records do not survive a restore).
+        while time.monotonic() < deadline and driver.poll() is None:
+            runs = sorted(p for p in trials_dir.glob("tiny-cpu-*") if not p.name.endswith("adapter"))
+            if len(runs) >= 3:
+                break
+            time.sleep(0.1)
+    finally:
+        driver.kill()
+        driver.wait(timeout=30)
+    assert driver.returncode == -9, driver.stderr.read()[-3000:]
+    runs = sorted(p for p in trials_dir.glob("tiny-cpu-*") if not p.name.endswith("adapter"))
+    before = {run: _history(run) for run in runs[:2]}
+    assert max(r["step"] for r in before[runs[0]]) == 3  # the first trial had finished
+    assert max(r["step"] for r in before[runs[1]]) < 3  # ASHA stopped the second early
+
+    resumed = subprocess.run([sys.executable, "-m", "jobs.tune", "--resume", *COMMON],
+                             cwd=user_dir, env=env, capture_output=True, text=True, timeout=600,
+                             check=False)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    # The finished and the stopped trial were not run again: their histories are as they
+    # were at the kill.
+    assert {run: _history(run) for run in runs[:2]} == before
+    experiment = user_dir / "runs" / "tune" / "tiny-cpu"
+    with (experiment / "trials.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 and not any(r["error"] for r in rows), rows
+    assert any(r["stopped_early"] == "True" for r in rows), rows  # ASHA stopped one or more
+    assert all(r["steps"] == "3" for r in rows if r["stopped_early"] == "False"), rows
+    for row in rows:  # each trial's steps ran once
+        steps = [r["step"] for r in _history(Path(row["run_dir"]))]
+        assert steps == list(range(1, len(steps) + 1)), (row["trial"], steps)
+    assert (experiment / "trials.png").stat().st_size > 0
+
+    from ecgvlm.train import TrainConfig
+
+    best = load_config(TrainConfig, experiment / "best_train_config.yaml")
+    assert best.learning_rate == pytest.approx(float(rows[0]["learning_rate"]))
+    assert best.run_name == "tiny-cpu" and best.max_steps == 3
+    adapter = user_dir / "runs" / "tune" / "tiny-cpu-best-adapter"
+    from peft import PeftConfig
+
+    assert PeftConfig.from_pretrained(str(adapter)).r == best.lora_r
