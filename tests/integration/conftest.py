@@ -11,14 +11,17 @@ saves a minute or more of start-up on a 2-core machine.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
 from ecgvlm.local_ray import ray_command, start_head, stop_head
 
 RAY = ray_command()
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _wait_for_job_agent(address: str, env: dict[str, str], timeout_s: float = 120.0) -> None:
@@ -66,3 +69,16 @@ def ray_head(ray_head_info):
     """``(dashboard address, env)`` of ``ray_head_info``'s cluster, for ``ray job submit``."""
     head, env = ray_head_info
     return head.dashboard_url, env
+
+
+@pytest.fixture
+def user_dir(tmp_path: Path, tiny_pulse_dir: Path) -> Path:
+    """A directory laid out as docs/train.md leaves it (``configs/``, ``runs/tiny-pulse``,
+    ``runs/prepared-tiny``), which is not the repository."""
+    from tests.unit.test_train import write_prepared
+
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    (tmp_path / "runs").mkdir()
+    shutil.copytree(tiny_pulse_dir, tmp_path / "runs" / "tiny-pulse")
+    write_prepared(tmp_path / "runs" / "prepared-tiny", {"train": 4, "val": 4})
+    return tmp_path

@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-
-from tests.unit.test_train import write_prepared
 
 pytestmark = pytest.mark.integration
 
@@ -39,16 +36,6 @@ def _train(cwd: Path, *args: str, timeout_s: float = 480) -> subprocess.Complete
         [sys.executable, "-m", "jobs.train", "--config", "configs/train_tiny_cpu.yaml", *args],
         cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout_s, check=False,
     )
-
-
-@pytest.fixture
-def user_dir(tmp_path: Path, tiny_pulse_dir: Path) -> Path:
-    """A directory laid out as docs/train.md leaves it, which is not the repository."""
-    shutil.copytree(REPO / "configs", tmp_path / "configs")
-    (tmp_path / "runs").mkdir()
-    shutil.copytree(tiny_pulse_dir, tmp_path / "runs" / "tiny-pulse")
-    write_prepared(tmp_path / "runs" / "prepared-tiny", {"train": 4, "val": 4})
-    return tmp_path
 
 
 def test_relative_paths_and_resume_from_the_users_directory(

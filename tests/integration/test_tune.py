@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -23,7 +22,6 @@ import pytest
 
 from ecgvlm.config import load_config
 from tests.integration.test_train_launch import _env
-from tests.unit.test_train import write_prepared
 
 pytestmark = pytest.mark.integration
 
@@ -34,15 +32,6 @@ REPO = Path(__file__).resolve().parents[2]
 SEARCH = "search={learning_rate: {grid: [0.05, 1.0e-6, 1.0e-5]}}"
 COMMON = ["--config", "configs/tune_tiny_cpu.yaml", SEARCH, "num_samples=1", "train.max_steps=3",
           "train.warmup_steps=0"]
-
-
-@pytest.fixture
-def user_dir(tmp_path: Path, tiny_pulse_dir: Path) -> Path:
-    shutil.copytree(REPO / "configs", tmp_path / "configs")
-    (tmp_path / "runs").mkdir()
-    shutil.copytree(tiny_pulse_dir, tmp_path / "runs" / "tiny-pulse")
-    write_prepared(tmp_path / "runs" / "prepared-tiny", {"train": 4, "val": 4})
-    return tmp_path
 
 
 def _history(run_dir: Path) -> list[dict]:
