@@ -294,7 +294,10 @@ def trial_rows(grid: Any, experiment: Path, max_steps: int, metric: str) -> list
     whether ASHA stopped it early, its error if it failed."""
     rows = []
     for result in grid:
-        trial_id = Path(result.path).name
+        # Tune's folder of a trial is its id (trial_dirname), with a suffix added when a
+        # restored trial starts again.
+        trial_id = str((result.metrics or {}).get("trial_id")
+                       or "_".join(Path(result.path).name.split("_")[:2]))
         run_dir = experiment / TRIALS_DIR / f"{experiment.name}-{trial_id}"
         history = _history(run_dir)
         evals = [r for r in history if "val_loss" in r]
