@@ -25,6 +25,8 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import numpy as np
+
 from ecgvlm.measure import (
     MeasureConfig,
     core,
@@ -56,8 +58,13 @@ def main() -> None:
     rec = read_record(SAMPLE)
 
     def peaks_only() -> None:
+        cleaned = core.clean_leads(rec.signal_mv, rec.fs_hz)
+        for j in range(cleaned.shape[1]):
+            core._lead_peaks(cleaned[:, j], rec.fs_hz)
+
+    def neurokit2_clean() -> None:
         for j in range(rec.signal_mv.shape[1]):
-            core._lead_peaks(core._clean(rec.signal_mv[:, j], rec.fs_hz), rec.fs_hz)
+            core._nk().ecg_clean(rec.signal_mv[:, j].astype(np.float64), sampling_rate=rec.fs_hz)
 
     rows = [
         ("measure_record, defaults (P/T in 3 leads)", lambda: measure_record(rec)),
@@ -69,7 +76,12 @@ def main() -> None:
             "measure_record, no P/T (delineate_waves=False)",
             lambda: measure_record(rec, MeasureConfig(delineate_waves=False)),
         ),
-        ("neurokit2 clean + R peaks, 12 leads", peaks_only),
+        ("clean (clean_leads) + R peaks, 12 leads", peaks_only),
+        ("clean only: neurokit2 ecg_clean lead by lead, 12 leads", neurokit2_clean),
+        (
+            "clean only: clean_leads, 12 leads at once",
+            lambda: core.clean_leads(rec.signal_mv, rec.fs_hz),
+        ),
         ("render_printout, defaults", lambda: render_printout(rec)),
     ]
     print(f"record {rec.record_id}: {len(rec.leads)} leads, {rec.duration_s:g} s, {rec.fs_hz:g} Hz")
