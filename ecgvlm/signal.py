@@ -297,24 +297,40 @@ def _expected_file_bytes(header: Any, file_name: str) -> int | None:
     return int(offset + math.ceil(header.sig_len * bits / 8))
 
 
-def _read_wfdb_header(path: Path, rid: str) -> Any:
-    import wfdb
-
+def _require_header_file(path: Path, rid: str) -> Path:
     hea = path.with_suffix(".hea") if path.suffix else Path(f"{path}.hea")
     if not hea.is_file():
         raise MissingFileError(rid, f"header file {hea} does not exist", hea)
+    return hea
+
+
+def _record_line_gives_sample_count(hea: Path) -> bool:
+    """The header's record line (its first line that is not a comment) has the number of
+    samples, its fourth field ("name nsig fs siglen ...")."""
+    for line in hea.read_text(errors="replace").splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            return len(line.split()) >= 4
+    return False
+
+
+def _read_wfdb_header(path: Path, rid: str) -> Any:
+    import wfdb
+
+    hea = _require_header_file(path, rid)
     try:
         return wfdb.rdheader(str(path))
     except Exception as e:  # wfdb raises bare ValueError/IndexError on malformed headers
         raise HeaderError(rid, f"cannot parse header {hea}: {e}") from e
 
 
-def _read_wfdb_signal(path: Path, rid: str, header: Any) -> tuple[np.ndarray, list[str]]:
-    """Read and validate a WFDB signal: files present, full length, checksums, finite, in mV."""
-    import wfdb
-
+def _check_signal_files(path: Path, rid: str, header: Any) -> None:
+    """The header lists signals and a sample count, and every signal file is there in full."""
     if header.n_sig == 0 or not header.file_name:
         raise LeadCountError(rid, "header lists no signals")
+    if len(header.file_name) != header.n_sig:
+        raise HeaderError(
+            rid, f"header says {header.n_sig} signals but has {len(header.file_name)} signal lines"
+        )
     if not header.sig_len:
         # Without a sample count neither truncation nor the checksum can be verified.
         raise HeaderError(rid, "header gives no number of samples")
@@ -330,24 +346,47 @@ def _read_wfdb_signal(path: Path, rid: str, header: Any) -> tuple[np.ndarray, li
                 f"{file_name} has {actual} bytes, the header's {header.sig_len} samples need "
                 f"{expected}",
             )
+
+
+def _read_wfdb_signal(path: Path, rid: str) -> tuple[Any, np.ndarray, list[str]]:
+    """Read and validate a WFDB record: files present, full length, checksums, finite, in mV.
+
+    Returns the record as wfdb read it (its header fields), the signal in mV and the leads.
+    """
+    import wfdb
+
+    hea = _require_header_file(path, rid)
     try:
+        # rdrecord parses the header itself, and parsing a 12-lead header costs wfdb about as
+        # much as reading the samples: the header is read on its own only to say what is wrong.
         rec = wfdb.rdrecord(str(path), physical=False)
     except Exception as e:
+        header = _read_wfdb_header(path, rid)  # a header that does not parse: HeaderError
+        _check_signal_files(path, rid, header)  # a missing or short signal file
         raise TruncatedSignalError(rid, f"cannot read the signal: {e}") from e
+    _check_signal_files(path, rid, rec)
+    if not _record_line_gives_sample_count(hea):
+        # rdrecord then takes the count from the signal file's size, which hides truncation.
+        raise HeaderError(rid, "header gives no number of samples")
+    unnamed = [i for i, name in enumerate(rec.sig_name or []) if not (name or "").strip()]
+    if unnamed:
+        raise HeaderError(
+            rid, f"signal {unnamed[0]} has no description (its lead name) in {hea.name}"
+        )
     digital = rec.d_signal
-    if digital is None or digital.shape[0] != header.sig_len:
+    if digital is None or digital.shape[0] != rec.sig_len:
         n = 0 if digital is None else digital.shape[0]
-        raise TruncatedSignalError(rid, f"read {n} samples, header says {header.sig_len}")
-    if digital.shape[1] != header.n_sig:
-        raise LeadCountError(rid, f"read {digital.shape[1]} signals, header says {header.n_sig}")
-    if header.checksum is not None:
+        raise TruncatedSignalError(rid, f"read {n} samples, header says {rec.sig_len}")
+    if digital.shape[1] != rec.n_sig:
+        raise LeadCountError(rid, f"read {digital.shape[1]} signals, header says {rec.n_sig}")
+    if rec.checksum is not None:
         got = rec.calc_checksum()
-        for i, (want, have) in enumerate(zip(header.checksum, got)):
+        for i, (want, have) in enumerate(zip(rec.checksum, got)):
             # The header stores a signed 16-bit sum; calc_checksum an unsigned one.
             if want is not None and (int(have) - int(want)) % 65536 != 0:
                 raise ChecksumMismatchError(
                     rid,
-                    f"signal {i} ({header.sig_name[i]}) checksum {int(have) % 65536} does not "
+                    f"signal {i} ({rec.sig_name[i]}) checksum {int(have) % 65536} does not "
                     f"match the header's {int(want) % 65536}: samples are corrupted",
                 )
     leads = [standard_lead_name(n) for n in rec.sig_name]
@@ -361,14 +400,13 @@ def _read_wfdb_signal(path: Path, rid: str, header: Any) -> tuple[np.ndarray, li
         scale[i] = _MV_PER_UNIT[key]
     signal = (physical * scale).astype(np.float32)
     _check_finite(rid, signal, leads)
-    return signal, leads
+    return rec, signal, leads
 
 
 def _read_wfdb(path: Path, dataset: str) -> EcgRecord:
     name = _record_name(path)
     rid = f"{dataset}/{name}"
-    header = _read_wfdb_header(path, rid)
-    signal, leads = _read_wfdb_signal(path, rid, header)
+    header, signal, leads = _read_wfdb_signal(path, rid)
     info = _parse_comments(header.comments or [])
     meta = _meta_age_sex(info)
     meta["source_format"] = "wfdb"
@@ -530,8 +568,7 @@ def read_windows(
     if key != "mitdb":
         raise HeaderError(p, f"read_windows cuts MIT-BIH records; this is {key}")
     rid = f"mitdb/{p.name}"
-    header = _read_wfdb_header(p, rid)
-    signal, leads = _read_wfdb_signal(p, rid, header)
+    header, signal, leads = _read_wfdb_signal(p, rid)
     meta = {**_meta_age_sex(_parse_comments(header.comments or [])), "source_format": "wfdb"}
     whole, ann = _mitdb_record(p, rid, header, signal, leads, meta)
     return _window_record(whole, window_s, ann)

@@ -349,6 +349,28 @@ def test_truncated_signal(tmp_path, cpsc_copy):
         S.read_record(path)
 
 
+@pytest.mark.parametrize(
+    ("edit", "error", "message"),
+    [
+        (lambda lines: ["A0002 twelve 500 5000", *lines[1:]], "HeaderError",
+         "cannot parse header"),
+        # Without the sample count wfdb takes it from the file's size, hiding truncation.
+        (lambda lines: ["A0002 12 500", *lines[1:]], "HeaderError",
+         "header gives no number of samples"),
+        (lambda lines: ["A0002 0 500 5000"], "LeadCountError", "header lists no signals"),
+        (lambda lines: lines[:6], "HeaderError", "header says 12 signals but has 5 signal lines"),
+        (lambda lines: [lines[0], "A0002.mat 16+24 1000/mV", *lines[2:]], "HeaderError",
+         "signal 0 has no description"),
+    ],
+    ids=["record-line", "no-sample-count", "no-signals", "missing-signal-lines", "unnamed-lead"],
+)
+def test_bad_headers_are_named(cpsc_copy, edit, error, message):
+    hea = Path(f"{cpsc_copy}.hea")
+    hea.write_text("\n".join(edit(hea.read_text().splitlines())) + "\n")
+    with pytest.raises(getattr(S, error), match=f"cpsc2018/A0002: {message}"):
+        S.read_record(cpsc_copy)
+
+
 def test_checksum_mismatch(cpsc_copy):
     mat = Path(f"{cpsc_copy}.mat")
     data = bytearray(mat.read_bytes())
