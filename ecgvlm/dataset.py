@@ -4,9 +4,11 @@
 caller has already connected to Ray (this module never calls ``ray.init``). Two Ray Data
 passes:
 
-1. **Scan**: one row per record path; workers read each record (MIT-BIH in windows) and
-   return small metadata rows (record id, patient, labels): no signals reach the driver.
-   Records that fail to read, or whose labels are all unknown, become rejects.
+1. **Scan**: one row per record path; workers return small metadata rows (record id,
+   patient, labels): no signals reach the driver. A WFDB record's labels come from its
+   header's comments alone; MIT-BIH (in windows) and the original CPSC/Chapman releases are
+   read whole. Records whose labels are all unknown become rejects, and so do records that
+   fail to read, here or when their shard reads them.
 2. **Shards**: the driver splits the scanned units patient-wise (``split_records``), cuts
    each split into fixed shards of ``shard_size`` units in record order, and a Ray Data
    ``map_batches`` task per shard reads, renders and makes the questions, then writes the
@@ -331,9 +333,14 @@ def scan_path(row: dict[str, Any], window_s: float) -> list[dict[str, Any]]:
 
     Rows carry strings only (labels as JSON) so every block has one schema.
     """
+    from ecgvlm.signal import read_record_labels
+
     path, dataset = str(row["path"]), (row["dataset"] or None)
     try:
-        records = _read_units(path, dataset, window_s)
+        # The header's comments where they hold the labels (the record is validated when its
+        # sample is built); the whole record where the labels need its annotations or tables.
+        labelled = read_record_labels(path, dataset)
+        records = [labelled] if labelled is not None else _read_units(path, dataset, window_s)
     except Exception as e:  # noqa: BLE001 - every failure is recorded in rejects.jsonl
         return [{"unit": "", "reject": json.dumps(_reject("read", path, "", e))}]
     out = []

@@ -40,6 +40,7 @@ from ecgvlm.records import EcgRecord, McqSample
 
 if TYPE_CHECKING:
     from ecgvlm.measure import Measurements
+    from ecgvlm.signal import RecordLabels
 
 MIN_OPTIONS = 4
 MAX_OPTIONS = 8
@@ -154,7 +155,7 @@ class _Draws:
         return out
 
 
-def known_findings(record: EcgRecord) -> list[str]:
+def known_findings(record: EcgRecord | RecordLabels) -> list[str]:
     """The record's labels that the knowledge base describes, in the record's order."""
     kb = knowledge_base()
     return [label for label in record.labels if label in kb]

@@ -417,16 +417,65 @@ def _read_wfdb(path: Path, dataset: str) -> EcgRecord:
     if dataset == "ptbdb":
         if not set(STANDARD_LEADS) <= set(leads):
             raise LeadCountError(rid, f"PTB records have the 12 standard leads; found {leads}")
-        reason = info.get("reason for admission", "")
-        codes = (reason,) if reason else ()
         out_leads: tuple[str, ...] = tuple(leads)
+    elif dataset in TWELVE_LEAD_DATASETS:
+        out_leads, signal = _order_standard_leads(rid, leads, signal, dataset)
     else:
-        codes = tuple(c.strip() for c in info.get("dx", "").split(",") if c.strip())
-        if dataset in TWELVE_LEAD_DATASETS:
-            out_leads, signal = _order_standard_leads(rid, leads, signal, dataset)
-        else:
-            out_leads = tuple(leads)
+        out_leads = tuple(leads)
+    codes = _wfdb_codes(dataset, info)
     return _labelled_record(path, dataset, signal, float(header.fs), out_leads, codes, meta)
+
+
+def _wfdb_codes(dataset: str, info: dict[str, str]) -> tuple[str, ...]:
+    """The label codes of a (non-MIT-BIH) WFDB record, from its parsed header comments."""
+    if dataset == "ptbdb":
+        reason = info.get("reason for admission", "")
+        return (reason,) if reason else ()
+    return tuple(c.strip() for c in info.get("dx", "").split(",") if c.strip())
+
+
+@dataclass(frozen=True)
+class RecordLabels:
+    """A record's identity and labels as ``read_record`` gives them, without its samples."""
+
+    record_id: str
+    dataset: str
+    labels: tuple[str, ...]
+    patient_id: str | None
+    start_s: float = 0.0  # a whole record
+
+
+def read_record_labels(path: str | Path, dataset: str | None = None) -> RecordLabels | None:
+    """The labels ``read_record`` gives a WFDB record, from its header's comment lines alone.
+
+    Reading a record costs about as much as wfdb's parse of its header (a pandas lookup per
+    field of every signal line), while the labels are in the comments: prepare's scan, which
+    only needs the labels to split, reads these and leaves the validation of the record to the
+    read that builds its sample.
+
+    Returns:
+        None where the labels need more than the header's comments: MIT-BIH (annotations,
+        windows) and the original CPSC-2018 and Chapman releases (tables beside the samples).
+
+    Raises:
+        EcgReadError: the dataset cannot be told, or no file of the record exists.
+    """
+    from wfdb.io.header import parse_header_content
+
+    p = _strip_extension(path)
+    key = _resolve_dataset(p, dataset)
+    hea = Path(f"{p}.hea")
+    if key == "mitdb" or not hea.is_file():
+        return None
+    # Read as wfdb.rdheader reads it, so that the comments are the same strings.
+    _, comment_lines = parse_header_content(hea.read_text(encoding="ascii", errors="ignore"))
+    info = _parse_comments([line.strip(" \t#") for line in comment_lines])
+    return RecordLabels(
+        record_id=f"{key}/{p.name}",
+        dataset=key,
+        labels=L.canonical_labels(key, _wfdb_codes(key, info)),
+        patient_id=_patient_id(key, p.name, p),
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -89,6 +89,23 @@ def test_staged_labels_equal_header_codes(shared_ecg_dir, staged_records):
     assert ptb.labels == ("MI",) and len(ptb.leads) == 15 and ptb.fs_hz == 1000
 
 
+def test_labels_from_the_header_alone_equal_the_read_records(shared_ecg_dir, staged_records):
+    """prepare's scan takes labels from the header's comments (read_record_labels): for every
+    staged record they are the labels, patient and id that read_record gives; MIT-BIH, whose
+    labels need its annotations, has none (the scan reads it whole)."""
+    checked = 0
+    for rec in staged_records[0]:
+        hea = next(shared_ecg_dir.rglob(f"{rec.record_id.split('/')[1]}.hea"))
+        labelled = S.read_record_labels(hea.with_suffix(""))
+        if rec.dataset == "mitdb":
+            assert labelled is None
+            continue
+        assert labelled == S.RecordLabels(rec.record_id, rec.dataset, rec.labels,
+                                          rec.patient_id), rec.record_id
+        checked += 1
+    assert checked == 125 - 4  # all but the 4 MIT-BIH records
+
+
 def test_staged_metadata_and_patients(staged_records):
     by_id = {r.record_id: r for r in staged_records[0]}
     a1 = by_id["cpsc2018/A0001"]
