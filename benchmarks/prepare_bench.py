@@ -150,6 +150,24 @@ def run_ray(config: PrepareConfig) -> tuple[float, Counter]:
     return wall, timing
 
 
+def print_stage_costs(n: int, wall_s: float, timing: Counter) -> None:
+    """Per-record cost of each stage in the serial run, and its throughput without measuring.
+
+    The scan learns each record's labels (from its header); the build reads the record.
+    """
+    stages = [("scan (labels)", timing["scan_wall_s"]), ("read", timing["read_s"]),
+              ("measure", timing["measure_s"]), ("render", timing["render_s"]),
+              ("MCQ", timing["mcq_s"]), ("Parquet write", timing["write_s"])]
+    other = wall_s - sum(seconds for _, seconds in stages)
+    print("\n| serial stage | ms/record | share |")
+    print("| --- | --- | --- |")
+    for name, seconds in [*stages, ("other (split, shard plan, bookkeeping)", other)]:
+        print(f"| {name} | {1000 * seconds / n:.1f} | {seconds / wall_s:.0%} |")
+    without = wall_s - timing["measure_s"]
+    print(f"\nserial records/s: {n / wall_s:.1f} with measurements, {n / without:.1f} without "
+          "(the measure stage's own budget: docs/measure.md)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--copies", type=int, default=4, help="copies of each sample record")
@@ -204,6 +222,7 @@ def main() -> int:
             cold_s = f"{cold:.1f}"
             print(f"| {name} | {cold_s} | {wall:.1f} | {n / wall:.2f} | {t['scan_wall_s']:.1f} | "
                   f"{t['build_wall_s']:.1f} | {t['total_s']:.1f} | {share:.0%} |")
+        print_stage_costs(n, results[0][2], results[0][3])
         by_cpu = {name: wall for name, _, wall, _ in results}
         summary = {}
         if "ray 1 cpu" in by_cpu:
