@@ -11,6 +11,10 @@ import contextlib
 import errno
 import sys
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ecgvlm.train import TrainConfig
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -180,19 +184,48 @@ def _cmd_model(args: argparse.Namespace) -> int:
     raise ValueError(f"unknown model command {args.model_command!r}")
 
 
+def _cmd_tune(args: argparse.Namespace) -> int:
+    import math
+    import os
+
+    from ecgvlm.config import load_config
+    from ecgvlm.train.tune import TuneConfig, run_search
+
+    config = load_config(TuneConfig, args.config, args.overrides)
+    base = config.base_train_config()  # its errors before Ray starts
+    # One trial's run, plus the sliver its driver function holds.
+    num_cpus = args.num_cpus or max(os.cpu_count() or 1, math.ceil(base.cpus_needed()) + 1)
+    # With the dashboard: a trial ASHA stops is killed, and Ray Train frees its workers' CPUs
+    # only once its placement-group cleaner, which asks the dashboard, sees the run gone.
+    with _ray_for_training(base, num_cpus, include_dashboard=True):
+        run_search(config, resume=args.resume)
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
+    from ecgvlm.config import load_config
+    from ecgvlm.train import TrainConfig, run_training
+
+    config = load_config(TrainConfig, args.config, args.overrides)
+    with _ray_for_training(config, args.num_cpus):
+        run_training(config, resume=args.resume)
+    return 0
+
+
+@contextlib.contextmanager
+def _ray_for_training(
+    config: TrainConfig, num_cpus: int | None, include_dashboard: bool = False
+) -> Iterator[None]:
+    """Ray for ``ecgvlm train`` and ``ecgvlm tune``: under `ray job submit` RAY_ADDRESS names
+    the cluster; otherwise a private local Ray. A caller's Ray (a test's) is used as it is
+    and left running."""
     import math
     import os
 
     import ray
 
-    from ecgvlm.config import load_config
-    from ecgvlm.train import TrainConfig, run_training
     from ecgvlm.train.run import quiet_placement_group_cleaner
 
-    config = load_config(TrainConfig, args.config, args.overrides)
-    # Under `ray job submit` RAY_ADDRESS names the cluster; otherwise a private local Ray.
-    # A caller's Ray (a test's) is used as it is and left running.
     started_here = not ray.is_initialized()
     if started_here:
         if os.environ.get("RAY_ADDRESS"):
@@ -203,16 +236,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
             accelerator = os.environ.get("DS_ACCELERATOR", "cuda" if config.use_gpu else "cpu")
             # Logical CPUs for the workers and the data pipeline even on a 2-core machine
             # (Ray would otherwise count the cores, and the data reads would never run).
-            num_cpus = args.num_cpus or max(os.cpu_count() or 1, math.ceil(config.cpus_needed()))
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                     runtime_env={"env_vars": {"DS_ACCELERATOR": accelerator},
-                                  "worker_process_setup_hook": quiet_placement_group_cleaner})
+            num_cpus = num_cpus or max(os.cpu_count() or 1, math.ceil(config.cpus_needed()))
+            setup = {} if include_dashboard else {
+                "worker_process_setup_hook": quiet_placement_group_cleaner}
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=include_dashboard,
+                     dashboard_host="127.0.0.1",
+                     runtime_env={"env_vars": {"DS_ACCELERATOR": accelerator}, **setup})
     try:
-        run_training(config, resume=args.resume)
+        yield
     finally:
         if started_here:
             ray.shutdown()
-    return 0
 
 
 def _stop_on_sigterm() -> None:
@@ -481,6 +515,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "and the data pipeline)")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("tune", help="search training hyperparameters with Ray Tune (ASHA)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted search")
+    p.add_argument("--num-cpus", type=int, default=None,
+                   help="logical CPUs of a new local Ray (default: enough for one trial)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides (train.max_steps=8 ...)")
+    p.set_defaults(func=_cmd_tune)
 
     p = sub.add_parser("serve", help="serve pulse, pulse-lora and gpt-4o on one endpoint")
     p.add_argument("--model-dir", required=True)

@@ -212,10 +212,11 @@ def quiet_placement_group_cleaner() -> None:
     ).setLevel(logging.ERROR)
 
 
-def run_training(config: TrainConfig, resume: bool = False) -> Any:
+def run_training(config: TrainConfig, resume: bool = False, callbacks: tuple[Any, ...] = ()) -> Any:
     """Validate, train, copy the best adapter to ``config.output_dir``; return the Result.
 
-    The caller has connected to Ray (this module never calls ``ray.init``).
+    The caller has connected to Ray (this module never calls ``ray.init``). ``callbacks`` are
+    Ray Train ``UserCallback``s (a search passes one that hands each evaluation to Ray Tune).
     """
     import ray
     import ray.data
@@ -267,6 +268,7 @@ def run_training(config: TrainConfig, resume: bool = False) -> Any:
                 checkpoint_score_order=config.checkpoint_score_order,
             ),
             failure_config=FailureConfig(max_failures=config.max_failures),
+            callbacks=list(callbacks),
         ),
         datasets=datasets,
         dataset_config=_data_config(),

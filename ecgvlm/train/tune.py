@@ -1,0 +1,397 @@
+"""Hyperparameter search over the training config with Ray Tune (``ecgvlm tune``).
+
+Each trial is a whole training run, :func:`ecgvlm.train.run_training` with the trial's values
+(a ``TorchTrainer`` with DeepSpeed, as ``ecgvlm train`` runs it: no second training loop),
+launched from a Ray Tune function trial, Ray Train's documented pattern. Every evaluation the
+run reports reaches Tune through a Ray Train callback, and ASHA stops the trials whose
+validation score trails at its rungs (``eval_every_steps`` apart).
+
+The score ASHA compares and the best trial is chosen by: ``val_accuracy`` with ``val_loss``
+breaking ties (``val_accuracy - val_loss / 1e6``; a val subset of a few samples ties often),
+or ``-val_loss`` when ``metric: val_loss``.
+
+Layout under ``<storage_path>/<name>/``: Tune's own experiment folder (what ``--resume``
+restores), ``train/<name>-<trial id>/`` each trial's Ray Train run (checkpoints,
+``metrics.jsonl``), and the output: ``trials.csv``, ``trials.png``, ``best_train_config.yaml``
+and the best trial's adapter in ``output_dir``.
+
+Ray is imported inside functions: importing this module is cheap and does no I/O.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ecgvlm.config import (
+    ConfigError,
+    check_choice,
+    check_range,
+    config_to_dict,
+    load_config,
+    save_config,
+)
+from ecgvlm.train.config import TrainConfig
+from ecgvlm.train.loop import HISTORY_NAME
+from ecgvlm.train.run import _RUN_SNAPSHOT, run_training
+
+#: Distributions a ``search`` entry may name, with the values each takes.
+DISTRIBUTIONS = {"loguniform": "[low, high]", "uniform": "[low, high]",
+                 "randint": "[low, high] (high included)", "choice": "[value, ...]",
+                 "grid": "[value, ...] (each value num_samples times)"}
+#: Training fields a search may not vary: where things are, the run's identity and its size
+#: on the cluster (one trial's resources are fixed for the whole search).
+FIXED_FIELDS = frozenset({
+    *TrainConfig.PATH_FIELDS, "run_name", "train_split", "val_split", "num_workers", "use_gpu",
+    "cpus_per_worker", "data_cpus", "lora_alpha", "fail_at_step", "max_failures",
+})
+METRICS = ("val_accuracy", "val_loss")
+#: Logical CPUs each trial's driver function holds (its run's workers hold their own).
+TRIAL_DRIVER_CPU = 0.01
+#: The folder, under the search's, of the trials' Ray Train runs.
+TRIALS_DIR = "train"
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """A Ray Tune search over a training config's fields.
+
+    Attributes:
+        train_config: The training YAML every trial starts from.
+        search: Field -> ``{distribution: values}``: ``loguniform``/``uniform`` ``[low, high]``,
+            ``randint`` ``[low, high]`` (both included), ``choice`` ``[v, ...]``, ``grid``
+            ``[v, ...]`` (every value, ``num_samples`` times each). Searching
+            ``lora_r`` ties ``lora_alpha`` to twice the rank.
+        train: Fixed overrides of the training config for every trial (``max_steps`` ...).
+        name: The search's name (a folder under ``storage_path``).
+        storage_path: Where Tune's experiment and the trials' runs are kept.
+        output_dir: Where the best trial's adapter is copied.
+        num_samples: Trials drawn (times the values of each ``grid`` entry).
+        max_concurrent_trials: Trials running at once; 0 = as many as the cluster's CPUs
+            (and GPUs) hold at one trial's size.
+        metric: ``val_accuracy`` (val_loss breaks ties) or ``val_loss``.
+        grace_period_steps: Steps every trial runs before ASHA may stop it; 0 = the
+            training config's ``eval_every_steps``.
+        reduction_factor: ASHA keeps the best 1/``reduction_factor`` at each rung.
+        seed: Seeds the draws of the search (the trials' own seed is the training config's).
+    """
+
+    train_config: str
+    search: dict[str, dict[str, list[Any]]]
+    train: dict[str, Any] = field(default_factory=dict)
+    name: str = "tune"
+    storage_path: str = "runs/tune"
+    output_dir: str = "runs/tune/best-adapter"
+    num_samples: int = 4
+    max_concurrent_trials: int = 0
+    metric: str = "val_accuracy"
+    grace_period_steps: int = 0
+    reduction_factor: int = 2
+    seed: int = 0
+
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("train_config", "storage_path", "output_dir")
+
+    def __post_init__(self) -> None:
+        check_choice("metric", self.metric, METRICS)
+        check_range("num_samples", self.num_samples, 1, 10_000)
+        check_range("max_concurrent_trials", self.max_concurrent_trials, 0, 10_000)
+        check_range("grace_period_steps", self.grace_period_steps, 0, 10**9)
+        check_range("reduction_factor", self.reduction_factor, 2, 100)
+        if not self.search:
+            raise ConfigError("search: name at least one training field to search over")
+        names = {f.name for f in dataclasses.fields(TrainConfig)}
+        for key, spec in self.search.items():
+            where = f"search.{key}"
+            if key not in names:
+                raise ConfigError(f"{where}: TrainConfig has no field {key!r}")
+            if key in FIXED_FIELDS:
+                raise ConfigError(f"{where}: {key} is fixed for a whole search (paths, run "
+                                  "identity and trial size; lora_alpha follows lora_r)")
+            if not isinstance(spec, Mapping) or len(spec) != 1:
+                raise ConfigError(f"{where}: one distribution, e.g. {{loguniform: [1e-4, 1e-2]}}; "
+                                  f"known: {', '.join(DISTRIBUTIONS)}")
+            (kind, values), = spec.items()
+            if kind not in DISTRIBUTIONS:
+                raise ConfigError(f"{where}: unknown distribution {kind!r}; known: "
+                                  f"{', '.join(DISTRIBUTIONS)}")
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"{where}.{kind}: expected {DISTRIBUTIONS[kind]}, got {values!r}")
+            if kind not in ("choice", "grid") and (len(values) != 2 or not values[0] < values[1]
+                                     or (kind == "loguniform" and values[0] <= 0)):
+                raise ConfigError(f"{where}.{kind}: expected {DISTRIBUTIONS[kind]} with "
+                                  f"0 < low < high for loguniform, got {values!r}")
+        for key in self.train:
+            if key not in names:
+                raise ConfigError(f"train.{key}: TrainConfig has no field {key!r}")
+
+    def base_train_config(self) -> TrainConfig:
+        """The training config every trial starts from (the file plus ``train``)."""
+        overrides = [f"{k}={json.dumps(v)}" for k, v in self.train.items()]
+        return load_config(TrainConfig, self.train_config, overrides)
+
+    def experiment_dir(self) -> Path:
+        return Path(self.storage_path) / self.name
+
+
+def score(metrics: Mapping[str, Any], metric: str) -> float:
+    """What ASHA and the choice of the best trial maximise (see the module docstring)."""
+    loss = float(metrics.get("val_loss", math.inf))
+    if metric == "val_loss":
+        return -loss
+    return float(metrics["val_accuracy"]) - loss / 1e6
+
+
+def param_space(config: TuneConfig) -> dict[str, Any]:
+    """The search block as Ray Tune distributions."""
+    from ray import tune
+
+    make = {
+        "loguniform": lambda v: tune.loguniform(v[0], v[1]),
+        "uniform": lambda v: tune.uniform(v[0], v[1]),
+        "randint": lambda v: tune.randint(v[0], v[1] + 1),
+        "choice": tune.choice,
+        "grid": tune.grid_search,
+    }
+    return {key: make[kind](values) for key, spec in config.search.items()
+            for kind, values in spec.items()}
+
+
+def trial_train_config(base: TrainConfig, values: Mapping[str, Any], experiment: Path,
+                       trial_id: str) -> TrainConfig:
+    """The training config of one trial: the base with the drawn values, its own run."""
+    changes = dict(values)
+    if "lora_r" in changes:
+        changes["lora_alpha"] = 2 * int(changes["lora_r"])
+    run_name = f"{experiment.name}-{trial_id}"
+    trials = experiment / TRIALS_DIR
+    changes |= {"run_name": run_name, "storage_path": str(trials),
+                "output_dir": str(trials / f"{run_name}-adapter")}
+    try:
+        return dataclasses.replace(base, **changes)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"trial {trial_id} {dict(values)}: {e}") from e
+
+
+def _trial(values: dict[str, Any], base: dict[str, Any], experiment: str, metric: str) -> None:
+    """One Tune trial: a training run whose evaluations are reported to Tune."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class ScoreReport(TuneReportCallback):
+        """Adds ``score`` (what ASHA compares) to each evaluation handed to Tune."""
+
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            if metrics and "val_loss" in metrics[0]:
+                metrics = [{**metrics[0], "score": score(metrics[0], metric)}, *metrics[1:]]
+                super().after_report(run_context, metrics, checkpoint)
+
+    from ecgvlm.config import config_from_dict
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    config = trial_train_config(config_from_dict(TrainConfig, base), values, Path(experiment),
+                                trial_id)
+    # A restored search restarts unfinished trials: their runs continue from their checkpoint.
+    resume = (config.run_dir() / _RUN_SNAPSHOT).exists()
+    run_training(config, resume=resume, callbacks=(ScoreReport(),))
+
+
+def concurrent_trials(config: TuneConfig, base: TrainConfig) -> int:
+    """Trials at once: the configured number, or as many as the cluster holds."""
+    import ray
+
+    if config.max_concurrent_trials:
+        return config.max_concurrent_trials
+    total = ray.cluster_resources()
+    fits = int(total.get("CPU", 0.0) // (base.cpus_needed() + TRIAL_DRIVER_CPU))
+    if base.use_gpu:
+        fits = min(fits, int(total.get("GPU", 0.0) // base.num_workers))
+    return max(1, fits)
+
+
+def run_search(config: TuneConfig, resume: bool = False) -> list[dict[str, Any]]:
+    """Run (or with ``resume``, continue) the search; write its outputs; return the trials.
+
+    The caller has connected to Ray. Returns one row per trial (see :func:`trial_rows`), the
+    best first.
+
+    Raises:
+        ConfigError: a bad search or training config, a search that exists without
+            ``resume`` or is missing with it.
+    """
+    import ray.tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    from ecgvlm.config import resolve_paths
+
+    config = resolve_paths(config, TuneConfig.PATH_FIELDS)
+    base = resolve_paths(config.base_train_config(), TrainConfig.PATH_FIELDS)
+    experiment = config.experiment_dir()
+    exists = ray.tune.Tuner.can_restore(str(experiment))
+    if resume and not exists:
+        raise ConfigError(f"--resume: no search {config.name!r} under {config.storage_path}")
+    if not resume and exists:
+        raise ConfigError(f"search {config.name!r} already exists under {config.storage_path}; "
+                          "pass --resume to continue it or choose another name")
+    trainable = ray.tune.with_parameters(
+        _trial, base=config_to_dict(base), experiment=str(experiment), metric=config.metric)
+    # The trial function only waits on its TorchTrainer, whose workers hold the CPUs/GPUs
+    # (Tune refuses a trial of zero resources).
+    trainable = ray.tune.with_resources(trainable, {"cpu": TRIAL_DRIVER_CPU})
+    if resume:
+        tuner = ray.tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True,
+                                       resume_errored=True)
+    else:
+        # max_t past the last step: ASHA stops a trial that reaches max_t itself, which
+        # would kill a run that is about to finish on its own.
+        scheduler = ASHAScheduler(
+            time_attr="step", metric="score", mode="max", max_t=base.max_steps + 1,
+            grace_period=config.grace_period_steps or base.eval_every_steps,
+            reduction_factor=config.reduction_factor,
+        )
+        concurrency = concurrent_trials(config, base)
+        tuner = ray.tune.Tuner(
+            trainable,
+            param_space=param_space(config),
+            tune_config=ray.tune.TuneConfig(
+                num_samples=config.num_samples, scheduler=scheduler,
+                # Tune applies max_concurrent_trials only to a search algorithm of its own.
+                search_alg=BasicVariantGenerator(random_state=config.seed,
+                                                 max_concurrent=concurrency),
+                trial_dirname_creator=trial_dirname,
+            ),
+            run_config=ray.tune.RunConfig(name=config.name, storage_path=config.storage_path,
+                                          verbose=1),
+        )
+        experiment.mkdir(parents=True, exist_ok=True)
+        save_config(config, experiment / "tune_config.yaml")
+    grid = tuner.fit()
+    rows = trial_rows(grid, experiment, base.max_steps, config.metric)
+    write_outputs(rows, config, base)
+    return rows
+
+
+def _history(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / HISTORY_NAME
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def trial_dirname(trial: Any) -> str:
+    """Tune's folder of a trial: its id, which also names its training run."""
+    return str(trial.trial_id)
+
+
+def trial_rows(grid: Any, experiment: Path, max_steps: int, metric: str) -> list[dict[str, Any]]:
+    """One row per trial, the best first: its values, steps reached, its best evaluation,
+    whether ASHA stopped it early, its error if it failed."""
+    rows = []
+    for result in grid:
+        # Tune's folder of a trial is its id (trial_dirname), with a suffix added when a
+        # restored trial starts again.
+        trial_id = str((result.metrics or {}).get("trial_id")
+                       or "_".join(Path(result.path).name.split("_")[:2]))
+        run_dir = experiment / TRIALS_DIR / f"{experiment.name}-{trial_id}"
+        history = _history(run_dir)
+        evals = [r for r in history if "val_loss" in r]
+        steps = max((int(r["step"]) for r in history), default=0)
+        best = max(evals, key=lambda r: score(r, metric), default=None)
+        rows.append({
+            "trial": trial_id,
+            **{k: result.config[k] for k in sorted(result.config)},
+            "steps": steps,
+            "best_step": int(best["step"]) if best else None,
+            "val_accuracy": best.get("val_accuracy") if best else None,
+            "val_loss": best.get("val_loss") if best else None,
+            "score": score(best, metric) if best else None,
+            "stopped_early": result.error is None and steps < max_steps,
+            "error": "" if result.error is None else str(result.error).strip().splitlines()[-1][:300],
+            "run_dir": str(run_dir),
+        })
+    return sorted(rows, key=lambda r: -math.inf if r["score"] is None else r["score"],
+                  reverse=True)
+
+
+def write_outputs(rows: list[dict[str, Any]], config: TuneConfig, base: TrainConfig) -> None:
+    """``trials.csv``, ``trials.png``, ``best_train_config.yaml`` and the best adapter.
+
+    Raises:
+        RuntimeError: no trial reached an evaluation (each trial's error is in the table).
+    """
+    from ray.train import Result
+
+    from ecgvlm.train.run import _export_best_adapter
+
+    experiment = config.experiment_dir()
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with (experiment / "trials.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    print_table(rows)
+    plot_trials(rows, experiment / "trials.png", config.metric)
+    best = rows[0] if rows and rows[0]["score"] is not None else None
+    if best is None:
+        raise RuntimeError(f"no trial of search {config.name!r} reached an evaluation; see "
+                           f"{experiment / 'trials.csv'}")
+    values = {k: best[k] for k in config.search}
+    trial_config = trial_train_config(base, values, experiment, best["trial"])
+    # The best trial's values under the base config's own run name, paths and output: ready
+    # for `ecgvlm train --config best_train_config.yaml`.
+    best_config = dataclasses.replace(
+        trial_config, run_name=base.run_name, storage_path=base.storage_path,
+        output_dir=base.output_dir)
+    save_config(best_config, experiment / "best_train_config.yaml")
+    result = Result.from_path(best["run_dir"])
+    _export_best_adapter(dataclasses.replace(trial_config, output_dir=config.output_dir), result)
+    print(f"[ecgvlm.tune] best trial {best['trial']} {values}: score {best['score']:.6f} at "
+          f"step {best['best_step']}; config {experiment / 'best_train_config.yaml'}", flush=True)
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    """The trials as a Markdown table on the console, the best first."""
+    skip = {"run_dir", "error"}
+    columns = [k for k in dict.fromkeys(k for row in rows for k in row) if k not in skip]
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return "" if value is None else str(value)
+
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(cell(row.get(k)) for k in columns) + " |")
+    for row in rows:
+        if row["error"]:
+            print(f"trial {row['trial']} failed: {row['error']}")
+
+
+def plot_trials(rows: list[dict[str, Any]], path: Path, metric: str) -> None:
+    """The score of every evaluation of every trial over steps (stopped trials end early)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for row in rows:
+        evals = [r for r in _history(Path(row["run_dir"])) if "val_loss" in r]
+        if evals:
+            style = "--" if row["stopped_early"] else "-"
+            ax.plot([r["step"] for r in evals], [score(r, metric) for r in evals], style,
+                    marker="o", label=f"{row['trial']}{' (stopped)' if row['stopped_early'] else ''}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("val_accuracy - val_loss/1e6" if metric == "val_accuracy" else "-val_loss")
+    ax.set_title("score per trial (ASHA stops the dashed ones early)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,95 @@
+"""A real Ray Tune search of the tiny training config: ASHA, a killed search resumed.
+
+One search of three trials (one at a time, three steps each, an evaluation every step) runs
+as a user runs it, ``python -m jobs.tune`` from a directory laid out as docs/train.md leaves
+it, with the shipped config's relative paths. Its driver is SIGKILLed once the first trial has
+finished; ``--resume`` runs the other two without running the first again, and ASHA stops
+the third. ASHA must stop at
+least one trial early, the best config must load as a ``TrainConfig`` and the best adapter
+with PEFT. (``ecgvlm tune`` of the shipped config, uninterrupted, is run by the README walk.)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ecgvlm.config import load_config
+from tests.integration.test_train_launch import _env
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+# Learning rates far apart and no warm-up, so that after one step the validation losses
+# differ (0.05 < 1e-5 < 1e-6): the third trial trails the second at ASHA's first rung and is
+# stopped there. (It is the last trial on purpose: the CPUs of a stopped trial's run come back
+# only through Ray Train's placement-group cleaner, which once took longer than a next
+# trial's 60 s wait in a full suite run.)
+SEARCH = "search={learning_rate: {grid: [0.05, 1.0e-5, 1.0e-6]}}"
+COMMON = ["--config", "configs/tune_tiny_cpu.yaml", SEARCH, "num_samples=1", "train.max_steps=3",
+          "train.warmup_steps=0"]
+
+
+def _history(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_search_stops_weak_trials_and_a_killed_search_resumes(ray_head_info, user_dir: Path) -> None:
+    # The suite's `ray start` cluster: a trial ASHA stops is freed by Ray Train's
+    # placement-group cleaner, which needs the dashboard (the in-process ray_local has none).
+    head, head_env = ray_head_info
+    env = {**_env(), **head_env, "RAY_ADDRESS": head.address}
+    trials_dir = user_dir / "runs" / "tune" / "tiny-cpu" / "train"
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "jobs.tune", *COMMON], cwd=user_dir, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 400
+    try:
+        # Killed once the second trial's run exists: the first has finished by then.
+        while time.monotonic() < deadline and driver.poll() is None:
+            runs = sorted(p for p in trials_dir.glob("tiny-cpu-*") if not p.name.endswith("adapter"))
+            if len(runs) >= 2:
+                break
+            time.sleep(0.1)
+    finally:
+        driver.kill()
+        driver.wait(timeout=30)
+    assert driver.returncode == -9, driver.stderr.read()[-3000:]
+    runs = sorted(p for p in trials_dir.glob("tiny-cpu-*") if not p.name.endswith("adapter"))
+    first = _history(runs[0])
+    assert max(r["step"] for r in first) == 3  # the first trial had finished
+
+    resumed = subprocess.run([sys.executable, "-m", "jobs.tune", "--resume", *COMMON],
+                             cwd=user_dir, env=env, capture_output=True, text=True, timeout=600,
+                             check=False)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    # The finished trial was not run again: its history is as it was at the kill.
+    assert _history(runs[0]) == first
+    experiment = user_dir / "runs" / "tune" / "tiny-cpu"
+    with (experiment / "trials.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 and not any(r["error"] for r in rows), rows
+    stopped = [r for r in rows if r["stopped_early"] == "True"]
+    assert [r["learning_rate"] for r in stopped] == ["1e-06"], rows  # ASHA stopped the third
+    assert all(r["steps"] == "3" for r in rows if r["stopped_early"] == "False"), rows
+    for row in rows:  # each trial's steps ran once
+        steps = [r["step"] for r in _history(Path(row["run_dir"]))]
+        assert steps == list(range(1, len(steps) + 1)), (row["trial"], steps)
+    assert (experiment / "trials.png").stat().st_size > 0
+
+    from ecgvlm.train import TrainConfig
+
+    best = load_config(TrainConfig, experiment / "best_train_config.yaml")
+    assert best.learning_rate == pytest.approx(float(rows[0]["learning_rate"]))
+    assert best.run_name == "tiny-cpu" and best.max_steps == 3
+    adapter = user_dir / "runs" / "tune" / "tiny-cpu-best-adapter"
+    from peft import PeftConfig
+
+    assert PeftConfig.from_pretrained(str(adapter)).r == best.lora_r

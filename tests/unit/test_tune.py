@@ -1,0 +1,70 @@
+"""The search config and the pieces of a search that need no Ray (ecgvlm.train.tune)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ecgvlm.config import ConfigError, load_config
+from ecgvlm.train import TrainConfig
+from ecgvlm.train.tune import TuneConfig, score, trial_train_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _config(**fields) -> TuneConfig:
+    return TuneConfig(**{"train_config": "t.yaml",
+                         "search": {"learning_rate": {"loguniform": [1e-4, 1e-2]}}, **fields})
+
+
+def test_shipped_configs_load_with_their_training_configs(monkeypatch) -> None:
+    monkeypatch.chdir(REPO)
+    for name in ("tune_tiny_cpu.yaml", "tune_pulse_lora.yaml"):
+        config = load_config(TuneConfig, REPO / "configs" / name)
+        base = config.base_train_config()
+        assert base.max_steps == config.train["max_steps"]
+        assert config.search and set(config.search) <= {f for f in TrainConfig.__dataclass_fields__}
+
+
+@pytest.mark.parametrize("search, named", [
+    ({"learning_rat": {"uniform": [0, 1]}}, "search.learning_rat: TrainConfig has no field"),
+    ({"model_dir": {"choice": ["a", "b"]}}, "search.model_dir: model_dir is fixed"),
+    ({"lora_alpha": {"choice": [8, 16]}}, "search.lora_alpha: lora_alpha is fixed"),
+    ({"learning_rate": {"normal": [0, 1]}}, "unknown distribution 'normal'"),
+    ({"learning_rate": {"loguniform": [0, 1e-3]}}, "search.learning_rate.loguniform"),
+    ({"learning_rate": {"uniform": [1e-3, 1e-4]}}, "search.learning_rate.uniform"),
+    ({"learning_rate": {"choice": []}}, "search.learning_rate.choice"),
+    ({"learning_rate": 1e-3}, "search.learning_rate: one distribution"),
+    ({}, "search: name at least one"),
+])
+def test_bad_search_entries_are_named(search, named) -> None:
+    with pytest.raises(ConfigError, match=named.replace("(", r"\(")):
+        _config(search=search)
+
+
+def test_bad_train_override_and_metric_are_named() -> None:
+    with pytest.raises(ConfigError, match="train.max_step: TrainConfig has no field"):
+        _config(train={"max_step": 3})
+    with pytest.raises(ConfigError, match="metric"):
+        _config(metric="val_f1")
+
+
+def test_a_trial_gets_its_own_run_and_lora_alpha_follows_the_rank(tmp_path: Path) -> None:
+    base = TrainConfig(model_dir="m", data_dir="d", lora_r=4, lora_alpha=8)
+    trial = trial_train_config(base, {"lora_r": 16, "learning_rate": 3e-4}, tmp_path / "s", "ab_00001")
+    assert (trial.lora_r, trial.lora_alpha, trial.learning_rate) == (16, 32, 3e-4)
+    assert trial.run_name == "s-ab_00001"
+    assert Path(trial.storage_path) == tmp_path / "s" / "train"
+    assert Path(trial.output_dir) == tmp_path / "s" / "train" / "s-ab_00001-adapter"
+    with pytest.raises(ConfigError, match="trial ab_00002"):
+        trial_train_config(base, {"warmup_steps": -1}, tmp_path / "s", "ab_00002")
+
+
+def test_score_is_accuracy_with_loss_breaking_ties() -> None:
+    better_loss = {"val_accuracy": 0.5, "val_loss": 1.0}
+    worse_loss = {"val_accuracy": 0.5, "val_loss": 2.0}
+    more_accurate = {"val_accuracy": 0.75, "val_loss": 900.0}
+    assert score(better_loss, "val_accuracy") > score(worse_loss, "val_accuracy")
+    assert score(more_accurate, "val_accuracy") > score(better_loss, "val_accuracy")
+    assert score(better_loss, "val_loss") == -1.0
