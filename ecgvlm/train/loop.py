@@ -363,6 +363,27 @@ def _append_history(config: TrainConfig, metrics: Mapping[str, Any]) -> None:
         f.write(json.dumps(dict(metrics), default=float) + "\n")
 
 
+PLACEMENT_GROUP_NAME = "placement_group.txt"
+
+
+def _record_placement_group(config: TrainConfig) -> None:
+    """Rank 0 writes the id of the run's placement group (the CPUs/GPUs its workers hold) to
+    ``<storage_path>/<run_name>/placement_group.txt``; a restarted worker group rewrites it.
+
+    Ray Train removes the group when the run ends, but a run killed with its Ray Tune trial
+    (the scheduler stopped it) keeps it until the search's driver exits: the search removes
+    it by this id (``ecgvlm.train.tune``). Skipped for URI storage paths.
+    """
+    import ray.util
+
+    group = ray.util.get_current_placement_group()
+    if group is None or "://" in config.storage_path:
+        return
+    path = config.run_dir() / PLACEMENT_GROUP_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(group.id.hex() + "\n")
+
+
 def _metric_group() -> Any:
     """A process group that all-reduces CPU tensors (metric sums), or None for the default.
 
@@ -659,6 +680,8 @@ def train_loop_per_worker(loop_config: Mapping[str, Any]) -> None:
     # The model was built with the same seed on every rank; from here each rank draws its
     # own dropout masks (restored from the checkpoint when resuming).
     _seed_rank(config.seed, w.rank)
+    if w.rank == 0:
+        _record_placement_group(config)
     position, resumed_from = _resume(w)
     w.val_rows = list(loop_config.get("val_rows", []))
     batches = _train_batches(ray.train.get_dataset_shard("train"), config, position)

@@ -38,7 +38,7 @@ from ecgvlm.config import (
     save_config,
 )
 from ecgvlm.train.config import TrainConfig
-from ecgvlm.train.loop import HISTORY_NAME
+from ecgvlm.train.loop import HISTORY_NAME, PLACEMENT_GROUP_NAME
 from ecgvlm.train.run import _RUN_SNAPSHOT, run_training
 
 #: Distributions a ``search`` entry may name, with the values each takes.
@@ -170,8 +170,11 @@ def trial_train_config(base: TrainConfig, values: Mapping[str, Any], experiment:
         changes["lora_alpha"] = 2 * int(changes["lora_r"])
     run_name = f"{experiment.name}-{trial_id}"
     trials = experiment / TRIALS_DIR
+    # No restarts inside a trial's run: a failed run fails its trial, which Tune starts again
+    # from the run's checkpoint (the search's failure_config); and a run whose placement group
+    # the search removed after stopping its trial must not start a new one.
     changes |= {"run_name": run_name, "storage_path": str(trials),
-                "output_dir": str(trials / f"{run_name}-adapter")}
+                "output_dir": str(trials / f"{run_name}-adapter"), "max_failures": 0}
     try:
         return dataclasses.replace(base, **changes)
     except (TypeError, ValueError) as e:
@@ -199,6 +202,26 @@ def _trial(values: dict[str, Any], base: dict[str, Any], experiment: str, metric
     # A restored search restarts unfinished trials: their runs continue from their checkpoint.
     resume = (config.run_dir() / _RUN_SNAPSHOT).exists()
     run_training(config, resume=resume, callbacks=(ScoreReport(),))
+
+
+def free_run_resources(run_dir: Path) -> bool:
+    """Remove the placement group a trial's run recorded, if it still holds resources.
+
+    Returns whether one was removed. Ray Train removes a run's group when the run ends; a run
+    killed with its trial (the scheduler stopped it) keeps it, and its CPUs/GPUs, until the
+    search's driver exits (Ray Train's own cleaner did not free them within a minute here).
+    """
+    import ray
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    path = run_dir / PLACEMENT_GROUP_NAME
+    if not path.is_file():
+        return False
+    group = PlacementGroup(ray.PlacementGroupID.from_hex(path.read_text().strip()))
+    if ray.util.placement_group_table(group).get("state") in (None, "REMOVED"):
+        return False
+    remove_placement_group(group)
+    return True
 
 
 def concurrent_trials(config: TuneConfig, base: TrainConfig) -> int:
@@ -229,6 +252,7 @@ def run_search(config: TuneConfig, resume: bool = False) -> list[dict[str, Any]]
     from ray.tune.search import BasicVariantGenerator
 
     from ecgvlm.config import resolve_paths
+    from ecgvlm.train.tune_callbacks import FreeStoppedRuns
 
     config = resolve_paths(config, TuneConfig.PATH_FIELDS)
     base = resolve_paths(config.base_train_config(), TrainConfig.PATH_FIELDS)
@@ -266,13 +290,18 @@ def run_search(config: TuneConfig, resume: bool = False) -> list[dict[str, Any]]
                                                  max_concurrent=concurrency),
                 trial_dirname_creator=trial_dirname,
             ),
-            run_config=ray.tune.RunConfig(name=config.name, storage_path=config.storage_path,
-                                          verbose=1),
+            run_config=ray.tune.RunConfig(
+                name=config.name, storage_path=config.storage_path, verbose=1,
+                # A trial's run does not restart itself (trial_train_config): a failed trial
+                # starts again from its run's checkpoint, as often as a run would have.
+                failure_config=ray.tune.FailureConfig(max_failures=base.max_failures),
+                callbacks=[FreeStoppedRuns(str(experiment))],
+            ),
         )
         experiment.mkdir(parents=True, exist_ok=True)
         save_config(config, experiment / "tune_config.yaml")
     grid = tuner.fit()
-    rows = trial_rows(grid, experiment, base.max_steps, config.metric)
+    rows = trial_rows(grid, experiment, config.metric)
     write_outputs(rows, config, base)
     return rows
 
@@ -284,12 +313,17 @@ def _history(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _exported(run_dir: Path) -> bool:
+    """Whether a trial's run exported its adapter (to trial_train_config's output_dir)."""
+    return (run_dir.parent / f"{run_dir.name}-adapter" / "adapter_config.json").is_file()
+
+
 def trial_dirname(trial: Any) -> str:
     """Tune's folder of a trial: its id, which also names its training run."""
     return str(trial.trial_id)
 
 
-def trial_rows(grid: Any, experiment: Path, max_steps: int, metric: str) -> list[dict[str, Any]]:
+def trial_rows(grid: Any, experiment: Path, metric: str) -> list[dict[str, Any]]:
     """One row per trial, the best first: its values, steps reached, its best evaluation,
     whether ASHA stopped it early, its error if it failed."""
     rows = []
@@ -311,7 +345,10 @@ def trial_rows(grid: Any, experiment: Path, max_steps: int, metric: str) -> list
             "val_accuracy": best.get("val_accuracy") if best else None,
             "val_loss": best.get("val_loss") if best else None,
             "score": score(best, metric) if best else None,
-            "stopped_early": result.error is None and steps < max_steps,
+            # A run that ends by itself exports its adapter; one the scheduler stopped is
+            # killed first (and may have logged a step or two past the report it was stopped
+            # at). Tune's own record of a trial finished before a --resume holds no result.
+            "stopped_early": result.error is None and not _exported(run_dir),
             "error": "" if result.error is None else str(result.error).strip().splitlines()[-1][:300],
             "run_dir": str(run_dir),
         })

@@ -110,6 +110,14 @@ def test_checkpoints_keep_best_k_and_hold_resumable_state(trained) -> None:
     assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt",
             "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= ds_files
     assert (last / "adapter" / "ecgvlm.json").is_file()
+    # The run recorded its (last) worker group's placement group, which Ray Train removed at
+    # the end: the id is real (a Tune search frees a stopped trial's group by it).
+    import ray
+    from ray.util.placement_group import PlacementGroup, placement_group_table
+
+    recorded = (config.run_dir() / "placement_group.txt").read_text().strip()
+    group = PlacementGroup(ray.PlacementGroupID.from_hex(recorded))
+    assert placement_group_table(group)["state"] == "REMOVED"
 
 
 def test_adapter_loads_with_peft_and_changes_the_output(trained, tiny_pulse_dir, prepared) -> None:

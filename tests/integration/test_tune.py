@@ -3,10 +3,12 @@
 One search of three trials (one at a time, three steps each, an evaluation every step) runs
 as a user runs it, ``python -m jobs.tune`` from a directory laid out as docs/train.md leaves
 it, with the shipped config's relative paths. Its driver is SIGKILLed once the first trial has
-finished; ``--resume`` runs the other two without running the first again, and ASHA stops
-the third. ASHA must stop at
-least one trial early, the best config must load as a ``TrainConfig`` and the best adapter
-with PEFT. (``ecgvlm tune`` of the shipped config, uninterrupted, is run by the README walk.)
+finished; ``--resume`` runs the other two without running the first again. ASHA must stop
+at least one of them early (which one depends on whether Tune's last experiment checkpoint
+before the kill held the first trial's rung records), every trial must run without error (a
+trial after a stopped one gets the CPUs the stopped run held back), the best config must load
+as a ``TrainConfig`` and the best adapter with PEFT. (``ecgvlm tune`` of the shipped config,
+uninterrupted, is run by the README walk.)
 """
 
 from __future__ import annotations
@@ -26,11 +28,8 @@ from tests.integration.test_train_launch import _env
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-# Learning rates far apart and no warm-up, so that after one step the validation losses
-# differ (0.05 < 1e-5 < 1e-6): the third trial trails the second at ASHA's first rung and is
-# stopped there. (It is the last trial on purpose: the CPUs of a stopped trial's run come back
-# only through Ray Train's placement-group cleaner, which once took longer than a next
-# trial's 60 s wait in a full suite run.)
+# Learning rates far apart and no warm-up, so that the validation losses differ: the 0.05
+# trial leads and the other two trail it at ASHA's rungs.
 SEARCH = "search={learning_rate: {grid: [0.05, 1.0e-5, 1.0e-6]}}"
 COMMON = ["--config", "configs/tune_tiny_cpu.yaml", SEARCH, "num_samples=1", "train.max_steps=3",
           "train.warmup_steps=0"]
@@ -77,7 +76,7 @@ def test_search_stops_weak_trials_and_a_killed_search_resumes(ray_head_info, use
         rows = list(csv.DictReader(f))
     assert len(rows) == 3 and not any(r["error"] for r in rows), rows
     stopped = [r for r in rows if r["stopped_early"] == "True"]
-    assert [r["learning_rate"] for r in stopped] == ["1e-06"], rows  # ASHA stopped the third
+    assert stopped and {r["learning_rate"] for r in stopped} <= {"1e-05", "1e-06"}, rows
     assert all(r["steps"] == "3" for r in rows if r["stopped_early"] == "False"), rows
     for row in rows:  # each trial's steps ran once
         steps = [r["step"] for r in _history(Path(row["run_dir"]))]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,8 @@ def test_a_trial_gets_its_own_run_and_lora_alpha_follows_the_rank(tmp_path: Path
     assert trial.run_name == "s-ab_00001"
     assert Path(trial.storage_path) == tmp_path / "s" / "train"
     assert Path(trial.output_dir) == tmp_path / "s" / "train" / "s-ab_00001-adapter"
+    # A trial's run never restarts itself (Tune restarts the trial): see free_run_resources.
+    assert trial.max_failures == 0
     with pytest.raises(ConfigError, match="trial ab_00002"):
         trial_train_config(base, {"warmup_steps": -1}, tmp_path / "s", "ab_00002")
 
@@ -68,3 +71,33 @@ def test_score_is_accuracy_with_loss_breaking_ties() -> None:
     assert score(better_loss, "val_accuracy") > score(worse_loss, "val_accuracy")
     assert score(more_accurate, "val_accuracy") > score(better_loss, "val_accuracy")
     assert score(better_loss, "val_loss") == -1.0
+
+
+def test_a_stopped_trials_run_has_its_placement_group_removed(ray_local, tmp_path: Path) -> None:
+    """A run killed with its trial keeps its placement group until the search's driver exits;
+    the search's callback removes the group the run recorded when Tune ends the trial. A real
+    group on the suite's local Ray; the trial is what the callback reads of Tune's: its id."""
+    from types import SimpleNamespace
+
+    from ray.util.placement_group import placement_group, placement_group_table
+
+    from ecgvlm.train.tune import free_run_resources
+    from ecgvlm.train.tune_callbacks import FreeStoppedRuns
+
+    experiment = tmp_path / "search"
+    trial = SimpleNamespace(trial_id="ab_00001")
+    run_dir = experiment / "train" / "search-ab_00001"  # trial_train_config's run
+    callback = FreeStoppedRuns(str(experiment))
+    callback.on_trial_complete(0, [], trial)  # nothing recorded (never started): nothing to do
+    group = placement_group([{"CPU": 1}, {"CPU": 1}])
+    assert group.wait(60)
+    free_before = ray_local.available_resources()["CPU"]
+    run_dir.mkdir(parents=True)
+    (run_dir / "placement_group.txt").write_text(group.id.hex() + "\n")
+    callback.on_trial_error(0, [], trial)
+    assert placement_group_table(group)["state"] == "REMOVED"
+    deadline = time.monotonic() + 30
+    while ray_local.available_resources()["CPU"] < free_before + 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray_local.available_resources()["CPU"] >= free_before + 2  # the CPUs came back
+    assert free_run_resources(run_dir) is False  # already removed (as after a run that ended)
