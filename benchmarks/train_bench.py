@@ -84,7 +84,7 @@ def bench_cpu(args: argparse.Namespace) -> None:
     ray.shutdown()
     import json
 
-    history = [json.loads(x) for x in (config.run_dir() / HISTORY_NAME).read_text().splitlines()]
+    history = [json.loads(x) for x in (Path(config.run_dir()) / HISTORY_NAME).read_text().splitlines()]
     # The first window includes warm-up (first batches, allocator); report the later ones.
     windows = [h for h in history if h["step"] > args.log_every and "val_loss" not in h] or history
     mean = {k: sum(h[k] for h in windows) / len(windows) for k in windows[0]

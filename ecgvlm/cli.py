@@ -407,7 +407,9 @@ def is_user_error(error: BaseException) -> bool:
         return True
     if isinstance(error, OSError) and error.errno in _STORAGE_ERRNOS:
         return True
-    return isinstance(error, RuntimeError) and type(error).__module__.startswith("ecgvlm.")
+    # ecgvlm.storage.StorageError: a location that cannot be reached or must not be used.
+    return (isinstance(error, (RuntimeError, OSError))
+            and type(error).__module__.startswith("ecgvlm."))
 
 
 def _task_cause(error: BaseException) -> BaseException:

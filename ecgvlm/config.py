@@ -165,8 +165,10 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 
 def save_config(config: Any, path: str | Path) -> None:
-    """Write the resolved config as YAML next to a job's outputs."""
-    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    """Write the resolved config as YAML next to a job's outputs (a path or a URI)."""
+    from ecgvlm import storage
+
+    storage.write_text(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))
 
 
 def absolute_path(path: str | Path, base: str | Path | None = None) -> str:

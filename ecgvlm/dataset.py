@@ -36,7 +36,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import subprocess
 import time
 from collections import Counter, defaultdict
@@ -48,6 +47,7 @@ from typing import Any
 import numpy as np
 
 import ecgvlm
+from ecgvlm import storage
 from ecgvlm.config import ConfigError, absolute_path, check_range, config_to_dict, save_config
 from ecgvlm.knowledge import knowledge_base
 from ecgvlm.mcq import (
@@ -93,7 +93,9 @@ class SourceConfig:
     """One dataset root to scan.
 
     Attributes:
-        root: A dataset folder, or a folder of dataset folders (as ``find_record_paths``).
+        root: A dataset folder, or a folder of dataset folders (as ``find_record_paths``):
+            a local path or a URI of an object store (``s3://bucket/ecg/cpsc2018``), copied
+            to each node's disk once (``storage.node_local``) because wfdb reads files.
         dataset: Dataset key for every record under ``root``; recognised per record if None.
         max_records: Take only the first N record paths in sorted order (0: all).
     """
@@ -114,8 +116,9 @@ class PrepareConfig:
 
     Attributes:
         sources: Dataset roots to scan.
-        output_dir: Where shards, manifest and rejects go. Resolved to an absolute path on
-            the driver; on a multi-node cluster it must be shared storage.
+        output_dir: Where shards, manifest and rejects go: a local path (made absolute on the
+            driver) or a URI (``s3://...``); on a multi-node cluster a URI or a ``file://``
+            path on a file system every node mounts.
         splits: Split names.
         fractions: Share of records per split (patient-wise, stratified), summing to 1.
         seed: Seed of the split, the questions and any render augmentation. Question ``k`` of a
@@ -190,6 +193,10 @@ class PrepareConfig:
         check_range("questions_per_record", self.questions_per_record, 1, 100)
         check_range("shard_size", self.shard_size, 1, 100_000)
         check_range("num_cpus_per_task", self.num_cpus_per_task, 0.01, 64)
+
+    def remote_roots(self) -> tuple[str, ...]:
+        """The sources' roots in object storage (their records are read from node copies)."""
+        return tuple(s.root for s in self.sources if storage.local_path(s.root) is None)
 
     def identity(self) -> dict[str, Any]:
         """The fields that decide what the shards contain (not where or how fast)."""
@@ -308,16 +315,41 @@ def _read_windows_cached(path: str, dataset: str | None, window_s: float) -> tup
     return tuple(read_windows(path, window_s=window_s, dataset=dataset))
 
 
-def read_sample_record(source_path: str, dataset: str, record_id: str, window_s: float) -> EcgRecord:
+def local_record_path(path: str, roots: Sequence[str] = ()) -> str:
+    """A record path on this node's disk: ``path`` itself when it is local; for a record in
+    an object store, the same record in this node's copy of its source root (``roots``: the
+    sources' URIs; ``storage.node_local`` copies a root once per node).
+
+    wfdb and scipy read local files, and a record's header, signal, annotation and label
+    tables sit side by side: copying the source tree keeps them together.
+
+    Raises:
+        PrepareError: ``path`` is a URI under none of ``roots``.
+    """
+    local = storage.local_path(path)
+    if local is not None:
+        return local
+    for root in sorted(roots, key=len, reverse=True):
+        prefix = root.rstrip("/") + "/"
+        if path.startswith(prefix):
+            return os.path.join(storage.node_local(root), path[len(prefix):])
+    raise PrepareError(f"{path} is under none of the sources {list(roots)}")
+
+
+def read_sample_record(
+    source_path: str, dataset: str, record_id: str, window_s: float, roots: Sequence[str] = ()
+) -> EcgRecord:
     """The record (or MIT-BIH window) a split row was made from, read again as prepare read
     it: the row's ``source_path``, ``dataset`` and ``record_id`` and the manifest's
-    ``window_s``. The evaluation re-renders printouts from it.
+    ``window_s`` (``roots``: the sources in object storage, see ``local_record_path``). The
+    evaluation re-renders printouts from it.
 
     Raises:
         EcgReadError: the record cannot be read (moved, deleted, unreadable).
         PrepareError: the file no longer holds ``record_id``.
     """
-    for record in _read_units(source_path, dataset or None, window_s):
+    local = local_record_path(source_path, roots)
+    for record in _read_units(local, dataset or None, window_s):
         if record.record_id == record_id:
             return record
     raise PrepareError(f"{source_path} no longer holds {record_id} (window_s={window_s})")
@@ -328,19 +360,21 @@ def read_sample_record(source_path: str, dataset: str, record_id: str, window_s:
 # ---------------------------------------------------------------------------------------------
 
 
-def scan_path(row: dict[str, Any], window_s: float) -> list[dict[str, Any]]:
+def scan_path(row: dict[str, Any], window_s: float, roots: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Ray Data ``flat_map``: one record path -> one metadata row per unit (or a reject row).
 
-    Rows carry strings only (labels as JSON) so every block has one schema.
+    Rows carry strings only (labels as JSON) so every block has one schema. ``roots``: the
+    sources in object storage (``local_record_path``).
     """
     from ecgvlm.signal import read_record_labels
 
     path, dataset = str(row["path"]), (row["dataset"] or None)
     try:
+        local = local_record_path(path, roots)
         # The header's comments where they hold the labels (the record is validated when its
         # sample is built); the whole record where the labels need its annotations or tables.
-        labelled = read_record_labels(path, dataset)
-        records = [labelled] if labelled is not None else _read_units(path, dataset, window_s)
+        labelled = read_record_labels(local, dataset)
+        records = [labelled] if labelled is not None else _read_units(local, dataset, window_s)
     except Exception as e:  # noqa: BLE001 - every failure is recorded in rejects.jsonl
         return [{"unit": "", "reject": json.dumps(_reject("read", path, "", e))}]
     out = []
@@ -356,7 +390,7 @@ def scan_path(row: dict[str, Any], window_s: float) -> list[dict[str, Any]]:
             patient_id=rec.patient_id or "",
             labels=tuple(rec.labels),
             start_s=float(rec.start_s),
-            windowed=_is_windowed(path, dataset),
+            windowed=_is_windowed(local, dataset),
         )
         out.append({"unit": json.dumps(unit.__dict__), "reject": ""})
     return out
@@ -375,13 +409,19 @@ def list_sources(config: PrepareConfig) -> list[dict[str, Any]]:
 
     The paths are absolute (a relative ``root`` is taken from the driver's working directory),
     so the tasks that read them may run anywhere; the manifest and the data set's identity
-    keep ``root`` as the config gives it.
+    keep ``root`` as the config gives it. A root in an object store is listed in this node's
+    copy of it (``storage.node_local``) and its records named by URI, which each node maps
+    to its own copy (``local_record_path``).
     """
     from ecgvlm.signal import find_record_paths
 
     items = []
     for src in config.sources:
-        paths = [str(p) for p in find_record_paths(absolute_path(src.root))]
+        root = absolute_path(src.root)
+        local_root = storage.node_local(root)
+        paths = [str(p) for p in find_record_paths(local_root)]
+        if local_root != root:
+            paths = [storage.join(root, os.path.relpath(p, local_root)) for p in paths]
         if src.max_records:
             paths = paths[: src.max_records]
         items += [{"path": p, "dataset": src.dataset or "", "root": src.root} for p in paths]
@@ -593,14 +633,8 @@ def _arrow_schema():
     return pa.schema([(name, types.get(name, pa.string())) for name in COLUMNS])
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def _marker_path(out_dir: Path, shard: str) -> Path:
-    return out_dir / f"{shard}.done.json"
+def _marker_path(out_dir: str, shard: str) -> str:
+    return storage.join(out_dir, f"{shard}.done.json")
 
 
 def build_shard(
@@ -637,7 +671,8 @@ def build_shard(
     for path, path_units in by_path.items():
         t = time.perf_counter()
         try:
-            records = _read_units(path, path_units[0].dataset, config.window_s)
+            records = _read_units(local_record_path(path, config.remote_roots()),
+                                  path_units[0].dataset, config.window_s)
         except Exception as e:  # noqa: BLE001 - recorded in rejects.jsonl
             rejects += [_reject("read", path, u.record_id, e) for u in path_units]
             continue
@@ -691,22 +726,17 @@ def build_shard(
             timers["mcq_s"] += time.perf_counter() - t
 
     t = time.perf_counter()
-    root = Path(out_dir)
-    shard_path = root / f"{shard}.parquet"
-    shard_path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pylist(rows, schema=_arrow_schema())
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
-    _write_atomic(shard_path, buf.getvalue())
+    shard_bytes = buf.getvalue()
+    storage.write_bytes(storage.join(out_dir, f"{shard}.parquet"), shard_bytes)
     if config.llava:
-        llava_root = root / LLAVA_DIR
+        llava_root = storage.join(out_dir, LLAVA_DIR)
         for rel, png in images.items():
-            target = llava_root / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            _write_atomic(target, png)
-        fragment = llava_root / f"{shard}.json"
-        fragment.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(fragment, json.dumps(llava_entries, ensure_ascii=False).encode())
+            storage.write_bytes(storage.join(llava_root, rel), png)
+        fragment = storage.join(llava_root, f"{shard}.json")
+        storage.write_bytes(fragment, json.dumps(llava_entries, ensure_ascii=False).encode())
     timers["write_s"] += time.perf_counter() - t
 
     summary = {
@@ -715,8 +745,10 @@ def build_shard(
         "shard": shard,
         "split": split,
         "file": f"{shard}.parquet",
-        "sha256": hashlib.sha256(shard_path.read_bytes()).hexdigest(),
-        "bytes": shard_path.stat().st_size,
+        "sha256": hashlib.sha256(shard_bytes).hexdigest(),
+        "bytes": len(shard_bytes),
+        # Which node built it: on a cluster, the manifest shows the work was spread.
+        "node_id": _node_id(),
         "n_samples": len(rows),
         "n_units": len(units),
         "labels": dict(Counter(lab for r in rows for lab in r["labels"])),
@@ -730,8 +762,14 @@ def build_shard(
         "timing": {k: round(v, 4) for k, v in timers.items()}
         | {"total_s": round(time.perf_counter() - t0, 4)},
     }
-    _write_atomic(_marker_path(root, shard), json.dumps(summary, sort_keys=True).encode())
+    storage.write_bytes(_marker_path(out_dir, shard), json.dumps(summary, sort_keys=True).encode())
     return summary
+
+
+def _node_id() -> str | None:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
 def _build_shards_batch(
@@ -750,41 +788,37 @@ def _build_shards_batch(
 # ---------------------------------------------------------------------------------------------
 
 
-def _load_marker(out_dir: Path, shard: str, dataset_id: str, need_llava: bool) -> dict | None:
-    marker = _marker_path(out_dir, shard)
-    if not marker.is_file() or not (out_dir / f"{shard}.parquet").is_file():
+def _load_marker(out_dir: str, shard: str, dataset_id: str, need_llava: bool) -> dict | None:
+    shard_size = storage.size(storage.join(out_dir, f"{shard}.parquet"))
+    if shard_size is None:
         return None
     try:
-        summary = json.loads(marker.read_text())
+        summary = json.loads(storage.read_text(_marker_path(out_dir, shard)))
     except (OSError, json.JSONDecodeError):
-        return None  # a torn marker: the shard is simply built again
+        return None  # no marker, or a torn one: the shard is simply built again
     if summary.get("dataset_id") != dataset_id or summary.get("format") != SHARD_FORMAT:
         return None
     if need_llava and not summary.get("llava"):
         return None
     size = summary.get("bytes")  # markers before it was kept have none
-    if size is not None and (out_dir / f"{shard}.parquet").stat().st_size != size:
+    if size is not None and shard_size != size:
         return None  # truncated or replaced since: built again
     return summary
 
 
-def _claim_output_dir(out_dir: Path, dataset_id: str, config: PrepareConfig) -> None:
+def _claim_output_dir(out_dir: str, dataset_id: str, config: PrepareConfig) -> None:
     """Refuse to mix two data sets in one folder (unless ``overwrite``)."""
-    state = out_dir / ".dataset_id"
-    if state.is_file() and state.read_text().strip() != dataset_id:
+    state = storage.join(out_dir, ".dataset_id")
+    held = storage.read_text(state).strip() if storage.is_file(state) else None
+    if held is not None and held != dataset_id:
         if not config.overwrite:
             raise PrepareError(
-                f"{out_dir} holds another data set (id {state.read_text().strip()}, this config "
+                f"{out_dir} holds another data set (id {held}, this config "
                 f"gives {dataset_id}); choose a new output_dir or set overwrite=true"
             )
         for name in [*config.splits, LLAVA_DIR, MANIFEST_NAME, REJECTS_NAME, CONFIG_NAME]:
-            target = out_dir / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state.write_text(dataset_id + "\n")
+            storage.delete(storage.join(out_dir, name))
+    storage.write_text(state, dataset_id + "\n")
 
 
 def _data_context_quiet() -> None:
@@ -812,7 +846,8 @@ def scan(config: PrepareConfig) -> tuple[list[Unit], list[dict[str, str]], list[
         override_num_blocks=min(len(items), 4 * cpus),
     )
     rows = ds.flat_map(
-        scan_path, fn_kwargs={"window_s": config.window_s}, num_cpus=config.num_cpus_per_task
+        scan_path, fn_kwargs={"window_s": config.window_s, "roots": config.remote_roots()},
+        num_cpus=config.num_cpus_per_task,
     ).take_all()
     units = [_unit_from_json(r["unit"]) for r in rows if r["unit"]]
     rejects = [json.loads(r["reject"]) for r in rows if r["reject"]]
@@ -839,8 +874,10 @@ def prepare_dataset(config: PrepareConfig) -> PrepareResult:
     from tqdm.auto import tqdm
 
     _data_context_quiet()
-    out_dir = Path(config.output_dir).expanduser().resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)  # not a folder we can write: said before the scan
+    out_dir = absolute_path(config.output_dir)  # URIs pass as they are
+    storage.check_shared({"output_dir": out_dir}
+                         | {f"sources[{i}].root": s.root for i, s in enumerate(config.sources)})
+    storage.check_writable(out_dir)  # a folder or bucket we cannot write: said before the scan
     started = time.time()
     units, scan_rejects, items = scan(config)
     scan_s = time.time() - started
@@ -878,7 +915,7 @@ def prepare_dataset(config: PrepareConfig) -> PrepareResult:
             _build_shards_batch,
             batch_size=1,
             num_cpus=config.num_cpus_per_task,
-            fn_kwargs={"config": config, "out_dir": str(out_dir), "dataset_id": dataset_id},
+            fn_kwargs={"config": config, "out_dir": out_dir, "dataset_id": dataset_id},
         )
         with tqdm(
             total=len(todo), desc="prepare shards", unit="shard", disable=not config.progress
@@ -894,17 +931,23 @@ def prepare_dataset(config: PrepareConfig) -> PrepareResult:
         scan_rejects + [r for s in summaries for r in s["rejects"]],
         key=lambda r: (r["path"], r["record_id"], r["stage"]),
     )
-    (out_dir / REJECTS_NAME).write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects))
+    storage.write_text(
+        storage.join(out_dir, REJECTS_NAME),
+        "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects),
+    )
     if config.llava:
         _merge_llava(out_dir, config.splits, shards)
     phases = {"scan_s": round(scan_s, 3), "build_s": round(time.time() - started - scan_s, 3)}
     manifest = _manifest(config, dataset_id, summaries, rejects, items, started, phases)
     manifest["mcq_distractor_weights"] = weights
     manifest["answer_balance"] = answer_balance
-    save_config(config, out_dir / CONFIG_NAME)
-    _write_atomic(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True).encode())
+    save_config(config, storage.join(out_dir, CONFIG_NAME))
+    # Written last: a data set is finished exactly when its manifest exists.
+    storage.write_text(
+        storage.join(out_dir, MANIFEST_NAME), json.dumps(manifest, indent=2, sort_keys=True)
+    )
     return PrepareResult(
-        output_dir=str(out_dir),
+        output_dir=out_dir,
         manifest=manifest,
         shards_written=len(todo),
         shards_skipped=n_skipped,
@@ -912,15 +955,17 @@ def prepare_dataset(config: PrepareConfig) -> PrepareResult:
     )
 
 
-def _merge_llava(out_dir: Path, splits: Iterable[str], shards: list[dict[str, Any]]) -> None:
+def _merge_llava(out_dir: str, splits: Iterable[str], shards: list[dict[str, Any]]) -> None:
     """Concatenate the shards' LLaVA fragments into ``llava/<split>.json``."""
-    root = out_dir / LLAVA_DIR
+    root = storage.join(out_dir, LLAVA_DIR)
     for split in splits:
         entries: list[Any] = []
         for spec in shards:
             if spec["split"] == split:
-                entries += json.loads((root / f"{spec['shard']}.json").read_text())
-        _write_atomic(root / f"{split}.json", json.dumps(entries, ensure_ascii=False, indent=1).encode())
+                entries += json.loads(storage.read_text(storage.join(root, f"{spec['shard']}.json")))
+        storage.write_text(
+            storage.join(root, f"{split}.json"), json.dumps(entries, ensure_ascii=False, indent=1)
+        )
 
 
 def _manifest(
@@ -991,20 +1036,20 @@ def read_manifest(output_dir: str | Path) -> dict[str, Any]:
     Raises:
         FileNotFoundError: ``output_dir`` has no manifest (not prepared, or not finished).
     """
-    path = Path(output_dir) / MANIFEST_NAME
-    if not path.is_file():
+    path = storage.join(output_dir, MANIFEST_NAME)
+    if not storage.is_file(path):
         raise FileNotFoundError(f"{path} not found: is {output_dir} a prepared data set?")
-    return json.loads(path.read_text())
+    return json.loads(storage.read_text(path))
 
 
-def split_files(output_dir: str | Path, split: str) -> list[Path]:
-    """A split's Parquet shards, in order (as listed in the manifest)."""
+def split_files(output_dir: str | Path, split: str) -> list[str]:
+    """A split's Parquet shards, in order (as listed in the manifest); URIs stay URIs."""
     manifest = read_manifest(output_dir)
     if split not in manifest["splits"]:
         raise ValueError(
             f"split {split!r} not in {output_dir}; splits: {', '.join(manifest['splits'])}"
         )
-    return [Path(output_dir) / s["file"] for s in manifest["splits"][split]["shards"]]
+    return [storage.join(output_dir, s["file"]) for s in manifest["splits"][split]["shards"]]
 
 
 def check_shards_readable(files: Sequence[str | Path]) -> None:

@@ -158,6 +158,36 @@ def _start(temp_dir: str, head_env: dict[str, str], client_env: dict[str, str],
     raise RuntimeError(f"ray start failed twice: {' '.join(output.split())}")
 
 
+#: ``ray start`` port options of a node that joins a cluster (the head's own are not needed).
+WORKER_PORT_OPTIONS = (
+    "--object-manager-port", "--node-manager-port", "--metrics-export-port",
+    "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
+)
+
+
+def join_node(head: LocalHead, num_cpus: int, env: dict[str, str] | None = None) -> None:
+    """Start a second Ray node on this machine that joins ``head`` (free ports, ``env`` as
+    its environment: a node of its own with, e.g., its own cache folder). It shares the
+    head's auth token, so ``stop_head`` stops it with the head.
+
+    Raises:
+        RuntimeError: when ``ray start`` fails (its last output is quoted).
+    """
+    node_env = {k: v for k, v in (env or os.environ).items() if k != "RAY_ADDRESS"}
+    node_env.update(head.env, RAY_USAGE_STATS_ENABLED="0")
+    ports = dict(zip(WORKER_PORT_OPTIONS, free_ports(len(WORKER_PORT_OPTIONS))))
+    cmd = [
+        str(ray_command()), "start", f"--address={head.address}", "--node-ip-address=127.0.0.1",
+        *(f"{opt}={port}" for opt, port in ports.items()),
+        f"--num-cpus={num_cpus}", "--disable-usage-stats",
+    ]
+    done = subprocess.run(cmd, env=node_env, capture_output=True, text=True,
+                          timeout=START_TIMEOUT_S, check=False)
+    if done.returncode != 0:
+        output = (done.stdout + done.stderr)[-2000:]
+        raise RuntimeError(f"ray start --address={head.address} failed: {' '.join(output.split())}")
+
+
 def stop_head(head: LocalHead) -> None:
     """Stop every process of ``head`` and remove its temp dir."""
     stop_processes_under(head.temp_dir, env_marker=head_env_marker(head))

@@ -121,7 +121,7 @@ def run_demo(args: argparse.Namespace) -> int:
         if (adapter_dir / "adapter_config.json").is_file():
             _done(t0, f"adapter already trained at {adapter_dir} (delete it to retrain)")
         else:
-            resume = (train_config.run_dir() / "checkpoint_manager_snapshot.json").exists()
+            resume = (Path(train_config.run_dir()) / "checkpoint_manager_snapshot.json").exists()
             run_training(train_config, resume=resume)
             _done(t0, f"adapter at {adapter_dir}")
 

@@ -69,3 +69,24 @@ def tiny_pulse_dir(tmp_path_factory) -> Path:
     from ecgvlm.model import make_tiny_pulse
 
     return make_tiny_pulse(tmp_path_factory.mktemp("tiny_pulse"), seed=0, merge="flat")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto) on loopback, its variables set in this process for
+    the session (pyarrow reads them when it first opens a bucket) and its bucket ``ecgvlm``."""
+    from tests.fakes.s3_server import S3Server
+
+    pytest.importorskip("moto.server")
+    with S3Server() as server:
+        saved = {k: os.environ.get(k) for k in server.env}
+        os.environ.update(server.env)
+        try:
+            server.make_bucket("ecgvlm")
+            yield server
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value

@@ -107,13 +107,27 @@ def sample_seed(seed: int, sample_id: str) -> int:
     return int.from_bytes(digest[:8], "little")
 
 
+def prepared_sources(data_dir: str | Path) -> tuple[str, ...]:
+    """The prepared set's source roots in object storage (``PrepareConfig.remote_roots``),
+    which a re-render maps record URIs onto; none without a manifest."""
+    from ecgvlm import storage
+
+    manifest = storage.join(data_dir, "manifest.json")
+    if not storage.is_file(manifest):
+        return ()
+    roots = [s["root"] for s in json.loads(storage.read_text(manifest)).get("sources") or ()]
+    return tuple(r for r in roots if storage.local_path(r) is None)
+
+
 def prepared_render(data_dir: str | Path) -> tuple[str, float]:
     """(the prepared set's render config as sorted JSON, its MIT-BIH ``window_s``), from its
     ``manifest.json``; without one, the defaults prepare would use."""
-    manifest = Path(data_dir) / "manifest.json"
+    from ecgvlm import storage
+
+    manifest = storage.join(data_dir, "manifest.json")
     config: dict[str, Any] = {}
-    if manifest.is_file():
-        config = json.loads(manifest.read_text()).get("config") or {}
+    if storage.is_file(manifest):
+        config = json.loads(storage.read_text(manifest)).get("config") or {}
     render = config.get("render") or {"layout": "auto"}
     return json.dumps(render, sort_keys=True), float(config.get("window_s") or 10.0)
 
@@ -151,7 +165,7 @@ def rerender_png(record: Any, condition: str, render_json: str, seed: int) -> by
 
 def rerendered(
     rows: Sequence[dict[str, Any]], conditions: Sequence[str], render_json: str,
-    window_s: float, seed: int,
+    window_s: float, seed: int, source_roots: Sequence[str] = (),
 ) -> dict[tuple[str, str], bytes]:
     """Each row's printout in each condition, keyed by (sample id, condition); every record
     is read once. Runs in the evaluation's Ray Data tasks.
@@ -167,7 +181,7 @@ def rerendered(
         sid = str(row["sample_id"])
         try:
             record = read_sample_record(str(row["source_path"]), str(row["dataset"]),
-                                        str(row["record_id"]), window_s)
+                                        str(row["record_id"]), window_s, source_roots)
         except Exception as e:
             raise EvaluationError(
                 f"cannot re-render {sid}: reading {row['source_path']} failed "
@@ -180,7 +194,11 @@ def rerendered(
 
 def _missing_source(paths: Sequence[str]) -> str | None:
     """The first record path of which no file exists (the paths carry no extension)."""
+    from ecgvlm import storage
+
     for p in sorted(set(paths)):
+        if storage.local_path(p) is None:
+            continue  # in an object store: read (and checked) from each node's copy
         path = Path(p)
         if not p or not path.parent.is_dir() or not any(path.parent.glob(f"{path.name}.*")):
             return p or "(empty)"
@@ -212,7 +230,8 @@ def condition_inputs(
 
     render_json, window_s = prepared_render(config.data_dir)
     kwargs: dict[str, Any] = {"recipients": {}, "blank_leads": {}, "render_json": render_json,
-                              "window_s": window_s, "seed": config.seed, "sweep": ()}
+                              "window_s": window_s, "seed": config.seed, "sweep": (),
+                              "source_roots": prepared_sources(config.data_dir)}
     notes: dict[str, str] = {}
     samples = meta.to_dict("records") if (config.controls or conditions) else []
     if "blank" in config.controls:

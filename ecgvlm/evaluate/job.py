@@ -30,6 +30,7 @@ Nothing here starts Ray or opens a connection on import.
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import os
 import re
@@ -40,6 +41,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ecgvlm import storage
 from ecgvlm.config import check_choice, check_range, config_to_dict, save_config
 from ecgvlm.evaluate.calibration import CalibrationConfig, calibrate_models
 from ecgvlm.evaluate.claims import ClaimConfig
@@ -212,22 +214,23 @@ class EvalConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-def split_files(data_dir: str | Path, split: str) -> list[Path]:
+def split_files(data_dir: str | Path, split: str) -> list[str]:
     """The Parquet shards of ``split``: ``<data_dir>/<split>/**.parquet``,
-    ``<data_dir>/<split>.parquet``, or ``data_dir`` itself when it holds the shards.
+    ``<data_dir>/<split>.parquet``, or ``data_dir`` itself when it holds the shards (a
+    local path or a URI; URIs stay URIs).
 
     Raises:
         EvaluationError: when no shard is found (the message lists where it looked).
     """
-    root = Path(data_dir)
-    tried = [root / split, root / f"{split}.parquet", root]
-    if (root / split).is_dir():
-        files = sorted((root / split).rglob("*.parquet"))
-    elif (root / f"{split}.parquet").is_file():
-        files = [root / f"{split}.parquet"]
-    elif root.is_dir():
-        files = sorted(root.glob("*.parquet"))
-    elif root.is_file() and root.suffix == ".parquet":
+    root = str(data_dir)
+    tried = [storage.join(root, split), storage.join(root, f"{split}.parquet"), root]
+    if storage.is_dir(tried[0]):
+        files = storage.list_files(tried[0], ".parquet", recursive=True)
+    elif storage.is_file(tried[1]):
+        files = [tried[1]]
+    elif storage.is_dir(root):
+        files = storage.list_files(root, ".parquet")
+    elif root.endswith(".parquet") and storage.is_file(root):
         files = [root]
     else:
         files = []
@@ -238,7 +241,7 @@ def split_files(data_dir: str | Path, split: str) -> list[Path]:
     return files
 
 
-def read_split_meta(files: list[Path], columns: Iterable[str] = SPLIT_META_COLUMNS) -> Any:
+def read_split_meta(files: list[str], columns: Iterable[str] = SPLIT_META_COLUMNS) -> Any:
     """The split without images, as a pandas DataFrame (one row per sample).
 
     Raises:
@@ -252,7 +255,8 @@ def read_split_meta(files: list[Path], columns: Iterable[str] = SPLIT_META_COLUM
         check_shards_readable(files)
     except ValueError as e:
         raise EvaluationError(str(e)) from e
-    dataset = pads.dataset([str(f) for f in files], format="parquet")
+    filesystem, paths = storage.filesystem_and_paths(files)
+    dataset = pads.dataset(paths, format="parquet", filesystem=filesystem)
     columns = list(columns)
     missing = [c for c in columns if c not in dataset.schema.names]
     if missing:
@@ -346,6 +350,7 @@ def expand_pending(
     window_s: float = 10.0,
     seed: int = 0,
     sweep: Sequence[str] = (),
+    source_roots: Sequence[str] = (),
 ) -> Any:
     """One row per (sample, model, answer mode, condition) still to ask, with ``model``,
     ``answer_mode`` and ``condition`` columns (pyarrow batch).
@@ -377,7 +382,8 @@ def expand_pending(
         rows = [r for r in batch.drop_columns(["png"]).to_pylist() if r["sample_id"] in wanted]
         for row in rows:
             conditions = [c for c, ids in swept.items() if row["sample_id"] in ids]
-            images.update(rerendered([row], conditions, render_json, window_s, seed))
+            images.update(rerendered([row], conditions, render_json, window_s, seed,
+                                     source_roots))
     tables = []
     for (model, mode, condition), ids in pending.items():
         if condition == "mismatched":
@@ -434,7 +440,7 @@ def pending_pairs(
     return {task: [s for s in ids if (s, *task) not in done] for task in tasks}
 
 
-def block_bytes(files: list[Path], batch_size: int) -> int:
+def block_bytes(files: list[str], batch_size: int) -> int:
     """Target block size: about ``batch_size`` split rows (mostly the PNG) per block.
 
     Parquet shards of a few hundred ECGs would otherwise be read as one block each, and an
@@ -572,7 +578,7 @@ def judge_items(predictions: Any, meta: Any, config: JudgeConfig) -> list[Any]:
 
 
 def run_judge(
-    predictions: Any, meta: Any, config: JudgeConfig, output_dir: Path, progress: bool = True
+    predictions: Any, meta: Any, config: JudgeConfig, output_dir: str, progress: bool = True
 ) -> tuple[list[Any], str | None]:
     """Judge a seeded sample of explanations; reuse stored successes of the same request.
 
@@ -602,10 +608,10 @@ def run_judge(
         judge = OpenAIJudge(config)
     except JudgeUnavailableError as e:
         return [], f"judge not run: {e}"
-    path = output_dir / "judge.parquet"
+    path = storage.join(output_dir, "judge.parquet")
     cached: dict[str, Judgement] = {}
-    if path.is_file():
-        for row in pd.read_parquet(path).to_dict("records"):
+    if storage.is_file(path):
+        for row in pd.read_parquet(io.BytesIO(storage.read_bytes(path))).to_dict("records"):
             row = {k: (None if _isnan(v) else v) for k, v in row.items()}
             j = Judgement.from_row(row)
             if j.failure is None and row.get("request_hash"):
@@ -620,9 +626,9 @@ def run_judge(
     judgements = [cached.get(h) or new[(it.sample_id, it.model)] for it, h in zip(items, hashes)]
     frame = pd.DataFrame([{**j.to_row(), "request_hash": h} for j, h in zip(judgements, hashes)])
     if len(frame):
-        tmp = path.with_suffix(".parquet.tmp")
-        frame.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
+        buf = io.BytesIO()
+        frame.to_parquet(buf, index=False)
+        storage.write_bytes(path, buf.getvalue())
     failed = sum(j.failure is not None for j in judgements)
     notes = []
     if judgements and failed == len(judgements):
@@ -699,7 +705,7 @@ def blind_baseline_rows(config: EvalConfig, meta: Any) -> tuple[list[dict[str, A
 
 
 def validation_choices(
-    config: EvalConfig, models: list[str], output_dir: Path
+    config: EvalConfig, models: list[str], output_dir: str
 ) -> tuple[list[dict[str, Any]], str | None]:
     """``choice`` answers of ``models`` on the calibration split (``calibration.split``),
     asked through the same pipeline and stored in ``<output_dir>/calibration/`` (resumable
@@ -726,7 +732,7 @@ def validation_choices(
     if config.datasets and not datasets:
         return [], f"nothing fitted: the {split!r} split has none of the data sets {list(config.datasets)}"
     meta = select_samples(meta, datasets, config.limit_per_dataset, config.seed)
-    store = PredictionStore(output_dir / "calibration")
+    store = PredictionStore(storage.join(output_dir, "calibration"))
     store.check_resumable(split, PROMPT_VERSION)
     pending = pending_pairs(meta, [(m, "choice", "normal") for m in models],
                             store.done_keys(config.retry_errors))
@@ -877,11 +883,15 @@ def _unavailable_models(predictions: Any, models: Iterable[str]) -> dict[str, st
     return out
 
 
-def evaluate(config: EvalConfig) -> tuple[Any, dict[str, Path]]:
+def evaluate(config: EvalConfig) -> tuple[Any, dict[str, str]]:
     """Run the whole evaluation (Ray must be initialised by the caller).
 
+    ``data_dir`` and ``output_dir`` may be local paths or URIs (``s3://...``): predictions
+    and the judge's cache are stored there as they arrive, the report is written locally and
+    then copied there.
+
     Returns:
-        (the ``ecgvlm.report.EvalReport``, name -> path of the files written).
+        (the ``ecgvlm.report.EvalReport``, name -> location of the report files written).
 
     Raises:
         EvaluationError: no split shards, an unreachable endpoint, or no model to evaluate.
@@ -892,11 +902,12 @@ def evaluate(config: EvalConfig) -> tuple[Any, dict[str, Path]]:
     from ecgvlm.prompt import PROMPT_VERSION
 
     started = time.perf_counter()
-    out = Path(config.output_dir)
+    out = config.output_dir
+    storage.check_shared({"data_dir": config.data_dir, "output_dir": out})
+    storage.check_writable(out)
     store = PredictionStore(out)
     store.check_resumable(config.split, PROMPT_VERSION)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / "config.yaml")
+    save_config(config, storage.join(out, "config.yaml"))
     files = split_files(config.data_dir, config.split)
     meta = select_samples(
         read_split_meta(files), config.datasets, config.limit_per_dataset, config.seed
@@ -1048,7 +1059,7 @@ def evaluate(config: EvalConfig) -> tuple[Any, dict[str, Path]]:
         claim_examples=claim_examples(claim_rows, config.seed),
         judge_agreement=judge_agreement,
         meta={
-            "run_name": out.name,
+            "run_name": out.rstrip("/").rsplit("/", 1)[-1],
             "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "models": list(config.models),
             "answer_mode": list(config.answer_mode),
@@ -1078,4 +1089,7 @@ def evaluate(config: EvalConfig) -> tuple[Any, dict[str, Path]]:
             "config": config_to_dict(config),
         },
     )
-    return report, write_report(report, out)
+    with storage.staged_dir(out) as local_out:
+        written = write_report(report, local_out)
+    return report, {name: storage.join(out, str(Path(path).relative_to(local_out)))
+                    for name, path in written.items()}

@@ -5,12 +5,13 @@ Nothing here opens a file on import.
 
 from __future__ import annotations
 
-import os
+import io
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ecgvlm import storage
 from ecgvlm.evaluate.errors import EvaluationError
 
 #: What identifies a stored prediction: one row per sample, model, answer mode and image
@@ -72,22 +73,24 @@ def prediction_schema() -> Any:
 class PredictionStore:
     """Predictions of one output directory, keyed by ``KEY_COLUMNS``.
 
-    New rows go to ``predictions/part-<run>-<n>.parquet`` (written to a temporary name and
-    renamed, so a killed run leaves whole files or none); ``consolidate`` merges the parts
+    New rows go to ``predictions/part-<run>-<n>.parquet``, each written whole
+    (``storage.write_bytes``: a killed run leaves whole files or none, on a disk or an object
+    store); ``consolidate`` merges the parts
     and any earlier ``predictions.parquet`` into a new ``predictions.parquet``, keeping the
     latest row per key, and removes the merged parts.
     """
 
     def __init__(self, output_dir: str | Path) -> None:
-        self.output_dir = Path(output_dir)
-        self.parts_dir = self.output_dir / "predictions"
-        self.path = self.output_dir / "predictions.parquet"
+        self.output_dir = str(output_dir)
+        self.parts_dir = storage.join(self.output_dir, "predictions")
+        self.path = storage.join(self.output_dir, "predictions.parquet")
         self._run = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
         self._seq = 0
 
-    def _sources(self) -> list[Path]:
-        parts = sorted(self.parts_dir.glob("part-*.parquet")) if self.parts_dir.is_dir() else []
-        return ([self.path] if self.path.is_file() else []) + parts
+    def _sources(self) -> list[str]:
+        parts = [p for p in storage.list_files(self.parts_dir, ".parquet")
+                 if p.rsplit("/", 1)[-1].startswith("part-")]
+        return ([self.path] if storage.is_file(self.path) else []) + parts
 
     def load(self) -> Any:
         """All stored rows, latest per key (pandas DataFrame with PREDICTION_COLUMNS)."""
@@ -149,21 +152,20 @@ class PredictionStore:
                     "would mix two experiments)"
                 )
 
-    def append(self, rows: list[dict[str, Any]]) -> Path | None:
+    def append(self, rows: list[dict[str, Any]]) -> str | None:
         """Write ``rows`` as one new part file, atomically."""
         if not rows:
             return None
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        self.parts_dir.mkdir(parents=True, exist_ok=True)
         schema = prediction_schema()
         table = pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in rows], schema)
         self._seq += 1
-        final = self.parts_dir / f"part-{self._run}-{self._seq:06d}.parquet"
-        tmp = final.with_suffix(".parquet.tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, final)
+        final = storage.join(self.parts_dir, f"part-{self._run}-{self._seq:06d}.parquet")
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        storage.write_bytes(final, buf.getvalue())
         return final
 
     def consolidate(self) -> Any:
@@ -174,15 +176,14 @@ class PredictionStore:
         self.write(frame)
         for path in sources:
             if path != self.path:
-                path.unlink()
+                storage.delete(path)
         return frame
 
     def write(self, frame: Any) -> None:
-        """Replace ``predictions.parquet`` with ``frame`` (written aside, then renamed)."""
+        """Replace ``predictions.parquet`` with ``frame`` (written whole, never in part)."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".parquet.tmp")
-        pq.write_table(pa.Table.from_pandas(frame, prediction_schema(), preserve_index=False), tmp)
-        os.replace(tmp, self.path)
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pandas(frame, prediction_schema(), preserve_index=False), buf)
+        storage.write_bytes(self.path, buf.getvalue())

@@ -206,17 +206,20 @@ def absolute_paths(args: ServeArgs, base: str | None = None) -> ServeArgs:
 
 def check_paths(args: ServeArgs) -> None:
     """Raise ValueError naming the field when ``model_dir``, ``report_dir`` or an adapter is
-    not a directory.
+    not a directory (``model_dir`` and adapters may be URIs of an object store: a prefix
+    with files under it; the reading room's ``report_dir`` is a local folder).
 
     Checked where the app is built (on the cluster for ``serve deploy``), before any replica
     starts.
     """
-    import os
+    from ecgvlm import storage
 
+    if args.report_dir is not None and storage.local_path(args.report_dir) is None:
+        raise ValueError(f"report_dir: {args.report_dir} must be a local folder")
     paths = [("model_dir", args.model_dir), ("report_dir", args.report_dir)]
     paths += [(f"adapters.{n}", p) for n, p in args.adapters.items()]
     for what, path in paths:
-        if path is not None and not os.path.isdir(path):
+        if path is not None and not storage.is_dir(path):
             raise ValueError(f"{what}: {path} is not a directory")
 
 

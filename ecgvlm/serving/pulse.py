@@ -267,8 +267,11 @@ class PulseRunner:
         self.dtype = resolve_dtype(dtype, self.device)
         self.adapter_paths = dict(adapters or {})
         self._lock = threading.RLock()
+        from ecgvlm import storage
+
+        # Models and adapters in an object store are copied to this node's disk once.
         self.model, self.processor = load_pulse(
-            model_dir, dtype=getattr(torch, self.dtype), device=self.device,
+            storage.node_local(model_dir), dtype=getattr(torch, self.dtype), device=self.device,
             attn_implementation=attn_implementation,
         )
         self.attn_implementation = self.model.config._attn_implementation
@@ -303,7 +306,9 @@ class PulseRunner:
         with self._lock:
             if name in self._loaded:
                 return
-            config, weights = read_adapter(self.adapter_paths[name])
+            from ecgvlm import storage
+
+            config, weights = read_adapter(storage.node_local(self.adapter_paths[name]))
             from peft import PeftModel
             from peft.utils import set_peft_model_state_dict
 

@@ -197,9 +197,11 @@ class TrainConfig:
         """Logical CPUs the run holds: its workers' plus those kept for the data pipeline."""
         return self.num_workers * self.cpus_per_worker + self.data_cpus
 
-    def run_dir(self) -> Path:
-        """Ray Train's directory for this run."""
-        return Path(self.storage_path) / self.run_name
+    def run_dir(self) -> str:
+        """Ray Train's folder for this run: a local path or a URI, as ``storage_path`` is."""
+        from ecgvlm import storage
+
+        return storage.join(self.storage_path, self.run_name)
 
 
 def load_deepspeed_config(path: str | Path) -> dict[str, Any]:

@@ -7,6 +7,7 @@ answer only.
 
 from __future__ import annotations
 
+import hashlib
 import io
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,20 +23,21 @@ class TrainDataError(ConfigError):
     """Prepared data that the run cannot use (missing split, columns or rows)."""
 
 
-def split_files(data_dir: str | Path, split: str) -> list[Path]:
+def split_files(data_dir: str | Path, split: str) -> list[str]:
     """The Parquet shards of one split, as the prepared data set's manifest lists them.
 
     Raises:
         TrainDataError: naming the data set and split when there is no manifest, no such
             split or a listed shard is missing.
     """
+    from ecgvlm import storage
     from ecgvlm.dataset import split_files as manifest_split_files
 
     try:
         files = manifest_split_files(data_dir, split)
     except (FileNotFoundError, ValueError) as e:
         raise TrainDataError(f"data_dir {data_dir}: split {split!r}: {e}") from e
-    missing = [str(p) for p in files if not p.is_file()]
+    missing = [p for p in files if not storage.is_file(p)]
     if missing:
         raise TrainDataError(f"split {split!r}: shard(s) listed in the manifest are missing: {missing}")
     if not files:
@@ -66,7 +68,7 @@ def check_training_data(config: TrainConfig) -> DataSummary:
     """
     import pyarrow.parquet as pq
 
-    from ecgvlm.adapter import hash_file
+    from ecgvlm import storage
     from ecgvlm.dataset import MANIFEST_NAME, check_shards_readable, read_manifest
 
     rows: dict[str, int] = {}
@@ -86,7 +88,7 @@ def check_training_data(config: TrainConfig) -> DataSummary:
             missing = [c for c in REQUIRED_COLUMNS if c not in names]
             if missing:
                 raise TrainDataError(
-                    f"split {split!r}: {path.name} lacks column(s) {', '.join(missing)}; "
+                    f"split {split!r}: {path.rsplit('/', 1)[-1]} lacks column(s) {', '.join(missing)}; "
                     f"required: {', '.join(REQUIRED_COLUMNS)}"
                 )
             n += meta.metadata.num_rows
@@ -101,7 +103,7 @@ def check_training_data(config: TrainConfig) -> DataSummary:
     return DataSummary(
         rows,
         tuple(sorted(labels)),
-        hash_file(Path(config.data_dir) / MANIFEST_NAME),
+        hashlib.sha256(storage.read_bytes(storage.join(config.data_dir, MANIFEST_NAME))).hexdigest()[:16],
         manifest.get("render_config_hash"),
         files,
     )

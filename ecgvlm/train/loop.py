@@ -353,14 +353,21 @@ def _append_history(config: TrainConfig, metrics: Mapping[str, Any]) -> None:
     """Rank 0 appends every report to ``<storage_path>/<run_name>/metrics.jsonl``.
 
     Ray Train's Result keeps only the checkpointed reports; this file is the whole curve
-    (resumed runs append, so a step may appear twice). Skipped for URI storage paths.
+    (resumed runs append, so a step may appear twice). An object store has no append: there
+    the file is rewritten whole, a few kilobytes once per evaluation.
     """
-    if "://" in config.storage_path:
+    from ecgvlm import storage
+
+    path = storage.join(config.run_dir(), HISTORY_NAME)
+    line = json.dumps(dict(metrics), default=float) + "\n"
+    local = storage.local_path(path)
+    if local is None:
+        before = storage.read_text(path) if storage.is_file(path) else ""
+        storage.write_text(path, before + line)
         return
-    path = config.run_dir() / HISTORY_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        f.write(json.dumps(dict(metrics), default=float) + "\n")
+    Path(local).parent.mkdir(parents=True, exist_ok=True)
+    with open(local, "a") as f:
+        f.write(line)
 
 
 PLACEMENT_GROUP_NAME = "placement_group.txt"
@@ -372,16 +379,16 @@ def _record_placement_group(config: TrainConfig) -> None:
 
     Ray Train removes the group when the run ends, but a run killed with its Ray Tune trial
     (the scheduler stopped it) keeps it until the search's driver exits: the search removes
-    it by this id (``ecgvlm.train.tune``). Skipped for URI storage paths.
+    it by this id (``ecgvlm.train.tune``).
     """
     import ray.util
 
+    from ecgvlm import storage
+
     group = ray.util.get_current_placement_group()
-    if group is None or "://" in config.storage_path:
-        return
-    path = config.run_dir() / PLACEMENT_GROUP_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(group.id.hex() + "\n")
+    if group is not None:
+        storage.write_text(storage.join(config.run_dir(), PLACEMENT_GROUP_NAME),
+                           group.id.hex() + "\n")
 
 
 def _metric_group() -> Any:
@@ -449,10 +456,13 @@ def train_step(
 
 def build_model(config: TrainConfig, device: Any, dtype: Any) -> tuple[Any, Any]:
     """Load the base model and processor and attach the LoRA adapter."""
+    from ecgvlm import storage
     from ecgvlm.model import load_pulse
     from ecgvlm.model.lora import attach_lora
 
-    model, processor = load_pulse(config.model_dir, dtype=dtype, device=device)
+    # A model in an object store is copied to this node's disk once (weights are mmapped).
+    model, processor = load_pulse(storage.node_local(config.model_dir), dtype=dtype,
+                                  device=device)
     model = attach_lora(
         model,
         r=config.lora_r,

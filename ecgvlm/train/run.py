@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from ecgvlm import storage
 from ecgvlm.config import ConfigError, config_to_dict, resolve_paths, save_config
 from ecgvlm.dataset import read_shards
 from ecgvlm.train.config import (
@@ -63,22 +63,22 @@ def check_run_dir(config: TrainConfig, resume: bool) -> None:
     """Refuse to silently mix a new run into an old one, to resume nothing, or to change
     the learning-rate schedule of a run on resume."""
     run_dir = config.run_dir()
-    exists = (run_dir / _RUN_SNAPSHOT).exists()
+    exists = storage.exists(storage.join(run_dir, _RUN_SNAPSHOT))
     if resume and not exists:
         raise ConfigError(
             f"--resume: no run {config.run_name!r} to resume under {config.storage_path} "
-            f"({run_dir / _RUN_SNAPSHOT} is missing)"
+            f"({storage.join(run_dir, _RUN_SNAPSHOT)} is missing)"
         )
     if not resume and exists:
         raise ConfigError(
             f"run_name {config.run_name!r} already has a run under {config.storage_path}; "
             "pass --resume to continue it or choose another run_name"
         )
-    saved = run_dir / RUN_CONFIG
-    if resume and saved.is_file():
+    saved = storage.join(run_dir, RUN_CONFIG)
+    if resume and storage.is_file(saved):
         # The resumed scheduler continues the saved one's step count under the new config's
         # formula: a new horizon or peak would make the learning rate jump mid-run.
-        before = yaml.safe_load(saved.read_text()) or {}
+        before = yaml.safe_load(storage.read_text(saved)) or {}
         for name in SCHEDULE_FIELDS:
             if name in before and before[name] != getattr(config, name):
                 raise ConfigError(
@@ -179,7 +179,7 @@ def build_datasets(config: TrainConfig, summary: DataSummary) -> dict[str, Any]:
     train = read_shards(
         files, columns=columns, num_cpus=data_cpus, shuffle=files_order
     ).randomize_block_order(seed=config.seed)
-    split_mb = sum(Path(f).stat().st_size for f in files) / 2**20
+    split_mb = sum(storage.size(f) or 0 for f in files) / 2**20
     if config.train_repeat > 1 or split_mb < config.cache_train_below_mb:
         # Materialised once, so that epochs (and the repeats' copies) do not re-read files.
         train = train.materialize()
@@ -228,6 +228,9 @@ def run_training(config: TrainConfig, resume: bool = False, callbacks: tuple[Any
     # Workers run in a directory of their own (and a job's driver in a temporary copy of the
     # working dir): every path is made absolute here, before anything is launched.
     config = resolve_paths(config, TrainConfig.PATH_FIELDS)
+    # The DeepSpeed config is read here, on the driver; the rest is read or written by workers.
+    storage.check_shared({name: getattr(config, name)
+                          for name in ("model_dir", "data_dir", "storage_path", "output_dir")})
     deepspeed_config = load_deepspeed_config(config.deepspeed_config)
     summary = check_training_data(config)
     check_run_dir(config, resume)
@@ -246,9 +249,7 @@ def run_training(config: TrainConfig, resume: bool = False, callbacks: tuple[Any
     ray.data.DataContext.get_current().enable_progress_bars = False
     datasets = build_datasets(config, summary)
 
-    run_dir = config.run_dir()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / RUN_CONFIG)
+    save_config(config, storage.join(config.run_dir(), RUN_CONFIG))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=make_loop_config(
@@ -288,24 +289,24 @@ def _finished_run(config: TrainConfig) -> Any:
     level = quiet.level
     quiet.setLevel(logging.WARNING)
     try:
-        result = Result.from_path(str(config.run_dir()))
+        result = Result.from_path(config.run_dir())
     finally:
         quiet.setLevel(level)
     return result if (result.metrics or {}).get("step", -1) >= config.max_steps else None
 
 
 def _export_best_adapter(config: TrainConfig, result: Any) -> Any:
-    """Copy the best checkpoint's adapter to ``config.output_dir``; return ``result``."""
+    """Copy the best checkpoint's adapter to ``config.output_dir`` (a folder or a URI);
+    return ``result``."""
     best = result.get_best_checkpoint(
         config.checkpoint_score_attribute, config.checkpoint_score_order
     ) or result.checkpoint
     if best is None:
         raise RuntimeError(f"run {config.run_name!r} finished without a checkpoint")
-    output = Path(config.output_dir)
+    output = config.output_dir
     with best.as_directory() as directory:
-        if output.exists():
-            shutil.rmtree(output)
-        shutil.copytree(Path(directory) / CHECKPOINT_ADAPTER, output)
+        storage.delete(output)
+        storage.upload_dir(Path(directory) / CHECKPOINT_ADAPTER, output)
     print(f"[jobs.train] best checkpoint {best.path}; adapter copied to {output}", flush=True)
     print(f"[jobs.train] final metrics {result.metrics}", flush=True)
     return result

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
+from ecgvlm import storage
 from ecgvlm.config import (
     ConfigError,
     check_choice,
@@ -135,8 +136,9 @@ class TuneConfig:
         overrides = [f"{k}={json.dumps(v)}" for k, v in self.train.items()]
         return load_config(TrainConfig, self.train_config, overrides)
 
-    def experiment_dir(self) -> Path:
-        return Path(self.storage_path) / self.name
+    def experiment_dir(self) -> str:
+        """The search's folder: a local path or a URI, as ``storage_path`` is."""
+        return storage.join(self.storage_path, self.name)
 
 
 def score(metrics: Mapping[str, Any], metric: str) -> float:
@@ -162,19 +164,19 @@ def param_space(config: TuneConfig) -> dict[str, Any]:
             for kind, values in spec.items()}
 
 
-def trial_train_config(base: TrainConfig, values: Mapping[str, Any], experiment: Path,
+def trial_train_config(base: TrainConfig, values: Mapping[str, Any], experiment: str,
                        trial_id: str) -> TrainConfig:
     """The training config of one trial: the base with the drawn values, its own run."""
     changes = dict(values)
     if "lora_r" in changes:
         changes["lora_alpha"] = 2 * int(changes["lora_r"])
-    run_name = f"{experiment.name}-{trial_id}"
-    trials = experiment / TRIALS_DIR
+    run_name = trial_run_name(experiment, trial_id)
+    trials = storage.join(experiment, TRIALS_DIR)
     # No restarts inside a trial's run: a failed run fails its trial, which Tune starts again
     # from the run's checkpoint (the search's failure_config); and a run whose placement group
     # the search removed after stopping its trial must not start a new one.
-    changes |= {"run_name": run_name, "storage_path": str(trials),
-                "output_dir": str(trials / f"{run_name}-adapter"), "max_failures": 0}
+    changes |= {"run_name": run_name, "storage_path": trials,
+                "output_dir": storage.join(trials, f"{run_name}-adapter"), "max_failures": 0}
     try:
         return dataclasses.replace(base, **changes)
     except (TypeError, ValueError) as e:
@@ -197,14 +199,23 @@ def _trial(values: dict[str, Any], base: dict[str, Any], experiment: str, metric
     from ecgvlm.config import config_from_dict
 
     trial_id = ray.tune.get_context().get_trial_id()
-    config = trial_train_config(config_from_dict(TrainConfig, base), values, Path(experiment),
+    config = trial_train_config(config_from_dict(TrainConfig, base), values, experiment,
                                 trial_id)
     # A restored search restarts unfinished trials: their runs continue from their checkpoint.
-    resume = (config.run_dir() / _RUN_SNAPSHOT).exists()
+    resume = storage.exists(storage.join(config.run_dir(), _RUN_SNAPSHOT))
     run_training(config, resume=resume, callbacks=(ScoreReport(),))
 
 
-def free_run_resources(run_dir: Path) -> bool:
+def trial_run_name(experiment: str, trial_id: str) -> str:
+    """The training run of a trial: ``<search name>-<trial id>``."""
+    return f"{experiment.rstrip('/').rsplit('/', 1)[-1]}-{trial_id}"
+
+
+def trial_run_dir(experiment: str, trial_id: str) -> str:
+    return storage.join(experiment, TRIALS_DIR, trial_run_name(experiment, trial_id))
+
+
+def free_run_resources(run_dir: str) -> bool:
     """Remove the placement group a trial's run recorded, if it still holds resources.
 
     Returns whether one was removed. Ray Train removes a run's group when the run ends; a run
@@ -214,10 +225,10 @@ def free_run_resources(run_dir: Path) -> bool:
     import ray
     from ray.util.placement_group import PlacementGroup, remove_placement_group
 
-    path = run_dir / PLACEMENT_GROUP_NAME
-    if not path.is_file():
+    path = storage.join(run_dir, PLACEMENT_GROUP_NAME)
+    if not storage.is_file(path):
         return False
-    group = PlacementGroup(ray.PlacementGroupID.from_hex(path.read_text().strip()))
+    group = PlacementGroup(ray.PlacementGroupID.from_hex(storage.read_text(path).strip()))
     if ray.util.placement_group_table(group).get("state") in (None, "REMOVED"):
         return False
     remove_placement_group(group)
@@ -256,20 +267,21 @@ def run_search(config: TuneConfig, resume: bool = False) -> list[dict[str, Any]]
 
     config = resolve_paths(config, TuneConfig.PATH_FIELDS)
     base = resolve_paths(config.base_train_config(), TrainConfig.PATH_FIELDS)
+    storage.check_shared({"storage_path": config.storage_path, "output_dir": config.output_dir})
     experiment = config.experiment_dir()
-    exists = ray.tune.Tuner.can_restore(str(experiment))
+    exists = ray.tune.Tuner.can_restore(experiment)
     if resume and not exists:
         raise ConfigError(f"--resume: no search {config.name!r} under {config.storage_path}")
     if not resume and exists:
         raise ConfigError(f"search {config.name!r} already exists under {config.storage_path}; "
                           "pass --resume to continue it or choose another name")
     trainable = ray.tune.with_parameters(
-        _trial, base=config_to_dict(base), experiment=str(experiment), metric=config.metric)
+        _trial, base=config_to_dict(base), experiment=experiment, metric=config.metric)
     # The trial function only waits on its TorchTrainer, whose workers hold the CPUs/GPUs
     # (Tune refuses a trial of zero resources).
     trainable = ray.tune.with_resources(trainable, {"cpu": TRIAL_DRIVER_CPU})
     if resume:
-        tuner = ray.tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True,
+        tuner = ray.tune.Tuner.restore(experiment, trainable, resume_unfinished=True,
                                        resume_errored=True)
     else:
         # max_t past the last step: ASHA stops a trial that reaches max_t itself, which
@@ -295,27 +307,26 @@ def run_search(config: TuneConfig, resume: bool = False) -> list[dict[str, Any]]
                 # A trial's run does not restart itself (trial_train_config): a failed trial
                 # starts again from its run's checkpoint, as often as a run would have.
                 failure_config=ray.tune.FailureConfig(max_failures=base.max_failures),
-                callbacks=[FreeStoppedRuns(str(experiment))],
+                callbacks=[FreeStoppedRuns(experiment)],
             ),
         )
-        experiment.mkdir(parents=True, exist_ok=True)
-        save_config(config, experiment / "tune_config.yaml")
+        save_config(config, storage.join(experiment, "tune_config.yaml"))
     grid = tuner.fit()
     rows = trial_rows(grid, experiment, config.metric)
     write_outputs(rows, config, base)
     return rows
 
 
-def _history(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / HISTORY_NAME
-    if not path.is_file():
+def _history(run_dir: str) -> list[dict[str, Any]]:
+    path = storage.join(run_dir, HISTORY_NAME)
+    if not storage.is_file(path):
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
 
 
-def _exported(run_dir: Path) -> bool:
+def _exported(run_dir: str) -> bool:
     """Whether a trial's run exported its adapter (to trial_train_config's output_dir)."""
-    return (run_dir.parent / f"{run_dir.name}-adapter" / "adapter_config.json").is_file()
+    return storage.is_file(storage.join(f"{run_dir.rstrip('/')}-adapter", "adapter_config.json"))
 
 
 def trial_dirname(trial: Any) -> str:
@@ -323,7 +334,7 @@ def trial_dirname(trial: Any) -> str:
     return str(trial.trial_id)
 
 
-def trial_rows(grid: Any, experiment: Path, metric: str) -> list[dict[str, Any]]:
+def trial_rows(grid: Any, experiment: str, metric: str) -> list[dict[str, Any]]:
     """One row per trial, the best first: its values, steps reached, its best evaluation,
     whether ASHA stopped it early, its error if it failed."""
     rows = []
@@ -331,8 +342,8 @@ def trial_rows(grid: Any, experiment: Path, metric: str) -> list[dict[str, Any]]
         # Tune's folder of a trial is its id (trial_dirname), with a suffix added when a
         # restored trial starts again.
         trial_id = str((result.metrics or {}).get("trial_id")
-                       or "_".join(Path(result.path).name.split("_")[:2]))
-        run_dir = experiment / TRIALS_DIR / f"{experiment.name}-{trial_id}"
+                       or "_".join(str(result.path).rstrip("/").rsplit("/", 1)[-1].split("_")[:2]))
+        run_dir = trial_run_dir(experiment, trial_id)
         history = _history(run_dir)
         evals = [r for r in history if "val_loss" in r]
         steps = max((int(r["step"]) for r in history), default=0)
@@ -350,7 +361,7 @@ def trial_rows(grid: Any, experiment: Path, metric: str) -> list[dict[str, Any]]
             # at). Tune's own record of a trial finished before a --resume holds no result.
             "stopped_early": result.error is None and not _exported(run_dir),
             "error": "" if result.error is None else str(result.error).strip().splitlines()[-1][:300],
-            "run_dir": str(run_dir),
+            "run_dir": run_dir,
         })
     return sorted(rows, key=lambda r: -math.inf if r["score"] is None else r["score"],
                   reverse=True)
@@ -368,16 +379,17 @@ def write_outputs(rows: list[dict[str, Any]], config: TuneConfig, base: TrainCon
 
     experiment = config.experiment_dir()
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    with (experiment / "trials.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    storage.write_text(storage.join(experiment, "trials.csv"), table.getvalue())
     print_table(rows)
-    plot_trials(rows, experiment / "trials.png", config.metric)
+    plot_trials(rows, storage.join(experiment, "trials.png"), config.metric)
     best = rows[0] if rows and rows[0]["score"] is not None else None
     if best is None:
         raise RuntimeError(f"no trial of search {config.name!r} reached an evaluation; see "
-                           f"{experiment / 'trials.csv'}")
+                           f"{storage.join(experiment, 'trials.csv')}")
     values = {k: best[k] for k in config.search}
     trial_config = trial_train_config(base, values, experiment, best["trial"])
     # The best trial's values under the base config's own run name, paths and output: ready
@@ -385,11 +397,12 @@ def write_outputs(rows: list[dict[str, Any]], config: TuneConfig, base: TrainCon
     best_config = dataclasses.replace(
         trial_config, run_name=base.run_name, storage_path=base.storage_path,
         output_dir=base.output_dir)
-    save_config(best_config, experiment / "best_train_config.yaml")
+    save_config(best_config, storage.join(experiment, "best_train_config.yaml"))
     result = Result.from_path(best["run_dir"])
     _export_best_adapter(dataclasses.replace(trial_config, output_dir=config.output_dir), result)
     print(f"[ecgvlm.tune] best trial {best['trial']} {values}: score {best['score']:.6f} at "
-          f"step {best['best_step']}; config {experiment / 'best_train_config.yaml'}", flush=True)
+          f"step {best['best_step']}; config {storage.join(experiment, 'best_train_config.yaml')}",
+          flush=True)
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
@@ -411,7 +424,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             print(f"trial {row['trial']} failed: {row['error']}")
 
 
-def plot_trials(rows: list[dict[str, Any]], path: Path, metric: str) -> None:
+def plot_trials(rows: list[dict[str, Any]], path: str, metric: str) -> None:
     """The score of every evaluation of every trial over steps (stopped trials end early)."""
     import matplotlib
 
@@ -420,7 +433,7 @@ def plot_trials(rows: list[dict[str, Any]], path: Path, metric: str) -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for row in rows:
-        evals = [r for r in _history(Path(row["run_dir"])) if "val_loss" in r]
+        evals = [r for r in _history(row["run_dir"]) if "val_loss" in r]
         if evals:
             style = "--" if row["stopped_early"] else "-"
             ax.plot([r["step"] for r in evals], [score(r, metric) for r in evals], style,
@@ -430,5 +443,7 @@ def plot_trials(rows: list[dict[str, Any]], path: Path, metric: str) -> None:
     ax.set_title("score per trial (ASHA stops the dashed ones early)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=100)
     plt.close(fig)
+    storage.write_bytes(path, image.getvalue())

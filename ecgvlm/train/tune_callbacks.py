@@ -4,12 +4,11 @@ level), and ``ecgvlm.train.tune`` stays importable without Ray."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import ray.tune
 
-from ecgvlm.train.tune import TRIALS_DIR, free_run_resources
+from ecgvlm.train.tune import free_run_resources, trial_run_dir
 
 
 class FreeStoppedRuns(ray.tune.Callback):
@@ -20,8 +19,7 @@ class FreeStoppedRuns(ray.tune.Callback):
         self.experiment = experiment
 
     def _free(self, trial: Any) -> None:
-        experiment = Path(self.experiment)
-        free_run_resources(experiment / TRIALS_DIR / f"{experiment.name}-{trial.trial_id}")
+        free_run_resources(trial_run_dir(self.experiment, trial.trial_id))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._free(trial)

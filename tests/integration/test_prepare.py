@@ -178,7 +178,7 @@ def test_rerun_skips_finished_shards_and_rebuilds_identical_ones(prepared):
     again = prepare_dataset(config)
     assert again.shards_written == 0 and again.shards_skipped == first.shards_written
     assert again.manifest["splits"] == first.manifest["splits"]
-    shard = split_files(config.output_dir, "train")[-1]
+    shard = Path(split_files(config.output_dir, "train")[-1])
     digest = _sha(shard)
     shard.unlink()
     shard.with_suffix(".done.json").unlink()
@@ -266,6 +266,7 @@ def test_a_killed_prepare_keeps_its_finished_shards_and_a_rerun_completes_them(
     assert again.shards_written + again.shards_skipped == total
     assert again.manifest["splits"] == first.manifest["splits"]
     for split in config.splits:
-        ours, theirs = split_files(out, split), split_files(config.output_dir, split)
+        ours = [Path(p) for p in split_files(out, split)]
+        theirs = [Path(p) for p in split_files(config.output_dir, split)]
         assert [p.name for p in ours] == [p.name for p in theirs]
         assert [_sha(p) for p in ours] == [_sha(p) for p in theirs]

@@ -72,7 +72,7 @@ def trained(ray_local, tiny_pulse_dir, prepared, tmp_path_factory):
 def _history(config) -> list[dict]:
     from ecgvlm.train import HISTORY_NAME
 
-    lines = (config.run_dir() / HISTORY_NAME).read_text().splitlines()
+    lines = (Path(config.run_dir()) / HISTORY_NAME).read_text().splitlines()
     return [json.loads(line) for line in lines]
 
 
@@ -99,10 +99,10 @@ def test_overfits_and_survives_a_worker_failure(trained) -> None:
 
 def test_checkpoints_keep_best_k_and_hold_resumable_state(trained) -> None:
     config = trained["config"]
-    kept = sorted(p.name for p in config.run_dir().glob("checkpoint_step_*"))
+    kept = sorted(p.name for p in Path(config.run_dir()).glob("checkpoint_step_*"))
     assert 1 <= len(kept) <= config.checkpoint_num_to_keep + 1  # + the latest, always kept
     assert f"checkpoint_step_{MAX_STEPS:06d}" in kept
-    last = config.run_dir() / f"checkpoint_step_{MAX_STEPS:06d}"
+    last = Path(config.run_dir()) / f"checkpoint_step_{MAX_STEPS:06d}"
     state = json.loads((last / "trainer_state.json").read_text())
     assert state["step"] == MAX_STEPS and "val_accuracy" in state["metrics"]
     ds_files = {p.name for p in (last / "deepspeed" / "state").iterdir()}
@@ -115,7 +115,7 @@ def test_checkpoints_keep_best_k_and_hold_resumable_state(trained) -> None:
     import ray
     from ray.util.placement_group import PlacementGroup, placement_group_table
 
-    recorded = (config.run_dir() / "placement_group.txt").read_text().strip()
+    recorded = (Path(config.run_dir()) / "placement_group.txt").read_text().strip()
     group = PlacementGroup(ray.PlacementGroupID.from_hex(recorded))
     assert placement_group_table(group)["state"] == "REMOVED"
 

@@ -337,7 +337,7 @@ def test_resume_refuses_a_changed_learning_rate_schedule(tmp_path: Path) -> None
 
     config = TrainConfig(model_dir="m", data_dir="d", storage_path=str(tmp_path), run_name="r",
                          max_steps=1000, learning_rate=1e-4, warmup_steps=10)
-    run_dir = config.run_dir()
+    run_dir = Path(config.run_dir())
     run_dir.mkdir()
     (run_dir / "checkpoint_manager_snapshot.json").write_text("{}")  # a started run
     save_config(config, run_dir / "train_config.yaml")

@@ -267,5 +267,5 @@ def test_log_steps_are_logged_but_not_reported_to_ray_train(tmp_path: Path, monk
     for step in (1, 2, 3):
         _report(worker, {"step": step, "train_loss": 1.0}, _Position(step=step), is_eval=False)
     assert reported == []
-    history = (config.run_dir() / "metrics.jsonl").read_text().splitlines()
+    history = (Path(config.run_dir()) / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in history] == [1, 2, 3]

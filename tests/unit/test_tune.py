@@ -53,7 +53,8 @@ def test_bad_train_override_and_metric_are_named() -> None:
 
 def test_a_trial_gets_its_own_run_and_lora_alpha_follows_the_rank(tmp_path: Path) -> None:
     base = TrainConfig(model_dir="m", data_dir="d", lora_r=4, lora_alpha=8)
-    trial = trial_train_config(base, {"lora_r": 16, "learning_rate": 3e-4}, tmp_path / "s", "ab_00001")
+    trial = trial_train_config(base, {"lora_r": 16, "learning_rate": 3e-4}, str(tmp_path / "s"),
+                               "ab_00001")
     assert (trial.lora_r, trial.lora_alpha, trial.learning_rate) == (16, 32, 3e-4)
     assert trial.run_name == "s-ab_00001"
     assert Path(trial.storage_path) == tmp_path / "s" / "train"
@@ -61,7 +62,7 @@ def test_a_trial_gets_its_own_run_and_lora_alpha_follows_the_rank(tmp_path: Path
     # A trial's run never restarts itself (Tune restarts the trial): see free_run_resources.
     assert trial.max_failures == 0
     with pytest.raises(ConfigError, match="trial ab_00002"):
-        trial_train_config(base, {"warmup_steps": -1}, tmp_path / "s", "ab_00002")
+        trial_train_config(base, {"warmup_steps": -1}, str(tmp_path / "s"), "ab_00002")
 
 
 def test_score_is_accuracy_with_loss_breaking_ties() -> None:

@@ -1,0 +1,131 @@
+"""ecgvlm.storage against a local folder, a file:// URI and a real S3-compatible server (moto
+on loopback): the same calls, the same results."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from ecgvlm import storage
+from ecgvlm.evaluate.store import PredictionStore
+
+
+@pytest.fixture(params=["local", "file", "s3"])
+def location(request, tmp_path: Path) -> str:
+    if request.param == "local":
+        return str(tmp_path / "out")
+    if request.param == "file":
+        return f"file://{tmp_path}/out"
+    server = request.getfixturevalue("s3_server")
+    assert server.endpoint.startswith("http://127.0.0.1:")
+    return f"s3://ecgvlm/unit/{tmp_path.name}"
+
+
+def test_files_round_trip_on_every_store(location: str) -> None:
+    storage.check_writable(location)
+    storage.write_text(storage.join(location, "a", "b.json"), '{"x": 1}')
+    storage.write_bytes(storage.join(location, "c.parquet"), b"PAR1")
+    assert storage.read_text(storage.join(location, "a", "b.json")) == '{"x": 1}'
+    assert storage.size(storage.join(location, "c.parquet")) == 4
+    assert storage.size(storage.join(location, "nothing")) is None
+    assert storage.is_dir(storage.join(location, "a"))
+    assert not storage.is_file(storage.join(location, "a"))
+    # Listings give locations of the caller's kind: a URI's files as URIs.
+    assert storage.list_files(location) == [storage.join(location, "c.parquet")]
+    assert storage.list_files(location, recursive=True) == [
+        storage.join(location, "a", "b.json"), storage.join(location, "c.parquet")]
+    assert storage.list_files(location, ".json", recursive=True) == [
+        storage.join(location, "a", "b.json")]
+    assert storage.list_files(storage.join(location, "missing")) == []
+    storage.write_text(storage.join(location, "a", "b.json"), "replaced")
+    assert storage.read_text(storage.join(location, "a", "b.json")) == "replaced"
+    storage.delete(storage.join(location, "a"))
+    assert storage.list_files(location, recursive=True) == [storage.join(location, "c.parquet")]
+    storage.delete(storage.join(location, "a"))  # nothing there: no error
+
+
+def test_a_local_write_leaves_no_temporary_file(tmp_path: Path) -> None:
+    target = tmp_path / "d" / "f.bin"
+    storage.write_bytes(str(target), b"1")
+    storage.write_bytes(str(target), b"22")
+    assert target.read_bytes() == b"22"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["f.bin"]
+
+
+def test_join_keeps_the_scheme() -> None:
+    assert storage.join("s3://b/prefix/", "x", "y.parquet") == "s3://b/prefix/x/y.parquet"
+    assert storage.join("/data/run", "x") == "/data/run/x"
+    assert storage.local_path("file:///data/run") == "/data/run"
+    assert storage.local_path("s3://b/run") is None
+
+
+def test_a_missing_bucket_is_named_before_anything_runs(s3_server) -> None:
+    with pytest.raises(storage.StorageError, match="bucket 'no-such-bucket'"):
+        storage.check_writable("s3://no-such-bucket/prepared")
+
+
+def test_an_unreadable_location_is_a_clear_error(s3_server) -> None:
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes("s3://ecgvlm/unit/never-written.json")
+
+
+def test_a_folder_goes_up_and_comes_back(s3_server, tmp_path: Path) -> None:
+    src = tmp_path / "model"
+    (src / "sub").mkdir(parents=True)
+    (src / "config.json").write_text("{}")
+    (src / "sub" / "w.safetensors").write_bytes(b"\0" * 1000)
+    remote = f"s3://ecgvlm/unit/{tmp_path.name}/model"
+    storage.upload_dir(src, remote)
+    storage.download_dir(remote, tmp_path / "back")
+    assert (tmp_path / "back" / "sub" / "w.safetensors").read_bytes() == b"\0" * 1000
+    assert (tmp_path / "back" / "config.json").read_text() == "{}"
+
+
+def test_a_remote_folder_is_copied_once_per_node(s3_server, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("ECGVLM_CACHE_DIR", str(tmp_path / "cache"))
+    remote = f"s3://ecgvlm/unit/{tmp_path.name}/adapter"
+    storage.write_text(storage.join(remote, "adapter_config.json"), "v1")
+    local_dir = tmp_path / "plain"
+    local_dir.mkdir()
+    assert storage.node_local(str(local_dir)) == str(local_dir)  # local: used in place
+
+    # Four loaders at once on one node (a replica's threads, a node's training workers):
+    # one copy, whole, and every loader gets it.
+    results: list[str] = []
+    threads = [threading.Thread(target=lambda: results.append(storage.node_local(remote)))
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(results)) == 1
+    copy = Path(results[0])
+    assert copy.parent.parent == tmp_path / "cache"
+    assert (copy / "adapter_config.json").read_text() == "v1"
+    assert [p.name for p in copy.parent.iterdir() if not p.name.endswith(".lock")] == [copy.name]
+    # Later loads use the copy without reading the store again.
+    storage.write_text(storage.join(remote, "adapter_config.json"), "v2")
+    assert Path(storage.node_local(remote), "adapter_config.json").read_text() == "v1"
+    with pytest.raises(storage.StorageError, match="holds no files"):
+        storage.node_local(f"s3://ecgvlm/unit/{tmp_path.name}/empty")
+
+
+def test_predictions_are_stored_and_consolidated_in_the_store(location: str) -> None:
+    row = {"sample_id": "s1", "dataset": "d", "model": "pulse", "answer_mode": "choice",
+           "condition": "normal", "split": "test", "prompt_version": "v"}
+    store = PredictionStore(location)
+    store.append([row])
+    store.append([{**row, "sample_id": "s2"}, {**row, "predicted_letter": "B"}])
+    assert store.done_keys() == {("s1", "pulse", "choice", "normal"),
+                                 ("s2", "pulse", "choice", "normal")}
+    frame = store.consolidate()
+    assert list(frame["predicted_letter"]) == ["B", None]  # the latest row per key
+    assert storage.list_files(storage.join(location, "predictions")) == []
+    assert storage.is_file(storage.join(location, "predictions.parquet"))
+    assert PredictionStore(location).load()["sample_id"].tolist() == ["s1", "s2"]
+
+
+def test_one_node_clusters_take_local_paths(ray_local) -> None:
+    storage.check_shared({"output_dir": "/tmp/anywhere"})
