@@ -210,7 +210,8 @@ def check_paths(args: ServeArgs) -> None:
     with files under it; the reading room's ``report_dir`` is a local folder).
 
     Checked where the app is built (on the cluster for ``serve deploy``), before any replica
-    starts.
+    starts. On a cluster of two or more nodes a plain local ``model_dir`` or adapter path
+    raises ``ecgvlm.storage.StorageError`` (``storage.check_shared``).
     """
     from ecgvlm import storage
 
@@ -218,6 +219,8 @@ def check_paths(args: ServeArgs) -> None:
         raise ValueError(f"report_dir: {args.report_dir} must be a local folder")
     paths = [("model_dir", args.model_dir), ("report_dir", args.report_dir)]
     paths += [(f"adapters.{n}", p) for n, p in args.adapters.items()]
+    # Replicas may start on any node of a cluster: their weights must be on shared storage.
+    storage.check_shared({what: path for what, path in paths if what != "report_dir"})
     for what, path in paths:
         if path is not None and not storage.is_dir(path):
             raise ValueError(f"{what}: {path} is not a directory")

@@ -150,3 +150,12 @@ def test_local_paths_are_refused_on_a_cluster_of_two_nodes(cluster, tmp_path: Pa
     assert len(lines) == 1 and f"output_dir = {out} is a path on one machine" in lines[0]
     assert "2 nodes" in lines[0] and "s3://" in lines[0]
     assert not out.exists()  # refused before anything was written
+
+
+def test_the_endpoint_refuses_a_local_model_on_two_nodes(cluster, tiny_pulse_dir: Path) -> None:
+    env, _ = cluster
+    check = ("import ray; from ecgvlm.serving import ServeArgs, check_paths; ray.init(); "
+             f"check_paths(ServeArgs(model_dir={str(tiny_pulse_dir)!r}))")
+    done = _run(env, "-c", check, ok=False)
+    assert done.returncode != 0
+    assert f"model_dir = {tiny_pulse_dir} is a path on one machine" in done.stderr

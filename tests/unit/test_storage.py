@@ -129,3 +129,50 @@ def test_predictions_are_stored_and_consolidated_in_the_store(location: str) -> 
 
 def test_one_node_clusters_take_local_paths(ray_local) -> None:
     storage.check_shared({"output_dir": "/tmp/anywhere"})
+
+
+def test_the_endpoint_serves_a_model_and_adapter_kept_in_a_bucket(
+    s3_server, tiny_pulse_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    import io
+
+    from PIL import Image
+
+    from ecgvlm import serving as sv
+    from ecgvlm.prompt import build_prompt
+    from tests.fakes.adapters import make_random_adapter
+
+    monkeypatch.setenv("ECGVLM_CACHE_DIR", str(tmp_path / "cache"))
+    adapter = make_random_adapter(tiny_pulse_dir, tmp_path / "adapter", seed=1)
+    remote = f"s3://ecgvlm/unit/{tmp_path.name}"
+    storage.upload_dir(tiny_pulse_dir, f"{remote}/tiny-pulse")
+    storage.upload_dir(adapter, f"{remote}/adapter")
+    args = sv.ServeArgs(model_dir=f"{remote}/tiny-pulse", adapters={"lora": f"{remote}/adapter"})
+    sv.check_paths(args)  # a prefix with files under it passes, as a folder does
+    with pytest.raises(ValueError, match="adapters.gone"):
+        sv.check_paths(args.model_copy(update={"adapters": {"gone": f"{remote}/gone"}}))
+    with pytest.raises(ValueError, match="report_dir: .* must be a local folder"):
+        sv.check_paths(args.model_copy(update={"report_dir": f"{remote}/eval"}))
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 32), (200, 30, 30)).save(buf, format="PNG")
+    asks = [sv.GenerateRequest(build_prompt("Which?", ["x", "y"]), buf.getvalue(), name, 4)
+            for name in (None, "lora")]
+    remote_runner = sv.PulseRunner(args.model_dir, args.adapters, device="cpu")
+    local_runner = sv.PulseRunner(str(tiny_pulse_dir), {"lora": str(adapter)}, device="cpu")
+    assert remote_runner.generate(asks) == local_runner.generate(asks)
+    copies = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "cache" / "remote").iterdir()
+                    if p.is_dir())
+    assert copies == ["adapter", "tiny-pulse"]
+
+
+def test_a_search_on_object_storage_keeps_its_trials_there() -> None:
+    from ecgvlm.train import TrainConfig
+    from ecgvlm.train.tune import trial_run_dir, trial_train_config
+
+    base = TrainConfig(model_dir="s3://b/m", data_dir="s3://b/d")
+    trial = trial_train_config(base, {"learning_rate": 1e-4}, "s3://b/tune/search", "ab_00001")
+    assert trial.storage_path == "s3://b/tune/search/train"
+    assert trial.output_dir == "s3://b/tune/search/train/search-ab_00001-adapter"
+    assert trial.run_dir() == trial_run_dir("s3://b/tune/search", "ab_00001")
+    assert trial.run_dir() == "s3://b/tune/search/train/search-ab_00001"
