@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -63,45 +62,16 @@ def child(root: Path, out: Path, cpus: int, shard_size: int) -> None:
     ray.shutdown()
 
 
-def _rss_mb(proc) -> float:
-    try:
-        return proc.memory_info().rss / 2**20
-    except Exception:  # noqa: BLE001 - a process that just exited
-        return 0.0
-
-
 def measure(n_records: int, cpus: int, shard_size: int) -> dict[str, float]:
-    import psutil
+    from peak_memory import run_sampled
 
     work = Path(tempfile.mkdtemp(prefix="prepare-scale-"))
     try:
         make_inputs(work / "in", n_records)
-        proc = subprocess.Popen(
-            [sys.executable, __file__, "--child", str(work / "in"), str(work / "out"),
-             str(cpus), str(shard_size)],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-            env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
-        )
-        driver = psutil.Process(proc.pid)
-        peak_driver = peak_worker = peak_workers = 0.0
-        while proc.poll() is None:
-            workers = []
-            try:
-                for p in driver.children(recursive=True):
-                    try:
-                        if p.cmdline()[:1] and p.cmdline()[0].startswith("ray::"):
-                            workers.append(_rss_mb(p))
-                    except psutil.Error:
-                        continue
-            except psutil.Error:
-                pass
-            peak_driver = max(peak_driver, _rss_mb(driver))
-            peak_worker = max([peak_worker, *workers])
-            peak_workers = max(peak_workers, sum(workers))
-            time.sleep(0.25)
-        out = json.loads(proc.stdout.read().strip().splitlines()[-1])
-        return {**out, "records": n_records, "driver_mb": peak_driver,
-                "worker_mb": peak_worker, "workers_mb": peak_workers}
+        stdout, peaks = run_sampled([sys.executable, __file__, "--child", str(work / "in"),
+                                     str(work / "out"), str(cpus), str(shard_size)])
+        out = json.loads(stdout.strip().splitlines()[-1])
+        return {**out, "records": n_records, **peaks}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

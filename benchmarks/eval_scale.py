@@ -1,0 +1,114 @@
+"""The evaluation job's cost as the split grows: rows/s and peak memory at 1k, 10k, 50k rows.
+
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/eval_scale.py [--rows 1000 10000 50000]
+
+Each size is a split of synthetic samples (small printouts, measurements that fit each
+finding: ``tests/fakes/mcq_split.py``) evaluated by ``ecgvlm.evaluate.evaluate`` in a fresh
+driver process with its own local Ray, against a fake OpenAI-compatible endpoint in a
+separate process (``--service-ms`` per request), one model, generated answers, no judge, no
+controls, no sweep. While it runs, the driver's and the Ray workers' resident memory is
+sampled four times a second (``peak_memory.py``).
+
+What it should show: rows/s flat across sizes, the workers' memory flat (each client actor
+holds one block of rows), and the driver's growing only by what the report needs: the
+split's metadata without images and the stored predictions, which the metrics, the claim
+check and the report read whole (a few hundred bytes a row), never the images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def child(split_dir: Path, out: Path, endpoint: str, cpus: int, concurrency: int) -> None:
+    """The driver being measured: a local Ray, one evaluation, a JSON line of results."""
+    sys.path.insert(0, str(REPO))
+    import ray
+
+    from ecgvlm.config import config_from_dict
+    from ecgvlm.evaluate import EvalConfig, evaluate
+
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
+    config = config_from_dict(EvalConfig, {
+        "data_dir": str(split_dir), "output_dir": str(out), "endpoint": endpoint,
+        "models": ["pulse"], "answer_mode": ["generate"], "controls": [],
+        "calibration": {"split": ""}, "judge": {"enabled": False}, "prior_split": "",
+        "concurrency": concurrency, "batch_size": 16, "flush_every": 256, "max_retries": 0,
+        "n_boot": 100, "progress": False,
+    })
+    t0 = time.perf_counter()
+    report, _ = evaluate(config)
+    wall_s = time.perf_counter() - t0
+    print(json.dumps({"wall_s": wall_s, "predict_s": report.meta["predict_s"],
+                      "new": report.meta["new_predictions"]}))
+    ray.shutdown()
+
+
+def measure(n_rows: int, endpoint: str, cpus: int, concurrency: int) -> dict[str, float]:
+    from peak_memory import run_sampled
+
+    sys.path.insert(0, str(REPO))
+    from tests.fakes.mcq_split import sample_rows, write_split
+
+    work = Path(tempfile.mkdtemp(prefix="eval-scale-"))
+    try:
+        rows = sample_rows(n_rows // 2 + n_rows % 2, measurements=True)[:n_rows]
+        write_split(work / "prepared", rows, shards=max(2, n_rows // 2000))
+        del rows
+        stdout, peaks = run_sampled([sys.executable, __file__, "--child", str(work / "prepared"),
+                                     str(work / "out"), endpoint, str(cpus), str(concurrency)])
+        out = json.loads(stdout.strip().splitlines()[-1])
+        if out["new"] != n_rows:
+            raise RuntimeError(f"{out['new']} predictions for {n_rows} rows")
+        return {**out, "rows": n_rows, **peaks}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        split_dir, out, endpoint, cpus, concurrency = sys.argv[2:7]
+        child(Path(split_dir), Path(out), endpoint, int(cpus), int(concurrency))
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1000, 10000, 50000])
+    parser.add_argument("--cpus", type=int, default=4, help="logical CPUs of the local Ray")
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--service-ms", type=float, default=0.0, help="fake endpoint's time")
+    args = parser.parse_args()
+
+    sys.path.insert(0, str(REPO))
+    from eval_bench import start_fake_endpoint
+
+    load_start = os.getloadavg()[0]
+    proc, endpoint = start_fake_endpoint(args.service_ms / 1000)
+    try:
+        rows = [measure(n, endpoint, args.cpus, args.concurrency) for n in args.rows]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    print(f"\neval_scale: {args.cpus} Ray CPUs, concurrency {args.concurrency}, fake endpoint "
+          f"{args.service_ms:g} ms/request, {os.cpu_count()} cores, load average "
+          f"{load_start:.1f} at start, {os.getloadavg()[0]:.1f} at end\n")
+    print("| rows | wall s | rows/s (whole job) | rows/s (predict phase) | driver peak RSS MB | "
+          "largest worker peak RSS MB | all workers peak RSS MB |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['rows']} | {r['wall_s']:.1f} | {r['rows'] / r['wall_s']:.1f} | "
+              f"{r['rows'] / r['predict_s']:.1f} | {r['driver_mb']:.0f} | {r['worker_mb']:.0f} | "
+              f"{r['workers_mb']:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
