@@ -288,12 +288,14 @@ def node_local(location: str | Path) -> str:
         return local
     text = str(location).rstrip("/")
     key = hashlib.sha256(text.encode()).hexdigest()[:16]
-    root = cache_root() / "remote"
-    target = root / f"{posixpath.basename(text)}-{key}"
+    root = cache_root() / "remote" / key
+    # The copy keeps the folder's own name (``.../<key>/mitdb``): readers that recognise a
+    # data set by its folder see the same name as on the store.
+    target = root / posixpath.basename(text)
     if target.is_dir():
         return str(target)
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / f".{target.name}.lock", "w") as lock:
+    with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not target.is_dir():
             partial = root / f".{target.name}.partial"

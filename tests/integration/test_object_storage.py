@@ -65,7 +65,7 @@ def _last_json(stdout: str) -> dict:
 
 
 def _cached(cache: Path, name: str) -> list[Path]:
-    return sorted((cache / "remote").glob(f"{name}-*")) if (cache / "remote").is_dir() else []
+    return sorted((cache / "remote").glob(f"*/{name}"))
 
 
 def test_the_pipeline_runs_on_two_nodes_with_every_path_in_object_storage(
@@ -91,6 +91,10 @@ def test_the_pipeline_runs_on_two_nodes_with_every_path_in_object_storage(
     assert len(markers) == first["shards_written"] >= 2
     assert len({m["node_id"] for m in markers}) == 2, "every shard was built on one node"
     assert all(m["sha256"] for m in markers)
+    # Each record was recognised as from its data set (by its folder, as on a disk).
+    datasets = {d for split in manifest["splits"].values() for d in split["datasets"]}
+    assert datasets == set(SAMPLE_SETS)
+    assert first["rejects"] == 0
     sources = {row["source_path"] for split in manifest["splits"] for row in pq.read_table(
         storage.join(prepared, manifest["splits"][split]["shards"][0]["file"]),
         columns=["source_path"]).to_pylist()}

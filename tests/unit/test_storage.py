@@ -102,9 +102,10 @@ def test_a_remote_folder_is_copied_once_per_node(s3_server, tmp_path: Path, monk
         t.join()
     assert len(set(results)) == 1
     copy = Path(results[0])
-    assert copy.parent.parent == tmp_path / "cache"
+    # Under the cache, by URI, keeping the folder's own name.
+    assert copy.parent.parent == tmp_path / "cache" / "remote" and copy.name == "adapter"
     assert (copy / "adapter_config.json").read_text() == "v1"
-    assert [p.name for p in copy.parent.iterdir() if not p.name.endswith(".lock")] == [copy.name]
+    assert [p.name for p in copy.parent.iterdir() if p.name != ".lock"] == ["adapter"]
     # Later loads use the copy without reading the store again.
     storage.write_text(storage.join(remote, "adapter_config.json"), "v2")
     assert Path(storage.node_local(remote), "adapter_config.json").read_text() == "v1"
@@ -161,8 +162,7 @@ def test_the_endpoint_serves_a_model_and_adapter_kept_in_a_bucket(
     remote_runner = sv.PulseRunner(args.model_dir, args.adapters, device="cpu")
     local_runner = sv.PulseRunner(str(tiny_pulse_dir), {"lora": str(adapter)}, device="cpu")
     assert remote_runner.generate(asks) == local_runner.generate(asks)
-    copies = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "cache" / "remote").iterdir()
-                    if p.is_dir())
+    copies = sorted(p.name for p in (tmp_path / "cache" / "remote").glob("*/*") if p.is_dir())
     assert copies == ["adapter", "tiny-pulse"]
 
 
