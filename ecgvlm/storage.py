@@ -19,6 +19,7 @@ import functools
 import os
 import posixpath
 import shutil
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -232,9 +233,11 @@ def check_shared(locations: dict[str, str | None]) -> None:
     Raises:
         StorageError: naming the first local field and what to use instead.
     """
-    import ray
-
-    if not ray.is_initialized():
+    # Not ``import ray``: a process that has not connected yet has no cluster to check, and
+    # Ray reads its auth settings when first imported, so importing it here would make a
+    # later ``ray.init`` to a token-auth head (``ecgvlm serve``'s own) fail.
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
         return
     n_nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
     if n_nodes < 2:

@@ -734,12 +734,17 @@ def _listening_ports(pids: list[int]) -> set[int]:
     return ports
 
 
-def test_ecgvlm_serve_takes_free_ports_and_sigterm_stops_all_it_started(tiny_pulse_dir):
+def test_ecgvlm_serve_takes_free_ports_and_sigterm_stops_all_it_started(tiny_pulse_dir,
+                                                                        tmp_path):
     from ecgvlm.local_ray import pids_under
 
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+    # A home as on a fresh machine: no ~/.ray/auth_token, which any earlier local
+    # ``ray.init`` leaves and which once hid a Ray import made before the private head's
+    # token was set (CI, with no such file, failed to connect).
+    env["HOME"] = str(tmp_path / "home")
     proc = subprocess.Popen(
         [sys.executable, "-m", "ecgvlm.cli", "serve", "--model-dir", str(tiny_pulse_dir),
          "--port", str(port), "--num-cpus", "4"],
