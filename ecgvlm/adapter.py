@@ -33,8 +33,11 @@ def hash_json(value: Any) -> str:
 
 
 def hash_file(path: str | Path) -> str:
-    """A short sha256 of one file's bytes (e.g. a prepared dataset's manifest)."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    """A short sha256 of one file's bytes (e.g. a prepared dataset's manifest; a path or a
+    URI)."""
+    from ecgvlm import storage
+
+    return hashlib.sha256(storage.read_bytes(path)).hexdigest()[:16]
 
 
 def current_git_sha(cwd: str | Path | None = None) -> str | None:

@@ -665,13 +665,14 @@ def build_shard(
     llava_entries: list[dict[str, Any]] = []
     images: dict[str, bytes] = {}
 
+    remote_roots = config.remote_roots()
     by_path: dict[str, list[Unit]] = defaultdict(list)
     for u in units:
         by_path[u.path].append(u)
     for path, path_units in by_path.items():
         t = time.perf_counter()
         try:
-            records = _read_units(local_record_path(path, config.remote_roots()),
+            records = _read_units(local_record_path(path, remote_roots),
                                   path_units[0].dataset, config.window_s)
         except Exception as e:  # noqa: BLE001 - recorded in rejects.jsonl
             rejects += [_reject("read", path, u.record_id, e) for u in path_units]

@@ -253,18 +253,32 @@ def check_shared(locations: dict[str, str | None]) -> None:
 
 
 def upload_dir(local_dir: str | Path, location: str | Path) -> None:
-    """Copy a local folder's files to ``location`` (each file written whole)."""
-    root = Path(local_dir)
-    for file in sorted(p for p in root.rglob("*") if p.is_file()):
-        write_bytes(join(location, *file.relative_to(root).parts), file.read_bytes())
+    """Copy a local folder's files to ``location``, streamed (model shards are gigabytes);
+    on an object store each object appears only when its upload completes."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(location)
+    try:
+        pafs.copy_files(str(Path(local_dir).resolve()), path,
+                        source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    except OSError as e:
+        raise StorageError(f"cannot copy {local_dir} to {location}: {e}") from e
 
 
 def download_dir(location: str | Path, local_dir: str | Path) -> None:
-    """Copy every file under ``location`` into the local folder ``local_dir``."""
-    for rel in _relative_files(location, recursive=True):
-        target = Path(local_dir, rel)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(read_bytes(join(location, rel)))
+    """Copy every file under ``location`` into the local folder ``local_dir``, streamed;
+    nothing there leaves ``local_dir`` absent."""
+    import pyarrow.fs as pafs
+
+    if not _relative_files(location, recursive=True):
+        return
+    fs, path = filesystem(location)
+    Path(local_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        pafs.copy_files(path, str(Path(local_dir).resolve()), source_filesystem=fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+    except OSError as e:
+        raise StorageError(f"cannot copy {location} to {local_dir}: {e}") from e
 
 
 def cache_root() -> Path:

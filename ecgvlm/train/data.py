@@ -7,7 +7,6 @@ answer only.
 
 from __future__ import annotations
 
-import hashlib
 import io
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -69,6 +68,7 @@ def check_training_data(config: TrainConfig) -> DataSummary:
     import pyarrow.parquet as pq
 
     from ecgvlm import storage
+    from ecgvlm.adapter import hash_file
     from ecgvlm.dataset import MANIFEST_NAME, check_shards_readable, read_manifest
 
     rows: dict[str, int] = {}
@@ -103,7 +103,7 @@ def check_training_data(config: TrainConfig) -> DataSummary:
     return DataSummary(
         rows,
         tuple(sorted(labels)),
-        hashlib.sha256(storage.read_bytes(storage.join(config.data_dir, MANIFEST_NAME))).hexdigest()[:16],
+        hash_file(storage.join(config.data_dir, MANIFEST_NAME)),
         manifest.get("render_config_hash"),
         files,
     )
