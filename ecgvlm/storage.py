@@ -258,6 +258,8 @@ def upload_dir(local_dir: str | Path, location: str | Path) -> None:
     import pyarrow.fs as pafs
 
     fs, path = filesystem(location)
+    if local_path(location) is not None:  # copy_files makes the folders below it, not it
+        Path(path).mkdir(parents=True, exist_ok=True)
     try:
         pafs.copy_files(str(Path(local_dir).resolve()), path,
                         source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)

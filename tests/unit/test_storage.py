@@ -76,11 +76,19 @@ def test_a_folder_goes_up_and_comes_back(s3_server, tmp_path: Path) -> None:
     (src / "sub").mkdir(parents=True)
     (src / "config.json").write_text("{}")
     (src / "sub" / "w.safetensors").write_bytes(b"\0" * 1000)
-    remote = f"s3://ecgvlm/unit/{tmp_path.name}/model"
-    storage.upload_dir(src, remote)
-    storage.download_dir(remote, tmp_path / "back")
-    assert (tmp_path / "back" / "sub" / "w.safetensors").read_bytes() == b"\0" * 1000
-    assert (tmp_path / "back" / "config.json").read_text() == "{}"
+    flat = tmp_path / "adapter"  # files only, as a checkpoint's adapter folder
+    flat.mkdir()
+    (flat / "config.json").write_text("{}")
+    # To a bucket, and to local folders that do not exist yet (training's adapter export).
+    for dest in (f"s3://ecgvlm/unit/{tmp_path.name}/model", str(tmp_path / "new" / "model"),
+                 f"file://{tmp_path}/new/file-uri"):
+        storage.upload_dir(src, dest)
+        back = tmp_path / "back" / dest.rsplit("/", 1)[1]
+        storage.download_dir(dest, back)
+        assert (back / "sub" / "w.safetensors").read_bytes() == b"\0" * 1000, dest
+        assert (back / "config.json").read_text() == "{}", dest
+        storage.upload_dir(flat, f"{dest}-flat")
+        assert storage.read_text(storage.join(f"{dest}-flat", "config.json")) == "{}", dest
 
 
 def test_a_remote_folder_is_copied_once_per_node(s3_server, tmp_path: Path, monkeypatch) -> None:
