@@ -752,23 +752,31 @@ def validation_choices(
 
 
 def check_explanations(
-    config: EvalConfig, generated: Any, meta: Any, clusters: dict[str, str]
-) -> tuple[dict[tuple[str, str], str], dict[str, Any], list[dict[str, Any]], str | None]:
+    config: EvalConfig, generated: Any, meta: Any, clusters: dict[str, str],
+    examples_per_model: int = 3,
+) -> tuple[dict[tuple[str, str], str], dict[str, Any], dict[tuple[str, str], float],
+           dict[str, list[dict[str, Any]]], str | None]:
     """Check every generated explanation against its record (``ecgvlm.evaluate.claims``).
 
     The reference rows (``claims.REFERENCE_MODEL``, ``claims.MOVED_REFERENCE_MODEL``) check
     the grounded reference explanations against their own and against another record.
 
+    Only what the report needs is kept of each explanation (three counts, and the share
+    contradicted), not its text and verdicts: on a split of 10k+ rows those were most of the
+    driver's growth with the number of predictions.
+
     Returns:
         ((sample_id, model) -> the verdicts as JSON, ``{model: {dataset: ClaimStats}}``,
-        per-explanation rows (sample, model, dataset, counts, verdicts) for examples and
-        the judge comparison, a note when the split has no measurements).
+        (sample_id, model) -> the share of its checkable claims contradicted (explanations
+        with one or more), per model a few explanations with contradicted claims
+        (``claim_examples``), a note when the split has no measurements).
     """
     import json
 
     from ecgvlm.evaluate.claims import (
         MOVED_REFERENCE_MODEL,
         REFERENCE_MODEL,
+        ClaimCounts,
         check_explanation,
         claim_stats,
         count_verdicts,
@@ -777,24 +785,38 @@ def check_explanations(
     )
 
     samples = meta.to_dict("records")
-    by_id = {str(s["sample_id"]): s for s in samples}
-    records = {sid: (measurements_of(s.get("measurements")),
-                     [] if s.get("labels") is None else [str(x) for x in s["labels"]])
-               for sid, s in by_id.items()}
+    records = {str(s["sample_id"]): (
+        measurements_of(s.get("measurements")),
+        [] if s.get("labels") is None else [str(x) for x in s["labels"]]) for s in samples}
     note = None
     if "measurements" not in meta:
         note = ("the split has no measurements column (prepared before measurements existed): "
                 "only named findings are checked, against the labels")
-    rows: list[dict[str, Any]] = []
     stored: dict[tuple[str, str], str] = {}
-    for pred in generated.to_dict("records"):
-        if pred.get("error"):
+    groups: dict[tuple[str, str], tuple[list[ClaimCounts], list[str]]] = {}
+    rates: dict[tuple[str, str], float] = {}
+    examples = ClaimExamples(examples_per_model, config.seed)
+
+    def tally(sid: str, model: str, dataset: str, text: str, verdicts: list[Any]) -> None:
+        counts = count_verdicts(verdicts)
+        counts.spans.clear()  # where the contradictions are: only the examples need it
+        found, cluster = groups.setdefault((model, dataset), ([], []))
+        found.append(counts)
+        cluster.append(clusters[sid])
+        if counts.supported + counts.contradicted:
+            rates[(sid, model)] = counts.contradicted / (counts.supported + counts.contradicted)
+        examples.offer(model, sid, dataset, text, verdicts, counts.contradicted)
+
+    columns = [generated[c] if c in generated else [None] * len(generated)
+               for c in ("sample_id", "model", "dataset", "explanation", "error")]
+    for sid, model, dataset, text, error in zip(*columns):
+        if isinstance(error, str) and error:
             continue
-        sid = str(pred["sample_id"])
-        verdicts = check_explanation(pred.get("explanation"), *records[sid], config.claims)
-        stored[(sid, str(pred["model"]))] = json.dumps([v.to_json() for v in verdicts])
-        rows.append({"sample_id": sid, "model": pred["model"], "dataset": pred["dataset"],
-                     "text": pred.get("explanation") or "", "verdicts": verdicts})
+        sid, model = str(sid), str(model)
+        text = text if isinstance(text, str) else ""
+        verdicts = check_explanation(text, *records[sid], config.claims)
+        stored[(sid, model)] = json.dumps([v.to_json() for v in verdicts])
+        tally(sid, model, str(dataset), text, verdicts)
     for sample in samples:
         sample["true_label"] = true_label_of(sample)
     own, moved = reference_texts(samples, config.seed)
@@ -802,55 +824,67 @@ def check_explanations(
         sid = str(sample["sample_id"])
         for model, text in ((REFERENCE_MODEL, mine), (MOVED_REFERENCE_MODEL, other)):
             if text:
-                rows.append({"sample_id": sid, "model": model, "dataset": sample["dataset"],
-                             "text": text,
-                             "verdicts": check_explanation(text, *records[sid], config.claims)})
+                tally(sid, model, str(sample["dataset"]), text,
+                      check_explanation(text, *records[sid], config.claims))
     summary: dict[str, Any] = {}
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for row in rows:
-        row["counts"] = count_verdicts(row["verdicts"])
-        groups.setdefault((str(row["model"]), str(row["dataset"])), []).append(row)
-    for (model, dataset), group in sorted(groups.items()):
+    for (model, dataset), (found, cluster) in sorted(groups.items()):
         summary.setdefault(model, {})[dataset] = claim_stats(
-            [r["counts"] for r in group], [clusters[r["sample_id"]] for r in group],
-            n_boot=config.n_boot, seed=config.seed)
-    return stored, summary, rows, note
+            found, cluster, n_boot=config.n_boot, seed=config.seed)
+    return stored, summary, rates, examples.picked(), note
 
 
-def claim_examples(rows: list[dict[str, Any]], seed: int = 0, per_model: int = 3) -> dict[str, list[dict[str, Any]]]:
-    """Per model, up to ``per_model`` explanations with contradicted claims (a seeded pick,
-    those with contradictions first), each with its text and verdicts."""
-    import random
+class ClaimExamples:
+    """Per model, up to ``per_model`` explanations for the report: those with the most
+    contradicted claims first, ties broken by a seeded hash of the sample id, so the pick
+    does not depend on the order rows arrive in and only ``per_model`` are ever held."""
 
-    out: dict[str, list[dict[str, Any]]] = {}
-    rng = random.Random(seed)
-    for model in sorted({str(r["model"]) for r in rows}):
-        mine = sorted((r for r in rows if r["model"] == model), key=lambda r: r["sample_id"])
-        rng.shuffle(mine)
-        mine.sort(key=lambda r: -r["counts"].contradicted)
-        out[model] = [{"sample_id": r["sample_id"], "dataset": r["dataset"], "text": r["text"],
-                       "verdicts": [v.to_json() for v in r["verdicts"]]}
-                      for r in mine[:per_model] if r["verdicts"]]
-    return out
+    def __init__(self, per_model: int = 3, seed: int = 0) -> None:
+        self.per_model, self.seed = per_model, seed
+        # model -> heap of (contradicted, -tie, sample_id, example): its root is the worst kept.
+        self._heaps: dict[str, list[tuple[int, int, str, dict[str, Any]]]] = {}
+
+    def _tie(self, sample_id: str) -> int:
+        import hashlib
+
+        digest = hashlib.blake2b(f"{self.seed}:{sample_id}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big")
+
+    def offer(self, model: str, sample_id: str, dataset: str, text: str, verdicts: list[Any],
+              contradicted: int) -> None:
+        import heapq
+
+        if not verdicts or self.per_model <= 0:
+            return
+        heap = self._heaps.setdefault(model, [])
+        key = (contradicted, -self._tie(sample_id), sample_id)
+        if len(heap) == self.per_model and key <= heap[0][:3]:
+            return  # no better than the worst kept: its verdicts are never serialised
+        example = {"sample_id": sample_id, "dataset": dataset, "text": text,
+                   "verdicts": [v.to_json() for v in verdicts]}
+        if len(heap) < self.per_model:
+            heapq.heappush(heap, (*key, example))
+        else:
+            heapq.heapreplace(heap, (*key, example))
+
+    def picked(self) -> dict[str, list[dict[str, Any]]]:
+        """Model -> its examples, the most contradicted first."""
+        return {model: [entry[3] for entry in sorted(heap, reverse=True)]
+                for model, heap in sorted(self._heaps.items())}
 
 
 def judge_claim_agreement(
-    judgements: list[Any], rows: list[dict[str, Any]], clusters: dict[str, str], n_boot: int,
-    seed: int,
+    judgements: list[Any], rates: dict[tuple[str, str], float], clusters: dict[str, str],
+    n_boot: int, seed: int,
 ) -> dict[str, dict[str, Any]]:
     """Per model: Spearman's rank correlation, over the judged explanations with a checkable
     claim, between the judge's factual accuracy (and hallucination) and the share of the
-    explanation's checkable claims that are contradicted, with a cluster-bootstrap CI."""
+    explanation's checkable claims that are contradicted (``rates``, from
+    ``check_explanations``), with a cluster-bootstrap CI."""
     import numpy as np
     from scipy.stats import spearmanr
 
     from ecgvlm.evaluate.metrics import bootstrap_intervals
 
-    rates = {}
-    for r in rows:
-        c = r["counts"]
-        if c.supported + c.contradicted:
-            rates[(r["sample_id"], str(r["model"]))] = c.contradicted / (c.supported + c.contradicted)
     out: dict[str, dict[str, Any]] = {}
     for model in sorted({str(j.model) for j in judgements}):
         pairs = [(j.factual_accuracy, j.hallucination,
@@ -998,12 +1032,13 @@ def evaluate(config: EvalConfig) -> tuple[Any, dict[str, str]]:
                                        n_boot=config.n_boot, seed=config.seed)
 
     claims: dict[str, Any] = {}
-    claim_rows: list[dict[str, Any]] = []
+    contradicted_rates: dict[tuple[str, str], float] = {}
+    examples: dict[str, list[dict[str, Any]]] = {}
     claims_note = None
     claims_s = 0.0
     if "generate" in config.answer_mode and len(scored["generate"]):
         t_claims = time.perf_counter()
-        stored, claims, claim_rows, claims_note = check_explanations(
+        stored, claims, contradicted_rates, examples, claims_note = check_explanations(
             config, scored["generate"], meta, clusters)
         # Into every stored row (also those of samples or models this run did not select:
         # predictions.parquet is rewritten whole, nothing may be lost).
@@ -1021,8 +1056,8 @@ def evaluate(config: EvalConfig) -> tuple[Any, dict[str, str]]:
     else:
         judgements, judge_note = [], "no explanations to judge: answer_mode has no 'generate'"
     judge_boot = config.n_boot or 1000
-    judge_agreement = judge_claim_agreement(judgements, claim_rows, clusters, judge_boot,
-                                            config.seed)
+    judge_agreement = judge_claim_agreement(judgements, contradicted_rates, clusters,
+                                            judge_boot, config.seed)
 
     counts: dict[str, dict[str, dict[str, int]]] = {}
     for model, mode, condition in tasks:
@@ -1056,7 +1091,7 @@ def evaluate(config: EvalConfig) -> tuple[Any, dict[str, str]]:
         controls_note=condition_notes.get("controls"),
         robustness=robustness,
         robustness_note=condition_notes.get("robustness"),
-        claim_examples=claim_examples(claim_rows, config.seed),
+        claim_examples=examples,
         judge_agreement=judge_agreement,
         meta={
             "run_name": out.rstrip("/").rsplit("/", 1)[-1],

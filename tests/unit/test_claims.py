@@ -276,24 +276,23 @@ def test_claim_stats_by_hand_and_without_claims():
 def test_judge_agreement_is_spearman_over_the_judged_explanations():
     from scipy.stats import spearmanr
 
-    from ecgvlm.evaluate.claims import ClaimCounts
     from ecgvlm.evaluate.job import judge_claim_agreement
     from ecgvlm.records import Judgement
 
     # Explanation i has i contradicted of 5 checkable claims; the judge's factual accuracy
     # falls as contradictions rise (with one tie) and hallucination rises with them.
-    rows, judgements = [], []
+    rates, judgements = {}, []
     factual = [5, 5, 4, 2, 1, 1]
     for i in range(6):
         sid = f"d/r{i}#0"
-        rows.append({"sample_id": sid, "model": "m", "counts": ClaimCounts(5 - i, i, 0)})
+        rates[(sid, "m")] = i / 5
         judgements.append(Judgement(sid, "d", "m", "judge", "v", factual[i], 3, 3, 3, i % 6 or 1))
-    rows.append({"sample_id": "d/r9#0", "model": "m", "counts": ClaimCounts(0, 0, 2)})  # no checkable claim
+    # d/r9#0 has no checkable claim: no rate, so it is left out of the correlation.
     judgements.append(Judgement("d/r9#0", "d", "m", "judge", "v", 5, 3, 3, 3, 1))
     judgements.append(Judgement("d/r8#0", "d", "m", "judge", "v", None, None, None, None, None,
                                 failure="malformed twice"))
     clusters = {f"d/r{i}#0": f"patient:{i}" for i in range(10)}
-    out = judge_claim_agreement(judgements, rows, clusters, n_boot=200, seed=0)
+    out = judge_claim_agreement(judgements, rates, clusters, n_boot=200, seed=0)
     rates = [i / 5 for i in range(6)]
     assert out["m"]["n"] == 6
     assert out["m"]["factual_accuracy"] == pytest.approx(spearmanr(factual, rates).statistic)
@@ -302,3 +301,38 @@ def test_judge_agreement_is_spearman_over_the_judged_explanations():
         spearmanr([i % 6 or 1 for i in range(6)], rates).statistic)
     lo, hi = out["m"]["ci"]["factual_accuracy"]
     assert lo <= out["m"]["factual_accuracy"] <= hi
+
+
+def test_claim_examples_keep_the_most_contradicted_whatever_the_order_rows_come_in():
+    import random
+
+    from ecgvlm.evaluate.claims import ClaimConfig, check_explanation
+    from ecgvlm.evaluate.job import ClaimExamples
+
+    # Explanation i names i % 6 rhythms that the record's own (normal sinus rhythm) rules out.
+    findings = ["atrial fibrillation", "atrial flutter", "sinus bradycardia",
+                "sinus tachycardia", "ventricular tachycardia"]
+    offers = []
+    for i in range(12):
+        text = ("Findings: " + ", ".join(findings[: i % 6]) + ".") if i % 6 else "Nothing to say."
+        verdicts = check_explanation(text, None, ["NSR"], ClaimConfig())
+        contradicted = sum(v.verdict == "contradicted" for v in verdicts)
+        offers.append(("m", f"d/r{i}#0", "d", text, verdicts, contradicted))
+    picks = []
+    for order_seed in (0, 1, 2):
+        examples = ClaimExamples(per_model=3, seed=7)
+        shuffled = offers[:]
+        random.Random(order_seed).shuffle(shuffled)
+        for offer in shuffled:
+            examples.offer(*offer)
+        picks.append(examples.picked())
+    assert picks[0] == picks[1] == picks[2]
+    kept = picks[0]["m"]
+    counts = [sum(v["verdict"] == "contradicted" for v in e["verdicts"]) for e in kept]
+    best = sorted((o[5] for o in offers), reverse=True)[:3]
+    assert len(kept) == 3 and counts == best and counts[0] > 0, counts
+    assert all(e["verdicts"] for e in kept)
+    # An explanation with no claim at all is never an example, even when nothing else is.
+    empty = ClaimExamples(per_model=3)
+    empty.offer("m", "d/r0#0", "d", "Nothing to say.", [], 0)
+    assert empty.picked() == {}
