@@ -111,8 +111,9 @@ def _direct_runner(model_dir: Path):
 
 
 def _overhead_pairs(runner, url: str, body: dict, png: bytes, prompt: str, max_tokens: int,
-                    n: int) -> tuple[list[float], list[float], list[float]]:
-    """Alternate a direct ``generate``, one endpoint request and a /healthz (ms), ``n`` times.
+                    n: int) -> tuple[list[float], list[float], list[float], list[dict[str, float]]]:
+    """Alternate a direct ``generate``, one endpoint request and a /healthz (ms), ``n`` times;
+    also each request's ``Server-Timing`` (where the gateway and the replica spent it).
 
     Alternating puts both under the same machine load, which on a shared box drifts by more
     than the overhead being measured.
@@ -122,7 +123,7 @@ def _overhead_pairs(runner, url: str, body: dict, png: bytes, prompt: str, max_t
     from ecgvlm import serving as sv
 
     req = sv.GenerateRequest(prompt=prompt, image=png, max_new_tokens=max_tokens)
-    direct, endpoint, health = [], [], []
+    direct, endpoint, health, timings = [], [], [], []
     health_url = url.replace("/v1/chat/completions", "/healthz")
     with requests.Session() as http:
         for _ in range(n):
@@ -130,12 +131,37 @@ def _overhead_pairs(runner, url: str, body: dict, png: bytes, prompt: str, max_t
             runner.generate([req])
             direct.append((time.perf_counter() - t0) * 1000)
             t0 = time.perf_counter()
-            http.post(url, json=body, timeout=600).raise_for_status()
+            reply = http.post(url, json=body, timeout=600)
+            reply.raise_for_status()
             endpoint.append((time.perf_counter() - t0) * 1000)
+            timings.append(sv.parse_server_timing(reply.headers.get("server-timing", "")))
             t0 = time.perf_counter()
             http.get(health_url, timeout=600).raise_for_status()
             health.append((time.perf_counter() - t0) * 1000)
-    return direct, endpoint, health
+    return direct, endpoint, health, timings
+
+
+def hop_table(endpoint: list[float], timings: list[dict[str, float]]) -> list[tuple[str, float]]:
+    """p50 ms of each hop of a request, from the client's time and the endpoint's
+    ``Server-Timing``: what is left of the client's time outside the gateway is Serve's HTTP
+    proxy (and the loopback network); what is left of the gateway's call outside the
+    replica's queue and model time is the handle call (routing, serialisation, the actor
+    hop both ways)."""
+    med = statistics.median
+    hops = [
+        ("HTTP proxy + network (client - gateway total)",
+         med(e - t["total"] for e, t in zip(endpoint, timings))),
+        ("gateway: read + validate the body", med(t["parse"] for t in timings)),
+        ("gateway: decode the image", med(t["decode"] for t in timings)),
+        ("gateway: build the prompt", med(t["prompt"] for t in timings)),
+        ("handle call (call - queue - model)",
+         med(t["call"] - t["queue"] - t["model"] for t in timings)),
+        ("replica: batch queue", med(t["queue"] for t in timings)),
+        ("replica: model (generate in a thread)", med(t["model"] for t in timings)),
+        ("gateway: the rest (response JSON)",
+         med(t["total"] - t["parse"] - t["decode"] - t["prompt"] - t["call"] for t in timings)),
+    ]
+    return [*hops, ("client total", med(endpoint))]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,8 +221,8 @@ def main(argv: list[str] | None = None) -> int:
             serve.run(app, name="bench", route_prefix="/")
             asyncio.run(_drive(url, body, 4, 8))  # warm-up: imports, first batch
             if batch == 1:
-                direct, endpoint, health = _overhead_pairs(runner, url, body, png, prompt,
-                                                   args.max_tokens, args.direct_calls)
+                direct, endpoint, health, timings = _overhead_pairs(
+                    runner, url, body, png, prompt, args.max_tokens, args.direct_calls)
             for kind in kinds:
                 kind_body = {**body, **KINDS[kind]}
                 for c in CONCURRENCY:
@@ -238,7 +264,13 @@ def main(argv: list[str] | None = None) -> int:
           f"endpoint p50 {endpoint_ms:.1f} ms - direct PulseRunner.generate p50 "
           f"{direct_ms:.1f} ms = {overhead:.1f} ms (median of paired differences "
           f"{paired:.1f} ms; target <= 10 ms: {'met' if overhead <= 10 else 'NOT met'})")
-    print(f"for scale: GET /healthz p50 {statistics.median(health):.1f} ms (HTTP proxy and "
+    print("\nwhere a request's time goes (batching off, concurrency 1, p50 of each hop):\n")
+    print("| hop | p50 ms |")
+    print("| --- | ---: |")
+    for hop, ms in hop_table(endpoint, timings):
+        print(f"| {hop} | {ms:.2f} |")
+    print(f"| direct PulseRunner.generate, for comparison | {direct_ms:.2f} |")
+    print(f"\nfor scale: GET /healthz p50 {statistics.median(health):.1f} ms (HTTP proxy and "
           f"ingress only, no model hop); load average {os.getloadavg()[0]:.1f} on "
           f"{os.cpu_count()} cores at the end")
     return 0

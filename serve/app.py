@@ -17,6 +17,7 @@ import asyncio
 import hmac
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import replace
 from typing import Any
@@ -100,14 +101,20 @@ class PulseModel:
     async def generate(self, req: sv.GenerateRequest) -> sv.GenerateResult | sv.ApiError:
         # An ApiError (prompt over the context, out of memory) is returned, not raised, as
         # Gpt4oProxy does: it is the request's answer, not a replica failure to log.
+        arrived_s = time.perf_counter()
         await self._use_adapter()
         hooks = sv.RequestHooks()
         try:
-            return await self.generate_batch((req, hooks))
+            out = await self.generate_batch((req, hooks))
         finally:
             # Cancelled when the caller leaves: its row stops at the next token. Harmless
             # once answered.
             hooks.cancel.set()
+        if isinstance(out, sv.GenerateResult) and hooks.batch_started_s is not None:
+            out = replace(out, timing_ms={
+                "queue": (hooks.batch_started_s - arrived_s) * 1000,
+                "model": (hooks.batch_s or 0.0) * 1000})
+        return out
 
     async def stream(
         self, req: sv.GenerateRequest
@@ -149,8 +156,13 @@ class PulseModel:
         # One batch at a time (max_concurrent_batches=1): the thread keeps the replica's
         # event loop free for health checks and queueing while the model runs. Streamed and
         # plain requests share batches; the hooks are this replica's own.
-        return await asyncio.to_thread(self.runner.generate, [r for r, _ in jobs],
-                                       [h for _, h in jobs])
+        started_s = time.perf_counter()
+        try:
+            return await asyncio.to_thread(self.runner.generate, [r for r, _ in jobs],
+                                           [h for _, h in jobs])
+        finally:
+            for _, hooks in jobs:
+                hooks.batch_started_s, hooks.batch_s = started_s, time.perf_counter() - started_s
 
     def stats(self) -> dict[str, Any]:
         return self.runner.stats()
@@ -371,25 +383,30 @@ class Gateway:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
+        timing = sv.RequestTiming()
         self._authorize(request)
         req = sv.parse_chat_request(await self._read_body(request), self.limits)
         route = sv.resolve_model(req.model, self.adapters)
+        timing.lap("parse")
         images = sv.collect_images(req, self.limits)
+        timing.lap("decode")
         try:
             if req.stream and req.guided_choice is None:
                 return await self._stream(req, route, images)  # usage counted at its end
             if route.kind == "proxy":
                 out = await self._run_proxy(req)
+                timing.lap("call")
             else:
-                out = await self._chat_pulse(req, route, images)
+                out = await self._chat_pulse(req, route, images, timing)
         except sv.ApiError:
             self.usage.add(route.name, error=True)
             raise
         self.usage.add(route.name, out.get("usage"))
+        headers = {"Server-Timing": timing.header()}
         if req.stream:  # a constrained choice is answered at once: its stream in one go
             return Response("".join(sv.completion_events(out, req.include_usage())),
-                            media_type=sv.EVENT_STREAM)
-        return JSONResponse(out)
+                            media_type=sv.EVENT_STREAM, headers=headers)
+        return JSONResponse(out, headers=headers)
 
     def _pulse_request(
         self, req: sv.ChatCompletionRequest, route: sv.ModelRoute, images: list[sv.DecodedImage]
@@ -418,10 +435,13 @@ class Gateway:
         )
 
     async def _chat_pulse(
-        self, req: sv.ChatCompletionRequest, route: sv.ModelRoute, images: list[sv.DecodedImage]
+        self, req: sv.ChatCompletionRequest, route: sv.ModelRoute, images: list[sv.DecodedImage],
+        timing: sv.RequestTiming,
     ) -> dict[str, Any]:
         gen = self._pulse_request(req, route, images)
+        timing.lap("prompt")
         result = await self._run_pulse(route, gen)
+        timing.lap("call", inner=result.timing_ms)
         if result.choice_logprobs is not None:
             return sv.completion_response(route.name, result.text, result.prompt_tokens, 1,
                                           logprobs=sv.choice_logprobs(result.choice_logprobs))

@@ -352,6 +352,40 @@ def choice_logprobs(ranked: Sequence[tuple[str, float]]) -> dict[str, Any]:
     return logprobs_json([LogprobEntry(top[0].token, top[0].bytes, top[0].logprob, top)])
 
 
+class RequestTiming:
+    """Where a request's time went in the gateway, sent back as a ``Server-Timing`` header
+    (W3C; browsers' developer tools show it): each ``lap`` is the time since the one before,
+    ``inner`` parts of that lap measured elsewhere (the replica's ``queue`` and ``model``
+    within ``call``), and ``total`` all of it, in milliseconds. What a client measures above
+    ``total`` is Serve's HTTP proxy and the network."""
+
+    def __init__(self) -> None:
+        self._start_s = self._last_s = time.perf_counter()
+        self._phases: list[tuple[str, float]] = []
+
+    def lap(self, name: str, inner: dict[str, float] | None = None) -> None:
+        now_s = time.perf_counter()
+        self._phases.append((name, (now_s - self._last_s) * 1000))
+        self._phases += list((inner or {}).items())
+        self._last_s = now_s
+
+    def header(self) -> str:
+        total_ms = (time.perf_counter() - self._start_s) * 1000
+        return ", ".join(f"{name};dur={ms:.2f}" for name, ms in (*self._phases, ("total", total_ms)))
+
+
+def parse_server_timing(header: str) -> dict[str, float]:
+    """``Server-Timing: a;dur=1.5, b;dur=2`` as ``{"a": 1.5, "b": 2.0}`` (ms)."""
+    out = {}
+    for metric in filter(None, (m.strip() for m in header.split(","))):
+        name, *params = (p.strip() for p in metric.split(";"))
+        for param in params:
+            key, _, value = param.partition("=")
+            if key == "dur":
+                out[name] = float(value)
+    return out
+
+
 def usage_json(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     """OpenAI's ``usage`` object."""
     return {"prompt_tokens": int(prompt_tokens), "completion_tokens": int(completion_tokens),

@@ -61,6 +61,9 @@ class GenerateResult:
     completion_tokens: int
     choice_logprobs: tuple[tuple[str, float], ...] | None = None
     token_logprobs: tuple[LogprobEntry, ...] | None = None
+    #: Where the replica spent the request's time, ms: ``queue`` (waiting for its batch) and
+    #: ``model`` (its batch's forward passes); set by the Serve replica, None elsewhere.
+    timing_ms: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,9 @@ class RequestHooks:
 
     on_delta: Callable[[StreamDelta], None] | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
+    #: When its batch started (``time.perf_counter``) and how long it ran, s.
+    batch_started_s: float | None = None
+    batch_s: float | None = None
 
 
 #: Status of the answer a request gets when its caller left before it ran (nginx's

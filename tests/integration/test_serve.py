@@ -164,6 +164,23 @@ def test_openai_client_gets_answers_from_pulse_and_its_adapters(endpoint, png):
     assert stats["adapter_loads"] == {"cpsc": 1, "chapman": 1}
 
 
+def test_answers_say_where_their_time_went(endpoint, png):
+    from ecgvlm.serving import parse_server_timing
+
+    client = _client(endpoint["url"])
+    raw = client.chat.completions.with_raw_response.create(
+        model="pulse", messages=_image_messages(png), max_tokens=4, temperature=0)
+    timing = parse_server_timing(raw.headers["server-timing"])
+    assert list(timing) == ["parse", "decode", "prompt", "call", "queue", "model", "total"]
+    assert min(timing.values()) >= 0 and timing["model"] > 0, timing
+    # The replica's queue and model time are inside the gateway's call, the call inside all.
+    assert timing["queue"] + timing["model"] <= timing["call"] <= timing["total"], timing
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "hello"}])
+    timing = parse_server_timing(raw.headers["server-timing"])
+    assert list(timing) == ["parse", "decode", "call", "total"] and timing["call"] > 0, timing
+
+
 def test_guided_choice_through_the_openai_client(endpoint, png):
     client = _client(endpoint["url"])
     messages = _image_messages(png, "Which rhythm is this?\nA. Atrial fibrillation\n"

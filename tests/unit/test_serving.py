@@ -580,3 +580,21 @@ def test_report_rows_are_read_once_per_version_of_predictions_parquet(tmp_path):
     claims = first["data"][0]["claims"]
     assert isinstance(claims, list) and first["data"][0]["contradicted"] == sum(
         c["verdict"] == "contradicted" for c in claims)
+
+
+def test_request_timing_is_a_server_timing_header_read_back_in_order():
+    import time
+
+    timing = sv.RequestTiming()
+    time.sleep(0.01)
+    timing.lap("parse")
+    timing.lap("call", inner={"queue": 1.5, "model": 2.25})
+    header = timing.header()
+    assert header.startswith("parse;dur=") and ", call;dur=" in header
+    out = sv.parse_server_timing(header)
+    assert list(out) == ["parse", "call", "queue", "model", "total"]
+    assert out["parse"] >= 10 and out["queue"] == 1.5 and out["model"] == 2.25
+    assert out["total"] >= out["parse"] + out["call"]
+    # Other servers' metrics may carry a description and no duration: those are skipped.
+    assert sv.parse_server_timing('cache;desc="hit", db;dur=53, app;dur=47.2') == {
+        "db": 53.0, "app": 47.2}
