@@ -1,14 +1,15 @@
 """Throughput and latency of the endpoint on the tiny PULSE checkpoint, batching on and off.
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/serve_bench.py [--requests 64] [--max-tokens 4]
-        [--kinds generate,generate-1,choice]
+        [--kinds generate,generate-1,choice] [--overhead-only]
 
 For each batching setting the app is deployed on a local Ray, warmed up, and driven by an
 asyncio client at concurrency 1, 8 and 32 with one kind of chat request at a time (one small
 PNG, greedy): ``generate`` (``--max-tokens`` new tokens), ``generate-1`` (one new token) and
 ``choice`` (``guided_choice`` over four letters with ``logprobs``). Serve's overhead is the
 endpoint's p50 latency at concurrency 1 minus the p50 of the same ``PulseRunner.generate``
-call made in this process. Targets: batching >= 3x throughput at concurrency 32 and overhead
+call made in this process, split by hop with each answer's ``Server-Timing`` header
+(``--overhead-only`` measures only that). Targets: batching >= 3x throughput at concurrency 32 and overhead
 p50 <= 10 ms (issue 7); a constrained choice costs no more than a 1-token generation
 (issue 16).
 
@@ -151,10 +152,11 @@ def hop_table(endpoint: list[float], timings: list[dict[str, float]]) -> list[tu
     hops = [
         ("HTTP proxy + network (client - gateway total)",
          med(e - t["total"] for e, t in zip(endpoint, timings))),
-        ("gateway: read + validate the body", med(t["parse"] for t in timings)),
+        ("gateway: read the body (a call back to the proxy) + validate",
+         med(t["parse"] for t in timings)),
         ("gateway: decode the image", med(t["decode"] for t in timings)),
         ("gateway: build the prompt", med(t["prompt"] for t in timings)),
-        ("handle call (call - queue - model)",
+        ("handle call to the model replica (call - queue - model)",
          med(t["call"] - t["queue"] - t["model"] for t in timings)),
         ("replica: batch queue", med(t["queue"] for t in timings)),
         ("replica: model (generate in a thread)", med(t["model"] for t in timings)),
@@ -171,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--batch-wait-s", type=float, default=0.02)
     parser.add_argument("--direct-calls", type=int, default=30, help="overhead pairs")
+    parser.add_argument("--overhead-only", action="store_true",
+                        help="only the overhead pairs and the hop table (no throughput sweep)")
     parser.add_argument("--kinds", default=",".join(KINDS),
                         help=f"comma-separated request kinds, of {', '.join(KINDS)} "
                              "(generate always runs)")
@@ -210,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     rows = []
     try:
-        for label, batch in (("off", 1), ("on", args.max_batch_size)):
+        settings = (("off", 1),) if args.overhead_only else (("off", 1), ("on", args.max_batch_size))
+        for label, batch in settings:
             app = build_app({
                 "model_dir": str(model_dir), "device": "cpu",
                 "batching": {"max_batch_size": batch, "batch_wait_timeout_s": args.batch_wait_s},
@@ -223,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             if batch == 1:
                 direct, endpoint, health, timings = _overhead_pairs(
                     runner, url, body, png, prompt, args.max_tokens, args.direct_calls)
-            for kind in kinds:
+            for kind in [] if args.overhead_only else kinds:
                 kind_body = {**body, **KINDS[kind]}
                 for c in CONCURRENCY:
                     n = max(args.requests, c)
@@ -237,6 +242,13 @@ def main(argv: list[str] | None = None) -> int:
         serve.shutdown()
         ray.shutdown()
 
+    if rows:
+        _print_throughput(rows, kinds, args)
+    _print_overhead(direct, endpoint, health, timings)
+    return 0
+
+
+def _print_throughput(rows: list[tuple], kinds: list[str], args: argparse.Namespace) -> None:
     print()
     print(f"tiny PULSE, {args.max_tokens} new tokens, 336x168 PNG, max_batch_size "
           f"{args.max_batch_size}, batch_wait {args.batch_wait_s:g} s, {os.cpu_count()} cores")
@@ -254,12 +266,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nchoice p50 / 1-token generation p50 (target <= 1): {ratios}")
     rps = {(label, c): r for kind, label, c, _, r, _, _ in rows if kind == "generate"}
     speedup = rps[("on", 32)] / rps[("off", 32)]
+    print()
+    print(f"batching speed-up at concurrency 32: {speedup:.2f}x (target >= 3x: "
+          f"{'met' if speedup >= 3 else 'NOT met'})")
+
+
+def _print_overhead(direct: list[float], endpoint: list[float], health: list[float],
+                    timings: list[dict[str, float]]) -> None:
     direct_ms, endpoint_ms = statistics.median(direct), statistics.median(endpoint)
     overhead = endpoint_ms - direct_ms
     paired = statistics.median(e - d for d, e in zip(direct, endpoint))
     print()
-    print(f"batching speed-up at concurrency 32: {speedup:.2f}x (target >= 3x: "
-          f"{'met' if speedup >= 3 else 'NOT met'})")
     print(f"Serve overhead, {len(direct)} alternating pairs (batching off, concurrency 1): "
           f"endpoint p50 {endpoint_ms:.1f} ms - direct PulseRunner.generate p50 "
           f"{direct_ms:.1f} ms = {overhead:.1f} ms (median of paired differences "
@@ -273,7 +290,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nfor scale: GET /healthz p50 {statistics.median(health):.1f} ms (HTTP proxy and "
           f"ingress only, no model hop); load average {os.getloadavg()[0]:.1f} on "
           f"{os.cpu_count()} cores at the end")
-    return 0
 
 
 if __name__ == "__main__":
