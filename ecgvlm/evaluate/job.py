@@ -769,7 +769,7 @@ def check_explanations(
         ((sample_id, model) -> the verdicts as JSON, ``{model: {dataset: ClaimStats}}``,
         (sample_id, model) -> the share of its checkable claims contradicted (explanations
         with one or more), per model a few explanations with contradicted claims
-        (``claim_examples``), a note when the split has no measurements).
+        (``ClaimExamples``), a note when the split has no measurements).
     """
     import json
 
@@ -840,8 +840,10 @@ class ClaimExamples:
 
     def __init__(self, per_model: int = 3, seed: int = 0) -> None:
         self.per_model, self.seed = per_model, seed
-        # model -> heap of (contradicted, -tie, sample_id, example): its root is the worst kept.
-        self._heaps: dict[str, list[tuple[int, int, str, dict[str, Any]]]] = {}
+        # model -> heap of (contradicted, -tie, sample_id, arrival, example): its root is the
+        # worst kept (the arrival number keeps two offers of one sample from comparing dicts).
+        self._heaps: dict[str, list[tuple[int, int, str, int, dict[str, Any]]]] = {}
+        self._offers = 0
 
     def _tie(self, sample_id: str) -> int:
         import hashlib
@@ -861,14 +863,16 @@ class ClaimExamples:
             return  # no better than the worst kept: its verdicts are never serialised
         example = {"sample_id": sample_id, "dataset": dataset, "text": text,
                    "verdicts": [v.to_json() for v in verdicts]}
+        self._offers += 1
+        entry = (*key, -self._offers, example)
         if len(heap) < self.per_model:
-            heapq.heappush(heap, (*key, example))
+            heapq.heappush(heap, entry)
         else:
-            heapq.heapreplace(heap, (*key, example))
+            heapq.heapreplace(heap, entry)
 
     def picked(self) -> dict[str, list[dict[str, Any]]]:
         """Model -> its examples, the most contradicted first."""
-        return {model: [entry[3] for entry in sorted(heap, reverse=True)]
+        return {model: [entry[-1] for entry in sorted(heap, key=lambda e: e[:4], reverse=True)]
                 for model, heap in sorted(self._heaps.items())}
 
 

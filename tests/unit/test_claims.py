@@ -332,6 +332,11 @@ def test_claim_examples_keep_the_most_contradicted_whatever_the_order_rows_come_
     best = sorted((o[5] for o in offers), reverse=True)[:3]
     assert len(kept) == 3 and counts == best and counts[0] > 0, counts
     assert all(e["verdicts"] for e in kept)
+    # The same sample offered twice (not expected, but never a crash comparing examples).
+    twice = ClaimExamples(per_model=3)
+    for _ in range(2):
+        twice.offer(*offers[5])
+    assert [e["sample_id"] for e in twice.picked()["m"]] == ["d/r5#0", "d/r5#0"]
     # An explanation with no claim at all is never an example, even when nothing else is.
     empty = ClaimExamples(per_model=3)
     empty.offer("m", "d/r0#0", "d", "Nothing to say.", [], 0)
