@@ -297,6 +297,8 @@ class PulseRunner:
         # client left (streams and plain requests alike).
         self.in_flight = 0
         self.cancelled = 0
+        self.batches = 0  # generate calls (a Serve batch each) and the requests they held
+        self.batched_requests = 0
         self._counts_lock = threading.Lock()
         self._loaded: list[str] = []
 
@@ -376,7 +378,7 @@ class PulseRunner:
         """
         hooks = list(hooks) if hooks is not None else [None] * len(requests)
         results: list[GenerateResult | ApiError | None] = [None] * len(requests)
-        self._count(in_flight=len(requests))
+        self._count(in_flight=len(requests), batches=1, batched_requests=len(requests))
         answered = 0
         try:
             for key, idxs in group_requests(requests).items():
@@ -471,10 +473,13 @@ class PulseRunner:
         top = tuple(LogprobEntry.of(token_bytes(t), lp) for t, lp in logprob.top[:k])
         return LogprobEntry.of(token_bytes(logprob.token_id), logprob.logprob, top)
 
-    def _count(self, in_flight: int = 0, cancelled: int = 0) -> None:
+    def _count(self, in_flight: int = 0, cancelled: int = 0, batches: int = 0,
+               batched_requests: int = 0) -> None:
         with self._counts_lock:
             self.in_flight += in_flight
             self.cancelled += cancelled
+            self.batches += batches
+            self.batched_requests += batched_requests
 
     def _result(self, out: Any, top_logprobs: int | None = None,
                 stream: _TextStream | None = None) -> GenerateResult | ApiError:
@@ -509,7 +514,9 @@ class PulseRunner:
         """What /readyz and /v1/models report; never waits for a running batch.
 
         ``in_flight``: requests handed to :meth:`generate` and not answered yet;
-        ``cancelled``: requests stopped (or never started) because their client left."""
+        ``cancelled``: requests stopped (or never started) because their client left;
+        ``batches`` and ``batched_requests``: calls of :meth:`generate` (one Serve batch
+        each) and the requests they held, so their ratio is the mean batch size."""
         return {
             "base_loads": self.base_loads,
             "adapters_loaded": self.loaded_adapters,
@@ -521,4 +528,6 @@ class PulseRunner:
             "out_of_memory_events": self.out_of_memory_events,
             "in_flight": self.in_flight,
             "cancelled": self.cancelled,
+            "batches": self.batches,
+            "batched_requests": self.batched_requests,
         }

@@ -159,7 +159,7 @@ def test_a_streamed_answer_adds_up_to_the_answer_token_by_token(runner):
 def test_a_request_whose_client_left_stops_and_leaves_nothing_in_flight(runner):
     prompt = build_prompt("Which rhythm?", OPTIONS)
     req = sv.GenerateRequest(prompt, _png(0), max_new_tokens=200)
-    before = runner.stats()["cancelled"]
+    before = runner.stats()
     seen: list[sv.StreamDelta] = []
     hooks = sv.RequestHooks()
     in_flight_during: list[int] = []
@@ -180,4 +180,7 @@ def test_a_request_whose_client_left_stops_and_leaves_nothing_in_flight(runner):
     assert isinstance(never, sv.ApiError) and never.status == sv.CLIENT_CLOSED
     assert other.completion_tokens == 5
     stats = runner.stats()
-    assert stats["in_flight"] == 0 and stats["cancelled"] == before + 2
+    assert stats["in_flight"] == 0 and stats["cancelled"] == before["cancelled"] + 2
+    # One call, one batch of three (cancelled ones count: they were in the batch).
+    assert stats["batches"] == before["batches"] + 1
+    assert stats["batched_requests"] == before["batched_requests"] + 3
