@@ -145,6 +145,8 @@ def test_openai_client_gets_answers_from_pulse_and_its_adapters(endpoint, png):
 
     client = _client(endpoint["url"])
     texts = {}
+    pulse = serve.get_deployment_handle("PulseModel", app_name="ecgvlm")
+    before = pulse.stats.remote().result()
     for model in ("pulse", "pulse-lora", "pulse-lora:chapman", "pulse"):
         resp = client.chat.completions.create(
             model=model, messages=_image_messages(png), max_tokens=8, temperature=0, seed=0,
@@ -158,7 +160,10 @@ def test_openai_client_gets_answers_from_pulse_and_its_adapters(endpoint, png):
     assert texts["pulse-lora"][0] != texts["pulse"][0]
     assert texts["pulse-lora:chapman"][0] not in (texts["pulse"][0], texts["pulse-lora"][0])
     assert texts["pulse"][0] == texts["pulse"][1]
-    stats = serve.get_deployment_handle("PulseModel", app_name="ecgvlm").stats.remote().result()
+    stats = pulse.stats.remote().result()
+    # One request at a time: each was a batch of its own.
+    assert stats["batches"] - before["batches"] == 4
+    assert stats["batched_requests"] - before["batched_requests"] == 4
     assert stats["base_loads"] == 1
     assert set(stats["adapters_loaded"]) == {"cpsc", "chapman"}
     assert stats["adapter_loads"] == {"cpsc": 1, "chapman": 1}
