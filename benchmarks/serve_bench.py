@@ -228,13 +228,19 @@ def main(argv: list[str] | None = None) -> int:
             if batch == 1:
                 direct, endpoint, health, timings = _overhead_pairs(
                     runner, url, body, png, prompt, args.max_tokens, args.direct_calls)
+            pulse = serve.get_deployment_handle("PulseModel", app_name="bench")
             for kind in [] if args.overhead_only else kinds:
                 kind_body = {**body, **KINDS[kind]}
                 for c in CONCURRENCY:
                     n = max(args.requests, c)
+                    before = pulse.stats.remote().result()
                     wall_s, lat = asyncio.run(_drive(url, kind_body, c, n))
+                    after = pulse.stats.remote().result()
+                    # The replica's own count: how many requests its batches really held.
+                    mean_batch = ((after["batched_requests"] - before["batched_requests"])
+                                  / max(after["batches"] - before["batches"], 1))
                     rows.append((kind, label, c, n, n / wall_s, statistics.median(lat) * 1000,
-                                 _percentile(lat, 99) * 1000))
+                                 _percentile(lat, 99) * 1000, mean_batch))
                     print(f"  {kind:10s} batching {label:3s} c={c:<2d} {n / wall_s:7.2f} req/s",
                           flush=True)
             serve.delete("bench")
@@ -254,17 +260,18 @@ def _print_throughput(rows: list[tuple], kinds: list[str], args: argparse.Namesp
           f"{args.max_batch_size}, batch_wait {args.batch_wait_s:g} s, {os.cpu_count()} cores")
     names = {"generate": f"generate {args.max_tokens} tokens", "generate-1": "generate 1 token",
              "choice": "choice (4 letters)"}
-    print("| request | batching | concurrency | requests | req/s | p50 ms | p99 ms |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
-    for kind, label, c, n, rps, p50, p99 in sorted(rows, key=lambda r: (r[1], r[2])):
-        print(f"| {names[kind]} | {label} | {c} | {n} | {rps:.2f} | {p50:.1f} | {p99:.1f} |")
-    p50s = {(kind, label, c): p50 for kind, label, c, _, _, p50, _ in rows}
+    print("| request | batching | concurrency | requests | req/s | p50 ms | p99 ms | mean batch |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for kind, label, c, n, rps, p50, p99, batch in sorted(rows, key=lambda r: (r[1], r[2])):
+        print(f"| {names[kind]} | {label} | {c} | {n} | {rps:.2f} | {p50:.1f} | {p99:.1f} | "
+              f"{batch:.1f} |")
+    p50s = {(kind, label, c): p50 for kind, label, c, _, _, p50, _, _ in rows}
     if "choice" in kinds and "generate-1" in kinds:
         ratios = ", ".join(
             f"{label} c={c}: {p50s[('choice', label, c)] / p50s[('generate-1', label, c)]:.2f}x"
             for label in ("off", "on") for c in CONCURRENCY)
         print(f"\nchoice p50 / 1-token generation p50 (target <= 1): {ratios}")
-    rps = {(label, c): r for kind, label, c, _, r, _, _ in rows if kind == "generate"}
+    rps = {(label, c): r for kind, label, c, _, r, _, _, _ in rows if kind == "generate"}
     speedup = rps[("on", 32)] / rps[("off", 32)]
     print()
     print(f"batching speed-up at concurrency 32: {speedup:.2f}x (target >= 3x: "
