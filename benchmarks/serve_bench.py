@@ -2,6 +2,7 @@
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/serve_bench.py [--requests 64] [--max-tokens 4]
         [--kinds generate,generate-1,choice] [--overhead-only]
+        [--model-dir DIR --device cuda --png PRINTOUT.png --direct-calls 0]   (on a GPU)
 
 For each batching setting the app is deployed on a local Ray, warmed up, and driven by an
 asyncio client at concurrency 1, 8 and 32 with one kind of chat request at a time (one small
@@ -100,15 +101,16 @@ async def _drive(
         return time.perf_counter() - t0, latencies
 
 
-def _direct_runner(model_dir: Path):
+def _direct_runner(model_dir: Path, device: str, dtype: str):
     import torch
 
     from ecgvlm import serving as sv
 
-    # A Serve replica with num_cpus=1 runs torch on one thread (Ray sets OMP_NUM_THREADS to
-    # the replica's CPUs); the direct call does the same, so only Serve's work differs.
-    torch.set_num_threads(1)
-    return sv.PulseRunner(str(model_dir), {}, device="cpu")
+    if device == "cpu":
+        # A Serve replica with num_cpus=1 runs torch on one thread (Ray sets OMP_NUM_THREADS
+        # to the replica's CPUs); the direct call does the same, so only Serve's work differs.
+        torch.set_num_threads(1)
+    return sv.PulseRunner(str(model_dir), {}, dtype=dtype, device=device)
 
 
 def _overhead_pairs(runner, url: str, body: dict, png: bytes, prompt: str, max_tokens: int,
@@ -173,12 +175,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--batch-wait-s", type=float, default=0.02)
     parser.add_argument("--direct-calls", type=int, default=30, help="overhead pairs")
+    parser.add_argument("--model-dir", type=Path, default=None,
+                        help="a PULSE checkpoint (default: a tiny random one made here)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    parser.add_argument("--png", type=Path, default=None,
+                        help="the printout every request sends (default: a small synthetic "
+                             "one; give a real 1181x591 printout for a GPU run)")
     parser.add_argument("--overhead-only", action="store_true",
                         help="only the overhead pairs and the hop table (no throughput sweep)")
     parser.add_argument("--kinds", default=",".join(KINDS),
                         help=f"comma-separated request kinds, of {', '.join(KINDS)} "
                              "(generate always runs)")
     args = parser.parse_args(argv)
+    if args.overhead_only and args.direct_calls <= 0:
+        parser.error("--overhead-only measures the direct calls: give --direct-calls > 0")
     unknown = sorted(set(args.kinds.split(",")) - set(KINDS))
     if unknown:
         parser.error(f"--kinds: unknown {', '.join(unknown)}; choose from {', '.join(KINDS)}")
@@ -193,9 +204,12 @@ def main(argv: list[str] | None = None) -> int:
     from ecgvlm.prompt import prompt_from_messages
     from serve.app import build_app
 
-    tmp = Path(tempfile.mkdtemp(prefix="serve-bench-"))
-    model_dir = make_tiny_pulse(tmp / "tiny-pulse", seed=0)
-    png = _image_png((336, 168))
+    if args.model_dir is None:
+        model_dir = make_tiny_pulse(Path(tempfile.mkdtemp(prefix="serve-bench-")) / "tiny-pulse",
+                                    seed=0)
+    else:
+        model_dir = args.model_dir.resolve()
+    png = args.png.read_bytes() if args.png is not None else _image_png((336, 168))
     messages = [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": sv.image_data_url(png)}},
         {"type": "text", "text": "Which rhythm does this ECG show?"}]}]
@@ -203,8 +217,12 @@ def main(argv: list[str] | None = None) -> int:
             "temperature": 0}
     prompt, _ = prompt_from_messages(messages)
 
-    runner = _direct_runner(model_dir)
-    runner.generate([sv.GenerateRequest(prompt=prompt, image=png, max_new_tokens=2)])  # warm
+    # The direct calls load a second copy of the model in this process: --direct-calls 0
+    # on a GPU that cannot hold two (no overhead or hop table then).
+    runner = None
+    if args.direct_calls > 0:
+        runner = _direct_runner(model_dir, args.device, args.dtype)
+        runner.generate([sv.GenerateRequest(prompt=prompt, image=png, max_new_tokens=2)])  # warm
 
     os.environ.pop("OPENAI_API_KEY", None)
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
@@ -217,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = (("off", 1),) if args.overhead_only else (("off", 1), ("on", args.max_batch_size))
         for label, batch in settings:
             app = build_app({
-                "model_dir": str(model_dir), "device": "cpu",
+                "model_dir": str(model_dir), "device": args.device, "dtype": args.dtype,
                 "batching": {"max_batch_size": batch, "batch_wait_timeout_s": args.batch_wait_s},
                 "pulse": {"num_cpus": 1, "max_ongoing_requests": 128},
                 "gateway": {"num_cpus": 0.5, "max_ongoing_requests": 256},
@@ -225,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             })
             serve.run(app, name="bench", route_prefix="/")
             asyncio.run(_drive(url, body, 4, 8))  # warm-up: imports, first batch
-            if batch == 1:
+            if batch == 1 and runner is not None:
                 direct, endpoint, health, timings = _overhead_pairs(
                     runner, url, body, png, prompt, args.max_tokens, args.direct_calls)
             pulse = serve.get_deployment_handle("PulseModel", app_name="bench")
@@ -249,22 +267,28 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
 
     if rows:
-        _print_throughput(rows, kinds, args)
-    _print_overhead(direct, endpoint, health, timings)
+        _print_throughput(rows, kinds, args, model_dir)
+    if runner is not None:
+        _print_overhead(direct, endpoint, health, timings)
     return 0
 
 
-def _print_throughput(rows: list[tuple], kinds: list[str], args: argparse.Namespace) -> None:
+def _print_throughput(rows: list[tuple], kinds: list[str], args: argparse.Namespace,
+                      model_dir: Path) -> None:
+    model = "tiny PULSE" if args.model_dir is None else str(model_dir)
+    image = "336x168 synthetic PNG" if args.png is None else str(args.png)
     print()
-    print(f"tiny PULSE, {args.max_tokens} new tokens, 336x168 PNG, max_batch_size "
-          f"{args.max_batch_size}, batch_wait {args.batch_wait_s:g} s, {os.cpu_count()} cores")
+    print(f"{model} on {args.device} ({args.dtype}), {args.max_tokens} new tokens, {image}, "
+          f"max_batch_size {args.max_batch_size}, batch_wait {args.batch_wait_s:g} s, "
+          f"{os.cpu_count()} cores")
     names = {"generate": f"generate {args.max_tokens} tokens", "generate-1": "generate 1 token",
              "choice": "choice (4 letters)"}
-    print("| request | batching | concurrency | requests | req/s | p50 ms | p99 ms | mean batch |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| request | batching | concurrency | requests | req/s | ECGs/hour | p50 ms | p99 ms "
+          "| mean batch |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for kind, label, c, n, rps, p50, p99, batch in sorted(rows, key=lambda r: (r[1], r[2])):
-        print(f"| {names[kind]} | {label} | {c} | {n} | {rps:.2f} | {p50:.1f} | {p99:.1f} | "
-              f"{batch:.1f} |")
+        print(f"| {names[kind]} | {label} | {c} | {n} | {rps:.2f} | {rps * 3600:,.0f} | "
+              f"{p50:.1f} | {p99:.1f} | {batch:.1f} |")
     p50s = {(kind, label, c): p50 for kind, label, c, _, _, p50, _, _ in rows}
     if "choice" in kinds and "generate-1" in kinds:
         ratios = ", ".join(
