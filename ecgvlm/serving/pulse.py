@@ -61,8 +61,9 @@ class GenerateResult:
     completion_tokens: int
     choice_logprobs: tuple[tuple[str, float], ...] | None = None
     token_logprobs: tuple[LogprobEntry, ...] | None = None
-    #: Where the replica spent the request's time, ms: ``queue`` (waiting for its batch) and
-    #: ``model`` (its batch's forward passes); set by the Serve replica, None elsewhere.
+    #: Where the replica spent the request's time, ms: ``adapter`` (loading its adapter, on
+    #: its first use), ``queue`` (waiting for its batch) and ``model`` (its batch's forward
+    #: passes); set by the Serve replica, None elsewhere.
     timing_ms: dict[str, float] | None = None
 
 
