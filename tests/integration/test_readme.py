@@ -15,7 +15,9 @@ What differs from typing the blocks by hand, all said in the README:
   as the recipe's exports would be, and ``127.0.0.1:6379`` is its GCS address. Any other Ray
   a block starts (``serve run``'s) lives under a temp dir of the walk's own (``RAY_TMPDIR``)
   and is stopped with it.
-- Training commands get ``max_steps=2`` (appended after ``--config FILE``).
+- Training commands get ``max_steps=2`` (appended after ``--config FILE``), and a search
+  (``ecgvlm tune``) two trials instead of three (``num_samples=2``): each trial is a whole
+  training run, about 40 s here.
 - The endpoint listens on a free port instead of 8000 (``:8000``/``--port 8000`` in commands,
   ``port: 8000`` and ``127.0.0.1:8000`` in the copy's serve/config.yaml and configs/).
 - A command that blocks (``ecgvlm serve``, ``serve run``) runs in the background until the
@@ -59,9 +61,11 @@ BLOCK = re.compile(
     r"^(?P<indent>[ \t]*)```(?P<lang>[a-z]*)\n(?P<body>.*?)^(?P=indent)```",
     re.DOTALL | re.MULTILINE,
 )
-#: Overrides the walk appends to training commands (README says so).
+#: Overrides the walk appends to training commands and to searches (README says so).
 TRAIN_OVERRIDES = "max_steps=2"
 TRAIN_COMMAND = re.compile(r"((?:ecgvlm train|python -m jobs\.train) --config \S+)")
+TUNE_OVERRIDES = "num_samples=2"
+TUNE_COMMAND = re.compile(r"((?:ecgvlm tune|python -m jobs\.tune) --config \S+)")
 SERVER_COMMAND = re.compile(r"^(?:\S+=\S* )*(?:ecgvlm serve|serve run)\b")
 #: Seconds the whole walk may take; a command still running then fails with its block printed.
 WALK_BUDGET_S = 2400
@@ -139,7 +143,8 @@ class Walk:
         text = text.replace("127.0.0.1:6379", self.gcs)
         text = re.sub(r":8000\b", f":{self.port}", text)
         text = re.sub(r"--port 8000\b", f"--port {self.port}", text)
-        return TRAIN_COMMAND.sub(rf"\1 {TRAIN_OVERRIDES}", text)
+        text = TRAIN_COMMAND.sub(rf"\1 {TRAIN_OVERRIDES}", text)
+        return TUNE_COMMAND.sub(rf"\1 {TUNE_OVERRIDES}", text)
 
     def fail(self, block: Block, what: str, output: str) -> None:
         server = ""
