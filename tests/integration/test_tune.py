@@ -44,6 +44,7 @@ def test_search_stops_weak_trials_and_a_killed_search_resumes(ray_head_info, use
     # placement-group cleaner, which needs the dashboard (the in-process ray_local has none).
     head, head_env = ray_head_info
     env = {**_env(), **head_env, "RAY_ADDRESS": head.address}
+    env["PYTHONPATH"] = _env()["PYTHONPATH"]  # the repo first, whatever the caller's was
     trials_dir = user_dir / "runs" / "tune" / "tiny-cpu" / "train"
     driver = subprocess.Popen(
         [sys.executable, "-m", "jobs.tune", *COMMON], cwd=user_dir, env=env,
