@@ -103,8 +103,7 @@ class PulseModel:
         # Gpt4oProxy does: it is the request's answer, not a replica failure to log.
         arrived_s = time.perf_counter()
         await self._use_adapter()  # loads the adapter on its first use here
-        adapter_ms = (time.perf_counter() - arrived_s) * 1000
-        arrived_s = time.perf_counter()
+        queued_s = time.perf_counter()
         hooks = sv.RequestHooks()
         try:
             out = await self.generate_batch((req, hooks))
@@ -114,7 +113,8 @@ class PulseModel:
             hooks.cancel.set()
         if isinstance(out, sv.GenerateResult) and hooks.batch_started_s is not None:
             out = replace(out, timing_ms={
-                "adapter": adapter_ms, "queue": (hooks.batch_started_s - arrived_s) * 1000,
+                "adapter": (queued_s - arrived_s) * 1000,
+                "queue": (hooks.batch_started_s - queued_s) * 1000,
                 "model": (hooks.batch_s or 0.0) * 1000})
         return out
 

@@ -42,9 +42,10 @@ def _history(run_dir: Path) -> list[dict]:
 def test_search_stops_weak_trials_and_a_killed_search_resumes(ray_head_info, user_dir: Path) -> None:
     # The suite's `ray start` cluster: a trial ASHA stops is freed by Ray Train's
     # placement-group cleaner, which needs the dashboard (the in-process ray_local has none).
-    head, head_env = ray_head_info
-    env = {**_env(), **head_env, "RAY_ADDRESS": head.address}
-    env["PYTHONPATH"] = _env()["PYTHONPATH"]  # the repo first, whatever the caller's was
+    head, _ = ray_head_info
+    # Only the cluster's client variables (its token) on top of _env: the fixture's env is a
+    # copy of the caller's whole environment and would undo _env's PYTHONPATH (repo first).
+    env = {**_env(), **head.env, "RAY_ADDRESS": head.address}
     trials_dir = user_dir / "runs" / "tune" / "tiny-cpu" / "train"
     driver = subprocess.Popen(
         [sys.executable, "-m", "jobs.tune", *COMMON], cwd=user_dir, env=env,
