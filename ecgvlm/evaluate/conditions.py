@@ -267,7 +267,8 @@ def condition_inputs(
                 "not run: the prepared set has no source_path column (it was prepared before "
                 "ecgvlm stored where each record came from); run the prepare job again on the "
                 "same output_dir to bring it up to date")
-        elif (missing := _missing_source([str(s) for s in meta["source_path"]])) is not None:
+        elif (missing := _missing_source(
+                [s if isinstance(s, str) else "" for s in meta["source_path"]])) is not None:
             notes["robustness"] = (f"not run: the record {missing} the prepared set was read "
                                    "from cannot be found here, and the sweep re-renders from it")
         else:

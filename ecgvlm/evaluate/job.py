@@ -242,11 +242,15 @@ def split_files(data_dir: str | Path, split: str) -> list[str]:
 
 
 def read_split_meta(files: list[str], columns: Iterable[str] = SPLIT_META_COLUMNS) -> Any:
-    """The split without images, as a pandas DataFrame (one row per sample).
+    """The split without images, as a pandas DataFrame (one row per sample) whose columns
+    stay in Arrow memory (``pd.ArrowDtype``): as Python objects (a list of options, a string
+    per field) it took about 5 kB a row, ten times its Arrow size. Rows read with
+    ``to_dict("records")`` are plain Python values (None for a null).
 
     Raises:
         EvaluationError: when a required column is missing or sample ids repeat.
     """
+    import pandas as pd
     import pyarrow.dataset as pads
 
     from ecgvlm.dataset import check_shards_readable
@@ -266,7 +270,7 @@ def read_split_meta(files: list[str], columns: Iterable[str] = SPLIT_META_COLUMN
         )
     optional = SPLIT_OPTIONAL_COLUMNS + (SPLIT_CLAIM_COLUMNS if "question" in columns else ())
     columns += [c for c in optional if c in dataset.schema.names and c not in columns]
-    frame = dataset.to_table(columns=columns).to_pandas()
+    frame = dataset.to_table(columns=columns).to_pandas(types_mapper=pd.ArrowDtype)
     dup = frame["sample_id"][frame["sample_id"].duplicated()]
     if len(dup):
         raise EvaluationError(f"sample_id repeats in the split, e.g. {dup.iloc[0]!r}")
@@ -457,6 +461,16 @@ def block_bytes(files: list[str], batch_size: int) -> int:
     return max(4096, int(size / max(rows, 1) * batch_size))
 
 
+def queued_block_limit(concurrency: int) -> int:
+    """Split blocks that may wait for the client actors at once: eight per actor, at least 64.
+
+    Without a limit the read runs ahead of the endpoint and the whole split queues up: on a
+    20k-row split with small printouts 1,500 blocks waited (+120 MB in the driver, which owns
+    them), against about 140 with this limit, at the same throughput (docs/evaluate.md).
+    """
+    return max(64, 8 * concurrency)
+
+
 def run_predictions(
     config: EvalConfig,
     files: list[Path],
@@ -493,7 +507,13 @@ def run_predictions(
     # Ray Data sizes blocks by bytes; this pipeline's blocks hold about batch_size rows.
     context = ray.data.DataContext.get_current()
     saved_block_bytes = context.target_max_block_size
+    saved_limits = context.execution_options.resource_limits
     context.target_max_block_size = block_bytes(files, config.batch_size)
+    # The read may run only a bounded queue ahead of the endpoint (never below a limit the
+    # caller set): what is read waits in the object store, or, for small blocks, in the driver.
+    context.execution_options.resource_limits = saved_limits.min(
+        ray.data.ExecutionResources.for_limits(object_store_memory=(
+            queued_block_limit(config.concurrency) * context.target_max_block_size)))
     ds = read_shards(files).select_columns(columns)
     ds = ds.map_batches(expand_pending, batch_format="pyarrow",
                         fn_kwargs={"pending": pending, **(controls or {})},
@@ -527,6 +547,7 @@ def run_predictions(
         # Whatever arrived is kept, also when the run is interrupted (Ctrl-C, a failed task).
         store.append(buffer)
         context.target_max_block_size = saved_block_bytes
+        context.execution_options.resource_limits = saved_limits
     return written + len(buffer)
 
 
@@ -551,13 +572,18 @@ def judge_items(predictions: Any, meta: Any, config: JudgeConfig) -> list[Any]:
     from ecgvlm.evaluate.judge import JudgeItem, reference_text, sample_for_judging
     from ecgvlm.prompt import format_question, letter_index
 
-    chosen = sample_for_judging(predictions.to_dict("records"), config.n_samples, config.seed)
-    by_id = meta.set_index("sample_id")
+    chosen = sample_for_judging(
+        predictions[["sample_id", "model", "dataset", "error"]].to_dict("records"),
+        config.n_samples, config.seed)
+    wanted = {sid for ids in chosen.values() for sid in ids}
+    # Plain Python rows (None for a null) of the judged samples only.
+    by_id = {str(r["sample_id"]): r
+             for r in meta[meta["sample_id"].isin(wanted)].to_dict("records")}
     by_key = predictions.set_index(["sample_id", "model"])
     items = []
     for (model, dataset), ids in sorted(chosen.items()):
         for sample_id in ids:
-            sample = by_id.loc[sample_id]
+            sample = by_id[sample_id]
             options = list(sample["options"])
             index = letter_index(sample["answer_letter"], len(options))
             description = reference_description(
@@ -784,10 +810,19 @@ def check_explanations(
         reference_texts,
     )
 
-    samples = meta.to_dict("records")
-    records = {str(s["sample_id"]): (
-        measurements_of(s.get("measurements")),
-        [] if s.get("labels") is None else [str(x) for x in s["labels"]]) for s in samples}
+    wanted = [c for c in ("sample_id", "dataset", "option_labels", "answer_letter",
+                          "measurements", "labels") if c in meta]
+    samples = meta[wanted].to_dict("records")
+    position = {str(s["sample_id"]): i for i, s in enumerate(samples)}
+
+    def record(sid: str) -> tuple[Any, list[str]]:
+        # Parsed when checked, not all at once: every sample's parsed measurements were
+        # most of this stage's memory.
+        sample = samples[position[sid]]
+        labels = sample.get("labels")
+        return (measurements_of(sample.get("measurements")),
+                [] if labels is None else [str(x) for x in labels])
+
     note = None
     if "measurements" not in meta:
         note = ("the split has no measurements column (prepared before measurements existed): "
@@ -814,7 +849,7 @@ def check_explanations(
             continue
         sid, model = str(sid), str(model)
         text = text if isinstance(text, str) else ""
-        verdicts = check_explanation(text, *records[sid], config.claims)
+        verdicts = check_explanation(text, *record(sid), config.claims)
         stored[(sid, model)] = json.dumps([v.to_json() for v in verdicts])
         tally(sid, model, str(dataset), text, verdicts)
     for sample in samples:
@@ -825,7 +860,7 @@ def check_explanations(
         for model, text in ((REFERENCE_MODEL, mine), (MOVED_REFERENCE_MODEL, other)):
             if text:
                 tally(sid, model, str(sample["dataset"]), text,
-                      check_explanation(text, *records[sid], config.claims))
+                      check_explanation(text, *record(sid), config.claims))
     summary: dict[str, Any] = {}
     for (model, dataset), (found, cluster) in sorted(groups.items()):
         summary.setdefault(model, {})[dataset] = claim_stats(
@@ -992,7 +1027,9 @@ def evaluate(config: EvalConfig) -> tuple[Any, dict[str, str]]:
         stored_rows["sample_id"].isin(selected) & stored_rows["model"].isin(models)
         & stored_rows["answer_mode"].isin(config.answer_mode)
     ].reset_index(drop=True)
-    clusters = {str(row["sample_id"]): sample_cluster(row) for row in meta.to_dict("records")}
+    cluster_columns = [c for c in ("sample_id", "dataset", "patient_id", "record_id") if c in meta]
+    clusters = {str(row["sample_id"]): sample_cluster(row)
+                for row in meta[cluster_columns].to_dict("records")}
     normal = predictions[predictions["condition"] == "normal"]
     by_mode = {mode: normal[normal["answer_mode"] == mode] for mode in config.answer_mode}
     failed = {mode: _unavailable_models(rows, models) for mode, rows in by_mode.items()}

@@ -540,6 +540,61 @@ def test_chat_client_retries_backoff_and_gives_up():
         client.close()
 
 
+def test_a_stalled_endpoint_holds_the_read_to_a_bounded_queue(ray_local, tmp_path):
+    """While the endpoint answers nothing, the split is read only ``queued_block_limit``
+    blocks ahead, not whole into the object store (or, small blocks, into the driver, which
+    owns every block); once it answers every row is asked, and Ray Data's settings are the
+    caller's again."""
+    import threading
+
+    import ray.data
+
+    from ecgvlm.evaluate.job import queued_block_limit, run_predictions, split_files
+
+    # Printouts of about 100 kB and blocks of one row: 240 blocks, well above the limit.
+    rows = sample_rows(120, png_size=(192, 176))
+    prepared = write_split(tmp_path / "prepared", rows, shards=4)
+    asked, answering = threading.Event(), threading.Event()
+
+    def stalled(request):
+        asked.set()
+        answering.wait(120)
+        return "The answer is A."
+
+    context = ray.data.DataContext.get_current()
+    before = (context.target_max_block_size, context.execution_options.resource_limits.to_resource_dict())
+    owned = ray_local._private.worker.global_worker.core_worker.get_all_reference_counts
+    with FakeOpenAIServer(stalled, models=("pulse",)) as server:
+        config = config_from_dict(EvalConfig, {
+            "data_dir": str(prepared), "output_dir": str(tmp_path / "out"),
+            "endpoint": server.base_url, "models": ["pulse"], "concurrency": 1,
+            "batch_size": 1, "progress": False})
+        result: dict[str, int] = {}
+        ids = [r["sample_id"] for r in rows]
+        asking = threading.Thread(target=lambda: result.update(written=run_predictions(
+            config, split_files(prepared, "test"), {("pulse", "generate", "normal"): ids},
+            PredictionStore(tmp_path / "out"))), daemon=True)
+        asking.start()
+        held = [0]
+        try:
+            assert asked.wait(60), "the endpoint was never asked"
+            # Until the read has stopped growing the queue for 3 s (240 blocks take less).
+            quiet_since, deadline = time.monotonic(), time.monotonic() + 60
+            while time.monotonic() - quiet_since < 3 and time.monotonic() < deadline:
+                time.sleep(0.2)
+                held.append(len(owned()))
+                if held[-1] > max(held[:-1]):
+                    quiet_since = time.monotonic()
+        finally:
+            answering.set()
+            asking.join(180)
+    assert result["written"] == len(ids) == 240
+    # The limit's blocks, one in the actor, and a few refs of Ray Data's own.
+    assert 0 < max(held) <= queued_block_limit(1) + 16, held
+    after = (context.target_max_block_size, context.execution_options.resource_limits.to_resource_dict())
+    assert after == before
+
+
 def _free_port() -> int:
     import socket
 

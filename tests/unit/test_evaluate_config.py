@@ -11,6 +11,7 @@ from ecgvlm.evaluate import (
     EvaluationError,
     PredictionStore,
     explanation_of,
+    read_split_meta,
     sample_cluster,
     select_samples,
     split_files,
@@ -73,6 +74,20 @@ def test_split_files_and_store_round_trip(tmp_path):
     choice = frame[frame["answer_mode"] == "choice"].iloc[0]
     assert list(choice["option_probs"]) == [0.25, 0.5, 0.125, 0.125]
     assert frame[frame["answer_mode"] == "generate"].iloc[0]["option_probs"] is None
+
+
+def test_split_meta_stays_in_arrow_memory_and_reads_back_plain_rows(tmp_path):
+    from tests.fakes.mcq_split import sample_rows, write_split
+
+    rows = sample_rows(3, measurements=True)
+    rows[0]["target_text"] = None
+    meta = read_split_meta(split_files(write_split(tmp_path, rows), "test"))
+    # Arrow buffers, not a Python object per field: ten times smaller on a large split.
+    assert all(isinstance(dtype, pd.ArrowDtype) for dtype in meta.dtypes), meta.dtypes
+    assert "png" not in meta
+    first = meta[meta["sample_id"] == rows[0]["sample_id"]].to_dict("records")[0]
+    assert first["target_text"] is None
+    assert first["options"] == rows[0]["options"] and isinstance(first["options"], list)
 
 
 def test_answer_mode_takes_a_list_or_one_mode():
