@@ -466,8 +466,8 @@ def queued_block_limit(concurrency: int) -> int:
 
     Without a limit the read runs ahead of the endpoint and the whole split queues up: on a
     20k-row split with small printouts the driver, which owns every block, held 1,551 objects
-    (+123 MB), against about 110 (+20 MB) with this limit, at the same throughput
-    (docs/evaluate.md).
+    (+123 MB), against about 110 (+20 MB) with this limit; ``eval_bench.py`` found no
+    throughput cost (docs/evaluate.md).
     """
     return max(64, 8 * concurrency)
 

@@ -562,7 +562,12 @@ def test_a_stalled_endpoint_holds_the_read_to_a_bounded_queue(ray_local, tmp_pat
         return "The answer is A."
 
     context = ray.data.DataContext.get_current()
-    before = (context.target_max_block_size, context.execution_options.resource_limits.to_resource_dict())
+
+    def settings() -> tuple[int, dict[str, float]]:
+        return (context.target_max_block_size,
+                context.execution_options.resource_limits.to_resource_dict())
+
+    before = settings()
     owned = ray_local._private.worker.global_worker.core_worker.get_all_reference_counts
     already = len(owned())  # what this session's driver holds from earlier tests
     with FakeOpenAIServer(stalled, models=("pulse",)) as server:
@@ -593,8 +598,7 @@ def test_a_stalled_endpoint_holds_the_read_to_a_bounded_queue(ray_local, tmp_pat
     # The limit's blocks, one in the actor, and a few refs of Ray Data's own (without the
     # limit: all 240 blocks and those).
     assert 0 < max(held) - already <= queued_block_limit(1) + 40, (already, held)
-    after = (context.target_max_block_size, context.execution_options.resource_limits.to_resource_dict())
-    assert after == before
+    assert settings() == before
 
 
 def _free_port() -> int:
