@@ -904,22 +904,24 @@ def draw_donor(by_label: dict[str, list[Any]], excluded: set[str], rng: Any) -> 
     return None
 
 
-def reference_texts(samples: Sequence[dict[str, Any]], seed: int = 0) -> tuple[list[str | None], list[str | None]]:
+def reference_texts(
+    true_labels: Sequence[str], measurements: Sequence[Any], seed: int = 0
+) -> tuple[list[str | None], list[str | None]]:
     """The grounded reference explanation of each sample (``grounded_text`` of its correct
-    finding on its measurements; None where there is none), and for each sample the
-    reference of another sample whose finding differs (a seeded draw), to be checked
-    against this one."""
+    finding, ``true_labels[i]``, on its measurements, ``measurements[i]`` as stored in the
+    split; None where there are none), and for each sample the reference of another sample
+    whose finding differs (a seeded draw), to be checked against this one."""
     import numpy as np
 
     from ecgvlm.measure import grounded_text
 
     own: list[str | None] = []
-    for s in samples:
-        m = measurements_of(s.get("measurements"))
-        own.append(grounded_text(str(s["true_label"]), m) if m is not None else None)
+    for label, value in zip(true_labels, measurements):
+        m = measurements_of(value)
+        own.append(grounded_text(str(label), m) if m is not None else None)
     rng = np.random.default_rng(seed)
     by_label: dict[str, list[str]] = {}
-    for s, text in zip(samples, own):
+    for label, text in zip(true_labels, own):
         if text:
-            by_label.setdefault(str(s["true_label"]), []).append(text)
-    return own, [draw_donor(by_label, {str(s["true_label"])}, rng) for s in samples]
+            by_label.setdefault(str(label), []).append(text)
+    return own, [draw_donor(by_label, {str(label)}, rng) for label in true_labels]

@@ -256,6 +256,30 @@ def test_grounded_references_are_never_contradicted_and_moved_ones_are(samples_d
     assert rate > 0.2, rate
 
 
+def test_reference_texts_read_the_split_columns_one_value_at_a_time(samples_dir):
+    """The columns as the evaluation reads them from an Arrow-backed split: measurements as
+    stored JSON, with pd.NA (a null) and unreadable JSON giving no reference."""
+    import json
+
+    import pandas as pd
+    import pyarrow as pa
+
+    from ecgvlm.evaluate.claims import reference_texts
+
+    refs = _grounded_references(samples_dir)[:6]
+    labels = [label for _, label, _, _, _ in refs] + ["af", "af"]
+    column = pd.Series([json.dumps(m.to_dict()) for _, _, m, _, _ in refs] + [None, "{not json"],
+                       dtype=pd.ArrowDtype(pa.string()))
+    own, moved = reference_texts(labels, column.array, seed=0)
+    assert own[:6] == [text for *_, text in refs]
+    assert own[6:] == [None, None]
+    for label, other in zip(labels, moved):
+        # Another sample's reference, of another finding: never this sample's own finding.
+        assert other in own[:6]
+        assert labels[own.index(other)] != label
+    assert (own, moved) == reference_texts(labels, column.array, seed=0)
+
+
 def test_claim_stats_by_hand_and_without_claims():
     from ecgvlm.evaluate.claims import ClaimCounts, claim_stats
 
