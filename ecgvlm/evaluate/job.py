@@ -827,9 +827,9 @@ def check_explanations(
         reference_texts,
     )
 
-    # One column at a time, a Python value only for the record being checked: a dict per
-    # sample of these columns (the measurements' JSON is about 1 kB) was most of this
-    # stage's memory on a split of 10k+ samples.
+    # One column at a time, a Python value only for the record being checked, rather than
+    # a dict per sample of these columns (the measurements' JSON is about 1 kB) held
+    # through the whole check.
     sample_ids = [str(s) for s in meta["sample_id"]]
     datasets = [str(d) for d in meta["dataset"]]
     true_labels = [true_label_of({"option_labels": o, "answer_letter": a})
