@@ -5,8 +5,8 @@ cluster, because ``ray.init`` binds fixed default ports (the dashboard agent's 5
 them) that a ``ray start --head`` cluster on the same machine needs: with both running, every
 ``ray job submit`` to that cluster fails with "No available agent". The head here gets a free
 port for every service, and when the command ends everything it started is stopped: the
-processes whose command line or working directory names its temp dir (``ray stop`` would stop
-every Ray on the machine, other people's included). The test suite's own cluster uses the
+processes whose command line or working directory names its temp dir, and its raylet's
+children (``ray stop`` would stop every Ray on the machine, other people's included). The test suite's own cluster uses the
 same helpers.
 
 Nothing here runs on import; the CLI and the tests call it.
@@ -66,17 +66,26 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def pids_under(temp_dir: str, env_marker: str | None = None) -> list[int]:
+def pids_under(
+    temp_dir: str, env_marker: str | None = None, raylet_pids: set[int] | None = None
+) -> list[int]:
     """Processes whose command line or working directory names ``temp_dir``, or whose
-    environment holds ``env_marker`` (e.g. ``RAY_AUTH_TOKEN=<the head's own token>``).
+    environment holds ``env_marker`` (e.g. ``RAY_AUTH_TOKEN=<the head's own token>``), and
+    the children of the raylets among them.
 
     Ray's workers and agents rename themselves (``ray::DashboardAgent``) and most keep their
     working directory or log paths inside the head's temp dir; some (Serve's HTTP proxy)
     do not, but every process the head starts inherits its environment, and with it the
-    head's unique auth token.
+    head's unique auth token. The raylet's two agents (``ray::DashboardAgent``,
+    ``ray::RuntimeEnvAgent``) run in the caller's folder, and their ``/proc/<pid>/environ``
+    did not always show the token (renaming a process can write over it), so they once
+    outlived ``ecgvlm serve`` by about a minute; they are found as the raylet's children.
+    ``raylet_pids`` (updated with the raylets found) remembers the raylets across calls.
     """
     marker = env_marker.encode() if env_marker else None
+    raylets = raylet_pids if raylet_pids is not None else set()
     pids = []
+    parents: dict[int, int] = {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
             continue
@@ -84,25 +93,41 @@ def pids_under(temp_dir: str, env_marker: str | None = None) -> list[int]:
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             cwd = os.readlink(proc / "cwd")
             environ = (proc / "environ").read_bytes() if marker else b""
-        except OSError:
+            # "pid (name) state ppid ...": the name may hold spaces and parentheses.
+            parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
             continue
         if temp_dir in cmdline or cwd.startswith(temp_dir) or (marker and marker in environ):
             pids.append(int(proc.name))
-    return pids
+            if "/raylet/raylet" in cmdline:
+                raylets.add(int(proc.name))
+    return pids + [pid for pid, parent in parents.items() if parent in raylets and pid not in pids]
 
 
 def stop_processes_under(
     temp_dir: str, grace_s: float = 10.0, env_marker: str | None = None
 ) -> None:
     """SIGTERM, then SIGKILL, every process ``pids_under(temp_dir, env_marker)`` finds."""
+    raylets: set[int] = set()
+    found: dict[int, bytes] = {}  # pid -> command line: the raylet's children outlive it
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        pids = pids_under(temp_dir, env_marker)
+        pids = set(pids_under(temp_dir, env_marker, raylets))
+        pids |= {pid for pid, cmdline in found.items() if _cmdline(pid) == cmdline}
+        found.update({pid: _cmdline(pid) for pid in pids})
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
         deadline = time.time() + grace_s
-        while pids and time.time() < deadline and pids_under(temp_dir, env_marker):
+        while pids and time.time() < deadline and any(_cmdline(p) == found[p] for p in pids):
             time.sleep(0.2)
+
+
+def _cmdline(pid: int) -> bytes:
+    """The process's command line as /proc shows it; b"" once it has gone."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def start_head(num_cpus: int, env: dict[str, str] | None = None, dashboard: bool = True

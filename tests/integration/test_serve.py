@@ -758,6 +758,14 @@ def _listening_ports(pids: list[int]) -> set[int]:
     return ports
 
 
+def _cmdline(pid: int) -> bytes:
+    """The process's command line, b"" once it has gone."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").strip()
+    except OSError:
+        return b""
+
+
 def test_ecgvlm_serve_takes_free_ports_and_sigterm_stops_all_it_started(tiny_pulse_dir,
                                                                         tmp_path):
     from ecgvlm.local_ray import pids_under
@@ -795,16 +803,21 @@ def test_ecgvlm_serve_takes_free_ports_and_sigterm_stops_all_it_started(tiny_pul
 
         token = re.search(r"RAY_AUTH_TOKEN=(\w+)", Path(f"/proc/{pids[0]}/environ")
                           .read_bytes().replace(b"\0", b" ").decode()).group(1)
+        marker = f"RAY_AUTH_TOKEN={token}"
+        # Every process of the head, the raylet's agents among them (they have neither the
+        # temp dir nor the token: they once outlived `ecgvlm serve` by a minute).
+        running = {p: _cmdline(p) for p in pids_under(temp_dir, env_marker=marker)}
+        names = {c.split(b" ")[0] for c in running.values()}
+        assert {b"ray::DashboardAgent", b"ray::RuntimeEnvAgent"} <= names, names
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0, "".join(lines) + proc.stdout.read()[-3000:]
         # Once `ecgvlm serve` has exited, nothing of it answers any more (Serve's HTTP proxy
         # once outlived it by seconds: the next server's health check reached the old one).
         with pytest.raises(requests.ConnectionError):
             requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
-        left = pids_under(temp_dir, env_marker=f"RAY_AUTH_TOKEN={token}")
-        names = [Path(f"/proc/{p}/cmdline").read_bytes()[:60] for p in left
-                 if Path(f"/proc/{p}").exists()]
-        assert not left, f"left running after SIGTERM: {names}"
+        left = set(pids_under(temp_dir, env_marker=marker))
+        left |= {p for p, cmd in running.items() if _cmdline(p) == cmd}
+        assert not left, f"left running after SIGTERM: {[_cmdline(p)[:60] for p in left]}"
         assert not Path(temp_dir).exists()
     finally:
         if proc.poll() is None:
