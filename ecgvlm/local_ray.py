@@ -6,8 +6,8 @@ them) that a ``ray start --head`` cluster on the same machine needs: with both r
 ``ray job submit`` to that cluster fails with "No available agent". The head here gets a free
 port for every service, and when the command ends everything it started is stopped: the
 processes whose command line or working directory names its temp dir, and its raylet's
-children (``ray stop`` would stop every Ray on the machine, other people's included). The test suite's own cluster uses the
-same helpers.
+children (``ray stop`` would stop every Ray on the machine, other people's included). The
+test suite's own cluster uses the same helpers.
 
 Nothing here runs on import; the CLI and the tests call it.
 """
@@ -78,8 +78,8 @@ def pids_under(
     do not, but every process the head starts inherits its environment, and with it the
     head's unique auth token. The raylet's two agents (``ray::DashboardAgent``,
     ``ray::RuntimeEnvAgent``) run in the caller's folder, and their ``/proc/<pid>/environ``
-    did not always show the token (renaming a process can write over it), so they once
-    outlived ``ecgvlm serve`` by about a minute; they are found as the raylet's children.
+    did not always show the token (we did not find out why), so they once outlived
+    ``ecgvlm serve`` by about a minute; they are found as the raylet's children.
     ``raylet_pids`` (updated with the raylets found) remembers the raylets across calls.
     """
     marker = env_marker.encode() if env_marker else None
@@ -113,12 +113,12 @@ def stop_processes_under(
     for sig in (signal.SIGTERM, signal.SIGKILL):
         pids = set(pids_under(temp_dir, env_marker, raylets))
         pids |= {pid for pid, cmdline in found.items() if _cmdline(pid) == cmdline}
-        found.update({pid: _cmdline(pid) for pid in pids})
+        found.update({pid: cmdline for pid in pids if (cmdline := _cmdline(pid))})
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
         deadline = time.time() + grace_s
-        while pids and time.time() < deadline and any(_cmdline(p) == found[p] for p in pids):
+        while time.time() < deadline and any(_cmdline(p) == found.get(p) for p in pids):
             time.sleep(0.2)
 
 
