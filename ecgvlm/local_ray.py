@@ -112,18 +112,19 @@ def stop_processes_under(
     found: dict[int, bytes] = {}  # pid -> command line: the raylet's children outlive it
     for sig in (signal.SIGTERM, signal.SIGKILL):
         pids = set(pids_under(temp_dir, env_marker, raylets))
-        pids |= {pid for pid, cmdline in found.items() if _cmdline(pid) == cmdline}
-        found.update({pid: cmdline for pid in pids if (cmdline := _cmdline(pid))})
+        pids |= {pid for pid, cmdline in found.items() if process_cmdline(pid) == cmdline}
+        found.update({pid: cmdline for pid in pids if (cmdline := process_cmdline(pid))})
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
         deadline = time.time() + grace_s
-        while time.time() < deadline and any(_cmdline(p) == found.get(p) for p in pids):
+        while time.time() < deadline and any(process_cmdline(p) == found.get(p) for p in pids):
             time.sleep(0.2)
 
 
-def _cmdline(pid: int) -> bytes:
-    """The process's command line as /proc shows it; b"" once it has gone."""
+def process_cmdline(pid: int) -> bytes:
+    """The process's command line as /proc shows it (arguments NUL-separated); b"" once it
+    has gone. Comparing it before and after tells a process from a later one with its pid."""
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:

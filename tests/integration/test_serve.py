@@ -758,17 +758,9 @@ def _listening_ports(pids: list[int]) -> set[int]:
     return ports
 
 
-def _cmdline(pid: int) -> bytes:
-    """The process's command line, b"" once it has gone."""
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").strip()
-    except OSError:
-        return b""
-
-
 def test_ecgvlm_serve_takes_free_ports_and_sigterm_stops_all_it_started(tiny_pulse_dir,
                                                                         tmp_path):
-    from ecgvlm.local_ray import pids_under
+    from ecgvlm.local_ray import pids_under, process_cmdline
 
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -806,8 +798,8 @@ def test_ecgvlm_serve_takes_free_ports_and_sigterm_stops_all_it_started(tiny_pul
         marker = f"RAY_AUTH_TOKEN={token}"
         # Every process of the head, the raylet's agents among them (they have neither the
         # temp dir nor the token: they once outlived `ecgvlm serve` by a minute).
-        running = {p: _cmdline(p) for p in pids_under(temp_dir, env_marker=marker)}
-        names = {c.split(b" ")[0] for c in running.values()}
+        running = {p: process_cmdline(p) for p in pids_under(temp_dir, env_marker=marker)}
+        names = {re.split(rb"[\0 ]", c)[0] for c in running.values()}
         assert {b"ray::DashboardAgent", b"ray::RuntimeEnvAgent"} <= names, names
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0, "".join(lines) + proc.stdout.read()[-3000:]
@@ -816,8 +808,8 @@ def test_ecgvlm_serve_takes_free_ports_and_sigterm_stops_all_it_started(tiny_pul
         with pytest.raises(requests.ConnectionError):
             requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
         left = set(pids_under(temp_dir, env_marker=marker))
-        left |= {p for p, cmd in running.items() if _cmdline(p) == cmd}
-        assert not left, f"left running after SIGTERM: {[_cmdline(p)[:60] for p in left]}"
+        left |= {p for p, cmd in running.items() if process_cmdline(p) == cmd}
+        assert not left, f"left running after SIGTERM: {[process_cmdline(p)[:60] for p in left]}"
         assert not Path(temp_dir).exists()
     finally:
         if proc.poll() is None:
