@@ -11,8 +11,9 @@ sampled four times a second (``peak_memory.py``).
 
 What it should show: rows/s flat across sizes, the workers' memory flat (each client actor
 holds one block of rows), and the driver's growing only by what the report needs: the
-split's metadata without images and the stored predictions, which the metrics, the claim
-check and the report read whole (a few hundred bytes a row), never the images.
+split's metadata without images and the stored predictions without their explanations,
+which the metrics and the report read whole (a few hundred bytes a row), never the images
+(the claim check reads and rewrites the stored predictions a batch of rows at a time).
 """
 
 from __future__ import annotations

@@ -852,16 +852,23 @@ class ClaimStats:
 
 
 def claim_stats(
-    counts: Sequence[ClaimCounts], clusters: Sequence[Any] | None = None, n_boot: int = 1000,
-    seed: int = 0,
+    counts: Sequence[ClaimCounts] | Any, clusters: Sequence[Any] | None = None,
+    n_boot: int = 1000, seed: int = 0,
 ) -> ClaimStats:
-    """Summarise per-explanation verdict counts, with intervals resampling clusters."""
+    """Summarise per-explanation verdict counts, with intervals resampling clusters.
+
+    ``counts``: a ``ClaimCounts`` per explanation, or an array of shape (explanations, 3)
+    of their supported, contradicted and unverifiable counts.
+    """
     import numpy as np
 
     from ecgvlm.evaluate.metrics import bootstrap_intervals, cluster_ids
 
-    table = np.array([[c.supported, c.contradicted, c.unverifiable] for c in counts],
-                     dtype=np.float64).reshape(-1, 3)
+    if isinstance(counts, np.ndarray):
+        table = counts.astype(np.float64).reshape(-1, 3)
+    else:
+        table = np.array([[c.supported, c.contradicted, c.unverifiable] for c in counts],
+                         dtype=np.float64).reshape(-1, 3)
 
     def stats(rows: np.ndarray) -> dict[str, float]:
         sup, con, unv = table[rows].sum(axis=0)

@@ -793,33 +793,36 @@ def validation_choices(
 
 
 def check_explanations(
-    config: EvalConfig, generated: Any, meta: Any, clusters: dict[str, str],
-    examples_per_model: int = 3,
-) -> tuple[dict[tuple[str, str], str], dict[str, Any], dict[tuple[str, str], float],
-           dict[str, list[dict[str, Any]]], str | None]:
-    """Check every generated explanation against its record (``ecgvlm.evaluate.claims``).
+    config: EvalConfig, store: PredictionStore, selected: set[str], models: set[str],
+    meta: Any, clusters: dict[str, str], examples_per_model: int = 3,
+) -> tuple[dict[str, Any], dict[tuple[str, str], float], dict[str, list[dict[str, Any]]],
+           str | None]:
+    """Check every generated explanation against its record (``ecgvlm.evaluate.claims``) and
+    store the verdicts in ``predictions.parquet``'s ``claims`` column.
 
-    The reference rows (``claims.REFERENCE_MODEL``, ``claims.MOVED_REFERENCE_MODEL``) check
-    the grounded reference explanations against their own and against another record.
-
-    Only what the report needs is kept of each explanation (three counts, and the share
-    contradicted), not its text and verdicts: on a split of 10k+ rows those were most of the
-    driver's growth with the number of predictions.
+    The rows checked are the stored generated answers on normal printouts of the
+    ``selected`` samples by ``models`` that did not fail; every other row keeps its claims.
+    The store is read and rewritten a batch of rows at a time (``PredictionStore.rewrite``),
+    and of each explanation only what the report needs is kept: three counts (in one array
+    per model and data set) and, for served models, the share contradicted. The reference
+    rows (``claims.REFERENCE_MODEL``, ``claims.MOVED_REFERENCE_MODEL``) check the grounded
+    reference explanations against their own and against another record.
 
     Returns:
-        ((sample_id, model) -> the verdicts as JSON, ``{model: {dataset: ClaimStats}}``,
-        (sample_id, model) -> the share of its checkable claims contradicted (explanations
-        with one or more), per model a few explanations with contradicted claims
-        (``ClaimExamples``), a note when the split has no measurements).
+        (``{model: {dataset: ClaimStats}}``, (sample_id, model) -> the share of its
+        checkable claims contradicted (explanations with one or more, served models only),
+        per model a few explanations with contradicted claims (``ClaimExamples``), a note
+        when the split has no measurements).
     """
     import json
+    from array import array
 
     import numpy as np
+    import pyarrow as pa
 
     from ecgvlm.evaluate.claims import (
         MOVED_REFERENCE_MODEL,
         REFERENCE_MODEL,
-        ClaimCounts,
         check_explanation,
         claim_stats,
         count_verdicts,
@@ -851,31 +854,41 @@ def check_explanations(
     if "measurements" not in meta:
         note = ("the split has no measurements column (prepared before measurements existed): "
                 "only named findings are checked, against the labels")
-    stored: dict[tuple[str, str], str] = {}
-    groups: dict[tuple[str, str], tuple[list[ClaimCounts], list[str]]] = {}
+    # (model, dataset) -> (supported, contradicted, unverifiable of each explanation, in
+    # turn; the cluster of each): a dataclass per explanation was about 200 bytes.
+    groups: dict[tuple[str, str], tuple[array, list[str]]] = {}
     rates: dict[tuple[str, str], float] = {}
     examples = ClaimExamples(examples_per_model, config.seed)
 
     def tally(sid: str, model: str, dataset: str, text: str, verdicts: list[Any]) -> None:
         counts = count_verdicts(verdicts)
-        counts.spans.clear()  # where the contradictions are: only the examples need it
-        found, cluster = groups.setdefault((model, dataset), ([], []))
-        found.append(counts)
+        found, cluster = groups.setdefault((model, dataset), (array("q"), []))
+        found.extend((counts.supported, counts.contradicted, counts.unverifiable))
         cluster.append(clusters[sid])
-        if counts.supported + counts.contradicted:
+        # Only the judged (served) models' shares are ever looked up.
+        if model in models and counts.supported + counts.contradicted:
             rates[(sid, model)] = counts.contradicted / (counts.supported + counts.contradicted)
         examples.offer(model, sid, dataset, text, verdicts, counts.contradicted)
 
-    columns = [generated[c] if c in generated else [None] * len(generated)
-               for c in ("sample_id", "model", "dataset", "explanation", "error")]
-    for sid, model, dataset, text, error in zip(*columns):
-        if isinstance(error, str) and error:
-            continue
-        sid, model = str(sid), str(model)
-        text = text if isinstance(text, str) else ""
-        verdicts = check_explanation(text, *record(sid), config.claims)
-        stored[(sid, model)] = json.dumps([v.to_json() for v in verdicts])
-        tally(sid, model, str(dataset), text, verdicts)
+    read = ("sample_id", "model", "dataset", "answer_mode", "condition", "explanation", "error")
+
+    def check_batch(batch: Any) -> Any:
+        columns = [batch.column(name).to_pylist() for name in read]
+        claims = batch.column("claims").to_pylist()
+        for i, (sid, model, dataset, mode, condition, text, error) in enumerate(zip(*columns)):
+            if (mode != "generate" or condition != "normal" or sid not in selected
+                    or model not in models or (isinstance(error, str) and error)):
+                continue
+            text = text if isinstance(text, str) else ""
+            verdicts = check_explanation(text, *record(sid), config.claims)
+            claims[i] = json.dumps([v.to_json() for v in verdicts])
+            tally(sid, model, str(dataset), text, verdicts)
+        index = batch.schema.get_field_index("claims")
+        return batch.set_column(index, "claims", pa.array(claims, pa.string()))
+
+    # Every stored row is rewritten, also those of samples or models this run did not
+    # select: predictions.parquet is replaced whole, nothing may be lost.
+    store.rewrite(check_batch)
     own, moved = reference_texts(true_labels, measurements, config.seed)
     for sid, dataset, mine, other in zip(sample_ids, datasets, own, moved):
         for model, text in ((REFERENCE_MODEL, mine), (MOVED_REFERENCE_MODEL, other)):
@@ -884,8 +897,9 @@ def check_explanations(
     summary: dict[str, Any] = {}
     for (model, dataset), (found, cluster) in sorted(groups.items()):
         summary.setdefault(model, {})[dataset] = claim_stats(
-            found, cluster, n_boot=config.n_boot, seed=config.seed)
-    return stored, summary, rates, examples.picked(), note
+            np.array(found, dtype=np.int64).reshape(-1, 3), cluster, n_boot=config.n_boot,
+            seed=config.seed)
+    return summary, rates, examples.picked(), note
 
 
 class ClaimExamples:
@@ -1045,10 +1059,15 @@ def evaluate(config: EvalConfig) -> tuple[Any, dict[str, str]]:
     stored_rows = store.consolidate()
     release_arrow_memory()
     selected = set(meta["sample_id"])
-    predictions = stored_rows[
+    # Neither the explanations nor their verdicts are read from this table: the claim check
+    # reads and rewrites them in the stored file, a batch of rows at a time (the judge reads
+    # the raw text of the few it judges).
+    predictions = stored_rows.loc[
         stored_rows["sample_id"].isin(selected) & stored_rows["model"].isin(models)
-        & stored_rows["answer_mode"].isin(config.answer_mode)
+        & stored_rows["answer_mode"].isin(config.answer_mode),
+        [c for c in stored_rows.columns if c not in ("explanation", "claims")],
     ].reset_index(drop=True)
+    del stored_rows
     cluster_columns = [c for c in ("sample_id", "dataset", "patient_id", "record_id") if c in meta]
     clusters = {str(row["sample_id"]): sample_cluster(row)
                 for row in meta[cluster_columns].to_dict("records")}
@@ -1070,6 +1089,7 @@ def evaluate(config: EvalConfig) -> tuple[Any, dict[str, str]]:
         row["cluster"] = clusters[str(row["sample_id"])]
     metrics = metrics_by_model_and_dataset([*records, *baseline], n_boot=config.n_boot,
                                            seed=config.seed)
+    del records, baseline  # a dict per prediction: freed before the stages that follow
     answered = predictions[~predictions["model"].isin(list(unavailable))]
     n_bins = config.calibration.n_bins
     controls = compare_conditions(answered, table1_mode, config.controls, clusters,
@@ -1083,6 +1103,7 @@ def evaluate(config: EvalConfig) -> tuple[Any, dict[str, str]]:
                 for r in scored["generate"][scored_columns].to_dict("records")]
         generated_metrics = metrics_by_model_and_dataset(rows, n_boot=config.n_boot,
                                                          seed=config.seed)
+        del rows
         if failed["generate"]:
             generated_note = "; ".join(f"{m}: {why}" for m, why in sorted(failed["generate"].items()))
 
@@ -1095,6 +1116,7 @@ def evaluate(config: EvalConfig) -> tuple[Any, dict[str, str]]:
                      for r in scored["choice"].to_dict("records")]
         calibration = calibrate_models(test_rows, val_rows, config.calibration,
                                        n_boot=config.n_boot, seed=config.seed)
+        del test_rows, val_rows
 
     claims: dict[str, Any] = {}
     contradicted_rates: dict[tuple[str, str], float] = {}
@@ -1103,17 +1125,9 @@ def evaluate(config: EvalConfig) -> tuple[Any, dict[str, str]]:
     claims_s = 0.0
     if "generate" in config.answer_mode and len(scored["generate"]):
         t_claims = time.perf_counter()
-        stored, claims, contradicted_rates, examples, claims_note = check_explanations(
-            config, scored["generate"], meta, clusters)
+        claims, contradicted_rates, examples, claims_note = check_explanations(
+            config, store, selected, set(scored["generate"]["model"]), meta, clusters)
         release_arrow_memory()
-        # Into every stored row (also those of samples or models this run did not select:
-        # predictions.parquet is rewritten whole, nothing may be lost).
-        stored_rows["claims"] = [
-            stored.get((sid, model), old) if mode == "generate" and condition == "normal" else old
-            for sid, model, mode, condition, old in zip(
-                stored_rows["sample_id"], stored_rows["model"], stored_rows["answer_mode"],
-                stored_rows["condition"], stored_rows["claims"])]
-        store.write(stored_rows)
         claims_s = time.perf_counter() - t_claims
 
     if "generate" in config.answer_mode:

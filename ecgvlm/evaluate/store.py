@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -178,6 +179,23 @@ class PredictionStore:
             if path != self.path:
                 storage.delete(path)
         return frame
+
+    def rewrite(self, transform: Callable[[Any], Any], batch_rows: int = 4096) -> None:
+        """Replace ``predictions.parquet`` by ``transform`` applied to each of its record
+        batches in turn (``batch_rows`` rows; ``transform`` returns the batch to store, with
+        the same columns). One batch is in memory at a time, besides the new file's bytes,
+        so a rewrite costs the same on 1k rows as on 1M; the file is replaced whole, as by
+        :meth:`write`."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        schema = prediction_schema()
+        fs, path = storage.filesystem(self.path)
+        sink = pa.BufferOutputStream()
+        with fs.open_input_file(path) as source, pq.ParquetWriter(sink, schema) as writer:
+            for batch in pq.ParquetFile(source).iter_batches(batch_size=batch_rows):
+                writer.write_batch(transform(batch).cast(schema))
+        storage.write_bytes(self.path, memoryview(sink.getvalue()))
 
     def write(self, frame: Any) -> None:
         """Replace ``predictions.parquet`` with ``frame`` (written whole, never in part)."""

@@ -281,6 +281,8 @@ def test_reference_texts_read_the_split_columns_one_value_at_a_time(samples_dir)
 
 
 def test_claim_stats_by_hand_and_without_claims():
+    import numpy as np
+
     from ecgvlm.evaluate.claims import ClaimCounts, claim_stats
 
     counts = [ClaimCounts(2, 1, 1), ClaimCounts(0, 0, 0), ClaimCounts(3, 0, 0), ClaimCounts(0, 2, 0)]
@@ -292,6 +294,9 @@ def test_claim_stats_by_hand_and_without_claims():
     assert stats.with_contradiction == pytest.approx(2 / 4)
     lo, hi = stats.ci["contradicted_rate"]
     assert lo <= 3 / 8 <= hi
+    # The evaluation passes the same counts as one array (explanations x 3): the same stats.
+    table = np.array([[c.supported, c.contradicted, c.unverifiable] for c in counts])
+    assert claim_stats(table, [f"patient:{i}" for i in range(4)], n_boot=200) == stats
     # No claims at all: shares are unknown, not zero; one patient: no interval.
     empty = claim_stats([ClaimCounts()] * 3, ["recording:mitdb/100"] * 3, n_boot=100)
     assert empty.supported is None and empty.contradicted_rate is None and empty.ci == {}

@@ -135,6 +135,18 @@ def test_predictions_are_stored_and_consolidated_in_the_store(location: str) -> 
     assert storage.is_file(storage.join(location, "predictions.parquet"))
     assert PredictionStore(location).load()["sample_id"].tolist() == ["s1", "s2"]
 
+    # A rewrite a row at a time (the claim check's) replaces one column and keeps the rest.
+    def mark(batch):
+        import pyarrow as pa
+
+        claims = [f"[{sid}]" for sid in batch.column("sample_id").to_pylist()]
+        return batch.set_column(batch.schema.get_field_index("claims"), "claims", pa.array(claims))
+
+    store.rewrite(mark, batch_rows=1)
+    again = PredictionStore(location).load()
+    assert again["claims"].tolist() == ["[s1]", "[s2]"]
+    assert again.drop(columns="claims").equals(frame.drop(columns="claims"))
+
 
 def test_one_node_clusters_take_local_paths(ray_local) -> None:
     storage.check_shared({"output_dir": "/tmp/anywhere"})
