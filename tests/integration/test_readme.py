@@ -61,11 +61,12 @@ BLOCK = re.compile(
     r"^(?P<indent>[ \t]*)```(?P<lang>[a-z]*)\n(?P<body>.*?)^(?P=indent)```",
     re.DOTALL | re.MULTILINE,
 )
-#: Overrides the walk appends to training commands and to searches (README says so).
-TRAIN_OVERRIDES = "max_steps=2"
-TRAIN_COMMAND = re.compile(r"((?:ecgvlm train|python -m jobs\.train) --config \S+)")
-TUNE_OVERRIDES = "num_samples=2"
-TUNE_COMMAND = re.compile(r"((?:ecgvlm tune|python -m jobs\.tune) --config \S+)")
+#: Overrides the walk appends after ``--config FILE`` of training commands and of searches
+#: (README says so): the command (``ecgvlm JOB`` or ``python -m jobs.JOB``), its overrides.
+COMMAND_OVERRIDES = [
+    (re.compile(rf"((?:ecgvlm {job}|python -m jobs\.{job}) --config \S+)"), overrides)
+    for job, overrides in (("train", "max_steps=2"), ("tune", "num_samples=2"))
+]
 SERVER_COMMAND = re.compile(r"^(?:\S+=\S* )*(?:ecgvlm serve|serve run)\b")
 #: Seconds the whole walk may take; a command still running then fails with its block printed.
 WALK_BUDGET_S = 2400
@@ -143,8 +144,9 @@ class Walk:
         text = text.replace("127.0.0.1:6379", self.gcs)
         text = re.sub(r":8000\b", f":{self.port}", text)
         text = re.sub(r"--port 8000\b", f"--port {self.port}", text)
-        text = TRAIN_COMMAND.sub(rf"\1 {TRAIN_OVERRIDES}", text)
-        return TUNE_COMMAND.sub(rf"\1 {TUNE_OVERRIDES}", text)
+        for command, overrides in COMMAND_OVERRIDES:
+            text = command.sub(rf"\1 {overrides}", text)
+        return text
 
     def fail(self, block: Block, what: str, output: str) -> None:
         server = ""
