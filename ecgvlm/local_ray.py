@@ -110,9 +110,9 @@ def stop_processes_under(
     """SIGTERM, then SIGKILL, every process ``pids_under(temp_dir, env_marker)`` finds.
 
     The GCS is signalled after the others have exited. Signalled together, the raylet took
-    10 s to exit (it waits on the GCS, which was stopping) and the GCS did not exit on
-    SIGTERM at all, so every stop waited out ``grace_s`` and ended in SIGKILL; the GCS last,
-    a head stopped in under a second (a head with a few finished tasks, measured once).
+    10 s to exit and the GCS did not exit on SIGTERM at all (we did not find out why), so
+    every stop waited out ``grace_s`` and ended in SIGKILL; the GCS last, a head stopped in
+    under a second (a head with a few finished tasks, measured once).
     """
     raylets: set[int] = set()
     found: dict[int, bytes] = {}  # pid -> command line: the raylet's children outlive it
