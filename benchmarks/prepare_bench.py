@@ -128,6 +128,10 @@ def machine_speedup(n: int = 3_000_000) -> float:
 def start_ray(cpus: int) -> None:
     import ray
 
+    # Keep the warmed-up workers: Ray ends a worker that idles for 1 s, and the next run's
+    # fresh one pays the measure stage's imports (scipy.signal, neurokit2: about 2.7 s) in
+    # its first shard, which would be charged to whichever variant happened to need it.
+    os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "3600000")
     for attempt in range(3):
         try:
             ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False,

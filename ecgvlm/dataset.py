@@ -31,6 +31,7 @@ output_dir/
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
@@ -830,6 +831,31 @@ def _data_context_quiet() -> None:
     ctx.execution_options.verbose_progress = False
 
 
+@contextlib.contextmanager
+def _every_cpu_for_tasks() -> Iterator[None]:
+    """Datasets created inside run as many tasks at once as the cluster has CPUs for.
+
+    Ray Data 2.60 budgets an operator's tasks from the resources its (default, rate-based)
+    cluster autoscaler has granted the execution, not from the cluster's: on a fixed-size
+    cluster that grant reads zero for seconds at a time, and only one task runs while the
+    other CPUs idle. On 2 CPUs, 1,150 records' shard tasks ran two at once for 10-14 s of a
+    17-22 s build and alone for 7 s; without the operator budget, two at once for 14-16 s of
+    15-17 s (docs/prepare.md). The budget guards memory between operators; these pipelines
+    have one operator, whose inputs (paths, shard specs) and outputs (summaries) are small.
+    Each Dataset keeps a copy of the context it was created in, so the setting is restored
+    at once and no other dataset of the caller's sees it.
+    """
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.op_resource_reservation_enabled
+    ctx.op_resource_reservation_enabled = False
+    try:
+        yield
+    finally:
+        ctx.op_resource_reservation_enabled = saved
+
+
 def scan(config: PrepareConfig) -> tuple[list[Unit], list[dict[str, str]], list[dict[str, Any]]]:
     """Pass 1 on Ray Data: (units, rejects, the record paths listed per source)."""
     import ray.data
@@ -842,14 +868,15 @@ def scan(config: PrepareConfig) -> tuple[list[Unit], list[dict[str, str]], list[
     # A few blocks per CPU: enough to balance the load, few enough that per-task costs
     # stay small next to reading the records.
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1) / config.num_cpus_per_task))
-    ds = ray.data.from_items(
-        [{"path": it["path"], "dataset": it["dataset"]} for it in items],
-        override_num_blocks=min(len(items), 4 * cpus),
-    )
-    rows = ds.flat_map(
-        scan_path, fn_kwargs={"window_s": config.window_s, "roots": config.remote_roots()},
-        num_cpus=config.num_cpus_per_task,
-    ).take_all()
+    with _every_cpu_for_tasks():
+        ds = ray.data.from_items(
+            [{"path": it["path"], "dataset": it["dataset"]} for it in items],
+            override_num_blocks=min(len(items), 4 * cpus),
+        ).flat_map(
+            scan_path, fn_kwargs={"window_s": config.window_s, "roots": config.remote_roots()},
+            num_cpus=config.num_cpus_per_task,
+        )
+    rows = ds.take_all()
     units = [_unit_from_json(r["unit"]) for r in rows if r["unit"]]
     rejects = [json.loads(r["reject"]) for r in rows if r["reject"]]
     seen: set[str] = set()
@@ -911,13 +938,13 @@ def prepare_dataset(config: PrepareConfig) -> PrepareResult:
     n_skipped = len(done)
 
     if todo:
-        ds = ray.data.from_items(todo, override_num_blocks=len(todo))
-        results = ds.map_batches(
-            _build_shards_batch,
-            batch_size=1,
-            num_cpus=config.num_cpus_per_task,
-            fn_kwargs={"config": config, "out_dir": out_dir, "dataset_id": dataset_id},
-        )
+        with _every_cpu_for_tasks():
+            results = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
+                _build_shards_batch,
+                batch_size=1,
+                num_cpus=config.num_cpus_per_task,
+                fn_kwargs={"config": config, "out_dir": out_dir, "dataset_id": dataset_id},
+            )
         with tqdm(
             total=len(todo), desc="prepare shards", unit="shard", disable=not config.progress
         ) as bar:

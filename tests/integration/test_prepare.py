@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -17,6 +18,7 @@ from ecgvlm.dataset import (
     PrepareConfig,
     PrepareError,
     SourceConfig,
+    _every_cpu_for_tasks,
     load_split,
     prepare_dataset,
     read_manifest,
@@ -270,3 +272,27 @@ def test_a_killed_prepare_keeps_its_finished_shards_and_a_rerun_completes_them(
         theirs = [Path(p) for p in split_files(config.output_dir, split)]
         assert [p.name for p in ours] == [p.name for p in theirs]
         assert [_sha(p) for p in ours] == [_sha(p) for p in theirs]
+
+
+def _nap(batch: dict) -> dict:
+    started = time.time()
+    time.sleep(0.5)
+    return {"span": [f"{started} {time.time()}"]}
+
+
+def test_prepare_datasets_run_as_many_tasks_as_there_are_cpus_for(ray_local):
+    # Ray Data 2.60 budgets tasks by what its rate-based autoscaler has granted, which on a
+    # fixed-size cluster reads zero at times: tasks of 4 CPUs on the session's 8 then ran
+    # about 1.4 at a time on average (shard tasks on 2 CPUs: alone for a third of the build).
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    with _every_cpu_for_tasks():
+        ds = ray.data.from_items([{"x": i} for i in range(12)], override_num_blocks=12)
+        ds = ds.map_batches(_nap, batch_size=1, num_cpus=4)
+    # Only the datasets made inside see the setting: the caller's context is as it was.
+    assert context.op_resource_reservation_enabled
+    spans = [tuple(map(float, row["span"].split())) for row in ds.iter_rows()]
+    busy_s = sum(end - start for start, end in spans)
+    wall_s = max(end for _, end in spans) - min(start for start, _ in spans)
+    assert busy_s / wall_s > 1.7, f"tasks ran {busy_s / wall_s:.2f} at a time on average"
