@@ -287,11 +287,12 @@ def test_prepare_datasets_run_as_many_tasks_as_there_are_cpus_for(ray_local):
     import ray.data
 
     context = ray.data.DataContext.get_current()
+    before = context.op_resource_reservation_enabled
     with _every_cpu_for_tasks():
         ds = ray.data.from_items([{"x": i} for i in range(12)], override_num_blocks=12)
         ds = ds.map_batches(_nap, batch_size=1, num_cpus=4)
     # Only the datasets made inside see the setting: the caller's context is as it was.
-    assert context.op_resource_reservation_enabled
+    assert context.op_resource_reservation_enabled == before
     spans = [tuple(map(float, row["span"].split())) for row in ds.iter_rows()]
     busy_s = sum(end - start for start, end in spans)
     wall_s = max(end for _, end in spans) - min(start for start, _ in spans)
