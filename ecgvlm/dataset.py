@@ -837,10 +837,10 @@ def _every_cpu_for_tasks() -> Iterator[None]:
 
     Ray Data 2.60 budgets an operator's tasks from the resources its (default, rate-based)
     cluster autoscaler has granted the execution, not from the cluster's: on a fixed-size
-    cluster that grant reads zero for seconds at a time, and only one task runs while the
-    other CPUs idle. On 2 CPUs, 1,150 records' shard tasks ran two at once for 10-14 s of a
-    17-22 s build and alone for 7 s; without the operator budget, two at once for 14-16 s of
-    15-17 s (docs/prepare.md). The budget guards memory between operators; these pipelines
+    cluster that grant read zero each time a second task was held back, and one task ran
+    while the other CPU idled. On 2 CPUs, 1,150 records' shard tasks ran alone for 6.6-7.0 s
+    of an 18-22 s build; with this setting, for under 1 s of a 12.6-13.7 s one
+    (docs/prepare.md, "Two tasks at once"). The budget guards memory between operators; these pipelines
     have one operator, whose inputs (paths, shard specs) and outputs (summaries) are small.
     Each Dataset keeps a copy of the context it was created in, so the setting is restored
     at once and no other dataset of the caller's sees it.
