@@ -32,6 +32,7 @@ output_dir/
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import hashlib
 import io
@@ -823,37 +824,51 @@ def _claim_output_dir(out_dir: str, dataset_id: str, config: PrepareConfig) -> N
     storage.write_text(state, dataset_id + "\n")
 
 
-def _data_context_quiet() -> None:
+@contextlib.contextmanager
+def ray_data_settings(**settings: Any) -> Iterator[Any]:
+    """Set Ray Data ``DataContext`` attributes for the datasets created inside, then restore them.
+
+    A Dataset keeps a copy of the context it was created in and executes with it, so the
+    settings hold for the datasets made inside the block, also when they run after it, and
+    none of the caller's other datasets sees them. An unknown name is an ``AttributeError``.
+    Nested options are replaced whole (``execution_options=`` a modified copy).
+
+    Yields:
+        The current DataContext, with the settings applied.
+    """
     import ray.data
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # our own tqdm bar counts shards
-    ctx.execution_options.verbose_progress = False
+    context = ray.data.DataContext.get_current()
+    saved = {name: getattr(context, name) for name in settings}
+    try:
+        for name, value in settings.items():
+            setattr(context, name, value)
+        yield context
+    finally:
+        for name, value in saved.items():
+            setattr(context, name, value)
 
 
-@contextlib.contextmanager
-def _every_cpu_for_tasks() -> Iterator[None]:
-    """Datasets created inside run as many tasks at once as the cluster has CPUs for.
+def _prepare_settings() -> contextlib.AbstractContextManager[Any]:
+    """Ray Data settings of prepare's datasets: quiet, and as many tasks as there are CPUs.
+
+    Ray Data's bars would only repeat our own tqdm bar, which counts shards.
 
     Ray Data 2.60 budgets an operator's tasks from the resources its (default, rate-based)
     cluster autoscaler has granted the execution, not from the cluster's: on a fixed-size
     cluster that grant read zero each time a second task was held back, and one task ran
     while the other CPU idled. On 2 CPUs, 1,150 records' shard tasks ran alone for 6.6-7.0 s
-    of an 18-22 s build; with this setting, for under 1 s of a 12.6-13.7 s one
-    (docs/prepare.md, "Two tasks at once"). The budget guards memory between operators; these pipelines
-    have one operator, whose inputs (paths, shard specs) and outputs (summaries) are small.
-    Each Dataset keeps a copy of the context it was created in, so the setting is restored
-    at once and no other dataset of the caller's sees it.
+    of an 18-22 s build; with the operator budget off, for under 1 s of a 12.6-13.7 s one
+    (docs/prepare.md, "Two tasks at once"). The budget guards memory between operators; these
+    pipelines have one operator, whose inputs (paths, shard specs) and outputs (summaries)
+    are small.
     """
     import ray.data
 
-    ctx = ray.data.DataContext.get_current()
-    saved = ctx.op_resource_reservation_enabled
-    ctx.op_resource_reservation_enabled = False
-    try:
-        yield
-    finally:
-        ctx.op_resource_reservation_enabled = saved
+    options = copy.copy(ray.data.DataContext.get_current().execution_options)
+    options.verbose_progress = False
+    return ray_data_settings(op_resource_reservation_enabled=False, enable_progress_bars=False,
+                             execution_options=options)
 
 
 def scan(config: PrepareConfig) -> tuple[list[Unit], list[dict[str, str]], list[dict[str, Any]]]:
@@ -868,7 +883,7 @@ def scan(config: PrepareConfig) -> tuple[list[Unit], list[dict[str, str]], list[
     # A few blocks per CPU: enough to balance the load, few enough that per-task costs
     # stay small next to reading the records.
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1) / config.num_cpus_per_task))
-    with _every_cpu_for_tasks():
+    with _prepare_settings():
         ds = ray.data.from_items(
             [{"path": it["path"], "dataset": it["dataset"]} for it in items],
             override_num_blocks=min(len(items), 4 * cpus),
@@ -901,7 +916,6 @@ def prepare_dataset(config: PrepareConfig) -> PrepareResult:
     import ray.data
     from tqdm.auto import tqdm
 
-    _data_context_quiet()
     out_dir = absolute_path(config.output_dir)  # URIs pass as they are
     storage.check_shared({"output_dir": out_dir}
                          | {f"sources[{i}].root": s.root for i, s in enumerate(config.sources)})
@@ -938,7 +952,7 @@ def prepare_dataset(config: PrepareConfig) -> PrepareResult:
     n_skipped = len(done)
 
     if todo:
-        with _every_cpu_for_tasks():
+        with _prepare_settings():
             results = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
                 _build_shards_batch,
                 batch_size=1,
@@ -1108,13 +1122,8 @@ def read_shards(files: Sequence[str | Path], **read_kwargs: Any) -> Any:
     """
     import ray.data
 
-    context = ray.data.DataContext.get_current()
-    saved = context.use_datasource_v2
-    context.use_datasource_v2 = False
-    try:
+    with ray_data_settings(use_datasource_v2=False):
         return ray.data.read_parquet([str(f) for f in files], **read_kwargs)
-    finally:
-        context.use_datasource_v2 = saved
 
 
 def iter_split_rows(

@@ -29,6 +29,7 @@ Nothing here starts Ray or opens a connection on import.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import io
 import math
@@ -487,7 +488,7 @@ def run_predictions(
     """
     import ray.data
 
-    from ecgvlm.dataset import read_shards
+    from ecgvlm.dataset import ray_data_settings, read_shards
 
     pending = {task: ids for task, ids in pending.items() if ids}
     if not pending:
@@ -506,50 +507,49 @@ def run_predictions(
     if (controls or {}).get("sweep"):
         columns += RERENDER_COLUMNS
     # Ray Data sizes blocks by bytes; this pipeline's blocks hold about batch_size rows.
-    context = ray.data.DataContext.get_current()
-    saved_block_bytes = context.target_max_block_size
-    saved_limits = context.execution_options.resource_limits
-    context.target_max_block_size = block_bytes(files, config.batch_size)
+    block_size = block_bytes(files, config.batch_size)
     # The read may run only a bounded queue ahead of the endpoint (never below a limit the
     # caller set): what is read waits in the object store, or, for small blocks, in the driver.
-    context.execution_options.resource_limits = saved_limits.min(
-        ray.data.ExecutionResources.for_limits(object_store_memory=(
-            queued_block_limit(config.concurrency) * context.target_max_block_size)))
-    ds = read_shards(files).select_columns(columns)
-    ds = ds.map_batches(expand_pending, batch_format="pyarrow",
-                        fn_kwargs={"pending": pending, **(controls or {})},
-                        batch_size=None, num_cpus=0.25)
-    ds = ds.map_batches(
-        ChatCaller,
-        fn_constructor_kwargs={"client_kwargs": client_kwargs,
-                               "requests_per_actor": config.requests_per_actor},
-        batch_format="pyarrow",
-        batch_size=config.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=config.concurrency),
-        num_cpus=config.actor_num_cpus,
-    )
+    options = copy.copy(ray.data.DataContext.get_current().execution_options)
+    options.resource_limits = options.resource_limits.min(ray.data.ExecutionResources.for_limits(
+        object_store_memory=queued_block_limit(config.concurrency) * block_size))
     written = 0
     buffer: list[dict[str, Any]] = []
     last_flush = time.monotonic()
-    try:
-        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
-            rows = block.to_pylist()
-            for row in rows:
-                row["split"] = config.split
-            buffer.extend(rows)
-            if on_rows is not None:
-                on_rows(len(rows))
-            if len(buffer) >= config.flush_every or time.monotonic() - last_flush > _FLUSH_S:
-                store.append(buffer)
-                written += len(buffer)
-                buffer = []
-                last_flush = time.monotonic()
-    finally:
-        # Whatever arrived is kept, also when the run is interrupted (Ctrl-C, a failed task).
-        store.append(buffer)
-        context.target_max_block_size = saved_block_bytes
-        context.execution_options.resource_limits = saved_limits
-        release_arrow_memory()
+    # Ray Data's own bars would interleave with the caller's bar, which counts answers.
+    with ray_data_settings(target_max_block_size=block_size, execution_options=options,
+                           enable_progress_bars=False):
+        ds = read_shards(files).select_columns(columns)
+        ds = ds.map_batches(expand_pending, batch_format="pyarrow",
+                            fn_kwargs={"pending": pending, **(controls or {})},
+                            batch_size=None, num_cpus=0.25)
+        ds = ds.map_batches(
+            ChatCaller,
+            fn_constructor_kwargs={"client_kwargs": client_kwargs,
+                                   "requests_per_actor": config.requests_per_actor},
+            batch_format="pyarrow",
+            batch_size=config.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=config.concurrency),
+            num_cpus=config.actor_num_cpus,
+        )
+        try:
+            for block in ds.iter_batches(batch_size=None, batch_format="pyarrow",
+                                         prefetch_batches=0):
+                rows = block.to_pylist()
+                for row in rows:
+                    row["split"] = config.split
+                buffer.extend(rows)
+                if on_rows is not None:
+                    on_rows(len(rows))
+                if len(buffer) >= config.flush_every or time.monotonic() - last_flush > _FLUSH_S:
+                    store.append(buffer)
+                    written += len(buffer)
+                    buffer = []
+                    last_flush = time.monotonic()
+        finally:
+            # Whatever arrived is kept, also when the run is interrupted (Ctrl-C, a failed task).
+            store.append(buffer)
+            release_arrow_memory()
     return written + len(buffer)
 
 

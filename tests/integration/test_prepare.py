@@ -18,7 +18,7 @@ from ecgvlm.dataset import (
     PrepareConfig,
     PrepareError,
     SourceConfig,
-    _every_cpu_for_tasks,
+    _prepare_settings,
     load_split,
     prepare_dataset,
     read_manifest,
@@ -287,12 +287,17 @@ def test_prepare_datasets_run_as_many_tasks_as_there_are_cpus_for(ray_local):
     import ray.data
 
     context = ray.data.DataContext.get_current()
-    before = context.op_resource_reservation_enabled
-    with _every_cpu_for_tasks():
+
+    def settings() -> tuple[bool, bool, object]:
+        return (context.op_resource_reservation_enabled, context.enable_progress_bars,
+                context.execution_options)
+
+    before = settings()
+    with _prepare_settings():
         ds = ray.data.from_items([{"x": i} for i in range(12)], override_num_blocks=12)
         ds = ds.map_batches(_nap, batch_size=1, num_cpus=4)
-    # Only the datasets made inside see the setting: the caller's context is as it was.
-    assert context.op_resource_reservation_enabled == before
+    # Only the datasets made inside see the settings: the caller's context is as it was.
+    assert settings() == before
     spans = [tuple(map(float, row["span"].split())) for row in ds.iter_rows()]
     busy_s = sum(end - start for start, end in spans)
     wall_s = max(end for _, end in spans) - min(start for start, _ in spans)

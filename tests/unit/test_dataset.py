@@ -135,3 +135,24 @@ def test_held_out_splits_are_answer_balanced_and_train_is_not():
     with pytest.raises(ConfigError, match="balanced_splits names"):
         PrepareConfig(sources=(SourceConfig("x"),), balanced_splits=("holdout",))
     assert allowed_distractors(("PVC",), "PVC", ["NSR", "AF"]) == ["AF"]
+
+
+def test_ray_data_settings_are_restored_after_the_block_and_after_an_error():
+    import ray.data
+
+    from ecgvlm.dataset import ray_data_settings
+
+    context = ray.data.DataContext.get_current()
+    before = (context.target_max_block_size, context.use_datasource_v2)
+    with ray_data_settings(target_max_block_size=4096, use_datasource_v2=False) as inside:
+        assert inside is context
+        assert (context.target_max_block_size, context.use_datasource_v2) == (4096, False)
+    assert (context.target_max_block_size, context.use_datasource_v2) == before
+    with pytest.raises(KeyError), ray_data_settings(target_max_block_size=1):
+        raise KeyError("a failure inside")
+    assert context.target_max_block_size == before[0]
+    # A misspelt name fails and leaves every setting as it was.
+    with pytest.raises(AttributeError), ray_data_settings(target_max_block_size=1,
+                                                          no_such_setting=True):
+        pass
+    assert context.target_max_block_size == before[0]
