@@ -195,9 +195,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     base = config.base_train_config()  # its errors before Ray starts
     # One trial's run, plus the sliver its driver function holds.
     num_cpus = args.num_cpus or max(os.cpu_count() or 1, math.ceil(base.cpus_needed()) + 1)
-    # With the dashboard: a trial ASHA stops is killed, and Ray Train frees its workers' CPUs
-    # only once its placement-group cleaner, which asks the dashboard, sees the run gone.
-    with _ray_for_training(base, num_cpus, include_dashboard=True):
+    with _ray_for_training(base, num_cpus):
         run_search(config, resume=args.resume)
     return 0
 
@@ -213,9 +211,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def _ray_for_training(
-    config: TrainConfig, num_cpus: int | None, include_dashboard: bool = False
-) -> Iterator[None]:
+def _ray_for_training(config: TrainConfig, num_cpus: int | None) -> Iterator[None]:
     """Ray for ``ecgvlm train`` and ``ecgvlm tune``: under `ray job submit` RAY_ADDRESS names
     the cluster; otherwise a private local Ray. A caller's Ray (a test's) is used as it is
     and left running."""
@@ -224,7 +220,7 @@ def _ray_for_training(
 
     import ray
 
-    from ecgvlm.train.run import quiet_placement_group_cleaner
+    from ecgvlm.train.run import pin_ray_address
 
     started_here = not ray.is_initialized()
     if started_here:
@@ -237,11 +233,14 @@ def _ray_for_training(
             # Logical CPUs for the workers and the data pipeline even on a 2-core machine
             # (Ray would otherwise count the cores, and the data reads would never run).
             num_cpus = num_cpus or max(os.cpu_count() or 1, math.ceil(config.cpus_needed()))
-            setup = {} if include_dashboard else {
-                "worker_process_setup_hook": quiet_placement_group_cleaner}
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=include_dashboard,
+            # With the dashboard (about 1.3 s more to start here): Ray Train's placement-group
+            # cleaner asks it every second whether the run's controller is alive. Without one
+            # it logs a warning each time, or asks another Ray's dashboard on the default
+            # port (a `ray start` cluster's), which knows nothing of this run.
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
                      dashboard_host="127.0.0.1",
-                     runtime_env={"env_vars": {"DS_ACCELERATOR": accelerator}, **setup})
+                     runtime_env={"env_vars": {"DS_ACCELERATOR": accelerator},
+                                  "worker_process_setup_hook": pin_ray_address})
     try:
         yield
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -197,19 +198,20 @@ def val_rows(config: TrainConfig, summary: DataSummary) -> list[dict[str, Any]]:
     return read_val_rows(files, val_sample_ids(files, config.eval_max_samples, config.seed))
 
 
-def quiet_placement_group_cleaner() -> None:
-    """Worker setup hook of ``ecgvlm train``'s private Ray, which runs without a dashboard.
+def pin_ray_address() -> None:
+    """Worker setup hook of the private Ray of ``ecgvlm train`` and ``ecgvlm tune``: the
+    worker's state-API calls go to its own Ray, also with another Ray on the machine.
 
-    Ray Train's placement-group cleaner asks the dashboard's state API every second whether
-    the controller is alive and, with no dashboard, logs a warning each time: dozens of lines
-    a minute between the metric lines. (It exists to free the workers' CPUs if the driver
-    dies; a private Ray dies with its driver.)
+    Ray Train's placement-group cleaner asks the state API every second whether the run's
+    controller is alive (to free the workers' CPUs if the driver died).
+    Without ``RAY_ADDRESS`` the state API finds its Ray by looking for running ones, and with
+    two on the machine (``ecgvlm serve``'s in a second shell, as the README has it, or a
+    ``ray start`` cluster) it raises "Found multiple active Ray instances", which the cleaner
+    does not catch: its thread died with a traceback on the user's console, once per run.
     """
-    import logging
+    import ray
 
-    logging.getLogger(
-        "ray.train.v2._internal.execution.controller.placement_group_cleaner"
-    ).setLevel(logging.ERROR)
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
 
 def run_training(config: TrainConfig, resume: bool = False, callbacks: tuple[Any, ...] = ()) -> Any:

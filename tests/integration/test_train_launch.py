@@ -122,3 +122,28 @@ def test_cpus_held_by_other_work_fail_within_the_timeout(ray_local, user_dir: Pa
     finally:
         ray.kill(holder)
     assert time.monotonic() - started < 30
+
+
+def test_a_workers_state_api_finds_its_own_ray_beside_another(ray_local, ray_head_info) -> None:
+    """With two Rays on the machine (the session's in-process one and its ``ray start``
+    cluster), Ray's state API in a worker that was not told its address cannot choose: Ray
+    Train's placement-group cleaner died of that, with a traceback on the user's console,
+    whenever ``ecgvlm train`` or ``tune`` ran beside another Ray (``ecgvlm serve``'s). The
+    private Ray's worker setup hook, ``pin_ray_address``, tells each worker its own."""
+    from ecgvlm.train.run import pin_ray_address
+
+    @ray_local.remote(max_calls=1)  # the worker exits after it: its environment goes with it
+    def state_api_address(pin: bool) -> str:
+        from ray._private.services import canonicalize_bootstrap_address_or_die
+
+        os.environ.pop("RAY_ADDRESS", None)
+        if pin:
+            pin_ray_address()
+        try:
+            return canonicalize_bootstrap_address_or_die(None)
+        except ConnectionError as e:
+            return f"error: {e}"
+
+    assert "multiple active Ray instances" in ray_local.get(state_api_address.remote(False))
+    own = ray_local.get_runtime_context().gcs_address
+    assert ray_local.get(state_api_address.remote(True)) == own
