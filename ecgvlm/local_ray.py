@@ -179,8 +179,12 @@ def _start(temp_dir: str, head_env: dict[str, str], client_env: dict[str, str],
             *(f"{opt}={port}" for opt, port in ports.items()),
             f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
         ]
-        done = subprocess.run(cmd, env=head_env, capture_output=True, text=True,
-                              timeout=START_TIMEOUT_S, check=False)
+        # Every process of the head inherits RAY_ADDRESS naming it: a worker without it that
+        # calls Ray's state API (Ray Train's placement-group cleaner does, every second)
+        # looks for running Rays, and with another on the machine fails to choose.
+        done = subprocess.run(cmd, env={**head_env, "RAY_ADDRESS": f"127.0.0.1:{ports['--port']}"},
+                              capture_output=True, text=True, timeout=START_TIMEOUT_S,
+                              check=False)
         if done.returncode == 0:
             return LocalHead(
                 address=f"127.0.0.1:{ports['--port']}",

@@ -147,3 +147,16 @@ def test_a_workers_state_api_finds_its_own_ray_beside_another(ray_local, ray_hea
     assert "multiple active Ray instances" in ray_local.get(state_api_address.remote(False))
     own = ray_local.get_runtime_context().gcs_address
     assert ray_local.get(state_api_address.remote(True)) == own
+
+
+def test_a_ray_start_clusters_workers_know_its_address(ray_head_info) -> None:
+    """The same for a ``ray start`` head (``ecgvlm serve``'s, the suite's cluster, and the
+    README's recipe, which exports ``RAY_ADDRESS`` before ``ray start``): its workers inherit
+    ``RAY_ADDRESS`` naming it, so a job's placement-group cleaner finds its own Ray too."""
+    head, env = ray_head_info
+    code = ("import os, ray; ray.init(); print(ray.get(ray.remote("
+            "lambda: os.environ.get('RAY_ADDRESS')).remote()))")
+    run = subprocess.run([sys.executable, "-c", code], env={**env, "RAY_ADDRESS": head.address},
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().splitlines()[-1] == head.address, run.stdout
