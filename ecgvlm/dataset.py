@@ -32,7 +32,6 @@ output_dir/
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import hashlib
 import io
@@ -863,12 +862,7 @@ def _prepare_settings() -> contextlib.AbstractContextManager[Any]:
     pipelines have one operator, whose inputs (paths, shard specs) and outputs (summaries)
     are small.
     """
-    import ray.data
-
-    options = copy.copy(ray.data.DataContext.get_current().execution_options)
-    options.verbose_progress = False
-    return ray_data_settings(op_resource_reservation_enabled=False, enable_progress_bars=False,
-                             execution_options=options)
+    return ray_data_settings(op_resource_reservation_enabled=False, enable_progress_bars=False)
 
 
 def scan(config: PrepareConfig) -> tuple[list[Unit], list[dict[str, str]], list[dict[str, Any]]]:

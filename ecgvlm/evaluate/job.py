@@ -516,7 +516,9 @@ def run_predictions(
     written = 0
     buffer: list[dict[str, Any]] = []
     last_flush = time.monotonic()
-    # Ray Data's own bars would interleave with the caller's bar, which counts answers.
+    # Ray Data's own bars would interleave with the caller's bar, which counts answers. The
+    # read keeps a copy of these settings (and the steps after it inherit the read's), so they
+    # hold while it runs below and no other dataset of the caller's sees them.
     with ray_data_settings(target_max_block_size=block_size, execution_options=options,
                            enable_progress_bars=False):
         ds = read_shards(files).select_columns(columns)
@@ -532,24 +534,24 @@ def run_predictions(
             compute=ray.data.ActorPoolStrategy(size=config.concurrency),
             num_cpus=config.actor_num_cpus,
         )
-        try:
-            for block in ds.iter_batches(batch_size=None, batch_format="pyarrow",
-                                         prefetch_batches=0):
-                rows = block.to_pylist()
-                for row in rows:
-                    row["split"] = config.split
-                buffer.extend(rows)
-                if on_rows is not None:
-                    on_rows(len(rows))
-                if len(buffer) >= config.flush_every or time.monotonic() - last_flush > _FLUSH_S:
-                    store.append(buffer)
-                    written += len(buffer)
-                    buffer = []
-                    last_flush = time.monotonic()
-        finally:
-            # Whatever arrived is kept, also when the run is interrupted (Ctrl-C, a failed task).
-            store.append(buffer)
-            release_arrow_memory()
+    try:
+        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow",
+                                     prefetch_batches=0):
+            rows = block.to_pylist()
+            for row in rows:
+                row["split"] = config.split
+            buffer.extend(rows)
+            if on_rows is not None:
+                on_rows(len(rows))
+            if len(buffer) >= config.flush_every or time.monotonic() - last_flush > _FLUSH_S:
+                store.append(buffer)
+                written += len(buffer)
+                buffer = []
+                last_flush = time.monotonic()
+    finally:
+        # Whatever arrived is kept, also when the run is interrupted (Ctrl-C, a failed task).
+        store.append(buffer)
+        release_arrow_memory()
     return written + len(buffer)
 
 
