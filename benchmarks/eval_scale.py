@@ -7,7 +7,9 @@ finding: ``tests/fakes/mcq_split.py``) evaluated by ``ecgvlm.evaluate.evaluate``
 driver process with its own local Ray, against a fake OpenAI-compatible endpoint in a
 separate process (``--service-ms`` per request), one model, generated answers, no judge, no
 controls, no sweep. While it runs, the driver's and the Ray workers' resident memory is
-sampled four times a second (``peak_memory.py``).
+sampled four times a second (``peak_memory.py``). The driver allocates Arrow memory as
+``ecgvlm evaluate``'s does (``use_returning_arrow_pool``: jemalloc);
+``ARROW_DEFAULT_MEMORY_POOL=mimalloc`` in the environment measures pyarrow's default instead.
 
 What it should show: rows/s flat across sizes, the workers' memory flat (each client actor
 holds one block of rows), and the driver's growing only by what the report needs: the
@@ -36,8 +38,9 @@ def child(split_dir: Path, out: Path, endpoint: str, cpus: int, concurrency: int
     import ray
 
     from ecgvlm.config import config_from_dict
-    from ecgvlm.evaluate import EvalConfig, evaluate
+    from ecgvlm.evaluate import EvalConfig, evaluate, use_returning_arrow_pool
 
+    use_returning_arrow_pool()  # as `ecgvlm evaluate` does
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False,
              configure_logging=False)
     config = config_from_dict(EvalConfig, {
@@ -51,7 +54,8 @@ def child(split_dir: Path, out: Path, endpoint: str, cpus: int, concurrency: int
     report, _ = evaluate(config)
     wall_s = time.perf_counter() - t0
     print(json.dumps({"wall_s": wall_s, "predict_s": report.meta["predict_s"],
-                      "new": report.meta["new_predictions"]}))
+                      "new": report.meta["new_predictions"],
+                      "pool": report.meta["arrow_memory_pool"]}))
     ray.shutdown()
 
 
@@ -100,7 +104,8 @@ def main() -> int:
         proc.wait(timeout=10)
     print(f"\neval_scale: {args.cpus} Ray CPUs, concurrency {args.concurrency}, fake endpoint "
           f"{args.service_ms:g} ms/request, {os.cpu_count()} cores, load average "
-          f"{load_start:.1f} at start, {os.getloadavg()[0]:.1f} at end\n")
+          f"{load_start:.1f} at start, {os.getloadavg()[0]:.1f} at end; the driver's Arrow "
+          f"memory pool: {', '.join(sorted({r['pool'] for r in rows}))}\n")
     print("| rows | wall s | rows/s (whole job) | rows/s (predict phase) | driver peak RSS MB | "
           "largest worker peak RSS MB | all workers peak RSS MB |")
     print("| --- | --- | --- | --- | --- | --- | --- |")

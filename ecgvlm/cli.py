@@ -331,11 +331,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from ecgvlm.config import load_config, resolve_paths
-    from ecgvlm.evaluate import EvalConfig, evaluate
+    from ecgvlm.evaluate import EvalConfig, evaluate, use_returning_arrow_pool
     from ecgvlm.report import console_tables
 
     config = load_config(EvalConfig, args.config, args.overrides)
     config = resolve_paths(config, ["data_dir", "output_dir"])
+    use_returning_arrow_pool()  # freed Arrow memory goes back to the OS (docs/evaluate.md)
     # The HTTP client actors need little CPU.
     with _ray_for_job(args.address, args.num_cpus):
         report, written = evaluate(config)

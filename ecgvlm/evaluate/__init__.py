@@ -42,6 +42,7 @@ from ecgvlm.evaluate.job import (
     select_samples,
     source_recording,
     split_files,
+    use_returning_arrow_pool,
 )
 from ecgvlm.evaluate.store import PREDICTION_COLUMNS, PredictionStore, prediction_schema
 
@@ -76,4 +77,5 @@ __all__ = [
     "select_samples",
     "source_recording",
     "split_files",
+    "use_returning_arrow_pool",
 ]
