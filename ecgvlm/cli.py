@@ -159,6 +159,7 @@ def _cmd_render(args: argparse.Namespace) -> int:
 def _cmd_prepare(args: argparse.Namespace) -> int:
     import json
 
+    from ecgvlm import storage
     from ecgvlm.config import load_config, resolve_paths
     from ecgvlm.dataset import PrepareConfig, prepare_dataset
 
@@ -167,6 +168,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     # the records' paths where they are listed (ecgvlm.dataset.list_sources).
     config = load_config(PrepareConfig, args.config, overrides)
     config = resolve_paths(config, ["output_dir"])
+    storage.check_creatable(config.output_dir)  # said at once, not after Ray has started
     with _ray_for_job(args.address, args.num_cpus):
         result = prepare_dataset(config)
     print(json.dumps(result.summary()))
@@ -189,10 +191,12 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     import os
 
     from ecgvlm.config import load_config
+    from ecgvlm.train.data import check_training_data
     from ecgvlm.train.tune import TuneConfig, run_search
 
     config = load_config(TuneConfig, args.config, args.overrides)
     base = config.base_train_config()  # its errors before Ray starts
+    check_training_data(base)  # said at once, not after Ray has started (trials check again)
     # One trial's run, plus the sliver its driver function holds.
     num_cpus = args.num_cpus or max(os.cpu_count() or 1, math.ceil(base.cpus_needed()) + 1)
     with _ray_for_training(base, num_cpus):
@@ -203,8 +207,10 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from ecgvlm.config import load_config
     from ecgvlm.train import TrainConfig, run_training
+    from ecgvlm.train.data import check_training_data
 
     config = load_config(TrainConfig, args.config, args.overrides)
+    check_training_data(config)  # said at once, not after Ray has started (run_training again)
     with _ray_for_training(config, args.num_cpus):
         run_training(config, resume=args.resume)
     return 0
@@ -330,12 +336,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from ecgvlm import storage
     from ecgvlm.config import load_config, resolve_paths
-    from ecgvlm.evaluate import EvalConfig, evaluate, use_returning_arrow_pool
+    from ecgvlm.evaluate import EvalConfig, evaluate, split_files, use_returning_arrow_pool
     from ecgvlm.report import console_tables
 
     config = load_config(EvalConfig, args.config, args.overrides)
     config = resolve_paths(config, ["data_dir", "output_dir"])
+    # Said at once, not after Ray has started (evaluate checks them again).
+    split_files(config.data_dir, config.split)
+    storage.check_creatable(config.output_dir)
     use_returning_arrow_pool()  # freed Arrow memory goes back to the OS (docs/evaluate.md)
     # The HTTP client actors need little CPU.
     with _ray_for_job(args.address, args.num_cpus):

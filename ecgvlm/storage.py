@@ -222,6 +222,25 @@ def check_writable(location: str | Path) -> None:
         )
 
 
+def check_creatable(location: str | Path) -> None:
+    """``check_writable`` that writes nothing: a local folder need not exist, but the nearest
+    existing path above it must be a folder this process may write in; on an object store
+    the bucket must exist. For a job's checks before Ray starts, when it is not yet known
+    whether a local path may be used at all (a cluster of several nodes refuses them, and
+    must find nothing created then)."""
+    local = local_path(location)
+    if local is None:
+        check_writable(location)  # an object store: only asks whether the bucket exists
+        return
+    nearest = Path(local).absolute()
+    while not nearest.exists() and nearest != nearest.parent:
+        nearest = nearest.parent
+    if not nearest.is_dir():
+        raise StorageError(f"cannot create the folder {location}: {nearest} is not a folder")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise StorageError(f"cannot create the folder {location}: {nearest} is not writable")
+
+
 def check_shared(locations: dict[str, str | None]) -> None:
     """On a Ray cluster of more than one node, refuse plain local paths (field -> location).
 

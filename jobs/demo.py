@@ -63,11 +63,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    from ecgvlm.config import load_config
+    from ecgvlm.dataset import PrepareConfig, prepare_dataset
+
+    out = Path(args.output_dir).resolve()
+    # The prepare config is checked before Ray starts and before the heavy imports: a typo
+    # is said in a second.
+    overrides = [f"output_dir={out / 'prepared'}"]
+    if args.data_root:
+        roots = ", ".join(f"{{root: {Path(r).resolve()}}}" for r in args.data_root)
+        overrides.append(f"sources=[{roots}]")
+    prepare_config = load_config(PrepareConfig, args.prepare_config, overrides)
+
     import ray
     from ray import serve
 
-    from ecgvlm.config import load_config
-    from ecgvlm.dataset import PrepareConfig, prepare_dataset
     from ecgvlm.evaluate import EvalConfig, evaluate
     from ecgvlm.model import make_tiny_pulse
     from ecgvlm.report import console_tables
@@ -75,13 +85,6 @@ def run_demo(args: argparse.Namespace) -> int:
     from ecgvlm.train import TrainConfig, run_training
     from serve.app import build_app
 
-    out = Path(args.output_dir).resolve()
-    # The prepare config is checked before Ray starts: a typo costs no start-up.
-    overrides = [f"output_dir={out / 'prepared'}"]
-    if args.data_root:
-        roots = ", ".join(f"{{root: {Path(r).resolve()}}}" for r in args.data_root)
-        overrides.append(f"sources=[{roots}]")
-    prepare_config = load_config(PrepareConfig, args.prepare_config, overrides)
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)

@@ -1041,11 +1041,11 @@ def evaluate(config: EvalConfig) -> tuple[Any, dict[str, str]]:
     started = time.perf_counter()
     out = config.output_dir
     storage.check_shared({"data_dir": config.data_dir, "output_dir": out})
+    files = split_files(config.data_dir, config.split)  # before anything is written
     storage.check_writable(out)
     store = PredictionStore(out)
     store.check_resumable(config.split, PROMPT_VERSION)
     save_config(config, storage.join(out, "config.yaml"))
-    files = split_files(config.data_dir, config.split)
     meta = select_samples(
         read_split_meta(files), config.datasets, config.limit_per_dataset, config.seed
     )

@@ -64,6 +64,20 @@ def test_join_keeps_the_scheme() -> None:
 def test_a_missing_bucket_is_named_before_anything_runs(s3_server) -> None:
     with pytest.raises(storage.StorageError, match="bucket 'no-such-bucket'"):
         storage.check_writable("s3://no-such-bucket/prepared")
+    with pytest.raises(storage.StorageError, match="bucket 'no-such-bucket'"):
+        storage.check_creatable("s3://no-such-bucket/prepared")
+
+
+def test_a_folder_that_could_be_made_is_not_made_by_the_check(tmp_path: Path) -> None:
+    storage.check_creatable(tmp_path / "runs" / "prepared")
+    storage.check_creatable(f"file://{tmp_path}/runs/prepared")
+    assert not (tmp_path / "runs").exists()  # a job refused later leaves nothing behind
+    (tmp_path / "notes.txt").write_text("a file")
+    with pytest.raises(storage.StorageError,
+                       match=f"folder {tmp_path}/notes.txt/prepared: {tmp_path}/notes.txt is not a folder"):
+        storage.check_creatable(tmp_path / "notes.txt" / "prepared")
+    with pytest.raises(storage.StorageError, match="notes.txt is not a folder"):
+        storage.check_creatable(tmp_path / "notes.txt")
 
 
 def test_an_unreadable_location_is_a_clear_error(s3_server) -> None:
