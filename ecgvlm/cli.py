@@ -192,11 +192,13 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
     from ecgvlm.config import load_config
     from ecgvlm.train.data import check_training_data
+    from ecgvlm.train.run import check_model_dir
     from ecgvlm.train.tune import TuneConfig, run_search
 
     config = load_config(TuneConfig, args.config, args.overrides)
     base = config.base_train_config()  # its errors before Ray starts
     check_training_data(base)  # said at once, not after Ray has started (trials check again)
+    check_model_dir(base)
     # One trial's run, plus the sliver its driver function holds.
     num_cpus = args.num_cpus or max(os.cpu_count() or 1, math.ceil(base.cpus_needed()) + 1)
     with _ray_for_training(base, num_cpus):
@@ -208,9 +210,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from ecgvlm.config import load_config
     from ecgvlm.train import TrainConfig, run_training
     from ecgvlm.train.data import check_training_data
+    from ecgvlm.train.run import check_model_dir
 
     config = load_config(TrainConfig, args.config, args.overrides)
     check_training_data(config)  # said at once, not after Ray has started (run_training again)
+    check_model_dir(config)
     with _ray_for_training(config, args.num_cpus):
         run_training(config, resume=args.resume)
     return 0

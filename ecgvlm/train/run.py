@@ -214,6 +214,18 @@ def pin_ray_address() -> None:
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
 
+def check_model_dir(config: TrainConfig) -> None:
+    """Raise ConfigError naming ``model_dir`` when it holds no ``config.json``: the workers
+    would find out only after Ray and they had started (44 s here, a traceback from each).
+
+    Raises:
+        ConfigError: no ``config.json`` under ``model_dir`` (a folder or a URI prefix).
+    """
+    if not storage.is_file(storage.join(config.model_dir, "config.json")):
+        raise ConfigError(f"model_dir {config.model_dir}: no config.json there; it must be a "
+                          "PULSE checkpoint folder (config.json, model.safetensors)")
+
+
 def run_training(config: TrainConfig, resume: bool = False, callbacks: tuple[Any, ...] = ()) -> Any:
     """Validate, train, copy the best adapter to ``config.output_dir``; return the Result.
 
@@ -235,6 +247,7 @@ def run_training(config: TrainConfig, resume: bool = False, callbacks: tuple[Any
                           for name in ("model_dir", "data_dir", "storage_path", "output_dir")})
     deepspeed_config = load_deepspeed_config(config.deepspeed_config)
     summary = check_training_data(config)
+    check_model_dir(config)
     check_run_dir(config, resume)
     git_sha = current_git_sha(Path.cwd())
 

@@ -68,6 +68,11 @@ def test_a_shard_cut_short_after_prepare_is_named_by_train_and_evaluate(tmp_path
     from tests.unit.test_train import write_prepared
 
     data = write_prepared(tmp_path / "prepared", {"train": 4, "val": 4, "test": 4})
+    # A wrong model_dir beside good data: named before Ray starts (nothing listens there),
+    # not by each worker's traceback once they have started.
+    done = _run(["-m", "jobs.train", "--config", "configs/train_tiny_cpu.yaml",
+                 f"data_dir={data}", "model_dir=no/such/model"], cwd=ROOT, RAY_ADDRESS="127.0.0.1:1")
+    _assert_one_line_error(done, "train", "model_dir no/such/model: no config.json there")
     for split in ("val", "test"):
         shard = next((data / split).glob("*.parquet"))
         shard.write_bytes(shard.read_bytes()[:500])
