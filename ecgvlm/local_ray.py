@@ -173,6 +173,7 @@ def _start(temp_dir: str, head_env: dict[str, str], client_env: dict[str, str],
     # Ray gives its node a fixed 30 s to come up; on a busy machine a second try helps.
     for _ in range(2):
         ports = dict(zip(PORT_OPTIONS, free_ports(len(PORT_OPTIONS))))
+        address = f"127.0.0.1:{ports['--port']}"
         cmd = [
             str(ray_command()), "start", "--head", "--node-ip-address=127.0.0.1",
             f"--include-dashboard={str(dashboard).lower()}", "--dashboard-host=127.0.0.1",
@@ -182,12 +183,12 @@ def _start(temp_dir: str, head_env: dict[str, str], client_env: dict[str, str],
         # Every process of the head inherits RAY_ADDRESS naming it: a worker without it that
         # calls Ray's state API (Ray Train's placement-group cleaner does, every second)
         # looks for running Rays, and with another on the machine fails to choose.
-        done = subprocess.run(cmd, env={**head_env, "RAY_ADDRESS": f"127.0.0.1:{ports['--port']}"},
+        done = subprocess.run(cmd, env={**head_env, "RAY_ADDRESS": address},
                               capture_output=True, text=True, timeout=START_TIMEOUT_S,
                               check=False)
         if done.returncode == 0:
             return LocalHead(
-                address=f"127.0.0.1:{ports['--port']}",
+                address=address,
                 dashboard_url=f"http://127.0.0.1:{ports['--dashboard-port']}",
                 temp_dir=temp_dir, env=client_env,
             )

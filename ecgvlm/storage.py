@@ -209,11 +209,16 @@ def check_writable(location: str | Path) -> None:
     buckets: that is the account's decision, with its region and policies)."""
     local = local_path(location)
     if local is not None:
+        check_creatable(location)  # its messages name the path that is in the way
         try:
             os.makedirs(local, exist_ok=True)
-        except OSError as e:
+        except OSError as e:  # what the check cannot see (a full disk, a race with another job)
             raise StorageError(f"cannot create the folder {location}: {e}") from e
         return
+    _check_bucket(location)
+
+
+def _check_bucket(location: str | Path) -> None:
     scheme, rest = str(location).split("://", 1)
     bucket = rest.split("/", 1)[0]
     if not exists(f"{scheme}://{bucket}"):
@@ -230,7 +235,7 @@ def check_creatable(location: str | Path) -> None:
     must find nothing created then)."""
     local = local_path(location)
     if local is None:
-        check_writable(location)  # an object store: only asks whether the bucket exists
+        _check_bucket(location)
         return
     nearest = Path(local).absolute()
     while not nearest.exists() and nearest != nearest.parent:

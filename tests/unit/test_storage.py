@@ -68,16 +68,20 @@ def test_a_missing_bucket_is_named_before_anything_runs(s3_server) -> None:
         storage.check_creatable("s3://no-such-bucket/prepared")
 
 
-def test_a_folder_that_could_be_made_is_not_made_by_the_check(tmp_path: Path) -> None:
+def test_a_folder_that_could_be_made_is_not_made_by_the_check_and_both_checks_say_one_thing(tmp_path: Path) -> None:
     storage.check_creatable(tmp_path / "runs" / "prepared")
     storage.check_creatable(f"file://{tmp_path}/runs/prepared")
     assert not (tmp_path / "runs").exists()  # a job refused later leaves nothing behind
+    storage.check_writable(tmp_path / "runs" / "prepared")
+    assert (tmp_path / "runs" / "prepared").is_dir()
     (tmp_path / "notes.txt").write_text("a file")
-    with pytest.raises(storage.StorageError,
-                       match=f"folder {tmp_path}/notes.txt/prepared: {tmp_path}/notes.txt is not a folder"):
-        storage.check_creatable(tmp_path / "notes.txt" / "prepared")
-    with pytest.raises(storage.StorageError, match="notes.txt is not a folder"):
-        storage.check_creatable(tmp_path / "notes.txt")
+    # One message for one error, whether the CLI checks before Ray starts or the library after.
+    for check in (storage.check_creatable, storage.check_writable):
+        with pytest.raises(storage.StorageError,
+                           match=f"folder {tmp_path}/notes.txt/prepared: {tmp_path}/notes.txt is not a folder"):
+            check(tmp_path / "notes.txt" / "prepared")
+        with pytest.raises(storage.StorageError, match="notes.txt is not a folder"):
+            check(tmp_path / "notes.txt")
 
 
 def test_an_unreadable_location_is_a_clear_error(s3_server) -> None:
