@@ -159,18 +159,17 @@ def _cmd_render(args: argparse.Namespace) -> int:
 def _cmd_prepare(args: argparse.Namespace) -> int:
     import json
 
-    from ecgvlm import storage
     from ecgvlm.config import load_config, resolve_paths
-    from ecgvlm.dataset import PrepareConfig, prepare_dataset
+    from ecgvlm.dataset import PrepareConfig, check_inputs, prepare_dataset
 
     overrides = [*args.overrides, *(["llava=true"] if args.format == "llava" else [])]
     # Ray Data tasks do not run in this directory: the output path is made absolute here, and
     # the records' paths where they are listed (ecgvlm.dataset.list_sources).
     config = load_config(PrepareConfig, args.config, overrides)
     config = resolve_paths(config, ["output_dir"])
-    storage.check_creatable(config.output_dir)  # said at once, not after Ray has started
+    records = check_inputs(config)  # said at once, not after Ray has started
     with _ray_for_job(args.address, args.num_cpus):
-        result = prepare_dataset(config)
+        result = prepare_dataset(config, records)
     print(json.dumps(result.summary()))
     return 0
 
@@ -191,14 +190,12 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     import os
 
     from ecgvlm.config import load_config
-    from ecgvlm.train.data import check_training_data
-    from ecgvlm.train.run import check_model_dir
+    from ecgvlm.train.run import check_inputs
     from ecgvlm.train.tune import TuneConfig, run_search
 
     config = load_config(TuneConfig, args.config, args.overrides)
     base = config.base_train_config()  # its errors before Ray starts
-    check_training_data(base)  # said at once, not after Ray has started (trials check again)
-    check_model_dir(base)
+    check_inputs(base)  # said at once, not after Ray has started (each trial checks again)
     # One trial's run, plus the sliver its driver function holds.
     num_cpus = args.num_cpus or max(os.cpu_count() or 1, math.ceil(base.cpus_needed()) + 1)
     with _ray_for_training(base, num_cpus):
@@ -209,14 +206,12 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from ecgvlm.config import load_config
     from ecgvlm.train import TrainConfig, run_training
-    from ecgvlm.train.data import check_training_data
-    from ecgvlm.train.run import check_model_dir
+    from ecgvlm.train.run import check_inputs
 
     config = load_config(TrainConfig, args.config, args.overrides)
-    check_training_data(config)  # said at once, not after Ray has started (run_training again)
-    check_model_dir(config)
+    summary = check_inputs(config, args.resume)  # said at once, not after Ray has started
     with _ray_for_training(config, args.num_cpus):
-        run_training(config, resume=args.resume)
+        run_training(config, resume=args.resume, summary=summary)
     return 0
 
 
@@ -340,20 +335,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from ecgvlm import storage
     from ecgvlm.config import load_config, resolve_paths
-    from ecgvlm.evaluate import EvalConfig, evaluate, split_files, use_returning_arrow_pool
+    from ecgvlm.evaluate import EvalConfig, check_inputs, evaluate, use_returning_arrow_pool
     from ecgvlm.report import console_tables
 
     config = load_config(EvalConfig, args.config, args.overrides)
     config = resolve_paths(config, ["data_dir", "output_dir"])
-    # Said at once, not after Ray has started (evaluate checks them again).
-    split_files(config.data_dir, config.split)
-    storage.check_creatable(config.output_dir)
     use_returning_arrow_pool()  # freed Arrow memory goes back to the OS (docs/evaluate.md)
+    inputs = check_inputs(config)  # a wrong path or a down endpoint said before Ray starts
     # The HTTP client actors need little CPU.
     with _ray_for_job(args.address, args.num_cpus):
-        report, written = evaluate(config)
+        report, written = evaluate(config, inputs)
     print(console_tables(report))
     print(f"wrote {', '.join(sorted(written))} to {config.output_dir}")
     return 0

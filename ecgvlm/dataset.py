@@ -865,15 +865,34 @@ def _prepare_settings() -> contextlib.AbstractContextManager[Any]:
     return ray_data_settings(op_resource_reservation_enabled=False, enable_progress_bars=False)
 
 
-def scan(config: PrepareConfig) -> tuple[list[Unit], list[dict[str, str]], list[dict[str, Any]]]:
-    """Pass 1 on Ray Data: (units, rejects, the record paths listed per source)."""
-    import ray.data
+def check_inputs(config: PrepareConfig) -> list[dict[str, Any]]:
+    """Check, without Ray and writing nothing, what a prepare run needs from outside: an
+    ``output_dir`` that can be made, and records under the sources' roots.
 
+    ``ecgvlm prepare`` calls it before Ray starts and hands the records to
+    :func:`prepare_dataset`, which otherwise calls it itself.
+
+    Returns:
+        The records, as :func:`list_sources` lists them.
+
+    Raises:
+        PrepareError: no records under any root. MissingFileError: a root that does not
+        exist. StorageError: an ``output_dir`` that cannot be made.
+    """
+    storage.check_creatable(absolute_path(config.output_dir))
     items = list_sources(config)
     if not items:
         raise PrepareError(
             "no records found under " + ", ".join(s.root for s in config.sources)
         )
+    return items
+
+
+def scan(config: PrepareConfig, items: list[dict[str, Any]]
+         ) -> tuple[list[Unit], list[dict[str, str]], list[dict[str, Any]]]:
+    """Pass 1 on Ray Data over the listed records ``items``: (units, rejects, ``items``)."""
+    import ray.data
+
     # A few blocks per CPU: enough to balance the load, few enough that per-task costs
     # stay small next to reading the records.
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1) / config.num_cpus_per_task))
@@ -896,10 +915,12 @@ def scan(config: PrepareConfig) -> tuple[list[Unit], list[dict[str, str]], list[
     return sorted(units, key=Unit.sort_key), rejects, items
 
 
-def prepare_dataset(config: PrepareConfig) -> PrepareResult:
+def prepare_dataset(config: PrepareConfig, records: list[dict[str, Any]] | None = None
+                    ) -> PrepareResult:
     """Build (or finish building) the data set described by ``config``.
 
-    Needs a connected Ray (``ray.init`` by the caller).
+    Needs a connected Ray (``ray.init`` by the caller). ``records``: what
+    :func:`check_inputs` returned for this ``config`` (checked here when not given).
 
     Returns:
         Counts of shards written and skipped, rejects, and the manifest written.
@@ -913,9 +934,10 @@ def prepare_dataset(config: PrepareConfig) -> PrepareResult:
     out_dir = absolute_path(config.output_dir)  # URIs pass as they are
     storage.check_shared({"output_dir": out_dir}
                          | {f"sources[{i}].root": s.root for i, s in enumerate(config.sources)})
-    storage.check_writable(out_dir)  # a folder or bucket we cannot write: said before the scan
+    records = records or check_inputs(config)
+    storage.check_writable(out_dir)
     started = time.time()
-    units, scan_rejects, items = scan(config)
+    units, scan_rejects, items = scan(config, records)
     scan_s = time.time() - started
     if not units:
         raise PrepareError(

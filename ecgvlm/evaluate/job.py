@@ -1017,13 +1017,54 @@ def _unavailable_models(predictions: Any, models: Iterable[str]) -> dict[str, st
     return out
 
 
-def evaluate(config: EvalConfig) -> tuple[Any, dict[str, str]]:
+@dataclass(frozen=True)
+class EvalInputs:
+    """What :func:`evaluate` reads before it writes anything: the split's shards, the
+    selected samples' metadata (:func:`read_split_meta`, :func:`select_samples`) and the
+    models the endpoint lists (id -> None, or why it cannot answer)."""
+
+    shards: list[str]
+    meta: Any
+    served: dict[str, str | None]
+
+
+def check_inputs(config: EvalConfig) -> EvalInputs:
+    """Read and check, without Ray and writing nothing, what an evaluation needs from
+    outside: the split (its shards whole, its columns, samples selected), an ``output_dir``
+    that can be made and holds no other experiment's predictions, and an endpoint that lists
+    its models.
+
+    ``ecgvlm evaluate`` calls it before Ray starts and hands the result to :func:`evaluate`,
+    which otherwise calls it itself.
+
+    Raises:
+        EvaluationError: naming the split, ``output_dir`` or endpoint that cannot be used.
+        StorageError: an ``output_dir`` that cannot be made.
+    """
+    from ecgvlm.prompt import PROMPT_VERSION
+
+    shards = split_files(config.data_dir, config.split)
+    storage.check_creatable(config.output_dir)
+    PredictionStore(config.output_dir).check_resumable(config.split, PROMPT_VERSION)
+    meta = select_samples(
+        read_split_meta(shards), config.datasets, config.limit_per_dataset, config.seed
+    )
+    if not len(meta):
+        raise EvaluationError(f"split {config.split!r} in {config.data_dir} selects no samples")
+    api_key = os.environ.get(config.endpoint_api_key_env) or "EMPTY"
+    return EvalInputs(shards, meta, list_models(config.endpoint, api_key))
+
+
+def evaluate(config: EvalConfig, inputs: EvalInputs | None = None) -> tuple[Any, dict[str, str]]:
     """Run the whole evaluation (Ray must be initialised by the caller).
 
     ``data_dir`` and ``output_dir`` may be local paths or URIs (``s3://...``): predictions
     and the judge's cache are stored there as they arrive, the report is written locally and
     then copied there. A process that evaluates large splits should call
     ``use_returning_arrow_pool()`` first, as ``ecgvlm evaluate`` does.
+
+    ``inputs``: what :func:`check_inputs` returned for this ``config`` (checked again here
+    when not given).
 
     Returns:
         (the ``ecgvlm.report.EvalReport``, name -> location of the report files written).
@@ -1041,19 +1082,12 @@ def evaluate(config: EvalConfig) -> tuple[Any, dict[str, str]]:
     started = time.perf_counter()
     out = config.output_dir
     storage.check_shared({"data_dir": config.data_dir, "output_dir": out})
-    files = split_files(config.data_dir, config.split)  # before anything is written
+    inputs = inputs or check_inputs(config)  # before anything is written
+    files, meta, served = inputs.shards, inputs.meta, inputs.served
     storage.check_writable(out)
     store = PredictionStore(out)
-    store.check_resumable(config.split, PROMPT_VERSION)
     save_config(config, storage.join(out, "config.yaml"))
-    meta = select_samples(
-        read_split_meta(files), config.datasets, config.limit_per_dataset, config.seed
-    )
-    if not len(meta):
-        raise EvaluationError(f"split {config.split!r} in {config.data_dir} selects no samples")
 
-    api_key = os.environ.get(config.endpoint_api_key_env) or "EMPTY"
-    served = list_models(config.endpoint, api_key)
     unavailable = {}
     for m in config.models:
         if m not in served:

@@ -55,6 +55,7 @@ from ecgvlm.train.loop import (
 from ecgvlm.train.run import (
     TrainResourcesError,
     build_datasets,
+    check_inputs,
     check_run_dir,
     make_loop_config,
     run_training,
@@ -79,6 +80,7 @@ __all__ = [
     "TrainResourcesError",
     "build_datasets",
     "build_model",
+    "check_inputs",
     "check_run_dir",
     "check_training_data",
     "decode_png",

@@ -226,11 +226,34 @@ def check_model_dir(config: TrainConfig) -> None:
                           "PULSE checkpoint folder (config.json, model.safetensors)")
 
 
-def run_training(config: TrainConfig, resume: bool = False, callbacks: tuple[Any, ...] = ()) -> Any:
+def check_inputs(config: TrainConfig, resume: bool | None = None) -> DataSummary:
+    """Check, without Ray, what a run reads before it launches anything: the DeepSpeed
+    config, the prepared data (manifest, Parquet footers, the train split's labels), the
+    model folder and, unless ``resume`` is None, the run folder (:func:`check_run_dir`).
+
+    ``ecgvlm train`` calls it before Ray starts and hands the summary to
+    :func:`run_training`, which otherwise calls it itself; a search's trials each check
+    again, in their own processes.
+
+    Raises:
+        ConfigError: naming the first input that is missing or cannot be used.
+    """
+    config = resolve_paths(config, TrainConfig.PATH_FIELDS)  # the summary's paths absolute
+    load_deepspeed_config(config.deepspeed_config)
+    summary = check_training_data(config)
+    check_model_dir(config)
+    if resume is not None:
+        check_run_dir(config, resume)
+    return summary
+
+
+def run_training(config: TrainConfig, resume: bool = False, callbacks: tuple[Any, ...] = (),
+                 summary: DataSummary | None = None) -> Any:
     """Validate, train, copy the best adapter to ``config.output_dir``; return the Result.
 
     The caller has connected to Ray (this module never calls ``ray.init``). ``callbacks`` are
     Ray Train ``UserCallback``s (a search passes one that hands each evaluation to Ray Tune).
+    ``summary``: what :func:`check_inputs` returned for this config and ``resume``.
     """
     import ray
     import ray.data
@@ -245,10 +268,8 @@ def run_training(config: TrainConfig, resume: bool = False, callbacks: tuple[Any
     # The DeepSpeed config is read here, on the driver; the rest is read or written by workers.
     storage.check_shared({name: getattr(config, name)
                           for name in ("model_dir", "data_dir", "storage_path", "output_dir")})
+    summary = summary or check_inputs(config, resume)
     deepspeed_config = load_deepspeed_config(config.deepspeed_config)
-    summary = check_training_data(config)
-    check_model_dir(config)
-    check_run_dir(config, resume)
     git_sha = current_git_sha(Path.cwd())
 
     if not ray.is_initialized():

@@ -1,9 +1,8 @@
 """Every ``jobs/*`` entrypoint reports the library's errors as the ``ecgvlm`` command does.
 
 One line on stderr, ``ecgvlm <command>: error: <message naming the bad input>``, exit status
-2, no traceback: whether the error is bad input found before Ray starts (a config value, a
-data folder that holds no split, an output folder that cannot be made) or a precondition
-found after (a shard cut short after prepare).
+2, no traceback, and before Ray starts: a config value, a data folder that holds no split or
+a shard cut short, an output folder that cannot be made, an endpoint that does not answer.
 """
 
 from __future__ import annotations
@@ -49,6 +48,9 @@ def _assert_one_line_error(done: subprocess.CompletedProcess[str], command: str,
                            "train.data_dir=no/such/prepared"], "no/such/prepared"),
     ("jobs.demo", "demo", ["--prepare-config", "no/such/prepare.yaml", "--num-cpus", "1"],
      "no/such/prepare.yaml"),
+    ("jobs.prepare", "prepare", ["--config", "configs/prepare_demo.yaml",
+                                 "sources=[{root: no/such/records}]", "--num-cpus", "1"],
+     f"{ROOT / 'no/such/records'}: no such file or directory"),
     # An output folder that cannot be written (here: under a file; a full or read-only disk
     # is the same kind of OSError): one line naming it.
     ("jobs.prepare", "prepare", ["--config", "configs/prepare_demo.yaml",
@@ -72,16 +74,23 @@ def test_a_shard_cut_short_after_prepare_is_named_by_train_and_evaluate(tmp_path
     # not by each worker's traceback once they have started.
     done = _run(["-m", "jobs.train", "--config", "configs/train_tiny_cpu.yaml",
                  f"data_dir={data}", "model_dir=no/such/model"], cwd=ROOT, RAY_ADDRESS="127.0.0.1:1")
-    _assert_one_line_error(done, "train", "model_dir no/such/model: no config.json there")
+    _assert_one_line_error(done, "train", f"model_dir {ROOT}/no/such/model: no config.json there")
+    # Good data and nothing listening at the endpoint: said before Ray starts, and before the
+    # output folder is made.
+    done = _run(["-m", "jobs.evaluate", "--config", "configs/evaluate_demo.yaml",
+                 f"data_dir={data}", f"output_dir={tmp_path / 'eval'}",
+                 "endpoint=http://127.0.0.1:1/v1"], cwd=ROOT, RAY_ADDRESS="127.0.0.1:1")
+    _assert_one_line_error(done, "evaluate", "endpoint http://127.0.0.1:1/v1 did not list its models")
+    assert not (tmp_path / "eval").exists()
     for split in ("val", "test"):
         shard = next((data / split).glob("*.parquet"))
         shard.write_bytes(shard.read_bytes()[:500])
     done = _run(["-m", "jobs.train", "--config", "configs/train_tiny_cpu.yaml",
                  f"data_dir={data}", f"model_dir={tiny_pulse_dir}",
                  f"storage_path={tmp_path / 'runs'}", f"output_dir={tmp_path / 'adapter'}"],
-                cwd=ROOT)
+                cwd=ROOT, RAY_ADDRESS="127.0.0.1:1")
     _assert_one_line_error(done, "train", f"{data}/val/part-00000.parquet is not a readable")
     done = _run(["-m", "jobs.evaluate", "--config", "configs/evaluate_demo.yaml",
-                 f"data_dir={data}", f"output_dir={tmp_path / 'eval'}", "--num-cpus", "1"],
-                cwd=ROOT)
+                 f"data_dir={data}", f"output_dir={tmp_path / 'eval'}"],
+                cwd=ROOT, RAY_ADDRESS="127.0.0.1:1")
     _assert_one_line_error(done, "evaluate", f"{data}/test/part-00000.parquet is not a readable")

@@ -172,7 +172,7 @@ def test_resubmitting_needs_resume_and_the_runs_schedule(trained, capsys) -> Non
     with pytest.raises(ConfigError, match="--resume"):
         run_training(config, resume=False)
     # A longer run on resume would stretch the cosine schedule mid-run: refused, in one line.
-    args = ["--config", str(TINY_CONFIG), "--resume"] + [
+    args = ["--config", str(TINY_CONFIG)] + [
         f"{k}={v}" for k, v in {
             "model_dir": config.model_dir, "data_dir": config.data_dir,
             "storage_path": config.storage_path, "output_dir": config.output_dir,
@@ -182,6 +182,10 @@ def test_resubmitting_needs_resume_and_the_runs_schedule(trained, capsys) -> Non
             "train_repeat": 16,
         }.items()
     ]
+    # Both said by the CLI in one line (its checks come before it would start a Ray).
     assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"run_name {config.run_name!r} already has a run" in err[0], err
+    assert main([*args, "--resume"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"max_steps = {MAX_STEPS + 4} differs" in err[0], err
