@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import io
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -93,17 +93,26 @@ class PredictionStore:
                  if p.rsplit("/", 1)[-1].startswith("part-")]
         return ([self.path] if storage.is_file(self.path) else []) + parts
 
-    def load(self) -> Any:
-        """All stored rows, latest per key (pandas DataFrame with PREDICTION_COLUMNS)."""
+    def load(self, columns: Sequence[str] | None = None) -> Any:
+        """All stored rows, latest per key (pandas DataFrame with PREDICTION_COLUMNS, or the
+        key columns and ``columns``: the checks before a run read a few columns, not every
+        explanation a resumed run has stored)."""
         import pandas as pd
         import pyarrow as pa
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
         schema = prediction_schema()
+        if columns is not None:
+            wanted = [*KEY_COLUMNS, *(c for c in columns if c not in KEY_COLUMNS)]
+            schema = pa.schema([schema.field(name) for name in wanted])
         tables = []
         for path in self._sources():
-            table = pq.read_table(path)
+            read = None
+            if columns is not None:
+                stored = set(pq.read_schema(path).names)
+                read = [name for name in schema.names if name in stored]
+            table = pq.read_table(path, columns=read)
             # Older files may lack newer columns: add them as nulls.
             for name in schema.names:
                 if name not in table.schema.names:
@@ -129,7 +138,7 @@ class PredictionStore:
     def done_keys(self, retry_errors: bool = True) -> set[tuple[str, str, str, str]]:
         """(sample_id, model, answer_mode, condition) keys that need no new request (errored
         ones only when ``retry_errors`` is off)."""
-        frame = self.load()
+        frame = self.load(["error"])
         if retry_errors:
             frame = frame[frame["error"].isna()]
         return set(zip(*(frame[c] for c in KEY_COLUMNS)))
@@ -141,7 +150,7 @@ class PredictionStore:
             EvaluationError: when a stored row's ``split`` or ``prompt_version`` differs
                 (or was not recorded), naming what is stored and what this run asks.
         """
-        frame = self.load()
+        frame = self.load(["split", "prompt_version"])
         if not len(frame):
             return
         for column, wanted in (("split", split), ("prompt_version", prompt_version)):

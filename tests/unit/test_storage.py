@@ -152,6 +152,10 @@ def test_predictions_are_stored_and_consolidated_in_the_store(location: str) -> 
     assert storage.list_files(storage.join(location, "predictions")) == []
     assert storage.is_file(storage.join(location, "predictions.parquet"))
     assert PredictionStore(location).load()["sample_id"].tolist() == ["s1", "s2"]
+    # The checks before a run read the key columns and what they ask for, nothing more.
+    few = PredictionStore(location).load(["error"])
+    assert list(few.columns) == ["sample_id", "model", "answer_mode", "condition", "error"]
+    assert few.equals(frame[list(few.columns)])
 
     # A rewrite a row at a time (the claim check's) replaces one column and keeps the rest.
     def mark(batch):
