@@ -291,6 +291,36 @@ def upload_dir(local_dir: str | Path, location: str | Path) -> None:
         raise StorageError(f"cannot copy {local_dir} to {location}: {e}") from e
 
 
+def replace_dir(local_dir: str | Path, location: str | Path) -> None:
+    """Put a local folder's files at ``location`` in place of what was there (training's
+    adapter export).
+
+    A local folder (or a ``file://`` one) is replaced whole: the copy is made beside it and
+    renamed into place, so a copy cut short (a full disk, a killed job) leaves the old
+    folder as it was, and readers never find half of the new one. An object store has no
+    rename: the old objects are deleted, then the new ones uploaded (each appears whole).
+    """
+    local = local_path(location)
+    if local is None:
+        delete(location)
+        upload_dir(local_dir, location)
+        return
+    target = Path(local)
+    partial = target.with_name(f".{target.name}.partial")
+    old = target.with_name(f".{target.name}.old")
+    for leftover in (partial, old):  # from a copy cut short before
+        shutil.rmtree(leftover, ignore_errors=True)
+    try:
+        upload_dir(local_dir, partial)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if target.exists():
+        os.rename(target, old)
+    os.rename(partial, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def download_dir(location: str | Path, local_dir: str | Path) -> None:
     """Copy every file under ``location`` into the local folder ``local_dir``, streamed;
     nothing there leaves ``local_dir`` absent."""

@@ -341,8 +341,7 @@ def _export_best_adapter(config: TrainConfig, result: Any) -> Any:
         raise RuntimeError(f"run {config.run_name!r} finished without a checkpoint")
     output = config.output_dir
     with best.as_directory() as directory:
-        storage.delete(output)
-        storage.upload_dir(Path(directory) / CHECKPOINT_ADAPTER, output)
+        storage.replace_dir(Path(directory) / CHECKPOINT_ADAPTER, output)
     print(f"[jobs.train] best checkpoint {best.path}; adapter copied to {output}", flush=True)
     print(f"[jobs.train] final metrics {result.metrics}", flush=True)
     return result

@@ -109,6 +109,38 @@ def test_a_folder_goes_up_and_comes_back(s3_server, tmp_path: Path) -> None:
         assert storage.read_text(storage.join(f"{dest}-flat", "config.json")) == "{}", dest
 
 
+def test_an_exported_folder_replaces_the_old_one_whole(location: str, tmp_path: Path,
+                                                       monkeypatch) -> None:
+    import pyarrow.fs
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    for folder, weights in ((old, b"old"), (new, b"new")):
+        folder.mkdir()
+        (folder / "adapter_model.safetensors").write_bytes(weights)
+    (old / "stale.json").write_text("{}")
+    dest = storage.join(location, "adapter")
+    storage.replace_dir(old, dest)
+    storage.replace_dir(new, dest)
+    weights = storage.join(dest, "adapter_model.safetensors")
+    assert storage.list_files(dest) == [weights]  # nothing of the old folder is left
+    assert storage.read_bytes(weights) == b"new"
+    if storage.local_path(dest) is None:
+        return  # an object store has no rename: deleted, then uploaded (the docstring)
+
+    # A copy cut short by a full disk after its first file: the old folder stays as it
+    # was, and nothing is left beside it.
+    def copy_one_then_fail(source, destination, **kwargs):
+        Path(destination).mkdir(parents=True, exist_ok=True)
+        (Path(destination) / "adapter_model.safetensors").write_bytes(b"ne")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pyarrow.fs, "copy_files", copy_one_then_fail)
+    with pytest.raises(storage.StorageError, match="No space left on device"):
+        storage.replace_dir(old, dest)
+    assert storage.read_bytes(weights) == b"new"
+    assert sorted(p.name for p in Path(storage.local_path(location)).iterdir()) == ["adapter"]
+
+
 def test_a_remote_folder_is_copied_once_per_node(s3_server, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("ECGVLM_CACHE_DIR", str(tmp_path / "cache"))
     remote = f"s3://ecgvlm/unit/{tmp_path.name}/adapter"
