@@ -29,7 +29,13 @@ from ecgvlm.model.processor import (
     PromptError,
     PulseProcessor,
 )
-from ecgvlm.model.pulse import ATTN_IMPLEMENTATIONS, CheckpointError, PulseModel, load_pulse
+from ecgvlm.model.pulse import (
+    ATTN_IMPLEMENTATIONS,
+    CheckpointError,
+    PulseModel,
+    check_checkpoint,
+    load_pulse,
+)
 from ecgvlm.model.tiny import make_tiny_pulse
 
 __all__ = [
@@ -47,6 +53,7 @@ __all__ = [
     "PulseModel",
     "PulseProcessor",
     "attach_lora",
+    "check_checkpoint",
     "export_llava_next",
     "llava_next_unpad_differs",
     "load_adapter",

@@ -663,6 +663,50 @@ def load_weights(
     return sorted(ignored)
 
 
+def check_checkpoint(
+    path: str | Path, vision_tower_path: str | Path | None = None
+) -> tuple[dict[str, Any], PulseConfig, VisionTowerSource, dict[str, Path], Any]:
+    """Everything :func:`load_pulse` checks before it builds the model, without reading a
+    weight: the config, the CLIP tower's source, every safetensors shard (and its keys) and
+    the tokenizer against ``vocab_size``. A training job calls it on its driver, so a broken
+    checkpoint is named once, before any worker starts.
+
+    Returns:
+        (config.json as a dict, the PulseConfig, the tower's source, weight key -> shard
+        file, the tokenizer).
+
+    Raises:
+        CheckpointError: naming the missing or inconsistent file.
+        PulseConfigError: config values PULSE's code would not run this way.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {path}")
+    config_dict = read_json(path / "config.json", "config.json")
+    pulse_config = PulseConfig.from_dict(config_dict)
+    vision = resolve_vision_tower(path, pulse_config.vision_tower, vision_tower_path)
+    if not pulse_config.vision_tower_in_checkpoint and vision.weights_dir is None:
+        where = vision_tower_path if vision_tower_path is not None else pulse_config.vision_tower
+        raise CheckpointError(
+            f"unfreeze_mm_vision_tower is {config_dict.get('unfreeze_mm_vision_tower')!r}, so "
+            f"LLaVA takes the CLIP tower's weights from mm_vision_tower, not the checkpoint, "
+            f"but {where!r} is no local directory with safetensors weights; pass "
+            f"vision_tower_path to a local CLIP directory"
+        )
+    files = checkpoint_files(path)
+    try:
+        tokenizer = LlamaSentencePieceTokenizer(path)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
+    vocab = int(config_dict.get("vocab_size", 32000))
+    if len(tokenizer) != vocab:
+        # LLaVA would resize the embeddings to the tokenizer, adding random rows.
+        raise CheckpointError(
+            f"tokenizer.model has {len(tokenizer)} pieces but vocab_size is {vocab}"
+        )
+    return config_dict, pulse_config, vision, files, tokenizer
+
+
 def load_pulse(
     path: str | Path,
     dtype: torch.dtype = torch.float32,
@@ -695,32 +739,9 @@ def load_pulse(
         ValueError: an attention implementation that is unknown or not installed.
     """
     path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint directory not found: {path}")
     started = time.perf_counter()
-    config_dict = read_json(path / "config.json", "config.json")
-    pulse_config = PulseConfig.from_dict(config_dict)
-    vision = resolve_vision_tower(path, pulse_config.vision_tower, vision_tower_path)
+    config_dict, pulse_config, vision, files, tokenizer = check_checkpoint(path, vision_tower_path)
     tower_from_dir = not pulse_config.vision_tower_in_checkpoint
-    if tower_from_dir and vision.weights_dir is None:
-        where = vision_tower_path if vision_tower_path is not None else pulse_config.vision_tower
-        raise CheckpointError(
-            f"unfreeze_mm_vision_tower is {config_dict.get('unfreeze_mm_vision_tower')!r}, so "
-            f"LLaVA takes the CLIP tower's weights from mm_vision_tower, not the checkpoint, "
-            f"but {where!r} is no local directory with safetensors weights; pass "
-            f"vision_tower_path to a local CLIP directory"
-        )
-    files = checkpoint_files(path)
-    try:
-        tokenizer = LlamaSentencePieceTokenizer(path)
-    except ValueError as e:
-        raise CheckpointError(str(e)) from e
-    vocab = int(config_dict.get("vocab_size", 32000))
-    if len(tokenizer) != vocab:
-        # LLaVA would resize the embeddings to the tokenizer, adding random rows.
-        raise CheckpointError(
-            f"tokenizer.model has {len(tokenizer)} pieces but vocab_size is {vocab}"
-        )
     model = build_pulse(config_dict, vision.config, dtype=dtype, device=device,
                         attn_implementation=attn_implementation)
     model.load_ignored_keys = load_weights(model, files, vision.weights_dir, tower_from_dir)

@@ -215,15 +215,27 @@ def pin_ray_address() -> None:
 
 
 def check_model_dir(config: TrainConfig) -> None:
-    """Raise ConfigError naming ``model_dir`` when it holds no ``config.json``: the workers
-    would find out only after Ray and they had started (44 s here, a traceback from each).
+    """Raise ConfigError naming ``model_dir`` when it is no usable PULSE checkpoint: the
+    workers would find out only after Ray and they had started (44 s here, a traceback from
+    each). A local folder gets every check the loader makes before reading a weight
+    (``ecgvlm.model.check_checkpoint``: config, shards, tokenizer); in an object store only
+    ``config.json`` is looked for (the driver does not copy a model it will not load).
 
     Raises:
-        ConfigError: no ``config.json`` under ``model_dir`` (a folder or a URI prefix).
+        ConfigError: naming ``model_dir`` and what is wrong with it.
     """
     if not storage.is_file(storage.join(config.model_dir, "config.json")):
         raise ConfigError(f"model_dir {config.model_dir}: no config.json there; it must be a "
                           "PULSE checkpoint folder (config.json, model.safetensors)")
+    local = storage.local_path(config.model_dir)
+    if local is None:
+        return
+    from ecgvlm.model import check_checkpoint
+
+    try:
+        check_checkpoint(local)
+    except ValueError as e:  # CheckpointError, PulseConfigError
+        raise ConfigError(f"model_dir {config.model_dir}: {e}") from e
 
 
 def check_inputs(config: TrainConfig, resume: bool | None = None) -> DataSummary:

@@ -8,6 +8,7 @@ a shard cut short, an output folder that cannot be made, an endpoint that does n
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -75,6 +76,14 @@ def test_a_shard_cut_short_after_prepare_is_named_by_train_and_evaluate(tmp_path
     done = _run(["-m", "jobs.train", "--config", "configs/train_tiny_cpu.yaml",
                  f"data_dir={data}", "model_dir=no/such/model"], cwd=ROOT, RAY_ADDRESS="127.0.0.1:1")
     _assert_one_line_error(done, "train", f"model_dir {ROOT}/no/such/model: no config.json there")
+    # A checkpoint whose weights are missing: the loader's own check, on the driver.
+    no_weights = tmp_path / "no-weights"
+    shutil.copytree(tiny_pulse_dir, no_weights,
+                    ignore=shutil.ignore_patterns("model.safetensors*"))
+    done = _run(["-m", "jobs.train", "--config", "configs/train_tiny_cpu.yaml",
+                 f"data_dir={data}", f"model_dir={no_weights}"], cwd=ROOT, RAY_ADDRESS="127.0.0.1:1")
+    _assert_one_line_error(done, "train",
+                           f"model_dir {no_weights}: {no_weights} has no model.safetensors(.index.json)")
     # Good data and nothing listening at the endpoint: said before Ray starts, and before the
     # output folder is made.
     done = _run(["-m", "jobs.evaluate", "--config", "configs/evaluate_demo.yaml",
