@@ -667,8 +667,9 @@ def check_checkpoint(
     path: str | Path, vision_tower_path: str | Path | None = None
 ) -> tuple[dict[str, Any], PulseConfig, VisionTowerSource, dict[str, Path], Any]:
     """Everything :func:`load_pulse` checks before it builds the model, without reading a
-    weight: the config, the CLIP tower's source, every safetensors shard (and its keys) and
-    the tokenizer against ``vocab_size``. A training job calls it on its driver, so a broken
+    weight: the config, the CLIP tower's source, the safetensors files (every shard the index
+    names exists; a single file's header and keys are read) and the tokenizer against
+    ``vocab_size``. A training job calls it on its driver, so a broken
     checkpoint is named once, before any worker starts.
 
     Returns:
