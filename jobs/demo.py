@@ -64,16 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_demo(args: argparse.Namespace) -> int:
     from ecgvlm.config import load_config
-    from ecgvlm.dataset import PrepareConfig, prepare_dataset
+    from ecgvlm.dataset import PrepareConfig, check_inputs, prepare_dataset
 
     out = Path(args.output_dir).resolve()
-    # The prepare config is checked before Ray starts and before the heavy imports: a typo
-    # is said in a second.
+    # The prepare config and its records are checked before Ray starts and before the heavy
+    # imports: a typo is said in a second.
     overrides = [f"output_dir={out / 'prepared'}"]
     if args.data_root:
         roots = ", ".join(f"{{root: {Path(r).resolve()}}}" for r in args.data_root)
         overrides.append(f"sources=[{roots}]")
     prepare_config = load_config(PrepareConfig, args.prepare_config, overrides)
+    records = check_inputs(prepare_config)  # a wrong --data-root too, as `ecgvlm prepare` says it
 
     import ray
     from ray import serve
@@ -99,7 +100,7 @@ def run_demo(args: argparse.Namespace) -> int:
     )
     try:
         t0 = _stage(1, "prepare: read records, render printouts, build MCQs (Ray Data)")
-        prepared = prepare_dataset(prepare_config)
+        prepared = prepare_dataset(prepare_config, records)
         summary = prepared.summary()
         _done(t0, f"{summary} -> {out / 'prepared'}")
 

@@ -49,6 +49,8 @@ def _assert_one_line_error(done: subprocess.CompletedProcess[str], command: str,
                            "train.data_dir=no/such/prepared"], "no/such/prepared"),
     ("jobs.demo", "demo", ["--prepare-config", "no/such/prepare.yaml", "--num-cpus", "1"],
      "no/such/prepare.yaml"),
+    ("jobs.demo", "demo", ["--data-root", "no/such/records", "--num-cpus", "1"],
+     f"{ROOT / 'no/such/records'}: no such file or directory"),
     ("jobs.prepare", "prepare", ["--config", "configs/prepare_demo.yaml",
                                  "sources=[{root: no/such/records}]", "--num-cpus", "1"],
      f"{ROOT / 'no/such/records'}: no such file or directory"),
@@ -64,6 +66,7 @@ def test_job_reports_library_error_in_one_line(module, command, args, named, tmp
     # would wait there for minutes instead (the demo starts a local Ray of its own).
     done = _run(["-m", module, *args], cwd=ROOT, RAY_ADDRESS="127.0.0.1:1")
     _assert_one_line_error(done, command, named)
+    assert "=== [1/5]" not in done.stdout, done.stdout  # the demo's own Ray, not started
 
 
 @pytest.mark.integration
