@@ -889,8 +889,8 @@ def check_inputs(config: PrepareConfig) -> list[dict[str, Any]]:
 
 
 def scan(config: PrepareConfig, items: list[dict[str, Any]]
-         ) -> tuple[list[Unit], list[dict[str, str]], list[dict[str, Any]]]:
-    """Pass 1 on Ray Data over the listed records ``items``: (units, rejects, ``items``)."""
+         ) -> tuple[list[Unit], list[dict[str, str]]]:
+    """Pass 1 on Ray Data over the listed records ``items``: (units, rejects)."""
     import ray.data
 
     # A few blocks per CPU: enough to balance the load, few enough that per-task costs
@@ -912,7 +912,7 @@ def scan(config: PrepareConfig, items: list[dict[str, Any]]
         if u.record_id in seen:
             raise PrepareError(f"record id {u.record_id} occurs twice across the sources")
         seen.add(u.record_id)
-    return sorted(units, key=Unit.sort_key), rejects, items
+    return sorted(units, key=Unit.sort_key), rejects
 
 
 def prepare_dataset(config: PrepareConfig, records: list[dict[str, Any]] | None = None
@@ -937,11 +937,11 @@ def prepare_dataset(config: PrepareConfig, records: list[dict[str, Any]] | None 
     records = records or check_inputs(config)
     storage.check_writable(out_dir)
     started = time.time()
-    units, scan_rejects, items = scan(config, records)
+    units, scan_rejects = scan(config, records)
     scan_s = time.time() - started
     if not units:
         raise PrepareError(
-            f"none of the {len(items)} records could be used; see the rejects: "
+            f"none of the {len(records)} records could be used; see the rejects: "
             + json.dumps(scan_rejects[:3])
         )
     split_units, answer_balance = balance_answers(assign_splits(units, config), config)
@@ -996,7 +996,7 @@ def prepare_dataset(config: PrepareConfig, records: list[dict[str, Any]] | None 
     if config.llava:
         _merge_llava(out_dir, config.splits, shards)
     phases = {"scan_s": round(scan_s, 3), "build_s": round(time.time() - started - scan_s, 3)}
-    manifest = _manifest(config, dataset_id, summaries, rejects, items, started, phases)
+    manifest = _manifest(config, dataset_id, summaries, rejects, records, started, phases)
     manifest["mcq_distractor_weights"] = weights
     manifest["answer_balance"] = answer_balance
     save_config(config, storage.join(out_dir, CONFIG_NAME))
