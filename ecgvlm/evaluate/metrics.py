@@ -72,8 +72,10 @@ MIN_RELIABLE_N = 10
 #: Rows with fewer clusters (patients or recordings) than this are flagged.
 MIN_RELIABLE_CLUSTERS = 5
 
-# Resamples per vectorised chunk are capped so that one chunk's weight array stays ~80 MB.
-_BOOTSTRAP_CHUNK_ELEMENTS = 10_000_000
+# Resamples per vectorised chunk are capped so that one chunk's arrays (resamples x rows or
+# clusters) stay at 4 MB each: the bootstrap's memory does not grow with the rows beyond a
+# few integers a row, whatever ``n_boot``.
+_BOOTSTRAP_CHUNK_ELEMENTS = 500_000
 
 
 class MetricsError(ValueError):
@@ -244,17 +246,20 @@ def _cell_weights(cell_class: np.ndarray, k: int, b: int, rng: np.random.Generat
     """How often each cell is drawn in each of ``b`` resamples, shape (b, n_cells).
 
     For every class, as many cells as hold it are drawn with replacement from those cells.
+    The draws go resample by resample (each resample's classes in turn), so a resample's
+    cells do not depend on how many resamples are drawn at once: the chunks that bound the
+    bootstrap's memory leave its intervals unchanged.
     """
     n_cells = len(cell_class)
-    weights = np.zeros(b * n_cells, dtype=np.int64)
-    offsets = (np.arange(b, dtype=np.int64) * n_cells)[:, None]
-    for c in range(k):
-        members = np.flatnonzero(cell_class == c)
-        if len(members) == 0:
-            continue
-        draws = members[rng.integers(0, len(members), size=(b, len(members)))]
-        weights += np.bincount((draws + offsets).ravel(), minlength=b * n_cells)
-    return weights.reshape(b, n_cells)
+    by_class = [m for m in (np.flatnonzero(cell_class == c) for c in range(k)) if len(m)]
+    draws = np.empty((b, n_cells), dtype=np.int64)
+    for r in range(b):
+        start = 0
+        for members in by_class:
+            draws[r, start:start + len(members)] = members[rng.integers(0, len(members), len(members))]
+            start += len(members)
+    draws += (np.arange(b, dtype=np.int64) * n_cells)[:, None]
+    return np.bincount(draws.ravel(), minlength=b * n_cells).reshape(b, n_cells)
 
 
 def wilson_interval(successes: int, n: int, level: float = 0.95) -> tuple[float, float]:
@@ -301,23 +306,26 @@ def bootstrap_ci(
     k = int(t.max()) + 1
     cell_of_row, cell_class = _cells(t, cluster_ids(clusters, len(t)))
     n_cells = len(cell_class)
-    # Per cell: its confusion counts (flattened K x (K+1)) and its unparseable count.
+    # A resample's confusion counts (flattened K x (K+1)) are a bincount of the rows' cells
+    # weighted by how often the resample drew each row's cell. Per row this keeps a few
+    # integers; a dense table of counts per cell would take 8 (K^2 + K + 1) bytes a cell.
     width = k * (k + 1)
     codes = t * (k + 1) + p
-    cell_counts = np.zeros((n_cells, width + 1), dtype=np.float64)
-    np.add.at(cell_counts, (cell_of_row, codes), 1.0)
-    np.add.at(cell_counts, (cell_of_row, np.full(len(t), width)), (pred == UNPARSEABLE) * 1.0)
+    unparseable = pred == UNPARSEABLE
     rng = np.random.default_rng(seed)
     chunk = max(1, _BOOTSTRAP_CHUNK_ELEMENTS // max(n_cells, len(t)))
     parts: dict[str, list[np.ndarray]] = {name: [] for name in (*METRIC_NAMES, "unparseable_rate")}
     for start in range(0, n_boot, chunk):
-        weights = _cell_weights(cell_class, k, min(chunk, n_boot - start), rng)
-        summed = weights @ cell_counts
-        conf = summed[:, :width].round().astype(np.int64).reshape(-1, k, k + 1)
+        b = min(chunk, n_boot - start)
+        row_weights = _cell_weights(cell_class, k, b, rng)[:, cell_of_row]
+        slots = codes[None, :] + (np.arange(b, dtype=np.int64) * width)[:, None]
+        conf = np.bincount(slots.ravel(), weights=row_weights.ravel(), minlength=b * width)
+        conf = conf.round().astype(np.int64).reshape(b, k, k + 1)
         scores = _scores_from_confusion(conf)
         for name in METRIC_NAMES:
             parts[name].append(scores[name])
-        parts["unparseable_rate"].append(summed[:, width] / conf.sum(axis=(1, 2)))
+        parts["unparseable_rate"].append(row_weights[:, unparseable].sum(axis=1)
+                                         / conf.sum(axis=(1, 2)))
     tail = (1 - level) / 2 * 100
     out = {}
     for name, chunks in parts.items():

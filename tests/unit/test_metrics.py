@@ -176,6 +176,42 @@ def test_vectorised_bootstrap_equals_sklearn_loop():
         assert (lo, hi) == pytest.approx(tuple(np.percentile(ref[name], [2.5, 97.5]))), name
 
 
+def _random_answers(n, seed=3):
+    rng = np.random.default_rng(seed)
+    labels = ["AF", "NORM", "RBBB", "STD", "LBBB"]
+    true = [labels[i] for i in rng.integers(0, 5, n)]
+    pred = [labels[i] if i < 5 else None for i in rng.integers(0, 6, n)]
+    return true, pred, [f"p{i // 4}" for i in range(n)]
+
+
+def test_bootstrap_intervals_do_not_depend_on_its_memory_chunks(monkeypatch):
+    import ecgvlm.evaluate.metrics as metrics_module
+
+    true, pred, patients = _random_answers(600)
+    whole = bootstrap_ci(true, pred, n_boot=150, seed=4, clusters=patients)
+    x = np.linspace(0, 1, len(true)) ** 2
+    whole_mean = cluster_bootstrap_mean(x, patients, n_boot=150, seed=4)
+    # 7 resamples per chunk (the last one short): a different chunking of the same draws.
+    monkeypatch.setattr(metrics_module, "_BOOTSTRAP_CHUNK_ELEMENTS", 7 * len(true))
+    assert bootstrap_ci(true, pred, n_boot=150, seed=4, clusters=patients) == whole
+    assert cluster_bootstrap_mean(x, patients, n_boot=150, seed=4) == pytest.approx(whole_mean)
+
+
+def test_bootstrap_memory_does_not_grow_with_resamples_times_rows():
+    # The resamples are scored in chunks of bounded size: going from 10k to 40k rows adds a
+    # few integers a row, not n_boot of them (that was 200 x 30k x 8 bytes x 3 arrays, 144 MB).
+    import tracemalloc
+
+    peaks = {}
+    for n in (10_000, 40_000):
+        true, pred, patients = _random_answers(n)
+        tracemalloc.start()
+        bootstrap_ci(true, pred, n_boot=200, seed=0, clusters=patients)
+        peaks[n] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert peaks[40_000] - peaks[10_000] < 30_000 * 200, peaks
+
+
 def _simulate_patients(rng, n_patients=5, n_windows=180):
     """Windows of a few patients whose accuracy differs by patient; the truth is 0.675."""
     acc = rng.uniform(0.4, 0.95, size=n_patients)
