@@ -315,39 +315,42 @@ def compare_conditions(
     out: dict[str, dict[str, dict[str, Any]]] = {}
     if not conditions:
         return out
-    rows = predictions[predictions["answer_mode"] == mode].to_dict("records")
-    by_key = {(r["sample_id"], r["model"], r["condition"]): r for r in rows}
-    correct = {k: r["predicted_label"] == r["true_label"] for k, r in by_key.items()}
-    for r in rows:
-        if r["condition"] == "normal":
-            entry = out.setdefault(str(r["model"]), {}).setdefault(str(r["dataset"]), {"ids": []})
-            entry["ids"].append(str(r["sample_id"]))
-    for model, per_ds in out.items():
-        for entry in per_ds.values():
-            ids = entry.pop("ids")
-            entry["n_normal"] = len(ids)
-            entry["accuracy_normal"] = sum(correct[(s, model, "normal")] for s in ids) / len(ids)
-            for condition in conditions:
-                paired = [s for s in ids if (s, model, condition) in correct]
-                if not paired:
-                    continue
-                diffs = [float(correct[(s, model, "normal")]) - float(correct[(s, model, condition)])
-                         for s in paired]
-                groups = [clusters[s] for s in paired]
-                ci = None
-                if n_boot and len(set(cluster_ids(groups, len(groups)))) > 1:
-                    ci = cluster_bootstrap_mean(diffs, groups, n_boot=n_boot, seed=seed)
-                entry[condition] = {
-                    "n": len(paired),
-                    "accuracy": sum(correct[(s, model, condition)] for s in paired) / len(paired),
-                    "accuracy_normal": sum(correct[(s, model, "normal")] for s in paired) / len(paired),
-                    "difference": sum(diffs) / len(diffs),
-                    "ci": ci,
-                    "ece": _ece([by_key[(s, model, condition)] for s in paired], n_bins)
-                    if mode == "choice" else None,
-                    "ece_normal": _ece([by_key[(s, model, "normal")] for s in paired], n_bins)
-                    if mode == "choice" else None,
-                }
+    # Column-wise: a dict per prediction of every condition was most of this stage's memory.
+    ece_columns = [c for c in ("option_probs", "answer_letter", "error")
+                   if mode == "choice" and c in predictions]
+    asked = predictions[predictions["answer_mode"] == mode]
+    frame = asked[["sample_id", "model", "dataset", "condition", *ece_columns]].assign(
+        hit=(asked["predicted_label"] == asked["true_label"]).to_numpy(dtype=bool))
+    normal = frame[frame["condition"] == "normal"]
+    for (model, dataset), rows in normal.groupby(["model", "dataset"], sort=False):
+        out.setdefault(str(model), {})[str(dataset)] = {
+            "n_normal": len(rows), "accuracy_normal": float(rows["hit"].mean())}
+
+    def ece(rows: Any, suffix: str) -> float | None:
+        if mode != "choice":
+            return None
+        values = zip(*(rows[c + suffix] for c in ece_columns))
+        return _ece([dict(zip(ece_columns, v)) for v in values], n_bins)
+
+    for condition in conditions:
+        # Inner join in the normal rows' order: the samples asked both ways, as listed.
+        paired = normal.merge(frame[frame["condition"] == condition], how="inner",
+                              on=["sample_id", "model"], suffixes=("", "_c"))
+        for (model, dataset), rows in paired.groupby(["model", "dataset"], sort=False):
+            diffs = rows["hit"].to_numpy(dtype=float) - rows["hit_c"].to_numpy(dtype=float)
+            groups = [clusters[str(s)] for s in rows["sample_id"]]
+            ci = None
+            if n_boot and len(set(cluster_ids(groups, len(groups)))) > 1:
+                ci = cluster_bootstrap_mean(diffs.tolist(), groups, n_boot=n_boot, seed=seed)
+            out[str(model)][str(dataset)][condition] = {
+                "n": len(rows),
+                "accuracy": float(rows["hit_c"].mean()),
+                "accuracy_normal": float(rows["hit"].mean()),
+                "difference": float(diffs.sum() / len(diffs)),
+                "ci": ci,
+                "ece": ece(rows, "_c"),
+                "ece_normal": ece(rows, ""),
+            }
     return out
 
 

@@ -32,11 +32,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import io
+import itertools
 import math
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -67,7 +68,7 @@ from ecgvlm.evaluate.conditions import (
 )
 from ecgvlm.evaluate.errors import EvaluationError
 from ecgvlm.evaluate.judge import JudgeConfig
-from ecgvlm.evaluate.store import PredictionStore, prediction_schema
+from ecgvlm.evaluate.store import PREDICTION_COLUMNS, PredictionStore, prediction_schema
 
 #: Split columns the evaluation reads (``png`` only inside the pipeline, never in the driver).
 SPLIT_META_COLUMNS: tuple[str, ...] = (*ASKED_COLUMNS, "target_text")
@@ -75,6 +76,9 @@ SPLIT_META_COLUMNS: tuple[str, ...] = (*ASKED_COLUMNS, "target_text")
 SPLIT_OPTIONAL_COLUMNS: tuple[str, ...] = ("record_id", "patient_id", "source_path")
 #: Split columns the claim check reads when present (the record's measurements and labels).
 SPLIT_CLAIM_COLUMNS: tuple[str, ...] = ("measurements", "labels")
+#: Stored prediction columns the report's analysis holds for every row: all but the texts.
+ANALYSIS_COLUMNS: tuple[str, ...] = tuple(
+    c for c in PREDICTION_COLUMNS if c not in ("explanation", "claims", "raw_text"))
 
 # Predictions are also flushed when this long has passed, so slow models lose little on a kill.
 _FLUSH_S = 10.0
@@ -609,19 +613,25 @@ def reference_description(true_label: str, target_text: str = "") -> str:
     return explanation_of(target_text or "")
 
 
-def judge_items(predictions: Any, meta: Any, config: JudgeConfig) -> list[Any]:
-    """The sampled explanations to judge, with their references (see ``judge.sample_for_judging``)."""
+def judge_items(predictions: Any, meta: Any, config: JudgeConfig,
+                store: PredictionStore) -> list[Any]:
+    """The sampled explanations to judge, with their references (see
+    ``judge.sample_for_judging``). ``predictions``: the generated answers on normal
+    printouts; their raw texts are read from ``store``'s ``predictions.parquet``, for the
+    judged samples only."""
     from ecgvlm.evaluate.judge import JudgeItem, reference_text, sample_for_judging
     from ecgvlm.prompt import format_question, letter_index
 
-    chosen = sample_for_judging(
-        predictions[["sample_id", "model", "dataset", "error"]].to_dict("records"),
-        config.n_samples, config.seed)
+    chosen = sample_for_judging(iter_rows(predictions, ["sample_id", "model", "dataset", "error"]),
+                                config.n_samples, config.seed)
     wanted = {sid for ids in chosen.values() for sid in ids}
     # Plain Python rows (None for a null) of the judged samples only.
     by_id = {str(r["sample_id"]): r
              for r in meta[meta["sample_id"].isin(wanted)].to_dict("records")}
-    by_key = predictions.set_index(["sample_id", "model"])
+    stored = store.rows_of(wanted, ["raw_text"])
+    texts = {(r["sample_id"], r["model"]): r["raw_text"]
+             for r in iter_rows(stored, ["sample_id", "model", "answer_mode", "condition", "raw_text"])
+             if r["answer_mode"] == "generate" and r["condition"] == "normal"}
     items = []
     for (model, dataset), ids in sorted(chosen.items()):
         for sample_id in ids:
@@ -631,7 +641,6 @@ def judge_items(predictions: Any, meta: Any, config: JudgeConfig) -> list[Any]:
             description = reference_description(
                 str(list(sample["option_labels"])[index]), str(sample["target_text"] or "")
             )
-            pred = by_key.loc[(sample_id, model)]
             items.append(
                 JudgeItem(
                     sample_id=sample_id,
@@ -639,7 +648,7 @@ def judge_items(predictions: Any, meta: Any, config: JudgeConfig) -> list[Any]:
                     model=model,
                     question=format_question(str(sample["question"]), options),
                     reference=reference_text(options[index], description),
-                    explanation=str(pred["raw_text"]),
+                    explanation=str(texts[(sample_id, model)]),
                 )
             )
     return items
@@ -684,7 +693,7 @@ def run_judge(
             j = Judgement.from_row(row)
             if j.failure is None and row.get("request_hash"):
                 cached[str(row["request_hash"])] = j
-    items = judge_items(predictions, meta, config)
+    items = judge_items(predictions, meta, config, PredictionStore(output_dir))
     hashes = [request_hash(it, config) for it in items]
     todo = [it for it, h in zip(items, hashes) if h not in cached]
     bar = _progress(len(todo), "judge", progress)
@@ -701,7 +710,7 @@ def run_judge(
     notes = []
     if judgements and failed == len(judgements):
         notes.append(f"every judgement failed, e.g. {judgements[0].failure}")
-    left_out = unanswered_groups(predictions.to_dict("records"))
+    left_out = unanswered_groups(iter_rows(predictions, ["sample_id", "model", "dataset", "error"]))
     if left_out:
         named = ", ".join(f"{m} on {d}" for m, d in left_out)
         notes.append(f"not judged, every request failed: {named} (left out of the pairing)")
@@ -710,6 +719,15 @@ def run_judge(
 
 def _isnan(value: Any) -> bool:
     return isinstance(value, float) and math.isnan(value)
+
+
+def iter_rows(frame: Any, columns: Sequence[str]) -> Iterator[dict[str, Any]]:
+    """The rows of ``frame``'s ``columns`` as dicts of plain Python values (None for a
+    null), made one at a time: ``to_dict("records")`` makes a dict per row at once, about
+    0.5 kB a row alive together."""
+    values = [frame[c].to_numpy(dtype=object, na_value=None) for c in columns]
+    for row in zip(*values):
+        yield dict(zip(columns, row))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1120,21 +1138,20 @@ def evaluate(config: EvalConfig, inputs: EvalInputs | None = None) -> tuple[Any,
     predict_s = time.perf_counter() - t0
     del pending, done  # a sample id per request: not needed past here
 
-    stored_rows = store.consolidate()
+    # No text is read into this table: the claim check reads and rewrites the explanations
+    # and their verdicts in the stored file, a batch of rows at a time, and the judge reads
+    # the raw text of the few it judges.
+    stored_rows = store.consolidate(columns=ANALYSIS_COLUMNS)
     release_arrow_memory()
     selected = set(meta["sample_id"])
-    # Neither the explanations nor their verdicts are read from this table: the claim check
-    # reads and rewrites them in the stored file, a batch of rows at a time (the judge reads
-    # the raw text of the few it judges).
-    predictions = stored_rows.loc[
+    predictions = stored_rows[
         stored_rows["sample_id"].isin(selected) & stored_rows["model"].isin(models)
-        & stored_rows["answer_mode"].isin(config.answer_mode),
-        [c for c in stored_rows.columns if c not in ("explanation", "claims")],
+        & stored_rows["answer_mode"].isin(config.answer_mode)
     ].reset_index(drop=True)
     del stored_rows
     cluster_columns = [c for c in ("sample_id", "dataset", "patient_id", "record_id") if c in meta]
     clusters = {str(row["sample_id"]): sample_cluster(row)
-                for row in meta[cluster_columns].to_dict("records")}
+                for row in iter_rows(meta, cluster_columns)}
     normal = predictions[predictions["condition"] == "normal"]
     by_mode = {mode: normal[normal["answer_mode"] == mode] for mode in config.answer_mode}
     failed = {mode: _unavailable_models(rows, models) for mode, rows in by_mode.items()}
@@ -1145,15 +1162,19 @@ def evaluate(config: EvalConfig, inputs: EvalInputs | None = None) -> tuple[Any,
         reasons = "; ".join(f"{m}: {why}" for m, why in unavailable.items())
         raise EvaluationError(f"no model could be evaluated ({reasons})")
 
-    # The metrics read these five fields of a row (and its cluster), not all nineteen.
+    # The metrics read these five fields of a row (and its cluster), one row at a time.
     scored_columns = ["sample_id", "model", "dataset", "true_label", "predicted_label"]
-    records = scored[table1_mode][scored_columns].to_dict("records")
+
+    def scored_rows(rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for row in rows:
+            row["cluster"] = clusters[str(row["sample_id"])]
+            yield row
+
     baseline, baseline_note = blind_baseline_rows(config, meta)
-    for row in (*records, *baseline):
-        row["cluster"] = clusters[str(row["sample_id"])]
-    metrics = metrics_by_model_and_dataset([*records, *baseline], n_boot=config.n_boot,
-                                           seed=config.seed)
-    del records, baseline  # a dict per prediction: freed before the stages that follow
+    metrics = metrics_by_model_and_dataset(
+        scored_rows(itertools.chain(iter_rows(scored[table1_mode], scored_columns), baseline)),
+        n_boot=config.n_boot, seed=config.seed)
+    del baseline
     answered = predictions[~predictions["model"].isin(list(unavailable))]
     n_bins = config.calibration.n_bins
     controls = compare_conditions(answered, table1_mode, config.controls, clusters,
@@ -1163,11 +1184,9 @@ def evaluate(config: EvalConfig, inputs: EvalInputs | None = None) -> tuple[Any,
     generated_metrics: dict[str, Any] = {}
     generated_note = None
     if table1_mode != "generate" and "generate" in config.answer_mode:
-        rows = [{**r, "cluster": clusters[str(r["sample_id"])]}
-                for r in scored["generate"][scored_columns].to_dict("records")]
-        generated_metrics = metrics_by_model_and_dataset(rows, n_boot=config.n_boot,
-                                                         seed=config.seed)
-        del rows
+        generated_metrics = metrics_by_model_and_dataset(
+            scored_rows(iter_rows(scored["generate"], scored_columns)), n_boot=config.n_boot,
+            seed=config.seed)
         if failed["generate"]:
             generated_note = "; ".join(f"{m}: {why}" for m, why in sorted(failed["generate"].items()))
 

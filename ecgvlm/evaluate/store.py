@@ -93,11 +93,10 @@ class PredictionStore:
                  if p.rsplit("/", 1)[-1].startswith("part-")]
         return ([self.path] if storage.is_file(self.path) else []) + parts
 
-    def load(self, columns: Sequence[str] | None = None) -> Any:
-        """All stored rows, latest per key (pandas DataFrame with PREDICTION_COLUMNS, or the
-        key columns and ``columns``: the checks before a run read a few columns, not every
-        explanation a resumed run has stored)."""
-        import pandas as pd
+    def _read(self, columns: Sequence[str] | None = None) -> Any:
+        """All stored rows, latest per key, as an Arrow table in the stores' order (the key
+        columns and ``columns``, or PREDICTION_COLUMNS)."""
+        import numpy as np
         import pyarrow as pa
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
@@ -124,16 +123,50 @@ class PredictionStore:
                     table = table.set_column(table.schema.get_field_index(name), name, filled)
             tables.append(table.select(schema.names).cast(schema))
         if not tables:
-            return pd.DataFrame({name: pd.Series(dtype=object) for name in schema.names})
-        frame = pa.concat_tables(tables).to_pandas()
-        # Sources are read oldest first, so keeping the last row per key keeps the newest.
-        frame = frame.drop_duplicates(list(KEY_COLUMNS), keep="last").reset_index(drop=True)
+            return schema.empty_table()
+        table = pa.concat_tables(tables)
+        # Sources are read oldest first, so the last row per key is the newest. Grouped in
+        # Arrow, not pandas: a Python object per stored explanation was most of the memory.
+        rows = pa.table({name: table.column(name) for name in KEY_COLUMNS}).append_column(
+            "row", pa.array(np.arange(len(table), dtype=np.int64)))
+        newest = rows.group_by(list(KEY_COLUMNS), use_threads=False).aggregate([("row", "max")])
+        keep = np.sort(newest.column("row_max").to_numpy())  # the stored order, as it was
+        return table.take(keep)
+
+    @staticmethod
+    def _frame(table: Any) -> Any:
+        import pandas as pd
+        import pyarrow as pa
+
+        if not len(table):
+            return pd.DataFrame({name: pd.Series(dtype=object) for name in table.schema.names})
+        frame = table.to_pandas()
         # Nulls of text columns as None (pandas reads them as NaN), so rows read back as the
         # Prediction records they were written from.
-        for name in schema.names:
-            if pa.types.is_string(schema.field(name).type):
-                frame[name] = frame[name].astype(object).where(frame[name].notna(), None)
+        for field in table.schema:
+            if pa.types.is_string(field.type):
+                frame[field.name] = frame[field.name].astype(object).where(frame[field.name].notna(), None)
         return frame
+
+    def load(self, columns: Sequence[str] | None = None) -> Any:
+        """All stored rows, latest per key (pandas DataFrame with PREDICTION_COLUMNS, or the
+        key columns and ``columns``: the checks before a run read a few columns, not every
+        explanation a resumed run has stored)."""
+        return self._frame(self._read(columns))
+
+    def rows_of(self, sample_ids: set[str], columns: Sequence[str]) -> Any:
+        """The consolidated rows of ``sample_ids`` (the key columns and ``columns``, as
+        :meth:`load` returns them), read with a filter: a few rows' texts, not every row's."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        names = [*KEY_COLUMNS, *(c for c in columns if c not in KEY_COLUMNS)]
+        schema = pa.schema([prediction_schema().field(name) for name in names])
+        if not sample_ids:
+            return self._frame(schema.empty_table())
+        table = pq.read_table(self.path, columns=names,
+                              filters=[("sample_id", "in", sorted(sample_ids))])
+        return self._frame(table.cast(schema))
 
     def done_keys(self, retry_errors: bool = True) -> set[tuple[str, str, str, str]]:
         """(sample_id, model, answer_mode, condition) keys that need no new request (errored
@@ -178,16 +211,26 @@ class PredictionStore:
         storage.write_bytes(final, buf.getvalue())
         return final
 
-    def consolidate(self) -> Any:
-        """Merge everything into ``predictions.parquet`` (sorted, one row per key)."""
+    def consolidate(self, columns: Sequence[str] | None = None) -> Any:
+        """Merge everything into ``predictions.parquet`` (sorted, one row per key).
+
+        Returns:
+            The stored rows as :meth:`load` returns them (``columns``: only the key columns
+            and these; the merge itself stays in Arrow, whatever is returned).
+        """
+        import pyarrow.compute as pc
+
         sources = self._sources()
         order = ["model", "answer_mode", "condition", "dataset", "sample_id"]
-        frame = self.load().sort_values(order).reset_index(drop=True)
-        self.write(frame)
+        table = self._read()
+        table = table.take(pc.sort_indices(table, [(name, "ascending") for name in order]))
+        self.write(table)
         for path in sources:
             if path != self.path:
                 storage.delete(path)
-        return frame
+        if columns is not None:
+            table = table.select([*KEY_COLUMNS, *(c for c in columns if c not in KEY_COLUMNS)])
+        return self._frame(table)
 
     def rewrite(self, transform: Callable[[Any], Any], batch_rows: int = 4096) -> None:
         """Replace ``predictions.parquet`` by ``transform`` applied to each of its record
@@ -206,11 +249,12 @@ class PredictionStore:
                 writer.write_batch(transform(batch).cast(schema))
         storage.write_bytes(self.path, memoryview(sink.getvalue()))
 
-    def write(self, frame: Any) -> None:
-        """Replace ``predictions.parquet`` with ``frame`` (written whole, never in part)."""
+    def write(self, table: Any) -> None:
+        """Replace ``predictions.parquet`` with the Arrow ``table`` (written whole, never in
+        part)."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        buf = io.BytesIO()
-        pq.write_table(pa.Table.from_pandas(frame, prediction_schema(), preserve_index=False), buf)
-        storage.write_bytes(self.path, buf.getvalue())
+        sink = pa.BufferOutputStream()
+        pq.write_table(table.cast(prediction_schema()), sink)
+        storage.write_bytes(self.path, memoryview(sink.getvalue()))

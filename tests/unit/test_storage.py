@@ -200,6 +200,15 @@ def test_predictions_are_stored_and_consolidated_in_the_store(location: str) -> 
     again = PredictionStore(location).load()
     assert again["claims"].tolist() == ["[s1]", "[s2]"]
     assert again.drop(columns="claims").equals(frame.drop(columns="claims"))
+    # The judge reads the texts of the few rows it judges, with a filter on the sample ids.
+    judged = PredictionStore(location).rows_of({"s2", "s9"}, ["claims", "raw_text"])
+    assert list(judged.columns) == ["sample_id", "model", "answer_mode", "condition", "claims",
+                                    "raw_text"]
+    assert judged.to_dict("records") == [{**again.loc[1, list(judged.columns)].to_dict()}]
+    assert PredictionStore(location).rows_of(set(), ["raw_text"]).empty
+    # Consolidating again (nothing new) keeps the file and returns only what is asked for.
+    lean = PredictionStore(location).consolidate(columns=["error"])
+    assert lean.equals(again[list(lean.columns)])
 
 
 def test_one_node_clusters_take_local_paths(ray_local) -> None:
