@@ -34,7 +34,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -770,21 +770,19 @@ class ClaimCounts:
     supported: int = 0
     contradicted: int = 0
     unverifiable: int = 0
-    spans: list[tuple[int, int]] = field(default_factory=list)  # contradicted spans
 
     @property
     def n(self) -> int:
         return self.supported + self.contradicted + self.unverifiable
 
 
-def count_verdicts(verdicts: Iterable[Verdict]) -> ClaimCounts:
+def count_verdicts(verdicts: Iterable[Verdict | Mapping[str, Any]]) -> ClaimCounts:
+    """Count ``verdicts``: ``Verdict``s, or their ``to_json()`` dicts as the ``claims``
+    column of ``predictions.parquet`` stores them."""
     counts = {v: 0 for v in VERDICTS}
-    spans = []
     for v in verdicts:
-        counts[v.verdict] += 1
-        if v.verdict == CONTRADICTED:
-            spans.append(v.claim.span)
-    return ClaimCounts(counts[SUPPORTED], counts[CONTRADICTED], counts[UNVERIFIABLE], spans)
+        counts[v.verdict if isinstance(v, Verdict) else v["verdict"]] += 1
+    return ClaimCounts(counts[SUPPORTED], counts[CONTRADICTED], counts[UNVERIFIABLE])
 
 
 # ---------------------------------------------------------------------------------------------

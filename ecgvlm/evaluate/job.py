@@ -840,8 +840,7 @@ def validation_choices(
 def check_explanations(
     config: EvalConfig, store: PredictionStore, selected: set[str], models: set[str],
     meta: Any, clusters: dict[str, str], examples_per_model: int = 3,
-) -> tuple[dict[str, Any], dict[tuple[str, str], float], dict[str, list[dict[str, Any]]],
-           str | None]:
+) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]], str | None]:
     """Check every generated explanation against its record (``ecgvlm.evaluate.claims``) and
     store the verdicts in ``predictions.parquet``'s ``claims`` column.
 
@@ -849,15 +848,13 @@ def check_explanations(
     ``selected`` samples by ``models`` that did not fail; every other row keeps its claims.
     The store is read and rewritten a batch of rows at a time (``PredictionStore.rewrite``),
     and of each explanation only what the report needs is kept: three counts (in one array
-    per model and data set) and, for served models, the share contradicted. The reference
+    per model and data set). The reference
     rows (``claims.REFERENCE_MODEL``, ``claims.MOVED_REFERENCE_MODEL``) check the grounded
     reference explanations against their own and against another record.
 
     Returns:
-        (``{model: {dataset: ClaimStats}}``, (sample_id, model) -> the share of its
-        checkable claims contradicted (explanations with one or more, served models only),
-        per model a few explanations with contradicted claims (``ClaimExamples``), a note
-        when the split has no measurements).
+        (``{model: {dataset: ClaimStats}}``, per model a few explanations with contradicted
+        claims (``ClaimExamples``), a note when the split has no measurements).
     """
     import json
     from array import array
@@ -902,7 +899,6 @@ def check_explanations(
     # (model, dataset) -> (supported, contradicted, unverifiable of each explanation, in
     # turn; the cluster of each): a dataclass per explanation was about 200 bytes.
     groups: dict[tuple[str, str], tuple[array, list[str]]] = {}
-    rates: dict[tuple[str, str], float] = {}
     examples = ClaimExamples(examples_per_model, config.seed)
 
     def tally(sid: str, model: str, dataset: str, text: str, verdicts: list[Any]) -> None:
@@ -910,9 +906,6 @@ def check_explanations(
         found, cluster = groups.setdefault((model, dataset), (array("q"), []))
         found.extend((counts.supported, counts.contradicted, counts.unverifiable))
         cluster.append(clusters[sid])
-        # Only the judged (served) models' shares are ever looked up.
-        if model in models and counts.supported + counts.contradicted:
-            rates[(sid, model)] = counts.contradicted / (counts.supported + counts.contradicted)
         examples.offer(model, sid, dataset, text, verdicts, counts.contradicted)
 
     read = ("sample_id", "model", "dataset", "answer_mode", "condition", "explanation", "error")
@@ -944,7 +937,7 @@ def check_explanations(
         summary.setdefault(model, {})[dataset] = claim_stats(
             np.array(found, dtype=np.int64).reshape(-1, 3), cluster, n_boot=config.n_boot,
             seed=config.seed)
-    return summary, rates, examples.picked(), note
+    return summary, examples.picked(), note
 
 
 class ClaimExamples:
@@ -997,7 +990,7 @@ def judge_claim_agreement(
     """Per model: Spearman's rank correlation, over the judged explanations with a checkable
     claim, between the judge's factual accuracy (and hallucination) and the share of the
     explanation's checkable claims that are contradicted (``rates``, from
-    ``check_explanations``), with a cluster-bootstrap CI."""
+    :func:`contradicted_shares`), with a cluster-bootstrap CI."""
     import numpy as np
     from scipy.stats import spearmanr
 
@@ -1023,6 +1016,28 @@ def judge_claim_agreement(
         out[model] = {"n": len(pairs), **{k: (None if math.isnan(v) else v) for k, v in point.items()},
                       "ci": bootstrap_intervals(rho, len(x), [p[3] for p in pairs], n_boot, seed)}
     return out
+
+
+def contradicted_shares(store: PredictionStore, judgements: list[Any]) -> dict[tuple[str, str], float]:
+    """(sample_id, model) -> the share of its checkable claims contradicted, for the judged
+    explanations with one or more, from the verdicts the claim check stored (read by filter:
+    a few rows, not a share per explanation held through the run)."""
+    import json
+
+    from ecgvlm.evaluate.claims import count_verdicts
+
+    judged = {(j.sample_id, j.model) for j in judgements}
+    stored = store.rows_of({sid for sid, _ in judged}, ["claims"])
+    shares = {}
+    for row in iter_rows(stored, ["sample_id", "model", "answer_mode", "condition", "claims"]):
+        key = (row["sample_id"], row["model"])
+        if (key not in judged or row["answer_mode"] != "generate"
+                or row["condition"] != "normal" or not row["claims"]):
+            continue
+        counts = count_verdicts(json.loads(row["claims"]))
+        if counts.supported + counts.contradicted:
+            shares[key] = counts.contradicted / (counts.supported + counts.contradicted)
+    return shares
 
 
 def _unavailable_models(predictions: Any, models: Iterable[str]) -> dict[str, str]:
@@ -1202,13 +1217,12 @@ def evaluate(config: EvalConfig, inputs: EvalInputs | None = None) -> tuple[Any,
         del test_rows, val_rows
 
     claims: dict[str, Any] = {}
-    contradicted_rates: dict[tuple[str, str], float] = {}
     examples: dict[str, list[dict[str, Any]]] = {}
     claims_note = None
     claims_s = 0.0
     if "generate" in config.answer_mode and len(scored["generate"]):
         t_claims = time.perf_counter()
-        claims, contradicted_rates, examples, claims_note = check_explanations(
+        claims, examples, claims_note = check_explanations(
             config, store, selected, set(scored["generate"]["model"]), meta, clusters)
         release_arrow_memory()
         claims_s = time.perf_counter() - t_claims
@@ -1219,8 +1233,10 @@ def evaluate(config: EvalConfig, inputs: EvalInputs | None = None) -> tuple[Any,
     else:
         judgements, judge_note = [], "no explanations to judge: answer_mode has no 'generate'"
     judge_boot = config.n_boot or 1000
-    judge_agreement = judge_claim_agreement(judgements, contradicted_rates, clusters,
-                                            judge_boot, config.seed)
+    # The verdicts read back are this run's: the judged rows are among those it checked.
+    judge_agreement = judge_claim_agreement(
+        judgements, contradicted_shares(store, judgements) if claims else {}, clusters,
+        judge_boot, config.seed)
 
     counts: dict[str, dict[str, dict[str, int]]] = {}
     for model, mode, condition in tasks:

@@ -332,6 +332,34 @@ def test_judge_agreement_is_spearman_over_the_judged_explanations():
     assert lo <= out["m"]["factual_accuracy"] <= hi
 
 
+def test_judged_shares_are_read_back_from_the_stored_verdicts(tmp_path):
+    import json
+
+    from ecgvlm.evaluate.job import contradicted_shares
+    from ecgvlm.evaluate.store import PredictionStore
+    from ecgvlm.records import Judgement
+
+    def verdicts(*kinds):
+        return json.dumps([{"verdict": k} for k in kinds])
+
+    base = {"dataset": "d", "answer_mode": "generate", "condition": "normal"}
+    store = PredictionStore(tmp_path)
+    store.append([
+        {**base, "sample_id": "s1", "model": "m", "claims": verdicts("supported", "contradicted",
+                                                                      "contradicted", "unverifiable")},
+        {**base, "sample_id": "s1", "model": "m", "condition": "blank",
+         "claims": verdicts("contradicted")},  # not a judged row: another printout
+        {**base, "sample_id": "s2", "model": "m", "claims": verdicts("unverifiable")},  # nothing checkable
+        {**base, "sample_id": "s3", "model": "m", "claims": verdicts("supported")},  # not judged
+        {**base, "sample_id": "s1", "model": "other", "claims": verdicts("contradicted")},
+    ])
+    store.consolidate()
+    judged = [Judgement(sid, "d", model, "judge", "v", 3, 3, 3, 3, 1)
+              for sid, model in (("s1", "m"), ("s2", "m"), ("s1", "other"))]
+    assert contradicted_shares(store, judged) == {("s1", "m"): 2 / 3, ("s1", "other"): 1.0}
+    assert contradicted_shares(store, []) == {}
+
+
 def test_claim_examples_keep_the_most_contradicted_whatever_the_order_rows_come_in():
     import random
 
