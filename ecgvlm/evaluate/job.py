@@ -76,6 +76,9 @@ SPLIT_META_COLUMNS: tuple[str, ...] = (*ASKED_COLUMNS, "target_text")
 SPLIT_OPTIONAL_COLUMNS: tuple[str, ...] = ("record_id", "patient_id", "source_path")
 #: Split columns the claim check reads when present (the record's measurements and labels).
 SPLIT_CLAIM_COLUMNS: tuple[str, ...] = ("measurements", "labels")
+#: The fields of a stored prediction that calibration reads (``ecgvlm.evaluate.calibration``).
+CALIBRATION_COLUMNS: tuple[str, ...] = (
+    "sample_id", "model", "dataset", "option_probs", "answer_letter", "error")
 #: Stored prediction columns the report's analysis holds for every row: all but the texts.
 ANALYSIS_COLUMNS: tuple[str, ...] = tuple(
     c for c in PREDICTION_COLUMNS if c not in ("explanation", "claims", "raw_text"))
@@ -768,21 +771,25 @@ def blind_baseline_rows(config: EvalConfig, meta: Any) -> tuple[list[dict[str, A
         )
     except EvaluationError as e:
         return [], f"not run: no {config.prior_split!r} split to fit its prior on ({e})"
-    train = [
+    # Rows made one at a time, of the columns read here: a dict of every column per sample
+    # (the measurements' JSON is about 1 kB) was held for the whole split.
+    asked = ["sample_id", "dataset", "option_labels", "answer_letter"]
+    train = (
         {"dataset": r["dataset"],
          "true_label": list(r["option_labels"])[letter_index(r["answer_letter"], len(r["options"]))]}
-        for r in prior_meta.to_dict("records")
-    ]
-    samples = meta.to_dict("records")
-    chosen = option_prior_baseline(samples, train, seed=config.seed)
+        for r in iter_rows(prior_meta, ["dataset", "options", "option_labels", "answer_letter"])
+    )
+    n_train = len(prior_meta)
+    del prior_meta
+    chosen = option_prior_baseline(iter_rows(meta, asked), train, seed=config.seed)
     rows = []
-    for sample in samples:
+    for sample in iter_rows(meta, asked):
         labels = list(sample["option_labels"])
         truth = labels[letter_index(sample["answer_letter"], len(labels))]
         rows.append({"sample_id": sample["sample_id"], "dataset": sample["dataset"],
                      "model": PRIOR_MODEL, "true_label": truth,
                      "predicted_label": chosen[str(sample["sample_id"])]})
-    note = (f"the offered option whose finding is most frequent among the {len(train)} "
+    note = (f"the offered option whose finding is most frequent among the {n_train} "
             f"correct answers of the {config.prior_split!r} split (per data set; seed "
             f"{config.seed} breaks ties)")
     if config.prior_split == config.split:
@@ -834,7 +841,8 @@ def validation_choices(
     note = None
     if split == config.split:
         note = f"fitted on the evaluated split {split!r} itself: optimistic"
-    return rows.to_dict("records"), note
+    # The fields calibration reads, not all nineteen: a dict of every column per answer.
+    return list(iter_rows(rows, CALIBRATION_COLUMNS)), note
 
 
 def check_explanations(
@@ -1211,7 +1219,7 @@ def evaluate(config: EvalConfig, inputs: EvalInputs | None = None) -> tuple[Any,
         choice_models = sorted(set(scored["choice"]["model"]))
         val_rows, calibration_note = validation_choices(config, choice_models, out)
         test_rows = [{**r, "cluster": clusters[str(r["sample_id"])]}
-                     for r in scored["choice"].to_dict("records")]
+                     for r in iter_rows(scored["choice"], CALIBRATION_COLUMNS)]
         calibration = calibrate_models(test_rows, val_rows, config.calibration,
                                        n_boot=config.n_boot, seed=config.seed)
         del test_rows, val_rows
