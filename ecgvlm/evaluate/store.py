@@ -94,7 +94,7 @@ class PredictionStore:
         return ([self.path] if storage.is_file(self.path) else []) + parts
 
     def _read(self, columns: Sequence[str] | None = None) -> Any:
-        """All stored rows, latest per key, as an Arrow table in the stores' order (the key
+        """All stored rows, latest per key, as an Arrow table in the order stored (the key
         columns and ``columns``, or PREDICTION_COLUMNS)."""
         import numpy as np
         import pyarrow as pa
