@@ -1142,6 +1142,63 @@ def read_shards(files: Sequence[str | Path], **read_kwargs: Any) -> Any:
         return ray.data.read_parquet([str(f) for f in files], **read_kwargs)
 
 
+def shard_dataset(files: Sequence[str | Path]) -> Any:
+    """The shards ``files`` (local paths or URIs on one store) as a ``pyarrow.dataset``:
+    nothing is read but the footers, so its ``schema`` is cheap."""
+    import pyarrow.dataset as pads
+
+    filesystem, paths = storage.filesystem_and_paths([str(f) for f in files])
+    return pads.dataset(paths, format="parquet", filesystem=filesystem)
+
+
+def iter_shard_batches(
+    files: Sequence[str | Path], columns: Sequence[str], sample_ids: Iterable[str] | None = None,
+    batch_rows: int = 1024,
+) -> Iterator[Any]:
+    """Record batches of ``sample_id`` and ``columns`` (those the shards have) of ``files``,
+    of the samples ``sample_ids`` only when given, read a batch at a time with no read-ahead:
+    a few columns of some samples without holding every column of every sample.
+
+    Each batch is filtered here rather than by the dataset's own filter: its output was
+    allocated outside Arrow's default pool (``release_arrow_memory`` could not give it back),
+    and a 20k-sample read of six columns (17 MB) grew the process 55-67 MB against 44.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    dataset = shard_dataset(files)
+    names = [c for c in dict.fromkeys(["sample_id", *columns]) if c in dataset.schema.names]
+    wanted = None if sample_ids is None else pa.array(sorted(set(sample_ids)), pa.string())
+    if wanted is not None and not len(wanted):
+        return
+    for batch in dataset.to_batches(columns=names, batch_size=batch_rows, batch_readahead=1,
+                                    fragment_readahead=1):
+        if wanted is not None:
+            batch = batch.filter(pc.is_in(batch.column("sample_id"), value_set=wanted))
+        if batch.num_rows:
+            yield batch
+
+
+def read_shard_rows(
+    files: Sequence[str | Path], columns: Sequence[str], sample_ids: Iterable[str] | None = None,
+) -> Any:
+    """:func:`iter_shard_batches` as one Arrow table (one chunk per column)."""
+    import pyarrow as pa
+
+    schema = shard_dataset(files).schema
+    names = [c for c in dict.fromkeys(["sample_id", *columns]) if c in schema.names]
+    return pa.Table.from_batches(list(iter_shard_batches(files, columns, sample_ids)),
+                                 schema=pa.schema([schema.field(c) for c in names])).combine_chunks()
+
+
+def iter_shard_rows(
+    files: Sequence[str | Path], columns: Sequence[str], sample_ids: Iterable[str] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """:func:`iter_shard_batches` as dicts, one row at a time."""
+    for batch in iter_shard_batches(files, columns, sample_ids):
+        yield from batch.to_pylist()
+
+
 def iter_split_rows(
     output_dir: str | Path, split: str, with_png: bool = True
 ) -> Iterator[dict[str, Any]]:

@@ -910,7 +910,7 @@ def draw_donor(by_label: dict[str, list[Any]], excluded: set[str], rng: Any) -> 
 
 
 def reference_texts(
-    true_labels: Sequence[str], measurements: Sequence[Any], seed: int = 0
+    true_labels: Sequence[str], measurements: Iterable[Any], seed: int = 0
 ) -> tuple[list[str | None], list[str | None]]:
     """The grounded reference explanation of each sample (``grounded_text`` of its correct
     finding, ``true_labels[i]``, on its measurements, ``measurements[i]`` as stored in the

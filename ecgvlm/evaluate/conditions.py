@@ -146,6 +146,16 @@ def _render_config(render_json: str, condition: str) -> Any:
     return replace(base, augment=(artefact,), augment_strength=strength)
 
 
+def lead_names(measurements: Any) -> tuple[str, ...]:
+    """The leads of a record, from the split's ``measurements`` JSON (the 12 standard leads
+    when it has none)."""
+    from ecgvlm.evaluate.claims import measurements_of
+    from ecgvlm.signal import STANDARD_LEADS
+
+    m = measurements_of(measurements)
+    return tuple(lm.lead for lm in m.leads) if m is not None and m.leads else STANDARD_LEADS
+
+
 @functools.lru_cache(maxsize=16)
 def blank_png(leads: tuple[str, ...], render_json: str) -> bytes:
     """The blank control's page for a record with ``leads`` (cached: one per lead set)."""
@@ -206,15 +216,18 @@ def _missing_source(paths: Sequence[str]) -> str | None:
 
 
 def condition_inputs(
-    config: Any, meta: Any, conditions: Sequence[str] = (),
+    config: Any, meta: Any, files: Sequence[str], conditions: Sequence[str] = (),
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """What ``job.expand_pending`` needs for the controls and the sweep, from the split's
-    metadata (driver side, no images, no signals).
+    metadata (driver side, no images, no signals) and, for the mismatched printouts, the
+    recipients' questions from its shards ``files``.
 
-    ``blank``: each sample's lead names (from its measurements; the 12 standard leads when it
-    has none) and the prepared set's render config (``manifest.json``, drawn without
-    augmentation). ``mismatched``: for each sample a donor of the same data set (seeded)
-    whose correct finding is not among the sample's options, as donor -> recipient rows.
+    ``blank``: the prepared set's render config (``manifest.json``, drawn without
+    augmentation); each page is drawn for its sample's leads where the batch is made.
+    ``mismatched``: for each sample a donor of the same data set (seeded)
+    whose correct finding is not among the sample's options: an Arrow table of the
+    recipients' ``ASKED_COLUMNS`` and their ``donor``, in the order drawn (Arrow, not a dict
+    per recipient: it is held through the run and handed to every task that makes batches).
     Sweep ``conditions``: the render config, ``window_s`` and seed; they need the split's
     ``source_path`` (prepared data sets older than it have none) and readable records.
 
@@ -224,39 +237,38 @@ def condition_inputs(
         ``kwargs["sweep"]`` empty).
     """
     import numpy as np
+    import pyarrow as pa
 
+    from ecgvlm.dataset import read_shard_rows
     from ecgvlm.evaluate.claims import draw_donor
-    from ecgvlm.signal import STANDARD_LEADS
 
     render_json, window_s = prepared_render(config.data_dir)
-    kwargs: dict[str, Any] = {"recipients": {}, "blank_leads": {}, "render_json": render_json,
+    kwargs: dict[str, Any] = {"recipients": None, "render_json": render_json,
                               "window_s": window_s, "seed": config.seed, "sweep": (),
                               "source_roots": prepared_sources(config.data_dir)}
     notes: dict[str, str] = {}
-    samples = meta.to_dict("records") if (config.controls or conditions) else []
-    if "blank" in config.controls:
-        from ecgvlm.evaluate.claims import measurements_of
-
-        for sample in samples:
-            m = measurements_of(sample.get("measurements"))
-            leads = tuple(lm.lead for lm in m.leads) if m is not None and m.leads else STANDARD_LEADS
-            kwargs["blank_leads"][str(sample["sample_id"])] = leads
     if "mismatched" in config.controls:
         rng = np.random.default_rng(config.seed)
         lonely = []
-        ordered = sorted(samples, key=lambda r: str(r["sample_id"]))
+        ordered = sorted(
+            zip(map(str, meta["sample_id"]), map(str, meta["dataset"]), meta["option_labels"],
+                meta["answer_letter"]))
         pools: dict[str, dict[str, list[str]]] = {}  # data set -> true finding -> sample ids
-        for d in ordered:
-            pools.setdefault(str(d["dataset"]), {}).setdefault(true_label_of(d), []).append(
-                str(d["sample_id"]))
-        for sample in ordered:
-            donor = draw_donor(pools[str(sample["dataset"])], set(sample["option_labels"]), rng)
+        for sid, dataset, labels, letter in ordered:
+            pools.setdefault(dataset, {}).setdefault(
+                true_label_of({"option_labels": labels, "answer_letter": letter}), []).append(sid)
+        donors: dict[str, str] = {}  # recipient -> donor, in the order drawn
+        for sid, dataset, labels, _ in ordered:
+            donor = draw_donor(pools[dataset], set(labels), rng)
             if donor is None:
-                lonely.append(str(sample["sample_id"]))
-                continue
-            kwargs["recipients"].setdefault(donor, []).append(
-                {c: (list(sample[c]) if c in ("options", "option_labels") else sample[c])
-                 for c in ASKED_COLUMNS})
+                lonely.append(sid)
+            else:
+                donors[sid] = donor
+        asked = read_shard_rows(files, ASKED_COLUMNS, donors)
+        row_of = {sid: i for i, sid in enumerate(asked.column("sample_id").to_pylist())}
+        asked = asked.take(pa.array([row_of[sid] for sid in donors], pa.int64()))
+        kwargs["recipients"] = asked.append_column(
+            "donor", pa.array(list(donors.values()), pa.string()))
         if lonely:
             notes["controls"] = (
                 f"mismatched: {len(lonely)} sample(s) have no printout of their data set whose "

@@ -63,6 +63,7 @@ from ecgvlm.evaluate.conditions import (
     blank_png,
     compare_conditions,
     condition_inputs,
+    lead_names,
     rerendered,
     true_label_of,
 )
@@ -70,9 +71,15 @@ from ecgvlm.evaluate.errors import EvaluationError
 from ecgvlm.evaluate.judge import JudgeConfig
 from ecgvlm.evaluate.store import PREDICTION_COLUMNS, PredictionStore, prediction_schema
 
-#: Split columns the evaluation reads (``png`` only inside the pipeline, never in the driver).
-SPLIT_META_COLUMNS: tuple[str, ...] = (*ASKED_COLUMNS, "target_text")
-#: Split columns read when present: the unit the intervals resample and the limit spreads over.
+#: Split columns an evaluation needs (the pipeline reads them, with ``png``).
+SPLIT_REQUIRED_COLUMNS: tuple[str, ...] = (*ASKED_COLUMNS, "target_text")
+#: Split columns the driver holds for each selected sample for the whole run: what the
+#: metrics, the clusters and the controls' donors need. The texts (question, options, the
+#: reference explanation, the measurements' JSON: about 2.5 kB a sample of a real record,
+#: fifteen times these) are read by the stage that needs them, for the samples it needs.
+SPLIT_META_COLUMNS: tuple[str, ...] = ("sample_id", "dataset", "option_labels", "answer_letter")
+#: Split columns read when present: the unit the intervals resample and the limit spreads
+#: over, and where the sweep re-renders from.
 SPLIT_OPTIONAL_COLUMNS: tuple[str, ...] = ("record_id", "patient_id", "source_path")
 #: Split columns the claim check reads when present (the record's measurements and labels).
 SPLIT_CLAIM_COLUMNS: tuple[str, ...] = ("measurements", "labels")
@@ -249,35 +256,37 @@ def split_files(data_dir: str | Path, split: str) -> list[str]:
     return files
 
 
-def read_split_meta(files: list[str], columns: Iterable[str] = SPLIT_META_COLUMNS) -> Any:
-    """The split without images, as a pandas DataFrame (one row per sample) whose columns
-    stay in Arrow memory (``pd.ArrowDtype``): as Python objects (a list of options, a string
-    per field) it took about 5 kB a row, ten times its Arrow size. Rows read with
-    ``to_dict("records")`` are plain Python values (None for a null).
+def read_split_meta(
+    files: list[str], columns: Iterable[str] = SPLIT_META_COLUMNS,
+    required: Iterable[str] = SPLIT_REQUIRED_COLUMNS,
+) -> Any:
+    """``columns`` of the split (and ``SPLIT_OPTIONAL_COLUMNS`` where present) as a pandas
+    DataFrame, one row per sample, whose columns stay in Arrow memory (``pd.ArrowDtype``):
+    as Python objects they took about ten times their Arrow size. Rows read with
+    ``iter_rows`` are plain Python values (None for a null).
 
     Raises:
-        EvaluationError: when a required column is missing or sample ids repeat.
+        EvaluationError: when a ``required`` column or one of ``columns`` is missing, or
+            sample ids repeat.
     """
     import pandas as pd
-    import pyarrow.dataset as pads
 
-    from ecgvlm.dataset import check_shards_readable
+    from ecgvlm.dataset import check_shards_readable, shard_dataset
 
     try:
         check_shards_readable(files)
     except ValueError as e:
         raise EvaluationError(str(e)) from e
-    filesystem, paths = storage.filesystem_and_paths(files)
-    dataset = pads.dataset(paths, format="parquet", filesystem=filesystem)
+    dataset = shard_dataset(files)
     columns = list(columns)
-    missing = [c for c in columns if c not in dataset.schema.names]
+    missing = [c for c in dict.fromkeys([*required, *columns]) if c not in dataset.schema.names]
     if missing:
         raise EvaluationError(
             f"split shards lack column(s) {', '.join(missing)}; they have "
             f"{', '.join(dataset.schema.names)}"
         )
-    optional = SPLIT_OPTIONAL_COLUMNS + (SPLIT_CLAIM_COLUMNS if "question" in columns else ())
-    columns += [c for c in optional if c in dataset.schema.names and c not in columns]
+    columns += [c for c in SPLIT_OPTIONAL_COLUMNS
+                if c in dataset.schema.names and c not in columns]
     frame = dataset.to_table(columns=columns).to_pandas(types_mapper=pd.ArrowDtype)
     dup = frame["sample_id"][frame["sample_id"].duplicated()]
     if len(dup):
@@ -356,8 +365,7 @@ def select_samples(
 def expand_pending(
     batch: Any,
     pending: dict[tuple[str, str, str], list[str]],
-    recipients: dict[str, list[dict[str, Any]]] | None = None,
-    blank_leads: dict[str, tuple[str, ...]] | None = None,
+    recipients: Any = None,
     render_json: str = "{}",
     window_s: float = 10.0,
     seed: int = 0,
@@ -368,9 +376,10 @@ def expand_pending(
     ``answer_mode`` and ``condition`` columns (pyarrow batch).
 
     ``text_only`` rows carry no image (an empty ``png``: the question is asked alone);
-    ``blank`` rows carry the blank page for the sample's leads (``blank_leads``) instead of
-    its printout; ``mismatched`` rows are made from the donors in this batch: ``recipients``
-    maps a donor's sample id to the split rows (without ``png``) that get its printout.
+    ``blank`` rows carry the blank page for the sample's leads (from the batch's
+    ``measurements`` column; the 12 standard leads without it) instead of its printout;
+    ``mismatched`` rows are made from the donors in this batch: ``recipients`` is a table of
+    split rows (without ``png``) with the ``donor`` whose printout each gets.
     Conditions of the ``sweep`` carry the printout re-rendered from the sample's record
     (``conditions.rerendered``: read once, drawn once per condition whatever the models).
     Arguments after ``pending`` come from ``conditions.condition_inputs``.
@@ -399,18 +408,26 @@ def expand_pending(
     tables = []
     for (model, mode, condition), ids in pending.items():
         if condition == "mismatched":
-            wanted = set(ids)
-            rows = [{**r, "png": donor["png"]}
-                    for donor in batch.select(["sample_id", "png"]).to_pylist()
-                    for r in (recipients or {}).get(donor["sample_id"], ()) if r["sample_id"] in wanted]
-            chosen = pa.Table.from_pylist(rows, schema=batch.schema) if rows else batch.slice(0, 0)
+            chosen = batch.slice(0, 0)
+            if recipients is not None:
+                donors = batch.column("sample_id").combine_chunks()
+                mine = recipients.filter(pc.and_(
+                    pc.is_in(recipients["donor"], value_set=donors),
+                    pc.is_in(recipients["sample_id"], value_set=pa.array(ids, pa.string()))))
+                donor_row = pc.index_in(mine["donor"], value_set=donors)
+                pngs = batch["png"].take(donor_row)
+                chosen = pa.table(
+                    [pngs if f.name == "png" else mine[f.name] if f.name in mine.column_names
+                     else pa.nulls(len(mine), f.type) for f in batch.schema],
+                    schema=batch.schema)
         else:
             chosen = batch.filter(pc.is_in(batch["sample_id"], value_set=pa.array(ids, pa.string())))
             if condition == "text_only" and len(chosen):
                 chosen = with_png(chosen, [b""] * len(chosen))  # asked with no image part
             elif condition == "blank" and len(chosen):
-                chosen = with_png(chosen, [blank_png((blank_leads or {})[sid], render_json)
-                                           for sid in chosen["sample_id"].to_pylist()])
+                measured = (chosen["measurements"].to_pylist() if "measurements" in chosen.column_names
+                            else [None] * len(chosen))
+                chosen = with_png(chosen, [blank_png(lead_names(m), render_json) for m in measured])
             elif condition in swept and len(chosen):
                 chosen = with_png(chosen, [images[(sid, condition)]
                                            for sid in chosen["sample_id"].to_pylist()])
@@ -495,7 +512,7 @@ def run_predictions(
     """
     import ray.data
 
-    from ecgvlm.dataset import ray_data_settings, read_shards
+    from ecgvlm.dataset import ray_data_settings, read_shards, shard_dataset
 
     pending = {task: ids for task, ids in pending.items() if ids}
     if not pending:
@@ -513,6 +530,9 @@ def run_predictions(
     columns = [*ASKED_COLUMNS, "png"]
     if (controls or {}).get("sweep"):
         columns += RERENDER_COLUMNS
+    if any(condition == "blank" for _, _, condition in pending):
+        # The blank page is drawn for the record's leads, named in its measurements.
+        columns += [c for c in ("measurements",) if c in shard_dataset(files).schema.names]
     # Ray Data sizes blocks by bytes; this pipeline's blocks hold about batch_size rows.
     block_size = block_bytes(files, config.batch_size)
     # The read may run only a bounded queue ahead of the endpoint (never below a limit the
@@ -616,21 +636,22 @@ def reference_description(true_label: str, target_text: str = "") -> str:
     return explanation_of(target_text or "")
 
 
-def judge_items(predictions: Any, meta: Any, config: JudgeConfig,
+def judge_items(predictions: Any, files: list[str], config: JudgeConfig,
                 store: PredictionStore) -> list[Any]:
     """The sampled explanations to judge, with their references (see
     ``judge.sample_for_judging``). ``predictions``: the generated answers on normal
-    printouts; their raw texts are read from ``store``'s ``predictions.parquet``, for the
-    judged samples only."""
+    printouts; their raw texts are read from ``store``'s ``predictions.parquet``, and their
+    questions and reference texts from the split's shards ``files``, for the judged samples
+    only."""
+    from ecgvlm.dataset import iter_shard_rows
     from ecgvlm.evaluate.judge import JudgeItem, reference_text, sample_for_judging
     from ecgvlm.prompt import format_question, letter_index
 
     chosen = sample_for_judging(iter_rows(predictions, ["sample_id", "model", "dataset", "error"]),
                                 config.n_samples, config.seed)
     wanted = {sid for ids in chosen.values() for sid in ids}
-    # Plain Python rows (None for a null) of the judged samples only.
     by_id = {str(r["sample_id"]): r
-             for r in meta[meta["sample_id"].isin(wanted)].to_dict("records")}
+             for r in iter_shard_rows(files, SPLIT_REQUIRED_COLUMNS, wanted)}
     stored = store.rows_of(wanted, ["raw_text"])
     texts = {(r["sample_id"], r["model"]): r["raw_text"]
              for r in iter_rows(stored, ["sample_id", "model", "answer_mode", "condition", "raw_text"])
@@ -658,9 +679,11 @@ def judge_items(predictions: Any, meta: Any, config: JudgeConfig,
 
 
 def run_judge(
-    predictions: Any, meta: Any, config: JudgeConfig, output_dir: str, progress: bool = True
+    predictions: Any, files: list[str], config: JudgeConfig, output_dir: str,
+    progress: bool = True,
 ) -> tuple[list[Any], str | None]:
-    """Judge a seeded sample of explanations; reuse stored successes of the same request.
+    """Judge a seeded sample of explanations (``files``: the split's shards, for their
+    questions and references); reuse stored successes of the same request.
 
     A stored score is reused only when its ``request_hash`` (the full judge messages and the
     judge's settings, see ``judge.request_hash``) equals this run's for the same sample and
@@ -696,7 +719,7 @@ def run_judge(
             j = Judgement.from_row(row)
             if j.failure is None and row.get("request_hash"):
                 cached[str(row["request_hash"])] = j
-    items = judge_items(predictions, meta, config, PredictionStore(output_dir))
+    items = judge_items(predictions, files, config, PredictionStore(output_dir))
     hashes = [request_hash(it, config) for it in items]
     todo = [it for it, h in zip(items, hashes) if h not in cached]
     bar = _progress(len(todo), "judge", progress)
@@ -747,7 +770,7 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
 def chance_by_dataset(meta: Any) -> dict[str, float]:
     """Data set -> the accuracy of a uniform guess: the mean of 1 / number of options."""
     return {
-        str(dataset): float((1.0 / group["options"].map(len)).mean())
+        str(dataset): float((1.0 / group["option_labels"].map(len)).mean())
         for dataset, group in meta.groupby("dataset", sort=True)
     }
 
@@ -760,34 +783,27 @@ def blind_baseline_rows(config: EvalConfig, meta: Any) -> tuple[list[dict[str, A
     baseline, and the note says why.
     """
     from ecgvlm.evaluate.metrics import PRIOR_MODEL, option_prior_baseline
-    from ecgvlm.prompt import letter_index
 
     if not config.prior_split:
         return [], "not run (prior_split is empty)"
     try:
         prior_meta = read_split_meta(
-            split_files(config.data_dir, config.prior_split),
-            ("sample_id", "dataset", "options", "option_labels", "answer_letter"),
+            split_files(config.data_dir, config.prior_split), SPLIT_META_COLUMNS, required=()
         )
     except EvaluationError as e:
         return [], f"not run: no {config.prior_split!r} split to fit its prior on ({e})"
     # Rows made one at a time, of the columns read here: a dict of every column per sample
     # (the measurements' JSON is about 1 kB) was held for the whole split.
     asked = ["sample_id", "dataset", "option_labels", "answer_letter"]
-    train = (
-        {"dataset": r["dataset"],
-         "true_label": list(r["option_labels"])[letter_index(r["answer_letter"], len(r["options"]))]}
-        for r in iter_rows(prior_meta, ["dataset", "options", "option_labels", "answer_letter"])
-    )
+    train = ({"dataset": r["dataset"], "true_label": true_label_of(r)}
+             for r in iter_rows(prior_meta, asked))
     n_train = len(prior_meta)
     del prior_meta
     chosen = option_prior_baseline(iter_rows(meta, asked), train, seed=config.seed)
     rows = []
     for sample in iter_rows(meta, asked):
-        labels = list(sample["option_labels"])
-        truth = labels[letter_index(sample["answer_letter"], len(labels))]
         rows.append({"sample_id": sample["sample_id"], "dataset": sample["dataset"],
-                     "model": PRIOR_MODEL, "true_label": truth,
+                     "model": PRIOR_MODEL, "true_label": true_label_of(sample),
                      "predicted_label": chosen[str(sample["sample_id"])]})
     note = (f"the offered option whose finding is most frequent among the {n_train} "
             f"correct answers of the {config.prior_split!r} split (per data set; seed "
@@ -835,7 +851,7 @@ def validation_choices(
                         on_rows=bar.update)
     finally:
         bar.close()
-    rows = store.consolidate()
+    rows = store.consolidate(columns=CALIBRATION_COLUMNS)
     rows = rows[rows["sample_id"].isin(set(meta["sample_id"])) & rows["model"].isin(models)
                 & (rows["answer_mode"] == "choice") & (rows["condition"] == "normal")]
     note = None
@@ -847,10 +863,12 @@ def validation_choices(
 
 def check_explanations(
     config: EvalConfig, store: PredictionStore, selected: set[str], models: set[str],
-    meta: Any, clusters: dict[str, str], examples_per_model: int = 3,
+    meta: Any, clusters: dict[str, str], files: list[str], examples_per_model: int = 3,
 ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]], str | None]:
     """Check every generated explanation against its record (``ecgvlm.evaluate.claims``) and
-    store the verdicts in ``predictions.parquet``'s ``claims`` column.
+    store the verdicts in ``predictions.parquet``'s ``claims`` column. The records'
+    measurements and labels are read from the split's shards ``files`` for this check only
+    (``meta``, the driver's metadata of the selected samples, holds neither).
 
     The rows checked are the stored generated answers on normal printouts of the
     ``selected`` samples by ``models`` that did not fail; every other row keeps its claims.
@@ -870,6 +888,7 @@ def check_explanations(
     import numpy as np
     import pyarrow as pa
 
+    from ecgvlm.dataset import read_shard_rows
     from ecgvlm.evaluate.claims import (
         MOVED_REFERENCE_MODEL,
         REFERENCE_MODEL,
@@ -880,28 +899,29 @@ def check_explanations(
         reference_texts,
     )
 
-    # One column at a time, a Python value only for the record being checked, rather than
-    # a dict per sample of these columns (the measurements' JSON is about 1 kB) held
-    # through the whole check.
     sample_ids = [str(s) for s in meta["sample_id"]]
     datasets = [str(d) for d in meta["dataset"]]
     true_labels = [true_label_of({"option_labels": o, "answer_letter": a})
                    for o, a in zip(meta["option_labels"], meta["answer_letter"])]
-    no_values = [None] * len(meta)
-    measurements = meta["measurements"].array if "measurements" in meta else no_values
-    label_lists = meta["labels"].array if "labels" in meta else no_values
-    position = {sid: i for i, sid in enumerate(sample_ids)}
+    # In Arrow, a column at a time, for this check only, and a Python value only for the
+    # record being checked: a dict per sample of these columns (the measurements' JSON is
+    # about 1 kB) held through the check, or every sample's parsed measurements, was most
+    # of this stage's memory.
+    records = read_shard_rows(files, SPLIT_CLAIM_COLUMNS, sample_ids)
+    stored = [c for c in SPLIT_CLAIM_COLUMNS if c in records.column_names]
+    position = {sid: i for i, sid in enumerate(records.column("sample_id").to_pylist())}
+    no_values = pa.nulls(len(records))
+    measurements = records.column("measurements") if "measurements" in stored else no_values
+    label_lists = records.column("labels") if "labels" in stored else no_values
 
     def record(sid: str) -> tuple[Any, list[str]]:
-        # Parsed when checked, not all at once: every sample's parsed measurements were
-        # most of this stage's memory.
         i = position[sid]
-        labels = label_lists[i]
-        return (measurements_of(measurements[i]),
-                [str(x) for x in labels] if isinstance(labels, (list, np.ndarray)) else [])
+        labels = label_lists[i].as_py()
+        return (measurements_of(measurements[i].as_py()),
+                [str(x) for x in labels] if isinstance(labels, list) else [])
 
     note = None
-    if "measurements" not in meta:
+    if "measurements" not in stored:
         note = ("the split has no measurements column (prepared before measurements existed): "
                 "only named findings are checked, against the labels")
     # (model, dataset) -> (supported, contradicted, unverifiable of each explanation, in
@@ -935,7 +955,8 @@ def check_explanations(
     # Every stored row is rewritten, also those of samples or models this run did not
     # select: predictions.parquet is replaced whole, nothing may be lost.
     store.rewrite(check_batch)
-    own, moved = reference_texts(true_labels, measurements, config.seed)
+    own, moved = reference_texts(
+        true_labels, (measurements[position[sid]].as_py() for sid in sample_ids), config.seed)
     for sid, dataset, mine, other in zip(sample_ids, datasets, own, moved):
         for model, text in ((REFERENCE_MODEL, mine), (MOVED_REFERENCE_MODEL, other)):
             if text:
@@ -1140,13 +1161,13 @@ def evaluate(config: EvalConfig, inputs: EvalInputs | None = None) -> tuple[Any,
 
     tasks = [(m, mode, "normal") for m in models for mode in config.answer_mode]
     sweep = config.robustness.conditions()
-    control_kwargs, condition_notes = condition_inputs(config, meta, sweep)
+    control_kwargs, condition_notes = condition_inputs(config, meta, files, sweep)
     tasks += [(m, config.table1_mode, c) for m in models
               for c in (*config.controls, *control_kwargs["sweep"])]
     done = store.done_keys(config.retry_errors)
     pending = pending_pairs(meta, tasks, done)
     if "mismatched" in config.controls:  # samples without a donor are not asked
-        asked = {r["sample_id"] for rs in control_kwargs["recipients"].values() for r in rs}
+        asked = set(control_kwargs["recipients"]["sample_id"].to_pylist())
         pending.update({t: [s for s in ids if s in asked] for t, ids in pending.items()
                         if t[2] == "mismatched"})
     n_pending = sum(len(v) for v in pending.values())
@@ -1231,12 +1252,12 @@ def evaluate(config: EvalConfig, inputs: EvalInputs | None = None) -> tuple[Any,
     if "generate" in config.answer_mode and len(scored["generate"]):
         t_claims = time.perf_counter()
         claims, examples, claims_note = check_explanations(
-            config, store, selected, set(scored["generate"]["model"]), meta, clusters)
+            config, store, selected, set(scored["generate"]["model"]), meta, clusters, files)
         release_arrow_memory()
         claims_s = time.perf_counter() - t_claims
 
     if "generate" in config.answer_mode:
-        judgements, judge_note = run_judge(scored["generate"], meta, config.judge, out,
+        judgements, judge_note = run_judge(scored["generate"], files, config.judge, out,
                                            config.progress)
     else:
         judgements, judge_note = [], "no explanations to judge: answer_mode has no 'generate'"

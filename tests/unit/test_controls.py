@@ -14,7 +14,7 @@ from ecgvlm.evaluate.job import EvalConfig, expand_pending
 from ecgvlm.render.config import RenderConfig
 from ecgvlm.render.printout import blank_printout, render_printout
 from ecgvlm.signal import read_record
-from tests.fakes.mcq_split import sample_rows
+from tests.fakes.mcq_split import sample_rows, write_split
 
 
 def _ink(png: bytes) -> np.ndarray:
@@ -46,21 +46,29 @@ def _meta(rows):
 
 
 def test_mismatched_donors_never_offer_their_finding_among_the_options(tmp_path):
+    from ecgvlm.evaluate.job import read_split_meta, split_files
+
     rows = sample_rows(8, measurements=True)
     config = EvalConfig(data_dir=str(tmp_path), controls=("blank", "mismatched"))
-    kwargs, notes = condition_inputs(config, _meta(rows))
+    # The driver holds no question or options: the recipients' are read from the shards.
+    files = split_files(write_split(tmp_path / "prepared", rows), "test")
+    meta = read_split_meta(files)
+    assert "question" not in meta and "options" not in meta
+    kwargs, notes = condition_inputs(config, meta, files)
     note = notes.get("controls")
     by_id = {r["sample_id"]: r for r in rows}
-    recipients = [(donor, r) for donor, rs in kwargs["recipients"].items() for r in rs]
+    recipients = [(r.pop("donor"), r) for r in kwargs["recipients"].to_pylist()]
     assert len(recipients) + (int(note.split()[1]) if note else 0) == len(rows)
     for donor, recipient in recipients:
         d = by_id[donor]
         assert d["dataset"] == recipient["dataset"] and donor != recipient["sample_id"]
         assert d["option_labels"][d["answer_index"]] not in recipient["option_labels"]
+    for _, recipient in recipients:
+        sent = by_id[recipient["sample_id"]]
+        assert recipient == {k: sent[k] for k in ("sample_id", "dataset", "question", "options",
+                                                  "option_labels", "answer_letter")}
     # Seeded: the same donors again.
-    assert condition_inputs(config, _meta(rows))[0]["recipients"] == kwargs["recipients"]
-    # The blank page is drawn for the sample's leads (none measured here: the 12 standard).
-    assert set(map(len, kwargs["blank_leads"].values())) == {12}
+    assert condition_inputs(config, meta, files)[0]["recipients"].equals(kwargs["recipients"])
 
     import pyarrow as pa
 
@@ -79,6 +87,20 @@ def test_mismatched_donors_never_offer_their_finding_among_the_options(tmp_path)
     assert [p["type"] for p in parts[-1]["content"]] == ["text"]  # asked with no image
     blank = [r for r in out if r["condition"] == "blank"]
     assert len(blank) == 1 and blank[0]["png"] != rows[0]["png"]
+    # Without measurements the blank page has the 12 standard leads; with them, the
+    # record's own (read from the batch's measurements where the batch is made).
+    from ecgvlm.evaluate.conditions import blank_png
+    from ecgvlm.signal import STANDARD_LEADS
+
+    assert blank[0]["png"] == blank_png(STANDARD_LEADS, kwargs["render_json"])
+    two_leads = '{"record_id": "r", "leads": [{"lead": "MLII", "quality": "ok"}, {"lead": "V1", "quality": "ok"}]}'
+    measured = batch.append_column("measurements", pa.array([two_leads] * len(batch)))
+    blank_png.cache_clear()
+    two = {("m", "choice", "blank"): [rows[0]["sample_id"], rows[2]["sample_id"]]}
+    pages = [r["png"] for r in expand_pending(measured, two, **kwargs).to_pylist()]
+    assert len(pages) == 2 and blank_png.cache_info().misses == 1  # drawn once per lead set
+    assert pages[0] == pages[1] == blank_png(("MLII", "V1"), kwargs["render_json"])
+    assert pages[0] != blank_png(STANDARD_LEADS, kwargs["render_json"])
     mismatched = [r for r in out if r["condition"] == "mismatched"]
     assert len(mismatched) == len(recipients)
     for r in mismatched:
@@ -139,13 +161,13 @@ def test_sweep_needs_readable_records_and_says_which_is_missing(tmp_path, sample
     config = EvalConfig(data_dir=str(tmp_path), robustness=RobustnessConfig(artefacts=("noise",)))
     sweep = config.robustness.conditions()
     # Prepared before source_path existed: not run, and the note says how to fix it.
-    kwargs, notes = condition_inputs(config, _meta(rows), sweep)
+    kwargs, notes = condition_inputs(config, _meta(rows), (), sweep)
     assert kwargs["sweep"] == () and "no source_path column" in notes["robustness"]
     # A record that is not where it was prepared from is named.
     present = str(samples_dir / "cpsc2018" / "A0002")
     meta = _meta([{**r, "source_path": p} for r, p in zip(rows, [present, str(tmp_path / "gone")])])
-    kwargs, notes = condition_inputs(config, meta, sweep)
+    kwargs, notes = condition_inputs(config, meta, (), sweep)
     assert kwargs["sweep"] == () and str(tmp_path / "gone") in notes["robustness"]
     meta = _meta([{**r, "source_path": present} for r in rows])
-    kwargs, notes = condition_inputs(config, meta, sweep)
+    kwargs, notes = condition_inputs(config, meta, (), sweep)
     assert kwargs["sweep"] == sweep and notes == {}

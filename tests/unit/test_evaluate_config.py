@@ -77,17 +77,33 @@ def test_split_files_and_store_round_trip(tmp_path):
 
 
 def test_split_meta_stays_in_arrow_memory_and_reads_back_plain_rows(tmp_path):
+    from ecgvlm.dataset import iter_shard_rows
+    from ecgvlm.evaluate.job import SPLIT_META_COLUMNS
     from tests.fakes.mcq_split import sample_rows, write_split
 
     rows = sample_rows(3, measurements=True)
     rows[0]["target_text"] = None
-    meta = read_split_meta(split_files(write_split(tmp_path, rows), "test"))
+    files = split_files(write_split(tmp_path, rows), "test")
+    meta = read_split_meta(files)
     # Arrow buffers, not a Python object per field (20k rows: 107 -> 41 MB, docs/evaluate.md).
     assert all(isinstance(dtype, pd.ArrowDtype) for dtype in meta.dtypes), meta.dtypes
-    assert "png" not in meta
+    # What the driver holds for every sample: no image, no texts (they are read where needed).
+    assert list(meta.columns) == [*SPLIT_META_COLUMNS, "record_id"]
     first = meta[meta["sample_id"] == rows[0]["sample_id"]].to_dict("records")[0]
-    assert first["target_text"] is None
-    assert first["options"] == rows[0]["options"] and isinstance(first["options"], list)
+    assert first == {k: rows[0][k] for k in meta.columns} and isinstance(first["option_labels"], list)
+    # The texts of some samples, read by filter: those samples only, nulls as None.
+    wanted = {rows[0]["sample_id"], rows[4]["sample_id"]}
+    read = list(iter_shard_rows(files, ["sample_id", "target_text", "options", "not_a_column"], wanted))
+    assert sorted(r["sample_id"] for r in read) == sorted(wanted)
+    by_id = {r["sample_id"]: r for r in read}
+    assert by_id[rows[0]["sample_id"]] == {k: rows[0][k] for k in ("sample_id", "target_text", "options")}
+    assert by_id[rows[0]["sample_id"]]["target_text"] is None
+    assert list(iter_shard_rows(files, ["sample_id"], set())) == []
+    # A split without a column the pipeline needs is refused before anything runs.
+    bare = split_files(write_split(tmp_path / "bare", [{k: v for k, v in r.items() if k != "question"}
+                                                        for r in rows]), "test")
+    with pytest.raises(EvaluationError, match="lack column.*question"):
+        read_split_meta(bare)
 
 
 def test_answer_mode_takes_a_list_or_one_mode():
