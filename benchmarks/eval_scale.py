@@ -13,8 +13,9 @@ sampled four times a second (``peak_memory.py``). The driver allocates Arrow mem
 
 What it should show: rows/s flat across sizes, the workers' memory flat (each client actor
 holds one block of rows), and the driver's growing only by what the report needs: the
-split's metadata without images (in Arrow) and a table of the stored predictions without
-their texts, never the images. The claim check reads and rewrites the stored predictions a
+split's ids and answer columns (in Arrow; the texts and measurements are read by the stage
+that needs them) and a table of the stored predictions without their texts, never the
+images. The claim check reads and rewrites the stored predictions a
 batch of rows at a time, the judge reads the texts it judges by filter, and the metrics'
 bootstrap scores its resamples in chunks of bounded size. docs/evaluate.md has the tables
 this printed, and what still grows.

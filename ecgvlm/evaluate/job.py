@@ -86,9 +86,13 @@ SPLIT_CLAIM_COLUMNS: tuple[str, ...] = ("measurements", "labels")
 #: The fields of a stored prediction that calibration reads (``ecgvlm.evaluate.calibration``).
 CALIBRATION_COLUMNS: tuple[str, ...] = (
     "sample_id", "model", "dataset", "option_probs", "answer_letter", "error")
-#: Stored prediction columns the report's analysis holds for every row: all but the texts.
-ANALYSIS_COLUMNS: tuple[str, ...] = tuple(
-    c for c in PREDICTION_COLUMNS if c not in ("explanation", "claims", "raw_text"))
+#: Stored prediction columns the report's analysis holds for every row: what the metrics,
+#: the controls, calibration and the counts read. Not the texts (the claim check and the
+#: judge read them from the stored file), nor what no table shows (latency, attempts, the
+#: finishing time: a unique string per row, the prompt version, the split).
+ANALYSIS_COLUMNS: tuple[str, ...] = (
+    "sample_id", "dataset", "model", "true_label", "answer_letter", "predicted_letter",
+    "predicted_label", "answer_mode", "condition", "option_probs", "error")
 
 # Predictions are also flushed when this long has passed, so slow models lose little on a kill.
 _FLUSH_S = 10.0
@@ -1202,6 +1206,7 @@ def evaluate(config: EvalConfig, inputs: EvalInputs | None = None) -> tuple[Any,
     table1_mode = config.table1_mode
     unavailable.update({m: f"{why} ({table1_mode} answers)" for m, why in failed[table1_mode].items()})
     scored = {mode: rows[~rows["model"].isin(list(failed[mode]))] for mode, rows in by_mode.items()}
+    del normal, by_mode  # copies of the table's rows, as scored is: one is held, not three
     if not any(len(rows) for rows in scored.values()):
         reasons = "; ".join(f"{m}: {why}" for m, why in unavailable.items())
         raise EvaluationError(f"no model could be evaluated ({reasons})")
@@ -1225,6 +1230,7 @@ def evaluate(config: EvalConfig, inputs: EvalInputs | None = None) -> tuple[Any,
                                   config.n_boot, config.seed, n_bins)
     robustness = compare_conditions(answered, table1_mode, control_kwargs["sweep"], clusters,
                                     config.n_boot, config.seed, n_bins)
+    del answered
     generated_metrics: dict[str, Any] = {}
     generated_note = None
     if table1_mode != "generate" and "generate" in config.answer_mode:
