@@ -25,6 +25,7 @@ from ecgvlm.evaluate.conditions import CONTROLS, RobustnessConfig, compare_condi
 from ecgvlm.evaluate.errors import EvaluationError
 from ecgvlm.evaluate.job import (
     SPLIT_META_COLUMNS,
+    SPLIT_REQUIRED_COLUMNS,
     ChatCaller,
     EvalConfig,
     EvalInputs,
@@ -52,6 +53,7 @@ __all__ = [
     "CONTROLS",
     "PREDICTION_COLUMNS",
     "SPLIT_META_COLUMNS",
+    "SPLIT_REQUIRED_COLUMNS",
     "ChatCaller",
     "ChatClient",
     "ChatResult",

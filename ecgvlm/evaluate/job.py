@@ -69,7 +69,7 @@ from ecgvlm.evaluate.conditions import (
 )
 from ecgvlm.evaluate.errors import EvaluationError
 from ecgvlm.evaluate.judge import JudgeConfig
-from ecgvlm.evaluate.store import PREDICTION_COLUMNS, PredictionStore, prediction_schema
+from ecgvlm.evaluate.store import PredictionStore, prediction_schema
 
 #: Split columns an evaluation needs (the pipeline reads them, with ``png``).
 SPLIT_REQUIRED_COLUMNS: tuple[str, ...] = (*ASKED_COLUMNS, "target_text")
@@ -267,7 +267,7 @@ def read_split_meta(
     """``columns`` of the split (and ``SPLIT_OPTIONAL_COLUMNS`` where present) as a pandas
     DataFrame, one row per sample, whose columns stay in Arrow memory (``pd.ArrowDtype``):
     as Python objects they took about ten times their Arrow size. Rows read with
-    ``iter_rows`` are plain Python values (None for a null).
+    ``to_dict("records")`` are plain Python values (None for a null).
 
     Raises:
         EvaluationError: when a ``required`` column or one of ``columns`` is missing, or

@@ -242,16 +242,23 @@ def _cells(t: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return cell_of_row.astype(np.int64), (uniq // (int(g.max()) + 1)).astype(np.int64)
 
 
-def _cell_weights(cell_class: np.ndarray, k: int, b: int, rng: np.random.Generator) -> np.ndarray:
+def _class_cells(cell_class: np.ndarray, k: int) -> list[np.ndarray]:
+    """The cells holding each class (classes no cell holds left out), found once per
+    bootstrap rather than once per chunk of resamples."""
+    return [m for m in (np.flatnonzero(cell_class == c) for c in range(k)) if len(m)]
+
+
+def _cell_weights(
+    by_class: list[np.ndarray], n_cells: int, b: int, rng: np.random.Generator
+) -> np.ndarray:
     """How often each cell is drawn in each of ``b`` resamples, shape (b, n_cells).
 
-    For every class, as many cells as hold it are drawn with replacement from those cells.
-    The draws go resample by resample (each resample's classes in turn), so a resample's
-    cells do not depend on how many resamples are drawn at once: the chunks that bound the
-    bootstrap's memory leave its intervals unchanged.
+    For every class, as many cells as hold it (``by_class``, from :func:`_class_cells`) are
+    drawn with replacement from those cells. The draws go resample by resample (each
+    resample's classes in turn), so a resample's cells do not depend on how many resamples
+    are drawn at once: the chunks that bound the bootstrap's memory leave its intervals
+    unchanged.
     """
-    n_cells = len(cell_class)
-    by_class = [m for m in (np.flatnonzero(cell_class == c) for c in range(k)) if len(m)]
     draws = np.empty((b, n_cells), dtype=np.int64)
     for r in range(b):
         start = 0
@@ -313,11 +320,12 @@ def bootstrap_ci(
     codes = t * (k + 1) + p
     unparseable = pred == UNPARSEABLE
     rng = np.random.default_rng(seed)
+    by_class = _class_cells(cell_class, k)
     chunk = max(1, _BOOTSTRAP_CHUNK_ELEMENTS // max(n_cells, len(t)))
     parts: dict[str, list[np.ndarray]] = {name: [] for name in (*METRIC_NAMES, "unparseable_rate")}
     for start in range(0, n_boot, chunk):
         b = min(chunk, n_boot - start)
-        row_weights = _cell_weights(cell_class, k, b, rng)[:, cell_of_row]
+        row_weights = _cell_weights(by_class, n_cells, b, rng)[:, cell_of_row]
         slots = codes[None, :] + (np.arange(b, dtype=np.int64) * width)[:, None]
         conf = np.bincount(slots.ravel(), weights=row_weights.ravel(), minlength=b * width)
         conf = conf.round().astype(np.int64).reshape(b, k, k + 1)

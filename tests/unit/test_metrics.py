@@ -12,6 +12,7 @@ from ecgvlm.metrics import (
     MetricsError,
     _cell_weights,
     _cells,
+    _class_cells,
     _encode,
     bootstrap_ci,
     classification_metrics,
@@ -162,7 +163,8 @@ def test_vectorised_bootstrap_equals_sklearn_loop():
     # The same draws of (patient, class) cells, expanded to rows and scored by sklearn.
     _, t_codes, _ = _encode(np.asarray(true, dtype=object), np.asarray(pred_s, dtype=object))
     cell_of_row, cell_class = _cells(t_codes, cluster_ids(patients, len(true)))
-    weights = _cell_weights(cell_class, len(classes), n_boot, np.random.default_rng(seed))
+    weights = _cell_weights(_class_cells(cell_class, len(classes)), len(cell_class), n_boot,
+                            np.random.default_rng(seed))
     rows_of_cell = [np.flatnonzero(cell_of_row == c) for c in range(len(cell_class))]
     ref = {name: [] for name in ci}
     for w in weights:
