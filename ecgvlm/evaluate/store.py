@@ -93,9 +93,10 @@ class PredictionStore:
                  if p.rsplit("/", 1)[-1].startswith("part-")]
         return ([self.path] if storage.is_file(self.path) else []) + parts
 
-    def _read(self, columns: Sequence[str] | None = None) -> Any:
-        """All stored rows, latest per key, as an Arrow table in the order stored (the key
-        columns and ``columns``, or PREDICTION_COLUMNS)."""
+    def _read(self, columns: Sequence[str] | None = None,
+              sort_by: Sequence[str] = ()) -> Any:
+        """All stored rows, latest per key, as an Arrow table in the order stored, or sorted
+        by ``sort_by`` (the key columns and ``columns``, or PREDICTION_COLUMNS)."""
         import numpy as np
         import pyarrow as pa
         import pyarrow.compute as pc
@@ -131,6 +132,12 @@ class PredictionStore:
             "row", pa.array(np.arange(len(table), dtype=np.int64)))
         newest = rows.group_by(list(KEY_COLUMNS), use_threads=False).aggregate([("row", "max")])
         keep = np.sort(newest.column("row_max").to_numpy())  # the stored order, as it was
+        if sort_by:
+            # Sorted by the kept rows' keys alone, so the stored rows are copied once (one
+            # take), not once to keep the newest and again to sort: two copies of every
+            # explanation were alive at once.
+            keys = table.select(list(sort_by)).take(keep)
+            keep = keep[pc.sort_indices(keys, [(name, "ascending") for name in sort_by]).to_numpy()]
         return table.take(keep)
 
     @staticmethod
@@ -218,12 +225,8 @@ class PredictionStore:
             The stored rows as :meth:`load` returns them (``columns``: only the key columns
             and these; the merge itself stays in Arrow, whatever is returned).
         """
-        import pyarrow.compute as pc
-
         sources = self._sources()
-        order = ["model", "answer_mode", "condition", "dataset", "sample_id"]
-        table = self._read()
-        table = table.take(pc.sort_indices(table, [(name, "ascending") for name in order]))
+        table = self._read(sort_by=("model", "answer_mode", "condition", "dataset", "sample_id"))
         self.write(table)
         for path in sources:
             if path != self.path:

@@ -76,6 +76,34 @@ def test_split_files_and_store_round_trip(tmp_path):
     assert frame[frame["answer_mode"] == "generate"].iloc[0]["option_probs"] is None
 
 
+def test_consolidation_keeps_the_newest_row_per_key_in_sorted_order(tmp_path):
+    import random
+
+    import pyarrow.parquet as pq
+
+    from ecgvlm.evaluate.store import KEY_COLUMNS
+
+    rng = random.Random(3)
+    written = []
+    store = PredictionStore(tmp_path)
+    for part in range(4):  # keys in random order, repeated within and across parts
+        rows = [{"sample_id": f"s{rng.randrange(40)}", "dataset": rng.choice(["mitdb", "cpsc2018"]),
+                 "model": rng.choice(["pulse", "gpt-4o"]), "answer_mode": rng.choice(["choice", "generate"]),
+                 "condition": rng.choice(["normal", "blank"]), "predicted_letter": f"{part}.{i}",
+                 "explanation": "x" * rng.randrange(50), "split": "test", "prompt_version": "v"}
+                for i in range(60)]
+        store.append(rows)
+        written += rows
+    order = ["model", "answer_mode", "condition", "dataset", "sample_id"]
+    # The reference: the last written row of each key, sorted by the file's order.
+    expected = (pd.DataFrame(written).drop_duplicates(list(KEY_COLUMNS), keep="last")
+                .sort_values(order)[[*order, "predicted_letter", "explanation"]].reset_index(drop=True))
+    frame = store.consolidate()
+    assert frame[list(expected.columns)].equals(expected)
+    stored = pq.read_table(tmp_path / "predictions.parquet").to_pandas()
+    assert stored[list(expected.columns)].equals(expected)
+
+
 def test_split_meta_stays_in_arrow_memory_and_reads_back_plain_rows(tmp_path):
     from ecgvlm.dataset import iter_shard_rows
     from ecgvlm.evaluate.job import SPLIT_META_COLUMNS
