@@ -158,6 +158,35 @@ def write_bytes(location: str | Path, data: bytes) -> None:
         raise StorageError(f"cannot write {location}: {e}") from e
 
 
+@contextmanager
+def whole_file_output(location: str | Path) -> Iterator[Any]:
+    """A pyarrow output stream for a whole file: readers see the old file or the new one,
+    never a part, and a failure inside the block leaves the old one.
+
+    On a disk the bytes go to a hidden file beside the target, renamed over it when the block
+    ends (removed when it fails), so a large file is never held in memory. Elsewhere they
+    are collected and written in one request (``write_bytes``): an object store's streamed
+    upload would publish a partial object when a failure closes it.
+    """
+    import pyarrow as pa
+
+    local = local_path(location)
+    if local is None:
+        sink = pa.BufferOutputStream()
+        yield sink
+        write_bytes(location, memoryview(sink.getvalue()))
+        return
+    target = Path(local)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    try:
+        with pa.OSFile(str(tmp), "wb") as stream:
+            yield stream
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_text(location: str | Path, text: str) -> None:
     write_bytes(location, text.encode("utf-8"))
 

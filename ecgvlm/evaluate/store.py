@@ -238,26 +238,23 @@ class PredictionStore:
     def rewrite(self, transform: Callable[[Any], Any], batch_rows: int = 4096) -> None:
         """Replace ``predictions.parquet`` by ``transform`` applied to each of its record
         batches in turn (``batch_rows`` rows; ``transform`` returns the batch to store, with
-        the same columns). One batch is in memory at a time, besides the new file's bytes,
-        so a rewrite costs the same on 1k rows as on 1M; the file is replaced whole, as by
-        :meth:`write`."""
-        import pyarrow as pa
+        the same columns). One batch is in memory at a time, and on a disk the new file goes
+        straight to a file beside the old one (``storage.whole_file_output``; in an object
+        store its bytes are held until written), so a rewrite costs the same on 1k rows as on
+        1M; the file is replaced whole, as by :meth:`write`."""
         import pyarrow.parquet as pq
 
         schema = prediction_schema()
         fs, path = storage.filesystem(self.path)
-        sink = pa.BufferOutputStream()
-        with fs.open_input_file(path) as source, pq.ParquetWriter(sink, schema) as writer:
+        with (fs.open_input_file(path) as source, storage.whole_file_output(self.path) as sink,
+              pq.ParquetWriter(sink, schema) as writer):
             for batch in pq.ParquetFile(source).iter_batches(batch_size=batch_rows):
                 writer.write_batch(transform(batch).cast(schema))
-        storage.write_bytes(self.path, memoryview(sink.getvalue()))
 
     def write(self, table: Any) -> None:
         """Replace ``predictions.parquet`` with the Arrow ``table`` (written whole, never in
         part)."""
-        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        sink = pa.BufferOutputStream()
-        pq.write_table(table.cast(prediction_schema()), sink)
-        storage.write_bytes(self.path, memoryview(sink.getvalue()))
+        with storage.whole_file_output(self.path) as sink:
+            pq.write_table(table.cast(prediction_schema()), sink)

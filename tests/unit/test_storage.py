@@ -54,6 +54,26 @@ def test_a_local_write_leaves_no_temporary_file(tmp_path: Path) -> None:
     assert sorted(p.name for p in target.parent.iterdir()) == ["f.bin"]
 
 
+def test_a_whole_file_output_replaces_the_file_or_leaves_the_old_one(location: str) -> None:
+    target = storage.join(location, "sub", "p.bin")
+    with storage.whole_file_output(target) as sink:
+        sink.write(b"old")
+    assert storage.read_bytes(target) == b"old"
+    # A failure in the middle leaves the old file and, on a disk, no temporary file.
+    with pytest.raises(RuntimeError, match="half way"):
+        with storage.whole_file_output(target) as sink:
+            sink.write(b"new, ")
+            raise RuntimeError("half way")
+    assert storage.read_bytes(target) == b"old"
+    assert storage.list_files(storage.join(location, "sub")) == [target]
+    local = storage.local_path(target)
+    if local is not None:
+        assert sorted(p.name for p in Path(local).parent.iterdir()) == ["p.bin"]
+    with storage.whole_file_output(target) as sink:
+        sink.write(b"new, whole")
+    assert storage.read_bytes(target) == b"new, whole"
+
+
 def test_join_keeps_the_scheme() -> None:
     assert storage.join("s3://b/prefix/", "x", "y.parquet") == "s3://b/prefix/x/y.parquet"
     assert storage.join("/data/run", "x") == "/data/run/x"
