@@ -142,13 +142,9 @@ def read_text(location: str | Path) -> str:
 
 def write_bytes(location: str | Path, data: bytes) -> None:
     """Write a whole file: readers see the old one or the new one, never a part."""
-    local = local_path(location)
-    if local is not None:
-        target = Path(local)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
+    if local_path(location) is not None:
+        with whole_file_output(location) as stream:
+            stream.write(data)
         return
     fs, path = filesystem(location)
     try:
