@@ -43,6 +43,10 @@ PREDICTION_COLUMNS: tuple[str, ...] = (
 )
 
 
+#: The order of ``predictions.parquet``'s rows.
+SORT_COLUMNS: tuple[str, ...] = ("model", "answer_mode", "condition", "dataset", "sample_id")
+
+
 def prediction_schema() -> Any:
     import pyarrow as pa
 
@@ -81,6 +85,11 @@ class PredictionStore:
     latest row per key, and removes the merged parts.
     """
 
+    #: Rows of ``predictions.parquet`` put together in memory at a time by
+    #: :meth:`consolidate` (more when there are over 32 times as many rows), and the size of
+    #: its row groups.
+    window_rows: int = 8192
+
     def __init__(self, output_dir: str | Path) -> None:
         self.output_dir = str(output_dir)
         self.parts_dir = storage.join(self.output_dir, "predictions")
@@ -93,52 +102,71 @@ class PredictionStore:
                  if p.rsplit("/", 1)[-1].startswith("part-")]
         return ([self.path] if storage.is_file(self.path) else []) + parts
 
-    def _read(self, columns: Sequence[str] | None = None,
-              sort_by: Sequence[str] = ()) -> Any:
-        """All stored rows, latest per key, as an Arrow table in the order stored, or sorted
-        by ``sort_by`` (the key columns and ``columns``, or PREDICTION_COLUMNS)."""
-        import numpy as np
+    @staticmethod
+    def _schema(columns: Sequence[str] | None) -> Any:
+        """The stored schema, or the key columns and ``columns`` of it."""
         import pyarrow as pa
-        import pyarrow.compute as pc
-        import pyarrow.parquet as pq
 
         schema = prediction_schema()
-        if columns is not None:
-            wanted = [*KEY_COLUMNS, *(c for c in columns if c not in KEY_COLUMNS)]
-            schema = pa.schema([schema.field(name) for name in wanted])
+        if columns is None:
+            return schema
+        wanted = [*KEY_COLUMNS, *(c for c in columns if c not in KEY_COLUMNS)]
+        return pa.schema([schema.field(name) for name in wanted])
+
+    @staticmethod
+    def _normalized(table: Any, schema: Any) -> Any:
+        """``table`` (rows of one stored file) with ``schema``'s columns and types."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        # Older files may lack newer columns: add them as nulls.
+        for name in schema.names:
+            if name not in table.schema.names:
+                table = table.append_column(name, pa.nulls(len(table), schema.field(name).type))
+        # Written before answer modes and controls existed: generated text, normal images.
+        for name, default in (("answer_mode", "generate"), ("condition", "normal")):
+            if table.column(name).null_count:
+                filled = pc.fill_null(table.column(name), default)
+                table = table.set_column(table.schema.get_field_index(name), name, filled)
+        return table.select(schema.names).cast(schema)
+
+    def _read_all(self, sources: list[str], columns: Sequence[str] | None) -> tuple[Any, Any]:
+        """Every row of ``sources`` (superseded ones included), oldest source first, and the
+        first row of each source in that table (numpy, one more entry: the total)."""
+        import numpy as np
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        schema = self._schema(columns)
         tables = []
-        for path in self._sources():
+        for path in sources:
             read = None
             if columns is not None:
                 stored = set(pq.read_schema(path).names)
                 read = [name for name in schema.names if name in stored]
-            table = pq.read_table(path, columns=read)
-            # Older files may lack newer columns: add them as nulls.
-            for name in schema.names:
-                if name not in table.schema.names:
-                    table = table.append_column(name, pa.nulls(len(table), schema.field(name).type))
-            # Written before answer modes and controls existed: generated text, normal images.
-            for name, default in (("answer_mode", "generate"), ("condition", "normal")):
-                if table.column(name).null_count:
-                    filled = pc.fill_null(table.column(name), default)
-                    table = table.set_column(table.schema.get_field_index(name), name, filled)
-            tables.append(table.select(schema.names).cast(schema))
-        if not tables:
-            return schema.empty_table()
-        table = pa.concat_tables(tables)
-        # Sources are read oldest first, so the last row per key is the newest. Grouped in
-        # Arrow, not pandas: a Python object per stored explanation was most of the memory.
+            tables.append(self._normalized(pq.read_table(path, columns=read), schema))
+        offsets = np.cumsum([0, *(len(t) for t in tables)], dtype=np.int64)
+        return (pa.concat_tables(tables) if tables else schema.empty_table()), offsets
+
+    @staticmethod
+    def _newest(table: Any) -> Any:
+        """Indices of the newest row per key in ``table`` (read by :meth:`_read_all`: the
+        last row of a key is the newest), ascending."""
+        import numpy as np
+        import pyarrow as pa
+
+        # Grouped in Arrow, not pandas: a Python object per stored explanation was most of
+        # the memory.
         rows = pa.table({name: table.column(name) for name in KEY_COLUMNS}).append_column(
             "row", pa.array(np.arange(len(table), dtype=np.int64)))
         newest = rows.group_by(list(KEY_COLUMNS), use_threads=False).aggregate([("row", "max")])
-        keep = np.sort(newest.column("row_max").to_numpy())  # the stored order, as it was
-        if sort_by:
-            # Sorted by the kept rows' keys alone, so the stored rows are copied once (one
-            # take), not once to keep the newest and again to sort: two copies of every
-            # explanation were alive at once.
-            keys = table.select(list(sort_by)).take(keep)
-            keep = keep[pc.sort_indices(keys, [(name, "ascending") for name in sort_by]).to_numpy()]
-        return table.take(keep)
+        return np.sort(newest.column("row_max").to_numpy())
+
+    def _read(self, columns: Sequence[str] | None = None) -> Any:
+        """All stored rows, latest per key, as an Arrow table in the order stored (the key
+        columns and ``columns``, or PREDICTION_COLUMNS)."""
+        table, _ = self._read_all(self._sources(), columns)
+        return table.take(self._newest(table))
 
     @staticmethod
     def _frame(table: Any) -> Any:
@@ -221,19 +249,95 @@ class PredictionStore:
     def consolidate(self, columns: Sequence[str] | None = None) -> Any:
         """Merge everything into ``predictions.parquet`` (sorted, one row per key).
 
+        Only the key columns of every stored row are held at once (Arrow, tens of bytes a row):
+        the rows themselves, explanations and raw texts included, go through a local
+        temporary folder in pieces of :attr:`window_rows` (see :meth:`_write_sorted`), so
+        the memory does not grow with the texts. A failure leaves the old file and the
+        parts as they were.
+
         Returns:
             The stored rows as :meth:`load` returns them (``columns``: only the key columns
-            and these; the merge itself stays in Arrow, whatever is returned).
+            and these), read back from the new file.
         """
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
         sources = self._sources()
-        table = self._read(sort_by=("model", "answer_mode", "condition", "dataset", "sample_id"))
-        self.write(table)
+        keys, offsets = self._read_all(sources, SORT_COLUMNS)
+        keep = self._newest(keys)
+        kept = keys.select(list(SORT_COLUMNS)).take(keep)
+        del keys
+        order = keep[pc.sort_indices(kept, [(name, "ascending") for name in SORT_COLUMNS]).to_numpy()]
+        del kept, keep
+        self._write_sorted(sources, offsets, order)
         for path in sources:
             if path != self.path:
                 storage.delete(path)
-        if columns is not None:
-            table = table.select([*KEY_COLUMNS, *(c for c in columns if c not in KEY_COLUMNS)])
-        return self._frame(table)
+        schema = self._schema(columns)
+        fs, path = storage.filesystem(self.path)
+        with fs.open_input_file(path) as source:
+            return self._frame(pq.read_table(source, columns=schema.names).cast(schema))
+
+    def _write_sorted(self, sources: list[str], offsets: Any, order: Any) -> None:
+        """Write ``predictions.parquet`` whole: row ``order[i]`` of the sources (counted as
+        :meth:`_read_all` counts them) as its row ``i``.
+
+        A distribution sort: each source is read once, a batch at a time, and its kept rows
+        are appended to the piece of the output they belong in (an Arrow file each in a local
+        temporary folder); then each piece is read back, put in order and written. Memory
+        holds one batch, then one piece; the rows cross the local disk twice.
+        """
+        import tempfile
+
+        import numpy as np
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        schema = prediction_schema()
+        n_rows = len(order)
+        window = max(self.window_rows, -(-n_rows // 32))  # at most 32 pieces open at once
+        # Each kept row's place in the output, grouped by the source it is read from.
+        by_row = np.argsort(order, kind="stable")
+        rows, places = order[by_row], by_row
+        with tempfile.TemporaryDirectory(prefix="ecgvlm-consolidate-") as tmp:
+            pieces: dict[int, Any] = {}
+            try:
+                for i, location in enumerate(sources):
+                    lo, hi = np.searchsorted(rows, offsets[i:i + 2])
+                    if lo == hi:
+                        continue
+                    wanted, place = rows[lo:hi] - offsets[i], places[lo:hi]
+                    fs, path = storage.filesystem(location)
+                    with fs.open_input_file(path) as source:
+                        stored = pq.ParquetFile(source)
+                        present = [n for n in schema.names if n in stored.schema_arrow.names]
+                        start = 0
+                        for batch in stored.iter_batches(batch_size=window, columns=present):
+                            a, b = np.searchsorted(wanted, [start, start + batch.num_rows])
+                            if b > a:
+                                rows_here = self._normalized(
+                                    pa.Table.from_batches([batch]), schema).take(wanted[a:b] - start)
+                                piece_of = place[a:b] // window
+                                rows_here = rows_here.append_column("place", pa.array(place[a:b]))
+                                for p in np.unique(piece_of):
+                                    if p not in pieces:
+                                        pieces[p] = pa.ipc.new_file(
+                                            f"{tmp}/{p}.arrow", rows_here.schema)
+                                    pieces[p].write_table(rows_here.take(np.flatnonzero(piece_of == p)))
+                            start += batch.num_rows
+            finally:
+                for writer in pieces.values():
+                    writer.close()
+            with (storage.whole_file_output(self.path) as sink,
+                  pq.ParquetWriter(sink, schema) as writer):
+                for p in sorted(pieces):
+                    with pa.OSFile(f"{tmp}/{p}.arrow") as piece:
+                        rows_here = pa.ipc.open_file(piece).read_all()
+                    rows_here = rows_here.take(pc.sort_indices(rows_here.column("place")))
+                    writer.write_table(rows_here.drop_columns(["place"]), row_group_size=window)
+                if not pieces:
+                    writer.write_table(schema.empty_table())
 
     def rewrite(self, transform: Callable[[Any], Any], batch_rows: int = 4096) -> None:
         """Replace ``predictions.parquet`` by ``transform`` applied to each of its record
@@ -250,11 +354,3 @@ class PredictionStore:
               pq.ParquetWriter(sink, schema) as writer):
             for batch in pq.ParquetFile(source).iter_batches(batch_size=batch_rows):
                 writer.write_batch(transform(batch).cast(schema))
-
-    def write(self, table: Any) -> None:
-        """Replace ``predictions.parquet`` with the Arrow ``table`` (written whole, never in
-        part)."""
-        import pyarrow.parquet as pq
-
-        with storage.whole_file_output(self.path) as sink:
-            pq.write_table(table.cast(prediction_schema()), sink)

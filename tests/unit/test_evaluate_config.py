@@ -76,7 +76,8 @@ def test_split_files_and_store_round_trip(tmp_path):
     assert frame[frame["answer_mode"] == "generate"].iloc[0]["option_probs"] is None
 
 
-def test_consolidation_keeps_the_newest_row_per_key_in_sorted_order(tmp_path):
+@pytest.mark.parametrize("window_rows", [8192, 7])
+def test_consolidation_keeps_the_newest_row_per_key_in_sorted_order(tmp_path, window_rows):
     import random
 
     import pyarrow.parquet as pq
@@ -86,22 +87,58 @@ def test_consolidation_keeps_the_newest_row_per_key_in_sorted_order(tmp_path):
     rng = random.Random(3)
     written = []
     store = PredictionStore(tmp_path)
-    for part in range(4):  # keys in random order, repeated within and across parts
-        rows = [{"sample_id": f"s{rng.randrange(40)}", "dataset": rng.choice(["mitdb", "cpsc2018"]),
-                 "model": rng.choice(["pulse", "gpt-4o"]), "answer_mode": rng.choice(["choice", "generate"]),
-                 "condition": rng.choice(["normal", "blank"]), "predicted_letter": f"{part}.{i}",
-                 "explanation": "x" * rng.randrange(50), "split": "test", "prompt_version": "v"}
-                for i in range(60)]
-        store.append(rows)
-        written += rows
+    store.window_rows = window_rows  # 7: the rows go through many pieces, each source to several
     order = ["model", "answer_mode", "condition", "dataset", "sample_id"]
-    # The reference: the last written row of each key, sorted by the file's order.
-    expected = (pd.DataFrame(written).drop_duplicates(list(KEY_COLUMNS), keep="last")
-                .sort_values(order)[[*order, "predicted_letter", "explanation"]].reset_index(drop=True))
-    frame = store.consolidate()
-    assert frame[list(expected.columns)].equals(expected)
-    stored = pq.read_table(tmp_path / "predictions.parquet").to_pandas()
-    assert stored[list(expected.columns)].equals(expected)
+    for consolidation in range(2):  # the second merges the first's file with new parts
+        for part in range(4):  # keys in random order, repeated within and across parts
+            rows = [{"sample_id": f"s{rng.randrange(40)}", "dataset": rng.choice(["mitdb", "cpsc2018"]),
+                     "model": rng.choice(["pulse", "gpt-4o"]), "answer_mode": rng.choice(["choice", "generate"]),
+                     "condition": rng.choice(["normal", "blank"]),
+                     "predicted_letter": f"{consolidation}.{part}.{i}",
+                     "explanation": "x" * rng.randrange(50), "split": "test", "prompt_version": "v"}
+                    for i in range(60)]
+            store.append(rows)
+            written += rows
+        # The reference: the last written row of each key, sorted by the file's order.
+        expected = (pd.DataFrame(written).drop_duplicates(list(KEY_COLUMNS), keep="last")
+                    .sort_values(order)[[*order, "predicted_letter", "explanation"]].reset_index(drop=True))
+        frame = store.consolidate()
+        assert frame[list(expected.columns)].equals(expected)
+        stored = pq.read_table(tmp_path / "predictions.parquet").to_pandas()
+        assert stored[list(expected.columns)].equals(expected)
+        assert list((tmp_path / "predictions").glob("*.parquet")) == []
+    lean = store.consolidate(columns=["predicted_letter"])
+    assert list(lean.columns) == [*KEY_COLUMNS, "predicted_letter"]
+    assert lean["predicted_letter"].equals(expected["predicted_letter"])
+
+
+def test_a_failed_consolidation_loses_no_prediction(tmp_path):
+    store = PredictionStore(tmp_path)
+    row = {"sample_id": "s1", "dataset": "d", "model": "m", "true_label": "AF",
+           "answer_letter": "A", "predicted_letter": "A", "split": "test"}
+    store.append([row])
+    store.consolidate()
+    before = (tmp_path / "predictions.parquet").read_bytes()
+    store.append([{**row, "sample_id": "s2"}])
+    store.append([{**row, "sample_id": "s3"}])
+    parts = sorted((tmp_path / "predictions").glob("*.parquet"))
+    # The newest part's rows are cut short after the keys were read.
+    original = PredictionStore._normalized
+
+    def failing(table, schema):
+        if "s3" in table.column("sample_id").to_pylist() and "explanation" in schema.names:
+            raise OSError("disk full")
+        return original(table, schema)
+
+    store._normalized = failing
+    with pytest.raises(OSError, match="disk full"):
+        store.consolidate()
+    # The old file and every part are still there; a consolidation that works merges them.
+    assert (tmp_path / "predictions.parquet").read_bytes() == before
+    assert sorted((tmp_path / "predictions").glob("*.parquet")) == parts
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions", "predictions.parquet"]
+    store._normalized = original
+    assert list(store.consolidate()["sample_id"]) == ["s1", "s2", "s3"]
 
 
 def test_split_meta_stays_in_arrow_memory_and_reads_back_plain_rows(tmp_path):
