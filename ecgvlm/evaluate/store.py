@@ -153,14 +153,26 @@ class PredictionStore:
         """Indices of the newest row per key in ``table`` (read by :meth:`_read_all`: the
         last row of a key is the newest), ascending."""
         import numpy as np
-        import pyarrow as pa
+        import pyarrow.compute as pc
 
-        # Grouped in Arrow, not pandas: a Python object per stored explanation was most of
-        # the memory.
-        rows = pa.table({name: table.column(name) for name in KEY_COLUMNS}).append_column(
-            "row", pa.array(np.arange(len(table), dtype=np.int64)))
-        newest = rows.group_by(list(KEY_COLUMNS), use_threads=False).aggregate([("row", "max")])
-        return np.sort(newest.column("row_max").to_numpy())
+        # Sorted by key (a stable sort: a key's rows stay in the order stored), the newest
+        # row of a key is the last of its run. Not Arrow's group_by: its hash table took
+        # about 0.5 kB a row outside Arrow's pool that the process kept (47 MB for 80k
+        # rows, against 8 MB this way).
+        keys = table.select(list(KEY_COLUMNS))
+        order = pc.sort_indices(keys, [(name, "ascending") for name in KEY_COLUMNS])
+        ordered = keys.take(order)
+        order = order.to_numpy().astype(np.int64)  # row numbers, as the callers count them
+        n_rows = len(order)
+        same_as_next = np.ones(max(n_rows - 1, 0), dtype=bool)
+        for name in KEY_COLUMNS if n_rows > 1 else ():
+            column = ordered.column(name)
+            here, after = column.slice(0, n_rows - 1), column.slice(1)
+            equal = pc.or_(pc.fill_null(pc.equal(here, after), False),
+                           pc.and_(pc.is_null(here), pc.is_null(after)))  # a null key is a key
+            same_as_next &= equal.to_numpy(zero_copy_only=False)
+        last = np.append(~same_as_next, n_rows > 0)[:n_rows]
+        return np.sort(order[last])
 
     def _read(self, columns: Sequence[str] | None = None) -> Any:
         """All stored rows, latest per key, as an Arrow table in the order stored (the key
