@@ -295,9 +295,10 @@ class PredictionStore:
         :meth:`_read_all` counts them) as its row ``i``.
 
         A distribution sort: each source is read once, a batch at a time, and its kept rows
-        are appended to the piece of the output they belong in (an Arrow file each in a local
-        temporary folder); then each piece is read back, put in order and written. Memory
-        holds one batch, then one piece; the rows cross the local disk twice.
+        are appended to the piece of the output they belong in (an Arrow file each, LZ4
+        compressed, in a temporary folder of the local disk: ``TMPDIR``); then each piece is
+        read back, put in order and written. Memory holds one batch, then one piece; the rows
+        cross the local disk twice.
         """
         import tempfile
 
@@ -335,7 +336,8 @@ class PredictionStore:
                                 for p in np.unique(piece_of):
                                     if p not in pieces:
                                         pieces[p] = pa.ipc.new_file(
-                                            f"{tmp}/{p}.arrow", rows_here.schema)
+                                            f"{tmp}/{p}.arrow", rows_here.schema,
+                                            options=pa.ipc.IpcWriteOptions(compression="lz4"))
                                     pieces[p].write_table(rows_here.take(np.flatnonzero(piece_of == p)))
                             start += batch.num_rows
             finally:

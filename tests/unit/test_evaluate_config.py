@@ -124,7 +124,7 @@ def test_a_failed_consolidation_loses_no_prediction(tmp_path):
     store.append([{**row, "sample_id": "s2"}])
     store.append([{**row, "sample_id": "s3"}])
     parts = sorted((tmp_path / "predictions").glob("*.parquet"))
-    # The newest part's rows are cut short after the keys were read.
+    # Reading the newest part's rows fails once its keys have been read.
     original = PredictionStore._normalized
 
     def failing(table, schema):
