@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import io
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,17 @@ PREDICTION_COLUMNS: tuple[str, ...] = (
 
 #: The order of ``predictions.parquet``'s rows.
 SORT_COLUMNS: tuple[str, ...] = ("model", "answer_mode", "condition", "dataset", "sample_id")
+
+
+@contextmanager
+def _parquet_file(location: str) -> Iterator[Any]:
+    """A stored file as a ``pyarrow.parquet.ParquetFile`` (its footer read once), on a disk
+    or in an object store (the store's cached filesystem)."""
+    import pyarrow.parquet as pq
+
+    fs, path = storage.filesystem(location)
+    with fs.open_input_file(path) as source:
+        yield pq.ParquetFile(source)
 
 
 def prediction_schema() -> Any:
@@ -135,16 +147,13 @@ class PredictionStore:
         first row of each source in that table (numpy, one more entry: the total)."""
         import numpy as np
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         schema = self._schema(columns)
         tables = []
-        for path in sources:
-            read = None
-            if columns is not None:
-                stored = set(pq.read_schema(path).names)
-                read = [name for name in schema.names if name in stored]
-            tables.append(self._normalized(pq.read_table(path, columns=read), schema))
+        for location in sources:
+            with _parquet_file(location) as stored:
+                present = [name for name in schema.names if name in stored.schema_arrow.names]
+                tables.append(self._normalized(stored.read(columns=present), schema))
         offsets = np.cumsum([0, *(len(t) for t in tables)], dtype=np.int64)
         return (pa.concat_tables(tables) if tables else schema.empty_table()), offsets
 
@@ -272,7 +281,6 @@ class PredictionStore:
             and these), read back from the new file.
         """
         import pyarrow.compute as pc
-        import pyarrow.parquet as pq
 
         sources = self._sources()
         keys, offsets = self._read_all(sources, SORT_COLUMNS)
@@ -286,9 +294,8 @@ class PredictionStore:
             if path != self.path:
                 storage.delete(path)
         schema = self._schema(columns)
-        fs, path = storage.filesystem(self.path)
-        with fs.open_input_file(path) as source:
-            return self._frame(pq.read_table(source, columns=schema.names).cast(schema))
+        with _parquet_file(self.path) as stored:
+            return self._frame(stored.read(columns=schema.names).cast(schema))
 
     def _write_sorted(self, sources: list[str], offsets: Any, order: Any) -> None:
         """Write ``predictions.parquet`` whole: row ``order[i]`` of the sources (counted as
@@ -310,9 +317,9 @@ class PredictionStore:
         schema = prediction_schema()
         n_rows = len(order)
         window = max(self.window_rows, -(-n_rows // 32))  # at most 32 pieces open at once
-        # Each kept row's place in the output, grouped by the source it is read from.
-        by_row = np.argsort(order, kind="stable")
-        rows, places = order[by_row], by_row
+        # Each kept row's place in the output, in the order the rows are read.
+        places = np.argsort(order)
+        rows = order[places]
         with tempfile.TemporaryDirectory(prefix="ecgvlm-consolidate-") as tmp:
             pieces: dict[int, Any] = {}
             try:
@@ -321,16 +328,14 @@ class PredictionStore:
                     if lo == hi:
                         continue
                     wanted, place = rows[lo:hi] - offsets[i], places[lo:hi]
-                    fs, path = storage.filesystem(location)
-                    with fs.open_input_file(path) as source:
-                        stored = pq.ParquetFile(source)
+                    with _parquet_file(location) as stored:
                         present = [n for n in schema.names if n in stored.schema_arrow.names]
                         start = 0
                         for batch in stored.iter_batches(batch_size=window, columns=present):
                             a, b = np.searchsorted(wanted, [start, start + batch.num_rows])
                             if b > a:
-                                rows_here = self._normalized(
-                                    pa.Table.from_batches([batch]), schema).take(wanted[a:b] - start)
+                                rows_here = self._normalized(pa.Table.from_batches(
+                                    [batch.take(wanted[a:b] - start)]), schema)
                                 piece_of = place[a:b] // window
                                 rows_here = rows_here.append_column("place", pa.array(place[a:b]))
                                 for p in np.unique(piece_of):
@@ -350,8 +355,6 @@ class PredictionStore:
                         rows_here = pa.ipc.open_file(piece).read_all()
                     rows_here = rows_here.take(pc.sort_indices(rows_here.column("place")))
                     writer.write_table(rows_here.drop_columns(["place"]), row_group_size=window)
-                if not pieces:
-                    writer.write_table(schema.empty_table())
 
     def rewrite(self, transform: Callable[[Any], Any], batch_rows: int = 4096) -> None:
         """Replace ``predictions.parquet`` by ``transform`` applied to each of its record
@@ -363,8 +366,7 @@ class PredictionStore:
         import pyarrow.parquet as pq
 
         schema = prediction_schema()
-        fs, path = storage.filesystem(self.path)
-        with (fs.open_input_file(path) as source, storage.whole_file_output(self.path) as sink,
+        with (_parquet_file(self.path) as stored, storage.whole_file_output(self.path) as sink,
               pq.ParquetWriter(sink, schema) as writer):
-            for batch in pq.ParquetFile(source).iter_batches(batch_size=batch_rows):
+            for batch in stored.iter_batches(batch_size=batch_rows):
                 writer.write_batch(transform(batch).cast(schema))
