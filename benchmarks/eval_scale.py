@@ -16,7 +16,8 @@ holds one block of rows), and the driver's growing only by what the report needs
 split's ids and answer columns (in Arrow; the texts and measurements are read by the stage
 that needs them) and a table of the stored predictions without their texts, never the
 images. The consolidation sorts the stored predictions through a local temporary folder a
-piece at a time, the claim check reads and rewrites them a batch of rows at a time, the
+piece at a time, the claim check reads and rewrites them a batch of rows at a time (and
+reads the records beside them, sorted the same way through that folder), the
 judge reads the texts it judges by filter, and the metrics' bootstrap scores its resamples
 in chunks of bounded size. docs/evaluate.md has the tables this printed, and what still
 grows.

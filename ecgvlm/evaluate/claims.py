@@ -909,24 +909,49 @@ def draw_donor(by_label: dict[str, list[Any]], excluded: set[str], rng: Any) -> 
     return None
 
 
-def reference_texts(
-    true_labels: Sequence[str], measurements: Iterable[Any], seed: int = 0
-) -> tuple[list[str | None], list[str | None]]:
-    """The grounded reference explanation of each sample (``grounded_text`` of its correct
-    finding, ``true_labels[i]``, on its measurements, ``measurements[i]`` as stored in the
-    split; None where there are none), and for each sample the reference of another sample
-    whose finding differs (a seeded draw), to be checked against this one."""
-    import numpy as np
-
+def reference_text(true_label: str, measurements: Any) -> str | None:
+    """The grounded reference explanation of a sample: ``grounded_text`` of its correct
+    finding on its measurements (the split's JSON value; None where it has none, or they
+    cannot be read)."""
     from ecgvlm.measure import grounded_text
 
-    own: list[str | None] = []
-    for label, value in zip(true_labels, measurements):
-        m = measurements_of(value)
-        own.append(grounded_text(str(label), m) if m is not None else None)
-    rng = np.random.default_rng(seed)
-    by_label: dict[str, list[str]] = {}
-    for label, text in zip(true_labels, own):
-        if text:
-            by_label.setdefault(str(label), []).append(text)
-    return own, [draw_donor(by_label, {str(label)}, rng) for label in true_labels]
+    m = measurements_of(measurements)
+    return grounded_text(str(true_label), m) if m is not None else None
+
+
+class ReferencePool:
+    """Grounded reference texts by finding, from which another sample's is drawn: the moved
+    reference, checked against a record it was not written for.
+
+    Each finding keeps a seeded uniform sample (a reservoir) of at most ``per_finding`` of
+    its texts, so the pool does not grow with the split; a draw picks a finding other than
+    the excluded one with a probability proportional to how many texts it was offered (as
+    a uniform draw among all other findings' texts would), then one of its kept texts.
+    """
+
+    def __init__(self, per_finding: int = 256, seed: int = 0) -> None:
+        import numpy as np
+
+        self.per_finding = per_finding
+        self._rng = np.random.default_rng(seed)
+        self._kept: dict[str, list[str]] = {}
+        self._offered: dict[str, int] = {}
+
+    def add(self, finding: str, text: str) -> None:
+        kept = self._kept.setdefault(finding, [])
+        offered = self._offered[finding] = self._offered.get(finding, 0) + 1
+        if len(kept) < self.per_finding:
+            kept.append(text)
+        elif (j := int(self._rng.integers(offered))) < self.per_finding:
+            kept[j] = text
+
+    def draw(self, excluded: str) -> str | None:
+        """A text of a finding other than ``excluded`` (None when there is none)."""
+        findings = [f for f in sorted(self._offered) if f != excluded]
+        k = int(self._rng.integers(sum(self._offered[f] for f in findings) or 1))
+        for finding in findings:
+            if k < self._offered[finding]:
+                kept = self._kept[finding]
+                return kept[int(self._rng.integers(len(kept)))]
+            k -= self._offered[finding]
+        return None

@@ -83,6 +83,9 @@ SPLIT_META_COLUMNS: tuple[str, ...] = ("sample_id", "dataset", "option_labels", 
 SPLIT_OPTIONAL_COLUMNS: tuple[str, ...] = ("record_id", "patient_id", "source_path")
 #: Split columns the claim check reads when present (the record's measurements and labels).
 SPLIT_CLAIM_COLUMNS: tuple[str, ...] = ("measurements", "labels")
+#: Records the claim check sorts and reads back at a time (a record's measurements are
+#: about 1 kB; see :func:`sort_split_rows`).
+RECORDS_WINDOW_ROWS = 1024
 #: The fields of a stored prediction that calibration reads (``ecgvlm.evaluate.calibration``).
 CALIBRATION_COLUMNS: tuple[str, ...] = (
     "sample_id", "model", "dataset", "option_probs", "answer_letter", "error")
@@ -865,6 +868,79 @@ def validation_choices(
     return list(iter_rows(rows, CALIBRATION_COLUMNS)), note
 
 
+def sort_split_rows(
+    files: list[str], columns: Sequence[str], sample_ids: Any, dest: str, window_rows: int,
+) -> list[str]:
+    """Write the split rows of ``sample_ids`` (an Arrow array) to the Parquet file ``dest``
+    in (``dataset``, ``sample_id``) order: those two columns and those of ``columns`` the
+    shards ``files`` have (returned). Only the two key columns of the shards are held at
+    once; the rows go through ``store.write_in_order``'s temporary pieces."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from ecgvlm.evaluate.store import parquet_file, write_in_order
+
+    if isinstance(sample_ids, pa.ChunkedArray):
+        sample_ids = sample_ids.combine_chunks()
+    keys, rows, offsets = [], [], [0]
+    first = None  # the schema of the first shard: the columns' types
+    for location in files:
+        with parquet_file(location) as shard:
+            first = first or shard.schema_arrow
+            ids = shard.read(columns=["dataset", "sample_id"])
+        mine = pc.is_in(ids["sample_id"], value_set=sample_ids)
+        keys.append(ids.filter(mine))
+        rows.append(np.flatnonzero(mine.to_numpy(zero_copy_only=False)) + offsets[-1])
+        offsets.append(offsets[-1] + len(ids))
+    names = ["dataset", "sample_id", *(c for c in columns if c in first.names
+                                         and c not in ("dataset", "sample_id"))]
+    schema = pa.schema([first.field(name) for name in names])
+    table = pa.concat_tables(keys)
+    order = np.concatenate(rows)[
+        pc.sort_indices(table, [("dataset", "ascending"), ("sample_id", "ascending")]).to_numpy()]
+    del table, keys, rows
+    write_in_order(files, np.array(offsets, dtype=np.int64), order, schema, dest, window_rows,
+                   lambda t, s: t.select(s.names).cast(s))
+    return names
+
+
+class _SortedRows:
+    """The rows of a file written by :func:`sort_split_rows`, looked up by (data set, sample
+    id) in ascending order: a look-up before the last restarts from the top, so a run of
+    look-ups in order reads the file once."""
+
+    def __init__(self, path: str, batch_rows: int) -> None:
+        self.path, self.batch_rows = path, batch_rows
+        self._restart()
+
+    def _restart(self) -> None:
+        import pyarrow.parquet as pq
+
+        self._batches = pq.ParquetFile(self.path).iter_batches(batch_size=self.batch_rows)
+        self._rows: list[dict[str, Any]] = []
+        self._next = 0
+        self._last: tuple[str, str] | None = None
+
+    def get(self, dataset: str, sample_id: str) -> dict[str, Any] | None:
+        """The row of ``sample_id`` in ``dataset``, or None when the file has none."""
+        key = (dataset, sample_id)
+        if self._last is not None and key < self._last:
+            self._restart()
+        while True:
+            if self._next == len(self._rows):
+                batch = next(self._batches, None)
+                if batch is None:
+                    return None
+                self._rows, self._next = batch.to_pylist(), 0
+                continue
+            row = self._rows[self._next]
+            self._last = (row["dataset"], row["sample_id"])
+            if self._last >= key:
+                return row if self._last == key else None
+            self._next += 1
+
+
 def check_explanations(
     config: EvalConfig, store: PredictionStore, selected: set[str], models: set[str],
     meta: Any, clusters: dict[str, str], files: list[str], examples_per_model: int = 3,
@@ -878,56 +954,39 @@ def check_explanations(
     ``selected`` samples by ``models`` that did not fail; every other row keeps its claims.
     The store is read and rewritten a batch of rows at a time (``PredictionStore.rewrite``),
     and of each explanation only what the report needs is kept: three counts (in one array
-    per model and data set). The reference
-    rows (``claims.REFERENCE_MODEL``, ``claims.MOVED_REFERENCE_MODEL``) check the grounded
-    reference explanations against their own and against another record.
+    per model and data set). The records are first written in the store's order, (data set,
+    sample id), to a local temporary file (:func:`sort_split_rows`) and read beside it, so
+    no more than a batch of them is in memory. The reference rows
+    (``claims.REFERENCE_MODEL``, ``claims.MOVED_REFERENCE_MODEL``) check the grounded
+    reference explanations against their own record and against another's (drawn from a
+    ``claims.ReferencePool``).
 
     Returns:
         (``{model: {dataset: ClaimStats}}``, per model a few explanations with contradicted
         claims (``ClaimExamples``), a note when the split has no measurements).
+
+    Raises:
+        EvaluationError: a stored prediction's data set is not its sample's in the split.
     """
     import json
+    import tempfile
     from array import array
 
     import numpy as np
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    from ecgvlm.dataset import read_shard_rows
     from ecgvlm.evaluate.claims import (
         MOVED_REFERENCE_MODEL,
         REFERENCE_MODEL,
+        ReferencePool,
         check_explanation,
         claim_stats,
         count_verdicts,
         measurements_of,
-        reference_texts,
+        reference_text,
     )
 
-    sample_ids = [str(s) for s in meta["sample_id"]]
-    datasets = [str(d) for d in meta["dataset"]]
-    true_labels = [true_label_of({"option_labels": o, "answer_letter": a})
-                   for o, a in zip(meta["option_labels"], meta["answer_letter"])]
-    # In Arrow, a column at a time, for this check only, and a Python value only for the
-    # record being checked: a dict per sample of these columns (the measurements' JSON is
-    # about 1 kB) held through the check, or every sample's parsed measurements, was most
-    # of this stage's memory.
-    records = read_shard_rows(files, SPLIT_CLAIM_COLUMNS, sample_ids)
-    stored = [c for c in SPLIT_CLAIM_COLUMNS if c in records.column_names]
-    position = {sid: i for i, sid in enumerate(records.column("sample_id").to_pylist())}
-    no_values = pa.nulls(len(records))
-    measurements = records.column("measurements") if "measurements" in stored else no_values
-    label_lists = records.column("labels") if "labels" in stored else no_values
-
-    def record(sid: str) -> tuple[Any, list[str]]:
-        i = position[sid]
-        labels = label_lists[i].as_py()
-        return (measurements_of(measurements[i].as_py()),
-                [str(x) for x in labels] if isinstance(labels, list) else [])
-
-    note = None
-    if "measurements" not in stored:
-        note = ("the split has no measurements column (prepared before measurements existed): "
-                "only named findings are checked, against the labels")
     # (model, dataset) -> (supported, contradicted, unverifiable of each explanation, in
     # turn; the cluster of each): a dataclass per explanation was about 200 bytes.
     groups: dict[tuple[str, str], tuple[array, list[str]]] = {}
@@ -940,31 +999,66 @@ def check_explanations(
         cluster.append(clusters[sid])
         examples.offer(model, sid, dataset, text, verdicts, counts.contradicted)
 
+    def record(row: dict[str, Any]) -> tuple[Any, list[str]]:
+        labels = row.get("labels")
+        return (measurements_of(row.get("measurements")),
+                [str(x) for x in labels] if isinstance(labels, list) else [])
+
     read = ("sample_id", "model", "dataset", "answer_mode", "condition", "explanation", "error")
+    with tempfile.TemporaryDirectory(prefix="ecgvlm-claims-") as tmp:
+        sorted_path = f"{tmp}/records.parquet"
+        stored = sort_split_rows(
+            files, ("option_labels", "answer_letter", *SPLIT_CLAIM_COLUMNS),
+            pa.array(meta["sample_id"]), sorted_path, RECORDS_WINDOW_ROWS)
+        records = _SortedRows(sorted_path, RECORDS_WINDOW_ROWS)
 
-    def check_batch(batch: Any) -> Any:
-        columns = [batch.column(name).to_pylist() for name in read]
-        claims = batch.column("claims").to_pylist()
-        for i, (sid, model, dataset, mode, condition, text, error) in enumerate(zip(*columns)):
-            if (mode != "generate" or condition != "normal" or sid not in selected
-                    or model not in models or (isinstance(error, str) and error)):
-                continue
-            text = text if isinstance(text, str) else ""
-            verdicts = check_explanation(text, *record(sid), config.claims)
-            claims[i] = json.dumps([v.to_json() for v in verdicts])
-            tally(sid, model, str(dataset), text, verdicts)
-        index = batch.schema.get_field_index("claims")
-        return batch.set_column(index, "claims", pa.array(claims, pa.string()))
+        def check_batch(batch: Any) -> Any:
+            columns = [batch.column(name).to_pylist() for name in read]
+            claims = batch.column("claims").to_pylist()
+            for i, (sid, model, dataset, mode, condition, text, error) in enumerate(zip(*columns)):
+                if (mode != "generate" or condition != "normal" or sid not in selected
+                        or model not in models or (isinstance(error, str) and error)):
+                    continue
+                row = records.get(str(dataset), sid)
+                if row is None:
+                    raise EvaluationError(
+                        f"the stored prediction of {sid} by {model} is of data set {dataset!r}, "
+                        "which the split does not give this sample: was the split prepared "
+                        "again into the same data_dir?")
+                text = text if isinstance(text, str) else ""
+                verdicts = check_explanation(text, *record(row), config.claims)
+                claims[i] = json.dumps([v.to_json() for v in verdicts])
+                tally(sid, model, str(dataset), text, verdicts)
+            index = batch.schema.get_field_index("claims")
+            return batch.set_column(index, "claims", pa.array(claims, pa.string()))
 
-    # Every stored row is rewritten, also those of samples or models this run did not
-    # select: predictions.parquet is replaced whole, nothing may be lost.
-    store.rewrite(check_batch)
-    own, moved = reference_texts(
-        true_labels, (measurements[position[sid]].as_py() for sid in sample_ids), config.seed)
-    for sid, dataset, mine, other in zip(sample_ids, datasets, own, moved):
-        for model, text in ((REFERENCE_MODEL, mine), (MOVED_REFERENCE_MODEL, other)):
+        # Every stored row is rewritten, also those of samples or models this run did not
+        # select: predictions.parquet is replaced whole, nothing may be lost.
+        store.rewrite(check_batch)
+
+        def split_rows() -> Iterator[dict[str, Any]]:
+            for batch in pq.ParquetFile(sorted_path).iter_batches(batch_size=RECORDS_WINDOW_ROWS):
+                yield from batch.to_pylist()
+
+        # Two passes: the references checked against their own record, and kept in a
+        # bounded pool; then each record against a reference of another finding.
+        pool = ReferencePool(seed=config.seed)
+        for row in split_rows():
+            label = true_label_of(row)
+            text = reference_text(label, row.get("measurements"))
             if text:
-                tally(sid, model, dataset, text, check_explanation(text, *record(sid), config.claims))
+                pool.add(label, text)
+                tally(row["sample_id"], REFERENCE_MODEL, row["dataset"], text,
+                      check_explanation(text, *record(row), config.claims))
+        for row in split_rows():
+            other = pool.draw(true_label_of(row))
+            if other:
+                tally(row["sample_id"], MOVED_REFERENCE_MODEL, row["dataset"], other,
+                      check_explanation(other, *record(row), config.claims))
+    note = None
+    if "measurements" not in stored:
+        note = ("the split has no measurements column (prepared before measurements existed): "
+                "only named findings are checked, against the labels")
     summary: dict[str, Any] = {}
     for (model, dataset), (found, cluster) in sorted(groups.items()):
         summary.setdefault(model, {})[dataset] = claim_stats(

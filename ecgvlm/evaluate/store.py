@@ -49,7 +49,7 @@ SORT_COLUMNS: tuple[str, ...] = ("model", "answer_mode", "condition", "dataset",
 
 
 @contextmanager
-def _parquet_file(location: str) -> Iterator[Any]:
+def parquet_file(location: str) -> Iterator[Any]:
     """A stored file as a ``pyarrow.parquet.ParquetFile`` (its footer read once), on a disk
     or in an object store (the store's cached filesystem)."""
     import pyarrow.parquet as pq
@@ -151,7 +151,7 @@ class PredictionStore:
         schema = self._schema(columns)
         tables = []
         for location in sources:
-            with _parquet_file(location) as stored:
+            with parquet_file(location) as stored:
                 present = [name for name in schema.names if name in stored.schema_arrow.names]
                 tables.append(self._normalized(stored.read(columns=present), schema))
         offsets = np.cumsum([0, *(len(t) for t in tables)], dtype=np.int64)
@@ -272,7 +272,7 @@ class PredictionStore:
 
         Only the key columns of every stored row are held at once (Arrow, tens of bytes a row):
         the rows themselves, explanations and raw texts included, go through a local
-        temporary folder in pieces of :attr:`window_rows` (see :meth:`_write_sorted`), so
+        temporary folder in pieces of :attr:`window_rows` (see :func:`write_in_order`), so
         the memory does not grow with the texts. A failure leaves the old file and the
         parts as they were.
 
@@ -294,67 +294,15 @@ class PredictionStore:
             if path != self.path:
                 storage.delete(path)
         schema = self._schema(columns)
-        with _parquet_file(self.path) as stored:
+        with parquet_file(self.path) as stored:
             return self._frame(stored.read(columns=schema.names).cast(schema))
 
     def _write_sorted(self, sources: list[str], offsets: Any, order: Any) -> None:
         """Write ``predictions.parquet`` whole: row ``order[i]`` of the sources (counted as
-        :meth:`_read_all` counts them) as its row ``i``.
-
-        A distribution sort: each source is read once, a batch at a time, and its kept rows
-        are appended to the piece of the output they belong in (an Arrow file each, LZ4
-        compressed, in a temporary folder of the local disk: ``TMPDIR``); then each piece is
-        read back, put in order and written. Memory holds one batch, then one piece; the rows
-        cross the local disk twice.
-        """
-        import tempfile
-
-        import numpy as np
-        import pyarrow as pa
-        import pyarrow.compute as pc
-        import pyarrow.parquet as pq
-
-        schema = prediction_schema()
-        n_rows = len(order)
-        window = max(self.window_rows, -(-n_rows // 32))  # at most 32 pieces open at once
-        # Each kept row's place in the output, in the order the rows are read.
-        places = np.argsort(order)
-        rows = order[places]
-        with tempfile.TemporaryDirectory(prefix="ecgvlm-consolidate-") as tmp:
-            pieces: dict[int, Any] = {}
-            try:
-                for i, location in enumerate(sources):
-                    lo, hi = np.searchsorted(rows, offsets[i:i + 2])
-                    if lo == hi:
-                        continue
-                    wanted, place = rows[lo:hi] - offsets[i], places[lo:hi]
-                    with _parquet_file(location) as stored:
-                        present = [n for n in schema.names if n in stored.schema_arrow.names]
-                        start = 0
-                        for batch in stored.iter_batches(batch_size=window, columns=present):
-                            a, b = np.searchsorted(wanted, [start, start + batch.num_rows])
-                            if b > a:
-                                rows_here = self._normalized(pa.Table.from_batches(
-                                    [batch.take(wanted[a:b] - start)]), schema)
-                                piece_of = place[a:b] // window
-                                rows_here = rows_here.append_column("place", pa.array(place[a:b]))
-                                for p in np.unique(piece_of):
-                                    if p not in pieces:
-                                        pieces[p] = pa.ipc.new_file(
-                                            f"{tmp}/{p}.arrow", rows_here.schema,
-                                            options=pa.ipc.IpcWriteOptions(compression="lz4"))
-                                    pieces[p].write_table(rows_here.take(np.flatnonzero(piece_of == p)))
-                            start += batch.num_rows
-            finally:
-                for writer in pieces.values():
-                    writer.close()
-            with (storage.whole_file_output(self.path) as sink,
-                  pq.ParquetWriter(sink, schema) as writer):
-                for p in sorted(pieces):
-                    with pa.OSFile(f"{tmp}/{p}.arrow") as piece:
-                        rows_here = pa.ipc.open_file(piece).read_all()
-                    rows_here = rows_here.take(pc.sort_indices(rows_here.column("place")))
-                    writer.write_table(rows_here.drop_columns(["place"]), row_group_size=window)
+        :meth:`_read_all` counts them) as its row ``i`` (:func:`write_in_order`)."""
+        with storage.whole_file_output(self.path) as sink:
+            write_in_order(sources, offsets, order, prediction_schema(), sink,
+                           self.window_rows, self._normalized)
 
     def rewrite(self, transform: Callable[[Any], Any], batch_rows: int = 4096) -> None:
         """Replace ``predictions.parquet`` by ``transform`` applied to each of its record
@@ -366,7 +314,71 @@ class PredictionStore:
         import pyarrow.parquet as pq
 
         schema = prediction_schema()
-        with (_parquet_file(self.path) as stored, storage.whole_file_output(self.path) as sink,
+        with (parquet_file(self.path) as stored, storage.whole_file_output(self.path) as sink,
               pq.ParquetWriter(sink, schema) as writer):
             for batch in stored.iter_batches(batch_size=batch_rows):
                 writer.write_batch(transform(batch).cast(schema))
+
+
+def write_in_order(
+    sources: Sequence[str], offsets: Any, order: Any, schema: Any, sink: Any, window_rows: int,
+    normalized: Callable[[Any, Any], Any],
+) -> None:
+    """Write ``order[i]``, a row of the Parquet files ``sources`` (counted across them in
+    turn: ``offsets[k]`` is the first row of ``sources[k]``, one more entry the total), as
+    row ``i`` of a Parquet file with ``schema`` written to ``sink`` (a path or a writable
+    file), in row groups of ``window_rows`` or more.
+
+    A distribution sort: each source is read once, a batch at a time, and its rows in
+    ``order`` are appended, made ``schema``'s by ``normalized(table, schema)``, to the piece
+    of the output they belong in (an Arrow file each, LZ4 compressed, in a temporary folder
+    of the local disk: ``TMPDIR``); then each piece is read back, put in order and written.
+    Memory holds one batch, then one piece (``window_rows``, more when over 32 pieces
+    would be needed); the rows cross the local disk twice.
+    """
+    import tempfile
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    n_rows = len(order)
+    window = max(window_rows, -(-n_rows // 32))  # at most 32 pieces open at once
+    # Each row's place in the output, in the order the rows are read.
+    places = np.argsort(order)
+    rows = np.asarray(order)[places]
+    with tempfile.TemporaryDirectory(prefix="ecgvlm-sort-") as tmp:
+        pieces: dict[int, Any] = {}
+        try:
+            for i, location in enumerate(sources):
+                lo, hi = np.searchsorted(rows, offsets[i:i + 2])
+                if lo == hi:
+                    continue
+                wanted, place = rows[lo:hi] - offsets[i], places[lo:hi]
+                with parquet_file(location) as stored:
+                    present = [n for n in schema.names if n in stored.schema_arrow.names]
+                    start = 0
+                    for batch in stored.iter_batches(batch_size=window, columns=present):
+                        a, b = np.searchsorted(wanted, [start, start + batch.num_rows])
+                        if b > a:
+                            rows_here = normalized(pa.Table.from_batches(
+                                [batch.take(wanted[a:b] - start)]), schema)
+                            piece_of = place[a:b] // window
+                            rows_here = rows_here.append_column("place", pa.array(place[a:b]))
+                            for p in np.unique(piece_of):
+                                if p not in pieces:
+                                    pieces[p] = pa.ipc.new_file(
+                                        f"{tmp}/{p}.arrow", rows_here.schema,
+                                        options=pa.ipc.IpcWriteOptions(compression="lz4"))
+                                pieces[p].write_table(rows_here.take(np.flatnonzero(piece_of == p)))
+                        start += batch.num_rows
+        finally:
+            for writer in pieces.values():
+                writer.close()
+        with pq.ParquetWriter(sink, schema) as writer:
+            for p in sorted(pieces):
+                with pa.OSFile(f"{tmp}/{p}.arrow") as piece:
+                    rows_here = pa.ipc.open_file(piece).read_all()
+                rows_here = rows_here.take(pc.sort_indices(rows_here.column("place")))
+                writer.write_table(rows_here.drop_columns(["place"]), row_group_size=window)

@@ -256,28 +256,48 @@ def test_grounded_references_are_never_contradicted_and_moved_ones_are(samples_d
     assert rate > 0.2, rate
 
 
-def test_reference_texts_read_the_split_columns_one_value_at_a_time(samples_dir):
-    """The columns as the evaluation reads them from an Arrow-backed split: measurements as
-    stored JSON, with pd.NA (a null) and unreadable JSON giving no reference."""
+def test_reference_text_reads_the_split_column_one_value_at_a_time(samples_dir):
+    """The values as the evaluation reads them from a split: measurements as stored JSON,
+    with a null and unreadable JSON giving no reference."""
     import json
 
-    import pandas as pd
-    import pyarrow as pa
-
-    from ecgvlm.evaluate.claims import reference_texts
+    from ecgvlm.evaluate.claims import reference_text
 
     refs = _grounded_references(samples_dir)[:6]
-    labels = [label for _, label, _, _, _ in refs] + ["af", "af"]
-    column = pd.Series([json.dumps(m.to_dict()) for _, _, m, _, _ in refs] + [None, "{not json"],
-                       dtype=pd.ArrowDtype(pa.string()))
-    own, moved = reference_texts(labels, column.array, seed=0)
-    assert own[:6] == [text for *_, text in refs]
-    assert own[6:] == [None, None]
-    for label, other in zip(labels, moved):
-        # Another sample's reference, of another finding: never this sample's own finding.
-        assert other in own[:6]
-        assert labels[own.index(other)] != label
-    assert (own, moved) == reference_texts(labels, column.array, seed=0)
+    for _, label, m, _, text in refs:
+        assert reference_text(label, json.dumps(m.to_dict())) == text
+    assert reference_text("af", None) is None
+    assert reference_text("af", "{not json") is None
+
+
+def test_reference_pool_draws_another_finding_in_proportion_and_stays_bounded():
+    from collections import Counter
+
+    from ecgvlm.evaluate.claims import ReferencePool
+
+    def pool(seed: int) -> ReferencePool:
+        p = ReferencePool(per_finding=10, seed=seed)
+        for i in range(900):
+            p.add("af", f"af text {i}")
+        for i in range(100):
+            p.add("lbbb", f"lbbb text {i}")
+        p.add("normal", "the only normal text")
+        return p
+
+    p = pool(0)
+    assert [len(kept) for kept in p._kept.values()] == [10, 10, 1]  # at most per_finding each
+    # Kept: a spread of each finding's texts, not just its first ten.
+    assert max(int(t.rsplit(" ", 1)[1]) for t in p._kept["af"]) >= 100
+    draws = Counter(p.draw("normal").split(" ")[0] for _ in range(2000))
+    assert set(draws) == {"af", "lbbb"}  # never the excluded finding
+    # af was offered 9 texts for each of lbbb's: drawn about 90% of the time, not 50%.
+    assert 0.86 < draws["af"] / 2000 < 0.94
+    assert {p.draw("af") for _ in range(50)} <= {*p._kept["lbbb"], *p._kept["normal"]}
+    assert ReferencePool().draw("af") is None  # an empty pool
+    # Seeded: the same texts kept and drawn on a rerun.
+    first, again, other = pool(0), pool(0), pool(1)
+    assert first._kept == again._kept != other._kept
+    assert [first.draw("normal") for _ in range(20)] == [again.draw("normal") for _ in range(20)]
 
 
 def test_claim_stats_by_hand_and_without_claims():
@@ -398,3 +418,104 @@ def test_claim_examples_keep_the_most_contradicted_whatever_the_order_rows_come_
     empty = ClaimExamples(per_model=3)
     empty.offer("m", "d/r0#0", "d", "Nothing to say.", [], 0)
     assert empty.picked() == {}
+
+
+def _stored_explanations(tmp_path, dataset_of=lambda row: row["dataset"]):
+    """A split of 40 samples in three shards (in no particular order) and a store of their
+    predictions by two models: generated answers with a checkable explanation, and rows the
+    claim check leaves as they are (a choice, a blank printout, a failure, an unselected
+    sample), all with ``claims`` already set."""
+    import random
+
+    from ecgvlm.config import config_from_dict
+    from ecgvlm.evaluate import EvalConfig
+    from ecgvlm.evaluate.job import iter_rows, read_split_meta, sample_cluster, split_files
+    from ecgvlm.evaluate.store import PredictionStore
+    from tests.fakes.mcq_split import sample_rows, write_split
+
+    rows = sample_rows(20, measurements=True)
+    random.Random(0).shuffle(rows)
+    files = split_files(write_split(tmp_path / "split", rows, shards=3), "test")
+    meta = read_split_meta(files)
+    meta = meta[meta["sample_id"] != rows[0]["sample_id"]].reset_index(drop=True)
+    store = PredictionStore(tmp_path / "out")
+    texts = ["Wide QRS in V1.", "Regular rhythm seen in lead II.", ""]
+    stored = []
+    for i, row in enumerate(rows):
+        for model in ("pulse", "pulse-lora"):
+            base = {"sample_id": row["sample_id"], "dataset": dataset_of(row), "model": model,
+                    "answer_mode": "generate", "condition": "normal", "claims": '["old"]',
+                    "explanation": texts[(i + (model == "pulse")) % 3], "split": "test"}
+            stored += [base, {**base, "answer_mode": "choice"}, {**base, "condition": "blank"}]
+            if i % 7 == 3:
+                stored.append({**base, "model": "gpt-4o", "error": "HTTP 500"})
+    random.Random(1).shuffle(stored)
+    store.append(stored)
+    store.consolidate()
+    config = config_from_dict(EvalConfig, {
+        "data_dir": str(tmp_path / "split"), "output_dir": str(tmp_path / "out"),
+        "endpoint": "http://127.0.0.1:9/v1", "n_boot": 20})
+    cluster_columns = ["sample_id", "dataset", "record_id"]
+    clusters = {row["sample_id"]: sample_cluster(row) for row in iter_rows(meta, cluster_columns)}
+    return rows, files, meta, store, config, clusters
+
+
+@pytest.mark.parametrize("window_rows", [1024, 7])
+def test_the_claim_check_reads_each_record_beside_its_stored_explanations(
+        tmp_path, monkeypatch, window_rows):
+    """Each generated explanation of a selected sample is checked against its own record
+    (read in the store's order from a sorted copy of the split: through many pieces with
+    ``window_rows`` 7, and once per model), every other row keeps its claims, and the
+    references count every selected sample."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from ecgvlm.evaluate.claims import check_explanation, measurements_of, reference_text
+    from ecgvlm.evaluate.job import check_explanations
+
+    monkeypatch.setattr("ecgvlm.evaluate.job.RECORDS_WINDOW_ROWS", window_rows)
+    rows, files, meta, store, config, clusters = _stored_explanations(tmp_path)
+    selected = set(meta["sample_id"])
+    stats, examples, note = check_explanations(
+        config, store, selected, {"pulse", "pulse-lora", "gpt-4o"}, meta, clusters, files)
+    assert note is None
+    by_id = {row["sample_id"]: row for row in rows}
+    checked: dict[tuple[str, str], int] = {}
+    verdicts_seen = set()
+    for row in pq.read_table(store.path).to_pylist():
+        if (row["answer_mode"], row["condition"]) != ("generate", "normal") \
+                or row["sample_id"] not in selected or row["error"]:
+            assert row["claims"] == '["old"]', row
+            continue
+        split_row = by_id[row["sample_id"]]
+        want = check_explanation(row["explanation"], measurements_of(split_row["measurements"]),
+                                 split_row["labels"], config.claims)
+        assert row["claims"] == json.dumps([v.to_json() for v in want]), row
+        verdicts_seen |= {v.verdict for v in want}
+        key = (row["model"], row["dataset"])
+        checked[key] = checked.get(key, 0) + 1
+    assert verdicts_seen == {"supported", "contradicted"}  # which record is read matters
+    assert {(m, d): s.n_explanations for m, ds in stats.items() for d, s in ds.items()
+            if m in ("pulse", "pulse-lora")} == checked
+    for dataset in ("cpsc2018", "mitdb"):
+        mine = [by_id[sid] for sid in selected if by_id[sid]["dataset"] == dataset]
+        with_text = [r for r in mine if reference_text(
+            r["option_labels"][r["answer_index"]], r["measurements"]) is not None]
+        assert 0 < len(with_text) < len(mine)  # a finding without measurable criteria has none
+        assert stats["reference"][dataset].n_explanations == len(with_text)
+        assert stats["reference"][dataset].contradicted == 0
+        assert stats["reference-moved"][dataset].n_explanations == len(mine)
+    assert set(examples) <= {"pulse", "pulse-lora", "reference", "reference-moved"}
+
+
+def test_a_stored_prediction_of_another_data_set_is_named(tmp_path):
+    from ecgvlm.evaluate.errors import EvaluationError
+    from ecgvlm.evaluate.job import check_explanations
+
+    moved = "cpsc2018/r005#0"  # stored under a data set the split does not give it
+    _, files, meta, store, config, clusters = _stored_explanations(
+        tmp_path, dataset_of=lambda row: "ptbxl" if row["sample_id"] == moved else row["dataset"])
+    assert moved in set(meta["sample_id"])
+    with pytest.raises(EvaluationError, match=f"{moved} by pulse is of data set 'ptbxl'"):
+        check_explanations(config, store, set(meta["sample_id"]), {"pulse"}, meta, clusters, files)
