@@ -909,16 +909,6 @@ def draw_donor(by_label: dict[str, list[Any]], excluded: set[str], rng: Any) -> 
     return None
 
 
-def reference_text(true_label: str, measurements: Any) -> str | None:
-    """The grounded reference explanation of a sample: ``grounded_text`` of its correct
-    finding on its measurements (the split's JSON value; None where it has none, or they
-    cannot be read)."""
-    from ecgvlm.measure import grounded_text
-
-    m = measurements_of(measurements)
-    return grounded_text(str(true_label), m) if m is not None else None
-
-
 class ReferencePool:
     """Grounded reference texts by finding, from which another sample's is drawn: the moved
     reference, checked against a record it was not written for.

@@ -906,39 +906,33 @@ def sort_split_rows(
 
 
 class _SortedRows:
-    """The rows of a file written by :func:`sort_split_rows`, looked up by (data set, sample
-    id) in ascending order: a look-up before the last restarts from the top, so a run of
-    look-ups in order reads the file once."""
+    """Rows in (data set, sample id) order, from ``rows()`` (a fresh generator each call),
+    looked up in that order: a look-up before the last starts a new generator, so a run of
+    look-ups in order reads the rows once."""
 
-    def __init__(self, path: str, batch_rows: int) -> None:
-        self.path, self.batch_rows = path, batch_rows
+    def __init__(self, rows: Callable[[], Iterator[dict[str, Any]]]) -> None:
+        self.rows = rows
         self._restart()
 
     def _restart(self) -> None:
-        import pyarrow.parquet as pq
-
-        self._batches = pq.ParquetFile(self.path).iter_batches(batch_size=self.batch_rows)
-        self._rows: list[dict[str, Any]] = []
-        self._next = 0
-        self._last: tuple[str, str] | None = None
+        self._iter = self.rows()
+        self._row: dict[str, Any] | None = None
+        self._at: tuple[str, str] | None = None  # the key of the last row read
 
     def get(self, dataset: str, sample_id: str) -> dict[str, Any] | None:
-        """The row of ``sample_id`` in ``dataset``, or None when the file has none."""
+        """The row of ``sample_id`` in ``dataset``, or None when there is none."""
         key = (dataset, sample_id)
-        if self._last is not None and key < self._last:
+        if self._at is not None and key < self._at:
             self._restart()
         while True:
-            if self._next == len(self._rows):
-                batch = next(self._batches, None)
-                if batch is None:
+            if self._row is None:
+                self._row = next(self._iter, None)
+                if self._row is None:
                     return None
-                self._rows, self._next = batch.to_pylist(), 0
-                continue
-            row = self._rows[self._next]
-            self._last = (row["dataset"], row["sample_id"])
-            if self._last >= key:
-                return row if self._last == key else None
-            self._next += 1
+                self._at = (self._row["dataset"], self._row["sample_id"])
+            if self._at >= key:
+                return self._row if self._at == key else None
+            self._row = None
 
 
 def check_explanations(
@@ -984,8 +978,8 @@ def check_explanations(
         claim_stats,
         count_verdicts,
         measurements_of,
-        reference_text,
     )
+    from ecgvlm.measure import grounded_text
 
     # (model, dataset) -> (supported, contradicted, unverifiable of each explanation, in
     # turn; the cluster of each): a dataclass per explanation was about 200 bytes.
@@ -1010,7 +1004,12 @@ def check_explanations(
         stored = sort_split_rows(
             files, ("option_labels", "answer_letter", *SPLIT_CLAIM_COLUMNS),
             pa.array(meta["sample_id"]), sorted_path, RECORDS_WINDOW_ROWS)
-        records = _SortedRows(sorted_path, RECORDS_WINDOW_ROWS)
+
+        def split_rows() -> Iterator[dict[str, Any]]:
+            for batch in pq.ParquetFile(sorted_path).iter_batches(batch_size=RECORDS_WINDOW_ROWS):
+                yield from batch.to_pylist()
+
+        records = _SortedRows(split_rows)
 
         def check_batch(batch: Any) -> Any:
             columns = [batch.column(name).to_pylist() for name in read]
@@ -1036,20 +1035,16 @@ def check_explanations(
         # select: predictions.parquet is replaced whole, nothing may be lost.
         store.rewrite(check_batch)
 
-        def split_rows() -> Iterator[dict[str, Any]]:
-            for batch in pq.ParquetFile(sorted_path).iter_batches(batch_size=RECORDS_WINDOW_ROWS):
-                yield from batch.to_pylist()
-
         # Two passes: the references checked against their own record, and kept in a
         # bounded pool; then each record against a reference of another finding.
         pool = ReferencePool(seed=config.seed)
         for row in split_rows():
-            label = true_label_of(row)
-            text = reference_text(label, row.get("measurements"))
+            label, (m, labels) = true_label_of(row), record(row)
+            text = grounded_text(str(label), m) if m is not None else None
             if text:
                 pool.add(label, text)
                 tally(row["sample_id"], REFERENCE_MODEL, row["dataset"], text,
-                      check_explanation(text, *record(row), config.claims))
+                      check_explanation(text, m, labels, config.claims))
         for row in split_rows():
             other = pool.draw(true_label_of(row))
             if other:

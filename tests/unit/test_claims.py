@@ -256,18 +256,44 @@ def test_grounded_references_are_never_contradicted_and_moved_ones_are(samples_d
     assert rate > 0.2, rate
 
 
-def test_reference_text_reads_the_split_column_one_value_at_a_time(samples_dir):
-    """The values as the evaluation reads them from a split: measurements as stored JSON,
-    with a null and unreadable JSON giving no reference."""
+def test_measurements_read_from_the_split_column_give_the_same_reference(samples_dir):
+    """The values as the evaluation reads them from a split: measurements as stored JSON
+    give the same grounded reference, a null and unreadable JSON give no measurements."""
     import json
 
-    from ecgvlm.evaluate.claims import reference_text
+    from ecgvlm.evaluate.claims import measurements_of
+    from ecgvlm.measure import grounded_text
 
     refs = _grounded_references(samples_dir)[:6]
     for _, label, m, _, text in refs:
-        assert reference_text(label, json.dumps(m.to_dict())) == text
-    assert reference_text("af", None) is None
-    assert reference_text("af", "{not json") is None
+        assert grounded_text(label, measurements_of(json.dumps(m.to_dict()))) == text
+    assert measurements_of(None) is None
+    assert measurements_of(float("nan")) is None
+    assert measurements_of("{not json") is None
+    assert measurements_of("[1, 2]") is None
+
+
+def test_sorted_rows_read_once_for_lookups_in_order_and_restart_for_one_before():
+    from ecgvlm.evaluate.job import _SortedRows
+
+    rows = [{"dataset": d, "sample_id": s} for d, s in
+            [("cpsc2018", "a"), ("cpsc2018", "c"), ("mitdb", "a"), ("mitdb", "b")]]
+    started = []
+
+    def generate():
+        started.append(1)
+        yield from ({**row, "n": i} for i, row in enumerate(rows))
+
+    found = _SortedRows(generate)
+    assert found.get("cpsc2018", "a")["n"] == 0
+    assert found.get("cpsc2018", "a")["n"] == 0  # the same key again: no restart
+    assert found.get("cpsc2018", "b") is None  # absent, between two present keys
+    assert found.get("mitdb", "a")["n"] == 2
+    assert found.get("mitdb", "b")["n"] == 3
+    assert found.get("mitdb", "z") is None  # past the end
+    assert len(started) == 1
+    assert found.get("cpsc2018", "c")["n"] == 1  # before the last: a new pass
+    assert len(started) == 2
 
 
 def test_reference_pool_draws_another_finding_in_proportion_and_stays_bounded():
@@ -471,8 +497,9 @@ def test_the_claim_check_reads_each_record_beside_its_stored_explanations(
 
     import pyarrow.parquet as pq
 
-    from ecgvlm.evaluate.claims import check_explanation, measurements_of, reference_text
+    from ecgvlm.evaluate.claims import check_explanation, measurements_of
     from ecgvlm.evaluate.job import check_explanations
+    from ecgvlm.measure import grounded_text
 
     monkeypatch.setattr("ecgvlm.evaluate.job.RECORDS_WINDOW_ROWS", window_rows)
     rows, files, meta, store, config, clusters = _stored_explanations(tmp_path)
@@ -500,8 +527,8 @@ def test_the_claim_check_reads_each_record_beside_its_stored_explanations(
             if m in ("pulse", "pulse-lora")} == checked
     for dataset in ("cpsc2018", "mitdb"):
         mine = [by_id[sid] for sid in selected if by_id[sid]["dataset"] == dataset]
-        with_text = [r for r in mine if reference_text(
-            r["option_labels"][r["answer_index"]], r["measurements"]) is not None]
+        with_text = [r for r in mine if (m := measurements_of(r["measurements"])) is not None
+                     and grounded_text(r["option_labels"][r["answer_index"]], m)]
         assert 0 < len(with_text) < len(mine)  # a finding without measurable criteria has none
         assert stats["reference"][dataset].n_explanations == len(with_text)
         assert stats["reference"][dataset].contradicted == 0
