@@ -590,37 +590,34 @@ def run_predictions(
 
 
 def use_returning_arrow_pool() -> str:
-    """Have pyarrow allocate from jemalloc in this process (the system allocator where this
-    pyarrow has none), unless ``ARROW_DEFAULT_MEMORY_POOL`` names a pool; returns the pool's
-    backend.
+    """Have pyarrow allocate from the system allocator in this process, unless
+    ``ARROW_DEFAULT_MEMORY_POOL`` names a pool; returns the pool's backend.
 
     For the process that runs ``evaluate`` (the CLI, ``jobs/evaluate.py``), not the library
     itself: it is a process-wide choice. pyarrow's default pool (mimalloc) keeps the pages of
     buffers that Arrow's reader threads allocated, also after ``release_unused()``: reading a
     20k-row split's metadata (10 MB in Arrow) and freeing it left a process about 60 MB
-    larger with mimalloc and 14 MB larger with jemalloc or the system allocator, and the
-    driver reads and frees such tables at several stages (docs/evaluate.md, "Arrow's
-    allocator in the driver").
+    larger with mimalloc and 14 MB larger with jemalloc or the system allocator. Over a whole
+    evaluation jemalloc kept about 40 MB more than the system allocator, which
+    :func:`release_arrow_memory` gives back (docs/evaluate.md, "Arrow's allocator in the
+    driver").
     """
     import pyarrow as pa
 
-    if os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
-        return pa.default_memory_pool().backend_name
-    try:
-        pool = pa.jemalloc_memory_pool()
-    except NotImplementedError:  # a pyarrow built without jemalloc (e.g. some macOS wheels)
-        pool = pa.system_memory_pool()
-    pa.set_memory_pool(pool)
-    return pool.backend_name
+    if not os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
+        pa.set_memory_pool(pa.system_memory_pool())
+    return pa.default_memory_pool().backend_name
 
 
 def release_arrow_memory() -> None:
     """Give the operating system back the pages Arrow's allocator keeps after a phase that
     read or built many Arrow buffers in this process.
 
-    pyarrow's default pool (mimalloc here) keeps freed pages for reuse; in the evaluation
-    driver, after 10k predictions, that was about 30 MB of resident memory that no live
-    buffer used (docs/evaluate.md).
+    pyarrow's pools keep freed pages for reuse; ``release_unused`` returns them (for the
+    system pool, on glibc, with ``malloc_trim``, which also returns the free pages of the
+    driver's other native allocations). In the evaluation driver with mimalloc, after 10k
+    predictions, that was about 30 MB of resident memory that no live buffer used
+    (docs/evaluate.md).
     """
     import pyarrow as pa
 
@@ -1238,6 +1235,7 @@ def evaluate(config: EvalConfig, inputs: EvalInputs | None = None) -> tuple[Any,
     out = config.output_dir
     storage.check_shared({"data_dir": config.data_dir, "output_dir": out})
     inputs = inputs or check_inputs(config)  # before anything is written
+    release_arrow_memory()  # what reading the split's shards freed
     files, meta, served = inputs.shards, inputs.meta, inputs.served
     storage.check_writable(out)
     store = PredictionStore(out)
@@ -1313,6 +1311,7 @@ def evaluate(config: EvalConfig, inputs: EvalInputs | None = None) -> tuple[Any,
         scored_rows(itertools.chain(iter_rows(scored[table1_mode], scored_columns), baseline)),
         n_boot=config.n_boot, seed=config.seed)
     del baseline
+    release_arrow_memory()  # the bootstrap's arrays
     answered = predictions[~predictions["model"].isin(list(unavailable))]
     n_bins = config.calibration.n_bins
     controls = compare_conditions(answered, table1_mode, config.controls, clusters,
@@ -1356,6 +1355,7 @@ def evaluate(config: EvalConfig, inputs: EvalInputs | None = None) -> tuple[Any,
                                            config.progress)
     else:
         judgements, judge_note = [], "no explanations to judge: answer_mode has no 'generate'"
+    release_arrow_memory()  # the judge's reads, before the report's plots
     judge_boot = config.n_boot or 1000
     # The verdicts read back are this run's: the judged rows are among those it checked.
     judge_agreement = judge_claim_agreement(
