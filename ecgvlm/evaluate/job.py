@@ -597,10 +597,11 @@ def use_returning_arrow_pool() -> str:
     itself: it is a process-wide choice. pyarrow's default pool (mimalloc) keeps the pages of
     buffers that Arrow's reader threads allocated, also after ``release_unused()``: reading a
     20k-row split's metadata (10 MB in Arrow) and freeing it left a process about 60 MB
-    larger with mimalloc and 14 MB larger with jemalloc or the system allocator. Over a whole
-    evaluation jemalloc kept about 40 MB more than the system allocator, which
-    :func:`release_arrow_memory` gives back (docs/evaluate.md, "Arrow's allocator in the
-    driver").
+    larger with mimalloc and 14 MB larger with jemalloc or the system allocator; the system
+    pool's freed pages go back with :func:`release_arrow_memory` (glibc's ``malloc_trim``).
+    This sets pyarrow's pool only: Arrow's C++ readers keep the pool that
+    ``ARROW_DEFAULT_MEMORY_POOL`` picked when pyarrow loaded (docs/evaluate.md, "The system
+    allocator for Arrow in the driver").
     """
     import pyarrow as pa
 
