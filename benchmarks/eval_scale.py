@@ -8,8 +8,9 @@ driver process with its own local Ray, against a fake OpenAI-compatible endpoint
 separate process (``--service-ms`` per request), one model, generated answers, no judge, no
 controls, no sweep. While it runs, the driver's and the Ray workers' resident memory is
 sampled four times a second (``peak_memory.py``). The driver allocates Arrow memory as
-``ecgvlm evaluate``'s does (``use_returning_arrow_pool``: the system allocator);
-``ARROW_DEFAULT_MEMORY_POOL=mimalloc`` in the environment measures pyarrow's default instead.
+``ecgvlm evaluate``'s does (``use_returning_arrow_pool``: the system allocator, for Arrow's
+readers too, and in the local Ray's workers); ``ARROW_DEFAULT_MEMORY_POOL=mimalloc`` in the
+environment measures pyarrow's default instead.
 
 What it should show: rows/s flat across sizes, the workers' memory flat (each client actor
 holds one block of rows), and the driver's growing only by what the report needs: the

@@ -339,9 +339,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from ecgvlm.evaluate import EvalConfig, check_inputs, evaluate, use_returning_arrow_pool
     from ecgvlm.report import console_tables
 
+    # Before anything imports pyarrow (its readers' pool is chosen then): freed Arrow memory
+    # goes back to the OS (docs/evaluate.md).
+    use_returning_arrow_pool()
     config = load_config(EvalConfig, args.config, args.overrides)
     config = resolve_paths(config, ["data_dir", "output_dir"])
-    use_returning_arrow_pool()  # freed Arrow memory goes back to the OS (docs/evaluate.md)
     inputs = check_inputs(config)  # a wrong path or a down endpoint said before Ray starts
     # The HTTP client actors need little CPU.
     with _ray_for_job(args.address, args.num_cpus):

@@ -36,7 +36,9 @@ import itertools
 import math
 import os
 import re
+import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -590,22 +592,32 @@ def run_predictions(
 
 
 def use_returning_arrow_pool() -> str:
-    """Have pyarrow allocate from the system allocator in this process, unless
-    ``ARROW_DEFAULT_MEMORY_POOL`` names a pool; returns the pool's backend.
+    """Have Arrow allocate from the system allocator in this process, unless
+    ``ARROW_DEFAULT_MEMORY_POOL`` names a pool; returns pyarrow's pool's backend.
 
     For the process that runs ``evaluate`` (the CLI, ``jobs/evaluate.py``), not the library
-    itself: it is a process-wide choice. pyarrow's default pool (mimalloc) keeps the pages of
-    buffers that Arrow's reader threads allocated, also after ``release_unused()``: reading a
-    20k-row split's metadata (10 MB in Arrow) and freeing it left a process about 60 MB
-    larger with mimalloc and 14 MB larger with jemalloc or the system allocator; the system
-    pool's freed pages go back with :func:`release_arrow_memory` (glibc's ``malloc_trim``).
-    This sets pyarrow's pool only: Arrow's C++ readers keep the pool that
-    ``ARROW_DEFAULT_MEMORY_POOL`` picked when pyarrow loaded (docs/evaluate.md, "The system
-    allocator for Arrow in the driver").
+    itself: it is a process-wide choice, and it must come before anything imports pyarrow.
+    Arrow's C++ readers (Parquet, datasets, sorts) allocate from the pool that
+    ``ARROW_DEFAULT_MEMORY_POOL`` picks when pyarrow loads, and ``pa.set_memory_pool`` does not
+    reach them, so this sets the variable (a local Ray started afterwards passes it on to its
+    workers). pyarrow's default there (mimalloc) keeps the pages of buffers its reader threads
+    allocated, also after ``release_unused()``: about 40 MB in a 10k-row evaluation driver;
+    the system allocator's free pages go back with :func:`release_arrow_memory` (glibc's
+    ``malloc_trim``). Called after pyarrow's import, it sets pyarrow's own pool and warns:
+    the readers keep theirs (docs/evaluate.md, "The system allocator for Arrow in the
+    driver").
     """
+    named = os.environ.get("ARROW_DEFAULT_MEMORY_POOL")
+    loaded = "pyarrow" in sys.modules
+    if not named:
+        os.environ["ARROW_DEFAULT_MEMORY_POOL"] = "system"
     import pyarrow as pa
 
-    if not os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
+    if not named and loaded:
+        warnings.warn(
+            "use_returning_arrow_pool() was called after pyarrow was imported: Arrow's readers "
+            f"keep the {pa.default_memory_pool().backend_name} pool; call it before importing "
+            "pyarrow, or set ARROW_DEFAULT_MEMORY_POOL=system", stacklevel=2)
         pa.set_memory_pool(pa.system_memory_pool())
     return pa.default_memory_pool().backend_name
 
@@ -1214,7 +1226,7 @@ def evaluate(config: EvalConfig, inputs: EvalInputs | None = None) -> tuple[Any,
     ``data_dir`` and ``output_dir`` may be local paths or URIs (``s3://...``): predictions
     and the judge's cache are stored there as they arrive, the report is written locally and
     then copied there. A process that evaluates large splits should call
-    ``use_returning_arrow_pool()`` first, as ``ecgvlm evaluate`` does.
+    ``use_returning_arrow_pool()`` before it imports pyarrow, as ``ecgvlm evaluate`` does.
 
     ``inputs``: what :func:`check_inputs` returned for this ``config`` (checked again here
     when not given).

@@ -9,37 +9,56 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 
+# Which allocators served a process that wrote and read Parquet (the read through the datasets
+# API, whose C++ readers take the pool ARROW_DEFAULT_MEMORY_POOL picks when pyarrow loads).
 _POOL_SCRIPT = (
-    "import pyarrow as pa\n"
+    "import os, sys, tempfile, warnings\n"
+    "if sys.argv[1] == 'late':\n"
+    "    import pyarrow\n"
     "from ecgvlm.evaluate import use_returning_arrow_pool\n"
-    "before = pa.default_memory_pool().backend_name\n"
-    "chosen = use_returning_arrow_pool()\n"
-    "print(before, chosen, pa.default_memory_pool().backend_name)\n"
+    "with warnings.catch_warnings(record=True) as caught:\n"
+    "    warnings.simplefilter('always')\n"
+    "    chosen = use_returning_arrow_pool()\n"
+    "import pyarrow as pa, pyarrow.dataset as ds, pyarrow.parquet as pq\n"
+    "path = os.path.join(tempfile.mkdtemp(), 'x.parquet')\n"
+    "pq.write_table(pa.table({'x': list(range(200_000, 0, -1))}), path)\n"
+    "table = ds.dataset(path).to_table().sort_by('x')\n"
+    "print(chosen, pa.default_memory_pool().backend_name,\n"
+    "      os.environ.get('ARROW_DEFAULT_MEMORY_POOL'),\n"
+    "      pa.mimalloc_memory_pool().max_memory() > 0,\n"
+    "      pa.system_memory_pool().max_memory() > 0, len(caught))\n"
 )
 
 
-def _run_fresh(script: str, **env: str) -> str:
+def _run_fresh(script: str, *args: str, **env: str) -> str:
     """What ``script`` printed in a fresh Python (Arrow's pools are process-wide)."""
     clean = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
-    return subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-c", script, *args], cwd=REPO, capture_output=True,
                           text=True, check=True,
                           env={**clean, "PYTHONPATH": str(REPO), **env}).stdout
 
 
-def _pools(**env: str) -> list[str]:
-    """(pool before, the name returned, pool after) in a fresh process."""
-    return _run_fresh(_POOL_SCRIPT, **env).split()
+def _pools(when: str = "first", **env: str) -> list[str]:
+    """(pool returned, pyarrow's pool, the variable, mimalloc used by the read, system used,
+    warnings) in a fresh process that calls ``use_returning_arrow_pool`` ``when``."""
+    return _run_fresh(_POOL_SCRIPT, when, **env).split()
 
 
-def test_the_driver_allocates_arrow_memory_from_the_system_allocator():
-    before, chosen, after = _pools()
-    assert before != "system"  # pyarrow's default here (mimalloc or jemalloc)
-    assert chosen == after == "system"
+def test_the_driver_and_its_readers_allocate_arrow_memory_from_the_system_allocator():
+    assert _pools() == ["system", "system", "system", "False", "True", "0"]
+
+
+def test_too_late_for_the_readers_it_says_so():
+    chosen, pyarrow_pool, variable, mimalloc_used, _, warned = _pools("late")
+    assert (chosen, pyarrow_pool, variable, warned) == ("system", "system", "system", "1")
+    assert mimalloc_used == "True"  # the readers kept the pool chosen at import
 
 
 def test_a_pool_named_in_the_environment_is_kept():
-    assert _pools(ARROW_DEFAULT_MEMORY_POOL="mimalloc") == ["mimalloc"] * 3
-    assert _pools(ARROW_DEFAULT_MEMORY_POOL="system") == ["system"] * 3
+    chosen, pyarrow_pool, variable, mimalloc_used, _, warned = _pools(
+        ARROW_DEFAULT_MEMORY_POOL="mimalloc")
+    assert (chosen, pyarrow_pool, variable, mimalloc_used, warned) == (
+        "mimalloc", "mimalloc", "mimalloc", "True", "0")
 
 
 # Arrow buffers of 8 KiB (below glibc's mmap threshold, so inside its heap) from the system
