@@ -946,16 +946,16 @@ class _SortedRows:
 
 
 def check_explanations(
-    config: EvalConfig, store: PredictionStore, selected: set[str], models: set[str],
-    meta: Any, clusters: dict[str, str], files: list[str], examples_per_model: int = 3,
+    config: EvalConfig, store: PredictionStore, models: set[str], meta: Any,
+    clusters: dict[str, str], files: list[str], examples_per_model: int = 3,
 ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]], str | None]:
     """Check every generated explanation against its record (``ecgvlm.evaluate.claims``) and
     store the verdicts in ``predictions.parquet``'s ``claims`` column. The records'
     measurements and labels are read from the split's shards ``files`` for this check only
     (``meta``, the driver's metadata of the selected samples, holds neither).
 
-    The rows checked are the stored generated answers on normal printouts of the
-    ``selected`` samples by ``models`` that did not fail; every other row keeps its claims.
+    The rows checked are the stored generated answers on normal printouts of ``meta``'s
+    samples by ``models`` that did not fail; every other row keeps its claims.
     The store is read and rewritten a batch of rows at a time (``PredictionStore.rewrite``),
     and of each explanation only what the report needs is kept: three counts (in one array
     per model and data set). The records are first written in the store's order, (data set,
@@ -978,6 +978,7 @@ def check_explanations(
 
     import numpy as np
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     from ecgvlm.evaluate.claims import (
@@ -1009,11 +1010,13 @@ def check_explanations(
                 [str(x) for x in labels] if isinstance(labels, list) else [])
 
     read = ("sample_id", "model", "dataset", "answer_mode", "condition", "explanation", "error")
+    # In Arrow, not a set of Python strings: about 130 bytes a sample held through the check.
+    selected = pa.array(meta["sample_id"])
     with tempfile.TemporaryDirectory(prefix="ecgvlm-claims-") as tmp:
         sorted_path = f"{tmp}/records.parquet"
         stored = sort_split_rows(
             files, ("option_labels", "answer_letter", *SPLIT_CLAIM_COLUMNS),
-            pa.array(meta["sample_id"]), sorted_path, RECORDS_WINDOW_ROWS)
+            selected, sorted_path, RECORDS_WINDOW_ROWS)
 
         def split_rows() -> Iterator[dict[str, Any]]:
             for batch in pq.ParquetFile(sorted_path).iter_batches(batch_size=RECORDS_WINDOW_ROWS):
@@ -1024,8 +1027,9 @@ def check_explanations(
         def check_batch(batch: Any) -> Any:
             columns = [batch.column(name).to_pylist() for name in read]
             claims = batch.column("claims").to_pylist()
+            of_selected = pc.is_in(batch.column("sample_id"), value_set=selected).to_pylist()
             for i, (sid, model, dataset, mode, condition, text, error) in enumerate(zip(*columns)):
-                if (mode != "generate" or condition != "normal" or sid not in selected
+                if (mode != "generate" or condition != "normal" or not of_selected[i]
                         or model not in models or (isinstance(error, str) and error)):
                     continue
                 row = records.get(str(dataset), sid)
@@ -1291,9 +1295,8 @@ def evaluate(config: EvalConfig, inputs: EvalInputs | None = None) -> tuple[Any,
     # the raw text of the few it judges.
     stored_rows = store.consolidate(columns=ANALYSIS_COLUMNS)
     release_arrow_memory()
-    selected = set(meta["sample_id"])
     predictions = stored_rows[
-        stored_rows["sample_id"].isin(selected) & stored_rows["model"].isin(models)
+        stored_rows["sample_id"].isin(meta["sample_id"]) & stored_rows["model"].isin(models)
         & stored_rows["answer_mode"].isin(config.answer_mode)
     ].reset_index(drop=True)
     del stored_rows
@@ -1359,7 +1362,7 @@ def evaluate(config: EvalConfig, inputs: EvalInputs | None = None) -> tuple[Any,
     if "generate" in config.answer_mode and len(scored["generate"]):
         t_claims = time.perf_counter()
         claims, examples, claims_note = check_explanations(
-            config, store, selected, set(scored["generate"]["model"]), meta, clusters, files)
+            config, store, set(scored["generate"]["model"]), meta, clusters, files)
         release_arrow_memory()
         claims_s = time.perf_counter() - t_claims
 

@@ -505,7 +505,7 @@ def test_the_claim_check_reads_each_record_beside_its_stored_explanations(
     rows, files, meta, store, config, clusters = _stored_explanations(tmp_path)
     selected = set(meta["sample_id"])
     stats, examples, note = check_explanations(
-        config, store, selected, {"pulse", "pulse-lora", "gpt-4o"}, meta, clusters, files)
+        config, store, {"pulse", "pulse-lora", "gpt-4o"}, meta, clusters, files)
     assert note is None
     by_id = {row["sample_id"]: row for row in rows}
     checked: dict[tuple[str, str], int] = {}
@@ -545,4 +545,4 @@ def test_a_stored_prediction_of_another_data_set_is_named(tmp_path):
         tmp_path, dataset_of=lambda row: "ptbxl" if row["sample_id"] == moved else row["dataset"])
     assert moved in set(meta["sample_id"])
     with pytest.raises(EvaluationError, match=f"{moved} by pulse is of data set 'ptbxl'"):
-        check_explanations(config, store, set(meta["sample_id"]), {"pulse"}, meta, clusters, files)
+        check_explanations(config, store, {"pulse"}, meta, clusters, files)
