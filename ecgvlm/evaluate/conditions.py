@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -310,7 +310,7 @@ def _ece(rows: Sequence[dict[str, Any]], n_bins: int) -> float | None:
 
 
 def compare_conditions(
-    predictions: Any, mode: str, conditions: Sequence[str], clusters: dict[str, str],
+    predictions: Any, mode: str, conditions: Sequence[str], clusters: Mapping[str, str],
     n_boot: int, seed: int, n_bins: int = 10,
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """Accuracy with the normal printout and in each condition, paired per sample.

@@ -455,7 +455,7 @@ def _stored_explanations(tmp_path, dataset_of=lambda row: row["dataset"]):
 
     from ecgvlm.config import config_from_dict
     from ecgvlm.evaluate import EvalConfig
-    from ecgvlm.evaluate.job import iter_rows, read_split_meta, sample_cluster, split_files
+    from ecgvlm.evaluate.job import SampleClusters, read_split_meta, split_files
     from ecgvlm.evaluate.store import PredictionStore
     from tests.fakes.mcq_split import sample_rows, write_split
 
@@ -481,9 +481,7 @@ def _stored_explanations(tmp_path, dataset_of=lambda row: row["dataset"]):
     config = config_from_dict(EvalConfig, {
         "data_dir": str(tmp_path / "split"), "output_dir": str(tmp_path / "out"),
         "endpoint": "http://127.0.0.1:9/v1", "n_boot": 20})
-    cluster_columns = ["sample_id", "dataset", "record_id"]
-    clusters = {row["sample_id"]: sample_cluster(row) for row in iter_rows(meta, cluster_columns)}
-    return rows, files, meta, store, config, clusters
+    return rows, files, meta, store, config, SampleClusters(meta)
 
 
 @pytest.mark.parametrize("window_rows", [1024, 7])

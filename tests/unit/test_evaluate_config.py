@@ -226,6 +226,30 @@ def test_clusters_are_patients_else_source_recordings():
     assert sample_cluster({"sample_id": "mitdb/100@10s#q0", "dataset": "mitdb"}) == "recording:mitdb/100"
 
 
+def test_the_clusters_of_a_split_are_each_samples_own():
+    from ecgvlm.evaluate.job import SampleClusters
+
+    meta = pd.DataFrame({
+        "sample_id": ["ptbxl/9#q0", "mitdb/100@10s#q0", "ptbxl/1#q0", "mitdb/100@20s#q1",
+                      "chapman/Müller#q0"],
+        "dataset": ["ptbxl", "mitdb", "ptbxl", "mitdb", "chapman"],
+        "record_id": ["ptbxl/9", "mitdb/100@10s", "ptbxl/1", "mitdb/100@20s", "chapman/Müller"],
+        "patient_id": ["15709", "", "15709", None, ""],
+    }, dtype="string[pyarrow]")
+    clusters = SampleClusters(meta)
+    expected = {"ptbxl/9#q0": "patient:ptbxl/15709", "ptbxl/1#q0": "patient:ptbxl/15709",
+                "mitdb/100@10s#q0": "recording:mitdb/100", "mitdb/100@20s#q1": "recording:mitdb/100",
+                "chapman/Müller#q0": "recording:chapman/Müller"}
+    assert dict(clusters) == expected and len(clusters) == 5
+    assert clusters["chapman/Müller#q0"] == "recording:chapman/Müller"
+    # Not a sample of the split: absent, also an id that a stored one begins with or extends.
+    for missing in ("ptbxl/9", "ptbxl/9#q0 ", "zzz", "", 7):
+        assert missing not in clusters and clusters.get(missing) is None
+    with pytest.raises(KeyError, match="ptbxl/2#q0"):
+        clusters["ptbxl/2#q0"]
+    assert dict(SampleClusters(meta.iloc[:0])) == {}
+
+
 def test_resume_refuses_predictions_of_another_split_or_prompt_version(tmp_path):
     store = PredictionStore(tmp_path)
     store.check_resumable("test", "v1")  # nothing stored: anything goes
