@@ -340,11 +340,9 @@ class SampleClusters(Mapping[str, str]):
         self._names = np.array(names, dtype=bytes)[order]
 
     def __getitem__(self, sample_id: str) -> str:
-        import numpy as np
-
         if isinstance(sample_id, str):
             key = sample_id.encode()
-            i = int(np.searchsorted(self._ids, key))
+            i = int(self._ids.searchsorted(key))
             if i < len(self._ids) and self._ids[i] == key:
                 return self._names[i].decode()
         raise KeyError(sample_id)

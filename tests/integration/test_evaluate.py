@@ -506,8 +506,10 @@ def test_endpoint_killed_mid_run_and_restarted_the_rerun_asks_only_what_failed(
         endpoint.wait(timeout=30)
     _, stderr = job.communicate(timeout=300)
     assert job.returncode == 0, stderr[-3000:]
-    # The job's driver allocates Arrow memory from the system allocator (glibc trims it).
+    # The job's driver allocates Arrow memory from the system allocator (glibc trims it), its
+    # readers too: the CLI chose the pool before anything imported pyarrow.
     assert json.loads((out / "run.json").read_text())["arrow_memory_pool"] == "system"
+    assert "after pyarrow was imported" not in stderr, stderr[-3000:]
     stored = PredictionStore(out).load()
     failed = stored[stored["error"].notna()]
     assert len(stored) == total and 0 < len(failed) < total, stored["error"].value_counts()

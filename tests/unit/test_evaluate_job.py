@@ -66,14 +66,14 @@ def test_a_pool_named_in_the_environment_is_kept():
 # freed pages stay resident until something trims the free chunks between the survivors.
 _TRIM_SCRIPT = (
     "import ctypes\n"
-    "import pyarrow as pa\n"
     "from ecgvlm.evaluate import use_returning_arrow_pool\n"
+    "use_returning_arrow_pool()\n"
+    "import pyarrow as pa\n"
     "from ecgvlm.evaluate.job import release_arrow_memory\n"
     "def anon_kb():\n"
     "    for line in open('/proc/self/status'):\n"
     "        if line.startswith('RssAnon:'):\n"
     "            return int(line.split()[1])\n"
-    "use_returning_arrow_pool()\n"
     "buffers = [pa.allocate_buffer(8192) for _ in range(8000)]\n"
     "for b in buffers:\n"
     "    ctypes.memset(b.address, 1, b.size)\n"
