@@ -7,10 +7,11 @@ finding: ``tests/fakes/mcq_split.py``) evaluated by ``ecgvlm.evaluate.evaluate``
 driver process with its own local Ray, against a fake OpenAI-compatible endpoint in a
 separate process (``--service-ms`` per request), one model, generated answers, no judge, no
 controls, no sweep. While it runs, the driver's and the Ray workers' resident memory is
-sampled four times a second (``peak_memory.py``). The driver allocates Arrow memory as
-``ecgvlm evaluate``'s does (``use_returning_arrow_pool``: the system allocator, for Arrow's
-readers too, and in the local Ray's workers); ``ARROW_DEFAULT_MEMORY_POOL=mimalloc`` in the
-environment measures pyarrow's default instead.
+sampled four times a second (``peak_memory.py``). The driver allocates memory as
+``ecgvlm evaluate``'s does (``ecgvlm.evaluate.memory``): Arrow from the system allocator, for
+Arrow's readers too, and glibc's mmap threshold fixed at 128 KiB, both also in the local
+Ray's workers. ``ARROW_DEFAULT_MEMORY_POOL=mimalloc`` in the environment measures pyarrow's
+default pool instead, and ``--mmap-threshold 0`` glibc's own adjusting threshold.
 
 What it should show: rows/s flat across sizes, the workers' memory flat (each client actor
 holds one block of rows), and the driver's growing only by what the report needs: the
@@ -38,15 +39,23 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def child(split_dir: Path, out: Path, endpoint: str, cpus: int, concurrency: int) -> None:
+def child(split_dir: Path, out: Path, endpoint: str, cpus: int, concurrency: int,
+          mmap_threshold: int) -> None:
     """The driver being measured: a local Ray, one evaluation, a JSON line of results."""
     sys.path.insert(0, str(REPO))
     import ray
 
     from ecgvlm.config import config_from_dict
-    from ecgvlm.evaluate import EvalConfig, evaluate, use_returning_arrow_pool
+    from ecgvlm.evaluate import (
+        EvalConfig,
+        evaluate,
+        use_fixed_mmap_threshold,
+        use_returning_arrow_pool,
+    )
 
     use_returning_arrow_pool()  # as `ecgvlm evaluate` does
+    if mmap_threshold:
+        use_fixed_mmap_threshold(mmap_threshold)
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False,
              configure_logging=False)
     config = config_from_dict(EvalConfig, {
@@ -61,11 +70,13 @@ def child(split_dir: Path, out: Path, endpoint: str, cpus: int, concurrency: int
     wall_s = time.perf_counter() - t0
     print(json.dumps({"wall_s": wall_s, "predict_s": report.meta["predict_s"],
                       "new": report.meta["new_predictions"],
-                      "pool": report.meta["arrow_memory_pool"]}))
+                      "pool": report.meta["arrow_memory_pool"],
+                      "mmap": report.meta["malloc_mmap_threshold"]}))
     ray.shutdown()
 
 
-def measure(n_rows: int, endpoint: str, cpus: int, concurrency: int) -> dict[str, float]:
+def measure(n_rows: int, endpoint: str, cpus: int, concurrency: int,
+            mmap_threshold: int) -> dict[str, float]:
     from peak_memory import run_sampled
 
     sys.path.insert(0, str(REPO))
@@ -77,7 +88,8 @@ def measure(n_rows: int, endpoint: str, cpus: int, concurrency: int) -> dict[str
         write_split(work / "prepared", rows, shards=max(2, n_rows // 2000))
         del rows
         stdout, peaks = run_sampled([sys.executable, __file__, "--child", str(work / "prepared"),
-                                     str(work / "out"), endpoint, str(cpus), str(concurrency)])
+                                     str(work / "out"), endpoint, str(cpus), str(concurrency),
+                                     str(mmap_threshold)])
         out = json.loads(stdout.strip().splitlines()[-1])
         if out["new"] != n_rows:
             raise RuntimeError(f"{out['new']} predictions for {n_rows} rows")
@@ -88,14 +100,18 @@ def measure(n_rows: int, endpoint: str, cpus: int, concurrency: int) -> dict[str
 
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        split_dir, out, endpoint, cpus, concurrency = sys.argv[2:7]
-        child(Path(split_dir), Path(out), endpoint, int(cpus), int(concurrency))
+        split_dir, out, endpoint, cpus, concurrency, mmap_threshold = sys.argv[2:8]
+        child(Path(split_dir), Path(out), endpoint, int(cpus), int(concurrency),
+              int(mmap_threshold))
         return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1000, 10000, 50000])
     parser.add_argument("--cpus", type=int, default=4, help="logical CPUs of the local Ray")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--service-ms", type=float, default=0.0, help="fake endpoint's time")
+    parser.add_argument("--mmap-threshold", type=int, default=128 * 1024,
+                        help="glibc's fixed mmap threshold in bytes, as `ecgvlm evaluate` sets "
+                             "it; 0: glibc's own adjusting threshold")
     args = parser.parse_args()
 
     sys.path.insert(0, str(REPO))
@@ -104,14 +120,16 @@ def main() -> int:
     load_start = os.getloadavg()[0]
     proc, endpoint = start_fake_endpoint(args.service_ms / 1000)
     try:
-        rows = [measure(n, endpoint, args.cpus, args.concurrency) for n in args.rows]
+        rows = [measure(n, endpoint, args.cpus, args.concurrency, args.mmap_threshold)
+                for n in args.rows]
     finally:
         proc.terminate()
         proc.wait(timeout=10)
     print(f"\neval_scale: {args.cpus} Ray CPUs, concurrency {args.concurrency}, fake endpoint "
           f"{args.service_ms:g} ms/request, {os.cpu_count()} cores, load average "
           f"{load_start:.1f} at start, {os.getloadavg()[0]:.1f} at end; the driver's Arrow "
-          f"memory pool: {', '.join(sorted({r['pool'] for r in rows}))}\n")
+          f"memory pool: {', '.join(sorted({r['pool'] for r in rows}))}; glibc's mmap "
+          f"threshold: {', '.join(sorted({str(r['mmap'] or 'adjusting') for r in rows}))}\n")
     print("| rows | wall s | rows/s (whole job) | rows/s (predict phase) | driver peak RSS MB | "
           "largest worker peak RSS MB | all workers peak RSS MB |")
     print("| --- | --- | --- | --- | --- | --- | --- |")

@@ -336,12 +336,19 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from ecgvlm.config import load_config, resolve_paths
-    from ecgvlm.evaluate import EvalConfig, check_inputs, evaluate, use_returning_arrow_pool
+    from ecgvlm.evaluate import (
+        EvalConfig,
+        check_inputs,
+        evaluate,
+        use_fixed_mmap_threshold,
+        use_returning_arrow_pool,
+    )
     from ecgvlm.report import console_tables
 
-    # Before anything imports pyarrow (its readers' pool is chosen then): freed Arrow memory
-    # goes back to the OS (docs/evaluate.md).
+    # Before anything imports pyarrow (its readers' pool is chosen then) and before Ray starts
+    # (its workers inherit both): freed memory goes back to the OS (docs/evaluate.md).
     use_returning_arrow_pool()
+    use_fixed_mmap_threshold()
     config = load_config(EvalConfig, args.config, args.overrides)
     config = resolve_paths(config, ["data_dir", "output_dir"])
     inputs = check_inputs(config)  # a wrong path or a down endpoint said before Ray starts

@@ -9,6 +9,7 @@ Modules:
   (the images besides the printout, and their paired comparison);
 * :mod:`ecgvlm.evaluate.calibration`: calibration, temperature scaling, abstention;
 * :mod:`ecgvlm.evaluate.claims`: explanations checked against the signal's measurements;
+* :mod:`ecgvlm.evaluate.memory`: the driver process's allocators (freed memory goes back);
 * :mod:`ecgvlm.evaluate.store`: ``predictions.parquet`` and its part files (resume);
 * :mod:`ecgvlm.evaluate.metrics`: classification metrics, intervals, the blind baseline;
 * :mod:`ecgvlm.evaluate.judge`: the LLM judge and its summaries;
@@ -45,6 +46,10 @@ from ecgvlm.evaluate.job import (
     select_samples,
     source_recording,
     split_files,
+)
+from ecgvlm.evaluate.memory import (
+    release_arrow_memory,
+    use_fixed_mmap_threshold,
     use_returning_arrow_pool,
 )
 from ecgvlm.evaluate.store import PREDICTION_COLUMNS, PredictionStore, prediction_schema
@@ -77,11 +82,13 @@ __all__ = [
     "prediction_schema",
     "read_split_meta",
     "reference_description",
+    "release_arrow_memory",
     "run_judge",
     "run_predictions",
     "sample_cluster",
     "select_samples",
     "source_recording",
     "split_files",
+    "use_fixed_mmap_threshold",
     "use_returning_arrow_pool",
 ]

@@ -36,9 +36,7 @@ import itertools
 import math
 import os
 import re
-import sys
 import time
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -71,6 +69,7 @@ from ecgvlm.evaluate.conditions import (
 )
 from ecgvlm.evaluate.errors import EvaluationError
 from ecgvlm.evaluate.judge import JudgeConfig
+from ecgvlm.evaluate.memory import release_arrow_memory
 from ecgvlm.evaluate.store import PredictionStore, prediction_schema
 
 #: Split columns an evaluation needs (the pipeline reads them, with ``png``).
@@ -555,6 +554,7 @@ def run_predictions(
     Returns:
         Number of rows written by this call.
     """
+    import pyarrow as pa
     import ray.data
 
     from ecgvlm.dataset import ray_data_settings, read_shards, shard_dataset
@@ -586,7 +586,10 @@ def run_predictions(
     options.resource_limits = options.resource_limits.min(ray.data.ExecutionResources.for_limits(
         object_store_memory=queued_block_limit(config.concurrency) * block_size))
     written = 0
-    buffer: list[dict[str, Any]] = []
+    # Arrow blocks as they came, not a Python dict per row: the driver's heap would keep the
+    # holes those leave (docs/evaluate.md).
+    buffer: list[Any] = []
+    buffered = 0
     last_flush = time.monotonic()
     # Ray Data's own bars would interleave with the caller's bar, which counts answers. The
     # read keeps a copy of these settings (and the steps after it inherit the read's), so they
@@ -606,71 +609,31 @@ def run_predictions(
             compute=ray.data.ActorPoolStrategy(size=config.concurrency),
             num_cpus=config.actor_num_cpus,
         )
+    split = pa.scalar(config.split, pa.string())
+
+    def flush() -> None:
+        nonlocal buffer, buffered, written, last_flush
+        if buffered:
+            store.append(pa.concat_tables(buffer))
+        written += buffered
+        buffer, buffered, last_flush = [], 0, time.monotonic()
+
     try:
         for block in ds.iter_batches(batch_size=None, batch_format="pyarrow",
                                      prefetch_batches=0):
-            rows = block.to_pylist()
-            for row in rows:
-                row["split"] = config.split
-            buffer.extend(rows)
+            block = block.set_column(block.schema.get_field_index("split"), "split",
+                                     pa.repeat(split, block.num_rows))
+            buffer.append(block)
+            buffered += block.num_rows
             if on_rows is not None:
-                on_rows(len(rows))
-            if len(buffer) >= config.flush_every or time.monotonic() - last_flush > _FLUSH_S:
-                store.append(buffer)
-                written += len(buffer)
-                buffer = []
-                last_flush = time.monotonic()
+                on_rows(block.num_rows)
+            if buffered >= config.flush_every or time.monotonic() - last_flush > _FLUSH_S:
+                flush()
     finally:
         # Whatever arrived is kept, also when the run is interrupted (Ctrl-C, a failed task).
-        store.append(buffer)
+        flush()
         release_arrow_memory()
-    return written + len(buffer)
-
-
-def use_returning_arrow_pool() -> str:
-    """Have Arrow allocate from the system allocator in this process, unless
-    ``ARROW_DEFAULT_MEMORY_POOL`` names a pool; returns pyarrow's pool's backend.
-
-    For the process that runs ``evaluate`` (the CLI, ``jobs/evaluate.py``), not the library
-    itself: it is a process-wide choice, and it must come before anything imports pyarrow.
-    Arrow's C++ readers (Parquet, datasets, sorts) allocate from the pool that
-    ``ARROW_DEFAULT_MEMORY_POOL`` picks when pyarrow loads, and ``pa.set_memory_pool`` does not
-    reach them, so this sets the variable (a local Ray started afterwards passes it on to its
-    workers). pyarrow's default there (mimalloc) keeps the pages of buffers its reader threads
-    allocated, also after ``release_unused()``: about 40 MB in a 10k-row evaluation driver;
-    the system allocator's free pages go back with :func:`release_arrow_memory` (glibc's
-    ``malloc_trim``). Called after pyarrow's import, it sets pyarrow's own pool and warns:
-    the readers keep theirs (docs/evaluate.md, "The system allocator for Arrow in the
-    driver").
-    """
-    named = os.environ.get("ARROW_DEFAULT_MEMORY_POOL")
-    loaded = "pyarrow" in sys.modules
-    if not named:
-        os.environ["ARROW_DEFAULT_MEMORY_POOL"] = "system"
-    import pyarrow as pa
-
-    if not named and loaded:
-        warnings.warn(
-            "use_returning_arrow_pool() was called after pyarrow was imported: Arrow's readers "
-            f"keep the {pa.default_memory_pool().backend_name} pool; call it before importing "
-            "pyarrow, or set ARROW_DEFAULT_MEMORY_POOL=system", stacklevel=2)
-        pa.set_memory_pool(pa.system_memory_pool())
-    return pa.default_memory_pool().backend_name
-
-
-def release_arrow_memory() -> None:
-    """Give the operating system back the pages Arrow's allocator keeps after a phase that
-    read or built many Arrow buffers in this process.
-
-    pyarrow's pools keep freed pages for reuse; ``release_unused`` returns them (for the
-    system pool, on glibc, with ``malloc_trim``, which also returns the free pages of the
-    driver's other native allocations). In the evaluation driver with mimalloc, after 10k
-    predictions, that was about 30 MB of resident memory that no live buffer used
-    (docs/evaluate.md).
-    """
-    import pyarrow as pa
-
-    pa.default_memory_pool().release_unused()
+    return written
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1266,7 +1229,8 @@ def evaluate(config: EvalConfig, inputs: EvalInputs | None = None) -> tuple[Any,
     ``data_dir`` and ``output_dir`` may be local paths or URIs (``s3://...``): predictions
     and the judge's cache are stored there as they arrive, the report is written locally and
     then copied there. A process that evaluates large splits should call
-    ``use_returning_arrow_pool()`` before it imports pyarrow, as ``ecgvlm evaluate`` does.
+    ``use_returning_arrow_pool()`` and ``use_fixed_mmap_threshold()``
+    (``ecgvlm.evaluate.memory``) before it imports pyarrow, as ``ecgvlm evaluate`` does.
 
     ``inputs``: what :func:`check_inputs` returned for this ``config`` (checked again here
     when not given).
@@ -1475,6 +1439,8 @@ def evaluate(config: EvalConfig, inputs: EvalInputs | None = None) -> tuple[Any,
             "throughput_ecg_per_s": round(n_new / predict_s, 3) if n_new and predict_s else None,
             "wall_s": round(time.perf_counter() - started, 3),
             "arrow_memory_pool": pa.default_memory_pool().backend_name,
+            # What use_fixed_mmap_threshold() (or the user) set; absent: glibc's own rule.
+            "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
             "config": config_to_dict(config),
         },
     )
