@@ -28,7 +28,7 @@ import warnings
 _M_MMAP_THRESHOLD = -3
 # glibc refuses thresholds above HEAP_MAX_SIZE / 2, 32 MiB on 64-bit machines.
 _MAX_MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024
-# glibc's own starting value: the threshold that measured best (docs/evaluate.md).
+# glibc's own starting value, and the one measured (docs/evaluate.md).
 MMAP_THRESHOLD_BYTES = 128 * 1024
 
 
@@ -65,15 +65,17 @@ def use_fixed_mmap_threshold(threshold_bytes: int = MMAP_THRESHOLD_BYTES) -> int
     """Have glibc's malloc serve every block of ``threshold_bytes`` or more with a mapping
     of its own, in this process and in those it starts afterwards, unless
     ``MALLOC_MMAP_THRESHOLD_`` is already set (glibc read it when this process started);
-    returns the threshold in force, or None where the C library has no ``mallopt``.
+    returns the threshold in force, or None where the C library has no ``mallopt`` (or the
+    variable is not a number).
 
     glibc starts at 128 KiB but raises its threshold to the size of each larger mapped
     block that is freed (mallopt(3), up to 32 MiB), so after the first freed Arrow buffers
     the later ones come from the heap. A fixed threshold keeps them mapped, and a freed one
-    goes back to the system at once. In ``benchmarks/eval_scale.py`` it halved the driver's
-    growth from 10k to 30k rows and took 130-280 MB off the Ray workers together
-    (docs/evaluate.md, "glibc's mmap threshold"). Setting the threshold also turns glibc's
-    adjustment off, and the variable carries it to the workers of a local Ray started next.
+    goes back to the system at once. In ``benchmarks/eval_scale.py`` (10k and 30k rows) it
+    took 6-9 MB off the driver's peak and 130-330 MB off the Ray workers together
+    (docs/evaluate.md, "glibc's mmap threshold by default"). Setting the threshold also turns
+    glibc's adjustment off, and the variable carries it to the workers of a local Ray
+    started next.
     """
     if not 0 < threshold_bytes <= _MAX_MMAP_THRESHOLD_BYTES:
         raise ValueError(f"threshold_bytes must be in (0, {_MAX_MMAP_THRESHOLD_BYTES}], "

@@ -96,7 +96,6 @@ def test_release_arrow_memory_gives_back_the_pages_of_freed_arrow_buffers():
     assert freed_kb - released_kb > 40 * 1024, (freed_kb, released_kb)
 
 
-
 # How many of 64 blocks of 256 KiB glibc gave mappings of their own after a freed 1 MiB block
 # (which raises glibc's adjusting threshold to 1 MiB), in this process and in a child it starts
 # afterwards (where a local Ray's worker would be); mallinfo2 counts the mapped blocks.
