@@ -554,7 +554,6 @@ def run_predictions(
     Returns:
         Number of rows written by this call.
     """
-    import pyarrow as pa
     import ray.data
 
     from ecgvlm.dataset import ray_data_settings, read_shards, shard_dataset
@@ -586,10 +585,7 @@ def run_predictions(
     options.resource_limits = options.resource_limits.min(ray.data.ExecutionResources.for_limits(
         object_store_memory=queued_block_limit(config.concurrency) * block_size))
     written = 0
-    # Arrow blocks as they came: no Python dict per row to build and free (which measured
-    # no different in eval_scale.py, docs/evaluate.md; it is simply less work).
-    buffer: list[Any] = []
-    buffered = 0
+    buffer: list[dict[str, Any]] = []
     last_flush = time.monotonic()
     # Ray Data's own bars would interleave with the caller's bar, which counts answers. The
     # read keeps a copy of these settings (and the steps after it inherit the read's), so they
@@ -609,31 +605,25 @@ def run_predictions(
             compute=ray.data.ActorPoolStrategy(size=config.concurrency),
             num_cpus=config.actor_num_cpus,
         )
-    split = pa.scalar(config.split, pa.string())
-
-    def flush() -> None:
-        nonlocal buffer, buffered, written, last_flush
-        if buffered:
-            store.append(pa.concat_tables(buffer))
-        written += buffered
-        buffer, buffered, last_flush = [], 0, time.monotonic()
-
     try:
         for block in ds.iter_batches(batch_size=None, batch_format="pyarrow",
                                      prefetch_batches=0):
-            block = block.set_column(block.schema.get_field_index("split"), "split",
-                                     pa.repeat(split, block.num_rows))
-            buffer.append(block)
-            buffered += block.num_rows
+            rows = block.to_pylist()
+            for row in rows:
+                row["split"] = config.split
+            buffer.extend(rows)
             if on_rows is not None:
-                on_rows(block.num_rows)
-            if buffered >= config.flush_every or time.monotonic() - last_flush > _FLUSH_S:
-                flush()
+                on_rows(len(rows))
+            if len(buffer) >= config.flush_every or time.monotonic() - last_flush > _FLUSH_S:
+                store.append(buffer)
+                written += len(buffer)
+                buffer = []
+                last_flush = time.monotonic()
     finally:
         # Whatever arrived is kept, also when the run is interrupted (Ctrl-C, a failed task).
-        flush()
+        store.append(buffer)
         release_arrow_memory()
-    return written
+    return written + len(buffer)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -251,20 +251,15 @@ class PredictionStore:
                     "would mix two experiments)"
                 )
 
-    def append(self, rows: list[dict[str, Any]] | Any) -> str | None:
-        """Write ``rows`` (dicts, or an Arrow table with the stored columns) as one new part
-        file, atomically."""
-        if not len(rows):
+    def append(self, rows: list[dict[str, Any]]) -> str | None:
+        """Write ``rows`` as one new part file, atomically."""
+        if not rows:
             return None
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         schema = prediction_schema()
-        if isinstance(rows, pa.Table):
-            table = rows.select(schema.names).cast(schema)
-        else:
-            table = pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in rows],
-                                         schema)
+        table = pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in rows], schema)
         self._seq += 1
         final = storage.join(self.parts_dir, f"part-{self._run}-{self._seq:06d}.parquet")
         buf = io.BytesIO()
