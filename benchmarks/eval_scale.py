@@ -104,18 +104,20 @@ def main() -> int:
         child(Path(split_dir), Path(out), endpoint, int(cpus), int(concurrency),
               int(mmap_threshold))
         return 0
+    sys.path.insert(0, str(REPO))
+    from eval_bench import start_fake_endpoint
+
+    from ecgvlm.evaluate.memory import MMAP_THRESHOLD_BYTES
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1000, 10000, 50000])
     parser.add_argument("--cpus", type=int, default=4, help="logical CPUs of the local Ray")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--service-ms", type=float, default=0.0, help="fake endpoint's time")
-    parser.add_argument("--mmap-threshold", type=int, default=128 * 1024,
+    parser.add_argument("--mmap-threshold", type=int, default=MMAP_THRESHOLD_BYTES,
                         help="glibc's fixed mmap threshold in bytes, as `ecgvlm evaluate` sets "
                              "it; 0: glibc's own adjusting threshold")
     args = parser.parse_args()
-
-    sys.path.insert(0, str(REPO))
-    from eval_bench import start_fake_endpoint
 
     load_start = os.getloadavg()[0]
     proc, endpoint = start_fake_endpoint(args.service_ms / 1000)
