@@ -340,20 +340,22 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         EvalConfig,
         check_inputs,
         evaluate,
+        settings_env_vars,
         use_fixed_mmap_threshold,
         use_returning_arrow_pool,
     )
     from ecgvlm.report import console_tables
 
     # Before anything imports pyarrow (its readers' pool is chosen then) and before Ray starts
-    # (its workers inherit both): freed memory goes back to the OS (docs/evaluate.md).
+    # (a local Ray's workers inherit both, a cluster's get them with the job's runtime env):
+    # freed memory goes back to the OS (docs/evaluate.md).
     use_returning_arrow_pool()
     use_fixed_mmap_threshold()
     config = load_config(EvalConfig, args.config, args.overrides)
     config = resolve_paths(config, ["data_dir", "output_dir"])
     inputs = check_inputs(config)  # a wrong path or a down endpoint said before Ray starts
     # The HTTP client actors need little CPU.
-    with _ray_for_job(args.address, args.num_cpus):
+    with _ray_for_job(args.address, args.num_cpus, env_vars=settings_env_vars()):
         report, written = evaluate(config, inputs)
     print(console_tables(report))
     print(f"wrote {', '.join(sorted(written))} to {config.output_dir}")
@@ -379,12 +381,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def _ray_for_job(address: str | None, num_cpus: int | None) -> Iterator[None]:
+def _ray_for_job(address: str | None, num_cpus: int | None,
+                 env_vars: dict[str, str] | None = None) -> Iterator[None]:
     """Ray for one job: the cluster named by ``address`` or RAY_ADDRESS, else a private local one.
 
     Under ``ray job submit`` RAY_ADDRESS names the job's cluster. Without it a new local Ray
     is started (never a ``ray start`` cluster found on this machine by accident) and shut
     down at the end; a caller's Ray (e.g. a test's) is used as it is and left running.
+    ``env_vars`` are for the job's workers: a local Ray's inherit them from this process, a
+    cluster's get them with the job's runtime env, except those the submitted job's own
+    runtime env sets (``ray job submit --runtime-env-json``), which it keeps.
     """
     import os
 
@@ -395,13 +401,29 @@ def _ray_for_job(address: str | None, num_cpus: int | None) -> Iterator[None]:
         return
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     local = address == "local"
+    runtime_env = None
+    if env_vars and not local:
+        own = _submitted_job_env_vars()
+        # Ray refuses a driver's runtime env that names a variable the job's names too.
+        runtime_env = {"env_vars": {k: v for k, v in env_vars.items() if k not in own}}
     ray.init(address=address, num_cpus=num_cpus if local else None,
              include_dashboard=False if local else None, log_to_driver=False,
-             configure_logging=False)
+             configure_logging=False, runtime_env=runtime_env)
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def _submitted_job_env_vars() -> set[str]:
+    """The variables that the runtime env of the job this driver runs in sets, where it runs
+    under ``ray job submit``: Ray's job supervisor hands the job's config to its driver in
+    ``RAY_JOB_CONFIG_JSON_ENV_VAR`` (``ray.init`` merges it with the driver's own)."""
+    import json
+    import os
+
+    config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    return set((config.get("runtime_env") or {}).get("env_vars") or {})
 
 
 #: Errors of a folder a job cannot write (full, read-only, not a folder, not ours): the

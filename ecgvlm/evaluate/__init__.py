@@ -49,6 +49,7 @@ from ecgvlm.evaluate.job import (
 )
 from ecgvlm.evaluate.memory import (
     release_arrow_memory,
+    settings_env_vars,
     use_fixed_mmap_threshold,
     use_returning_arrow_pool,
 )
@@ -87,6 +88,7 @@ __all__ = [
     "run_predictions",
     "sample_cluster",
     "select_samples",
+    "settings_env_vars",
     "source_recording",
     "split_files",
     "use_fixed_mmap_threshold",

@@ -14,7 +14,8 @@ the library itself never calls the two ``use_*`` functions:
 
 Both ``use_*`` functions also set the environment variable that carries the choice to the
 processes started afterwards: the workers of a local Ray that the caller starts next. The
-workers of a cluster started elsewhere keep their own settings.
+workers of a cluster started elsewhere get them through the job's runtime env
+(:func:`settings_env_vars`, which ``ecgvlm evaluate`` passes to ``ray.init``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,16 @@ _M_MMAP_THRESHOLD = -3
 _MAX_MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024
 # glibc's own starting value, and the one measured (docs/evaluate.md).
 MMAP_THRESHOLD_BYTES = 128 * 1024
+#: The environment variables that carry this module's choices to other processes.
+SETTING_VARIABLES = ("ARROW_DEFAULT_MEMORY_POOL", "MALLOC_MMAP_THRESHOLD_")
+
+
+def settings_env_vars() -> dict[str, str]:
+    """The memory settings this process runs with, as the environment variables that carry
+    them (those of :data:`SETTING_VARIABLES` that are set), for the ``env_vars`` of a Ray
+    job's runtime env: a cluster's workers, on any node, do not inherit this process's
+    environment."""
+    return {name: os.environ[name] for name in SETTING_VARIABLES if os.environ.get(name)}
 
 
 def use_returning_arrow_pool() -> str:

@@ -691,3 +691,40 @@ def test_evaluate_against_the_real_endpoint_with_the_tiny_model(
     table1 = parse_markdown_tables((out / "report.md").read_text())[0]
     assert {r["Model"] for r in table1} == {"pulse", "pulse-lora", "prior-baseline", "gpt-4o",
                                             "pulse-xl"}
+
+
+# What `ecgvlm evaluate` does with its memory settings before and while it connects to Ray;
+# a task then reports what its worker was given.
+_SETTINGS_DRIVER = (
+    "import os, ray\n"
+    "from ecgvlm.cli import _ray_for_job\n"
+    "from ecgvlm.evaluate import settings_env_vars, use_fixed_mmap_threshold, "
+    "use_returning_arrow_pool\n"
+    "use_returning_arrow_pool()\n"
+    "use_fixed_mmap_threshold()\n"
+    "names = ('ARROW_DEFAULT_MEMORY_POOL', 'MALLOC_MMAP_THRESHOLD_')\n"
+    "with _ray_for_job(None, None, env_vars=settings_env_vars()):\n"
+    "    seen = ray.get(ray.remote(lambda: [os.environ.get(n) for n in names]).remote())\n"
+    "print('worker:', *seen)\n"
+)
+
+
+def test_a_clusters_workers_get_the_drivers_memory_settings(ray_head, tmp_path):
+    """A cluster's workers do not inherit the driver's environment: the evaluation driver
+    hands them its memory settings with the job's runtime env, and a variable that the
+    submitted job's own runtime env sets stays the job's (Ray would refuse the driver's
+    runtime env naming it again). Values no Ray process here has of itself: the pool the
+    driver's command line names, the threshold the job's runtime env names."""
+    from ecgvlm.local_ray import ray_command
+
+    address, env = ray_head
+    script = tmp_path / "driver.py"
+    script.write_text(_SETTINGS_DRIVER)
+    run = subprocess.run(
+        [str(ray_command()), "job", "submit", "--address", address, "--runtime-env-json",
+         json.dumps({"env_vars": {"MALLOC_MMAP_THRESHOLD_": "262144"}}), "--",
+         "env", "ARROW_DEFAULT_MEMORY_POOL=jemalloc", f"PYTHONPATH={REPO}", sys.executable,
+         str(script)],
+        env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "worker: jemalloc 262144" in run.stdout, run.stdout[-3000:]

@@ -148,3 +148,14 @@ def test_a_threshold_glibc_would_refuse_is_named(threshold_bytes):
 
     with pytest.raises(ValueError, match=str(threshold_bytes)):
         use_fixed_mmap_threshold(threshold_bytes)
+
+
+def test_the_settings_handed_to_a_clusters_workers_are_those_set(monkeypatch):
+    from ecgvlm.evaluate import settings_env_vars
+
+    monkeypatch.delenv("ARROW_DEFAULT_MEMORY_POOL", raising=False)
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
+    assert settings_env_vars() == {"MALLOC_MMAP_THRESHOLD_": "131072"}
+    monkeypatch.setenv("ARROW_DEFAULT_MEMORY_POOL", "system")
+    assert settings_env_vars() == {"ARROW_DEFAULT_MEMORY_POOL": "system",
+                                   "MALLOC_MMAP_THRESHOLD_": "131072"}
