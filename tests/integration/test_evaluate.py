@@ -23,6 +23,7 @@ import yaml
 
 from ecgvlm.config import config_from_dict, load_config
 from ecgvlm.evaluate import ChatClient, EvalConfig, EvaluationError, PredictionStore, evaluate
+from ecgvlm.evaluate.memory import SETTING_VARIABLES
 from ecgvlm.judge import RUBRIC_VERSION
 from tests.fakes.mcq_split import sample_rows, write_split
 from tests.fakes.openai_server import FakeOpenAIServer, Reply
@@ -482,8 +483,7 @@ def test_endpoint_killed_mid_run_and_restarted_the_rerun_asks_only_what_failed(
     out = tmp_path / "eval"
     total = 2 * len(ROWS)
     # Without what an earlier in-process CLI run left in this process's environment.
-    env = {**{k: v for k, v in os.environ.items()
-              if k not in ("ARROW_DEFAULT_MEMORY_POOL", "MALLOC_MMAP_THRESHOLD_")},
+    env = {**{k: v for k, v in os.environ.items() if k not in SETTING_VARIABLES},
            "PYTHONPATH": str(REPO)}
     endpoint = subprocess.Popen([sys.executable, "-c", _ENDPOINT_PROCESS], cwd=REPO, env=env,
                                 stdout=subprocess.PIPE, text=True)
@@ -702,7 +702,7 @@ _SETTINGS_DRIVER = (
     "use_returning_arrow_pool\n"
     "use_returning_arrow_pool()\n"
     "use_fixed_mmap_threshold()\n"
-    "names = ('ARROW_DEFAULT_MEMORY_POOL', 'MALLOC_MMAP_THRESHOLD_')\n"
+    "from ecgvlm.evaluate.memory import SETTING_VARIABLES as names\n"
     "with _ray_for_job(None, None, env_vars=settings_env_vars()):\n"
     "    seen = ray.get(ray.remote(lambda: [os.environ.get(n) for n in names]).remote())\n"
     "print('worker:', *seen)\n"

@@ -34,8 +34,9 @@ _POOL_SCRIPT = (
 
 def _run_fresh(script: str, *args: str, **env: str) -> str:
     """What ``script`` printed in a fresh Python (Arrow's pools are process-wide)."""
-    clean = {k: v for k, v in os.environ.items()
-             if k not in ("ARROW_DEFAULT_MEMORY_POOL", "MALLOC_MMAP_THRESHOLD_")}
+    from ecgvlm.evaluate.memory import SETTING_VARIABLES
+
+    clean = {k: v for k, v in os.environ.items() if k not in SETTING_VARIABLES}
     return subprocess.run([sys.executable, "-c", script, *args], cwd=REPO, capture_output=True,
                           text=True, check=True,
                           env={**clean, "PYTHONPATH": str(REPO), **env}).stdout
