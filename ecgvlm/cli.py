@@ -405,7 +405,8 @@ def _ray_for_job(address: str | None, num_cpus: int | None,
     if env_vars and not local:
         own = _submitted_job_env_vars()
         # Ray refuses a driver's runtime env that names a variable the job's names too.
-        runtime_env = {"env_vars": {k: v for k, v in env_vars.items() if k not in own}}
+        kept = {k: v for k, v in env_vars.items() if k not in own}
+        runtime_env = {"env_vars": kept} if kept else None
     ray.init(address=address, num_cpus=num_cpus if local else None,
              include_dashboard=False if local else None, log_to_driver=False,
              configure_logging=False, runtime_env=runtime_env)
