@@ -18,7 +18,9 @@ What differs from typing the blocks by hand, all said in the README:
 - Training commands get ``max_steps=2`` (appended after ``--config FILE``), and a search
   (``ecgvlm tune``) one trial instead of three (``num_samples=1``): each trial is a whole
   training run, about 45 s here. ``tests/integration/test_tune.py`` runs a search of three
-  (ASHA stopping some, a killed search resumed).
+  (ASHA stopping some, a killed search resumed). Evaluations get ``limit_per_dataset=3``
+  (the demo config asks up to 20 questions of each data set: about 58 s a run here, where
+  docs/evaluate.md's run of 3 took 39 s).
 - The endpoint listens on a free port instead of 8000 (``:8000``/``--port 8000`` in commands,
   ``port: 8000`` and ``127.0.0.1:8000`` in the copy's serve/config.yaml and configs/).
 - A command that blocks (``ecgvlm serve``, ``serve run``) runs in the background until the
@@ -62,11 +64,13 @@ BLOCK = re.compile(
     r"^(?P<indent>[ \t]*)```(?P<lang>[a-z]*)\n(?P<body>.*?)^(?P=indent)```",
     re.DOTALL | re.MULTILINE,
 )
-#: Overrides the walk appends after ``--config FILE`` of training commands and of searches
-#: (README says so): the command (``ecgvlm JOB`` or ``python -m jobs.JOB``), its overrides.
+#: Overrides the walk appends after ``--config FILE`` of training, search and evaluation
+#: commands (README says so): the command (``ecgvlm JOB`` or ``python -m jobs.JOB``), its
+#: overrides. A command's own later ``key=value`` still wins.
 COMMAND_OVERRIDES = [
     (re.compile(rf"((?:ecgvlm {job}|python -m jobs\.{job}) --config \S+)"), overrides)
-    for job, overrides in (("train", "max_steps=2"), ("tune", "num_samples=1"))
+    for job, overrides in (("train", "max_steps=2"), ("tune", "num_samples=1"),
+                           ("evaluate", "limit_per_dataset=3"))
 ]
 SERVER_COMMAND = re.compile(r"^(?:\S+=\S* )*(?:ecgvlm serve|serve run)\b")
 #: Seconds the whole walk may take; a command still running then fails with its block printed.
