@@ -40,11 +40,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def child(split_dir: Path, out: Path, endpoint: str, cpus: int, concurrency: int,
-          mmap_threshold: int | None) -> None:
-    """The driver being measured: a local Ray, one evaluation, a JSON line of results.
-
-    ``mmap_threshold`` None fixes the threshold ``ecgvlm evaluate`` fixes, 0 none.
-    """
+          mmap_threshold: int) -> None:
+    """The driver being measured: a local Ray, one evaluation, a JSON line of results."""
     sys.path.insert(0, str(REPO))
     import ray
 
@@ -57,9 +54,7 @@ def child(split_dir: Path, out: Path, endpoint: str, cpus: int, concurrency: int
     )
 
     use_returning_arrow_pool()  # as `ecgvlm evaluate` does
-    if mmap_threshold is None:
-        use_fixed_mmap_threshold()  # its default is the one `ecgvlm evaluate` uses
-    elif mmap_threshold:
+    if mmap_threshold:
         use_fixed_mmap_threshold(mmap_threshold)
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False,
              configure_logging=False)
@@ -81,7 +76,7 @@ def child(split_dir: Path, out: Path, endpoint: str, cpus: int, concurrency: int
 
 
 def measure(n_rows: int, endpoint: str, cpus: int, concurrency: int,
-            mmap_threshold: int | None) -> dict[str, float]:
+            mmap_threshold: int) -> dict[str, float]:
     from peak_memory import run_sampled
 
     sys.path.insert(0, str(REPO))
@@ -94,8 +89,7 @@ def measure(n_rows: int, endpoint: str, cpus: int, concurrency: int,
         del rows
         stdout, peaks = run_sampled([sys.executable, __file__, "--child", str(work / "prepared"),
                                      str(work / "out"), endpoint, str(cpus), str(concurrency),
-                                     "default" if mmap_threshold is None
-                                     else str(mmap_threshold)])
+                                     str(mmap_threshold)])
         out = json.loads(stdout.strip().splitlines()[-1])
         if out["new"] != n_rows:
             raise RuntimeError(f"{out['new']} predictions for {n_rows} rows")
@@ -108,7 +102,7 @@ def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         split_dir, out, endpoint, cpus, concurrency, mmap_threshold = sys.argv[2:8]
         child(Path(split_dir), Path(out), endpoint, int(cpus), int(concurrency),
-              None if mmap_threshold == "default" else int(mmap_threshold))
+              int(mmap_threshold))
         return 0
     sys.path.insert(0, str(REPO))
     from eval_bench import start_fake_endpoint
@@ -118,13 +112,16 @@ def main() -> int:
     parser.add_argument("--cpus", type=int, default=4, help="logical CPUs of the local Ray")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--service-ms", type=float, default=0.0, help="fake endpoint's time")
-    # The default is resolved in the measured driver, which imports ecgvlm.evaluate anyway:
-    # importing it here for the number would load pandas and pyarrow for --help too.
     parser.add_argument("--mmap-threshold", type=int, default=None,
                         help="glibc's fixed mmap threshold in bytes (default: the one "
                              "`ecgvlm evaluate` fixes, MMAP_THRESHOLD_BYTES in "
                              "ecgvlm/evaluate/memory.py); 0: glibc's own adjusting threshold")
     args = parser.parse_args()
+    if args.mmap_threshold is None:
+        # Imported only now: the package loads pandas and pyarrow, which --help does not need.
+        from ecgvlm.evaluate.memory import MMAP_THRESHOLD_BYTES
+
+        args.mmap_threshold = MMAP_THRESHOLD_BYTES
 
     load_start = os.getloadavg()[0]
     proc, endpoint = start_fake_endpoint(args.service_ms / 1000)
