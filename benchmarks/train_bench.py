@@ -131,6 +131,7 @@ def bench_gpu(args: argparse.Namespace) -> None:
     from transformers import CLIPVisionConfig, get_cosine_schedule_with_warmup
 
     from ecgvlm.model import make_tiny_pulse
+    from ecgvlm.model.checkpoint import KNOWN_VISION_TOWERS
     from ecgvlm.model.lora import attach_lora
     from ecgvlm.model.processor import (
         ImagePreprocessConfig,
@@ -138,7 +139,7 @@ def bench_gpu(args: argparse.Namespace) -> None:
         PulseImageProcessor,
         PulseProcessor,
     )
-    from ecgvlm.model.pulse import KNOWN_VISION_TOWERS, build_pulse
+    from ecgvlm.model.pulse import build_pulse
     from ecgvlm.train import (
         REQUIRED_COLUMNS,
         Collator,

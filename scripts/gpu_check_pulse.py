@@ -95,7 +95,8 @@ def random_7b(dtype: torch.dtype, device: str) -> tuple[torch.nn.Module, PulsePr
     """PULSE-7B's exact shape, random weights, no download; a tiny tokenizer for the prompt."""
     from transformers import CLIPVisionConfig
 
-    from ecgvlm.model.pulse import KNOWN_VISION_TOWERS, build_pulse
+    from ecgvlm.model.checkpoint import KNOWN_VISION_TOWERS
+    from ecgvlm.model.pulse import build_pulse
 
     vision = CLIPVisionConfig(**KNOWN_VISION_TOWERS[PULSE_7B_CONFIG["mm_vision_tower"]])
     model = build_pulse(dict(PULSE_7B_CONFIG), vision, dtype=dtype, device=device).eval()

@@ -28,11 +28,15 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image
+
+# torch is imported where tensors are made, not here: a checkpoint check (checkpoint.py) reads
+# the tokenizer and the preprocessor config on a driver that never imports torch.
+if TYPE_CHECKING:
+    import torch
 
 IMAGE_TOKEN = "<image>"
 IMAGE_TOKEN_INDEX = -200
@@ -277,6 +281,8 @@ class PulseImageProcessor:
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         """One image as a (tiles, 3, crop, crop) float32 tensor."""
+        import torch
+
         return torch.from_numpy(np.stack([self._clip_tile(t) for t in self.tiles(image)]))
 
 
@@ -494,6 +500,8 @@ class PulseProcessor:
 
     def pad(self, sequences: Sequence[Sequence[int]], value: int) -> torch.Tensor:
         """Pad integer sequences to one length on ``padding_side``."""
+        import torch
+
         width = max(len(s) for s in sequences)
         out = torch.full((len(sequences), width), value, dtype=torch.long)
         for row, seq in enumerate(sequences):
@@ -525,6 +533,8 @@ class PulseProcessor:
 
     def encode_images(self, images: Sequence[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
         """``pixel_values`` (B, max_tiles, 3, S, S), zero-padded, and ``image_sizes`` (B, 2)."""
+        import torch
+
         stacks, sizes = [], []
         for i, image in enumerate(images):
             rgb = check_image(image, i)

@@ -234,7 +234,7 @@ def check_model_dir(config: TrainConfig) -> None:
 
     try:
         check_checkpoint(local)
-    except ValueError as e:  # CheckpointError, PulseConfigError
+    except (ValueError, FileNotFoundError) as e:  # CheckpointError, PulseConfigError, no tokenizer
         raise ConfigError(f"model_dir {config.model_dir}: {e}") from e
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import CLIPVisionConfig
 
+from ecgvlm.model.checkpoint import KNOWN_VISION_TOWERS
 from ecgvlm.model.config import PULSE_7B_CONFIG, PulseConfig
 from ecgvlm.model.processor import (
     IMAGE_TOKEN_INDEX,
@@ -17,7 +18,7 @@ from ecgvlm.model.processor import (
     PulseImageProcessor,
     select_best_resolution,
 )
-from ecgvlm.model.pulse import KNOWN_VISION_TOWERS, build_pulse
+from ecgvlm.model.pulse import build_pulse
 from tests.unit.pulse_support import llava_v1, noise_image, one_torch_thread  # noqa: F401
 
 PINPOINTS = [tuple(p) for p in PULSE_7B_CONFIG["image_grid_pinpoints"]]

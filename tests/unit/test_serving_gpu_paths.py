@@ -141,7 +141,8 @@ def pulse_7b_on_meta():
     from transformers import CLIPVisionConfig
 
     from ecgvlm.model import PULSE_7B_CONFIG
-    from ecgvlm.model.pulse import KNOWN_VISION_TOWERS, build_pulse
+    from ecgvlm.model.checkpoint import KNOWN_VISION_TOWERS
+    from ecgvlm.model.pulse import build_pulse
 
     vision = CLIPVisionConfig(**KNOWN_VISION_TOWERS["openai/clip-vit-large-patch14-336"])
     return build_pulse(PULSE_7B_CONFIG, vision, dtype=torch.bfloat16, device="meta")

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -296,6 +299,38 @@ def test_data_checks_name_the_split_and_column(tmp_path: Path) -> None:
     assert summary.label_set == ("AF", "LBBB", "RBBB", "SR")
     assert summary.render_config_hash == "test-render"
     assert set(REQUIRED_COLUMNS) <= set(pq.ParquetFile(tmp_path / "val" / "part-00000.parquet").schema_arrow.names)
+
+
+def test_the_drivers_checks_import_neither_torch_nor_transformers(
+    tmp_path: Path, tiny_pulse_dir: Path
+) -> None:
+    """The checks a training or search driver makes before Ray starts (data, model folder, run
+    folder) read the checkpoint's config, weights' keys and tokenizer without importing torch
+    or transformers (about 7 s of every such driver's start here), and still name a broken
+    checkpoint."""
+    write_prepared(tmp_path / "prepared", {"train": 3, "val": 2})
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_pulse_dir, broken)
+    (broken / "tokenizer.model").unlink()
+    code = (
+        "import sys; from ecgvlm.config import ConfigError; from ecgvlm.train import TrainConfig; "
+        "from ecgvlm.train.run import check_inputs; "
+        "config = TrainConfig(model_dir=sys.argv[1], data_dir=sys.argv[2], "
+        "storage_path=sys.argv[3]); "
+        "check_inputs(config, resume=False); "
+        "print(sorted(m for m in ('torch', 'transformers', 'deepspeed', 'peft') "
+        "if m in sys.modules)); "
+        "import dataclasses; "
+        "check_inputs(dataclasses.replace(config, model_dir=sys.argv[4]), resume=False)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tiny_pulse_dir), str(tmp_path / "prepared"),
+         str(tmp_path / "runs"), str(broken)],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.stdout.splitlines()[0] == "[]", done.stdout + done.stderr[-2000:]
+    assert done.returncode == 1 and "ConfigError" in done.stderr
+    assert f"model_dir {broken}:" in done.stderr and "tokenizer.model" in done.stderr
 
 
 def test_collator_masks_the_real_pulse_prompt(tiny_pulse_dir: Path) -> None:
