@@ -225,7 +225,7 @@ def _ray_for_training(config: TrainConfig, num_cpus: int | None) -> Iterator[Non
 
     import ray
 
-    from ecgvlm.train.run import pin_ray_address
+    from ecgvlm.train.run import check_cluster_cpus, pin_ray_address
 
     started_here = not ray.is_initialized()
     if started_here:
@@ -238,6 +238,7 @@ def _ray_for_training(config: TrainConfig, num_cpus: int | None) -> Iterator[Non
             # Logical CPUs for the workers and the data pipeline even on a 2-core machine
             # (Ray would otherwise count the cores, and the data reads would never run).
             num_cpus = num_cpus or max(os.cpu_count() or 1, math.ceil(config.cpus_needed()))
+            check_cluster_cpus(config, num_cpus)  # too few: said before Ray starts
             # With the dashboard (about 1.3 s more to start here): Ray Train's placement-group
             # cleaner asks it every second whether the run's controller is alive. Without one
             # it logs a warning each time, or asks another Ray's dashboard on the default

@@ -98,6 +98,24 @@ def _resources_needed(config: TrainConfig) -> dict[str, float]:
     return {"CPU": config.cpus_needed(), "GPU": float(config.num_workers if config.use_gpu else 0)}
 
 
+def _cpu_parts(config: TrainConfig) -> str:
+    return (f"num_workers x cpus_per_worker = {config.num_workers} x {config.cpus_per_worker:g} "
+            f"+ data_cpus {config.data_cpus:g}")
+
+
+def check_cluster_cpus(config: TrainConfig, cluster_cpus: float) -> None:
+    """Raise TrainResourcesError when a cluster of ``cluster_cpus`` logical CPUs can never hold
+    the run (its workers and its data reads). ``ecgvlm train --num-cpus N`` calls it before
+    it starts a local Ray of N CPUs, which would take seconds to tell the same."""
+    need_cpus = config.cpus_needed()
+    if cluster_cpus < need_cpus - 1e-9:
+        raise TrainResourcesError(
+            f"the run needs {need_cpus:g} CPUs ({_cpu_parts(config)}) but the cluster has "
+            f"{cluster_cpus:g}; lower cpus_per_worker or give Ray more CPUs "
+            f"(ecgvlm train --num-cpus {math.ceil(need_cpus)})"
+        )
+
+
 def wait_for_resources(config: TrainConfig) -> None:
     """Return once the cluster has the run's CPUs (and GPUs) free; fail with the reason.
 
@@ -113,14 +131,7 @@ def wait_for_resources(config: TrainConfig) -> None:
 
     need = _resources_needed(config)
     total = ray.cluster_resources()
-    parts = (f"num_workers x cpus_per_worker = {config.num_workers} x {config.cpus_per_worker:g} "
-             f"+ data_cpus {config.data_cpus:g}")
-    if total.get("CPU", 0.0) < need["CPU"] - 1e-9:
-        raise TrainResourcesError(
-            f"the run needs {need['CPU']:g} CPUs ({parts}) but the cluster has "
-            f"{total.get('CPU', 0.0):g}; lower cpus_per_worker or give Ray more CPUs "
-            f"(ecgvlm train --num-cpus {math.ceil(need['CPU'])})"
-        )
+    check_cluster_cpus(config, total.get("CPU", 0.0))
     if total.get("GPU", 0.0) < need["GPU"]:
         raise TrainResourcesError(
             f"num_workers = {config.num_workers} GPU workers, but the cluster has "
@@ -136,7 +147,7 @@ def wait_for_resources(config: TrainConfig) -> None:
             have = ", ".join(f"{free.get(k, 0.0):g} of {total.get(k, 0.0):g} {k}s" for k in short)
             needs = ", ".join(f"{need[k]:g} {k}s" for k in short)
             raise TrainResourcesError(
-                f"the run needs {needs} free ({parts}), but after waiting "
+                f"the run needs {needs} free ({_cpu_parts(config)}), but after waiting "
                 f"{config.schedule_timeout_s:g} s only {have} are free (other tasks or actors "
                 "hold the rest)"
             )
