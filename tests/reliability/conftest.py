@@ -53,12 +53,18 @@ class Live:
 
 def replica_pids(deployment: str) -> list[int]:
     """PIDs of this endpoint's ``deployment`` replicas (Ray titles them
-    ``ray::ServeReplica:<app>:<deployment>``)."""
+    ``ray::ServeReplica:<app>:<deployment>``).
+
+    Only this process's descendants are looked at: the session's local Ray (``ray_local``)
+    runs under it. Another endpoint on the machine with the same app name (``ecgvlm serve``
+    in a second shell, as the README shows) has replicas of the same title, which once made
+    the fault test see two PulseModel replicas.
+    """
     tag = f"ServeReplica:{APP}:{deployment}"
     pids = []
-    for proc in psutil.process_iter(["cmdline"]):
+    for proc in psutil.Process().children(recursive=True):
         try:
-            if any(tag in part for part in proc.info["cmdline"] or ()):
+            if any(tag in part for part in proc.cmdline()):
                 pids.append(proc.pid)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
