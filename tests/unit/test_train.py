@@ -306,7 +306,7 @@ def test_the_drivers_checks_import_neither_torch_nor_transformers(
 ) -> None:
     """The checks a training or search driver makes before Ray starts (data, model folder, run
     folder) read the checkpoint's config, weights' keys and tokenizer without importing torch
-    or transformers (about 7 s of every such driver's start here), and still name a broken
+    or transformers (5.3-5.7 s of every such driver's start here), and still name a broken
     checkpoint."""
     write_prepared(tmp_path / "prepared", {"train": 3, "val": 2})
     broken = tmp_path / "broken"
