@@ -105,8 +105,9 @@ def _cpu_parts(config: TrainConfig) -> str:
 
 def check_cluster_cpus(config: TrainConfig, cluster_cpus: float) -> None:
     """Raise TrainResourcesError when a cluster of ``cluster_cpus`` logical CPUs can never hold
-    the run (its workers and its data reads). ``ecgvlm train --num-cpus N`` calls it before
-    it starts a local Ray of N CPUs, which would take seconds to tell the same."""
+    the run (its workers and its data reads). ``ecgvlm train`` and ``ecgvlm tune`` call it
+    before they start a local Ray (of ``--num-cpus N`` CPUs), which would take seconds to tell
+    the same."""
     need_cpus = config.cpus_needed()
     if cluster_cpus < need_cpus - 1e-9:
         raise TrainResourcesError(
