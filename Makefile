@@ -6,15 +6,15 @@ TORCH_PIN := torch==2.13.0
 
 .PHONY: venv test test-unit test-browser reliability demo clean lock
 
-# The virtualenv's tools first, as in an activated venv and in the test suite: DeepSpeed
-# JIT-builds its CPU comm op with the first `ninja` on PATH, and a switch between the venv's
-# and a system one rebuilds it (~70 s on 2 cores) on the next training.
+# The virtualenv's tools first, as in an activated venv and in the test suite: the commands
+# the README shows (`ecgvlm`, `ray`, `serve`) are the venv's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 # torch first: a plain `torch` requirement would pull a multi-GB CUDA build, while
 # torch==2.13.0 resolves to the CPU wheel already on this machine's disk. The rest is then
 # installed with that pin as a constraint, and DS_BUILD_OPS=0 keeps DeepSpeed from
-# compiling its C++/CUDA ops at install time (the CPU comm op it needs is JIT-built on use).
+# compiling its C++/CUDA ops at install time (training compiles none at run time either:
+# ecgvlm.train.loop.skip_shm_comm_build).
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

@@ -20,10 +20,8 @@ SHARED_ECG_DIR = REPO_ROOT.parent / "shared" / "data" / "ecg"
 # DeepSpeed asks for an accelerator at import; on CPU machines say so up front.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 # The virtualenv's tools first on PATH, for every process the suite starts (Ray's included), as
-# an activated virtualenv has them and as the README walk runs its commands. DeepSpeed
-# JIT-compiles its CPU comm op with whichever `ninja` PATH finds first; the virtualenv's (1.13)
-# and a system one (1.11) record the same build differently, so each switch between them
-# recompiled the op (60-100 s on 2 cores), several times a run.
+# an activated virtualenv has them and as the README walk runs its commands (`ecgvlm`, `ray`,
+# `serve`).
 _VENV_BIN = str(Path(sys.executable).parent)
 if os.environ.get("PATH", "").split(os.pathsep)[0] != _VENV_BIN:
     os.environ["PATH"] = f"{_VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"

@@ -506,6 +506,23 @@ class _Window:
     comm_before: float = 0.0
 
 
+def skip_shm_comm_build() -> None:
+    """Keep DeepSpeed from compiling its shared-memory all-reduce op when it starts.
+
+    On CPU, DeepSpeed's communication backend loads ``deepspeed_shm_comm`` when it starts,
+    compiling it (C++, with the ``c++`` and ``ninja`` it finds) unless a build of the same
+    sources, flags and paths is cached in ``TORCH_EXTENSIONS_DIR``. The op serves
+    ``inference_all_reduce`` (tensor-parallel inference), which training never calls. Its
+    build took 45-78 s of both cores in this machine's test runs (ninja's log), on the first
+    run after a checkout at another path had built it; with no compiler,
+    ``deepspeed.initialize`` failed. Marked incompatible, it is never built; training's
+    all-reduces went through torch.distributed already and still do.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def _build_engine(
     config: TrainConfig, ds_config: Mapping[str, Any], device: Any, dtype: Any
 ) -> tuple[Any, Collator]:
@@ -525,6 +542,7 @@ def _build_engine(
         weight_decay=config.weight_decay,
     )
     scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.max_steps)
+    skip_shm_comm_build()
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=dict(ds_config),
         dist_init_required=False,

@@ -8,6 +8,9 @@ CPU tensor raises exactly as NCCL does.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,8 @@ import torch.distributed as dist
 from ecgvlm.train import REQUIRED_COLUMNS, Collator, TrainConfig, evaluate
 from ecgvlm.train.loop import _mean_across_ranks, _metric_group, _Position, _train_batches
 from tests.unit.test_train import tiny_rows
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -269,3 +274,32 @@ def test_log_steps_are_logged_but_not_reported_to_ray_train(tmp_path: Path, monk
     assert reported == []
     history = (Path(config.run_dir()) / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in history] == [1, 2, 3]
+
+
+def test_a_cpu_engine_is_built_without_compiling_anything(tmp_path: Path, tiny_pulse_dir: Path) -> None:
+    """A CPU worker's DeepSpeed engine (``_build_engine``, as in every training run) starts
+    with no C++ compiler and builds nothing in ``TORCH_EXTENSIONS_DIR``: DeepSpeed's CPU
+    backend would otherwise compile its shared-memory all-reduce op there first."""
+    extensions = tmp_path / "torch_extensions"
+    code = (
+        "import sys, torch, torch.distributed as dist; "
+        "from ecgvlm.train import TrainConfig; "
+        "from ecgvlm.train.config import load_deepspeed_config, resolve_deepspeed_config; "
+        "from ecgvlm.train.loop import _build_engine; "
+        "dist.init_process_group(backend='gloo', store=dist.HashStore(), rank=0, world_size=1); "
+        "config = TrainConfig(model_dir=sys.argv[1], data_dir=sys.argv[1], num_workers=1); "
+        "ds = resolve_deepspeed_config(load_deepspeed_config(config.deepspeed_config), config, False); "
+        "engine, _ = _build_engine(config, ds, torch.device('cpu'), torch.float32); "
+        "print(type(engine).__name__)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tiny_pulse_dir)], cwd=REPO, capture_output=True,
+        text=True, timeout=300, check=False,
+        # The rank variables are those Ray Train's workers have.
+        env={**os.environ, "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(extensions),
+             "CXX": str(tmp_path / "no-compiler"), "RANK": "0", "LOCAL_RANK": "0",
+             "WORLD_SIZE": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines()[-1:] == ["DeepSpeedEngine"], done.stdout[-2000:]
+    assert not extensions.exists(), sorted(p.name for p in extensions.rglob("*"))
