@@ -27,6 +27,28 @@ if os.environ.get("PATH", "").split(os.pathsep)[0] != _VENV_BIN:
     os.environ["PATH"] = f"{_VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
+#: The suite's longest test by far (the README walk, 400-600 s): collected first, so that under
+#: `make test`'s two workers (one file each at a time, in collection order) it runs beside the
+#: rest of the suite instead of alone at its end.
+FIRST_FILE = "tests/integration/test_readme.py"
+
+#: ``record_property`` name of a text the run's summary prints (a worker's own output is not
+#: shown under pytest-xdist).
+SUMMARY_PROPERTY = "summary"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: item.nodeid.split("::")[0] != FIRST_FILE)  # a stable sort
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    for report in (*terminalreporter.stats.get("passed", ()),
+                   *terminalreporter.stats.get("failed", ())):
+        for name, text in getattr(report, "user_properties", ()):
+            if name == SUMMARY_PROPERTY:
+                terminalreporter.write_line(f"\n{report.nodeid}:\n{text}")
+
+
 @pytest.fixture(scope="session")
 def samples_dir() -> Path:
     return SAMPLES_DIR

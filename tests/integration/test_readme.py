@@ -53,6 +53,7 @@ import pytest
 import requests
 
 from ecgvlm.local_ray import stop_processes_under
+from tests.conftest import SUMMARY_PROPERTY
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -267,7 +268,7 @@ def test_every_block_is_run_or_says_why_not():
 
 @pytest.mark.integration
 @pytest.mark.timeout(WALK_BUDGET_S + 600)
-def test_readme_and_docs_walk_top_to_bottom(ray_head_info, tmp_path, capsys):
+def test_readme_and_docs_walk_top_to_bottom(ray_head_info, tmp_path, record_property):
     head, client_env = ray_head_info
     copy = tmp_path / "ecgvlm"
     _copy_tracked_files(copy)
@@ -291,7 +292,6 @@ def test_readme_and_docs_walk_top_to_bottom(ray_head_info, tmp_path, capsys):
         walk.stop_server()
         stop_processes_under(ray_tmp)
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    # Past pytest's capture, so that every run's log says where the walk's time went (the
-    # slowest test of the suite), not only a failed one's.
-    with capsys.disabled():
-        print("\nREADME walk, seconds per block:\n" + "\n".join(walk.ran))
+    # In the run's summary (tests/conftest.py), so that every run's log says where the walk's
+    # time went (the slowest test of the suite), not only a failed one's.
+    record_property(SUMMARY_PROPERTY, "README walk, seconds per block:\n" + "\n".join(walk.ran))
