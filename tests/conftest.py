@@ -27,7 +27,7 @@ if os.environ.get("PATH", "").split(os.pathsep)[0] != _VENV_BIN:
     os.environ["PATH"] = f"{_VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
-#: The suite's longest test by far (the README walk, 400-600 s): collected first, so that under
+#: The suite's longest test by far (the README walk, 400-750 s): collected first, so that under
 #: `make test`'s two workers (one file each at a time, in collection order) it runs beside the
 #: rest of the suite instead of alone at its end.
 FIRST_FILE = "tests/integration/test_readme.py"

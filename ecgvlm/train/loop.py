@@ -513,7 +513,7 @@ def skip_shm_comm_build() -> None:
     compiling it (C++, with the ``c++`` and ``ninja`` it finds) unless a build of the same
     sources, flags and paths is cached in ``TORCH_EXTENSIONS_DIR``. The op serves
     ``inference_all_reduce`` (tensor-parallel inference), which training never calls. Its
-    build took 45-78 s of both cores in this machine's test runs (ninja's log), on the first
+    build took 45-119 s of both cores in this machine's test runs (ninja's log), on the first
     run after a checkout at another path had built it; with no compiler,
     ``deepspeed.initialize`` failed. Marked incompatible, it is never built; training's
     all-reduces went through torch.distributed already and still do.

@@ -276,7 +276,9 @@ def test_log_steps_are_logged_but_not_reported_to_ray_train(tmp_path: Path, monk
     assert [json.loads(line)["step"] for line in history] == [1, 2, 3]
 
 
-def test_a_cpu_engine_is_built_without_compiling_anything(tmp_path: Path, tiny_pulse_dir: Path) -> None:
+def test_a_cpu_engine_is_built_without_compiling_anything(
+    tmp_path: Path, tiny_pulse_dir: Path
+) -> None:
     """A CPU worker's DeepSpeed engine (``_build_engine``, as in every training run) starts
     with no C++ compiler and builds nothing in ``TORCH_EXTENSIONS_DIR``: DeepSpeed's CPU
     backend would otherwise compile its shared-memory all-reduce op there first."""
