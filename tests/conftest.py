@@ -42,9 +42,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
-    for report in (*terminalreporter.stats.get("passed", ()),
-                   *terminalreporter.stats.get("failed", ())):
-        for name, text in getattr(report, "user_properties", ()):
+    for report in terminalreporter.stats.get("passed", ()):
+        for name, text in report.user_properties:
             if name == SUMMARY_PROPERTY:
                 terminalreporter.write_line(f"\n{report.nodeid}:\n{text}")
 
