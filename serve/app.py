@@ -4,7 +4,8 @@ Three deployments, wired by ``build_app(ServeArgs)``:
 
 * ``Gateway`` (FastAPI ingress): auth, body limits, validation, rendering, routing.
 * ``PulseModel``: base weights loaded once per replica, LoRA adapters multiplexed onto them
-  (``@serve.multiplexed``), requests batched (``@serve.batch``) and grouped by adapter.
+  (``@serve.multiplexed``), requests batched when the model is free (``sv.BatchQueue``) and
+  grouped by adapter.
 * ``Gpt4oProxy``: the retrying OpenAI client with a concurrency limit.
 
 The logic lives in ``ecgvlm.serving``; this file is wiring. Run it with
@@ -90,8 +91,8 @@ class PulseModel:
         self.default_adapter = next(iter(args.adapters), None)
         if self.default_adapter is not None:
             self.runner.load_adapter(self.default_adapter)  # pulse-lora answers at once
-        self.generate_batch.set_max_batch_size(args.batching.max_batch_size)
-        self.generate_batch.set_batch_wait_timeout_s(args.batching.batch_wait_timeout_s)
+        self.batches = sv.BatchQueue(self._generate_batch, args.batching.max_batch_size,
+                                     args.batching.batch_wait_timeout_s)
 
     @serve.multiplexed(max_num_models_per_replica=sv.MAX_ADAPTERS_PER_REPLICA)
     async def get_adapter(self, adapter: str) -> _AdapterLease:
@@ -106,7 +107,7 @@ class PulseModel:
         queued_s = time.perf_counter()
         hooks = sv.RequestHooks()
         try:
-            out = await self.generate_batch((req, hooks))
+            out = await self.batches.submit((req, hooks))
         finally:
             # Cancelled when the caller leaves: its row stops at the next token. Harmless
             # once answered.
@@ -128,7 +129,7 @@ class PulseModel:
         queue: asyncio.Queue[Any] = asyncio.Queue()
         hooks = sv.RequestHooks(
             on_delta=lambda delta: loop.call_soon_threadsafe(queue.put_nowait, delta))
-        answer = asyncio.ensure_future(self.generate_batch((req, hooks)))
+        answer = asyncio.ensure_future(self.batches.submit((req, hooks)))
         # After every delta: the thread queues them before its batch can return.
         answer.add_done_callback(queue.put_nowait)
         try:
@@ -151,17 +152,15 @@ class PulseModel:
         if adapter:
             await self.get_adapter(adapter)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def generate_batch(
+    def _generate_batch(
         self, jobs: list[tuple[sv.GenerateRequest, sv.RequestHooks]]
     ) -> list[sv.GenerateResult | sv.ApiError]:
-        # One batch at a time (max_concurrent_batches=1): the thread keeps the replica's
-        # event loop free for health checks and queueing while the model runs. Streamed and
-        # plain requests share batches; the hooks are this replica's own.
+        # On the batch queue's thread, one batch at a time: the replica's event loop stays
+        # free for health checks and queueing while the model runs. Streamed and plain
+        # requests share batches; the hooks are this replica's own.
         started_s = time.perf_counter()
         try:
-            return await asyncio.to_thread(self.runner.generate, [r for r, _ in jobs],
-                                           [h for _, h in jobs])
+            return self.runner.generate([r for r, _ in jobs], [h for _, h in jobs])
         finally:
             for _, hooks in jobs:
                 hooks.batch_started_s, hooks.batch_s = started_s, time.perf_counter() - started_s

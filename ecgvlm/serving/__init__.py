@@ -10,7 +10,8 @@ without Ray:
 - ``ecg``: ``/v1/ecg/interpret``'s signals (JSON or WFDB upload), rendering and answers;
 - ``stream``: ``stream: true``'s ``chat.completion.chunk`` server-sent events;
 - ``pulse``: ``PulseRunner``, one base model with LoRA adapters sharing its weights;
-- ``args``: ``ServeArgs``, what the app is built from.
+- ``args``: ``ServeArgs``, what the app is built from;
+- ``batching``: ``BatchQueue``, requests gathered into batches for the model's thread.
 
 Nothing here starts Ray or opens a socket on import; torch, peft and the model code are
 imported inside the functions that need them, so the ingress replica stays light.
@@ -28,6 +29,7 @@ from ecgvlm.serving.args import (
     parse_adapter_specs,
     pulse_gpus,
 )
+from ecgvlm.serving.batching import BatchQueue
 from ecgvlm.serving.chat import (
     ChatCompletionRequest,
     ChatMessage,
@@ -161,6 +163,7 @@ __all__ = [
     "WFDB_UPLOAD_SUFFIXES",
     "ApiError",
     "AutoscalingArgs",
+    "BatchQueue",
     "BatchingArgs",
     "ChatCompletionRequest",
     "ChatMessage",

@@ -16,13 +16,14 @@ MAX_ADAPTERS_PER_REPLICA = 4
 
 
 class BatchingArgs(BaseModel):
-    """``@serve.batch`` settings of the PULSE replica; max_batch_size 1 turns batching off."""
+    """How the PULSE replica batches requests (``BatchQueue``); max_batch_size 1 turns batching
+    off."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     max_batch_size: int = Field(8, ge=1, le=256)
     batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=10.0)
-    #: Token budget of one generate call, rows x (longest prompt + max_tokens); a Serve batch
+    #: Token budget of one generate call, rows x (longest prompt + max_tokens); a batch
     #: over it runs as several calls. None: derived on a GPU from the memory free after
     #: loading (PULSE-7B in bf16 holds 0.5 MiB of KV cache per token), unbounded on CPU.
     max_batch_tokens: int | None = Field(None, ge=1)
