@@ -3,7 +3,7 @@
 Ray Serve's ``@serve.batch`` (Ray 2.60) forms the next batch as soon as its wait runs out,
 whether or not the model is free: while one batch generates, it keeps forming batches of the
 few requests that arrived in each wait and queues them behind the running one. With 32
-clients in flight, the tiny model's replica ran batches of 2-3 requests while 20-29 more
+clients in flight, the tiny model's replica ran batches of 1-6 requests while 14-29 more
 waited in those queued batches (docs/serve.md, "Where a batch's requests wait").
 
 Here a batch is formed only when the model is free: it takes every request that waited

@@ -147,7 +147,7 @@ class _TextStream:
 def group_requests(requests: Sequence[GenerateRequest]) -> dict[GroupKey, list[int]]:
     """Indices of ``requests`` grouped by adapter and mode/settings, in arrival order.
 
-    A Serve batch may mix adapters, temperatures and constrained choices: each group is one
+    A replica's batch may mix adapters, temperatures and constrained choices: each group is one
     forward pass with one adapter active.
     """
     groups: dict[GroupKey, list[int]] = {}
@@ -298,7 +298,7 @@ class PulseRunner:
         # client left (streams and plain requests alike).
         self.in_flight = 0
         self.cancelled = 0
-        self.batches = 0  # generate calls (a Serve batch each) and the requests they held
+        self.batches = 0  # generate calls (a replica's batch each) and the requests they held
         self.batched_requests = 0
         self._counts_lock = threading.Lock()
         self._loaded: list[str] = []
@@ -516,8 +516,9 @@ class PulseRunner:
 
         ``in_flight``: requests handed to :meth:`generate` and not answered yet;
         ``cancelled``: requests stopped (or never started) because their client left;
-        ``batches`` and ``batched_requests``: calls of :meth:`generate` (one Serve batch
-        each) and the requests they held, so their ratio is the mean batch size."""
+        ``batches`` and ``batched_requests``: calls of :meth:`generate` (one batch of the
+        replica's ``BatchQueue`` each) and the requests they held, so their ratio is the mean
+        batch size."""
         return {
             "base_loads": self.base_loads,
             "adapters_loaded": self.loaded_adapters,

@@ -251,7 +251,10 @@ def test_streaming_through_the_openai_clients_iterator_equals_the_plain_answer(e
         texts = [c.choices[0].delta.content for c in chunks if c.choices
                  and c.choices[0].delta.content]
         assert "".join(texts) == plain.choices[0].message.content
-        assert len(texts) > 3  # as it is generated, not all at the end
+        # As it is generated, not all at the end. The replica merges the deltas that pile up
+        # while its event loop is busy, so a loaded machine sends fewer, larger chunks: 40
+        # tokens came as 2 at a load average of 45 (2026-12-07), where the check was > 3.
+        assert len(texts) > 1
         assert chunks[-2].choices[0].finish_reason == plain.choices[0].finish_reason
         assert chunks[-1].choices == [] and chunks[-1].usage == plain.usage
         tokens = [e for c in chunks if c.choices and c.choices[0].logprobs

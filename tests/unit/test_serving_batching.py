@@ -29,46 +29,40 @@ class Model:
 
 
 async def _while_the_first_batch_runs(model: Model, queue: BatchQueue, later: list[str]):
-    """Submits "first", then ``later`` while its batch runs; returns every caller's task."""
+    """Submits "first", then ``later`` while its batch runs; returns every caller's task.
+    The batches use a wait of 5 ms."""
     first = asyncio.create_task(queue.submit("first"))
     assert await asyncio.to_thread(model.running.wait, 10)
-    tasks = [asyncio.create_task(queue.submit(job)) for job in later]
-    await asyncio.sleep(0.05)  # more than the batch wait: they must still wait for the model
+    tasks = []
+    for job in later:  # one at a time, as clients send them, twice the batch wait apart
+        tasks.append(asyncio.create_task(queue.submit(job)))
+        await asyncio.sleep(0.01)
     return first, tasks
 
 
-def test_requests_that_wait_during_a_batch_all_go_into_the_next():
+LATER = [f"r{i}" for i in range(10)]
+
+
+@pytest.mark.parametrize(("max_batch_size", "batches_after_the_first"), [
+    (32, [LATER]),  # every request that waited, in one batch
+    (4, [LATER[:4], LATER[4:8], LATER[8:]]),  # at most max_batch_size, in arrival order
+])
+def test_requests_that_wait_during_a_batch_go_into_the_next(max_batch_size,
+                                                            batches_after_the_first):
     # Serve's own @serve.batch (Ray 2.60) forms a batch of what arrived in each
     # batch_wait_timeout_s while the first runs and queues it behind it (read in its source;
-    # seen in the replica as batches of 2-4 with 20-29 requests waiting, docs/serve.md).
+    # seen in the replica as batches of 1-6 with 14-29 requests waiting, docs/serve.md).
     model = Model()
-    later = [f"r{i}" for i in range(10)]
 
     async def main():
-        queue = BatchQueue(model.run, max_batch_size=32, batch_wait_timeout_s=0.005)
-        first, tasks = await _while_the_first_batch_runs(model, queue, later)
+        queue = BatchQueue(model.run, max_batch_size, batch_wait_timeout_s=0.005)
+        first, tasks = await _while_the_first_batch_runs(model, queue, LATER)
         model.release.set()
         return await first, await asyncio.gather(*tasks)
 
     first, answers = asyncio.run(main())
-    assert model.batches == [["first"], later]
-    assert first == "FIRST" and answers == [job.upper() for job in later]
-
-
-def test_a_batch_holds_at_most_max_batch_size_in_arrival_order():
-    model = Model()
-    later = [f"r{i}" for i in range(10)]
-
-    async def main():
-        queue = BatchQueue(model.run, max_batch_size=4, batch_wait_timeout_s=0.005)
-        first, tasks = await _while_the_first_batch_runs(model, queue, later)
-        model.release.set()
-        await first
-        return await asyncio.gather(*tasks)
-
-    answers = asyncio.run(main())
-    assert model.batches == [["first"], later[:4], later[4:8], later[8:]]
-    assert answers == [job.upper() for job in later]
+    assert model.batches == [["first"], *batches_after_the_first]
+    assert first == "FIRST" and answers == [job.upper() for job in LATER]
 
 
 def test_jobs_that_arrive_within_the_wait_share_a_batch():
@@ -76,7 +70,9 @@ def test_jobs_that_arrive_within_the_wait_share_a_batch():
     model.release.set()
 
     async def main():
-        queue = BatchQueue(model.run, max_batch_size=8, batch_wait_timeout_s=0.5)
+        # A long wait, so that a slow machine still sends "b" and "c" within it; the batch
+        # starts once it is full, not at the end of the wait.
+        queue = BatchQueue(model.run, max_batch_size=3, batch_wait_timeout_s=30.0)
         one = asyncio.create_task(queue.submit("a"))
         await asyncio.sleep(0.05)  # "a" is waiting for company
         return await asyncio.gather(one, queue.submit("b"), queue.submit("c"))
