@@ -19,6 +19,12 @@ SHARED_ECG_DIR = REPO_ROOT.parent / "shared" / "data" / "ecg"
 
 # DeepSpeed asks for an accelerator at import; on CPU machines say so up front.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# Ray Train's controller polls its workers every 2 s by default, and a run's start and end
+# wait for its polls: a tiny training run took 34.1-34.6 s with 0.5 s against 36.3-38.8 s
+# with 2 s (two runs each, alternating, 2026-12-07). The suite starts more than a dozen
+# (the README walk alone four). A late answer to a poll is only a missed health check (Ray
+# fails a worker after 10 minutes of them), so a loaded machine is no risk.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # The virtualenv's tools first on PATH, for every process the suite starts (Ray's included), as
 # an activated virtualenv has them and as the README walk runs its commands (`ecgvlm`, `ray`,
 # `serve`).
