@@ -1,7 +1,7 @@
 """Throughput and latency of the endpoint on the tiny PULSE checkpoint, batching on and off.
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/serve_bench.py [--requests 64] [--max-tokens 4]
-        [--kinds generate,generate-1,choice] [--overhead-only]
+        [--kinds generate,generate-1,choice] [--overhead-only] [--ingress haproxy]
         [--model-dir DIR --device cuda --png PRINTOUT.png --direct-calls 0]   (on a GPU)
 
 For each batching setting the app is deployed on a local Ray, warmed up, and driven by an
@@ -10,7 +10,9 @@ PNG, greedy): ``generate`` (``--max-tokens`` new tokens), ``generate-1`` (one ne
 ``choice`` (``guided_choice`` over four letters with ``logprobs``). Serve's overhead is the
 endpoint's p50 latency at concurrency 1 minus the p50 of the same ``PulseRunner.generate``
 call made in this process, split by hop with each answer's ``Server-Timing`` header
-(``--overhead-only`` measures only that). Targets: batching >= 3x throughput at concurrency 32 and overhead
+(``--overhead-only`` measures only that). ``--ingress haproxy`` puts HAProxy in front of the
+gateway replica instead of Serve's HTTP proxy, as ``ecgvlm serve --ingress haproxy`` does.
+Targets: batching >= 3x throughput at concurrency 32 and overhead
 p50 <= 10 ms (issue 7); a constrained choice costs no more than a 1-token generation
 (issue 16).
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import socket
 import statistics
 import sys
@@ -31,6 +34,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from ecgvlm.local_ray import INGRESSES, haproxy_ingress_env
 
 CONCURRENCY = (1, 8, 32)
 #: Request kinds: the extra fields of each one's body (``generate``: ``--max-tokens``).
@@ -146,15 +151,15 @@ def _overhead_pairs(runner, url: str, body: dict, png: bytes, prompt: str, max_t
 
 def hop_table(endpoint: list[float], timings: list[dict[str, float]]) -> list[tuple[str, float]]:
     """p50 ms of each hop of a request, from the client's time and the endpoint's
-    ``Server-Timing``: what is left of the client's time outside the gateway is Serve's HTTP
-    proxy (and the loopback network); what is left of the gateway's call outside the
-    replica's queue and model time is the handle call (routing, serialisation, the actor
-    hop both ways)."""
+    ``Server-Timing``: what is left of the client's time outside the gateway is the ingress
+    (Serve's HTTP proxy or HAProxy) and the loopback network; what is left of the gateway's
+    call outside the replica's queue and model time is the handle call (routing,
+    serialisation, the actor hop both ways)."""
     med = statistics.median
     hops = [
-        ("HTTP proxy + network (client - gateway total)",
+        ("ingress + network (client - gateway total)",
          med(e - t["total"] for e, t in zip(endpoint, timings))),
-        ("gateway: read the body (a call back to the proxy) + validate",
+        ("gateway: read the body (from Serve's proxy: a call back to it) + validate",
          med(t["parse"] for t in timings)),
         ("gateway: decode the image", med(t["decode"] for t in timings)),
         ("gateway: build the prompt", med(t["prompt"] for t in timings)),
@@ -182,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--png", type=Path, default=None,
                         help="the printout every request sends (default: a small synthetic "
                              "one; give a real 1181x591 printout for a GPU run)")
+    parser.add_argument("--ingress", choices=INGRESSES, default="proxy",
+                        help="what answers HTTP: Serve's proxy or HAProxy (as ecgvlm serve)")
     parser.add_argument("--overhead-only", action="store_true",
                         help="only the overhead pairs and the hop table (no throughput sweep)")
     parser.add_argument("--kinds", default=",".join(KINDS),
@@ -225,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
         runner.generate([sv.GenerateRequest(prompt=prompt, image=png, max_new_tokens=2)])  # warm
 
     os.environ.pop("OPENAI_API_KEY", None)
+    # HAProxy's files: a short path, as its admin socket's name is limited to 97 bytes.
+    haproxy_dir = tempfile.mkdtemp(prefix="sb-", dir="/tmp")
+    if args.ingress == "haproxy":  # before Ray starts: its Serve processes read them
+        os.environ.update(haproxy_ingress_env(haproxy_dir))
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     port = _free_port()
@@ -265,11 +276,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         serve.shutdown()
         ray.shutdown()
+        shutil.rmtree(haproxy_dir, ignore_errors=True)
 
     if rows:
         _print_throughput(rows, kinds, args, model_dir)
     if runner is not None:
-        _print_overhead(direct, endpoint, health, timings)
+        _print_overhead(direct, endpoint, health, timings, args.ingress)
     return 0
 
 
@@ -280,6 +292,7 @@ def _print_throughput(rows: list[tuple], kinds: list[str], args: argparse.Namesp
     print()
     print(f"{model} on {args.device} ({args.dtype}), {args.max_tokens} new tokens, {image}, "
           f"max_batch_size {args.max_batch_size}, batch_wait {args.batch_wait_s:g} s, "
+          f"ingress {args.ingress}, "
           f"{os.cpu_count()} cores")
     names = {"generate": f"generate {args.max_tokens} tokens", "generate-1": "generate 1 token",
              "choice": "choice (4 letters)"}
@@ -303,12 +316,13 @@ def _print_throughput(rows: list[tuple], kinds: list[str], args: argparse.Namesp
 
 
 def _print_overhead(direct: list[float], endpoint: list[float], health: list[float],
-                    timings: list[dict[str, float]]) -> None:
+                    timings: list[dict[str, float]], ingress: str) -> None:
     direct_ms, endpoint_ms = statistics.median(direct), statistics.median(endpoint)
     overhead = endpoint_ms - direct_ms
     paired = statistics.median(e - d for d, e in zip(direct, endpoint))
     print()
-    print(f"Serve overhead, {len(direct)} alternating pairs (batching off, concurrency 1): "
+    print(f"Serve overhead, ingress {ingress}, {len(direct)} alternating pairs (batching off, "
+          "concurrency 1): "
           f"endpoint p50 {endpoint_ms:.1f} ms - direct PulseRunner.generate p50 "
           f"{direct_ms:.1f} ms = {overhead:.1f} ms (median of paired differences "
           f"{paired:.1f} ms; target <= 10 ms: {'met' if overhead <= 10 else 'NOT met'})")
@@ -318,8 +332,8 @@ def _print_overhead(direct: list[float], endpoint: list[float], health: list[flo
     for hop, ms in hop_table(endpoint, timings):
         print(f"| {hop} | {ms:.2f} |")
     print(f"| direct PulseRunner.generate, for comparison | {direct_ms:.2f} |")
-    print(f"\nfor scale: GET /healthz p50 {statistics.median(health):.1f} ms (HTTP proxy and "
-          f"ingress only, no model hop); load average {os.getloadavg()[0]:.1f} on "
+    print(f"\nfor scale: GET /healthz p50 {statistics.median(health):.1f} ms (the ingress and "
+          f"the gateway only, no model hop); load average {os.getloadavg()[0]:.1f} on "
           f"{os.cpu_count()} cores at the end")
 
 

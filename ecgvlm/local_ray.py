@@ -66,6 +66,45 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+#: ``ecgvlm serve --ingress`` choices: Ray Serve's own HTTP proxy, or HAProxy in front of
+#: the ingress replica's own HTTP server (Ray Serve's ``RAY_SERVE_ENABLE_HA_PROXY``).
+INGRESSES = ("proxy", "haproxy")
+
+
+def haproxy_ingress_env(state_dir: str) -> dict[str, str]:
+    """Environment that puts Ray Serve's HAProxy ingress on a private head.
+
+    With ``RAY_SERVE_ENABLE_HA_PROXY=1`` (Ray 2.56 and later; ``ray[serve]`` ships the
+    HAProxy binary on Linux) HAProxy listens on the HTTP port and forwards each request to
+    the ingress replica's own HTTP server, so the request skips Serve's Python proxy and the
+    replica's call back to it for the body (docs/serve.md, "Where a request's time goes").
+    Serve's defaults for it are fixed: stats on port 8404 and metrics on 9101 (both on all
+    interfaces), a fallback proxy on 8500 and 9500, files under /tmp/haproxy-serve. A second
+    endpoint on the machine would fail to start on them, so each head gets free ports and
+    files under ``state_dir``. Set in the environment of ``ray start`` and of the driver.
+
+    Raises:
+        ValueError: when ``state_dir`` is too long for HAProxy's admin socket, which Serve
+            puts at ``state_dir/<node id>/admin.sock`` and HAProxy takes up to 97 bytes.
+    """
+    longest = 97 - len("/" + "0" * 56 + "/admin.sock")  # a node id is 56 hex digits
+    if len(state_dir) > longest:
+        raise ValueError(f"HAProxy state dir {state_dir!r} is {len(state_dir)} characters; "
+                         f"its admin socket needs {longest} or fewer")
+    stats, metrics, fallback_http, fallback_grpc = free_ports(4)
+    return {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(stats),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics),
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(fallback_http),
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(fallback_grpc),
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{state_dir}/haproxy.cfg",
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{state_dir}/admin.sock",
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": state_dir,
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{state_dir}/server-state",
+    }
+
+
 def pids_under(
     temp_dir: str, env_marker: str | None = None, raylet_pids: set[int] | None = None
 ) -> list[int]:
@@ -139,12 +178,14 @@ def process_cmdline(pid: int) -> bytes:
         return b""
 
 
-def start_head(num_cpus: int, env: dict[str, str] | None = None, dashboard: bool = True
-               ) -> LocalHead:
+def start_head(num_cpus: int, env: dict[str, str] | None = None, dashboard: bool = True,
+               ingress: str = "proxy") -> LocalHead:
     """Start ``ray start --head`` on 127.0.0.1 with free ports and a new temp dir.
 
     ``dashboard=False`` leaves out the dashboard (and so ``ray job submit``), which saves
-    start-up time where only Ray Serve or tasks run.
+    start-up time where only Ray Serve or tasks run. ``ingress="haproxy"`` gives Ray Serve
+    HAProxy as its HTTP ingress (``haproxy_ingress_env``, its files under the temp dir, so
+    that stopping the head stops HAProxy too).
 
     The head uses token auth with a token of its own, handed to clients through
     ``LocalHead.env`` (``RAY_AUTH_MODE``, ``RAY_AUTH_TOKEN``); nothing is read from or
@@ -153,9 +194,14 @@ def start_head(num_cpus: int, env: dict[str, str] | None = None, dashboard: bool
     Raises:
         RuntimeError: when ``ray start`` fails twice (its last output is quoted).
     """
-    # A short path: Ray puts unix sockets under it (107-byte limit).
+    if ingress not in INGRESSES:
+        raise ValueError(f"ingress {ingress!r}: choose from {', '.join(INGRESSES)}")
+    # A short path: Ray puts unix sockets under it (107-byte limit), HAProxy its own (97).
     temp_dir = tempfile.mkdtemp(prefix="ecgvlm-ray-", dir="/tmp")
     client_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    if ingress == "haproxy":
+        # The driver's Serve client reads the same settings as the head's processes.
+        client_env.update(haproxy_ingress_env(temp_dir))
     head_env = {k: v for k, v in (env or os.environ).items() if k != "RAY_ADDRESS"}
     head_env.update(client_env, RAY_USAGE_STATS_ENABLED="0")
     try:

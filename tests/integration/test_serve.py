@@ -761,11 +761,31 @@ def _listening_ports(pids: list[int]) -> set[int]:
     return ports
 
 
+#: Ray Serve's fixed default for HAProxy's stats page, on all interfaces.
+HAPROXY_DEFAULT_STATS_PORT = 8404
+
+
+def _hold_port(port: int) -> socket.socket | None:
+    """A socket listening on every interface's ``port``, or None where it is taken already."""
+    sock = socket.socket()
+    try:
+        sock.bind(("0.0.0.0", port))
+    except OSError:
+        sock.close()
+        return None
+    sock.listen()
+    return sock
+
+
+@pytest.mark.parametrize("ingress", ["proxy", "haproxy"])
 def test_ecgvlm_serve_takes_free_ports_and_sigterm_stops_all_it_started(tiny_pulse_dir,
-                                                                        tmp_path):
+                                                                        tmp_path, ingress):
     from ecgvlm.local_ray import pids_under, process_cmdline
 
     port = _free_port()
+    # With HAProxy, Serve's own default stats port is taken: a second endpoint on the
+    # machine would find it so, and must start all the same.
+    held = _hold_port(HAPROXY_DEFAULT_STATS_PORT) if ingress == "haproxy" else None
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
     # A home as on a fresh machine: no ~/.ray/auth_token, which any earlier local
@@ -774,7 +794,7 @@ def test_ecgvlm_serve_takes_free_ports_and_sigterm_stops_all_it_started(tiny_pul
     env["HOME"] = str(tmp_path / "home")
     proc = subprocess.Popen(
         [sys.executable, "-m", "ecgvlm.cli", "serve", "--model-dir", str(tiny_pulse_dir),
-         "--port", str(port), "--num-cpus", "4"],
+         "--port", str(port), "--num-cpus", "4", "--ingress", ingress],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     lines: list[str] = []
@@ -804,6 +824,16 @@ def test_ecgvlm_serve_takes_free_ports_and_sigterm_stops_all_it_started(tiny_pul
         running = {p: process_cmdline(p) for p in pids_under(temp_dir, env_marker=marker)}
         names = {re.split(rb"[\0 ]", c)[0] for c in running.values()}
         assert {b"ray::DashboardAgent", b"ray::RuntimeEnvAgent"} <= names, names
+        if ingress == "haproxy":
+            assert any(name.endswith(b"/haproxy") for name in names), names
+            # The request went through HAProxy straight to the gateway replica: HAProxy
+            # counts it against that replica's own server.
+            stats_url = re.search(r"its stats at (\S+?);", ready[0]).group(1)
+            requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=30).raise_for_status()
+            rows = requests.get(f"{stats_url};csv", timeout=30).text.splitlines()
+            header = rows[0].lstrip("# ").split(",")
+            gateway = [dict(zip(header, r.split(","))) for r in rows if "Gateway" in r]
+            assert gateway and int(gateway[0]["stot"]) >= 1, rows
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0, "".join(lines) + proc.stdout.read()[-3000:]
         # Once `ecgvlm serve` has exited, nothing of it answers any more (Serve's HTTP proxy
@@ -815,6 +845,8 @@ def test_ecgvlm_serve_takes_free_ports_and_sigterm_stops_all_it_started(tiny_pul
         assert not left, f"left running after SIGTERM: {[process_cmdline(p)[:60] for p in left]}"
         assert not Path(temp_dir).exists()
     finally:
+        if held is not None:
+            held.close()
         if proc.poll() is None:
             proc.kill()
             proc.wait()

@@ -1,0 +1,46 @@
+"""The HAProxy ingress settings of a private head (``ecgvlm serve --ingress haproxy``).
+
+``tests/integration/test_serve.py`` starts such an endpoint for real; these check the settings
+themselves, without Ray.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ecgvlm.local_ray import haproxy_ingress_env, start_head
+
+#: Serve's fixed defaults: stats, metrics, fallback proxy (HTTP, gRPC).
+SERVE_DEFAULT_PORTS = {8404, 9101, 8500, 9500}
+
+
+def test_each_head_gets_free_ports_and_files_of_its_own() -> None:
+    first = haproxy_ingress_env("/tmp/ecgvlm-ray-aaaaaaaa")
+    second = haproxy_ingress_env("/tmp/ecgvlm-ray-bbbbbbbb")
+    assert first["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    ports = [int(v) for k, v in first.items() if k.endswith("_PORT")]
+    assert len(ports) == len(set(ports)) == 4
+    assert not set(ports) & SERVE_DEFAULT_PORTS
+    for env, state_dir in ((first, "/tmp/ecgvlm-ray-aaaaaaaa"),
+                           (second, "/tmp/ecgvlm-ray-bbbbbbbb")):
+        paths = [v for k, v in env.items() if k.endswith(("_LOC", "_PATH", "_BASE", "_FILE"))]
+        assert len(paths) == 4 and all(Path(p).is_relative_to(state_dir) for p in paths), env
+
+
+def test_a_state_dir_too_long_for_haproxys_socket_is_named() -> None:
+    # Serve puts the admin socket at DIR/<56-digit node id>/admin.sock; HAProxy takes 97 bytes.
+    longest = "/tmp/" + "x" * 24
+    assert len(longest) == 29
+    haproxy_ingress_env(longest)
+    with pytest.raises(ValueError, match=r"'/tmp/x{25}' is 30 characters"):
+        haproxy_ingress_env(longest + "x")
+
+
+def test_an_unknown_ingress_is_refused_before_anything_starts(tmp_path, monkeypatch) -> None:
+    made = []  # no temp dir is made (nor left behind), no `ray start` run
+    monkeypatch.setattr("tempfile.mkdtemp", lambda *a, **k: made.append(a) or str(tmp_path))
+    with pytest.raises(ValueError, match="ingress 'nginx': choose from proxy, haproxy"):
+        start_head(num_cpus=1, ingress="nginx")
+    assert not made
