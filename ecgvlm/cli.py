@@ -271,7 +271,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from ecgvlm.local_ray import start_head, stop_head
+    from ecgvlm.local_ray import haproxy_binary, start_head, stop_head
     from ecgvlm.serving import (
         PulseReplicaArgs,
         ServeArgs,
@@ -293,6 +293,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         pulse=pulse, abstain_below=args.abstain_below, report_dir=args.report_dir,
     ))
     check_paths(serve_args)  # before paying for Ray's start
+    if args.ingress == "haproxy":
+        haproxy_binary()
 
     _stop_on_sigterm()
     # A private head on free ports, not ray.init()'s fixed ones (its dashboard agent's 52365

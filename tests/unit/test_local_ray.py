@@ -6,11 +6,16 @@ themselves, without Ray.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from ecgvlm.local_ray import haproxy_ingress_env, start_head
+from ecgvlm.local_ray import haproxy_binary, haproxy_ingress_env, start_head
+
+REPO = Path(__file__).resolve().parents[2]
 
 #: Serve's fixed defaults: stats, metrics, fallback proxy (HTTP, gRPC).
 SERVE_DEFAULT_PORTS = {8404, 9101, 8500, 9500}
@@ -44,3 +49,31 @@ def test_an_unknown_ingress_is_refused_before_anything_starts(tmp_path, monkeypa
     with pytest.raises(ValueError, match="ingress 'nginx': choose from proxy, haproxy"):
         start_head(num_cpus=1, ingress="nginx")
     assert not made
+
+
+def test_serve_with_haproxy_and_none_found_fails_in_one_line_before_ray(tmp_path) -> None:
+    not_executable = tmp_path / "haproxy"
+    not_executable.write_text("")
+    env = {**os.environ, "RAY_SERVE_HAPROXY_BINARY_PATH": str(not_executable),
+           "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    run = subprocess.run(
+        [sys.executable, "-m", "ecgvlm.cli", "serve", "--model-dir", str(tmp_path),
+         "--ingress", "haproxy"], env=env, capture_output=True, text=True, timeout=120,
+        check=False)
+    # One line and nothing else: no Ray was started (it would have logged its start).
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert run.stderr.strip() == (
+        f"ecgvlm serve: error: --ingress haproxy: RAY_SERVE_HAPROXY_BINARY_PATH="
+        f"'{not_executable}' is not an executable file"), run.stderr[-2000:]
+
+
+def test_haproxy_is_looked_for_as_serve_looks(tmp_path, monkeypatch) -> None:
+    named = tmp_path / "my-haproxy"
+    named.write_text("#!/bin/sh\n")
+    named.chmod(0o755)
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", str(named))
+    assert haproxy_binary() == str(named)  # the variable first
+    monkeypatch.delenv("RAY_SERVE_HAPROXY_BINARY_PATH")
+    # ray[serve]'s own package on Linux (this suite runs there), else PATH.
+    assert Path(haproxy_binary()).name == "haproxy"
