@@ -232,9 +232,10 @@ def main(argv: list[str] | None = None) -> int:
         runner.generate([sv.GenerateRequest(prompt=prompt, image=png, max_new_tokens=2)])  # warm
 
     os.environ.pop("OPENAI_API_KEY", None)
-    # HAProxy's files: a short path, as its admin socket's name is limited to 97 bytes.
-    haproxy_dir = tempfile.mkdtemp(prefix="sb-", dir="/tmp")
+    haproxy_dir = None
     if args.ingress == "haproxy":  # before Ray starts: its Serve processes read them
+        # A short path: HAProxy's admin socket goes under it, in 97 bytes at most.
+        haproxy_dir = tempfile.mkdtemp(prefix="sb-", dir="/tmp")
         os.environ.update(haproxy_ingress_env(haproxy_dir))
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
@@ -276,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         serve.shutdown()
         ray.shutdown()
-        shutil.rmtree(haproxy_dir, ignore_errors=True)
+        if haproxy_dir is not None:
+            shutil.rmtree(haproxy_dir, ignore_errors=True)
 
     if rows:
         _print_throughput(rows, kinds, args, model_dir)
