@@ -10,7 +10,8 @@ PNG, greedy): ``generate`` (``--max-tokens`` new tokens), ``generate-1`` (one ne
 ``choice`` (``guided_choice`` over four letters with ``logprobs``). Serve's overhead is the
 endpoint's p50 latency at concurrency 1 minus the p50 of the same ``PulseRunner.generate``
 call made in this process, split by hop with each answer's ``Server-Timing`` header
-(``--overhead-only`` measures only that). ``--ingress haproxy`` puts HAProxy in front of the
+(``--overhead-only`` measures only that). On Linux a table gives the CPU time each kind of
+process spent per request of the generation levels (``/proc``). ``--ingress haproxy`` puts HAProxy in front of the
 gateway replica instead of Serve's HTTP proxy, as ``ecgvlm serve --ingress haproxy`` does.
 Targets: batching >= 3x throughput at concurrency 32 and overhead
 p50 <= 10 ms (issue 7); a constrained choice costs no more than a 1-token generation
@@ -66,6 +67,58 @@ def _image_png(size: tuple[int, int]) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
+
+
+#: What a process is, by a marker in its command line (Ray's workers name their actor there).
+PROCESS_GROUPS = (
+    ("PulseModel", "model replica"),
+    ("Gateway", "gateway replica"),
+    ("ProxyActor", "Serve's HTTP proxy"),
+    ("haproxy", "HAProxy"),
+    ("ServeController", "Serve's controller"),
+    ("ray", "Ray's other processes (raylet, GCS, idle workers)"),
+)
+
+
+def _cpu_snapshot() -> dict[object, tuple[str, float]]:
+    """Each process's kind and the CPU seconds (user + system) it has used so far, and the
+    machine's busy and total CPU seconds (``/proc``; Linux only, else empty)."""
+    if not Path("/proc/stat").exists():
+        return {}
+    tick_hz = os.sysconf("SC_CLK_TCK")
+    snapshot: dict[object, tuple[str, float]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_bytes()
+            cmdline = Path(entry.path, "cmdline").read_bytes().replace(b"\0", b" ").decode(
+                errors="replace")
+        except OSError:  # it exited meanwhile
+            continue
+        fields = stat[stat.rindex(b")") + 2:].split()  # the name may hold spaces
+        cpu_s = (int(fields[11]) + int(fields[12])) / tick_hz  # utime, stime
+        if int(entry.name) == os.getpid():
+            group = "benchmark (the client)"
+        else:
+            group = next((name for marker, name in PROCESS_GROUPS if marker in cmdline),
+                         "everything else")
+        snapshot[int(entry.name)] = (group, cpu_s)
+    jiffies = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    idle = jiffies[3] + jiffies[4]  # idle, iowait
+    snapshot["busy"] = ("(machine busy)", (sum(jiffies) - idle) / tick_hz)
+    snapshot["total"] = ("(machine total)", sum(jiffies) / tick_hz)
+    return snapshot
+
+
+def _cpu_used(before: dict[object, tuple[str, float]],
+              after: dict[object, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds used between two snapshots, by kind of process. A process that exited in
+    between is left out (its last seconds are unknown); one that started counts whole."""
+    used: dict[str, float] = {}
+    for key, (group, cpu_s) in after.items():
+        used[group] = used.get(group, 0.0) + cpu_s - before.get(key, (group, 0.0))[1]
+    return used
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -243,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     rows = []
+    cpu: dict[tuple[str, int], tuple[dict[str, float], int]] = {}
     try:
         settings = (("off", 1),) if args.overhead_only else (("off", 1), ("on", args.max_batch_size))
         for label, batch in settings:
@@ -264,8 +318,12 @@ def main(argv: list[str] | None = None) -> int:
                 for c in CONCURRENCY:
                     n = max(args.requests, c)
                     before = pulse.stats.remote().result()
+                    cpu_before = _cpu_snapshot()
                     wall_s, lat = asyncio.run(_drive(url, kind_body, c, n))
+                    cpu_after = _cpu_snapshot()
                     after = pulse.stats.remote().result()
+                    if kind == "generate" and cpu_before:
+                        cpu[(label, c)] = (_cpu_used(cpu_before, cpu_after), n)
                     # The replica's own count: how many requests its batches really held.
                     mean_batch = ((after["batched_requests"] - before["batched_requests"])
                                   / max(after["batches"] - before["batches"], 1))
@@ -282,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if rows:
         _print_throughput(rows, kinds, args, model_dir)
+    if cpu:
+        _print_cpu(cpu)
     if runner is not None:
         _print_overhead(direct, endpoint, health, timings, args.ingress)
     return 0
@@ -315,6 +375,28 @@ def _print_throughput(rows: list[tuple], kinds: list[str], args: argparse.Namesp
     print()
     print(f"batching speed-up at concurrency 32: {speedup:.2f}x (target >= 3x: "
           f"{'met' if speedup >= 3 else 'NOT met'})")
+
+
+def _print_cpu(cpu: dict[tuple[str, int], tuple[dict[str, float], int]]) -> None:
+    """CPU milliseconds per request by process, for the generation levels."""
+    levels = sorted(cpu, key=lambda level: (level[0], level[1]))
+    groups = sorted({g for deltas, _ in cpu.values() for g in deltas if not g.startswith("(")},
+                    key=lambda g: -sum(cpu[level][0].get(g, 0.0) for level in levels))
+    print()
+    print("CPU ms per request by process (generate; user + system time over each level)")
+    print("| process | " + " | ".join(f"batching {label} c={c}" for label, c in levels) + " |")
+    print("| --- |" + " ---: |" * len(levels))
+    for group in groups + ["(all processes)"]:
+        cells = []
+        for level in levels:
+            deltas, n = cpu[level]
+            value = (sum(v for g, v in deltas.items() if not g.startswith("("))
+                     if group == "(all processes)" else deltas.get(group, 0.0))
+            cells.append(f"{value / n * 1000:.1f}")
+        print(f"| {group} | " + " | ".join(cells) + " |")
+    busy = [cpu[level][0]["(machine busy)"] / cpu[level][0]["(machine total)"] * 100
+            for level in levels]
+    print("| machine CPU busy, % of all cores | " + " | ".join(f"{b:.0f}" for b in busy) + " |")
 
 
 def _print_overhead(direct: list[float], endpoint: list[float], health: list[float],
