@@ -20,8 +20,9 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -33,6 +34,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ecgvlm import serving as sv
 from ecgvlm.serving import room
+
+if TYPE_CHECKING:
+    from ecgvlm.model import PreparedImage
 
 logger = logging.getLogger("ray.serve")
 
@@ -93,6 +97,10 @@ class PulseModel:
             self.runner.load_adapter(self.default_adapter)  # pulse-lora answers at once
         self.batches = sv.BatchQueue(self._generate_batch, args.batching.max_batch_size,
                                      args.batching.batch_wait_timeout_s)
+        # Each request's image is decoded, tiled and normalised here as it arrives, while
+        # the batch before it generates: on the batch's thread it was 44% of the tiny model's
+        # samples at concurrency 32 (docs/serve.md, "Where the CPU goes").
+        self._image_thread = ThreadPoolExecutor(1, thread_name_prefix="prepare-image")
 
     @serve.multiplexed(max_num_models_per_replica=sv.MAX_ADAPTERS_PER_REPLICA)
     async def get_adapter(self, adapter: str) -> _AdapterLease:
@@ -104,17 +112,20 @@ class PulseModel:
         # Gpt4oProxy does: it is the request's answer, not a replica failure to log.
         arrived_s = time.perf_counter()
         await self._use_adapter()  # loads the adapter on its first use here
+        adapter_s = time.perf_counter()
+        prepared = await self._prepare_image(req)
         queued_s = time.perf_counter()
         hooks = sv.RequestHooks()
         try:
-            out = await self.batches.submit((req, hooks))
+            out = await self.batches.submit((req, hooks, prepared))
         finally:
             # Cancelled when the caller leaves: its row stops at the next token. Harmless
             # once answered.
             hooks.cancel.set()
         if isinstance(out, sv.GenerateResult) and hooks.batch_started_s is not None:
             out = replace(out, timing_ms={
-                "adapter": (queued_s - arrived_s) * 1000,
+                "adapter": (adapter_s - arrived_s) * 1000,
+                "image": (queued_s - adapter_s) * 1000,
                 "queue": (hooks.batch_started_s - queued_s) * 1000,
                 "model": (hooks.batch_s or 0.0) * 1000})
         return out
@@ -125,11 +136,12 @@ class PulseModel:
         """``req`` answered token by token: deltas as the batch it joined generates them
         (those that pile up while the caller reads are merged), then the result."""
         await self._use_adapter()
+        prepared = await self._prepare_image(req)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         hooks = sv.RequestHooks(
             on_delta=lambda delta: loop.call_soon_threadsafe(queue.put_nowait, delta))
-        answer = asyncio.ensure_future(self.batches.submit((req, hooks)))
+        answer = asyncio.ensure_future(self.batches.submit((req, hooks, prepared)))
         # After every delta: the thread queues them before its batch can return.
         answer.add_done_callback(queue.put_nowait)
         try:
@@ -152,17 +164,24 @@ class PulseModel:
         if adapter:
             await self.get_adapter(adapter)
 
+    async def _prepare_image(self, req: sv.GenerateRequest) -> PreparedImage | None:
+        if req.image is None:
+            return None
+        return await asyncio.get_running_loop().run_in_executor(
+            self._image_thread, self.runner.prepare_image, req.image)
+
     def _generate_batch(
-        self, jobs: list[tuple[sv.GenerateRequest, sv.RequestHooks]]
+        self, jobs: list[tuple[sv.GenerateRequest, sv.RequestHooks, PreparedImage | None]]
     ) -> list[sv.GenerateResult | sv.ApiError]:
         # On the batch queue's thread, one batch at a time: the replica's event loop stays
         # free for health checks and queueing while the model runs. Streamed and plain
         # requests share batches; the hooks are this replica's own.
         started_s = time.perf_counter()
         try:
-            return self.runner.generate([r for r, _ in jobs], [h for _, h in jobs])
+            return self.runner.generate([r for r, _, _ in jobs], [h for _, h, _ in jobs],
+                                        [p for _, _, p in jobs])
         finally:
-            for _, hooks in jobs:
+            for _, hooks, _ in jobs:
                 hooks.batch_started_s, hooks.batch_s = started_s, time.perf_counter() - started_s
 
     def stats(self) -> dict[str, Any]:

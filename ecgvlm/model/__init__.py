@@ -26,6 +26,7 @@ _EXPORTS = {
     "IMAGE_TOKEN_INDEX": "processor",
     "ImageInputError": "processor",
     "PULSE_7B_CONFIG": "config",
+    "PreparedImage": "processor",
     "PromptError": "processor",
     "PulseConfig": "config",
     "PulseConfigError": "config",

@@ -227,6 +227,20 @@ def check_image(image: Any, index: int = 0) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
+@dataclass(frozen=True)
+class PreparedImage:
+    """An image already tiled and normalised for the model (``PulseProcessor.prepare_image``),
+    so that a batch can take it without doing that work again.
+
+    Attributes:
+        pixel_values: (tiles, 3, crop, crop) float32, as ``PulseImageProcessor`` makes them.
+        size: the original image's (width, height), which sets its number of image features.
+    """
+
+    pixel_values: torch.Tensor
+    size: tuple[int, int]
+
+
 class PulseImageProcessor:
     """LLaVA's anyres preprocessing with CLIP normalisation, in numpy and PIL."""
 
@@ -531,15 +545,27 @@ class PulseProcessor:
             out.append(self.tokenizer.tokenize_with_image(prompt))
         return out
 
-    def encode_images(self, images: Sequence[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``pixel_values`` (B, max_tiles, 3, S, S), zero-padded, and ``image_sizes`` (B, 2)."""
+    def prepare_image(self, image: Image.Image, index: int = 0) -> PreparedImage:
+        """``image`` checked, tiled and normalised once, for any later batch.
+
+        Raises:
+            ImageInputError: as :func:`check_image` (``index`` names the image).
+        """
+        rgb = check_image(image, index)
+        return PreparedImage(self.image_processor(rgb), rgb.size)
+
+    def encode_images(
+        self, images: Sequence[Image.Image | PreparedImage]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``pixel_values`` (B, max_tiles, 3, S, S), zero-padded, and ``image_sizes`` (B, 2).
+        A :class:`PreparedImage` is taken as it is."""
         import torch
 
         stacks, sizes = [], []
         for i, image in enumerate(images):
-            rgb = check_image(image, i)
-            stacks.append(self.image_processor(rgb))
-            sizes.append(rgb.size)
+            prepared = image if isinstance(image, PreparedImage) else self.prepare_image(image, i)
+            stacks.append(prepared.pixel_values)
+            sizes.append(prepared.size)
         max_tiles = max(s.shape[0] for s in stacks)
         pixel_values = torch.zeros((len(stacks), max_tiles, *stacks[0].shape[1:]))
         for row, stack in enumerate(stacks):

@@ -8,11 +8,14 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ecgvlm.serving.chat import LogprobEntry
 from ecgvlm.serving.errors import ApiError
 from ecgvlm.serving.limits import DEFAULT_MAX_TOKENS
+
+if TYPE_CHECKING:
+    from ecgvlm.model.processor import PreparedImage
 
 logger = logging.getLogger("ray.serve")
 
@@ -62,8 +65,8 @@ class GenerateResult:
     choice_logprobs: tuple[tuple[str, float], ...] | None = None
     token_logprobs: tuple[LogprobEntry, ...] | None = None
     #: Where the replica spent the request's time, ms: ``adapter`` (loading its adapter, on
-    #: its first use), ``queue`` (waiting for its batch) and ``model`` (its batch's forward
-    #: passes); set by the Serve replica, None elsewhere.
+    #: its first use), ``image`` (preparing its image), ``queue`` (waiting for its batch) and
+    #: ``model`` (its batch's forward passes); set by the Serve replica, None elsewhere.
     timing_ms: dict[str, float] | None = None
 
 
@@ -362,9 +365,23 @@ class PulseRunner:
                                      code="context_length_exceeded")
         return lengths, errors
 
+    def prepare_image(self, image: bytes) -> PreparedImage:
+        """A request's image decoded, tiled and normalised, ready for any batch. The Serve
+        replica calls it as each request arrives, on a thread of its own, so that the batch's
+        thread (which holds the model) does only the model's work.
+
+        Raises:
+            PIL.UnidentifiedImageError, ImageInputError: an image the gateway should have
+                refused (it checks every image before the request reaches a replica).
+        """
+        from PIL import Image
+
+        return self.processor.prepare_image(Image.open(io.BytesIO(image)).convert("RGB"))
+
     def generate(
         self, requests: Sequence[GenerateRequest],
         hooks: Sequence[RequestHooks | None] | None = None,
+        prepared: Sequence[PreparedImage | None] | None = None,
     ) -> list[GenerateResult | ApiError]:
         """Answer a batch, one ``generate`` call per (adapter, settings) group and token budget.
 
@@ -372,18 +389,21 @@ class PulseRunner:
             requests: The batch, in arrival order.
             hooks: Per request (or None), where its stream goes and its cancel flag: a
                 request whose flag is set is not started, or stops at its next token.
+            prepared: Per request (or None), its image from :meth:`prepare_image`; a request
+                with an image and none here has it prepared in the batch.
 
         Returns, per request, its result or the error that is its answer: a 400 for a prompt
         over the model's context, a 503 with ``retry_after_s`` for one that ran out of device
         memory even alone. The other requests of the batch are answered either way.
         """
         hooks = list(hooks) if hooks is not None else [None] * len(requests)
+        prepared = list(prepared) if prepared is not None else [None] * len(requests)
         results: list[GenerateResult | ApiError | None] = [None] * len(requests)
         self._count(in_flight=len(requests), batches=1, batched_requests=len(requests))
         answered = 0
         try:
             for key, idxs in group_requests(requests).items():
-                self._run_group(key, idxs, requests, hooks, results)
+                self._run_group(key, idxs, requests, hooks, prepared, results)
                 self._count(in_flight=-len(idxs))
                 answered += len(idxs)
         finally:
@@ -393,11 +413,10 @@ class PulseRunner:
 
     def _run_group(
         self, key: GroupKey, idxs: list[int], requests: Sequence[GenerateRequest],
-        hooks: Sequence[RequestHooks | None], results: list[GenerateResult | ApiError | None],
+        hooks: Sequence[RequestHooks | None], prepared: Sequence[PreparedImage | None],
+        results: list[GenerateResult | ApiError | None],
     ) -> None:
         import contextlib
-
-        from PIL import Image
 
         from ecgvlm.infer import generate_batched, score_choices_batched
 
@@ -410,8 +429,8 @@ class PulseRunner:
         idxs = [i for i in idxs if results[i] is None]
         if not idxs:
             return
-        images = ([Image.open(io.BytesIO(requests[i].image)).convert("RGB") for i in idxs]
-                  if key[1] else None)
+        images = ([self.prepare_image(requests[i].image) if prepared[i] is None else prepared[i]
+                   for i in idxs] if key[1] else None)
         lengths, errors = self._check_context([requests[i] for i in idxs], images)
         for k, error in errors.items():
             results[idxs[k]] = error

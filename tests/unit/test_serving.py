@@ -462,6 +462,30 @@ def test_pulse_runner_shares_base_weights_between_adapters(tiny_pulse_dir, tmp_p
         runner.load_adapter("nope")
 
 
+def test_images_prepared_on_arrival_answer_as_those_prepared_in_the_batch(tiny_pulse_dir):
+    from dataclasses import replace
+
+    from ecgvlm.prompt import build_prompt
+
+    runner = sv.PulseRunner(str(tiny_pulse_dir), device="cpu")
+    prompt = build_prompt("Which?", ["x", "y"])
+    # Three sizes: anyres cuts them into different numbers of tiles, padded in the batch.
+    requests = [sv.GenerateRequest(prompt, _png(size), None, 4)
+                for size in ((64, 32), (40, 40), (30, 90))]
+    in_batch = runner.generate(requests)
+    prepared = [runner.prepare_image(r.image) for r in requests]
+    assert [p.size for p in prepared] == [(64, 32), (40, 40), (30, 90)]
+    # A prepared image is taken as it is: the request's bytes are not read again.
+    unreadable = [replace(r, image=b"not an image") for r in requests]
+    assert runner.generate(unreadable, prepared=prepared) == in_batch
+    assert runner.generate(requests, prepared=[None, prepared[1], None]) == in_batch
+    choose = sv.GenerateRequest(prompt, requests[0].image, guided_choice=("A", "B"))
+    assert (runner.generate([replace(choose, image=b"not an image")], prepared=prepared[:1])
+            == runner.generate([choose]))
+    with pytest.raises(Exception):  # noqa: B017 - PIL's own error for bytes that are no image
+        runner.generate(unreadable[:1])
+
+
 def test_adapters_that_train_biases_are_refused(tiny_pulse_dir, tmp_path):
     path = _adapter(tiny_pulse_dir, tmp_path / "biased", 3, bias="all")
     with pytest.raises(ValueError, match="bias"):
