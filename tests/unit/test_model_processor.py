@@ -100,6 +100,39 @@ def test_pulse_7b_tiles_are_336_and_clip_normalised():
     torch.testing.assert_close(pixels[1, :, 0, 0], black)
 
 
+@pytest.mark.parametrize(
+    "config",
+    [
+        ImagePreprocessConfig(336, 336),
+        ImagePreprocessConfig(336, 336, do_normalize=False),
+        ImagePreprocessConfig(336, 336, do_rescale=False),
+        ImagePreprocessConfig(336, 336, image_mean=(0.5,) * 3, image_std=(0.5,) * 3,
+                              rescale_factor=1 / 127.5),
+        ImagePreprocessConfig(64, 56, resample=2),  # CLIP's own resize, then a centre crop
+    ],
+)
+def test_tiles_by_table_are_the_arithmetic_bit_for_bit(config):
+    import numpy as np
+
+    proc = PulseImageProcessor(config, [(config.crop_size * 2, config.crop_size)])
+    image = noise_image(300, 120, seed=7)
+    pixels = proc(image)
+    for tile, got in zip(proc.tiles(image), pixels):
+        if min(tile.size) != config.shortest_edge:
+            tile = tile.resize((config.shortest_edge * tile.size[0] // tile.size[1],
+                                config.shortest_edge), config.resample)
+        left = (tile.size[0] - config.crop_size) // 2
+        top = (tile.size[1] - config.crop_size) // 2
+        tile = tile.crop((left, top, left + config.crop_size, top + config.crop_size))
+        arithmetic = proc.normalise(np.asarray(tile, dtype=np.uint8)).transpose(2, 0, 1)
+        assert got.dtype == torch.float32
+        assert torch.equal(got, torch.from_numpy(np.ascontiguousarray(arithmetic)))
+    # Every 8-bit value of every channel, not only those the noise image holds.
+    every = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1).reshape(16, 16, 3)
+    table = proc._value_table[np.arange(3), every].transpose(2, 0, 1)
+    assert np.array_equal(table, proc.normalise(every).transpose(2, 0, 1))
+
+
 def test_tokenizer_image_token_layout(tiny_pulse_dir):
     from ecgvlm.model import load_pulse
 
