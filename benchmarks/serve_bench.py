@@ -11,9 +11,9 @@ PNG, greedy): ``generate`` (``--max-tokens`` new tokens), ``generate-1`` (one ne
 endpoint's p50 latency at concurrency 1 minus the p50 of the same ``PulseRunner.generate``
 call made in this process, split by hop with each answer's ``Server-Timing`` header
 (``--overhead-only`` measures only that). On Linux a table gives the CPU time each kind of
-process spent per request of the generation levels (``/proc``). ``--ingress haproxy`` puts HAProxy in front of the
-gateway replica instead of Serve's HTTP proxy, as ``ecgvlm serve --ingress haproxy`` does.
-Targets: batching >= 3x throughput at concurrency 32 and overhead
+process spent per request of the generation levels (``/proc``). ``--ingress haproxy`` puts
+HAProxy in front of the gateway replica instead of Serve's HTTP proxy, as ``ecgvlm serve
+--ingress haproxy`` does. Targets: batching >= 3x throughput at concurrency 32 and overhead
 p50 <= 10 ms (issue 7); a constrained choice costs no more than a 1-token generation
 (issue 16).
 

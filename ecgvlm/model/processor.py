@@ -227,7 +227,7 @@ def check_image(image: Any, index: int = 0) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensors have no single truth value to compare by
 class PreparedImage:
     """An image already tiled and normalised for the model (``PulseProcessor.prepare_image``),
     so that a batch can take it without doing that work again.
@@ -257,8 +257,8 @@ class PulseImageProcessor:
         self._std = np.asarray(config.image_std, dtype=np.float32)
         # Rescaling and normalising act on one 8-bit value of one channel at a time, so their
         # result is a table of 256 values per channel, (3, 256): looking a pixel up gives the
-        # same float32 bits as the arithmetic, in about a tenth of the time (a PULSE-7B
-        # printout's five tiles: docs/serve.md, "Where the CPU goes").
+        # same float32 bits as the arithmetic, in about a fifth of the time (a PULSE-7B
+        # printout's five tiles: docs/serve.md, "Normalising by table").
         every_value = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)
         self._value_table = np.ascontiguousarray(self.normalise(every_value).T)
 
