@@ -28,7 +28,7 @@ venv: $(VENV)/.installed
 # Two processes (pytest-xdist), each running one test file at a time. One after another, the
 # tests kept 1.47 of a 2-core machine's cores busy on average; on two processes the suite took
 # 955-1135 s there (six runs) against 1156-1286 s on one (two), and CI's run 1349 s against
-# 1499 s before (2026-12-07; a faster machine later that day: 737-792 s, five runs). Three
+# 1499 s before (2026-12-07; a faster machine later that day: 737-891 s, nine runs). Three
 # processes overloaded it: the README walk's `ray start` timed out twice (its raylet must
 # register within 30 s) at a load average of 24. Files go out in collection order, the README
 # walk first (tests/conftest.py). TEST_WORKERS=0 runs them one after another in one process.

@@ -206,8 +206,8 @@ def hop_table(endpoint: list[float], timings: list[dict[str, float]]) -> list[tu
     """p50 ms of each hop of a request, from the client's time and the endpoint's
     ``Server-Timing``: what is left of the client's time outside the gateway is the ingress
     (Serve's HTTP proxy or HAProxy) and the loopback network; what is left of the gateway's
-    call outside the replica's queue and model time is the handle call (routing,
-    serialisation, the actor hop both ways)."""
+    call outside the replica's adapter, image, queue and model time is the handle call
+    (routing, serialisation, the actor hop both ways)."""
     med = statistics.median
     hops = [
         ("ingress + network (client - gateway total)",

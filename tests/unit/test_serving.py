@@ -465,6 +465,8 @@ def test_pulse_runner_shares_base_weights_between_adapters(tiny_pulse_dir, tmp_p
 def test_images_prepared_on_arrival_answer_as_those_prepared_in_the_batch(tiny_pulse_dir):
     from dataclasses import replace
 
+    from PIL import UnidentifiedImageError
+
     from ecgvlm.prompt import build_prompt
 
     runner = sv.PulseRunner(str(tiny_pulse_dir), device="cpu")
@@ -482,7 +484,7 @@ def test_images_prepared_on_arrival_answer_as_those_prepared_in_the_batch(tiny_p
     choose = sv.GenerateRequest(prompt, requests[0].image, guided_choice=("A", "B"))
     assert (runner.generate([replace(choose, image=b"not an image")], prepared=prepared[:1])
             == runner.generate([choose]))
-    with pytest.raises(Exception):  # noqa: B017 - PIL's own error for bytes that are no image
+    with pytest.raises(UnidentifiedImageError):  # without its prepared image, the bytes are read
         runner.generate(unreadable[:1])
 
 
