@@ -2,10 +2,13 @@
 
 CPU (default): the real job (Ray Train, 2 CPU workers, DeepSpeed ZeRO-2 in fp32) on the tiny
 PULSE checkpoint and a synthetic prepared data set; prints samples/s and the split of a step
-into data (fetch + decode + processor), forward, backward, optimizer and communication
-(DeepSpeed's comms logger: time inside collectives, which happen within backward/optimizer).
+into data (the wait for the next collated micro-batch, which a thread fetches, decodes and
+processes while the current one trains, plus the copy to the device), forward, backward,
+optimizer and communication (DeepSpeed's comms logger: time inside collectives, which happen
+within backward/optimizer). CPU workers collate on the training thread unless
+``--collate-ahead 1`` says otherwise; GPU runs collate one micro-batch ahead.
 
-    python benchmarks/train_bench.py [--steps 30] [--batch 2]
+    python benchmarks/train_bench.py [--steps 30] [--batch 2] [--collate-ahead 1]
 
 GPU (``--gpu``): one process on one GPU, DeepSpeed ZeRO-2 in bf16, a randomly initialised
 model of PULSE-7B's exact shape (Llama-2-7B text model, CLIP ViT-L/14-336 tower, anyres
@@ -24,10 +27,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -75,7 +80,7 @@ def bench_cpu(args: argparse.Namespace) -> None:
         f"per_device_batch_size={args.batch}", "global_batch_size=null",
         "train_repeat=64", "profile_comm=true", "eval_max_samples=2",
         f"deepspeed_config={REPO / 'configs' / 'deepspeed' / 'zero2.json'}",
-    ])
+    ] + ([] if args.collate_ahead is None else [f"collate_ahead={args.collate_ahead}"]))
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
     started = time.perf_counter()
@@ -90,7 +95,8 @@ def bench_cpu(args: argparse.Namespace) -> None:
     mean = {k: sum(h[k] for h in windows) / len(windows) for k in windows[0]
             if k.startswith(("time_", "samples_", "tokens_"))}
     print(f"\ntrain_bench CPU: tiny PULSE, 2 CPU workers, ZeRO-2 fp32, per-device batch "
-          f"{args.batch}, images 1100x850, steps {args.steps} (mean of "
+          f"{args.batch}, images 1100x850, collated ahead {args.collate_ahead or 0}, "
+          f"steps {args.steps} (mean of "
           f"{len(windows)} windows of {args.log_every} steps after the first)")
     print(_table(_split_rows(mean) + [("job wall time incl. start-up (s)", f"{wall:.1f}")]))
 
@@ -125,31 +131,100 @@ def reduce_and_validate(
     return {"allreduce_s": t1 - t0, "validation_s": t2 - t1, **metrics}
 
 
-def bench_gpu(args: argparse.Namespace) -> None:
-    import deepspeed
-    import torch
-    from transformers import CLIPVisionConfig, get_cosine_schedule_with_warmup
-
+def _pulse7b_batch(tmp: Path, batch_size: int) -> tuple[Any, dict[str, list], list[dict]]:
+    """PULSE-7B's collator (its image settings, anyres grid and right padding) and a
+    micro-batch of ``batch_size`` rows with 1100x850 printouts, and those rows."""
     from ecgvlm.model import make_tiny_pulse
-    from ecgvlm.model.checkpoint import KNOWN_VISION_TOWERS
-    from ecgvlm.model.lora import attach_lora
     from ecgvlm.model.processor import (
         ImagePreprocessConfig,
         LlamaSentencePieceTokenizer,
         PulseImageProcessor,
         PulseProcessor,
     )
-    from ecgvlm.model.pulse import build_pulse
-    from ecgvlm.train import (
-        REQUIRED_COLUMNS,
-        Collator,
-        TrainConfig,
-        load_deepspeed_config,
-        resolve_deepspeed_config,
-        train_step,
-    )
-    from ecgvlm.train.loop import _comm_ms_total, _StepTimes
+    from ecgvlm.train import REQUIRED_COLUMNS, Collator
     from tests.unit.test_train import tiny_rows
+
+    # The tokenizer only has to produce valid ids: the tiny checkpoint's (<32000 pieces).
+    tokenizer = LlamaSentencePieceTokenizer(make_tiny_pulse(tmp / "tiny", seed=0))
+    processor = PulseProcessor(
+        tokenizer, PulseImageProcessor(ImagePreprocessConfig(336, 336), PULSE_PINPOINTS),
+        padding_side="right",
+    )
+    rows = tiny_rows("train", batch_size, image_px=(1100, 850))
+    return Collator(processor), {k: [r[k] for r in rows] for k in REQUIRED_COLUMNS}, rows
+
+
+def bench_collate(args: argparse.Namespace) -> None:
+    """The collator at PULSE-7B's settings on this CPU, and the wait for it at each step when
+    it runs on the training thread or a thread ahead of it. A sleep of ``--step-s`` stands in
+    for the GPU's step (a wait that holds no CPU, as a CUDA synchronisation is)."""
+    from ecgvlm.train import collated_ahead
+
+    tmp = Path(tempfile.mkdtemp(prefix="ecgvlm-train-bench-collate-"))
+    collator, batch, _ = _pulse7b_batch(tmp, args.batch)
+    alone = []
+    for _ in range(args.steps + 2):
+        t0 = time.perf_counter()
+        collator(batch)
+        alone.append(time.perf_counter() - t0)
+    rows = [(f"collate one micro-batch, p50 of {args.steps} (ms)",
+             f"{1000 * statistics.median(alone[2:]):.1f}")]
+    for ahead in (0, args.collate_ahead or 1):
+        waits = []
+        started = time.perf_counter()
+        fed = collated_ahead(((i, batch) for i in range(args.steps + 1)), collator, ahead)
+        next(fed)  # the first batch is collated before any step, either way
+        for _ in range(args.steps):
+            time.sleep(args.step_s)
+            t0 = time.perf_counter()
+            next(fed)
+            waits.append(time.perf_counter() - t0)
+        total = time.perf_counter() - started
+        rows.append((f"collated ahead {ahead}: wait for the next batch, p50 (ms)",
+                     f"{1000 * statistics.median(waits):.1f}"))
+        rows.append((f"collated ahead {ahead}: {args.steps} steps (s)", f"{total:.2f}"))
+    print(f"\ntrain_bench collate: PULSE-7B's collator (336 px tiles, anyres grid), batch "
+          f"{args.batch}, images 1100x850, a {args.step_s} s sleep as each step")
+    print(_table(rows))
+
+
+def timed_steps(
+    engine: Any, collator: Any, batch: dict[str, list], device: Any, dtype: Any,
+    args: argparse.Namespace,
+) -> Any:
+    """``args.steps`` training steps on ``batch``, timed by phase after ``args.warmup`` of them.
+
+    As the job does, the next micro-batch is collated on a thread (``args.collate_ahead``)
+    while this one trains, so ``data`` is the wait for it plus the copy to the device.
+    """
+    from ecgvlm.train import collated_ahead, train_step
+    from ecgvlm.train.loop import _StepTimes
+
+    times = _StepTimes()
+    steps = ((step, batch) for step in range(args.steps))
+    fed = collated_ahead(steps, collator, args.collate_ahead)
+    while True:
+        t0 = time.perf_counter()
+        item = next(fed, None)
+        if item is None:
+            return times
+        step, inputs = item
+        if step == args.warmup:
+            times.reset()
+        times.seconds["data"] += time.perf_counter() - t0
+        train_step(engine, inputs, device, dtype, times)
+
+
+def bench_gpu(args: argparse.Namespace) -> None:
+    import deepspeed
+    import torch
+    from transformers import CLIPVisionConfig, get_cosine_schedule_with_warmup
+
+    from ecgvlm.model.checkpoint import KNOWN_VISION_TOWERS
+    from ecgvlm.model.lora import attach_lora
+    from ecgvlm.model.pulse import build_pulse
+    from ecgvlm.train import TrainConfig, load_deepspeed_config, resolve_deepspeed_config
+    from ecgvlm.train.loop import _comm_ms_total
 
     os.environ["DS_ACCELERATOR"] = "cuda"
     for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29517", "RANK": "0",
@@ -164,13 +239,8 @@ def bench_gpu(args: argparse.Namespace) -> None:
     model = build_pulse(_pulse7b_config(), CLIPVisionConfig(**KNOWN_VISION_TOWERS[
         "openai/clip-vit-large-patch14-336"]), dtype=torch.bfloat16, device=device)
     n_params = sum(p.numel() for p in model.parameters())
-    # The tokenizer only has to produce valid ids: the tiny checkpoint's (<32000 pieces).
     tmp = Path(tempfile.mkdtemp(prefix="ecgvlm-train-bench-gpu-"))
-    tokenizer = LlamaSentencePieceTokenizer(make_tiny_pulse(tmp / "tiny", seed=0))
-    processor = PulseProcessor(
-        tokenizer, PulseImageProcessor(ImagePreprocessConfig(336, 336), PULSE_PINPOINTS),
-        padding_side="right",
-    )
+    collator, batch, rows = _pulse7b_batch(tmp, args.batch)
     config = TrainConfig(model_dir="random-pulse-7b-shape", data_dir=str(tmp),
                          num_workers=1, use_gpu=True, per_device_batch_size=args.batch,
                          max_steps=args.steps, gradient_checkpointing=args.checkpointing,
@@ -189,21 +259,13 @@ def bench_gpu(args: argparse.Namespace) -> None:
                                            lr_scheduler=scheduler, config=ds)
     setup_s = time.perf_counter() - started
 
-    rows = tiny_rows("train", args.batch, image_px=(1100, 850))
-    batch = {k: [r[k] for r in rows] for k in REQUIRED_COLUMNS}
-    collator = Collator(processor)
     base = engine.module.get_base_model()
     tokens_per_batch = sum(
         int(m.sum()) - 1 + base.num_image_features((int(w), int(h)))
         for m, (w, h) in zip(collator(batch)["attention_mask"], collator(batch)["image_sizes"])
     )
-    times = _StepTimes()
     torch.cuda.reset_peak_memory_stats(device)
-    for step in range(args.steps):
-        if step == args.warmup:
-            times.reset()
-        train_step(engine, collator, batch, device, torch.bfloat16, times)
-    m = times.metrics()
+    m = timed_steps(engine, collator, batch, device, torch.bfloat16, args).metrics()
     m["time_comm_s"] = _comm_ms_total() / 1000.0 / args.steps
     checks = reduce_and_validate(engine, collator, rows[:2], config, device, torch.bfloat16)
     merged_tokens_per_s = tokens_per_batch / m["time_step_s"]
@@ -214,6 +276,7 @@ def bench_gpu(args: argparse.Namespace) -> None:
     print(f"\ntrain_bench GPU: {gpu_name}, random PULSE-7B shape ({n_params / 1e9:.2f} B params), "
           f"LoRA r=4 q/k/v/o, ZeRO-2 bf16, batch {args.batch}, images 1100x850 (anyres), "
           f"gradient checkpointing {'on' if args.checkpointing else 'off'}, "
+          f"collated ahead {args.collate_ahead}, "
           f"{args.steps - args.warmup} timed steps after {args.warmup} warm-up")
     print(_table(_split_rows(m) + [
         ("tokens/s incl. image tokens", f"{merged_tokens_per_s:.0f}"),
@@ -229,9 +292,16 @@ def bench_gpu(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpu", action="store_true", help="PULSE-7B shape on one GPU")
+    parser.add_argument("--collate-only", action="store_true",
+                        help="PULSE-7B's collator on the CPU, on the training thread or ahead")
+    parser.add_argument("--step-s", type=float, default=1.0,
+                        help="collate-only: seconds each simulated GPU step sleeps")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=3, help="GPU: untimed first steps")
+    parser.add_argument("--collate-ahead", type=int, default=None,
+                        help="micro-batches collated on a thread while one trains (0: none; "
+                             "default: the job's, 1 on a GPU and 0 on CPUs)")
     parser.add_argument("--log-every", type=int, default=5, help="CPU: steps per timing window")
     parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
                         help="GPU: gradient checkpointing (on by default, as in the GPU config)")
@@ -243,7 +313,12 @@ def main() -> None:
     if args.gpu:
         args.steps = args.steps or 20
         args.batch = args.batch or 4
+        args.collate_ahead = 1 if args.collate_ahead is None else args.collate_ahead
         bench_gpu(args)
+    elif args.collate_only:
+        args.steps = args.steps or 10
+        args.batch = args.batch or 4
+        bench_collate(args)
     else:
         args.steps = args.steps or 30
         args.batch = args.batch or 2

@@ -47,6 +47,7 @@ from ecgvlm.train.data import (
 from ecgvlm.train.loop import (
     HISTORY_NAME,
     build_model,
+    collated_ahead,
     evaluate,
     greedy_answer,
     train_loop_per_worker,
@@ -83,6 +84,7 @@ __all__ = [
     "check_inputs",
     "check_run_dir",
     "check_training_data",
+    "collated_ahead",
     "decode_png",
     "evaluate",
     "greedy_answer",

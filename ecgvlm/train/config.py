@@ -71,6 +71,11 @@ class TrainConfig:
         checkpoint_score_order: ``max`` or ``min``.
         max_failures: Worker-group restarts (from the latest checkpoint) before giving up.
         shuffle_buffer_size: Local shuffle buffer (rows) per worker; 0 keeps the data order.
+        collate_ahead: Micro-batches each worker fetches and collates (decodes, tiles,
+            tokenises) on a thread of its own while it trains on the current one; 0 collates
+            on the training thread, between steps. Unset: 1 on GPUs, whose workers' CPUs
+            wait on the GPU, and 0 on CPUs, whose forward and backward need the cores the
+            thread would take.
         train_repeat: Passes over the train split per Ray Data epoch. Each epoch restarts
             Ray Data's streaming split (seconds); on a tiny data set repeat it so that cost is
             paid once per many steps rather than every step.
@@ -122,6 +127,7 @@ class TrainConfig:
     checkpoint_score_order: str = "max"
     max_failures: int = 1
     shuffle_buffer_size: int = 0
+    collate_ahead: int | None = None
     train_repeat: int = 1
     cache_train_below_mb: float = 256.0
     seed: int = 0
@@ -182,6 +188,8 @@ class TrainConfig:
         check_choice("checkpoint_score_order", self.checkpoint_score_order, ("max", "min"))
         check_range("max_failures", self.max_failures, -1)
         check_range("shuffle_buffer_size", self.shuffle_buffer_size, 0)
+        if self.collate_ahead is not None:
+            check_range("collate_ahead", self.collate_ahead, 0)
         check_range("train_repeat", self.train_repeat, 1)
         check_range("cache_train_below_mb", self.cache_train_below_mb, 0.0)
         if self.fail_at_step is not None:

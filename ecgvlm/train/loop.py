@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -10,10 +11,12 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ecgvlm.config import config_from_dict, config_to_dict
 from ecgvlm.prompt import build_prompt, parse_answer
@@ -51,6 +54,10 @@ class _Position:
     step: int = 0
     epoch: int = 0
     batches_in_epoch: int = 0
+
+    def trained_on(self, place: tuple[int, int]) -> None:
+        """Count the micro-batch at ``place`` (epoch, micro-batches of it before this one)."""
+        self.epoch, self.batches_in_epoch = place[0], place[1] + 1
 
 
 class _StepTimes:
@@ -420,16 +427,16 @@ def _mean_across_ranks(values: Sequence[float], group: Any = None) -> list[float
 
 
 def train_step(
-    engine: Any, collator: Collator, batch: Mapping[str, Any], device: Any, dtype: Any,
-    times: _StepTimes,
+    engine: Any, inputs: Mapping[str, Any], device: Any, dtype: Any, times: _StepTimes,
 ) -> tuple[float, bool]:
-    """One micro-batch: collate, forward, backward, DeepSpeed step; phases timed into ``times``.
+    """One collated micro-batch: to the device, forward, backward, DeepSpeed step; phases
+    timed into ``times`` (the copy to the device counts as data).
 
     Returns:
         (loss, whether an optimizer step happened, i.e. an accumulation boundary).
     """
     t0 = time.perf_counter()
-    inputs = _to_device(collator(batch), device, dtype)
+    inputs = _to_device(inputs, device, dtype)
     _sync(device)
     t1 = time.perf_counter()
     loss = engine(**inputs).loss
@@ -556,15 +563,20 @@ def _build_engine(
     return engine, collator
 
 
-def _train_batches(shard: Any, config: TrainConfig, position: _Position) -> Iterator[Any]:
-    """Micro-batches of this worker's train shard from ``position`` on, epoch after epoch.
+def _train_batches(
+    shard: Any, config: TrainConfig, start: _Position
+) -> Iterator[tuple[tuple[int, int], Any]]:
+    """Micro-batches of this worker's train shard from ``start`` on, epoch after epoch, each
+    with its place: (epoch, micro-batches of that epoch before it).
 
-    The caller counts consumed batches in ``position.batches_in_epoch``; this generator moves
-    ``position`` to the next epoch when an epoch's batches run out.
+    ``start`` is read, not moved: the loop moves its position to the place of each batch it
+    trains on (:meth:`_Position.trained_on`), so batches fetched ahead of training do not
+    move the point a checkpoint resumes from.
 
     Raises:
         RuntimeError: when an epoch of the shard yields no batch at all.
     """
+    epoch, skip = start.epoch, start.batches_in_epoch
     while True:
         batches = iter(
             shard.iter_batches(
@@ -572,24 +584,61 @@ def _train_batches(shard: Any, config: TrainConfig, position: _Position) -> Iter
                 batch_format="numpy",
                 drop_last=True,
                 local_shuffle_buffer_size=config.shuffle_buffer_size or None,
-                local_shuffle_seed=(config.seed + position.epoch) if config.shuffle_buffer_size else None,
+                local_shuffle_seed=(config.seed + epoch) if config.shuffle_buffer_size else None,
             )
         )
         # Resuming mid-epoch: skip what the checkpointed run had consumed (not decoded). A
         # checkpoint taken on an epoch's last batch skips all of it and goes on to the next.
-        for _ in range(position.batches_in_epoch):
+        for _ in range(skip):
             next(batches, None)
-        consumed_any = position.batches_in_epoch > 0
+        index = skip
         for batch in batches:
-            consumed_any = True
-            yield batch
-        if not consumed_any:
+            yield (epoch, index), batch
+            index += 1
+        if index == 0:
             raise RuntimeError(
                 f"split {config.train_split!r}: this worker's shard yielded no batch of "
                 f"{config.per_device_batch_size}; use fewer workers or a smaller batch"
             )
-        position.epoch += 1
-        position.batches_in_epoch = 0
+        epoch, skip = epoch + 1, 0
+
+
+Key = TypeVar("Key")
+
+
+def collated_ahead(
+    batches: Iterator[tuple[Key, Any]], collate: Callable[[Any], dict[str, Any]], ahead: int
+) -> Iterator[tuple[Key, dict[str, Any]]]:
+    """``(key, collate(batch))`` for each of ``batches``, in order, the next ``ahead`` of them
+    fetched and collated on a thread of their own while the caller trains on the current one.
+
+    On a GPU, collating on the training thread (decoding the PNG, tiling and normalising it,
+    tokenising: about 33 ms a printout at PULSE-7B's settings on one CPU core) leaves the GPU
+    idle at every micro-batch. Nothing is fetched beyond what ``batches`` yields, so bound it
+    to the batches the run trains on: Ray Data's streaming split starts an epoch only when
+    every worker asks for it, and a worker that read into an epoch its peers never start
+    would wait there. An error fetching or collating a batch is raised when that batch is
+    asked for. ``ahead`` 0: each batch is collated in the caller's thread when asked for.
+    """
+    if ahead == 0:
+        for key, batch in batches:
+            yield key, collate(batch)
+        return
+
+    def fetch() -> tuple[Key, dict[str, Any]] | None:
+        item = next(batches, None)
+        return None if item is None else (item[0], collate(item[1]))
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="collate-ahead")
+    pending = deque(pool.submit(fetch) for _ in range(ahead))
+    try:
+        while (item := pending.popleft().result()) is not None:
+            pending.append(pool.submit(fetch))
+            yield item
+    finally:
+        # Not waiting: a caller that stops early (an error, the last step) does not wait on
+        # batches it will not train on; the thread ends after the one it is on.
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _maybe_fail(w: _Worker, step: int) -> None:
@@ -712,25 +761,42 @@ def train_loop_per_worker(loop_config: Mapping[str, Any]) -> None:
         _record_placement_group(config)
     position, resumed_from = _resume(w)
     w.val_rows = list(loop_config.get("val_rows", []))
-    batches = _train_batches(ray.train.get_dataset_shard("train"), config, position)
+    # Exactly the micro-batches the remaining steps train on (checkpoints fall on step
+    # boundaries), so the thread collating ahead never starts an epoch that is not trained on.
+    needed = (config.max_steps - position.step) * config.gradient_accumulation_steps
+    batches = itertools.islice(
+        _train_batches(ray.train.get_dataset_shard("train"), config, position), needed
+    )
     window = _Window(comm_before=_comm_ms_total())
     engine.train()
-    while position.step < config.max_steps:
-        t0 = time.perf_counter()
-        batch = next(batches)
-        window.times.seconds["data"] += time.perf_counter() - t0
-        loss, stepped = train_step(engine, collator, batch, device, dtype, window.times)
-        window.loss_sum += loss
-        window.loss_count += 1
-        position.batches_in_epoch += 1
-        if not stepped:
-            continue  # inside a gradient accumulation window
-        position.step += 1
-        _maybe_fail(w, position.step)
-        is_eval = position.step % config.eval_every_steps == 0 or position.step == config.max_steps
-        if is_eval or position.step % config.log_every_steps == 0:
-            _report(w, _train_metrics(w, window, position, resumed_from), position, is_eval)
-            if is_eval:
-                window.times.reset()
+    # On a CPU the thread would take the cores forward and backward use: measured slower.
+    ahead = config.collate_ahead if config.collate_ahead is not None else int(use_gpu)
+    with contextlib.closing(collated_ahead(batches, collator, ahead)) as fed:
+        while position.step < config.max_steps:
+            t0 = time.perf_counter()
+            item = next(fed, None)
+            window.times.seconds["data"] += time.perf_counter() - t0
+            if item is None:
+                raise RuntimeError(
+                    f"step {position.step} of {config.max_steps}: the {needed} micro-batches "
+                    "taken for the remaining steps are used up; DeepSpeed stepped less often "
+                    f"than every {config.gradient_accumulation_steps} (gradient_accumulation_steps)"
+                )
+            place, inputs = item
+            loss, stepped = train_step(engine, inputs, device, dtype, window.times)
+            window.loss_sum += loss
+            window.loss_count += 1
+            position.trained_on(place)
+            if not stepped:
+                continue  # inside a gradient accumulation window
+            position.step += 1
+            _maybe_fail(w, position.step)
+            is_eval = (
+                position.step % config.eval_every_steps == 0 or position.step == config.max_steps
+            )
+            if is_eval or position.step % config.log_every_steps == 0:
+                _report(w, _train_metrics(w, window, position, resumed_from), position, is_eval)
+                if is_eval:
+                    window.times.reset()
     if dist.is_initialized():
         dist.barrier(group=w.group)

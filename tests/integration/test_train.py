@@ -1,7 +1,8 @@
 """Real Ray Train runs: two CPU workers, DeepSpeed ZeRO-2, the tiny PULSE checkpoint.
 
-One run is shared by most assertions: it overfits four samples, has rank 1 die once at
-step 15 (so it must resume from the step-10 checkpoint) and then finishes; it is then
+One run is shared by most assertions: it overfits four samples, collating each next
+micro-batch on a thread as GPU workers do, has rank 1 die once at step 15 (so it must resume
+from the step-10 checkpoint) and then finishes; it is then
 resubmitted with ``--resume`` and a longer schedule, which is refused. (``ray job submit``
 of the tiny config, and of its ``--resume``, is run by the README walk, test_readme.py.)
 """
@@ -63,6 +64,9 @@ def trained(ray_local, tiny_pulse_dir, prepared, tmp_path_factory):
             # plateaus near 60% of the first loss; r=16 can memorise the four answers.
             lora_r=16, lora_alpha=32, learning_rate=0.02, warmup_steps=0, train_repeat=16,
             fail_at_step=FAIL_AT, fail_marker=marker, max_failures=1,
+            # As GPU workers do (CPU workers collate on the training thread by default): the
+            # next micro-batch is collated on a thread, through the failure and the resume.
+            collate_ahead=1,
         ),
     )
     result = run_training(config)
@@ -84,8 +88,18 @@ def test_overfits_and_survives_a_worker_failure(trained) -> None:
     # Step 1's loss is the base model's (LoRA's B starts at zero).
     first = losses[0][1]
     assert losses[0][0] == 1
-    # Steps FAIL_AT - 4 .. FAIL_AT - 1 ran twice: before the failure and after the resume.
+    # Steps FAIL_AT - 4 .. FAIL_AT - 1 ran twice: before the failure and after the resume,
+    # from the same restored state (weights, optimizer, dropout generators), so with the same
+    # losses. Each rank's micro-batches all hold the same two samples here, so this does not
+    # check the data position: tests/unit/test_train_loop.py does.
     assert [s for s, _ in losses].count(EVAL_EVERY + 1) == 2
+    runs: dict[int, dict[int, float]] = {}
+    for row in history:
+        runs.setdefault(row["resumed_from_step"], {})[int(row["step"])] = row["train_loss"]
+    replayed = range(EVAL_EVERY + 1, FAIL_AT)
+    assert [runs[EVAL_EVERY][s] for s in replayed] == pytest.approx(
+        [runs[-1][s] for s in replayed], rel=1e-6
+    )
     # Train loss falls by half or more within 60 steps.
     assert min(loss for step, loss in losses if step <= 60) <= first / 2, losses
     # The failure happened once, and the run resumed from the step-10 checkpoint.

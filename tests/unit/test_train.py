@@ -173,6 +173,7 @@ def test_config_rejects_impossible_global_batch() -> None:
         ("warmup_steps", 1000),
         ("deepspeed_config", "zero2.yaml"),
         ("val_split", "train"),
+        ("collate_ahead", -1),
     ],
 )
 def test_config_errors_name_the_field(field: str, value: object) -> None:

@@ -8,9 +8,11 @@ CPU tensor raises exactly as NCCL does.
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from ecgvlm.train import REQUIRED_COLUMNS, Collator, TrainConfig, evaluate
+from ecgvlm.train import REQUIRED_COLUMNS, Collator, TrainConfig, collated_ahead, evaluate
 from ecgvlm.train.loop import _mean_across_ranks, _metric_group, _Position, _train_batches
 from tests.unit.test_train import tiny_rows
 
@@ -99,11 +101,10 @@ class _Shard:
 
 
 def _consume(shard: _Shard, config: TrainConfig, position: _Position, n: int) -> list[int]:
-    batches = _train_batches(shard, config, position)
     out = []
-    for _ in range(n):
-        out.append(next(batches))
-        position.batches_in_epoch += 1  # as the loop counts a consumed micro-batch
+    for place, batch in itertools.islice(_train_batches(shard, config, position), n):
+        out.append(batch)
+        position.trained_on(place)  # as the loop counts a micro-batch it trained on
     return out
 
 
@@ -128,6 +129,83 @@ def test_a_shard_without_a_batch_fails_by_name() -> None:
     config = TrainConfig(model_dir="m", data_dir="d", per_device_batch_size=3)
     with pytest.raises(RuntimeError, match="split 'train'.*no batch of 3"):
         _consume(_Shard(0), config, _Position(), 1)
+
+
+class _Collate:
+    """Records which batches were collated, on which thread; ``fail_on`` raises for one."""
+
+    def __init__(self, fail_on: int | None = None) -> None:
+        self.batches: list[int] = []
+        self.threads: set[str] = set()
+        self.fail_on = fail_on
+        self.changed = threading.Condition()
+
+    def __call__(self, batch: int) -> dict[str, Any]:
+        if batch == self.fail_on:
+            raise ValueError(f"batch {batch} is not a PNG")
+        with self.changed:
+            self.batches.append(batch)
+            self.threads.add(threading.current_thread().name)
+            self.changed.notify_all()
+        return {"rows": batch}
+
+    def wait_for(self, n: int) -> None:
+        with self.changed:
+            assert self.changed.wait_for(lambda: len(self.batches) >= n, timeout=30), self.batches
+
+
+@pytest.mark.parametrize("ahead", [1, 2])
+def test_the_next_batches_are_collated_on_a_thread_while_one_trains(ahead: int) -> None:
+    collate = _Collate()
+    fed = collated_ahead(((i, 10 + i) for i in range(6)), collate, ahead)
+    assert next(fed) == (0, {"rows": 10})
+    # While batch 0 trains, the next `ahead` are collated, and no more than that.
+    collate.wait_for(1 + ahead)
+    assert collate.batches == [10 + i for i in range(1 + ahead)]
+    assert list(fed) == [(i, {"rows": 10 + i}) for i in range(1, 6)]
+    assert collate.batches == [10 + i for i in range(6)]
+    assert all(name.startswith("collate-ahead") for name in collate.threads), collate.threads
+
+
+def test_without_collating_ahead_each_batch_is_collated_when_asked_for() -> None:
+    collate = _Collate()
+    fed = collated_ahead(((i, i) for i in range(3)), collate, 0)
+    assert next(fed) == (0, {"rows": 0}) and collate.batches == [0]
+    assert list(fed) == [(1, {"rows": 1}), (2, {"rows": 2})]
+    assert collate.threads == {threading.current_thread().name}
+
+
+def test_a_batch_that_fails_to_collate_fails_when_it_is_asked_for() -> None:
+    collate = _Collate(fail_on=2)
+    fed = collated_ahead(((i, i) for i in range(5)), collate, 1)
+    assert [next(fed)[0], next(fed)[0]] == [0, 1]  # batch 2 failed on the thread meanwhile
+    with pytest.raises(ValueError, match="batch 2 is not a PNG"):
+        next(fed)
+
+
+def test_batches_collated_ahead_do_not_move_the_resume_point() -> None:
+    """The thread reads into the next epoch while the loop trains on this one's last batch;
+    the position a checkpoint would save is still this epoch's end."""
+    config = TrainConfig(model_dir="m", data_dir="d")
+    shard, position, collate = _Shard(2), _Position(), _Collate()
+    # Bounded as the loop bounds it: the micro-batches of the remaining steps, here five.
+    batches = itertools.islice(_train_batches(shard, config, position), 5)
+    fed = collated_ahead(batches, collate, 1)
+    for expected in [(0, 0), (0, 1)]:
+        place, _ = next(fed)
+        assert place == expected
+        position.trained_on(place)
+    collate.wait_for(3)  # the thread has fetched epoch 1's first batch
+    assert shard.epochs_started == 2
+    assert (position.epoch, position.batches_in_epoch) == (0, 2)
+    for expected in [(1, 0), (1, 1), (2, 0)]:
+        place, _ = next(fed)
+        assert place == expected
+        position.trained_on(place)
+    assert (position.epoch, position.batches_in_epoch) == (2, 1)
+    # Nothing past the bound: epoch 2's second batch was never fetched.
+    assert next(fed, None) is None
+    assert collate.batches == [0, 1, 0, 1, 0] and shard.epochs_started == 3
 
 
 def test_a_metric_line_is_printed_once_under_ray_trains_print_patch(capsys) -> None:
