@@ -21,6 +21,12 @@ GPUs). Meant to finish in well under 8 minutes on one H100/H200.
     python benchmarks/train_bench.py --gpu [--steps 20] [--batch 4] [--no-checkpointing]
 
 The GPU path has not been run on a GPU by its author (no GPU was available).
+
+Collator only (``--collate-only``, CPU): PULSE-7B's collator on a micro-batch, then the wait
+for each next one behind a sleep of ``--step-s`` standing in for the GPU's step, collated on
+the training thread or one ahead (``--png``: a real printout in every row).
+
+    python benchmarks/train_bench.py --collate-only [--png docs/images/cpsc2018_A0010_rbbb.png]
 """
 
 from __future__ import annotations
@@ -162,6 +168,9 @@ def bench_collate(args: argparse.Namespace) -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="ecgvlm-train-bench-collate-"))
     collator, batch, _ = _pulse7b_batch(tmp, args.batch)
+    if args.png:
+        # A real printout in every row, in place of the tests' drawing of one trace.
+        batch["png"] = [Path(args.png).read_bytes()] * args.batch
     alone = []
     for _ in range(args.steps + 2):
         t0 = time.perf_counter()
@@ -183,8 +192,9 @@ def bench_collate(args: argparse.Namespace) -> None:
         rows.append((f"collated ahead {ahead}: wait for the next batch, p50 (ms)",
                      f"{1000 * statistics.median(waits):.1f}"))
         rows.append((f"collated ahead {ahead}: {args.steps} steps (s)", f"{total:.2f}"))
+    image = args.png or "1100x850 drawings of one trace"
     print(f"\ntrain_bench collate: PULSE-7B's collator (336 px tiles, anyres grid), batch "
-          f"{args.batch}, images 1100x850, a {args.step_s} s sleep as each step")
+          f"{args.batch}, images {image}, a {args.step_s} s sleep as each step")
     print(_table(rows))
 
 
@@ -296,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="PULSE-7B's collator on the CPU, on the training thread or ahead")
     parser.add_argument("--step-s", type=float, default=1.0,
                         help="collate-only: seconds each simulated GPU step sleeps")
+    parser.add_argument("--png", default=None,
+                        help="collate-only: a printout to put in every row (default: the "
+                             "tests' 1100x850 drawing of one trace)")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=3, help="GPU: untimed first steps")
