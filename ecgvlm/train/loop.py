@@ -613,7 +613,7 @@ def collated_ahead(
     fetched and collated on a thread of their own while the caller trains on the current one.
 
     On a GPU, collating on the training thread (decoding the PNG, tiling and normalising it,
-    tokenising: about 24 ms a 1181x591 printout at PULSE-7B's settings on one CPU core)
+    tokenising: 24-29 ms a 1181x591 printout at PULSE-7B's settings on one CPU core)
     leaves the GPU idle at every micro-batch. Nothing is fetched beyond what ``batches``
     yields, so bound it to the batches the run trains on: Ray Data's streaming split starts
     an epoch only when every worker asks for it, and a worker that read into an epoch its
