@@ -2,13 +2,13 @@
 
 One search of three trials (one at a time, one worker each, three steps each, an evaluation
 every step) runs as a user runs it, ``python -m jobs.tune`` from a directory laid out as
-docs/train.md leaves it, with the shipped config's relative paths. Its driver is SIGKILLed once the first trial has
-finished; ``--resume`` runs the other two without running the first again. ASHA must stop
-at least one of them early (which one depends on whether Tune's last experiment checkpoint
-before the kill held the first trial's rung records), every trial must run without error (a
-trial after a stopped one gets the CPUs the stopped run held back), the best config must load
-as a ``TrainConfig`` and the best adapter with PEFT. (``ecgvlm tune`` of the shipped config,
-uninterrupted, is run by the README walk.)
+docs/train.md leaves it, with the shipped config's relative paths. Its driver is SIGKILLed once
+the first trial has finished; ``--resume`` runs the other two without running the first again.
+ASHA must stop at least one of them early (which one depends on whether Tune's last experiment
+checkpoint before the kill held the first trial's rung records), every trial must run without
+error (a trial after a stopped one gets the CPUs the stopped run held back), the best config
+must load as a ``TrainConfig`` and the best adapter with PEFT. (``ecgvlm tune`` of the shipped
+config, uninterrupted, is run by the README walk.)
 """
 
 from __future__ import annotations
