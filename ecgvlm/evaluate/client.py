@@ -181,6 +181,11 @@ def list_models(endpoint: str, api_key: str = "EMPTY", timeout_s: float = 10.0) 
     client = openai.OpenAI(base_url=endpoint, api_key=api_key, timeout=timeout_s, max_retries=2)
     try:
         cards = list(client.models.list())
+    except openai.APIConnectionError as e:
+        # The newcomer's usual case: the endpoint was never started (or on another port).
+        raise EvaluationError(
+            f"endpoint {endpoint} did not list its models: nothing answered there ({e}); start "
+            "one with `ecgvlm serve` (README step 6) or set endpoint=URL") from e
     except openai.OpenAIError as e:
         raise EvaluationError(f"endpoint {endpoint} did not list its models: {e}") from e
     finally:

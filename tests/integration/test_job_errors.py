@@ -92,7 +92,9 @@ def test_a_shard_cut_short_after_prepare_is_named_by_train_and_evaluate(tmp_path
     done = _run(["-m", "jobs.evaluate", "--config", "configs/evaluate_demo.yaml",
                  f"data_dir={data}", f"output_dir={tmp_path / 'eval'}",
                  "endpoint=http://127.0.0.1:1/v1"], cwd=ROOT, RAY_ADDRESS="127.0.0.1:1")
-    _assert_one_line_error(done, "evaluate", "endpoint http://127.0.0.1:1/v1 did not list its models")
+    _assert_one_line_error(done, "evaluate", "endpoint http://127.0.0.1:1/v1 did not list its "
+                           "models: nothing answered there (Connection error.); start one with "
+                           "`ecgvlm serve` (README step 6) or set endpoint=URL")
     assert not (tmp_path / "eval").exists()
     for split in ("val", "test"):
         shard = next((data / split).glob("*.parquet"))
