@@ -271,7 +271,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from ecgvlm.local_ray import haproxy_binary, start_head, stop_head
+    from ecgvlm.local_ray import check_port_free, haproxy_binary, start_head, stop_head
     from ecgvlm.serving import (
         PulseReplicaArgs,
         ServeArgs,
@@ -293,6 +293,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         pulse=pulse, abstain_below=args.abstain_below, report_dir=args.report_dir,
     ))
     check_paths(serve_args)  # before paying for Ray's start
+    check_port_free(args.host, args.port)
     if args.ingress == "haproxy":
         haproxy_binary()
 

@@ -15,6 +15,7 @@ Nothing here runs on import; the CLI and the tests call it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import shutil
@@ -64,6 +65,35 @@ def free_ports(n: int) -> list[int]:
     for s in socks:
         s.close()
     return ports
+
+
+class PortUnavailableError(RuntimeError):
+    """An endpoint cannot listen where it was asked to: the port is taken, or not ours."""
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise when ``host:port`` cannot be listened on, before Ray is started for it.
+
+    Serve's proxy (or HAProxy) binds the port only once Ray, the controller and the proxy
+    actor are up; a taken port then fails there, with the proxy actor's traceback.
+
+    Raises:
+        PortUnavailableError: something listens there (another ``ecgvlm serve``, say), or
+            the address cannot be bound for another reason (an unknown host, a port below
+            1024 without the right to it); the message names the address.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as probe:
+        # As Serve's server binds: a port in TIME_WAIT from an endpoint just stopped is free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise PortUnavailableError(
+                    f"{host}:{port} is in use: stop what listens there (another `ecgvlm "
+                    f"serve`?) or give another --port") from e
+            raise PortUnavailableError(f"cannot listen on {host}:{port}: {e}") from e
 
 
 #: ``ecgvlm serve --ingress`` choices: Ray Serve's own HTTP proxy, or HAProxy in front of

@@ -75,6 +75,10 @@ def run_demo(args: argparse.Namespace) -> int:
         overrides.append(f"sources=[{roots}]")
     prepare_config = load_config(PrepareConfig, args.prepare_config, overrides)
     records = check_inputs(prepare_config)  # a wrong --data-root too, as `ecgvlm prepare` says it
+    if args.port:  # a taken one is said now, not by Serve's proxy once the model is trained
+        from ecgvlm.local_ray import check_port_free
+
+        check_port_free("127.0.0.1", args.port)
 
     import ray
     from ray import serve

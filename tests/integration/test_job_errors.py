@@ -70,6 +70,19 @@ def test_job_reports_library_error_in_one_line(module, command, args, named, tmp
 
 
 @pytest.mark.integration
+def test_the_demo_on_a_port_in_use_says_so_before_ray_starts():
+    import socket
+
+    with socket.socket() as taken:  # an endpoint already there, say
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = _run(["-m", "jobs.demo", "--port", str(port), "--num-cpus", "1"], cwd=ROOT)
+    _assert_one_line_error(done, "demo", f"127.0.0.1:{port} is in use")
+    assert "=== [1/5]" not in done.stdout, done.stdout
+
+
+@pytest.mark.integration
 def test_a_shard_cut_short_after_prepare_is_named_by_train_and_evaluate(tmp_path, tiny_pulse_dir):
     from tests.unit.test_train import write_prepared
 

@@ -416,6 +416,24 @@ def test_cli_serve_refuses_a_missing_model_dir_before_starting_ray(tmp_path, cap
     assert "NAME=DIR" in capsys.readouterr().err
 
 
+def test_cli_serve_refuses_a_port_in_use_before_starting_ray(tmp_path, capsys):
+    import socket
+
+    from ecgvlm.cli import main
+
+    with socket.socket() as taken:  # another endpoint, say, already on the port
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--model-dir", str(tmp_path), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    # One line, said before Ray's start (which would log, and take seconds).
+    assert err.strip() == (f"ecgvlm serve: error: 127.0.0.1:{port} is in use: stop what listens "
+                           "there (another `ecgvlm serve`?) or give another --port"), err
+    assert main(["serve", "--model-dir", str(tmp_path), "--host", "no-such-host.invalid"]) == 2
+    assert "cannot listen on no-such-host.invalid:8000" in capsys.readouterr().err
+
+
 # --- PulseRunner on the tiny checkpoint -------------------------------------------------------
 
 
