@@ -474,14 +474,30 @@ def _task_cause(error: BaseException) -> BaseException:
     return error
 
 
+#: How each command picks up where Ctrl-C stopped it (said on the line that reports it).
+_RESUME_HINTS = {
+    "prepare": "rerun the same command: the finished shards are kept",
+    "train": "rerun with --resume to continue from its last checkpoint (none yet: rerun as is)",
+    "tune": "rerun with --resume to continue the search",
+    "evaluate": "rerun the same command: the answers already stored are not asked again",
+    "demo": "rerun it: the finished stages are reused",
+}
+
+
 def report_user_errors(command: str, run: Callable[[], int | None]) -> int:
     """``run()``'s exit status; a user error (``is_user_error``) becomes one line and status 2.
 
-    The line is ``ecgvlm <command>: error: <message>`` on stderr, without a traceback. The
-    ``ecgvlm`` command and every ``jobs/*`` entrypoint report errors through this.
+    The line is ``ecgvlm <command>: error: <message>`` on stderr, without a traceback. Ctrl-C
+    is the user's too: ``ecgvlm <command>: interrupted`` and how to resume, status 130 (the
+    shell's for SIGINT). The ``ecgvlm`` command and every ``jobs/*`` entrypoint report errors
+    through this.
     """
     try:
         return int(run() or 0)
+    except KeyboardInterrupt:
+        hint = _RESUME_HINTS.get(command)
+        print(f"ecgvlm {command}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
+        return 130
     except Exception as raised:
         e = _task_cause(raised)
         if not is_user_error(e):

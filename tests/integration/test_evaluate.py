@@ -403,7 +403,17 @@ def test_choice_mode_stores_probabilities_and_reports_calibration(ray_local, spl
     assert len(pd.read_parquet(out / "predictions.parquet")) == n_stored
 
 
-def test_killed_run_resumes_without_redoing_or_duplicating(ray_local, split_dir, tmp_path):
+#: ``python -m jobs.evaluate`` as a terminal runs it: Ctrl-C (SIGINT) raises KeyboardInterrupt
+#: even where the test runner's worker ignores SIGINT (a child inherits that, and Python then
+#: leaves it ignored).
+_CTRL_C_ABLE = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                "runpy.run_module('jobs.evaluate', run_name='__main__')")
+
+
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT], ids=["killed", "ctrl-c"])
+def test_killed_run_resumes_without_redoing_or_duplicating(ray_local, split_dir, tmp_path, stop):
+    """Killed (no clean-up runs) or stopped with Ctrl-C (one line says how to resume): the
+    rerun asks only what was not stored."""
     out = tmp_path / "eval"
     total = 2 * len(ROWS)
 
@@ -416,7 +426,7 @@ def test_killed_run_resumes_without_redoing_or_duplicating(ray_local, split_dir,
         env = {**os.environ, "PYTHONPATH": str(REPO),
                "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
         proc = subprocess.Popen(
-            [sys.executable, "-m", "jobs.evaluate", "--config", str(cfg_path)],
+            [sys.executable, "-c", _CTRL_C_ABLE, "--config", str(cfg_path)],
             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         # flush_every=1: every block of answers is stored as soon as it arrives; kill the
@@ -428,10 +438,16 @@ def test_killed_run_resumes_without_redoing_or_duplicating(ray_local, split_dir,
                     break
                 time.sleep(0.02)
         finally:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=30)
+            proc.send_signal(stop)
+            proc.wait(timeout=60)
+        stderr = proc.stderr.read().decode()
+        if stop == signal.SIGINT:
+            assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+            assert stderr.strip().splitlines()[-1] == (
+                "ecgvlm evaluate: interrupted; rerun the same command: the answers already "
+                "stored are not asked again"), stderr[-3000:]
         stored = PredictionStore(out).done_keys()
-        assert 1 <= len(stored) < total, (len(stored), proc.stderr.read().decode()[-2000:])
+        assert 1 <= len(stored) < total, (len(stored), stderr[-2000:])
         assert not (out / "predictions.parquet").exists()  # killed before consolidating
         # The killed driver's client actors live in the shared cluster until Ray reaps them
         # and may still send a request: wait until none has arrived for 2 s.

@@ -139,6 +139,20 @@ def test_library_errors_are_one_line_with_status_2(capsys):
         report_user_errors("evaluate", _raise(KeyError("bug")))
 
 
+def test_ctrl_c_is_one_line_saying_how_to_resume_with_status_130(capsys):
+    from ecgvlm.cli import _RESUME_HINTS, build_parser, report_user_errors
+
+    assert report_user_errors("train", _raise(KeyboardInterrupt())) == 130
+    assert capsys.readouterr().err == (
+        "ecgvlm train: interrupted; rerun with --resume to continue from its last checkpoint "
+        "(none yet: rerun as is)\n")
+    # A command without a way to resume (serve stops itself on Ctrl-C) says only that.
+    assert report_user_errors("inspect", _raise(KeyboardInterrupt())) == 130
+    assert capsys.readouterr().err == "ecgvlm inspect: interrupted\n"
+    commands = build_parser()._subparsers._group_actions[0].choices
+    assert set(_RESUME_HINTS) <= set(commands), set(_RESUME_HINTS) - set(commands)
+
+
 def test_a_folder_that_cannot_be_written_is_one_line_naming_it(capsys):
     import errno
 
