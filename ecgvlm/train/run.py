@@ -334,7 +334,14 @@ def run_training(config: TrainConfig, resume: bool = False, callbacks: tuple[Any
         datasets=datasets,
         dataset_config=_data_config(),
     )
-    return _export_best_adapter(config, trainer.fit())
+    try:
+        result = trainer.fit()
+    except SystemExit as e:
+        # Ctrl-C: fit's own SIGINT handler aborts the run (its checkpoints are kept), and the
+        # driver's wait on the aborted controller then ends in SystemExit. It is the user's
+        # interruption, said as one (`ecgvlm train` prints how to resume).
+        raise KeyboardInterrupt from e
+    return _export_best_adapter(config, result)
 
 
 def _finished_run(config: TrainConfig) -> Any:
