@@ -43,6 +43,15 @@ FIRST_FILE = "tests/integration/test_readme.py"
 SUMMARY_PROPERTY = "summary"
 
 
+def ctrl_c_able(module: str) -> list[str]:
+    """The argv of ``python -m MODULE`` as a terminal runs it, Ctrl-C (SIGINT) raising
+    KeyboardInterrupt: a test runner's worker may ignore SIGINT, a child inherits that, and
+    Python then leaves it ignored."""
+    code = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            f"runpy.run_module({module!r}, run_name='__main__')")
+    return [sys.executable, "-c", code]
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item.nodeid.split("::")[0] != FIRST_FILE)  # a stable sort
 

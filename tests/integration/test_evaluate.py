@@ -25,6 +25,7 @@ from ecgvlm.config import config_from_dict, load_config
 from ecgvlm.evaluate import ChatClient, EvalConfig, EvaluationError, PredictionStore, evaluate
 from ecgvlm.evaluate.memory import SETTING_VARIABLES
 from ecgvlm.judge import RUBRIC_VERSION
+from tests.conftest import ctrl_c_able
 from tests.fakes.mcq_split import sample_rows, write_split
 from tests.fakes.openai_server import FakeOpenAIServer, Reply
 from tests.unit.test_report import parse_cell, parse_markdown_tables
@@ -403,13 +404,6 @@ def test_choice_mode_stores_probabilities_and_reports_calibration(ray_local, spl
     assert len(pd.read_parquet(out / "predictions.parquet")) == n_stored
 
 
-#: ``python -m jobs.evaluate`` as a terminal runs it: Ctrl-C (SIGINT) raises KeyboardInterrupt
-#: even where the test runner's worker ignores SIGINT (a child inherits that, and Python then
-#: leaves it ignored).
-_CTRL_C_ABLE = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
-                "runpy.run_module('jobs.evaluate', run_name='__main__')")
-
-
 @pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT], ids=["killed", "ctrl-c"])
 def test_killed_run_resumes_without_redoing_or_duplicating(ray_local, split_dir, tmp_path, stop):
     """Killed (no clean-up runs) or stopped with Ctrl-C (one line says how to resume): the
@@ -426,7 +420,7 @@ def test_killed_run_resumes_without_redoing_or_duplicating(ray_local, split_dir,
         env = {**os.environ, "PYTHONPATH": str(REPO),
                "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
         proc = subprocess.Popen(
-            [sys.executable, "-c", _CTRL_C_ABLE, "--config", str(cfg_path)],
+            [*ctrl_c_able("jobs.evaluate"), "--config", str(cfg_path)],
             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         # flush_every=1: every block of answers is stored as soon as it arrives; kill the

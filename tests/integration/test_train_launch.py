@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import ctrl_c_able
+
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,13 +41,6 @@ def _train(cwd: Path, *args: str, timeout_s: float = 480) -> subprocess.Complete
     )
 
 
-#: ``python -m jobs.train`` as a terminal runs it: Ctrl-C (SIGINT) raises KeyboardInterrupt
-#: even where the test runner's worker ignores SIGINT (a child inherits that, and Python then
-#: leaves it ignored).
-_CTRL_C_ABLE = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
-                "runpy.run_module('jobs.train', run_name='__main__')")
-
-
 @pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT], ids=["killed", "ctrl-c"])
 def test_relative_paths_and_resume_from_the_users_directory(
     ray_local, user_dir: Path, monkeypatch, stop
@@ -62,7 +57,7 @@ def test_relative_paths_and_resume_from_the_users_directory(
     run_dir = user_dir / "runs" / "train" / "tiny-cpu"
     snapshot = run_dir / "checkpoint_manager_snapshot.json"
     driver = subprocess.Popen(
-        [sys.executable, "-c", _CTRL_C_ABLE, *common], cwd=user_dir,
+        [*ctrl_c_able("jobs.train"), *common], cwd=user_dir,
         env={**_env(), "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address},
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 400

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from ecgvlm.config import load_config
+from tests.conftest import ctrl_c_able
 from tests.integration.test_train_launch import _env
 
 pytestmark = pytest.mark.integration
@@ -40,13 +41,6 @@ COMMON = ["--config", "configs/tune_tiny_cpu.yaml", SEARCH, "num_samples=1", "tr
           "train.warmup_steps=0", "train.num_workers=1", "train.global_batch_size=2"]
 
 
-#: ``python -m jobs.tune`` as a terminal runs it: Ctrl-C (SIGINT) raises KeyboardInterrupt
-#: even where the test runner's worker ignores SIGINT (a child inherits that, and Python then
-#: leaves it ignored).
-_CTRL_C_ABLE = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
-                "runpy.run_module('jobs.tune', run_name='__main__')")
-
-
 def _history(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -60,7 +54,7 @@ def test_search_stops_weak_trials_and_a_stopped_search_resumes(ray_head_info, us
     env = {**_env(), **head.env, "RAY_ADDRESS": head.address}
     trials_dir = user_dir / "runs" / "tune" / "tiny-cpu" / "train"
     driver = subprocess.Popen(
-        [sys.executable, "-c", _CTRL_C_ABLE, *COMMON], cwd=user_dir, env=env,
+        [*ctrl_c_able("jobs.tune"), *COMMON], cwd=user_dir, env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 400
     try:
