@@ -8,6 +8,7 @@ with a reason where it is absent.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -50,6 +51,17 @@ def ctrl_c_able(module: str) -> list[str]:
     code = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
             f"runpy.run_module({module!r}, run_name='__main__')")
     return [sys.executable, "-c", code]
+
+
+#: A line Ray forwards from one of its actors or tasks to the driver: ``(Name pid=N...)``,
+#: colour codes around the prefix in a terminal.
+_RAY_PROCESS_LINE = re.compile(r"^(?:\x1b\[[0-9;]*m)?\(\S+ pid=\d+")
+
+
+def driver_lines(output: str) -> list[str]:
+    """The lines a driver printed itself, without those Ray forwarded from its actors (whose
+    logs, Ray's own tracebacks among them, are Ray's, not the command's)."""
+    return [line for line in output.splitlines() if not _RAY_PROCESS_LINE.match(line)]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -25,7 +25,7 @@ from ecgvlm.config import config_from_dict, load_config
 from ecgvlm.evaluate import ChatClient, EvalConfig, EvaluationError, PredictionStore, evaluate
 from ecgvlm.evaluate.memory import SETTING_VARIABLES
 from ecgvlm.judge import RUBRIC_VERSION
-from tests.conftest import ctrl_c_able
+from tests.conftest import ctrl_c_able, driver_lines
 from tests.fakes.mcq_split import sample_rows, write_split
 from tests.fakes.openai_server import FakeOpenAIServer, Reply
 from tests.unit.test_report import parse_cell, parse_markdown_tables
@@ -436,7 +436,9 @@ def test_killed_run_resumes_without_redoing_or_duplicating(ray_local, split_dir,
             proc.wait(timeout=60)
         stderr = proc.stderr.read().decode()
         if stop == signal.SIGINT:
-            assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+            assert proc.returncode == 130, stderr[-3000:]
+            # The command's own output; Ray's actors may log tracebacks of their own as they stop.
+            assert not any("Traceback" in ln for ln in driver_lines(stderr)), stderr[-3000:]
             assert stderr.strip().splitlines()[-1] == (
                 "ecgvlm evaluate: interrupted; rerun the same command: the answers already "
                 "stored are not asked again"), stderr[-3000:]

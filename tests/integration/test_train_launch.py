@@ -3,8 +3,9 @@
 The first test lays out a directory as docs/train.md does (``configs/``, ``runs/tiny-pulse``,
 ``runs/prepared-tiny``) and runs ``jobs.train`` from there with the shipped config's relative
 paths (Ray Train workers run in a directory of their own, so every path must be made absolute
-before they start), kills its driver mid-run and resumes it. The others check that a run the cluster cannot hold (a 2-CPU Ray, CPUs
-held by other work) fails with a one-line reason instead of hanging.
+before they start), kills its driver mid-run (or stops it with Ctrl-C) and resumes it. The
+others check that a run the cluster cannot hold (a 2-CPU Ray, CPUs held by other work) fails
+with a one-line reason instead of hanging.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ctrl_c_able
+from tests.conftest import ctrl_c_able, driver_lines
 
 pytestmark = pytest.mark.integration
 
@@ -75,7 +76,9 @@ def test_relative_paths_and_resume_from_the_users_directory(
     if stop == signal.SIGKILL:
         assert driver.returncode == -9, stderr[-3000:]  # killed, not finished
     else:
-        assert driver.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+        assert driver.returncode == 130, stderr[-3000:]
+        # The command's own output; Ray's actors may log tracebacks of their own as they stop.
+        assert not any("Traceback" in ln for ln in driver_lines(stderr)), stderr[-3000:]
         assert stderr.strip().splitlines()[-1] == (
             "ecgvlm train: interrupted; rerun with --resume to continue from its last "
             "checkpoint (none yet: rerun as is)"), stderr[-3000:]

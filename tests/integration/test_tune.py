@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from ecgvlm.config import load_config
-from tests.conftest import ctrl_c_able
+from tests.conftest import ctrl_c_able, driver_lines
 from tests.integration.test_train_launch import _env
 
 pytestmark = pytest.mark.integration
@@ -68,7 +68,9 @@ def test_search_stops_weak_trials_and_a_stopped_search_resumes(ray_head_info, us
         driver.send_signal(signal.SIGINT)  # Ctrl-C
         driver.wait(timeout=60)
     stderr = driver.stderr.read()
-    assert driver.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    assert driver.returncode == 130, stderr[-3000:]
+    # The command's own output; Ray's actors may log tracebacks of their own as they stop.
+    assert not any("Traceback" in ln for ln in driver_lines(stderr)), stderr[-3000:]
     assert stderr.strip().splitlines()[-1] == (
         "ecgvlm tune: interrupted; rerun with --resume to continue the search"), stderr[-3000:]
     # Nothing of the unfinished search is written as if it had ended.
