@@ -298,9 +298,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         pulse=pulse, abstain_below=args.abstain_below, report_dir=args.report_dir,
     ))
     check_paths(serve_args)  # before paying for Ray's start
-    check_port_free(args.host, args.port)
     if args.ingress == "haproxy":
         haproxy_binary()
+    check_port_free(args.host, args.port)  # the machine's state, after the command's own errors
 
     _stop_on_sigterm()
     # A private head on free ports, not ray.init()'s fixed ones (its dashboard agent's 52365
