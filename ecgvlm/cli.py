@@ -200,11 +200,6 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     check_inputs(base)  # said at once, not after Ray has started (each trial checks again)
     # One trial's run, plus the sliver its driver function holds.
     num_cpus = args.num_cpus or max(os.cpu_count() or 1, math.ceil(base.cpus_needed()) + 1)
-    # Ctrl-C stops the search at once, as it stops the other commands. Tune's own handler
-    # would end the search and return its trials as if it had ended (the one cut short looks
-    # stopped by ASHA), and the best so far would be written as the search's best. --resume
-    # continues from the state Tune saves as it goes, as after a killed driver.
-    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     with _ray_for_training(base, num_cpus):
         run_search(config, resume=args.resume)
     return 0

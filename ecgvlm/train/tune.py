@@ -25,6 +25,7 @@ import dataclasses
 import io
 import json
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -46,6 +47,9 @@ from ecgvlm.train.run import _RUN_SNAPSHOT, run_training
 DISTRIBUTIONS = {"loguniform": "[low, high]", "uniform": "[low, high]",
                  "randint": "[low, high] (high included)", "choice": "[value, ...]",
                  "grid": "[value, ...] (each value num_samples times)"}
+#: Ray Tune's switch for its own SIGINT handler (read when ``Tuner.fit`` starts).
+_NO_TUNE_SIGINT_HANDLER = "TUNE_DISABLE_SIGINT_HANDLER"
+
 #: Training fields a search may not vary: where things are, the run's identity and its size
 #: on the cluster (one trial's resources are fixed for the whole search).
 FIXED_FIELDS = frozenset({
@@ -311,7 +315,20 @@ def run_search(config: TuneConfig, resume: bool = False) -> list[dict[str, Any]]
             ),
         )
         save_config(config, storage.join(experiment, "tune_config.yaml"))
-    grid = tuner.fit()
+    # Ctrl-C stops the search at once (KeyboardInterrupt), as it stops a training run. Tune's
+    # own handler would end the search and return its trials as if it had ended (the one cut
+    # short looks stopped by ASHA), and the best so far would be written as the search's best.
+    # --resume continues from the state Tune saves as it goes, as after a killed driver. Tune
+    # reads the switch when fit starts; the caller's environment is put back after it.
+    previous = os.environ.get(_NO_TUNE_SIGINT_HANDLER)
+    os.environ[_NO_TUNE_SIGINT_HANDLER] = "1"
+    try:
+        grid = tuner.fit()
+    finally:
+        if previous is None:
+            os.environ.pop(_NO_TUNE_SIGINT_HANDLER, None)
+        else:
+            os.environ[_NO_TUNE_SIGINT_HANDLER] = previous
     rows = trial_rows(grid, experiment, config.metric)
     write_outputs(rows, config, base)
     return rows

@@ -270,7 +270,8 @@ class FakeOpenAIServer:
 
         self._httpd = ThreadingHTTPServer((self.host, self._bind_port), Handler)
         self._httpd.daemon_threads = True
-        # serve_forever's default poll of 0.5 s is what stop() waits for: 24 tests stop one.
+        # serve_forever's default poll of 0.5 s is what stop() waits for; 22 places in the tests
+        # start one.
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
             name="fake-openai", daemon=True,
