@@ -26,6 +26,24 @@ class AdapterError(ValueError):
     """An adapter directory that is missing files or carries an unreadable manifest."""
 
 
+#: The weight files PEFT reads from an adapter folder, either one.
+PEFT_WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def check_peft_dir(path: str) -> None:
+    """Raise AdapterError when ``path`` (a folder or an object store's prefix) holds no PEFT
+    adapter: ``adapter_config.json`` and one of :data:`PEFT_WEIGHT_NAMES`. ``ecgvlm serve``
+    checks every adapter so before Ray starts; a replica would find out only once running."""
+    from ecgvlm import storage
+
+    if not storage.is_file(storage.join(path, "adapter_config.json")):
+        raise AdapterError(f"{path} is not a PEFT adapter folder: it has no adapter_config.json "
+                           "(a training run writes its adapter to the config's output_dir)")
+    if not any(storage.is_file(storage.join(path, name)) for name in PEFT_WEIGHT_NAMES):
+        raise AdapterError(f"{path} has adapter_config.json but no weights "
+                           f"({' or '.join(PEFT_WEIGHT_NAMES)})")
+
+
 def hash_json(value: Any) -> str:
     """A short stable hash of JSON-serialisable data (sorted keys), e.g. a render config."""
     blob = json.dumps(value, sort_keys=True, default=str).encode()

@@ -131,6 +131,8 @@ def _cmd_render(args: argparse.Namespace) -> int:
     from ecgvlm.render import RenderConfig, render_printout
     from ecgvlm.signal import read_record
 
+    if Path(args.output).suffix.lower() != ".png":  # the bytes written are a PNG whatever the name
+        raise ValueError(f"-o {args.output}: a printout is a PNG image; give a path ending in .png")
     record = read_record(args.path, dataset=args.dataset)
     if args.start_s:
         first = round(args.start_s * record.fs_hz)
@@ -278,6 +280,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         absolute_paths,
         check_paths,
         parse_adapter_specs,
+        replica_start_error,
     )
 
     # serve/app.py sits beside the package in a source checkout; replicas import it too.
@@ -317,7 +320,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                  runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
         _stop_on_sigterm()  # again: ray.init installs a handler that aborts the process
         serve.start(http_options={"host": args.host, "port": args.port})
-        serve.run(build_app(serve_args), name="ecgvlm", route_prefix="/")
+        try:
+            serve.run(build_app(serve_args), name="ecgvlm", route_prefix="/")
+        except RuntimeError as e:  # a replica that did not start: why, in one line
+            raise replica_start_error(serve.status(), "ecgvlm") or e
         models = ["pulse", "gpt-4o"] + (["pulse-lora"] if adapters else [])
         models += [f"pulse-lora:{n}" for n in adapters]
         ingress = "Ray Serve's HTTP proxy"
@@ -546,7 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("render", help="draw a record as a clinical printout PNG")
     p.add_argument("path")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("-o", "--output", required=True, help="the PNG file to write")
     p.add_argument("--layout", default=None)
     p.add_argument("--dpi", type=int, default=None)
     p.add_argument("--style", default=None)

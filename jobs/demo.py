@@ -86,7 +86,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from ecgvlm.evaluate import EvalConfig, evaluate
     from ecgvlm.model import make_tiny_pulse
     from ecgvlm.report import console_tables
-    from ecgvlm.serving import ServeArgs
+    from ecgvlm.serving import ServeArgs, replica_start_error
     from ecgvlm.train import TrainConfig, run_training
     from serve.app import build_app
 
@@ -136,11 +136,14 @@ def run_demo(args: argparse.Namespace) -> int:
         t0 = _stage(4, "serve: pulse, pulse-lora and gpt-4o on one endpoint (Ray Serve)")
         port = args.port or _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(
-            build_app(ServeArgs(model_dir=str(model_dir), adapters={"demo": str(adapter_dir)})),
-            name="ecgvlm",
-            route_prefix="/",
-        )
+        try:
+            serve.run(
+                build_app(ServeArgs(model_dir=str(model_dir), adapters={"demo": str(adapter_dir)})),
+                name="ecgvlm",
+                route_prefix="/",
+            )
+        except RuntimeError as e:  # a replica that did not start: why, in one line
+            raise replica_start_error(serve.status(), "ecgvlm") or e
         endpoint = f"http://127.0.0.1:{port}/v1"
         if not os.environ.get("OPENAI_API_KEY"):
             print("    OPENAI_API_KEY is not set: gpt-4o answers 503 and the LLM judge is "

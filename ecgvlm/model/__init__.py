@@ -34,6 +34,7 @@ _EXPORTS = {
     "PulseProcessor": "processor",
     "attach_lora": "lora",
     "check_checkpoint": "checkpoint",
+    "check_model_dir": "checkpoint",
     "export_llava_next": "export",
     "llava_next_unpad_differs": "export",
     "load_adapter": "lora",

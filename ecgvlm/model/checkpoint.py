@@ -171,3 +171,26 @@ def check_checkpoint(
             f"tokenizer.model has {len(tokenizer)} pieces but vocab_size is {vocab}"
         )
     return config_dict, pulse_config, vision, files, tokenizer
+
+
+def check_model_dir(model_dir: str) -> None:
+    """Raise CheckpointError naming ``model_dir`` when it holds no usable PULSE checkpoint.
+
+    A training driver and ``ecgvlm serve`` call it before Ray starts: otherwise the workers or
+    the model replica find out only once Ray and they have started (44 s for a training run
+    here, a traceback from each). A local folder gets every check the loader makes before
+    reading a weight (:func:`check_checkpoint`: config, shards, tokenizer); in an object store
+    only ``config.json`` is looked for (the driver does not copy a model it will not load).
+    """
+    from ecgvlm import storage
+
+    if not storage.is_file(storage.join(model_dir, "config.json")):
+        raise CheckpointError(f"model_dir {model_dir}: no config.json there; it must be a "
+                              "PULSE checkpoint folder (config.json, model.safetensors)")
+    local = storage.local_path(model_dir)
+    if local is None:
+        return
+    try:
+        check_checkpoint(local)
+    except (ValueError, FileNotFoundError) as e:  # CheckpointError, PulseConfigError, no tokenizer
+        raise CheckpointError(f"model_dir {model_dir}: {e}") from e

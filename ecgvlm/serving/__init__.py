@@ -10,7 +10,8 @@ without Ray:
 - ``ecg``: ``/v1/ecg/interpret``'s signals (JSON or WFDB upload), rendering and answers;
 - ``stream``: ``stream: true``'s ``chat.completion.chunk`` server-sent events;
 - ``pulse``: ``PulseRunner``, one base model with LoRA adapters sharing its weights;
-- ``args``: ``ServeArgs``, what the app is built from;
+- ``args``: ``ServeArgs``, what the app is built from, its checks before it starts and why it
+  did not;
 - ``batching``: ``BatchQueue``, requests gathered into batches for the model's thread.
 
 Nothing here starts Ray or opens a socket on import; torch, peft and the model code are
@@ -23,11 +24,13 @@ from ecgvlm.serving.args import (
     BatchingArgs,
     PulseReplicaArgs,
     ReplicaArgs,
+    ReplicaStartError,
     ServeArgs,
     absolute_paths,
     check_paths,
     parse_adapter_specs,
     pulse_gpus,
+    replica_start_error,
 )
 from ecgvlm.serving.batching import BatchQueue
 from ecgvlm.serving.chat import (
@@ -184,6 +187,7 @@ __all__ = [
     "PulseReplicaArgs",
     "PulseRunner",
     "ReplicaArgs",
+    "ReplicaStartError",
     "RequestHooks",
     "RequestTiming",
     "ServeArgs",
@@ -222,6 +226,7 @@ __all__ = [
     "record_from_json",
     "record_from_wfdb_upload",
     "render_png",
+    "replica_start_error",
     "requested_max_tokens",
     "resolve_model",
     "safe_upload_name",

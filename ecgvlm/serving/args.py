@@ -1,8 +1,11 @@
-"""The endpoint's arguments (serve/config.yaml's ``args``): models, upstream, limits, replicas."""
+"""The endpoint's arguments (serve/config.yaml's ``args``): models, upstream, limits, replicas;
+the checks made before it starts, and why it did not."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -208,13 +211,17 @@ def absolute_paths(args: ServeArgs, base: str | None = None) -> ServeArgs:
 def check_paths(args: ServeArgs) -> None:
     """Raise ValueError naming the field when ``model_dir``, ``report_dir`` or an adapter is
     not a directory (``model_dir`` and adapters may be URIs of an object store: a prefix
-    with files under it; the reading room's ``report_dir`` is a local folder).
+    with files under it; the reading room's ``report_dir`` is a local folder), when
+    ``model_dir`` is no PULSE checkpoint (``ecgvlm.model.check_model_dir``) or an adapter no
+    PEFT folder (``ecgvlm.adapter.check_peft_dir``).
 
     Checked where the app is built (on the cluster for ``serve deploy``), before any replica
     starts. On a cluster of two or more nodes a plain local ``model_dir`` or adapter path
     raises ``ecgvlm.storage.StorageError`` (``storage.check_shared``).
     """
     from ecgvlm import storage
+    from ecgvlm.adapter import check_peft_dir
+    from ecgvlm.model import check_model_dir
 
     if args.report_dir is not None and storage.local_path(args.report_dir) is None:
         raise ValueError(f"report_dir: {args.report_dir} must be a local folder")
@@ -225,6 +232,53 @@ def check_paths(args: ServeArgs) -> None:
     for what, path in paths:
         if path is not None and not storage.is_dir(path):
             raise ValueError(f"{what}: {path} is not a directory")
+    # What each folder must hold, so that the replica that loads it does not fail after Ray,
+    # Serve and the controller have started (a traceback ending in "Deploying application
+    # ecgvlm failed").
+    if args.model_dir is not None:
+        check_model_dir(args.model_dir)
+    for name, path in args.adapters.items():
+        try:
+            check_peft_dir(path)
+        except ValueError as e:
+            raise ValueError(f"adapters.{name}: {e}") from e
+
+
+class ReplicaStartError(RuntimeError):
+    """Serve gave up starting a deployment: its replicas' constructor kept raising."""
+
+
+_FRAME = re.compile(r'\s*File "([^"]+)", line (\d+), in (\S+)')
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def replica_start_error(status: Any, app_name: str) -> ReplicaStartError | None:
+    """Why ``app_name`` did not start, in one line, from ``serve.status()``: each failed
+    deployment's exception and the innermost frame it was raised in. None when none failed.
+
+    ``serve.run`` raises only "Deploying application ... failed"; Serve keeps the replica's
+    traceback in the deployment's message (and in the private head's logs, which
+    ``ecgvlm serve`` removes as it exits). A checkpoint that passes :func:`check_paths` but
+    does not load (a truncated shard, no memory left on the GPU) ends here.
+    """
+    app = status.applications.get(app_name)
+    if app is None:
+        return None
+    causes = []
+    for name, deployment in app.deployments.items():
+        if deployment.status != "DEPLOY_FAILED":
+            continue
+        lines = [ln for ln in _ANSI.sub("", deployment.message).splitlines() if ln.strip()]
+        frames = [m for m in map(_FRAME.match, lines) if m]
+        cause = f"{name}: {lines[-1].strip() if lines else 'no error recorded'}"
+        if frames:
+            path, line, function = frames[-1].groups()
+            cause += f" (in {function}, {Path(path).name}:{line})"
+        causes.append(cause)
+    if not causes:
+        return None
+    return ReplicaStartError(f"application {app_name!r} did not start, its replicas failed: "
+                             + "; ".join(causes))
 
 
 def parse_adapter_specs(specs: Iterable[str]) -> dict[str, str]:

@@ -227,27 +227,15 @@ def pin_ray_address() -> None:
 
 
 def check_model_dir(config: TrainConfig) -> None:
-    """Raise ConfigError naming ``model_dir`` when it is no usable PULSE checkpoint: the
-    workers would find out only after Ray and they had started (44 s here, a traceback from
-    each). A local folder gets every check the loader makes before reading a weight
-    (``ecgvlm.model.check_checkpoint``: config, shards, tokenizer); in an object store only
-    ``config.json`` is looked for (the driver does not copy a model it will not load).
-
-    Raises:
-        ConfigError: naming ``model_dir`` and what is wrong with it.
-    """
-    if not storage.is_file(storage.join(config.model_dir, "config.json")):
-        raise ConfigError(f"model_dir {config.model_dir}: no config.json there; it must be a "
-                          "PULSE checkpoint folder (config.json, model.safetensors)")
-    local = storage.local_path(config.model_dir)
-    if local is None:
-        return
-    from ecgvlm.model import check_checkpoint
+    """Raise ConfigError naming ``model_dir`` when it is no usable PULSE checkpoint
+    (``ecgvlm.model.check_model_dir``, also ``ecgvlm serve``'s check)."""
+    from ecgvlm.model import CheckpointError
+    from ecgvlm.model import check_model_dir as check_checkpoint_dir
 
     try:
-        check_checkpoint(local)
-    except (ValueError, FileNotFoundError) as e:  # CheckpointError, PulseConfigError, no tokenizer
-        raise ConfigError(f"model_dir {config.model_dir}: {e}") from e
+        check_checkpoint_dir(config.model_dir)
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from e
 
 
 def check_inputs(config: TrainConfig, resume: bool | None = None) -> DataSummary:

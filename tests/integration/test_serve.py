@@ -703,6 +703,40 @@ def test_replicas_survive_the_bad_requests(endpoint, png):
     assert usage["pulse"]["requests"] >= 1 and usage["pulse"]["completion_tokens"] > 0
 
 
+def test_a_replica_that_cannot_start_is_named_with_its_error(endpoint, tiny_pulse_dir,
+                                                               tmp_path):
+    """``serve.run`` raises only "Deploying application ... failed"; ``ecgvlm serve`` and the
+    demo say why with ``replica_start_error`` (here: a weight file cut short, which the
+    checks before Ray read only the size and names of)."""
+    from ray import serve
+
+    data = min(tiny_pulse_dir.glob("model-*.safetensors")).read_bytes()
+    cut = tmp_path / "model.safetensors"
+    cut.write_bytes(data[: len(data) // 2])
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0.1})
+    class Loader:
+        def __init__(self, path: str) -> None:
+            from safetensors import safe_open
+
+            with safe_open(path, framework="numpy"):
+                pass
+
+    with pytest.raises(RuntimeError, match="Deploying application cannot-start failed"):
+        serve.run(Loader.bind(str(cut)), name="cannot-start", route_prefix="/cannot-start")
+    try:
+        error = sv.replica_start_error(serve.status(), "cannot-start")
+        assert sv.replica_start_error(serve.status(), "ecgvlm") is None  # the app that runs
+    finally:
+        serve.delete("cannot-start")
+    assert isinstance(error, sv.ReplicaStartError)
+    message = str(error)
+    assert message.startswith("application 'cannot-start' did not start, its replicas failed: "
+                              "Loader: safetensors._safetensors_rust.SafetensorError: "), message
+    assert "\n" not in message and "\x1b" not in message
+    assert re.search(r"\(in __init__, test_serve\.py:\d+\)$", message), message
+
+
 # --- auth --------------------------------------------------------------------------------------
 
 

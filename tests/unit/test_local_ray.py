@@ -51,14 +51,15 @@ def test_an_unknown_ingress_is_refused_before_anything_starts(tmp_path, monkeypa
     assert not made
 
 
-def test_serve_with_haproxy_and_none_found_fails_in_one_line_before_ray(tmp_path) -> None:
+def test_serve_with_haproxy_and_none_found_fails_in_one_line_before_ray(
+        tmp_path, tiny_pulse_dir) -> None:
     not_executable = tmp_path / "haproxy"
     not_executable.write_text("")
     env = {**os.environ, "RAY_SERVE_HAPROXY_BINARY_PATH": str(not_executable),
            "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
     run = subprocess.run(
-        [sys.executable, "-m", "ecgvlm.cli", "serve", "--model-dir", str(tmp_path),
+        [sys.executable, "-m", "ecgvlm.cli", "serve", "--model-dir", str(tiny_pulse_dir),
          "--ingress", "haproxy"], env=env, capture_output=True, text=True, timeout=120,
         check=False)
     # One line and nothing else: no Ray was started (it would have logged its start).

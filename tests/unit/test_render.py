@@ -376,3 +376,11 @@ def test_cli_renders_a_sample_record(samples_dir, tmp_path, capsys):
     assert "layout strip" in capsys.readouterr().out
     assert cli_main(["render", mit, "-o", str(out), "--layout", "3x4+II"]) == 2
     assert "needs lead(s)" in capsys.readouterr().err
+    # The bytes are a PNG whatever the name: another suffix is refused, not written misnamed.
+    for name in ("a.jpg", "a.pdf", "folder"):
+        assert cli_main(["render", path, "-o", str(tmp_path / name)]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"ecgvlm render: error: -o {tmp_path / name}: a printout is a PNG image; give a "
+            "path ending in .png")
+        assert not (tmp_path / name).exists()
+    assert cli_main(["render", path, "-o", str(tmp_path / "b.PNG")]) == 0

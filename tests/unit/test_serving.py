@@ -416,21 +416,56 @@ def test_cli_serve_refuses_a_missing_model_dir_before_starting_ray(tmp_path, cap
     assert "NAME=DIR" in capsys.readouterr().err
 
 
-def test_cli_serve_refuses_a_port_in_use_before_starting_ray(tmp_path, capsys):
+def test_cli_serve_names_a_folder_that_holds_no_model_or_adapter_before_starting_ray(
+        tiny_pulse_dir, tmp_path, capsys):
+    """Each of these once started Ray, Serve and a replica that failed three times, and ended
+    in a traceback saying only "Deploying application ecgvlm failed"."""
+    import shutil
+
+    from ecgvlm.cli import main
+
+    def error_of(*argv: str) -> str:
+        assert main(["serve", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("ecgvlm serve: error: ") and "\n" not in err, err
+        return err.removeprefix("ecgvlm serve: error: ")
+
+    prepared = tmp_path / "prepared"  # a folder, but not a model: the prepared data, say
+    prepared.mkdir()
+    assert error_of("--model-dir", str(prepared)) == (
+        f"model_dir {prepared}: no config.json there; it must be a PULSE checkpoint folder "
+        "(config.json, model.safetensors)")
+    half = shutil.copytree(tiny_pulse_dir, tmp_path / "half")
+    shard = max(half.glob("model-*.safetensors"))
+    shard.unlink()  # a download cut short
+    assert error_of("--model-dir", str(half)).startswith(f"model_dir {half}: {half} lacks 1 shard")
+    model = ["--model-dir", str(tiny_pulse_dir)]
+    # The training run's folder instead of the adapter it wrote.
+    assert error_of(*model, "--adapter", f"demo={prepared}") == (
+        f"adapters.demo: {prepared} is not a PEFT adapter folder: it has no adapter_config.json "
+        "(a training run writes its adapter to the config's output_dir)")
+    (prepared / "adapter_config.json").write_text("{}")
+    assert error_of(*model, "--adapter", f"demo={prepared}") == (
+        f"adapters.demo: {prepared} has adapter_config.json but no weights "
+        "(adapter_model.safetensors or adapter_model.bin)")
+
+
+def test_cli_serve_refuses_a_port_in_use_before_starting_ray(tiny_pulse_dir, capsys):
     import socket
 
     from ecgvlm.cli import main
 
+    model = ["--model-dir", str(tiny_pulse_dir)]
     with socket.socket() as taken:  # another endpoint, say, already on the port
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        assert main(["serve", "--model-dir", str(tmp_path), "--port", str(port)]) == 2
+        assert main(["serve", *model, "--port", str(port)]) == 2
     err = capsys.readouterr().err
     # One line, said before Ray's start (which would log, and take seconds).
     assert err.strip() == (f"ecgvlm serve: error: 127.0.0.1:{port} is in use: stop what listens "
                            "there (another `ecgvlm serve`?) or give another --port"), err
-    assert main(["serve", "--model-dir", str(tmp_path), "--host", "no-such-host.invalid"]) == 2
+    assert main(["serve", *model, "--host", "no-such-host.invalid"]) == 2
     assert "cannot listen on no-such-host.invalid:8000" in capsys.readouterr().err
 
 
