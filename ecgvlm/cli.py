@@ -83,10 +83,12 @@ def _cmd_measure(args: argparse.Namespace) -> int:
     from ecgvlm.records import EcgRecord
     from ecgvlm.signal import read_record
 
+    if args.duration_s is not None and args.duration_s <= 0:
+        raise ValueError(f"--duration-s must be more than 0 seconds, got {args.duration_s:g}")
     rec = read_record(args.path, dataset=args.dataset)
     if args.start_s or args.duration_s:
         a = round(args.start_s * rec.fs_hz)
-        b = rec.n_samples if not args.duration_s else a + round(args.duration_s * rec.fs_hz)
+        b = rec.n_samples if args.duration_s is None else a + round(args.duration_s * rec.fs_hz)
         if not 0 <= a < min(b, rec.n_samples):
             raise ValueError(
                 f"--start-s {args.start_s} is outside {rec.record_id} ({rec.duration_s:.1f} s)"

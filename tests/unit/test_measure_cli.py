@@ -34,6 +34,12 @@ def test_measure_bad_window_is_one_line(capsys: pytest.CaptureFixture[str]) -> N
     assert main(["measure", str(DATA / "chapman_shaoxing" / "JS00002"), "--start-s", "99"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--start-s 99" in err
+    # 0 once measured the whole record, and a negative length blamed --start-s.
+    for duration in ("0", "-5"):
+        assert main(["measure", str(DATA / "chapman_shaoxing" / "JS00002"),
+                     "--duration-s", duration]) == 2
+        assert capsys.readouterr().err == (
+            f"ecgvlm measure: error: --duration-s must be more than 0 seconds, got {duration}\n")
 
 
 def test_audit_counts_per_label(capsys: pytest.CaptureFixture[str]) -> None:
