@@ -186,6 +186,11 @@ def list_models(endpoint: str, api_key: str = "EMPTY", timeout_s: float = 10.0) 
         raise EvaluationError(
             f"endpoint {endpoint} did not list its models: nothing answered there ({e}); start "
             "one with `ecgvlm serve` (README step 6) or set endpoint=URL") from e
+    except openai.NotFoundError as e:
+        # Something answers there, but not at {endpoint}/models: the /v1 left off, usually.
+        base = endpoint.rstrip("/")
+        hint = "" if base.endswith("/v1") else f"; did you mean endpoint={base}/v1?"
+        raise EvaluationError(f"endpoint {endpoint} did not list its models: {e}{hint}") from e
     except openai.OpenAIError as e:
         raise EvaluationError(f"endpoint {endpoint} did not list its models: {e}") from e
     finally:

@@ -265,3 +265,17 @@ def test_resume_refuses_predictions_of_another_split_or_prompt_version(tmp_path)
     store.append([{**row, "sample_id": "s2", "split": None}])
     with pytest.raises(EvaluationError, match="split test, unrecorded"):
         store.check_resumable("test", "v1")
+
+
+def test_an_endpoint_without_its_v1_is_named_with_the_likely_fix():
+    from ecgvlm.evaluate.client import list_models
+    from tests.fakes.openai_server import FakeOpenAIServer
+
+    with FakeOpenAIServer() as server:
+        assert list_models(server.base_url)  # the models it serves
+        root = server.base_url.removesuffix("/v1")
+        for given in (root, f"{root}/"):
+            with pytest.raises(EvaluationError) as raised:
+                list_models(given)
+            assert str(raised.value).endswith(f"; did you mean endpoint={root}/v1?")
+            assert str(raised.value).startswith(f"endpoint {given} did not list its models: ")
