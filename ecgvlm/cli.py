@@ -231,11 +231,13 @@ def _ray_for_training(config: TrainConfig, num_cpus: int | None) -> Iterator[Non
 
     import ray
 
+    from ecgvlm.local_ray import check_ray_reachable
     from ecgvlm.train.run import check_cluster_cpus, pin_ray_address
 
     started_here = not ray.is_initialized()
     if started_here:
         if os.environ.get("RAY_ADDRESS"):
+            check_ray_reachable(os.environ["RAY_ADDRESS"], "RAY_ADDRESS")
             # A job's runtime env (working_dir, env_vars) already applies; adding one here
             # would conflict with it.
             ray.init()
@@ -415,11 +417,16 @@ def _ray_for_job(address: str | None, num_cpus: int | None,
 
     import ray
 
+    from ecgvlm.local_ray import check_ray_reachable
+
     if ray.is_initialized():
         yield
         return
+    named_by = "--address" if address else "RAY_ADDRESS"
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     local = address == "local"
+    if not local:
+        check_ray_reachable(address, named_by)
     runtime_env = None
     if env_vars and not local:
         own = _submitted_job_env_vars()
@@ -521,6 +528,18 @@ def run_command(argv: list[str]) -> int:
     return report_user_errors(args.command, lambda: args.func(args))
 
 
+def positive_int(text: str) -> int:
+    """argparse's type for ``--num-cpus`` (here and in ``jobs.demo``): a Ray with no CPU
+    runs no task, and waits for one forever."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ecgvlm", description="Read ECGs with vision-language models, on Ray."
@@ -570,7 +589,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["parquet", "llava"], default="parquet",
                    help="llava: also write LLaVA JSON + image folder")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or local)")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a new local Ray")
+    p.add_argument("--num-cpus", type=positive_int, default=None,
+                   help="CPUs of a new local Ray")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     p.set_defaults(func=_cmd_prepare)
 
@@ -585,7 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="LoRA-fine-tune PULSE with Ray Train + DeepSpeed")
     p.add_argument("--config", required=True)
     p.add_argument("--resume", action="store_true")
-    p.add_argument("--num-cpus", type=int, default=None,
+    p.add_argument("--num-cpus", type=positive_int, default=None,
                    help="logical CPUs of a new local Ray (default: enough for the workers "
                         "and the data pipeline)")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
@@ -594,7 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tune", help="search training hyperparameters with Ray Tune (ASHA)")
     p.add_argument("--config", required=True)
     p.add_argument("--resume", action="store_true", help="continue an interrupted search")
-    p.add_argument("--num-cpus", type=int, default=None,
+    p.add_argument("--num-cpus", type=positive_int, default=None,
                    help="logical CPUs of a new local Ray (default: enough for one trial)")
     p.add_argument("overrides", nargs="*", help="key=value overrides (train.max_steps=8 ...)")
     p.set_defaults(func=_cmd_tune)
@@ -604,7 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--num-cpus", type=int, default=None,
+    p.add_argument("--num-cpus", type=positive_int, default=None,
                    help="logical CPUs of its private Ray (default: max(8, cores))")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
                    default="auto", help="PULSE's weights (auto: bfloat16 on a GPU, else float32)")
@@ -626,7 +646,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="evaluate models through the endpoint")
     p.add_argument("--config", required=True)
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or local)")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a new local Ray")
+    p.add_argument("--num-cpus", type=positive_int, default=None,
+                   help="CPUs of a new local Ray")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     p.set_defaults(func=_cmd_evaluate)
 

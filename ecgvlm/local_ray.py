@@ -96,6 +96,35 @@ def check_port_free(host: str, port: int) -> None:
             raise PortUnavailableError(f"cannot listen on {host}:{port}: {e}") from e
 
 
+class RayUnreachableError(RuntimeError):
+    """The Ray cluster that ``--address`` or ``RAY_ADDRESS`` names does not answer."""
+
+
+def check_ray_reachable(address: str, named_by: str, timeout_s: float = 5.0) -> None:
+    """Raise when nothing listens at the cluster ``address`` names, before ``ray.init``.
+
+    ``ray.init`` waits a minute or more on an address where no cluster runs, then fails with
+    Ray's C++ log lines: the usual case is a shell that kept the README's ``export
+    RAY_ADDRESS=127.0.0.1:6379`` after ``ray stop``. A GCS ``host:port`` (or Ray Client's
+    ``ray://host:port``) gets one TCP connection; ``local``, ``auto`` and other forms are
+    left to Ray, which says what is wrong with them.
+
+    Raises:
+        RayUnreachableError: naming the address, where it came from and what to do.
+    """
+    target = address.removeprefix("ray://")
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit() or "://" in target:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        instead = "unset RAY_ADDRESS" if named_by == "RAY_ADDRESS" else f"leave out {named_by}"
+        raise RayUnreachableError(
+            f"no Ray cluster answers at {address} (from {named_by}: {e.strerror or e}): start "
+            f"it (README: `ray start --head ...`) or {instead} for a private local Ray") from e
+
+
 #: ``ecgvlm serve --ingress`` choices: Ray Serve's own HTTP proxy, or HAProxy in front of
 #: the ingress replica's own HTTP server (Ray Serve's ``RAY_SERVE_ENABLE_HA_PROXY``).
 INGRESSES = ("proxy", "haproxy")

@@ -109,6 +109,15 @@ def test_a_shard_cut_short_after_prepare_is_named_by_train_and_evaluate(tmp_path
                            "models: nothing answered there (Connection error.); start one with "
                            "`ecgvlm serve` (README step 6) or set endpoint=URL")
     assert not (tmp_path / "eval").exists()
+    # Good inputs, and a RAY_ADDRESS where no cluster runs (kept after `ray stop`, say): said
+    # at once, where `ray.init` waited minutes.
+    done = _run(["-m", "jobs.train", "--config", "configs/train_tiny_cpu.yaml",
+                 f"data_dir={data}", f"model_dir={tiny_pulse_dir}",
+                 f"storage_path={tmp_path / 'runs'}", f"output_dir={tmp_path / 'adapter'}"],
+                cwd=ROOT, RAY_ADDRESS="127.0.0.1:1")
+    _assert_one_line_error(done, "train", "no Ray cluster answers at 127.0.0.1:1 (from "
+                           "RAY_ADDRESS: Connection refused): start it (README: `ray start "
+                           "--head ...`) or unset RAY_ADDRESS for a private local Ray")
     for split in ("val", "test"):
         shard = next((data / split).glob("*.parquet"))
         shard.write_bytes(shard.read_bytes()[:500])

@@ -1,4 +1,5 @@
-"""The HAProxy ingress settings of a private head (``ecgvlm serve --ingress haproxy``).
+"""The HAProxy ingress settings of a private head (``ecgvlm serve --ingress haproxy``), and the
+checks the commands make before Ray starts (a cluster address that answers, ``--num-cpus``).
 
 ``tests/integration/test_serve.py`` starts such an endpoint for real; these check the settings
 themselves, without Ray.
@@ -7,13 +8,20 @@ themselves, without Ray.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from ecgvlm.local_ray import haproxy_binary, haproxy_ingress_env, start_head
+from ecgvlm.local_ray import (
+    RayUnreachableError,
+    check_ray_reachable,
+    haproxy_binary,
+    haproxy_ingress_env,
+    start_head,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -78,3 +86,50 @@ def test_haproxy_is_looked_for_as_serve_looks(tmp_path, monkeypatch) -> None:
     monkeypatch.delenv("RAY_SERVE_HAPROXY_BINARY_PATH")
     # ray[serve]'s own package on Linux (this suite runs there), else PATH.
     assert Path(haproxy_binary()).name == "haproxy"
+
+
+def test_a_cluster_address_where_nothing_answers_is_named_before_ray(capsys, monkeypatch):
+    """``ray.init`` spent more than two minutes on such an address here, then logged Ray's C++
+    lines (a shell that kept the README's RAY_ADDRESS after ``ray stop``, say)."""
+    from ecgvlm.cli import main
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        open_port = listening.getsockname()[1]
+        check_ray_reachable(f"127.0.0.1:{open_port}", "RAY_ADDRESS")
+        check_ray_reachable(f"ray://127.0.0.1:{open_port}", "--address")
+    closed = f"127.0.0.1:{open_port}"  # nothing listens there any more
+    with pytest.raises(RayUnreachableError) as raised:
+        check_ray_reachable(closed, "RAY_ADDRESS")
+    assert str(raised.value) == (
+        f"no Ray cluster answers at {closed} (from RAY_ADDRESS: Connection refused): start it "
+        "(README: `ray start --head ...`) or unset RAY_ADDRESS for a private local Ray")
+    for left_to_ray in ("local", "auto", "http://127.0.0.1:8265"):
+        check_ray_reachable(left_to_ray, "RAY_ADDRESS")
+
+    config = str(REPO / "configs" / "prepare_demo.yaml")
+    monkeypatch.chdir(REPO)
+    assert main(["prepare", "--config", config, "--address", closed]) == 2
+    assert capsys.readouterr().err == (
+        f"ecgvlm prepare: error: no Ray cluster answers at {closed} (from --address: Connection "
+        "refused): start it (README: `ray start --head ...`) or leave out --address for a "
+        "private local Ray\n")
+
+
+@pytest.mark.parametrize("command", ["prepare", "train", "tune", "serve", "evaluate", "demo"])
+def test_num_cpus_below_one_is_refused_by_the_parser(command, capsys):
+    """A local Ray with no CPU runs no task: ``--num-cpus 0`` waited forever."""
+    from ecgvlm.cli import build_parser
+    from jobs.demo import build_parser as demo_parser
+
+    if command == "demo":  # `python -m jobs.demo`, which `make demo` runs
+        parse, argv = demo_parser().parse_args, ["--num-cpus", "0"]
+    else:
+        required = ["--model-dir", "m"] if command == "serve" else ["--config", "c"]
+        parse, argv = build_parser().parse_args, [command, "--num-cpus", "0", *required]
+    with pytest.raises(SystemExit) as raised:
+        parse(argv)
+    assert raised.value.code == 2
+    assert capsys.readouterr().err.endswith(
+        "error: argument --num-cpus: must be a whole number of at least 1, got '0'\n")
