@@ -52,6 +52,8 @@ TINY_VISION = {
 }
 TINY_PINPOINTS = [[56, 112], [112, 56], [112, 112], [168, 56], [56, 168]]
 TINY_VOCAB_SIZE = 320
+#: The language model's width: what tells a tiny checkpoint from a real one (PULSE-7B: 4096).
+TINY_HIDDEN_SIZE = 64
 SHARDS = 2
 
 # Text the tiny tokenizer learns from: the llava_v1 template, ECG findings, MCQ letters.
@@ -152,7 +154,7 @@ def tiny_config(vocab_size: int, merge: str) -> dict[str, Any]:
     """config.json of the tiny model: PULSE-7B's keys and values, sizes made tiny."""
     return {
         **PULSE_7B_CONFIG,
-        "hidden_size": 64,
+        "hidden_size": TINY_HIDDEN_SIZE,
         "intermediate_size": 128,
         "num_attention_heads": 4,
         "num_hidden_layers": 2,
@@ -208,13 +210,35 @@ def save_sharded(tensors: dict[str, torch.Tensor], out_dir: Path, shards: int = 
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
+def check_tiny_target(out: Path) -> None:
+    """Raise ValueError when ``out`` holds anything but a tiny checkpoint: writing one there
+    replaces ``config.json``, the tokenizer and the weights, and a real model's (a typo in
+    ``ecgvlm model make-tiny /models/PULSE-7B``) would be lost. An empty or missing folder,
+    or a tiny checkpoint written before (the README's command run again), is fine."""
+    if not out.is_dir():
+        return  # missing: made; a file: mkdir says so
+    names = sorted(entry.name for entry in out.iterdir())
+    if not names:
+        return
+    try:
+        hidden_size = json.loads((out / "config.json").read_text()).get("hidden_size")
+    except (OSError, ValueError, AttributeError):
+        hidden_size = None
+    if hidden_size != TINY_HIDDEN_SIZE:
+        shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+        raise ValueError(f"{out} already holds files ({shown}) and no tiny checkpoint: a tiny "
+                         "one written there would replace its config.json, tokenizer and "
+                         "weights; give a new or empty folder")
+
+
 def make_tiny_pulse(
     out_dir: str | Path, seed: int = 0, merge: str = "flat", tower_in_checkpoint: bool = True
 ) -> Path:
     """Write a tiny random PULSE checkpoint (a few MB) in PULSE-7B's layout.
 
     Args:
-        out_dir: directory to create (may exist; its checkpoint files are overwritten).
+        out_dir: directory to create; it may exist empty or hold a tiny checkpoint, which is
+            overwritten (anything else is refused: :func:`check_tiny_target`).
         seed: the same seed gives byte-identical weights and tokenizer.
         merge: ``mm_patch_merge_type``: ``flat`` (PULSE) or ``spatial_unpad`` (LLaVA-1.6).
         tower_in_checkpoint: ``unfreeze_mm_vision_tower`` (PULSE: true). False also writes
@@ -230,6 +254,7 @@ def make_tiny_pulse(
 
     check_choice("merge", merge, ("flat", "spatial", "spatial_unpad"))
     out = Path(out_dir)
+    check_tiny_target(out)
     out.mkdir(parents=True, exist_ok=True)
     vocab = _train_tokenizer(out)
     _write_tokenizer_files(out)

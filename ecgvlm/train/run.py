@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import posixpath
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -88,6 +89,37 @@ def check_run_dir(config: TrainConfig, resume: bool) -> None:
                     f"({', '.join(SCHEDULE_FIELDS)}) is fixed when a run starts: resume with "
                     "the run's values, or start a new run_name"
                 )
+
+
+def check_output_dir(output_dir: str, inputs: Mapping[str, str]) -> None:
+    """Refuse an adapter ``output_dir`` whose replacement would delete something else.
+
+    The best adapter replaces ``output_dir`` whole (``storage.replace_dir``, a rename locally,
+    delete-then-upload in an object store), so ``output_dir=runs/train`` (the runs' own
+    storage_path) would have deleted every run's checkpoints once the run ended, and
+    ``output_dir=runs`` the prepared data too. It must be a new or empty folder, or an
+    adapter's (which a new run replaces), and not hold any of ``inputs`` (name -> location).
+
+    Raises:
+        ConfigError: naming ``output_dir`` and what it holds.
+    """
+    out = str(output_dir).rstrip("/")
+    for name, location in inputs.items():
+        path = str(location).rstrip("/")
+        if path == out or path.startswith(f"{out}/"):
+            raise ConfigError(
+                f"output_dir {output_dir} holds {name} {location}: the adapter replaces that "
+                "folder whole, which would delete it; give the adapter a folder of its own "
+                "(configs/train_tiny_cpu.yaml: runs/train/tiny-cpu-adapter)")
+    if storage.is_file(storage.join(out, "adapter_config.json")):
+        return
+    held = storage.list_files(out, recursive=True)
+    if held:
+        names = [posixpath.relpath(path, out) for path in held]
+        shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+        raise ConfigError(
+            f"output_dir {output_dir} already holds files ({shown}) and no adapter: the "
+            "adapter replaces that folder whole; give a new folder, or an adapter's to replace")
 
 
 class TrainResourcesError(ConfigError):
@@ -241,7 +273,8 @@ def check_model_dir(config: TrainConfig) -> None:
 def check_inputs(config: TrainConfig, resume: bool | None = None) -> DataSummary:
     """Check, without Ray, what a run reads before it launches anything: the DeepSpeed
     config, the prepared data (manifest, Parquet footers, the train split's labels), the
-    model folder and, unless ``resume`` is None, the run folder (:func:`check_run_dir`).
+    model folder, the adapter's ``output_dir`` (:func:`check_output_dir`) and, unless
+    ``resume`` is None, the run folder (:func:`check_run_dir`).
 
     ``ecgvlm train`` calls it before Ray starts and hands the summary to
     :func:`run_training`, which otherwise calls it itself; a search's trials each check
@@ -254,6 +287,8 @@ def check_inputs(config: TrainConfig, resume: bool | None = None) -> DataSummary
     load_deepspeed_config(config.deepspeed_config)
     summary = check_training_data(config)
     check_model_dir(config)
+    check_output_dir(config.output_dir, {name: getattr(config, name)
+                                         for name in ("storage_path", "data_dir", "model_dir")})
     if resume is not None:
         check_run_dir(config, resume)
     return summary

@@ -41,7 +41,7 @@ from ecgvlm.config import (
 )
 from ecgvlm.train.config import TrainConfig
 from ecgvlm.train.loop import HISTORY_NAME, PLACEMENT_GROUP_NAME
-from ecgvlm.train.run import _RUN_SNAPSHOT, run_training
+from ecgvlm.train.run import _RUN_SNAPSHOT, check_output_dir, run_training
 
 #: Distributions a ``search`` entry may name, with the values each takes.
 DISTRIBUTIONS = {"loguniform": "[low, high]", "uniform": "[low, high]",
@@ -272,6 +272,8 @@ def run_search(config: TuneConfig, resume: bool = False) -> list[dict[str, Any]]
     config = resolve_paths(config, TuneConfig.PATH_FIELDS)
     base = resolve_paths(config.base_train_config(), TrainConfig.PATH_FIELDS)
     storage.check_shared({"storage_path": config.storage_path, "output_dir": config.output_dir})
+    check_output_dir(config.output_dir, {"storage_path": config.storage_path,
+                                         "data_dir": base.data_dir, "model_dir": base.model_dir})
     experiment = config.experiment_dir()
     exists = ray.tune.Tuner.can_restore(experiment)
     if resume and not exists:

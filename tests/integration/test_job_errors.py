@@ -118,6 +118,14 @@ def test_a_shard_cut_short_after_prepare_is_named_by_train_and_evaluate(tmp_path
     _assert_one_line_error(done, "train", "no Ray cluster answers at 127.0.0.1:1 (from "
                            "RAY_ADDRESS: Connection refused): start it (README: `ray start "
                            "--head ...`) or unset RAY_ADDRESS for a private local Ray")
+    # The adapter's folder set to the runs' own (a slip): replacing it with the adapter would
+    # have deleted every run's checkpoints when the run ended.
+    done = _run(["-m", "jobs.train", "--config", "configs/train_tiny_cpu.yaml",
+                 f"data_dir={data}", f"model_dir={tiny_pulse_dir}",
+                 f"storage_path={tmp_path / 'runs'}", f"output_dir={tmp_path / 'runs'}"],
+                cwd=ROOT, RAY_ADDRESS="127.0.0.1:1")
+    _assert_one_line_error(done, "train", f"output_dir {tmp_path / 'runs'} holds storage_path "
+                           f"{tmp_path / 'runs'}: the adapter replaces that folder whole")
     for split in ("val", "test"):
         shard = next((data / split).glob("*.parquet"))
         shard.write_bytes(shard.read_bytes()[:500])

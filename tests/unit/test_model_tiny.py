@@ -95,6 +95,24 @@ def test_cli_make_tiny(tmp_path, capsys):
     assert model.pulse_config.patch_merge_type == "spatial_unpad"
     with pytest.raises(SystemExit):  # argparse refuses a merge type we do not write
         main(["model", "make-tiny", str(tmp_path / "bad"), "--merge", "diagonal"])
+    capsys.readouterr()
+    # Run again (the README's command twice): the tiny checkpoint is rewritten.
+    assert main(["model", "make-tiny", str(tmp_path / "cli")]) == 0
+    assert load_pulse(tmp_path / "cli")[0].pulse_config.patch_merge_type == "flat"
+    # A real model there (a typo in the folder) is refused, its files left as they were.
+    real = tmp_path / "PULSE-7B"
+    real.mkdir()
+    config = json.dumps({"hidden_size": 4096, "architectures": ["LlavaLlamaForCausalLM"]})
+    (real / "config.json").write_text(config)
+    (real / "model-00001-of-00003.safetensors").write_bytes(b"weights")
+    assert main(["model", "make-tiny", str(real)]) == 2
+    assert capsys.readouterr().err == (
+        f"ecgvlm model: error: {real} already holds files (config.json, model-00001-of-00003"
+        ".safetensors) and no tiny checkpoint: a tiny one written there would replace its "
+        "config.json, tokenizer and weights; give a new or empty folder\n")
+    assert sorted(p.name for p in real.iterdir()) == ["config.json",
+                                                      "model-00001-of-00003.safetensors"]
+    assert (real / "config.json").read_text() == config
 
 
 @pytest.mark.parametrize("side", ["left", "right"])

@@ -382,3 +382,46 @@ def test_resume_refuses_a_changed_learning_rate_schedule(tmp_path: Path) -> None
     for name, value in (("max_steps", 2000), ("learning_rate", 2e-4), ("warmup_steps", 0)):
         with pytest.raises(ConfigError, match=f"--resume: {name} = .* differs from the run's"):
             check_run_dir(dataclasses.replace(config, **{name: value}), resume=True)
+
+
+def test_an_output_dir_whose_replacement_would_delete_something_is_refused(tmp_path: Path):
+    """The adapter replaces ``output_dir`` whole: ``output_dir=runs/train`` (the runs' own
+    storage_path) deleted every run's checkpoints when the run ended."""
+    from ecgvlm.train.run import check_output_dir
+
+    runs, data = tmp_path / "runs" / "train", tmp_path / "runs" / "prepared"
+    (runs / "earlier-run").mkdir(parents=True)
+    (runs / "earlier-run" / "checkpoint_manager_snapshot.json").write_text("{}")
+    data.mkdir()
+    inputs = {"storage_path": str(runs), "data_dir": str(data), "model_dir": "s3://b/pulse"}
+    check_output_dir(str(runs / "new-adapter"), inputs)  # a new folder
+    (tmp_path / "empty").mkdir()
+    check_output_dir(str(tmp_path / "empty"), inputs)
+    adapter = tmp_path / "adapter"  # an earlier run's adapter: replaced, as before
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "adapter_model.safetensors").write_bytes(b"w")
+    check_output_dir(str(adapter), inputs)
+    for output, held in ((runs, f"storage_path {runs}"), (f"{runs}/", f"storage_path {runs}"),
+                         (tmp_path / "runs", f"storage_path {runs}"),
+                         (tmp_path, f"storage_path {runs}")):
+        with pytest.raises(ConfigError) as raised:
+            check_output_dir(str(output), inputs)
+        assert str(raised.value) == (
+            f"output_dir {output} holds {held}: the adapter replaces that folder whole, which "
+            "would delete it; give the adapter a folder of its own (configs/train_tiny_cpu.yaml: "
+            "runs/train/tiny-cpu-adapter)")
+    with pytest.raises(ConfigError, match=r"output_dir s3://b holds model_dir s3://b/pulse"):
+        check_output_dir("s3://b", inputs)
+    # A folder of something else: its files would go.
+    notes = tmp_path / "notes"
+    (notes / "sub").mkdir(parents=True)
+    for name in ("a.txt", "b.txt", "c.txt", "d.txt", "sub/e.txt"):
+        (notes / name).write_text("x")
+    with pytest.raises(ConfigError) as raised:
+        check_output_dir(str(notes), inputs)
+    assert str(raised.value) == (
+        f"output_dir {notes} already holds files (a.txt, b.txt, c.txt, d.txt, ...) and no "
+        "adapter: the adapter replaces that folder whole; give a new folder, or an adapter's to "
+        "replace")
+    assert len(list(notes.rglob("*.txt"))) == 5
