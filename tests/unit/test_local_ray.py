@@ -88,11 +88,9 @@ def test_haproxy_is_looked_for_as_serve_looks(tmp_path, monkeypatch) -> None:
     assert Path(haproxy_binary()).name == "haproxy"
 
 
-def test_a_cluster_address_where_nothing_answers_is_named_before_ray(capsys, monkeypatch):
+def test_a_cluster_address_where_nothing_answers_is_named_before_ray(tmp_path):
     """``ray.init`` spent more than two minutes on such an address here, then logged Ray's C++
     lines (a shell that kept the README's RAY_ADDRESS after ``ray stop``, say)."""
-    from ecgvlm.cli import main
-
     with socket.socket() as listening:
         listening.bind(("127.0.0.1", 0))
         listening.listen()
@@ -108,13 +106,19 @@ def test_a_cluster_address_where_nothing_answers_is_named_before_ray(capsys, mon
     for left_to_ray in ("local", "auto", "http://127.0.0.1:8265"):
         check_ray_reachable(left_to_ray, "RAY_ADDRESS")
 
-    config = str(REPO / "configs" / "prepare_demo.yaml")
-    monkeypatch.chdir(REPO)
-    assert main(["prepare", "--config", config, "--address", closed]) == 2
-    assert capsys.readouterr().err == (
+    # In a process of its own: in this one a test's Ray may be connected, which the command
+    # would use as it is.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    run = subprocess.run(
+        [sys.executable, "-m", "ecgvlm.cli", "prepare", "--config", "configs/prepare_demo.yaml",
+         "--address", closed, f"output_dir={tmp_path / 'prepared'}"],
+        cwd=REPO, env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+        timeout=120, check=False)
+    assert (run.returncode, run.stderr) == (2, (
         f"ecgvlm prepare: error: no Ray cluster answers at {closed} (from --address: Connection "
         "refused): start it (README: `ray start --head ...`) or leave out --address for a "
-        "private local Ray\n")
+        "private local Ray\n"))
+    assert not (tmp_path / "prepared").exists()
 
 
 @pytest.mark.parametrize("command", ["prepare", "train", "tune", "serve", "evaluate", "demo"])
