@@ -30,6 +30,10 @@ class StorageError(OSError):
     """A location that cannot be read or written; the message names it and what to check."""
 
 
+#: The bucket the shipped study configs name until the user puts theirs there.
+PLACEHOLDER_BUCKET = "YOUR-BUCKET"
+
+
 def is_uri(location: str | Path) -> bool:
     """True for ``scheme://...`` (object stores and ``file://``); False for plain paths."""
     return "://" in str(location)
@@ -57,6 +61,10 @@ def filesystem(location: str | Path) -> tuple[Any, str]:
     if scheme == "file":
         return pafs.LocalFileSystem(), "/" + rest.lstrip("/")
     bucket = rest.split("/", 1)[0]
+    if bucket == PLACEHOLDER_BUCKET:  # said before a network call that takes seconds to fail
+        raise StorageError(f"{text}: {PLACEHOLDER_BUCKET} is the shipped configs' placeholder: "
+                           "put your bucket there (README, \"On a GPU cluster\": the sed line) "
+                           "or give the path as an override")
     try:
         fs = _uri_filesystem(f"{scheme}://{bucket}")
     except (OSError, ValueError) as e:  # pyarrow.lib.ArrowInvalid is a ValueError

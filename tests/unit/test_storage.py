@@ -88,6 +88,22 @@ def test_a_missing_bucket_is_named_before_anything_runs(s3_server) -> None:
         storage.check_creatable("s3://no-such-bucket/prepared")
 
 
+def test_the_shipped_configs_placeholder_bucket_is_named_at_once(capsys) -> None:
+    """configs/*_pulse_lora.yaml and prepare_study.yaml name s3://YOUR-BUCKET until edited; an
+    unedited one failed after seconds of retries with AWS's "Could not resolve host"."""
+    from ecgvlm.cli import main
+
+    with pytest.raises(storage.StorageError, match=r"^s3://YOUR-BUCKET/x/y: YOUR-BUCKET is the "
+                       "shipped configs' placeholder: put your bucket there"):
+        storage.is_file("s3://YOUR-BUCKET/x/y")
+    config = Path(__file__).resolve().parents[2] / "configs" / "train_pulse_lora.yaml"
+    assert main(["train", "--config", str(config)]) == 2
+    assert capsys.readouterr().err == (
+        "ecgvlm train: error: s3://YOUR-BUCKET/prepared/study-v1/manifest.json: YOUR-BUCKET is "
+        "the shipped configs' placeholder: put your bucket there (README, \"On a GPU cluster\": "
+        "the sed line) or give the path as an override\n")
+
+
 def test_a_folder_that_could_be_made_is_not_made_by_the_check_and_both_checks_say_one_thing(tmp_path: Path) -> None:
     storage.check_creatable(tmp_path / "runs" / "prepared")
     storage.check_creatable(f"file://{tmp_path}/runs/prepared")
