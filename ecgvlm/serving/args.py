@@ -212,8 +212,8 @@ def check_paths(args: ServeArgs) -> None:
     """Raise ValueError naming the field when ``model_dir``, ``report_dir`` or an adapter is
     not a directory (``model_dir`` and adapters may be URIs of an object store: a prefix
     with files under it; the reading room's ``report_dir`` is a local folder), when
-    ``model_dir`` is no PULSE checkpoint (``ecgvlm.model.check_model_dir``) or an adapter no
-    PEFT folder (``ecgvlm.adapter.check_peft_dir``).
+    ``model_dir`` is no PULSE checkpoint (``ecgvlm.model.check_model_dir``), an adapter no
+    PEFT folder (``ecgvlm.adapter.check_peft_dir``) or ``report_dir`` holds no report.
 
     Checked where the app is built (on the cluster for ``serve deploy``), before any replica
     starts. On a cluster of two or more nodes a plain local ``model_dir`` or adapter path
@@ -237,6 +237,10 @@ def check_paths(args: ServeArgs) -> None:
     # ecgvlm failed").
     if args.model_dir is not None:
         check_model_dir(args.model_dir)
+    if args.report_dir is not None and not storage.is_file(storage.join(args.report_dir,
+                                                                        "report.md")):
+        raise ValueError(f"report_dir: {args.report_dir} holds no report.md: give an "
+                         "evaluation's output_dir (README step 7 writes runs/eval_demo)")
     for name, path in args.adapters.items():
         try:
             check_peft_dir(path)

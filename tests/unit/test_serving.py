@@ -448,6 +448,10 @@ def test_cli_serve_names_a_folder_that_holds_no_model_or_adapter_before_starting
     assert error_of(*model, "--adapter", f"demo={prepared}") == (
         f"adapters.demo: {prepared} has adapter_config.json but no weights "
         "(adapter_model.safetensors or adapter_model.bin)")
+    # The reading room's report view: the answer was a 404 in the browser, once started.
+    assert error_of(*model, "--report-dir", str(prepared)) == (
+        f"report_dir: {prepared} holds no report.md: give an evaluation's output_dir (README "
+        "step 7 writes runs/eval_demo)")
 
 
 def test_cli_serve_refuses_a_port_in_use_before_starting_ray(tiny_pulse_dir, capsys):
