@@ -187,22 +187,50 @@ def absolute_path(path: str | Path, base: str | Path | None = None) -> str:
     return str(Path(os.path.normpath(p)))
 
 
+def job_working_copy() -> Path | None:
+    """The folder a ``ray job submit --working-dir DIR`` job runs in, or None elsewhere: Ray's
+    temporary copy of DIR (``.../runtime_resources/working_dir_files/_ray_pkg_...``), without
+    DIR's git-ignored files and deleted once no job uses it."""
+    cwd = Path.cwd()
+    in_job = bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
+    return cwd if in_job and "working_dir_files" in cwd.parts else None
+
+
 def resolve_paths(config: T, fields: Iterable[str], base: str | Path | None = None) -> T:
     """A copy of dataclass ``config`` with the named path fields made absolute.
 
     Fields that are None or empty stay as they are; a field holding a tuple or list of paths
     (e.g. prepare's ``sources``) has each entry resolved, and a dict (e.g. serve's
     ``adapters``) has each value resolved.
+
+    Raises:
+        ConfigError: in a ``ray job submit --working-dir`` job (:func:`job_working_copy`), for
+            a relative path that is not in the job's copy of the folder: an input is not
+            there (``runs/`` is not uploaded), and an output written there would be deleted
+            with the copy, after the job had reported success.
     """
+    copy = job_working_copy() if base is None else None
+
+    def resolve(name: str, value: Any) -> str:
+        path = absolute_path(value, base)
+        relative = "://" not in str(value) and not Path(str(value)).expanduser().is_absolute()
+        if copy is not None and relative and not Path(path).exists():
+            raise ConfigError(
+                f"{name} = {value} is a relative path, and this job runs in Ray's temporary "
+                f"copy of its --working-dir ({copy}), which holds no git-ignored files "
+                f"(runs/) and is deleted after the job: give it as an absolute path "
+                f"($PWD/{value} where you submit), as the README's `ray job submit` lines do")
+        return path
+
     changes: dict[str, Any] = {}
     for name in fields:
         value = getattr(config, name)
         if value is None or value == "":
             continue
         if isinstance(value, (tuple, list)):
-            changes[name] = type(value)(absolute_path(v, base) for v in value)
+            changes[name] = type(value)(resolve(name, v) for v in value)
         elif isinstance(value, Mapping):
-            changes[name] = {k: absolute_path(v, base) for k, v in value.items()}
+            changes[name] = {k: resolve(f"{name}.{k}", v) for k, v in value.items()}
         else:
-            changes[name] = absolute_path(value, base)
+            changes[name] = resolve(name, value)
     return dataclasses.replace(config, **changes)

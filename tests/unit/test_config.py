@@ -47,3 +47,40 @@ def test_wrong_type_and_bad_override():
         load_config(Outer, None, ["inner.dpi=high"])
     with pytest.raises(ConfigError, match="key=value"):
         load_config(Outer, None, ["nonsense"])
+
+
+def test_a_relative_path_missing_from_a_ray_jobs_working_copy_is_refused(tmp_path, monkeypatch):
+    """``ray job submit --working-dir .`` runs the job in Ray's temporary copy of the folder,
+    without runs/: a relative output_dir was written there and deleted with the copy, after
+    the job reported success. The environment and folder are those Ray gives a job's driver
+    (a real job showed the same; README's job lines, with absolute paths, run in the walk)."""
+    from pathlib import Path
+
+    from ecgvlm.config import resolve_paths
+
+    @dataclass
+    class Paths:
+        config: str = "configs/zero2.json"
+        output_dir: str = "runs/prepared"
+        data_dir: str = "s3://bucket/prepared"
+        storage_path: str = "/abs/runs/train"
+
+    copy = tmp_path / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123"
+    (copy / "configs").mkdir(parents=True)
+    (copy / "configs" / "zero2.json").write_text("{}")  # a tracked file: uploaded
+    monkeypatch.chdir(copy)
+    fields = ["config", "output_dir", "data_dir", "storage_path"]
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert resolve_paths(Paths(), fields).output_dir == str(copy / "runs" / "prepared")
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", '{"runtime_env": {"working_dir": "."}}')
+    with pytest.raises(ConfigError) as raised:
+        resolve_paths(Paths(), fields)
+    assert str(raised.value) == (
+        f"output_dir = runs/prepared is a relative path, and this job runs in Ray's temporary "
+        f"copy of its --working-dir ({copy}), which holds no git-ignored files (runs/) and is "
+        "deleted after the job: give it as an absolute path ($PWD/runs/prepared where you "
+        "submit), as the README's `ray job submit` lines do")
+    absolute = resolve_paths(Paths(output_dir="/abs/runs/prepared"), fields)
+    assert absolute.config == str(copy / "configs" / "zero2.json")
+    assert (absolute.data_dir, absolute.storage_path) == ("s3://bucket/prepared", "/abs/runs/train")
+    assert Path(absolute.output_dir) == Path("/abs/runs/prepared")
