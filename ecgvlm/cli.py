@@ -272,6 +272,18 @@ def _stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, interrupt)
 
 
+def _is_loopback(host: str) -> bool:
+    """Whether ``host`` (``--host``) is reachable from this machine only."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name that may resolve to any interface
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     import os
     import time
@@ -302,6 +314,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     check_paths(serve_args)  # before paying for Ray's start
     if args.ingress == "haproxy":
         haproxy_binary()
+    if not _is_loopback(args.host) and not os.environ.get(serve_args.auth_token_env):
+        # Served, not refused: a trusted network is the user's call. The reading room takes
+        # uploaded records, which may be patients'.
+        print(f"ecgvlm serve: warning: {args.host} is reachable from other machines and "
+              f"{serve_args.auth_token_env} is not set: anyone who reaches port {args.port} "
+              "can use every model and upload records; set it to require a token",
+              file=sys.stderr, flush=True)
     check_port_free(args.host, args.port)  # the machine's state, after the command's own errors
 
     _stop_on_sigterm()

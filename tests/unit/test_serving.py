@@ -473,6 +473,36 @@ def test_cli_serve_refuses_a_port_in_use_before_starting_ray(tiny_pulse_dir, cap
     assert "cannot listen on no-such-host.invalid:8000" in capsys.readouterr().err
 
 
+def test_cli_serve_on_a_public_address_without_a_token_warns(tiny_pulse_dir, capsys,
+                                                             monkeypatch):
+    """Served all the same (a trusted network is the user's call), with a warning first;
+    the port is taken so that the command stops before Ray starts."""
+    import socket
+
+    from ecgvlm.cli import main
+
+    monkeypatch.delenv("ECGVLM_API_TOKEN", raising=False)
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = ["serve", "--model-dir", str(tiny_pulse_dir), "--port", str(port)]
+        assert main([*argv, "--host", "0.0.0.0"]) == 2
+        warning, error = capsys.readouterr().err.splitlines()
+        assert warning == (
+            "ecgvlm serve: warning: 0.0.0.0 is reachable from other machines and "
+            f"ECGVLM_API_TOKEN is not set: anyone who reaches port {port} can use every model "
+            "and upload records; set it to require a token")
+        assert error.startswith("ecgvlm serve: error: 0.0.0.0:") and "is in use" in error
+        monkeypatch.setenv("ECGVLM_API_TOKEN", "secret")
+        assert main([*argv, "--host", "0.0.0.0"]) == 2
+        assert "warning" not in capsys.readouterr().err
+    from ecgvlm.cli import _is_loopback
+
+    assert all(map(_is_loopback, ("127.0.0.1", "127.0.0.2", "localhost", "::1")))
+    assert not any(map(_is_loopback, ("0.0.0.0", "::", "192.168.1.5", "ecg-box.local")))
+
+
 # --- PulseRunner on the tiny checkpoint -------------------------------------------------------
 
 
