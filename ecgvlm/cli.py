@@ -549,7 +549,7 @@ def run_command(argv: list[str]) -> int:
 
 def positive_int(text: str) -> int:
     """argparse's type for ``--num-cpus`` (here and in ``jobs.demo``): a Ray with no CPU
-    runs no task, and waits for one forever."""
+    runs no task (``prepare --num-cpus 0`` had not finished after 120 s here)."""
     try:
         value = int(text)
     except ValueError:

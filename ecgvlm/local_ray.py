@@ -103,8 +103,8 @@ class RayUnreachableError(RuntimeError):
 def check_ray_reachable(address: str, named_by: str, timeout_s: float = 5.0) -> None:
     """Raise when nothing listens at the cluster ``address`` names, before ``ray.init``.
 
-    ``ray.init`` waits a minute or more on an address where no cluster runs, then fails with
-    Ray's C++ log lines: the usual case is a shell that kept the README's ``export
+    ``ray.init`` had not given up on an address where no cluster runs after 120 s here, and
+    logged Ray's C++ lines meanwhile: the usual case is a shell that kept the README's ``export
     RAY_ADDRESS=127.0.0.1:6379`` after ``ray stop``. A GCS ``host:port`` (or Ray Client's
     ``ray://host:port``) gets one TCP connection; ``local``, ``auto`` and other forms are
     left to Ray, which says what is wrong with them.

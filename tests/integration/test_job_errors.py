@@ -110,7 +110,7 @@ def test_a_shard_cut_short_after_prepare_is_named_by_train_and_evaluate(tmp_path
                            "`ecgvlm serve` (README step 6) or set endpoint=URL")
     assert not (tmp_path / "eval").exists()
     # Good inputs, and a RAY_ADDRESS where no cluster runs (kept after `ray stop`, say): said
-    # at once, where `ray.init` waited minutes.
+    # at once (`ray.init` had not given up on such an address after 120 s).
     done = _run(["-m", "jobs.train", "--config", "configs/train_tiny_cpu.yaml",
                  f"data_dir={data}", f"model_dir={tiny_pulse_dir}",
                  f"storage_path={tmp_path / 'runs'}", f"output_dir={tmp_path / 'adapter'}"],

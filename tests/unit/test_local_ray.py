@@ -89,8 +89,8 @@ def test_haproxy_is_looked_for_as_serve_looks(tmp_path, monkeypatch) -> None:
 
 
 def test_a_cluster_address_where_nothing_answers_is_named_before_ray(tmp_path):
-    """``ray.init`` spent more than two minutes on such an address here, then logged Ray's C++
-    lines (a shell that kept the README's RAY_ADDRESS after ``ray stop``, say)."""
+    """``ray.init`` had not given up on such an address after 120 s here, and logged Ray's
+    C++ lines (a shell that kept the README's RAY_ADDRESS after ``ray stop``, say)."""
     with socket.socket() as listening:
         listening.bind(("127.0.0.1", 0))
         listening.listen()
@@ -123,7 +123,8 @@ def test_a_cluster_address_where_nothing_answers_is_named_before_ray(tmp_path):
 
 @pytest.mark.parametrize("command", ["prepare", "train", "tune", "serve", "evaluate", "demo"])
 def test_num_cpus_below_one_is_refused_by_the_parser(command, capsys):
-    """A local Ray with no CPU runs no task: ``--num-cpus 0`` waited forever."""
+    """A local Ray with no CPU runs no task: ``prepare --num-cpus 0`` had not finished after
+    120 s."""
     from ecgvlm.cli import build_parser
     from jobs.demo import build_parser as demo_parser
 
