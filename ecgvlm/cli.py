@@ -197,11 +197,14 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
     from ecgvlm.config import load_config
     from ecgvlm.train.run import check_inputs
-    from ecgvlm.train.tune import TuneConfig, run_search
+    from ecgvlm.train.tune import TuneConfig, check_search, run_search
 
     config = load_config(TuneConfig, args.config, args.overrides)
     base = config.base_train_config()  # its errors before Ray starts
-    check_inputs(base)  # said at once, not after Ray has started (each trial checks again)
+    # Said at once, not after Ray has started (each trial checks its inputs again, and
+    # run_search the search's).
+    check_inputs(base)
+    check_search(config, args.resume)
     # One trial's run, plus the sliver its driver function holds.
     num_cpus = args.num_cpus or max(os.cpu_count() or 1, math.ceil(base.cpus_needed()) + 1)
     with _ray_for_training(base, num_cpus):

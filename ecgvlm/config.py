@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -47,8 +48,20 @@ def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
-def _coerce(tp: Any, value: Any, where: str) -> Any:
-    """Convert a YAML value to the annotated type where the conversion is unambiguous."""
+#: A number as Python writes it. PyYAML follows YAML 1.1, whose floats need a dot:
+#: ``learning_rate: 1e-4`` (or the override ``learning_rate=1e-4``) reads as the string
+#: ``'1e-4'``, where ``1.0e-4`` reads as a float.
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def coerce_value(tp: Any, value: Any, where: str) -> Any:
+    """Convert a YAML value to the annotated type ``tp`` where the conversion is unambiguous:
+    an int to a float, a number YAML 1.1 read as a string (``1e-4``) to a float, a mapping
+    to a config dataclass, a list to a tuple, item by item.
+
+    Raises:
+        ConfigError: naming ``where`` and the value, when it is not of that type.
+    """
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if value is None:
@@ -62,19 +75,21 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         non_none = [a for a in args if a is not type(None)]
         if len(non_none) == 1:
-            return _coerce(non_none[0], value, where)
+            return coerce_value(non_none[0], value, where)
         return value
     if origin is tuple:
         if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
             raise ConfigError(f"{where} must be a list, got {value!r}")
         item_tp = args[0] if args else Any
-        return tuple(_coerce(item_tp, v, f"{where}[{i}]") for i, v in enumerate(value))
+        return tuple(coerce_value(item_tp, v, f"{where}[{i}]") for i, v in enumerate(value))
     if origin is dict:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where} must be a mapping, got {value!r}")
         val_tp = args[1] if len(args) == 2 else Any
-        return {str(k): _coerce(val_tp, v, f"{where}.{k}") for k, v in value.items()}
+        return {str(k): coerce_value(val_tp, v, f"{where}.{k}") for k, v in value.items()}
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
         return float(value)
     if tp in (int, float, bool, str) and not isinstance(value, tp):
         raise ConfigError(f"{where} must be {tp.__name__}, got {value!r}")
@@ -98,7 +113,7 @@ def config_from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") ->
             f"unknown key(s) {', '.join(prefix + k for k in unknown)} for {cls.__name__}; "
             f"allowed: {', '.join(sorted(known))}"
         )
-    kwargs = {k: _coerce(hints[k], v, prefix + k) for k, v in data.items()}
+    kwargs = {k: coerce_value(hints[k], v, prefix + k) for k, v in data.items()}
     try:
         return cls(**kwargs)
     except ConfigError as e:

@@ -26,6 +26,7 @@ import io
 import json
 import math
 import os
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -35,6 +36,7 @@ from ecgvlm.config import (
     ConfigError,
     check_choice,
     check_range,
+    coerce_value,
     config_to_dict,
     load_config,
     save_config,
@@ -127,6 +129,8 @@ class TuneConfig:
                                   f"{', '.join(DISTRIBUTIONS)}")
             if not isinstance(values, list) or not values:
                 raise ConfigError(f"{where}.{kind}: expected {DISTRIBUTIONS[kind]}, got {values!r}")
+            values = _typed_values(key, kind, values)
+            self.search[key] = {kind: values}
             if kind not in ("choice", "grid") and (len(values) != 2 or not values[0] < values[1]
                                      or (kind == "loguniform" and values[0] <= 0)):
                 raise ConfigError(f"{where}.{kind}: expected {DISTRIBUTIONS[kind]} with "
@@ -151,6 +155,22 @@ def score(metrics: Mapping[str, Any], metric: str) -> float:
     if metric == "val_loss":
         return -loss
     return float(metrics["val_accuracy"]) - loss / 1e6
+
+
+def _typed_values(key: str, kind: str, values: list[Any]) -> list[Any]:
+    """A search entry's values as the training field's type (``1e-4``, which YAML 1.1 reads
+    as a string, as a float), checked before any trial runs: a trial would fail on them."""
+    field_type = typing.get_type_hints(TrainConfig)[key]
+    where = f"search.{key}.{kind}"
+    if kind in ("choice", "grid"):
+        return [coerce_value(field_type, v, f"{where}[{i}]") for i, v in enumerate(values)]
+    numeric = {t for t in (int, float) if t is field_type or t in typing.get_args(field_type)}
+    draws = int if kind == "randint" else float
+    if draws is float and float not in numeric or not numeric:
+        name = getattr(field_type, "__name__", str(field_type))
+        raise ConfigError(f"search.{key}: {kind} draws {draws.__name__}s and {key} is {name}; "
+                          "use choice or grid" + (", or randint" if int in numeric else ""))
+    return [coerce_value(draws, v, f"{where}[{i}]") for i, v in enumerate(values)]
 
 
 def param_space(config: TuneConfig) -> dict[str, Any]:
@@ -252,6 +272,32 @@ def concurrent_trials(config: TuneConfig, base: TrainConfig) -> int:
     return max(1, fits)
 
 
+def check_search(config: TuneConfig, resume: bool = False) -> tuple[TuneConfig, TrainConfig]:
+    """The search and its base training config with their paths resolved, once what would
+    stop the search has been checked: an ``output_dir`` whose replacement would delete data
+    (:func:`ecgvlm.train.run.check_output_dir`), a search that exists without ``resume`` or
+    is missing with it. Needs no Ray, so a command can say it before Ray starts.
+
+    Raises:
+        ConfigError: naming the path or the search.
+    """
+    import ray.tune  # its can_restore only looks for Tune's state file, Ray need not run
+
+    from ecgvlm.config import resolve_paths
+
+    config = resolve_paths(config, TuneConfig.PATH_FIELDS)
+    base = resolve_paths(config.base_train_config(), TrainConfig.PATH_FIELDS)
+    check_output_dir(config.output_dir, {"storage_path": config.storage_path,
+                                         "data_dir": base.data_dir, "model_dir": base.model_dir})
+    exists = ray.tune.Tuner.can_restore(config.experiment_dir())
+    if resume and not exists:
+        raise ConfigError(f"--resume: no search {config.name!r} under {config.storage_path}")
+    if not resume and exists:
+        raise ConfigError(f"search {config.name!r} already exists under {config.storage_path}; "
+                          "pass --resume to continue it or choose another name")
+    return config, base
+
+
 def run_search(config: TuneConfig, resume: bool = False) -> list[dict[str, Any]]:
     """Run (or with ``resume``, continue) the search; write its outputs; return the trials.
 
@@ -266,21 +312,11 @@ def run_search(config: TuneConfig, resume: bool = False) -> list[dict[str, Any]]
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
 
-    from ecgvlm.config import resolve_paths
     from ecgvlm.train.tune_callbacks import FreeStoppedRuns
 
-    config = resolve_paths(config, TuneConfig.PATH_FIELDS)
-    base = resolve_paths(config.base_train_config(), TrainConfig.PATH_FIELDS)
+    config, base = check_search(config, resume)
     storage.check_shared({"storage_path": config.storage_path, "output_dir": config.output_dir})
-    check_output_dir(config.output_dir, {"storage_path": config.storage_path,
-                                         "data_dir": base.data_dir, "model_dir": base.model_dir})
     experiment = config.experiment_dir()
-    exists = ray.tune.Tuner.can_restore(experiment)
-    if resume and not exists:
-        raise ConfigError(f"--resume: no search {config.name!r} under {config.storage_path}")
-    if not resume and exists:
-        raise ConfigError(f"search {config.name!r} already exists under {config.storage_path}; "
-                          "pass --resume to continue it or choose another name")
     trainable = ray.tune.with_parameters(
         _trial, base=config_to_dict(base), experiment=experiment, metric=config.metric)
     # The trial function only waits on its TorchTrainer, whose workers hold the CPUs/GPUs

@@ -118,6 +118,13 @@ def test_a_shard_cut_short_after_prepare_is_named_by_train_and_evaluate(tmp_path
     _assert_one_line_error(done, "train", "no Ray cluster answers at 127.0.0.1:1 (from "
                            "RAY_ADDRESS: Connection refused): start it (README: `ray start "
                            "--head ...`) or unset RAY_ADDRESS for a private local Ray")
+    # A search whose best adapter would replace the folder holding its trials: said before
+    # Ray starts (it was said once Ray had started, about 5 s here).
+    done = _run(["-m", "jobs.tune", "--config", "configs/tune_tiny_cpu.yaml",
+                 f"train.data_dir={data}", f"train.model_dir={tiny_pulse_dir}",
+                 f"storage_path={tmp_path / 'tune'}", f"output_dir={tmp_path / 'tune'}"],
+                cwd=ROOT, RAY_ADDRESS="127.0.0.1:1")
+    _assert_one_line_error(done, "tune", f"output_dir {tmp_path / 'tune'} holds storage_path")
     # The adapter's folder set to the runs' own (a slip): replacing it with the adapter would
     # have deleted every run's checkpoints when the run ended.
     done = _run(["-m", "jobs.train", "--config", "configs/train_tiny_cpu.yaml",

@@ -83,6 +83,15 @@ def test_search_stops_weak_trials_and_a_stopped_search_resumes(ray_head_info, us
                              cwd=user_dir, env=env, capture_output=True, text=True, timeout=600,
                              check=False)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # Run again without --resume: refused before Ray starts (nothing listens at RAY_ADDRESS).
+    again = subprocess.run([sys.executable, "-m", "jobs.tune", *COMMON], cwd=user_dir,
+                           env={**env, "RAY_ADDRESS": "127.0.0.1:1"}, capture_output=True,
+                           text=True, timeout=120, check=False)
+    assert again.returncode == 2, again.stderr[-3000:]
+    assert again.stderr.strip().splitlines()[-1] == (
+        "ecgvlm tune: error: search 'tiny-cpu' already exists under "
+        f"{user_dir / 'runs' / 'tune'}; pass --resume to continue it or choose another name"
+    ), again.stderr[-3000:]
 
     # The finished trial was not run again: its history is as it was at the stop.
     assert _history(runs[0]) == first

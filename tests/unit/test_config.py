@@ -49,6 +49,21 @@ def test_wrong_type_and_bad_override():
         load_config(Outer, None, ["nonsense"])
 
 
+def test_a_number_yaml_reads_as_a_string_is_a_float_where_a_float_is_expected(tmp_path):
+    # PyYAML (YAML 1.1) reads 1e-4 as the string '1e-4': a float needs a dot (1.0e-4).
+    path = tmp_path / "c.yaml"
+    path.write_text("ratio: 5e-3\n")
+    assert load_config(Outer, path).ratio == 5e-3
+    assert load_config(Outer, None, ["ratio=1e-4"]).ratio == 1e-4
+    assert load_config(Outer, None, ["ratio=-2E+2"]).ratio == -200.0
+    # Where a string or an int is expected, and for what is not a number, nothing changes.
+    assert load_config(Outer, None, ["name=1e-4"]).name == "1e-4"
+    with pytest.raises(ConfigError, match="inner.dpi must be int, got '1e2'"):
+        load_config(Outer, None, ["inner.dpi=1e2"])
+    with pytest.raises(ConfigError, match="ratio must be float, got '1e-4x'"):
+        load_config(Outer, None, ["ratio=1e-4x"])
+
+
 def test_a_relative_path_missing_from_a_ray_jobs_working_copy_is_refused(tmp_path, monkeypatch):
     """``ray job submit --working-dir .`` runs the job in Ray's temporary copy of the folder,
     without runs/: a relative output_dir was written there and deleted with the copy, after

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -37,11 +38,30 @@ def test_shipped_configs_load_with_their_training_configs(monkeypatch) -> None:
     ({"learning_rate": {"uniform": [1e-3, 1e-4]}}, "search.learning_rate.uniform"),
     ({"learning_rate": {"choice": []}}, "search.learning_rate.choice"),
     ({"learning_rate": 1e-3}, "search.learning_rate: one distribution"),
+    ({"learning_rate": {"choice": [1e-4, "fast"]}},
+     "search.learning_rate.choice[1] must be float, got 'fast'"),
+    ({"lora_r": {"uniform": [4, 16]}},
+     "search.lora_r: uniform draws floats and lora_r is int; use choice or grid, or randint"),
+    ({"lora_bias": {"randint": [0, 2]}}, "search.lora_bias: randint draws ints and lora_bias is str"),
     ({}, "search: name at least one"),
 ])
 def test_bad_search_entries_are_named(search, named) -> None:
-    with pytest.raises(ConfigError, match=named.replace("(", r"\(")):
+    with pytest.raises(ConfigError, match=re.escape(named)):
         _config(search=search)
+
+
+def test_search_values_take_the_fields_types(tmp_path: Path) -> None:
+    # As a user writes them in YAML: 1e-4 without a dot is a string to PyYAML (YAML 1.1), and
+    # the string '1e-4' < '1e-2' is false, so the bounds were refused (or, in a choice, each
+    # trial's config was refused once Ray had started).
+    path = tmp_path / "tune.yaml"
+    path.write_text("train_config: t.yaml\nsearch:\n  learning_rate: {loguniform: [1e-4, 1e-2]}\n"
+                    "  weight_decay: {choice: [0, 1e-2]}\n  lora_r: {randint: [4, 8]}\n")
+    config = load_config(TuneConfig, path)
+    assert config.search == {"learning_rate": {"loguniform": [1e-4, 1e-2]},
+                             "weight_decay": {"choice": [0.0, 0.01]},
+                             "lora_r": {"randint": [4, 8]}}
+    assert all(type(v) is float for v in config.search["weight_decay"]["choice"])
 
 
 def test_bad_train_override_and_metric_are_named() -> None:
