@@ -170,6 +170,11 @@ def _resolve_dataset(path: Path, dataset: str | None) -> str:
         # A WFDB record from no known collection: read it generically (SNOMED Dx codes).
         return "wfdb"
     if key is None and not any(Path(f"{path}{ext}").is_file() for ext in (".mat", ".csv")):
+        if path.is_dir():  # a data set's folder, where one record was meant
+            raise MissingFileError(
+                path, "a folder, not a record: name one record in it "
+                f"({path}/NAME, without an extension), or summarize the folder with "
+                f"`ecgvlm datasets summarize {path}`", f"{path}.hea")
         raise MissingFileError(path, f"no {path}.hea, {path}.mat or {path}.csv", f"{path}.hea")
     if key is None:
         raise HeaderError(

@@ -651,7 +651,12 @@ class Gateway:
         finally:
             await form.close()
         opts = fields.get("options")
-        if opts is not None and len(opts) == 1 and opts[0].lstrip().startswith("["):
+        if opts is not None and len(opts) == 1:
+            if not opts[0].lstrip().startswith("["):  # 'AF,NSR' was one option named so
+                raise sv.bad_request(
+                    f"options: one field holds {opts[0]!r}; give the findings as one JSON list "
+                    """(-F 'options=["Atrial fibrillation","Normal sinus rhythm"]') or one """
+                    "options field each", param="options", code="too_short")
             fields["options"] = sv.parse_json_body(opts[0].encode())
         query = sv.parse_model(sv.InterpretQuery, fields)
         record = await asyncio.to_thread(

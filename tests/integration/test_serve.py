@@ -492,6 +492,12 @@ def test_interpret_wfdb_upload_with_pulse(endpoint, samples_dir):
     assert r.json()["model"] == "pulse" and r.json()["image_png_base64"]
     measured = r.json()["measurements"]
     assert measured["record_id"] == "cpsc2018/A0002" and measured["n_beats"] >= 8
+    # The options as a comma-separated field: said so, not "at least 2 items, not 1".
+    one = [("options", ",".join(OPTIONS)), ("max_tokens", "8")]
+    r = requests.post(f"{endpoint['url']}/v1/ecg/interpret", files=files, data=one, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "options", r.text
+    assert r.json()["error"]["message"].startswith(
+        f"options: one field holds {','.join(OPTIONS)!r}; give the findings as one JSON list"), r.text
 
 
 

@@ -340,6 +340,8 @@ def shared_or_samples(samples_dir):
 def test_missing_files(tmp_path, cpsc_copy, mitdb_dir):
     with pytest.raises(S.MissingFileError, match="cpsc2018/A9999"):
         S.read_record(cpsc_copy.parent / "A9999")
+    with pytest.raises(S.MissingFileError, match=f"{cpsc_copy.parent}: a folder, not a record: name one"):
+        S.read_record(cpsc_copy.parent)
     Path(f"{cpsc_copy}.mat").unlink()
     with pytest.raises(S.MissingFileError, match=r"cpsc2018/A0002: signal file .*A0002\.mat"):
         S.read_record(cpsc_copy)
