@@ -183,6 +183,13 @@ class PrepareConfig:
             raise ConfigError(f"splits must be distinct plain folder names, got {list(self.splits)}")
         for name, frac in zip(self.splits, self.fractions):
             check_range(f"fractions[{name}]", frac, 0.0, 1.0)
+        empty = [name for name, frac in zip(self.splits, self.fractions) if frac == 0]
+        if empty:  # said here, not by the splitter once Ray has scanned every record
+            kept = [(n, f) for n, f in zip(self.splits, self.fractions) if f > 0]
+            raise ConfigError(
+                f"fractions give {', '.join(empty)} no records; leave such a split out of "
+                f"splits instead (splits=[{', '.join(n for n, _ in kept)}] "
+                f"fractions=[{', '.join(f'{f:g}' for _, f in kept)}])")
         if abs(sum(self.fractions) - 1.0) > 1e-6:
             raise ConfigError(f"fractions must sum to 1, got {sum(self.fractions)}")
         unknown = sorted(set(self.balanced_splits or ()) - set(self.splits))

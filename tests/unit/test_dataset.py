@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -36,6 +37,10 @@ def test_configs_load_and_name_their_command(name):
         ({"sources": ()}, "sources"),
         ({"fractions": (0.5, 0.5)}, "same, non-zero length"),
         ({"fractions": (0.5, 0.3, 0.3)}, "sum to 1"),
+        # Refused by the splitter after Ray had scanned the records, where it was first said.
+        ({"fractions": (1.0, 0.0, 0.0)}, re.escape(
+            "fractions give val, test no records; leave such a split out of splits instead "
+            "(splits=[train] fractions=[1])")),
         ({"splits": ("train", "train", "test")}, "distinct"),
         ({"splits": ("train", "llava", "test")}, "distinct"),
         ({"shard_size": 0}, "shard_size"),
