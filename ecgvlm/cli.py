@@ -56,6 +56,8 @@ def _cmd_datasets(args: argparse.Namespace) -> int:
     failures: list[ReadFailure] = []
     records = iter_records(args.root, dataset=args.dataset, failures=failures, progress=False)
     summary = summarize_records(records)
+    if not summary and not failures:
+        raise ValueError(_no_records_under(args.root))
     print(
         f"{'dataset':<18}{'records':>8}{'recordings':>11}{'patients':>9}"
         f"{'hours':>8}{'labels':>7}{'unknown':>8}"
@@ -108,12 +110,20 @@ def _cmd_measure(args: argparse.Namespace) -> int:
     return 0
 
 
+def _no_records_under(root: str) -> str:
+    # An empty table with status 0 read as "this folder was summarized" (a wrong folder, say).
+    return (f"no records found under {root} (a record is a WFDB .hea with its signal, or a "
+            ".mat or .csv of a known data set; sub-folders are searched)")
+
+
 def _cmd_audit(args: argparse.Namespace) -> int:
     from ecgvlm.measure.audit import audit_records
     from ecgvlm.signal import ReadFailure, iter_records
 
     failures: list[ReadFailure] = []
     result = audit_records(iter_records(args.root, dataset=args.dataset, failures=failures))
+    if not result.n_records and not failures:
+        raise ValueError(_no_records_under(args.root))
     print(f"{result.n_records} records audited ({len(failures)} unreadable)")
     print(f"{'label':<10}{'consistent':>11}{'contradicted':>13}{'not measurable':>16}")
     for entry in result.labels.values():

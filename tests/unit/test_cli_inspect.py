@@ -76,6 +76,14 @@ def test_summarize_samples(samples_dir, capsys):
     )
 
 
+def test_summarize_and_audit_of_a_folder_without_records_say_so(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("no ECG here")
+    for command in ("summarize", "audit"):
+        assert main(["datasets", command, str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"ecgvlm datasets: error: no records found under {tmp_path} "), err
+
+
 def test_summarize_counts_unknowns_and_failures(tmp_path, samples_dir, capsys):
     folder = tmp_path / "georgia"
     folder.mkdir()
