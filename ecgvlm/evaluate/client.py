@@ -167,8 +167,11 @@ class ChatClient:
         self.client.close()
 
 
-def list_models(endpoint: str, api_key: str = "EMPTY", timeout_s: float = 10.0) -> dict[str, str | None]:
+def list_models(endpoint: str, api_key: str = "EMPTY", timeout_s: float = 10.0,
+                key_env: str | None = None) -> dict[str, str | None]:
     """The models ``GET {endpoint}/models`` lists: id -> None when it can answer, else why not.
+
+    ``key_env`` names the variable ``api_key`` came from, for the message of a refused token.
 
     Our endpoint's model cards carry ``available`` and ``reason`` (e.g. gpt-4o without an
     OpenAI key on the server); plain OpenAI-compatible servers list available models only.
@@ -191,6 +194,13 @@ def list_models(endpoint: str, api_key: str = "EMPTY", timeout_s: float = 10.0) 
         base = endpoint.rstrip("/")
         hint = "" if base.endswith("/v1") else f"; did you mean endpoint={base}/v1?"
         raise EvaluationError(f"endpoint {endpoint} did not list its models: {e}{hint}") from e
+    except openai.AuthenticationError as e:
+        # `ecgvlm serve` with ECGVLM_API_TOKEN set: the token missing here, or another one.
+        where = f"set {key_env} to the token the endpoint was started with" if key_env else (
+            "give the endpoint's token as api_key")
+        given = "no token was sent" if api_key == "EMPTY" else "it refused the token sent"
+        raise EvaluationError(f"endpoint {endpoint} did not list its models: it asks for a "
+                              f"token and {given} (401); {where}") from e
     except openai.OpenAIError as e:
         raise EvaluationError(f"endpoint {endpoint} did not list its models: {e}") from e
     finally:

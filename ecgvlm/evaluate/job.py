@@ -112,7 +112,9 @@ class EvalConfig:
         split: Which split to evaluate.
         output_dir: Where predictions, metrics, judge scores, report and plots go.
         endpoint: Base URL of the OpenAI-compatible API, ending in ``/v1``.
-        endpoint_api_key_env: Environment variable with the endpoint's key (optional).
+        endpoint_api_key_env: Environment variable with the endpoint's bearer token: the
+            variable ``ecgvlm serve`` reads its token from, so one export serves both
+            (unset: no token sent, as an endpoint without auth needs).
         models: Model names the endpoint serves (``pulse``, ``pulse-lora``, ``gpt-4o``).
         datasets: Only these data sets (empty: all in the split).
         limit_per_dataset: Evaluate at most this many samples per data set (0: all): a
@@ -164,7 +166,7 @@ class EvalConfig:
     split: str = "test"
     output_dir: str = "runs/eval"
     endpoint: str = "http://127.0.0.1:8000/v1"
-    endpoint_api_key_env: str = "ECGVLM_API_KEY"
+    endpoint_api_key_env: str = "ECGVLM_API_TOKEN"
     models: tuple[str, ...] = ("pulse", "pulse-lora", "gpt-4o")
     datasets: tuple[str, ...] = ()
     limit_per_dataset: int = 0
@@ -1210,7 +1212,8 @@ def check_inputs(config: EvalConfig) -> EvalInputs:
     if not len(meta):
         raise EvaluationError(f"split {config.split!r} in {config.data_dir} selects no samples")
     api_key = os.environ.get(config.endpoint_api_key_env) or "EMPTY"
-    return EvalInputs(shards, meta, list_models(config.endpoint, api_key))
+    return EvalInputs(shards, meta, list_models(config.endpoint, api_key,
+                                                key_env=config.endpoint_api_key_env))
 
 
 def evaluate(config: EvalConfig, inputs: EvalInputs | None = None) -> tuple[Any, dict[str, str]]:

@@ -775,6 +775,26 @@ def test_auth_on_every_route_but_health(endpoint, headers, status):
     assert "gpt-4o" in [m.id for m in client.models.list().data]
 
 
+def test_the_evaluation_sends_the_token_the_endpoint_was_started_with(endpoint, monkeypatch):
+    from ecgvlm.evaluate import EvalConfig
+    from ecgvlm.evaluate.client import list_models
+    from ecgvlm.evaluate.errors import EvaluationError
+
+    # One variable for both sides: `ecgvlm evaluate` read ECGVLM_API_KEY while the server
+    # read ECGVLM_API_TOKEN, so with the README's one export the evaluation got a bare 401.
+    key_env = EvalConfig(data_dir="d").endpoint_api_key_env
+    assert key_env == sv.ServeArgs().auth_token_env == "ECGVLM_API_TOKEN"
+    url = f"{endpoint['secure']}/v1"
+    for sent, said in (("EMPTY", "no token was sent"), ("wrong", "it refused the token sent")):
+        with pytest.raises(EvaluationError) as raised:
+            list_models(url, sent, key_env=key_env)
+        assert str(raised.value) == (
+            f"endpoint {url} did not list its models: it asks for a token and {said} (401); "
+            "set ECGVLM_API_TOKEN to the token the endpoint was started with")
+    monkeypatch.setenv(key_env, TOKEN)
+    assert "gpt-4o" in list_models(url, os.environ[key_env], key_env=key_env)
+
+
 # --- `ecgvlm serve` as a user runs it ---------------------------------------------------------
 
 #: Ports Ray binds by default (GCS, dashboard, Ray client, dashboard agent, metrics agent,
