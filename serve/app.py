@@ -240,8 +240,10 @@ class Gateway:
         proxy: DeploymentHandle,
         args: sv.ServeArgs,
         auth_token: SecretStr | None,
+        fingerprints: dict[str, str] | None = None,
     ) -> None:
         self.pulse = pulse
+        self.fingerprints = dict(fingerprints or {})  # sv.model_fingerprints, per model id
         self.proxy = proxy
         self._proxy_stream = proxy.options(stream=True)
         self.args = args
@@ -392,6 +394,8 @@ class Gateway:
                                       runtime=runtime))
             cards += [sv.ModelCard(id=f"{sv.LORA_MODEL}:{a}", adapter=a, runtime=runtime)
                       for a in self.adapters]
+        for card in cards:
+            card.fingerprint = self.fingerprints.get(card.id)
         cards.append(sv.ModelCard(id=sv.GPT4O_MODEL, owned_by="openai",
                                   available=proxy["available"], reason=proxy["reason"]))
         return {"object": "list", "data": [c.model_dump() for c in cards]}
@@ -694,5 +698,5 @@ def build_app(args: sv.ServeArgs | dict[str, Any]) -> serve.Application:
         args.openai, SecretStr(api_key) if api_key else None
     )
     return Gateway.options(**args.gateway.deployment_options()).bind(
-        pulse, proxy, args, SecretStr(token) if token else None
+        pulse, proxy, args, SecretStr(token) if token else None, sv.model_fingerprints(args)
     )

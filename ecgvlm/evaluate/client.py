@@ -173,6 +173,19 @@ def list_models(endpoint: str, api_key: str = "EMPTY", timeout_s: float = 10.0,
 
     ``key_env`` names the variable ``api_key`` came from, for the message of a refused token.
 
+    Raises:
+        EvaluationError: when the endpoint cannot be reached or answers with an error.
+    """
+    cards = list_model_cards(endpoint, api_key, timeout_s, key_env)
+    return {model: card["reason"] for model, card in cards.items()}
+
+
+def list_model_cards(endpoint: str, api_key: str = "EMPTY", timeout_s: float = 10.0,
+                     key_env: str | None = None) -> dict[str, dict[str, str | None]]:
+    """What :func:`list_models` gives, with each model's weights: id -> ``{"reason": None
+    or why it cannot answer, "fingerprint": None or the weights' fingerprint}`` (our endpoint
+    gives one for its PULSE models, ``ecgvlm.serving.model_fingerprints``).
+
     Our endpoint's model cards carry ``available`` and ``reason`` (e.g. gpt-4o without an
     OpenAI key on the server); plain OpenAI-compatible servers list available models only.
 
@@ -205,11 +218,14 @@ def list_models(endpoint: str, api_key: str = "EMPTY", timeout_s: float = 10.0,
         raise EvaluationError(f"endpoint {endpoint} did not list its models: {e}") from e
     finally:
         client.close()
-    out: dict[str, str | None] = {}
+    out: dict[str, dict[str, str | None]] = {}
     for card in cards:
         extra = card.model_extra or {}
         available = extra.get("available", True) is not False
-        out[card.id] = None if available else str(extra.get("reason") or "listed as unavailable")
+        reason = None if available else str(extra.get("reason") or "listed as unavailable")
+        fingerprint = extra.get("fingerprint")
+        out[card.id] = {"reason": reason,
+                        "fingerprint": str(fingerprint) if fingerprint else None}
     return out
 
 

@@ -52,7 +52,7 @@ from ecgvlm.evaluate.client import (
     ANSWER_MODES,
     ChatClient,
     explanation_of,
-    list_models,
+    list_model_cards,
     predict_one,
 )
 from ecgvlm.evaluate.conditions import (
@@ -237,6 +237,17 @@ class EvalConfig:
 # ---------------------------------------------------------------------------------------------
 # Reading the split
 # ---------------------------------------------------------------------------------------------
+
+
+def prepared_dataset_id(data_dir: str | Path) -> str | None:
+    """The id ``ecgvlm prepare`` gave the data set (its ``manifest.json``'s): it changes with
+    every setting that changes a sample. None for a folder of shards without a manifest."""
+    import json
+
+    manifest = storage.join(str(data_dir), "manifest.json")
+    if not storage.is_file(manifest):
+        return None
+    return json.loads(storage.read_text(manifest)).get("dataset_id")
 
 
 def split_files(data_dir: str | Path, split: str) -> list[str]:
@@ -1186,6 +1197,10 @@ class EvalInputs:
     shards: list[str]
     meta: Any
     served: dict[str, str | None]
+    #: The prepared data set's id (its manifest's), None without a manifest.
+    dataset_id: str | None = None
+    #: The asked models' weights, where the endpoint gives them (``list_model_cards``).
+    fingerprints: dict[str, str] = field(default_factory=dict)
 
 
 def check_inputs(config: EvalConfig) -> EvalInputs:
@@ -1205,15 +1220,21 @@ def check_inputs(config: EvalConfig) -> EvalInputs:
 
     shards = split_files(config.data_dir, config.split)
     storage.check_creatable(config.output_dir)
-    PredictionStore(config.output_dir).check_resumable(config.split, PROMPT_VERSION)
+    store = PredictionStore(config.output_dir)
+    store.check_resumable(config.split, PROMPT_VERSION)
     meta = select_samples(
         read_split_meta(shards), config.datasets, config.limit_per_dataset, config.seed
     )
     if not len(meta):
         raise EvaluationError(f"split {config.split!r} in {config.data_dir} selects no samples")
     api_key = os.environ.get(config.endpoint_api_key_env) or "EMPTY"
-    return EvalInputs(shards, meta, list_models(config.endpoint, api_key,
-                                                key_env=config.endpoint_api_key_env))
+    cards = list_model_cards(config.endpoint, api_key, key_env=config.endpoint_api_key_env)
+    fingerprints = {m: cards[m]["fingerprint"] for m in config.models
+                    if m in cards and cards[m]["fingerprint"]}
+    dataset_id = prepared_dataset_id(config.data_dir)
+    store.check_same_inputs(dataset_id, fingerprints)
+    return EvalInputs(shards, meta, {m: card["reason"] for m, card in cards.items()},
+                      dataset_id, fingerprints)
 
 
 def evaluate(config: EvalConfig, inputs: EvalInputs | None = None) -> tuple[Any, dict[str, str]]:
@@ -1250,6 +1271,7 @@ def evaluate(config: EvalConfig, inputs: EvalInputs | None = None) -> tuple[Any,
     storage.check_writable(out)
     store = PredictionStore(out)
     save_config(config, storage.join(out, "config.yaml"))
+    store.record_inputs(config.data_dir, inputs.dataset_id, inputs.fingerprints)
 
     unavailable = {}
     for m in config.models:

@@ -44,6 +44,10 @@ PREDICTION_COLUMNS: tuple[str, ...] = (
 )
 
 
+#: Where an output directory records what its predictions were made from: the prepared data
+#: set's id and each model's weights (``PredictionStore.check_same_inputs``).
+INPUTS_NAME = "inputs.json"
+
 #: The order of ``predictions.parquet``'s rows.
 SORT_COLUMNS: tuple[str, ...] = ("model", "answer_mode", "condition", "dataset", "sample_id")
 
@@ -250,6 +254,56 @@ class PredictionStore:
                     f"this run asks {column} {wanted}: use another output_dir (resuming "
                     "would mix two experiments)"
                 )
+
+    def _stored_inputs(self) -> dict[str, Any]:
+        import json
+
+        path = storage.join(self.output_dir, INPUTS_NAME)
+        if not storage.is_file(path):
+            return {}
+        return json.loads(storage.read_text(path))
+
+    def check_same_inputs(self, dataset_id: str | None, fingerprints: dict[str, str]) -> None:
+        """Refuse to add to predictions made on another prepared data set, or by other
+        weights under one of ``fingerprints``' model names (a retrained adapter served as
+        ``pulse-lora`` again). Sample ids name records, not questions, so a resumed run would
+        otherwise keep answers to other questions, or another model's, as this run's.
+        Where either side is unknown (no manifest, an endpoint that gives no fingerprint, a
+        directory written before this was recorded) nothing is compared.
+
+        Raises:
+            EvaluationError: naming what is stored and what this run would use.
+        """
+        stored = self._stored_inputs()
+        if not stored or not self._sources():
+            return
+        held = stored.get("dataset_id")
+        if held and dataset_id and held != dataset_id:
+            raise EvaluationError(
+                f"{self.output_dir} holds predictions on the prepared data set {held} "
+                f"({stored.get('data_dir')}); this run's data_dir holds {dataset_id}: use "
+                "another output_dir (resuming would mix two experiments)")
+        for model, now in sorted(fingerprints.items()):
+            was = (stored.get("fingerprints") or {}).get(model)
+            if was and now and was != now:
+                raise EvaluationError(
+                    f"{self.output_dir} holds {model}'s answers from other weights "
+                    f"(fingerprint {was}); the endpoint serves {model} with {now} now (a "
+                    "retrained adapter or another checkpoint under the same name): use "
+                    f"another output_dir (resuming would mix the two), or leave {model} "
+                    "out of models")
+
+    def record_inputs(self, data_dir: str, dataset_id: str | None,
+                      fingerprints: dict[str, str]) -> None:
+        """Write what this run's predictions are made from (:meth:`check_same_inputs`), with
+        the fingerprints of models asked before that this run does not ask."""
+        import json
+
+        kept = self._stored_inputs() if self._sources() else {}
+        record = {"data_dir": data_dir, "dataset_id": dataset_id or kept.get("dataset_id"),
+                  "fingerprints": {**(kept.get("fingerprints") or {}), **fingerprints}}
+        storage.write_text(storage.join(self.output_dir, INPUTS_NAME),
+                           json.dumps(record, indent=2, sort_keys=True) + "\n")
 
     def append(self, rows: list[dict[str, Any]]) -> str | None:
         """Write ``rows`` as one new part file, atomically."""

@@ -208,6 +208,30 @@ def absolute_paths(args: ServeArgs, base: str | None = None) -> ServeArgs:
                                    "samples_dir": samples, "report_dir": report})
 
 
+def model_fingerprints(args: ServeArgs) -> dict[str, str]:
+    """Model id -> a fingerprint of the weights it answers with, for ``/v1/models``:
+    ``ecgvlm.storage.fingerprint`` of ``model_dir`` for ``pulse``, of the base and the
+    adapter together for each ``pulse-lora`` model. An evaluation resumed against the
+    endpoint compares them with those its stored answers came from, so a retrained adapter
+    served under the same name is not mixed with the old one's answers. Reads a few MB per
+    checkpoint shard (its first and last MiB)."""
+    import hashlib
+
+    from ecgvlm import storage
+    from ecgvlm.serving.limits import LORA_MODEL, PULSE_MODEL
+
+    if args.model_dir is None:
+        return {}
+    base = storage.fingerprint(args.model_dir)
+    out = {PULSE_MODEL: base}
+    for i, name in enumerate(args.served_adapters()):
+        both = f"{base}:{storage.fingerprint(args.adapters[name])}".encode()
+        out[f"{LORA_MODEL}:{name}"] = hashlib.blake2b(both, digest_size=8).hexdigest()
+        if i == 0:
+            out[LORA_MODEL] = out[f"{LORA_MODEL}:{name}"]
+    return out
+
+
 def check_paths(args: ServeArgs) -> None:
     """Raise ValueError naming the field when ``model_dir``, ``report_dir`` or an adapter is
     not a directory (``model_dir`` and adapters may be URIs of an object store: a prefix

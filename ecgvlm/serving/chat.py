@@ -99,6 +99,8 @@ class ModelCard(BaseModel):
     adapter: str | None = None  # the LoRA adapter a pulse-lora model answers with
     # How PULSE runs on its replica (RUNTIME_KEYS of PulseRunner.stats), for pulse models.
     runtime: dict[str, Any] | None = None
+    # The weights it answers with (ecgvlm.serving.model_fingerprints), for pulse models.
+    fingerprint: str | None = None
 
 
 @dataclass(frozen=True)

@@ -636,6 +636,8 @@ def test_evaluate_against_the_real_endpoint_with_the_tiny_model(
     """The Ray Serve app (tiny random PULSE + a LoRA adapter, no OpenAI key) over HTTP."""
     from ray import serve
 
+    from ecgvlm import serving as sv
+    from ecgvlm.evaluate.job import check_inputs
     from serve.app import build_app
     from tests.fakes.adapters import make_random_adapter
 
@@ -660,9 +662,26 @@ def test_evaluate_against_the_real_endpoint_with_the_tiny_model(
             cfg_path.write_text(yaml.safe_dump(cfg))
             report, _ = evaluate(load_config(EvalConfig, cfg_path))
             n_judged = len(judge_server.chat_requests)
+            # The endpoint listed the weights of each PULSE model, and the run kept them.
+            served = sv.model_fingerprints(sv.ServeArgs(model_dir=str(tiny_pulse_dir),
+                                                        adapters={"study": str(adapter)}))
+            inputs = json.loads((out / "inputs.json").read_text())
+            assert inputs["fingerprints"] == {m: served[m] for m in ("pulse", "pulse-lora")}
+            assert inputs["dataset_id"] is None  # the test's split has no manifest
+            check_inputs(load_config(EvalConfig, cfg_path))  # the same weights: resumable
     finally:
         serve.delete("ecgvlm-eval")
         serve.shutdown()
+    # Another adapter served as pulse-lora at the same address (a retrained one, here the
+    # fake's card): the rerun is refused before Ray starts, rather than keeping the old
+    # adapter's answers as the new one's.
+    retrained = [{"id": "pulse", "fingerprint": served["pulse"]},
+                 {"id": "pulse-lora", "fingerprint": "0123456789abcdef"}, "gpt-4o"]
+    said = (f"{out} holds pulse-lora's answers from other weights (fingerprint "
+            f"{served['pulse-lora']}); the endpoint serves pulse-lora with 0123456789abcdef")
+    with FakeOpenAIServer(models=retrained) as other, \
+            pytest.raises(EvaluationError, match=re.escape(said)):
+        check_inputs(load_config(EvalConfig, cfg_path, [f"endpoint={other.base_url}"]))
 
     pred = pd.read_parquet(out / "predictions.parquet")
     assert sorted(set(pred["model"])) == ["pulse", "pulse-lora"]

@@ -267,6 +267,38 @@ def test_resume_refuses_predictions_of_another_split_or_prompt_version(tmp_path)
         store.check_resumable("test", "v1")
 
 
+def test_resume_refuses_predictions_of_another_data_set_or_other_weights(tmp_path):
+    store = PredictionStore(tmp_path)
+    asked = {"pulse": "aaaa", "pulse-lora": "bbbb"}
+    store.record_inputs("runs/prepared", "d1", asked)
+    store.check_same_inputs("d2", {"pulse-lora": "cccc"})  # no predictions yet: anything goes
+    store.append([{"sample_id": "s1", "dataset": "d", "model": "pulse", "split": "test"}])
+    store.check_same_inputs("d1", asked)
+    store.check_same_inputs(None, {"gpt-4o": "x"})  # unknown on one side: nothing compared
+    with pytest.raises(EvaluationError) as raised:
+        store.check_same_inputs("d2", asked)
+    assert str(raised.value) == (
+        f"{tmp_path} holds predictions on the prepared data set d1 (runs/prepared); this "
+        "run's data_dir holds d2: use another output_dir (resuming would mix two experiments)")
+    with pytest.raises(EvaluationError) as raised:
+        store.check_same_inputs("d1", {"pulse": "aaaa", "pulse-lora": "cccc"})
+    assert str(raised.value) == (
+        f"{tmp_path} holds pulse-lora's answers from other weights (fingerprint bbbb); the "
+        "endpoint serves pulse-lora with cccc now (a retrained adapter or another checkpoint "
+        "under the same name): use another output_dir (resuming would mix the two), or leave "
+        "pulse-lora out of models")
+    from ecgvlm.evaluate.job import prepared_dataset_id
+
+    assert prepared_dataset_id(tmp_path) is None  # a folder of shards, no manifest
+    (tmp_path / "manifest.json").write_text('{"dataset_id": "d1", "splits": {}}')
+    assert prepared_dataset_id(tmp_path) == "d1"
+    # A later run that asks another model adds it; one without a manifest keeps the id.
+    store.record_inputs("runs/prepared", None, {"pulse-lora:b": "dddd"})
+    store.check_same_inputs("d1", {**asked, "pulse-lora:b": "dddd"})
+    with pytest.raises(EvaluationError, match="pulse-lora:b's answers from other weights"):
+        store.check_same_inputs("d1", {"pulse-lora:b": "eeee"})
+
+
 def test_an_endpoint_without_its_v1_is_named_with_the_likely_fix():
     from ecgvlm.evaluate.client import list_models
     from tests.fakes.openai_server import FakeOpenAIServer

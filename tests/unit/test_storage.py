@@ -283,6 +283,44 @@ def test_the_endpoint_serves_a_model_and_adapter_kept_in_a_bucket(
     assert remote_runner.generate(asks) == local_runner.generate(asks)
     copies = sorted(p.name for p in (tmp_path / "cache" / "remote").glob("*/*") if p.is_dir())
     assert copies == ["adapter", "tiny-pulse"]
+    # /v1/models' fingerprints: the bucket's copy hashes as the folder does, and an adapter
+    # of another seed (another training run, say) under the same name does not.
+    local_args = sv.ServeArgs(model_dir=str(tiny_pulse_dir), adapters={"lora": str(adapter)})
+    fingerprints = sv.model_fingerprints(args)
+    assert fingerprints == sv.model_fingerprints(local_args)
+    assert set(fingerprints) == {"pulse", "pulse-lora", "pulse-lora:lora"}
+    other = make_random_adapter(tiny_pulse_dir, tmp_path / "adapter2", seed=2)
+    retrained = sv.model_fingerprints(local_args.model_copy(update={"adapters": {"lora": str(other)}}))
+    assert retrained["pulse"] == fingerprints["pulse"]
+    assert retrained["pulse-lora"] != fingerprints["pulse-lora"]
+
+
+def test_a_folders_fingerprint_follows_its_files_not_where_they_are(location: str, tmp_path: Path) -> None:
+    edge = 1024
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "config.json").write_text('{"hidden_size": 8}')
+    weights = bytearray(range(256)) * 40  # 10 KiB: its first and last KiB are hashed
+    (src / "sub" / "w.safetensors").write_bytes(bytes(weights))
+    storage.upload_dir(src, location)
+    assert storage.fingerprint(location, edge) == storage.fingerprint(src, edge)
+
+    def changed(offset: int) -> str:
+        copy = bytearray(weights)
+        copy[offset] ^= 0xFF
+        (src / "sub" / "w.safetensors").write_bytes(bytes(copy))
+        return storage.fingerprint(src, edge)
+
+    before = storage.fingerprint(src, edge)
+    (src / ".cache").mkdir()
+    (src / ".cache" / "lock").write_text("hidden files are not the weights")
+    assert storage.fingerprint(src, edge) == before
+    assert changed(100) != before and changed(len(weights) - 1) != before
+    assert changed(5000) == before  # a change in the middle alone is not seen (the docstring)
+    (src / "sub" / "w.safetensors").rename(src / "sub" / "v.safetensors")
+    assert storage.fingerprint(src, edge) != before
+    with pytest.raises(storage.StorageError, match="to fingerprint it"):
+        storage.fingerprint(tmp_path / "missing")
 
 
 def test_a_search_on_object_storage_keeps_its_trials_there() -> None:
