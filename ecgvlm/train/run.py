@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import posixpath
@@ -59,11 +60,23 @@ _RUN_SNAPSHOT = "checkpoint_manager_snapshot.json"
 RUN_CONFIG = "train_config.yaml"
 # Config fields that shape the learning-rate schedule.
 SCHEDULE_FIELDS = ("learning_rate", "warmup_steps", "max_steps")
+# What the run started on (run_inputs), written into the run folder when a run starts.
+RUN_INPUTS = "run_inputs.json"
 
 
-def check_run_dir(config: TrainConfig, resume: bool) -> None:
+def run_inputs(config: TrainConfig, summary: DataSummary) -> dict[str, str | None]:
+    """What a run trains on, beyond its config's paths: the prepared data's manifest hash
+    and a fingerprint of the model folder's files (``ecgvlm.storage.fingerprint``)."""
+    return {"data_manifest_hash": summary.manifest_hash,
+            "model_fingerprint": storage.fingerprint(config.model_dir)}
+
+
+def check_run_dir(config: TrainConfig, resume: bool,
+                  inputs: Mapping[str, str | None] | None = None) -> None:
     """Refuse to silently mix a new run into an old one, to resume nothing, or to change
-    the learning-rate schedule of a run on resume."""
+    the learning-rate schedule of a run on resume, or (given ``inputs``, :func:`run_inputs`)
+    its data or base model: the same paths may hold a data set prepared again or other
+    weights since the run started, and the resumed run would go on on those."""
     run_dir = config.run_dir()
     exists = storage.exists(storage.join(run_dir, _RUN_SNAPSHOT))
     if resume and not exists:
@@ -89,6 +102,19 @@ def check_run_dir(config: TrainConfig, resume: bool) -> None:
                     f"({', '.join(SCHEDULE_FIELDS)}) is fixed when a run starts: resume with "
                     "the run's values, or start a new run_name"
                 )
+    started = storage.join(run_dir, RUN_INPUTS)
+    if resume and inputs is not None and storage.is_file(started):
+        before = json.loads(storage.read_text(started))
+        for name, what, path in (("data_manifest_hash", "the prepared data in data_dir",
+                                  config.data_dir),
+                                 ("model_fingerprint", "the weights in model_dir",
+                                  config.model_dir)):
+            was, now = before.get(name), inputs.get(name)
+            if was and now and was != now:
+                raise ConfigError(
+                    f"--resume: {what} {path} are not those the run started on ({name} "
+                    f"{was} then, {now} now; {started}): the resumed run would mix the two. "
+                    "Put the run's back, or start a new run_name")
 
 
 def check_output_dir(output_dir: str, inputs: Mapping[str, str]) -> None:
@@ -290,7 +316,7 @@ def check_inputs(config: TrainConfig, resume: bool | None = None) -> DataSummary
     check_output_dir(config.output_dir, {name: getattr(config, name)
                                          for name in ("storage_path", "data_dir", "model_dir")})
     if resume is not None:
-        check_run_dir(config, resume)
+        check_run_dir(config, resume, run_inputs(config, summary) if resume else None)
     return summary
 
 
@@ -333,6 +359,9 @@ def run_training(config: TrainConfig, resume: bool = False, callbacks: tuple[Any
     datasets = build_datasets(config, summary)
 
     save_config(config, storage.join(config.run_dir(), RUN_CONFIG))
+    started = storage.join(config.run_dir(), RUN_INPUTS)
+    if not storage.is_file(started):  # kept from the run's start through every resume
+        storage.write_text(started, json.dumps(run_inputs(config, summary), indent=2) + "\n")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=make_loop_config(

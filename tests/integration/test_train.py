@@ -203,3 +203,24 @@ def test_resubmitting_needs_resume_and_the_runs_schedule(trained, capsys) -> Non
     assert main([*args, "--resume"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"max_steps = {MAX_STEPS + 4} differs" in err[0], err
+
+
+
+def test_resuming_on_other_base_weights_is_refused(trained, tmp_path) -> None:
+    import dataclasses
+    import json
+
+    from ecgvlm import storage
+    from ecgvlm.config import ConfigError
+    from ecgvlm.model import make_tiny_pulse
+    from ecgvlm.train.run import RUN_INPUTS, check_inputs
+
+    config = trained["config"]
+    started = json.loads((Path(config.run_dir()) / RUN_INPUTS).read_text())
+    assert started["model_fingerprint"] == storage.fingerprint(config.model_dir)
+    assert started["data_manifest_hash"]
+    check_inputs(config, resume=True)  # what the run started on: resumable
+    other = make_tiny_pulse(tmp_path / "other-pulse", seed=1, merge="flat")
+    with pytest.raises(ConfigError, match=f"--resume: the weights in model_dir {other} are not "
+                       "those the run started on"):
+        check_inputs(dataclasses.replace(config, model_dir=str(other)), resume=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
+import re
 import shutil
 import subprocess
 import sys
@@ -382,6 +384,32 @@ def test_resume_refuses_a_changed_learning_rate_schedule(tmp_path: Path) -> None
     for name, value in (("max_steps", 2000), ("learning_rate", 2e-4), ("warmup_steps", 0)):
         with pytest.raises(ConfigError, match=f"--resume: {name} = .* differs from the run's"):
             check_run_dir(dataclasses.replace(config, **{name: value}), resume=True)
+
+
+def test_resume_refuses_data_prepared_again_or_other_base_weights(tmp_path: Path) -> None:
+    from ecgvlm.train.data import DataSummary
+    from ecgvlm.train.run import RUN_INPUTS, check_run_dir, run_inputs
+
+    config = TrainConfig(model_dir=str(tmp_path / "model"), data_dir=str(tmp_path / "data"),
+                         storage_path=str(tmp_path / "runs"), run_name="r")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model.safetensors").write_bytes(b"weights of the run's start")
+    summary = DataSummary({}, manifest_hash="m1")
+    run_dir = Path(config.run_dir())
+    run_dir.mkdir(parents=True)
+    (run_dir / "checkpoint_manager_snapshot.json").write_text("{}")  # a started run
+    (run_dir / RUN_INPUTS).write_text(json.dumps(run_inputs(config, summary)))
+    check_run_dir(config, resume=True, inputs=run_inputs(config, summary))
+    with pytest.raises(ConfigError) as raised:
+        check_run_dir(config, resume=True, inputs=run_inputs(config, DataSummary({}, manifest_hash="m2")))
+    assert str(raised.value).startswith(
+        f"--resume: the prepared data in data_dir {tmp_path / 'data'} are not those the run "
+        "started on (data_manifest_hash m1 then, m2 now; ")
+    (tmp_path / "model" / "model.safetensors").write_bytes(b"weights of another checkpoint")
+    with pytest.raises(ConfigError, match=re.escape(
+            f"--resume: the weights in model_dir {tmp_path / 'model'} are not those the run "
+            "started on (model_fingerprint ")):
+        check_run_dir(config, resume=True, inputs=run_inputs(config, summary))
 
 
 def test_an_output_dir_whose_replacement_would_delete_something_is_refused(tmp_path: Path):
