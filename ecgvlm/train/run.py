@@ -117,7 +117,9 @@ def check_run_dir(config: TrainConfig, resume: bool,
                     "Put the run's back, or start a new run_name")
 
 
-def check_output_dir(output_dir: str, inputs: Mapping[str, str]) -> None:
+def check_output_dir(output_dir: str, inputs: Mapping[str, str],
+                     example: str = "configs/train_tiny_cpu.yaml: runs/train/tiny-cpu-adapter",
+                     ) -> None:
     """Refuse an adapter ``output_dir`` whose replacement would delete something else.
 
     The best adapter replaces ``output_dir`` whole (``storage.replace_dir``, a rename locally,
@@ -125,6 +127,7 @@ def check_output_dir(output_dir: str, inputs: Mapping[str, str]) -> None:
     storage_path) would have deleted every run's checkpoints once the run ended, and
     ``output_dir=runs`` the prepared data too. It must be a new or empty folder, or an
     adapter's (which a new run replaces), and not hold any of ``inputs`` (name -> location).
+    ``example``: a shipped config's choice, for the message.
 
     Raises:
         ConfigError: naming ``output_dir`` and what it holds.
@@ -135,8 +138,8 @@ def check_output_dir(output_dir: str, inputs: Mapping[str, str]) -> None:
         if path == out or path.startswith(f"{out}/"):
             raise ConfigError(
                 f"output_dir {output_dir} holds {name} {location}: the adapter replaces that "
-                "folder whole, which would delete it; give the adapter a folder of its own "
-                "(configs/train_tiny_cpu.yaml: runs/train/tiny-cpu-adapter)")
+                f"folder whole, which would delete it; give the adapter a folder of its own "
+                f"({example})")
     if storage.is_file(storage.join(out, "adapter_config.json")):
         return
     held = storage.list_files(out, recursive=True)

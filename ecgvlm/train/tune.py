@@ -288,7 +288,8 @@ def check_search(config: TuneConfig, resume: bool = False) -> tuple[TuneConfig, 
     config = resolve_paths(config, TuneConfig.PATH_FIELDS)
     base = resolve_paths(config.base_train_config(), TrainConfig.PATH_FIELDS)
     check_output_dir(config.output_dir, {"storage_path": config.storage_path,
-                                         "data_dir": base.data_dir, "model_dir": base.model_dir})
+                                         "data_dir": base.data_dir, "model_dir": base.model_dir},
+                     "configs/tune_tiny_cpu.yaml: runs/tune/tiny-cpu-best-adapter")
     exists = ray.tune.Tuner.can_restore(config.experiment_dir())
     if resume and not exists:
         raise ConfigError(f"--resume: no search {config.name!r} under {config.storage_path}")

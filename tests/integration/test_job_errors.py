@@ -124,7 +124,10 @@ def test_a_shard_cut_short_after_prepare_is_named_by_train_and_evaluate(tmp_path
                  f"train.data_dir={data}", f"train.model_dir={tiny_pulse_dir}",
                  f"storage_path={tmp_path / 'tune'}", f"output_dir={tmp_path / 'tune'}"],
                 cwd=ROOT, RAY_ADDRESS="127.0.0.1:1")
-    _assert_one_line_error(done, "tune", f"output_dir {tmp_path / 'tune'} holds storage_path")
+    _assert_one_line_error(done, "tune", f"output_dir {tmp_path / 'tune'} holds storage_path "
+                           f"{tmp_path / 'tune'}: the adapter replaces that folder whole, which "
+                           "would delete it; give the adapter a folder of its own "
+                           "(configs/tune_tiny_cpu.yaml: runs/tune/tiny-cpu-best-adapter)")
     # The adapter's folder set to the runs' own (a slip): replacing it with the adapter would
     # have deleted every run's checkpoints when the run ended.
     done = _run(["-m", "jobs.train", "--config", "configs/train_tiny_cpu.yaml",
