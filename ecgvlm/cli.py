@@ -229,9 +229,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     config = load_config(TrainConfig, args.config, args.overrides)
     summary = check_inputs(config, args.resume)  # said at once, not after Ray has started
-    with _ray_for_training(config, args.num_cpus):
-        run_training(config, resume=args.resume, summary=summary)
+    try:
+        with _ray_for_training(config, args.num_cpus):
+            run_training(config, resume=args.resume, summary=summary)
+    except KeyboardInterrupt as e:
+        raise KeyboardInterrupt(_train_resume_hint(config)) from e
     return 0
+
+
+def _train_resume_hint(config: TrainConfig) -> str:
+    """How to pick up a stopped run, as ``check_run_dir`` will judge the rerun: with
+    ``--resume`` once Ray Train has recorded the run, else the same command as it was."""
+    from ecgvlm import storage
+    from ecgvlm.config import resolve_paths
+    from ecgvlm.train.run import _RUN_SNAPSHOT
+
+    run_dir = resolve_paths(config, config.PATH_FIELDS).run_dir()
+    if storage.exists(storage.join(run_dir, _RUN_SNAPSHOT)):
+        return f"rerun with --resume to continue from the last checkpoint {run_dir} recorded"
+    return f"no checkpoint was recorded in {run_dir} yet: rerun the same command"
 
 
 @contextlib.contextmanager
@@ -524,7 +540,8 @@ def _task_cause(error: BaseException) -> BaseException:
 #: How each command picks up where Ctrl-C stopped it (said on the line that reports it).
 _RESUME_HINTS = {
     "prepare": "rerun the same command: the finished shards are kept",
-    "train": "rerun with --resume to continue from its last checkpoint (none yet: rerun as is)",
+    "train": "rerun with --resume to continue from its last checkpoint (or as it was, if it "
+             "had recorded none)",
     "tune": "rerun with --resume to continue the search",
     "evaluate": "rerun the same command: the answers already stored are not asked again",
     "demo": "rerun it: the finished stages are reused",
@@ -541,8 +558,8 @@ def report_user_errors(command: str, run: Callable[[], int | None]) -> int:
     """
     try:
         return int(run() or 0)
-    except KeyboardInterrupt:
-        hint = _RESUME_HINTS.get(command)
+    except KeyboardInterrupt as e:
+        hint = str(e) or _RESUME_HINTS.get(command)  # a command may know better (train)
         print(f"ecgvlm {command}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return 130
     except Exception as raised:

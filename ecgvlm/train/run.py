@@ -114,7 +114,7 @@ def check_run_dir(config: TrainConfig, resume: bool,
                 raise ConfigError(
                     f"--resume: {what} {path} are not those the run started on ({name} "
                     f"{was} then, {now} now; {started}): the resumed run would mix the two. "
-                    "Put the run's back, or start a new run_name")
+                    "Resume on what the run started on, or start a new run_name")
 
 
 def check_output_dir(output_dir: str, inputs: Mapping[str, str],
@@ -363,7 +363,7 @@ def run_training(config: TrainConfig, resume: bool = False, callbacks: tuple[Any
 
     save_config(config, storage.join(config.run_dir(), RUN_CONFIG))
     started = storage.join(config.run_dir(), RUN_INPUTS)
-    if not storage.is_file(started):  # kept from the run's start through every resume
+    if not resume or not storage.is_file(started):  # a resume keeps the start's
         storage.write_text(started, json.dumps(run_inputs(config, summary), indent=2) + "\n")
     trainer = TorchTrainer(
         train_loop_per_worker,

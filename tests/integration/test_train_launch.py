@@ -79,9 +79,10 @@ def test_relative_paths_and_resume_from_the_users_directory(
         assert driver.returncode == 130, stderr[-3000:]
         # The command's own output; Ray's actors may log tracebacks of their own as they stop.
         assert not any("Traceback" in ln for ln in driver_lines(stderr)), stderr[-3000:]
+        # Stopped once the run had recorded a checkpoint: the line says --resume, and where.
         assert stderr.strip().splitlines()[-1] == (
-            "ecgvlm train: interrupted; rerun with --resume to continue from its last "
-            "checkpoint (none yet: rerun as is)"), stderr[-3000:]
+            "ecgvlm train: interrupted; rerun with --resume to continue from the last "
+            f"checkpoint {run_dir} recorded"), stderr[-3000:]
     monkeypatch.chdir(user_dir)
     assert main(["--resume", *common]) == 0
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -153,7 +153,10 @@ def test_ctrl_c_is_one_line_saying_how_to_resume_with_status_130(capsys):
     assert report_user_errors("train", _raise(KeyboardInterrupt())) == 130
     assert capsys.readouterr().err == (
         "ecgvlm train: interrupted; rerun with --resume to continue from its last checkpoint "
-        "(none yet: rerun as is)\n")
+        "(or as it was, if it had recorded none)\n")
+    # A command that knows better says so (``ecgvlm train`` names its run's state).
+    assert report_user_errors("train", _raise(KeyboardInterrupt("rerun it so"))) == 130
+    assert capsys.readouterr().err == "ecgvlm train: interrupted; rerun it so\n"
     # A command without a way to resume (serve stops itself on Ctrl-C) says only that.
     assert report_user_errors("inspect", _raise(KeyboardInterrupt())) == 130
     assert capsys.readouterr().err == "ecgvlm inspect: interrupted\n"

@@ -386,6 +386,25 @@ def test_resume_refuses_a_changed_learning_rate_schedule(tmp_path: Path) -> None
             check_run_dir(dataclasses.replace(config, **{name: value}), resume=True)
 
 
+def test_a_stopped_runs_hint_says_what_its_rerun_will_accept(tmp_path: Path) -> None:
+    from ecgvlm.cli import _train_resume_hint
+    from ecgvlm.train import check_run_dir
+
+    config = TrainConfig(model_dir="m", data_dir="d", storage_path=str(tmp_path), run_name="r")
+    run_dir = tmp_path / "r"
+    # Stopped before Ray Train recorded the run: the same command again; --resume is refused.
+    assert _train_resume_hint(config) == (
+        f"no checkpoint was recorded in {run_dir} yet: rerun the same command")
+    with pytest.raises(ConfigError, match="--resume: no run 'r' to resume"):
+        check_run_dir(config, resume=True)
+    run_dir.mkdir()
+    (run_dir / "checkpoint_manager_snapshot.json").write_text("{}")  # recorded
+    assert _train_resume_hint(config) == (
+        f"rerun with --resume to continue from the last checkpoint {run_dir} recorded")
+    with pytest.raises(ConfigError, match="pass --resume to continue it"):
+        check_run_dir(config, resume=False)
+
+
 def test_resume_refuses_data_prepared_again_or_other_base_weights(tmp_path: Path) -> None:
     from ecgvlm.train.data import DataSummary
     from ecgvlm.train.run import RUN_INPUTS, check_run_dir, run_inputs
