@@ -524,6 +524,16 @@ def is_user_error(error: BaseException) -> bool:
             and type(error).__module__.startswith("ecgvlm."))
 
 
+def _error_text(error: BaseException) -> str:
+    """What the one line says: a pydantic ValidationError's messages with their fields,
+    without its dump of the whole input and a link to its docs."""
+    if type(error).__name__ == "ValidationError" and hasattr(error, "errors"):
+        return "; ".join(
+            (".".join(map(str, err["loc"])) + ": " if err["loc"] else "")
+            + err["msg"].removeprefix("Value error, ") for err in error.errors())
+    return str(error)
+
+
 def _task_cause(error: BaseException) -> BaseException:
     """The exception a Ray task raised, out of the ``RayTaskError`` that carries it.
 
@@ -566,7 +576,7 @@ def report_user_errors(command: str, run: Callable[[], int | None]) -> int:
         e = _task_cause(raised)
         if not is_user_error(e):
             raise
-        message = " ".join(str(e).split()) or type(e).__name__
+        message = " ".join(_error_text(e).split()) or type(e).__name__
         print(f"ecgvlm {command}: error: {message}", file=sys.stderr)
         return 2
 
@@ -586,6 +596,18 @@ def positive_int(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return value
+
+
+def port_number(text: str) -> int:
+    """argparse's type for ``--port`` (here and in ``jobs.demo``, where 0 means a free one):
+    ``--port 99999`` ended in a traceback from the socket's bind."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number, 0-65535, got {text!r}")
     return value
 
 
@@ -671,7 +693,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve pulse, pulse-lora and gpt-4o on one endpoint")
     p.add_argument("--model-dir", required=True)
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port_number, default=8000)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--num-cpus", type=positive_int, default=None,
                    help="logical CPUs of its private Ray (default: max(8, cores))")

@@ -46,7 +46,7 @@ def _done(t0: float, what: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ecgvlm.cli import positive_int
+    from ecgvlm.cli import port_number, positive_int
 
     p = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__.split("\n")[0])
     p.add_argument("--output-dir", default="runs/demo", help="everything the demo writes")
@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prepare-config", default=str(REPO / "configs/prepare_demo.yaml"))
     p.add_argument("--train-config", default=str(REPO / "configs/train_tiny_cpu.yaml"))
     p.add_argument("--evaluate-config", default=str(REPO / "configs/evaluate_demo.yaml"))
-    p.add_argument("--port", type=int, default=0, help="endpoint port (default: a free one)")
+    p.add_argument("--port", type=port_number, default=0,
+                   help="endpoint port (default: a free one)")
     p.add_argument("--num-cpus", type=positive_int, default=8,
                    help="logical CPUs of the local Ray (above the core count on purpose: the "
                         "endpoint's replicas and the trainer's workers share the machine)")

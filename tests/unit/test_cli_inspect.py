@@ -140,6 +140,17 @@ def test_library_errors_are_one_line_with_status_2(capsys):
     status = report_user_errors("evaluate", _raise(EvaluationError("split 'test' in\n/x selects no samples")))
     err = capsys.readouterr().err
     assert status == 2 and err == "ecgvlm evaluate: error: split 'test' in /x selects no samples\n"
+    # A pydantic error (the serve config's): its messages and fields, not its input's dump.
+    from ecgvlm.serving import ServeArgs
+
+    status = report_user_errors("serve", lambda: ServeArgs(adapters={"a:b": "x"}))
+    err = capsys.readouterr().err
+    assert status == 2 and err == (
+        "ecgvlm serve: error: adapters: name 'a:b' must be letters, digits, '.', '_' or '-'\n")
+    report_user_errors("serve", lambda: ServeArgs(abstain_below="high", batching={"x": 1}))
+    assert capsys.readouterr().err == (
+        "ecgvlm serve: error: batching.x: Extra inputs are not permitted; abstain_below: Input "
+        "should be a valid number, unable to parse string as a number\n")
     # Anything else is a bug: it keeps its traceback.
     with pytest.raises(RuntimeError, match="not ours"):
         report_user_errors("evaluate", _raise(RuntimeError("not ours")))

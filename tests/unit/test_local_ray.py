@@ -138,3 +138,19 @@ def test_num_cpus_below_one_is_refused_by_the_parser(command, capsys):
     assert raised.value.code == 2
     assert capsys.readouterr().err.endswith(
         "error: argument --num-cpus: must be a whole number of at least 1, got '0'\n")
+
+
+@pytest.mark.parametrize("port", ["99999", "-1", "http"])
+def test_a_port_out_of_range_is_refused_by_the_parser(port, capsys):
+    """``ecgvlm serve --port 99999`` ended in the socket's OverflowError traceback."""
+    from ecgvlm.cli import build_parser
+    from jobs.demo import build_parser as demo_parser
+
+    for parse, argv in ((build_parser().parse_args, ["serve", "--model-dir", "m", "--port", port]),
+                        (demo_parser().parse_args, ["--port", port])):
+        with pytest.raises(SystemExit) as raised:
+            parse(argv)
+        assert raised.value.code == 2
+        assert capsys.readouterr().err.endswith(
+            f"error: argument --port: must be a port number, 0-65535, got '{port}'\n")
+    assert build_parser().parse_args(["serve", "--model-dir", "m", "--port", "8000"]).port == 8000
