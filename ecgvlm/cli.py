@@ -17,6 +17,7 @@ from ecgvlm.local_ray import INGRESSES
 
 if TYPE_CHECKING:
     from ecgvlm.train import TrainConfig
+    from ecgvlm.train.tune import TuneConfig
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -217,9 +218,25 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     check_search(config, args.resume)
     # One trial's run, plus the sliver its driver function holds.
     num_cpus = args.num_cpus or max(os.cpu_count() or 1, math.ceil(base.cpus_needed()) + 1)
-    with _ray_for_training(base, num_cpus):
-        run_search(config, resume=args.resume)
+    try:
+        with _ray_for_training(base, num_cpus):
+            run_search(config, resume=args.resume)
+    except KeyboardInterrupt as e:
+        raise KeyboardInterrupt(_tune_resume_hint(config)) from e
     return 0
+
+
+def _tune_resume_hint(config: TuneConfig) -> str:
+    """How to pick up a stopped search, as ``check_search`` will judge the rerun: with
+    ``--resume`` once Tune has saved its state, else the same command as it was."""
+    import ray.tune
+
+    from ecgvlm.config import resolve_paths
+
+    experiment = resolve_paths(config, config.PATH_FIELDS).experiment_dir()
+    if ray.tune.Tuner.can_restore(experiment):
+        return "rerun with --resume to continue the search"
+    return f"the search had not saved its state in {experiment} yet: rerun the same command"
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

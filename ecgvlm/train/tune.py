@@ -43,7 +43,7 @@ from ecgvlm.config import (
 )
 from ecgvlm.train.config import TrainConfig
 from ecgvlm.train.loop import HISTORY_NAME, PLACEMENT_GROUP_NAME
-from ecgvlm.train.run import _RUN_SNAPSHOT, check_output_dir, run_training
+from ecgvlm.train.run import _RUN_SNAPSHOT, RUN_CONFIG, check_output_dir, run_training
 
 #: Distributions a ``search`` entry may name, with the values each takes.
 DISTRIBUTIONS = {"loguniform": "[low, high]", "uniform": "[low, high]",
@@ -368,7 +368,7 @@ def run_search(config: TuneConfig, resume: bool = False) -> list[dict[str, Any]]
             os.environ.pop(_NO_TUNE_SIGINT_HANDLER, None)
         else:
             os.environ[_NO_TUNE_SIGINT_HANDLER] = previous
-    rows = trial_rows(grid, experiment, config.metric)
+    rows = trial_rows(grid, experiment, config.metric, tuple(config.search))
     write_outputs(rows, config, base)
     return rows
 
@@ -390,9 +390,15 @@ def trial_dirname(trial: Any) -> str:
     return str(trial.trial_id)
 
 
-def trial_rows(grid: Any, experiment: str, metric: str) -> list[dict[str, Any]]:
+def trial_rows(grid: Any, experiment: str, metric: str,
+               searched: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """One row per trial, the best first: its values, steps reached, its best evaluation,
-    whether ASHA stopped it early, its error if it failed."""
+    whether ASHA stopped it early, its error if it failed.
+
+    A value of ``searched`` that Tune's result does not carry is read from the config the
+    trial's run saved: a search stopped seconds after it started and then resumed gave a
+    trial whose restored result held no config at all (a ``KeyError`` when the best trial's
+    config was written)."""
     rows = []
     for result in grid:
         # Tune's folder of a trial is its id (trial_dirname), with a suffix added when a
@@ -404,9 +410,14 @@ def trial_rows(grid: Any, experiment: str, metric: str) -> list[dict[str, Any]]:
         evals = [r for r in history if "val_loss" in r]
         steps = max((int(r["step"]) for r in history), default=0)
         best = max(evals, key=lambda r: score(r, metric), default=None)
+        values = dict(result.config or {})
+        saved = storage.join(run_dir, RUN_CONFIG)
+        if any(k not in values for k in searched) and storage.is_file(saved):
+            ran = load_config(TrainConfig, saved)
+            values |= {k: getattr(ran, k) for k in searched if k not in values}
         rows.append({
             "trial": trial_id,
-            **{k: result.config[k] for k in sorted(result.config)},
+            **{k: values[k] for k in sorted(values)},
             "steps": steps,
             "best_step": int(best["step"]) if best else None,
             "val_accuracy": best.get("val_accuracy") if best else None,

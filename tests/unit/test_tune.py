@@ -122,3 +122,41 @@ def test_a_stopped_trials_run_has_its_placement_group_removed(ray_local, tmp_pat
         time.sleep(0.2)
     assert ray_local.available_resources()["CPU"] >= free_before + 2  # the CPUs came back
     assert free_run_resources(run_dir) is False  # already removed (as after a run that ended)
+
+
+def test_a_stopped_searchs_hint_says_what_its_rerun_will_accept(tmp_path: Path) -> None:
+    from ecgvlm.cli import _tune_resume_hint
+    from ecgvlm.train.tune import check_search
+
+    config = _config(train_config=str(REPO / "configs" / "train_tiny_cpu.yaml"),
+                     storage_path=str(tmp_path), name="s", output_dir=str(tmp_path / "best"))
+    # Stopped before Tune saved anything (Ray still starting, say): --resume would be refused.
+    assert _tune_resume_hint(config) == (
+        f"the search had not saved its state in {tmp_path / 's'} yet: rerun the same command")
+    with pytest.raises(ConfigError, match="--resume: no search 's'"):
+        check_search(config, resume=True)
+
+
+def test_a_trial_whose_restored_result_lost_its_config_is_described_by_its_run(tmp_path: Path):
+    """Seen by hand: a search stopped 6 s after it started, resumed, gave a trial whose
+    result held no config, and writing the best trial's config ended in KeyError."""
+    import json
+    import types
+
+    from ecgvlm.config import save_config
+    from ecgvlm.train.tune import trial_rows, trial_run_dir
+
+    experiment = str(tmp_path / "s")
+    run_dir = Path(trial_run_dir(experiment, "ab_00000"))
+    run_dir.mkdir(parents=True)
+    save_config(TrainConfig(model_dir="m", data_dir="d", learning_rate=0.02, warmup_steps=1),
+                run_dir / "train_config.yaml")
+    (run_dir / "metrics.jsonl").write_text(
+        json.dumps({"step": 1, "val_loss": 2.0, "val_accuracy": 0.5}) + "\n")
+    restored = types.SimpleNamespace(metrics={"trial_id": "ab_00000"}, config={}, error=None,
+                                     path=str(tmp_path / "s" / "ab_00000"))
+    (row,) = trial_rows([restored], experiment, "val_accuracy", ("learning_rate", "warmup_steps"))
+    assert (row["learning_rate"], row["warmup_steps"], row["best_step"]) == (0.02, 1, 1)
+    drawn = types.SimpleNamespace(**{**vars(restored), "config": {"learning_rate": 0.03}})
+    (row,) = trial_rows([drawn], experiment, "val_accuracy", ("learning_rate", "warmup_steps"))
+    assert (row["learning_rate"], row["warmup_steps"]) == (0.03, 1)  # Tune's values first
