@@ -207,8 +207,15 @@ def trial_train_config(base: TrainConfig, values: Mapping[str, Any], experiment:
         raise ConfigError(f"trial {trial_id} {dict(values)}: {e}") from e
 
 
-def _trial(values: dict[str, Any], base: dict[str, Any], experiment: str, metric: str) -> None:
-    """One Tune trial: a training run whose evaluations are reported to Tune."""
+def _trial(values: dict[str, Any], base: dict[str, Any], experiment: str, metric: str,
+           searched: tuple[str, ...] = ()) -> None:
+    """One Tune trial: a training run whose evaluations are reported to Tune.
+
+    Raises:
+        ConfigError: Tune handed the trial none of a ``searched`` field's value. Seen once, on
+            a search stopped 6 s after it started and resumed: the trial would have trained
+            the base config's values as if they had been drawn.
+    """
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -223,6 +230,11 @@ def _trial(values: dict[str, Any], base: dict[str, Any], experiment: str, metric
     from ecgvlm.config import config_from_dict
 
     trial_id = ray.tune.get_context().get_trial_id()
+    lost = [k for k in searched if k not in values]
+    if lost:
+        raise ConfigError(f"trial {trial_id} was handed no value of {', '.join(lost)} (a search "
+                          "resumed before it had drawn its trials); start the search again "
+                          "under a new name")
     config = trial_train_config(config_from_dict(TrainConfig, base), values, experiment,
                                 trial_id)
     # A restored search restarts unfinished trials: their runs continue from their checkpoint.
@@ -319,7 +331,8 @@ def run_search(config: TuneConfig, resume: bool = False) -> list[dict[str, Any]]
     storage.check_shared({"storage_path": config.storage_path, "output_dir": config.output_dir})
     experiment = config.experiment_dir()
     trainable = ray.tune.with_parameters(
-        _trial, base=config_to_dict(base), experiment=experiment, metric=config.metric)
+        _trial, base=config_to_dict(base), experiment=experiment, metric=config.metric,
+        searched=tuple(config.search))
     # The trial function only waits on its TorchTrainer, whose workers hold the CPUs/GPUs
     # (Tune refuses a trial of zero resources).
     trainable = ray.tune.with_resources(trainable, {"cpu": TRIAL_DRIVER_CPU})
@@ -369,6 +382,14 @@ def run_search(config: TuneConfig, resume: bool = False) -> list[dict[str, Any]]
         else:
             os.environ[_NO_TUNE_SIGINT_HANDLER] = previous
     rows = trial_rows(grid, experiment, config.metric, tuple(config.search))
+    drawn = config.num_samples * math.prod(
+        len(values) for spec in config.search.values() for kind, values in spec.items()
+        if kind == "grid")
+    if len(rows) < drawn:  # seen with a search stopped seconds in, then resumed
+        print(f"[ecgvlm.tune] warning: the search holds {len(rows)} of its {drawn} trials: "
+              "Tune did not draw the rest when it resumed; the table and the best trial are "
+              "of those run. Start the search again under a new name for all of them",
+              flush=True)
     write_outputs(rows, config, base)
     return rows
 

@@ -160,3 +160,13 @@ def test_a_trial_whose_restored_result_lost_its_config_is_described_by_its_run(t
     drawn = types.SimpleNamespace(**{**vars(restored), "config": {"learning_rate": 0.03}})
     (row,) = trial_rows([drawn], experiment, "val_accuracy", ("learning_rate", "warmup_steps"))
     assert (row["learning_rate"], row["warmup_steps"]) == (0.03, 1)  # Tune's values first
+
+
+def test_a_trial_handed_no_drawn_value_refuses_to_train_the_base_config() -> None:
+    """The same resumed search's trial had trained the base config's learning rate (5e-3) and
+    warm-up (2, not even among the search's choices) as if Tune had drawn them."""
+    from ecgvlm.train.tune import _trial
+
+    with pytest.raises(ConfigError, match="was handed no value of learning_rate, warmup_steps"):
+        _trial({}, base={}, experiment="unused", metric="val_accuracy",
+               searched=("learning_rate", "warmup_steps"))
