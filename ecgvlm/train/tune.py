@@ -61,6 +61,13 @@ FIXED_FIELDS = frozenset({
 METRICS = ("val_accuracy", "val_loss")
 #: Logical CPUs each trial's driver function holds (its run's workers hold their own).
 TRIAL_DRIVER_CPU = 0.01
+
+
+class SearchError(RuntimeError):
+    """A search that ran and gave nothing to choose from (``ecgvlm tune`` says it in one
+    line: it was a traceback, the builtin RuntimeError not being a user error)."""
+
+
 #: The folder, under the search's, of the trials' Ray Train runs.
 TRIALS_DIR = "train"
 
@@ -459,7 +466,7 @@ def write_outputs(rows: list[dict[str, Any]], config: TuneConfig, base: TrainCon
     """``trials.csv``, ``trials.png``, ``best_train_config.yaml`` and the best adapter.
 
     Raises:
-        RuntimeError: no trial reached an evaluation (each trial's error is in the table).
+        SearchError: no trial reached an evaluation (each trial's error is in the table).
     """
     from ray.train import Result
 
@@ -476,7 +483,7 @@ def write_outputs(rows: list[dict[str, Any]], config: TuneConfig, base: TrainCon
     plot_trials(rows, storage.join(experiment, "trials.png"), config.metric)
     best = rows[0] if rows and rows[0]["score"] is not None else None
     if best is None:
-        raise RuntimeError(f"no trial of search {config.name!r} reached an evaluation; see "
+        raise SearchError(f"no trial of search {config.name!r} reached an evaluation; see "
                            f"{storage.join(experiment, 'trials.csv')}")
     values = {k: best[k] for k in config.search}
     trial_config = trial_train_config(base, values, experiment, best["trial"])

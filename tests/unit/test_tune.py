@@ -170,3 +170,21 @@ def test_a_trial_handed_no_drawn_value_refuses_to_train_the_base_config() -> Non
     with pytest.raises(ConfigError, match="was handed no value of learning_rate, warmup_steps"):
         _trial({}, base={}, experiment="unused", metric="val_accuracy",
                searched=("learning_rate", "warmup_steps"))
+
+
+def test_a_search_whose_trials_all_failed_ends_in_one_line(tmp_path: Path, capsys) -> None:
+    from ecgvlm.cli import report_user_errors
+    from ecgvlm.train.tune import write_outputs
+
+    config = _config(train_config=str(REPO / "configs" / "train_tiny_cpu.yaml"),
+                     storage_path=str(tmp_path), name="s")
+    failed = {"trial": "ab_00000", "learning_rate": None, "steps": 0, "best_step": None,
+              "val_accuracy": None, "val_loss": None, "score": None, "stopped_early": False,
+              "error": "ConfigError: trial ab_00000 was handed no value", "run_dir": "x"}
+    status = report_user_errors(
+        "tune", lambda: write_outputs([failed], config, config.base_train_config()))
+    assert status == 2
+    assert capsys.readouterr().err == (
+        f"ecgvlm tune: error: no trial of search 's' reached an evaluation; see "
+        f"{tmp_path / 's' / 'trials.csv'}\n")
+    assert "ConfigError: trial ab_00000" in (tmp_path / "s" / "trials.csv").read_text()
