@@ -219,9 +219,9 @@ def _trial(values: dict[str, Any], base: dict[str, Any], experiment: str, metric
     """One Tune trial: a training run whose evaluations are reported to Tune.
 
     Raises:
-        ConfigError: Tune handed the trial none of a ``searched`` field's value. Seen once, on
-            a search stopped 6 s after it started and resumed: the trial would have trained
-            the base config's values as if they had been drawn.
+        ConfigError: Tune handed the trial none of a ``searched`` field's value. Seen twice,
+            on a search stopped in its first seconds and resumed: the trial would have
+            trained the base config's values as if they had been drawn.
     """
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -239,9 +239,9 @@ def _trial(values: dict[str, Any], base: dict[str, Any], experiment: str, metric
     trial_id = ray.tune.get_context().get_trial_id()
     lost = [k for k in searched if k not in values]
     if lost:
-        raise ConfigError(f"trial {trial_id} was handed no value of {', '.join(lost)} (a search "
-                          "resumed before it had drawn its trials); start the search again "
-                          "under a new name")
+        raise ConfigError(f"trial {trial_id} was handed no value of {', '.join(lost)} (as "
+                          "after a search stopped in its first seconds and resumed); start "
+                          "the search again under a new name")
     config = trial_train_config(config_from_dict(TrainConfig, base), values, experiment,
                                 trial_id)
     # A restored search restarts unfinished trials: their runs continue from their checkpoint.
