@@ -242,12 +242,12 @@ class EvalConfig:
 def prepared_dataset_id(data_dir: str | Path) -> str | None:
     """The id ``ecgvlm prepare`` gave the data set (its ``manifest.json``'s): it changes with
     every setting that changes a sample. None for a folder of shards without a manifest."""
-    import json
+    from ecgvlm.dataset import read_manifest
 
-    manifest = storage.join(str(data_dir), "manifest.json")
-    if not storage.is_file(manifest):
+    try:
+        return read_manifest(data_dir).get("dataset_id")
+    except FileNotFoundError:
         return None
-    return json.loads(storage.read_text(manifest)).get("dataset_id")
 
 
 def split_files(data_dir: str | Path, split: str) -> list[str]:
