@@ -228,13 +228,12 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 def _tune_resume_hint(config: TuneConfig) -> str:
     """How to pick up a stopped search, as ``check_search`` will judge the rerun: with
-    ``--resume`` once Tune has saved its state, else the same command as it was."""
-    import ray.tune
-
+    ``--resume`` once Tune has saved its trials, else the same command as it was."""
     from ecgvlm.config import resolve_paths
+    from ecgvlm.train.tune import search_saved
 
     experiment = resolve_paths(config, config.PATH_FIELDS).experiment_dir()
-    if ray.tune.Tuner.can_restore(experiment):
+    if search_saved(experiment):
         return "rerun with --resume to continue the search"
     return f"the search had not saved its state in {experiment} yet: rerun the same command"
 

@@ -26,6 +26,7 @@ import io
 import json
 import math
 import os
+import posixpath
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -219,9 +220,10 @@ def _trial(values: dict[str, Any], base: dict[str, Any], experiment: str, metric
     """One Tune trial: a training run whose evaluations are reported to Tune.
 
     Raises:
-        ConfigError: Tune handed the trial none of a ``searched`` field's value. Seen twice,
-            on a search stopped in its first seconds and resumed: the trial would have
-            trained the base config's values as if they had been drawn.
+        ConfigError: Tune handed the trial none of a ``searched`` field's value, as when its
+            restore fails and it starts a new experiment without the search space (see
+            :func:`search_saved`): the trial would train the base config's values as if
+            they had been drawn.
     """
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -239,9 +241,10 @@ def _trial(values: dict[str, Any], base: dict[str, Any], experiment: str, metric
     trial_id = ray.tune.get_context().get_trial_id()
     lost = [k for k in searched if k not in values]
     if lost:
-        raise ConfigError(f"trial {trial_id} was handed no value of {', '.join(lost)} (as "
-                          "after a search stopped in its first seconds and resumed); start "
-                          "the search again under a new name")
+        raise ConfigError(f"trial {trial_id} was handed no value of {', '.join(lost)}: Tune "
+                          "could not restore the search and started it again without its "
+                          "search space (its log says why); start the search again under a "
+                          "new name")
     config = trial_train_config(config_from_dict(TrainConfig, base), values, experiment,
                                 trial_id)
     # A restored search restarts unfinished trials: their runs continue from their checkpoint.
@@ -291,17 +294,33 @@ def concurrent_trials(config: TuneConfig, base: TrainConfig) -> int:
     return max(1, fits)
 
 
+def search_saved(experiment: str) -> bool:
+    """Whether Tune can resume the search in ``experiment``: it wrote ``tuner.pkl`` when the
+    search started and an ``experiment_state-<session>.json`` at its first checkpoint of the
+    trials, a few seconds later. With only the first, ``Tuner.restore`` (which looks for that
+    one) goes on, Tune's controller finds no state, logs "Failed to restore the run state"
+    and starts a new experiment from what the restore was given: no search space and one
+    sample. A search stopped in its first seconds and resumed ran one trial of the base
+    config that way."""
+    import ray.tune  # can_restore only looks for tuner.pkl: Ray need not run
+
+    if not ray.tune.Tuner.can_restore(experiment):
+        return False
+    return any(posixpath.basename(path).startswith("experiment_state-")
+               for path in storage.list_files(experiment, suffix=".json"))
+
+
 def check_search(config: TuneConfig, resume: bool = False) -> tuple[TuneConfig, TrainConfig]:
     """The search and its base training config with their paths resolved, once what would
     stop the search has been checked: an ``output_dir`` whose replacement would delete data
     (:func:`ecgvlm.train.run.check_output_dir`), a search that exists without ``resume`` or
-    is missing with it. Needs no Ray, so a command can say it before Ray starts.
+    is missing with it. A search stopped before Tune saved its trials (:func:`search_saved`)
+    has nothing to resume: it starts again without ``resume``. Needs no Ray, so a command
+    can say it before Ray starts.
 
     Raises:
         ConfigError: naming the path or the search.
     """
-    import ray.tune  # its can_restore only looks for Tune's state file, Ray need not run
-
     from ecgvlm.config import resolve_paths
 
     config = resolve_paths(config, TuneConfig.PATH_FIELDS)
@@ -309,8 +328,13 @@ def check_search(config: TuneConfig, resume: bool = False) -> tuple[TuneConfig, 
     check_output_dir(config.output_dir, {"storage_path": config.storage_path,
                                          "data_dir": base.data_dir, "model_dir": base.model_dir},
                      "configs/tune_tiny_cpu.yaml: runs/tune/tiny-cpu-best-adapter")
-    exists = ray.tune.Tuner.can_restore(config.experiment_dir())
+    experiment = config.experiment_dir()
+    exists = search_saved(experiment)
     if resume and not exists:
+        if storage.exists(storage.join(experiment, "tuner.pkl")):
+            raise ConfigError(f"--resume: search {config.name!r} under {config.storage_path} "
+                              "was stopped before Tune saved its trials, so there is nothing "
+                              "to resume: rerun without --resume to start it again")
         raise ConfigError(f"--resume: no search {config.name!r} under {config.storage_path}")
     if not resume and exists:
         raise ConfigError(f"search {config.name!r} already exists under {config.storage_path}; "
@@ -392,11 +416,11 @@ def run_search(config: TuneConfig, resume: bool = False) -> list[dict[str, Any]]
     drawn = config.num_samples * math.prod(
         len(values) for spec in config.search.values() for kind, values in spec.items()
         if kind == "grid")
-    if len(rows) < drawn:  # seen with a search stopped seconds in, then resumed
+    if len(rows) < drawn:  # as when Tune's restore failed and it started a new experiment
         print(f"[ecgvlm.tune] warning: the search holds {len(rows)} of its {drawn} trials: "
-              "Tune did not draw the rest when it resumed; the table and the best trial are "
-              "of those run. Start the search again under a new name for all of them",
-              flush=True)
+              "Tune did not draw the rest when it resumed (its log says why); the table and "
+              "the best trial are of those run. Start the search again under a new name for "
+              "all of them", flush=True)
     write_outputs(rows, config, base)
     return rows
 

@@ -124,17 +124,42 @@ def test_a_stopped_trials_run_has_its_placement_group_removed(ray_local, tmp_pat
     assert free_run_resources(run_dir) is False  # already removed (as after a run that ended)
 
 
+def _noop_trial(config: dict) -> None:
+    """A trainable for a Tuner that is built and never run."""
+
+
 def test_a_stopped_searchs_hint_says_what_its_rerun_will_accept(tmp_path: Path) -> None:
+    """Stopped before Tune saved its trials, a search has nothing to resume: seen by hand,
+    Tune's restore of such a folder started a new experiment without the search space."""
+    import ray.tune
+
     from ecgvlm.cli import _tune_resume_hint
-    from ecgvlm.train.tune import check_search
+    from ecgvlm.train.tune import check_search, param_space
 
     config = _config(train_config=str(REPO / "configs" / "train_tiny_cpu.yaml"),
                      storage_path=str(tmp_path), name="s", output_dir=str(tmp_path / "best"))
-    # Stopped before Tune saved anything (Ray still starting, say): --resume would be refused.
-    assert _tune_resume_hint(config) == (
-        f"the search had not saved its state in {tmp_path / 's'} yet: rerun the same command")
+    rerun = f"the search had not saved its state in {tmp_path / 's'} yet: rerun the same command"
+    # Stopped before Tune wrote anything (Ray still starting, say).
+    assert _tune_resume_hint(config) == rerun
     with pytest.raises(ConfigError, match="--resume: no search 's'"):
         check_search(config, resume=True)
+    # Stopped once Tune had written tuner.pkl (building the Tuner writes it) and before its
+    # first experiment state: Tuner.can_restore says yes, there is nothing to resume.
+    ray.tune.Tuner(_noop_trial, param_space=param_space(config),
+                   run_config=ray.tune.RunConfig(name="s", storage_path=str(tmp_path)))
+    assert ray.tune.Tuner.can_restore(str(tmp_path / "s"))
+    assert _tune_resume_hint(config) == rerun
+    with pytest.raises(ConfigError, match=re.escape(
+            f"--resume: search 's' under {tmp_path} was stopped before Tune saved its trials, "
+            "so there is nothing to resume: rerun without --resume to start it again")):
+        check_search(config, resume=True)
+    check_search(config)  # the same command starts it again
+    # Once Tune has saved its trials (the file its controller resumes from), --resume.
+    (tmp_path / "s" / "experiment_state-2026-12-08_00-00-00.json").write_text("{}")
+    assert _tune_resume_hint(config) == "rerun with --resume to continue the search"
+    check_search(config, resume=True)
+    with pytest.raises(ConfigError, match="already exists"):
+        check_search(config)
 
 
 def test_a_trial_whose_restored_result_lost_its_config_is_described_by_its_run(tmp_path: Path):
