@@ -6,6 +6,7 @@ Both are validated and resolved on the driver, before any worker starts.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,23 @@ CHECKPOINT_DEEPSPEED = "deepspeed"
 RNG_STATE = "rng_state_rank{rank}.pt"
 DEEPSPEED_TAG = "state"
 SCORE_METRICS = ("val_accuracy", "val_loss")
+#: The metric Ray Train ranks a run's checkpoints by (which to keep, which to export), added
+#: to each evaluation: :func:`checkpoint_rank` of the configured one.
+CHECKPOINT_RANK = "checkpoint_rank"
+
+
+def checkpoint_rank(metrics: Mapping[str, Any], attribute: str = "val_accuracy",
+                    order: str = "max") -> float:
+    """How good an evaluation is, higher better: ``attribute`` in ``order``, the lower
+    ``val_loss`` breaking ties (``val_accuracy - val_loss / 1e6`` by default). A val subset of
+    a few hundred samples often gives tied accuracies, and Ray Train ranking by the accuracy
+    alone made the earliest of tied checkpoints a run's best, while ``ecgvlm tune`` named the
+    later one of lower loss: the search's table and its exported adapter disagreed. The
+    search's score is this rank. A NaN (a diverged loss) ranks last."""
+    loss = float(metrics.get("val_loss", math.inf))
+    sign = 1.0 if order == "max" else -1.0
+    rank = sign * loss if attribute == "val_loss" else sign * float(metrics[attribute]) - loss / 1e6
+    return -math.inf if math.isnan(rank) else rank
 
 
 @dataclass(frozen=True)
@@ -67,7 +85,8 @@ class TrainConfig:
         log_every_steps: Print and log (``metrics.jsonl``) train metrics every this many steps.
         checkpoint_num_to_keep: Checkpoints kept (the best by the score metric, plus the
             latest, which Ray Train never deletes).
-        checkpoint_score_attribute: Val metric ranking checkpoints.
+        checkpoint_score_attribute: Val metric ranking checkpoints (ties: the lower
+            ``val_loss``; :func:`checkpoint_rank`).
         checkpoint_score_order: ``max`` or ``min``.
         max_failures: Worker-group restarts (from the latest checkpoint) before giving up.
         shuffle_buffer_size: Local shuffle buffer (rows) per worker; 0 keeps the data order.

@@ -23,12 +23,14 @@ from ecgvlm.prompt import build_prompt, parse_answer
 from ecgvlm.train.config import (
     CHECKPOINT_ADAPTER,
     CHECKPOINT_DEEPSPEED,
+    CHECKPOINT_RANK,
     CHECKPOINT_STATE,
     DEEPSPEED_TAG,
     IGNORE_INDEX,
     REQUIRED_COLUMNS,
     RNG_STATE,
     TrainConfig,
+    checkpoint_rank,
     resolve_deepspeed_config,
 )
 from ecgvlm.train.data import Collator, _as_list, decode_png
@@ -707,6 +709,8 @@ def _report(w: _Worker, metrics: dict[str, Any], position: _Position, is_eval: b
     if w.rank == 0:
         _print_metrics(f"step {position.step}/{config.max_steps} eval", metrics)
         _append_history(config, metrics)
+    metrics[CHECKPOINT_RANK] = checkpoint_rank(
+        metrics, config.checkpoint_score_attribute, config.checkpoint_score_order)
     local = _save_checkpoint(w.engine, position, metrics, w.artifact, config, w.zero_stage)
     try:
         ray.train.report(

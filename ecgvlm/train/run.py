@@ -18,9 +18,11 @@ from ecgvlm.config import ConfigError, config_to_dict, resolve_paths, save_confi
 from ecgvlm.dataset import read_shards
 from ecgvlm.train.config import (
     CHECKPOINT_ADAPTER,
+    CHECKPOINT_RANK,
     OPTIONAL_COLUMNS,
     REQUIRED_COLUMNS,
     TrainConfig,
+    checkpoint_rank,
     load_deepspeed_config,
 )
 from ecgvlm.train.data import DataSummary, check_training_data, read_val_rows, val_sample_ids
@@ -380,8 +382,8 @@ def run_training(config: TrainConfig, resume: bool = False, callbacks: tuple[Any
             storage_path=config.storage_path,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=config.checkpoint_num_to_keep,
-                checkpoint_score_attribute=config.checkpoint_score_attribute,
-                checkpoint_score_order=config.checkpoint_score_order,
+                checkpoint_score_attribute=CHECKPOINT_RANK,  # the configured one, ties broken
+                checkpoint_score_order="max",
             ),
             failure_config=FailureConfig(max_failures=config.max_failures),
             callbacks=list(callbacks),
@@ -420,9 +422,13 @@ def _finished_run(config: TrainConfig) -> Any:
 def _export_best_adapter(config: TrainConfig, result: Any) -> Any:
     """Copy the best checkpoint's adapter to ``config.output_dir`` (a folder or a URI);
     return ``result``."""
-    best = result.get_best_checkpoint(
-        config.checkpoint_score_attribute, config.checkpoint_score_order
-    ) or result.checkpoint
+    # Ranked here from each checkpoint's metrics (checkpoints of runs started before the rank
+    # was reported hold none), the earliest of exact ties first, as Ray Train would.
+    ranked = [(checkpoint_rank(metrics, config.checkpoint_score_attribute,
+                               config.checkpoint_score_order), checkpoint)
+              for checkpoint, metrics in result.best_checkpoints or []
+              if config.checkpoint_score_attribute in metrics]
+    best = max(ranked, key=lambda pair: pair[0])[1] if ranked else result.checkpoint
     if best is None:
         raise RuntimeError(f"run {config.run_name!r} finished without a checkpoint")
     output = config.output_dir

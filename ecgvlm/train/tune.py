@@ -42,7 +42,7 @@ from ecgvlm.config import (
     load_config,
     save_config,
 )
-from ecgvlm.train.config import TrainConfig
+from ecgvlm.train.config import TrainConfig, checkpoint_rank
 from ecgvlm.train.loop import HISTORY_NAME, PLACEMENT_GROUP_NAME
 from ecgvlm.train.run import _RUN_SNAPSHOT, RUN_CONFIG, check_output_dir, run_training
 
@@ -157,12 +157,15 @@ class TuneConfig:
         return storage.join(self.storage_path, self.name)
 
 
+def _order(metric: str) -> str:
+    return "min" if metric == "val_loss" else "max"
+
+
 def score(metrics: Mapping[str, Any], metric: str) -> float:
-    """What ASHA and the choice of the best trial maximise (see the module docstring)."""
-    loss = float(metrics.get("val_loss", math.inf))
-    if metric == "val_loss":
-        return -loss
-    return float(metrics["val_accuracy"]) - loss / 1e6
+    """What ASHA and the choice of the best trial maximise (see the module docstring): the
+    rank a trial's run gives its checkpoints (``ecgvlm.train.config.checkpoint_rank``), so
+    that the best trial's exported adapter is the evaluation the table names."""
+    return checkpoint_rank(metrics, metric, _order(metric))
 
 
 def _typed_values(key: str, kind: str, values: list[Any]) -> list[Any]:
@@ -197,9 +200,13 @@ def param_space(config: TuneConfig) -> dict[str, Any]:
 
 
 def trial_train_config(base: TrainConfig, values: Mapping[str, Any], experiment: str,
-                       trial_id: str) -> TrainConfig:
-    """The training config of one trial: the base with the drawn values, its own run."""
+                       trial_id: str, metric: str | None = None) -> TrainConfig:
+    """The training config of one trial: the base with the drawn values, its own run, and
+    its checkpoints ranked by the search's ``metric`` (when given)."""
     changes = dict(values)
+    if metric is not None:
+        changes |= {"checkpoint_score_attribute": metric,
+                    "checkpoint_score_order": _order(metric)}
     if "lora_r" in changes:
         changes["lora_alpha"] = 2 * int(changes["lora_r"])
     run_name = trial_run_name(experiment, trial_id)
@@ -246,7 +253,7 @@ def _trial(values: dict[str, Any], base: dict[str, Any], experiment: str, metric
                           "search space (its log says why); start the search again under a "
                           "new name")
     config = trial_train_config(config_from_dict(TrainConfig, base), values, experiment,
-                                trial_id)
+                                trial_id, metric)
     # A restored search restarts unfinished trials: their runs continue from their checkpoint.
     resume = storage.exists(storage.join(config.run_dir(), _RUN_SNAPSHOT))
     run_training(config, resume=resume, callbacks=(ScoreReport(),))
@@ -510,7 +517,7 @@ def write_outputs(rows: list[dict[str, Any]], config: TuneConfig, base: TrainCon
         raise SearchError(f"no trial of search {config.name!r} reached an evaluation; see "
                            f"{storage.join(experiment, 'trials.csv')}")
     values = {k: best[k] for k in config.search}
-    trial_config = trial_train_config(base, values, experiment, best["trial"])
+    trial_config = trial_train_config(base, values, experiment, best["trial"], config.metric)
     # The best trial's values under the base config's own run name, paths and output: ready
     # for `ecgvlm train --config best_train_config.yaml`.
     best_config = dataclasses.replace(

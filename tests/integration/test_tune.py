@@ -116,3 +116,6 @@ def test_search_stops_weak_trials_and_a_stopped_search_resumes(ray_head_info, us
     from peft import PeftConfig
 
     assert PeftConfig.from_pretrained(str(adapter)).r == best.lora_r
+    # The adapter is the evaluation the table names as the best trial's best (the tiny
+    # model's accuracies tie, and by the accuracy alone an earlier step's was exported).
+    assert json.loads((adapter / "ecgvlm.json").read_text())["step"] == int(rows[0]["best_step"])

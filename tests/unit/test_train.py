@@ -470,3 +470,48 @@ def test_an_output_dir_whose_replacement_would_delete_something_is_refused(tmp_p
         "adapter: the adapter replaces that folder whole; give a new folder, or an adapter's to "
         "replace")
     assert len(list(notes.rglob("*.txt"))) == 5
+
+
+def test_checkpoint_rank_breaks_accuracy_ties_by_loss_and_puts_nan_last() -> None:
+    from ecgvlm.train.config import checkpoint_rank
+
+    tied_lower_loss = {"val_accuracy": 0.5, "val_loss": 6.28}
+    tied_higher_loss = {"val_accuracy": 0.5, "val_loss": 6.31}
+    more_accurate = {"val_accuracy": 0.51, "val_loss": 900.0}
+    diverged = {"val_accuracy": 0.9, "val_loss": float("nan")}
+    assert checkpoint_rank(tied_lower_loss) > checkpoint_rank(tied_higher_loss)
+    assert checkpoint_rank(more_accurate) > checkpoint_rank(tied_lower_loss)
+    assert checkpoint_rank(diverged) == float("-inf")
+    assert checkpoint_rank(tied_lower_loss, "val_loss", "min") == -6.28
+    # Ranked for the least accurate (order min), ties still go to the lower loss.
+    assert checkpoint_rank(tied_lower_loss, "val_accuracy", "min") > checkpoint_rank(
+        tied_higher_loss, "val_accuracy", "min")
+
+
+def test_the_exported_adapter_is_the_tied_checkpoint_of_lower_loss(tmp_path: Path, capsys) -> None:
+    """Seen in a search of configs/tune_tiny_cpu.yaml: steps 2 and 3 of the best trial both
+    had val_accuracy 0.0; the table named step 3 (lower loss), Ray Train's
+    get_best_checkpoint gave step 2 (the earliest), whose adapter was exported."""
+    import ray.train
+
+    from ecgvlm.train.run import _export_best_adapter
+
+    kept = []
+    for step, loss in ((2, 6.31), (3, 6.28), (4, 6.30)):
+        adapter = tmp_path / f"checkpoint_step_{step:06d}" / "adapter"
+        adapter.mkdir(parents=True)
+        (adapter / "step.txt").write_text(str(step))
+        # Ray Train's order: best first by the attribute, ties in the order they were taken.
+        kept.append((ray.train.Checkpoint.from_directory(str(adapter.parent)),
+                     {"step": step, "val_accuracy": 0.0, "val_loss": loss}))
+    result = ray.train.Result(metrics={}, checkpoint=kept[-1][0], error=None,
+                              path=str(tmp_path), best_checkpoints=kept)
+    # Ray Train's own choice: the earliest of the tie.
+    assert result.get_best_checkpoint("val_accuracy", "max") is kept[0][0]
+    config = TrainConfig(model_dir="m", data_dir="d", output_dir=str(tmp_path / "out"))
+    _export_best_adapter(config, result)
+    assert (tmp_path / "out" / "step.txt").read_text() == "3"
+    _export_best_adapter(dataclasses.replace(config, checkpoint_score_attribute="val_loss",
+                                             checkpoint_score_order="min"), result)
+    assert (tmp_path / "out" / "step.txt").read_text() == "3"
+    assert "checkpoint_step_000003" in capsys.readouterr().out

@@ -83,6 +83,12 @@ def test_a_trial_gets_its_own_run_and_lora_alpha_follows_the_rank(tmp_path: Path
     assert trial.max_failures == 0
     with pytest.raises(ConfigError, match="trial ab_00002"):
         trial_train_config(base, {"warmup_steps": -1}, str(tmp_path / "s"), "ab_00002")
+    # Without a metric, the base's ranking; with the search's, its checkpoints are ranked by it.
+    assert (trial.checkpoint_score_attribute, trial.checkpoint_score_order) == ("val_accuracy",
+                                                                                  "max")
+    by_loss = trial_train_config(base, {}, str(tmp_path / "s"), "ab_00003", "val_loss")
+    assert (by_loss.checkpoint_score_attribute, by_loss.checkpoint_score_order) == ("val_loss",
+                                                                                    "min")
 
 
 def test_score_is_accuracy_with_loss_breaking_ties() -> None:
