@@ -225,6 +225,53 @@ def evaluate(
     return metrics
 
 
+#: The local folders checkpoints are written to before Ray Train uploads them; the writing
+#: process's id is in the name (see :func:`remove_orphaned_staging`).
+STAGING_PREFIX = "ecgvlm-ckpt-"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_orphaned_staging(root: str | None = None) -> list[str]:
+    """Delete the checkpoint staging folders under ``root`` (the temp dir) whose writing
+    process is gone, and return them.
+
+    A worker removes its folder once Ray Train has uploaded it, but a worker killed while it
+    reports (a trial ASHA stopped, a run whose other rank failed, Ctrl-C) leaves it behind:
+    a PULSE-7B LoRA checkpoint with its optimizer state is hundreds of MB. A folder whose
+    process is alive is being written or uploaded and is kept; so is one whose dead process's
+    id has been taken by another (the safe side of that mistake).
+    """
+    root = root or tempfile.gettempdir()
+    removed = []
+    with os.scandir(root) as entries:
+        for entry in entries:
+            pid_text = entry.name.removeprefix(f"{STAGING_PREFIX}p").split("-", 1)[0]
+            if (not entry.name.startswith(f"{STAGING_PREFIX}p") or not pid_text.isdigit()
+                    or not entry.is_dir(follow_symlinks=False)
+                    or _process_alive(int(pid_text))):
+                continue
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry.path)
+    return removed
+
+
+def staging_dir(step: int, rank: int, root: str | None = None) -> str:
+    """A new local folder for this rank's part of the checkpoint at ``step``, under ``root``
+    (the temp dir), once the folders that killed workers left there are deleted."""
+    remove_orphaned_staging(root)
+    return tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}p{os.getpid()}-s{step}-r{rank}-",
+                            dir=root)
+
+
 def _save_checkpoint(
     engine: Any,
     position: _Position,
@@ -240,7 +287,7 @@ def _save_checkpoint(
     from ecgvlm.adapter import AdapterArtifact
 
     rank = dist.get_rank() if dist.is_initialized() else 0
-    local = tempfile.mkdtemp(prefix=f"ecgvlm-ckpt-s{position.step}-r{rank}-")
+    local = staging_dir(position.step, rank)
     state = {"step": position.step, "epoch": position.epoch,
              "batches_in_epoch": position.batches_in_epoch}
     engine.save_checkpoint(

@@ -472,6 +472,41 @@ def test_an_output_dir_whose_replacement_would_delete_something_is_refused(tmp_p
     assert len(list(notes.rglob("*.txt"))) == 5
 
 
+def test_a_killed_workers_checkpoint_folder_is_deleted_by_the_next_checkpoint(tmp_path: Path):
+    """A worker killed while Ray Train took its checkpoint (an ASHA-stopped trial, Ctrl-C)
+    left its staging folder in /tmp: 33 of them after a day of this project's runs."""
+    import os
+    import signal
+
+    from ecgvlm.train.loop import STAGING_PREFIX, staging_dir
+
+    # A worker that creates its folder as _save_checkpoint does, writes into it and is killed.
+    worker = ("import os, pathlib, signal\n"
+              "from ecgvlm.train.loop import staging_dir\n"
+              f"d = staging_dir(4, 0, root={str(tmp_path)!r})\n"
+              "pathlib.Path(d, 'rng_state_rank0.pt').write_bytes(b'x' * 1000)\n"
+              "print(d, flush=True)\n"
+              "os.kill(os.getpid(), signal.SIGKILL)\n")
+    killed = subprocess.run([sys.executable, "-c", worker], capture_output=True, text=True,
+                            cwd=REPO, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    orphan = Path(killed.stdout.strip())
+    assert orphan.parent == tmp_path and orphan.is_dir()
+    mine = Path(staging_dir(2, 1, root=str(tmp_path)))  # a live worker's, being uploaded
+    old_style = tmp_path / f"{STAGING_PREFIX}s2-r0-abcd"  # no process id: not ours to judge
+    dead_pid = orphan.name.removeprefix(STAGING_PREFIX).split("-")[0]  # "p<id>"
+    not_a_folder = tmp_path / f"{STAGING_PREFIX}{dead_pid}-s9-r0-x"
+    other = tmp_path / "unrelated"
+    for folder in (old_style, other):
+        folder.mkdir()
+    not_a_folder.write_text("")
+
+    new = Path(staging_dir(6, 0, root=str(tmp_path)))
+    assert not orphan.exists()
+    assert new.name.startswith(f"{STAGING_PREFIX}p{os.getpid()}-s6-r0-")
+    assert all(p.exists() for p in (mine, old_style, not_a_folder, other, new))
+
+
 def test_checkpoint_rank_breaks_accuracy_ties_by_loss_and_puts_nan_last() -> None:
     from ecgvlm.train.config import checkpoint_rank
 
