@@ -338,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
         if haproxy_dir is not None:
             shutil.rmtree(haproxy_dir, ignore_errors=True)
+        if args.model_dir is None:  # the tiny model made above (each run left one in /tmp)
+            shutil.rmtree(model_dir.parent, ignore_errors=True)
 
     if rows:
         _print_throughput(rows, kinds, args, model_dir)

@@ -37,6 +37,7 @@ Every failure prints the file, the block and its output.
 from __future__ import annotations
 
 import os
+import random
 import re
 import shlex
 import shutil
@@ -130,9 +131,20 @@ def splittable(body: str) -> bool:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free now and below the kernel's ephemeral range (and above Ray's worker ports,
+    10002-19999). The endpoint binds it minutes after the walk chose it: a port from
+    ``bind(0)`` is one the kernel also hands to outgoing connections, and the walk's
+    ``ecgvlm serve`` once found its port taken that way."""
+    ephemeral = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    first_ephemeral = int(ephemeral.read_text().split()[0]) if ephemeral.exists() else 32768
+    for port in random.sample(range(20000, max(first_ephemeral, 20100)), 100):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port between 20000 and the ephemeral range")
 
 
 class Walk:

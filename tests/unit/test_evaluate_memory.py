@@ -25,6 +25,7 @@ _POOL_SCRIPT = (
     "path = os.path.join(tempfile.mkdtemp(), 'x.parquet')\n"
     "pq.write_table(pa.table({'x': list(range(200_000, 0, -1))}), path)\n"
     "table = ds.dataset(path).to_table().sort_by('x')\n"
+    "import shutil; shutil.rmtree(os.path.dirname(path))\n"
     "print(chosen, pa.default_memory_pool().backend_name,\n"
     "      os.environ.get('ARROW_DEFAULT_MEMORY_POOL'),\n"
     "      pa.mimalloc_memory_pool().max_memory() > 0,\n"
