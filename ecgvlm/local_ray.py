@@ -191,6 +191,9 @@ def haproxy_ingress_env(state_dir: str) -> dict[str, str]:
         "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{state_dir}/admin.sock",
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": state_dir,
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{state_dir}/server-state",
+        # Where HAProxy logs each request for Serve's metrics (Serve binds it per node, as
+        # the admin socket): under /tmp/haproxy-serve, one folder per start was left behind.
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": f"{state_dir}/metrics.sock",
     }
 
 

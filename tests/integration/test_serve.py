@@ -895,6 +895,9 @@ def test_ecgvlm_serve_takes_free_ports_and_sigterm_stops_all_it_started(tiny_pul
             header = rows[0].lstrip("# ").split(",")
             gateway = [dict(zip(header, r.split(","))) for r in rows if "Gateway" in r]
             assert gateway and int(gateway[0]["stot"]) >= 1, rows
+            # Its request log socket is the head's too (Serve's default left a folder in
+            # /tmp/haproxy-serve per start).
+            assert list(Path(temp_dir).glob("*/metrics.sock")), list(Path(temp_dir).iterdir())
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0, "".join(lines) + proc.stdout.read()[-3000:]
         # Once `ecgvlm serve` has exited, nothing of it answers any more (Serve's HTTP proxy

@@ -39,7 +39,7 @@ def test_each_head_gets_free_ports_and_files_of_its_own() -> None:
     for env, state_dir in ((first, "/tmp/ecgvlm-ray-aaaaaaaa"),
                            (second, "/tmp/ecgvlm-ray-bbbbbbbb")):
         paths = [v for k, v in env.items() if k.endswith(("_LOC", "_PATH", "_BASE", "_FILE"))]
-        assert len(paths) == 4 and all(Path(p).is_relative_to(state_dir) for p in paths), env
+        assert len(paths) == 5 and all(Path(p).is_relative_to(state_dir) for p in paths), env
 
 
 def test_a_state_dir_too_long_for_haproxys_socket_is_named() -> None:
