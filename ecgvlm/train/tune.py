@@ -518,11 +518,12 @@ def write_outputs(rows: list[dict[str, Any]], config: TuneConfig, base: TrainCon
                            f"{storage.join(experiment, 'trials.csv')}")
     values = {k: best[k] for k in config.search}
     trial_config = trial_train_config(base, values, experiment, best["trial"], config.metric)
-    # The best trial's values under the base config's own run name, paths and output: ready
-    # for `ecgvlm train --config best_train_config.yaml`.
+    # The best trial's values under the base config's own run name, paths and output, and
+    # its restarts (a trial's run has none: Tune restarts the trial): ready for
+    # `ecgvlm train --config best_train_config.yaml`.
     best_config = dataclasses.replace(
         trial_config, run_name=base.run_name, storage_path=base.storage_path,
-        output_dir=base.output_dir)
+        output_dir=base.output_dir, max_failures=base.max_failures)
     save_config(best_config, storage.join(experiment, "best_train_config.yaml"))
     result = Result.from_path(best["run_dir"])
     _export_best_adapter(dataclasses.replace(trial_config, output_dir=config.output_dir), result)

@@ -112,6 +112,9 @@ def test_search_stops_weak_trials_and_a_stopped_search_resumes(ray_head_info, us
     best = load_config(TrainConfig, experiment / "best_train_config.yaml")
     assert best.learning_rate == pytest.approx(float(rows[0]["learning_rate"]))
     assert best.run_name == "tiny-cpu" and best.max_steps == 3
+    # A trial's run does not restart itself; the config to train on keeps the base's restarts.
+    assert best.max_failures == load_config(TrainConfig, user_dir / "configs"
+                                            / "train_tiny_cpu.yaml").max_failures == 1
     adapter = user_dir / "runs" / "tune" / "tiny-cpu-best-adapter"
     from peft import PeftConfig
 
