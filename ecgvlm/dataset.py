@@ -40,7 +40,7 @@ import os
 import subprocess
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -1105,6 +1105,20 @@ def read_manifest(output_dir: str | Path) -> dict[str, Any]:
     if not storage.is_file(path):
         raise FileNotFoundError(f"{path} not found: is {output_dir} a prepared data set?")
     return json.loads(storage.read_text(path))
+
+
+def data_hash(manifest: Mapping[str, Any]) -> str:
+    """What a prepared data set holds, as a hash: its ``dataset_id`` (config and records) and
+    each split's shards with their SHA-256. The manifest file also holds the run's timings,
+    so the file's own hash changed whenever ``prepare`` ran again, even one that rewrote no
+    shard: ``train --resume`` then took the data for another (seen on a second ``make
+    demo``)."""
+    return _hash({
+        "dataset_id": manifest.get("dataset_id"),
+        "shards": {split: [[s.get("file"), s.get("sha256"), s.get("n_samples")]
+                           for s in info.get("shards", [])]
+                   for split, info in (manifest.get("splits") or {}).items()},
+    })
 
 
 def split_files(output_dir: str | Path, split: str) -> list[str]:

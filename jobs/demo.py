@@ -130,10 +130,12 @@ def run_demo(args: argparse.Namespace) -> int:
         ])
         adapter_dir = Path(train_config.output_dir)
         if (adapter_dir / "adapter_config.json").is_file():
-            # A retrained adapter answers differently: the evaluation's stored answers are
+            # Deleting the adapter alone re-exports it from the finished run below. A
+            # retrained adapter answers differently: the evaluation's stored answers are
             # this one's, and stage 5 refuses to mix them with a new one's (inputs.json).
-            _done(t0, f"adapter already trained at {adapter_dir} (to retrain, delete it and "
-                      f"{out / 'eval'}, whose answers are this adapter's)")
+            _done(t0, f"adapter already trained at {adapter_dir} (to retrain, delete it, its "
+                      f"run {train_config.run_dir()} and {out / 'eval'}, whose answers are "
+                      "this adapter's)")
         else:
             resume = (Path(train_config.run_dir()) / "checkpoint_manager_snapshot.json").exists()
             run_training(train_config, resume=resume)

@@ -50,7 +50,7 @@ class DataSummary:
 
     rows: dict[str, int]
     label_set: tuple[str, ...] = ()
-    manifest_hash: str | None = None
+    data_hash: str | None = None  # ecgvlm.dataset.data_hash of its manifest
     render_config_hash: str | None = None
     files: dict[str, list[str]] = field(default_factory=dict)
 
@@ -67,9 +67,7 @@ def check_training_data(config: TrainConfig) -> DataSummary:
     """
     import pyarrow.parquet as pq
 
-    from ecgvlm import storage
-    from ecgvlm.adapter import hash_file
-    from ecgvlm.dataset import MANIFEST_NAME, check_shards_readable, read_manifest
+    from ecgvlm.dataset import check_shards_readable, data_hash, read_manifest
 
     rows: dict[str, int] = {}
     files: dict[str, list[str]] = {}
@@ -103,7 +101,7 @@ def check_training_data(config: TrainConfig) -> DataSummary:
     return DataSummary(
         rows,
         tuple(sorted(labels)),
-        hash_file(storage.join(config.data_dir, MANIFEST_NAME)),
+        data_hash(manifest),
         manifest.get("render_config_hash"),
         files,
     )

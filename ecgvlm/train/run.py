@@ -43,7 +43,7 @@ def make_loop_config(
         "val_rows": list(val or []),
         "artifact": {
             "label_set": list(summary.label_set),
-            "data_manifest_hash": summary.manifest_hash,
+            "data_manifest_hash": summary.data_hash,
             "render_config_hash": summary.render_config_hash,
             "git_sha": git_sha,
         },
@@ -67,9 +67,12 @@ RUN_INPUTS = "run_inputs.json"
 
 
 def run_inputs(config: TrainConfig, summary: DataSummary) -> dict[str, str | None]:
-    """What a run trains on, beyond its config's paths: the prepared data's manifest hash
-    and a fingerprint of the model folder's files (``ecgvlm.storage.fingerprint``)."""
-    return {"data_manifest_hash": summary.manifest_hash,
+    """What a run trains on, beyond its config's paths: the prepared data's hash
+    (``ecgvlm.dataset.data_hash``) and a fingerprint of the model folder's files
+    (``ecgvlm.storage.fingerprint``). Runs started before the data's hash was kept under
+    ``data_hash`` hold the manifest file's hash, which a rerun of prepare changed: it is not
+    compared."""
+    return {"data_hash": summary.data_hash,
             "model_fingerprint": storage.fingerprint(config.model_dir)}
 
 
@@ -107,7 +110,7 @@ def check_run_dir(config: TrainConfig, resume: bool,
     started = storage.join(run_dir, RUN_INPUTS)
     if resume and inputs is not None and storage.is_file(started):
         before = json.loads(storage.read_text(started))
-        for name, what, path in (("data_manifest_hash", "the prepared data in data_dir",
+        for name, what, path in (("data_hash", "the prepared data in data_dir",
                                   config.data_dir),
                                  ("model_fingerprint", "the weights in model_dir",
                                   config.model_dir)):

@@ -218,7 +218,7 @@ def test_resuming_on_other_base_weights_is_refused(trained, tmp_path) -> None:
     config = trained["config"]
     started = json.loads((Path(config.run_dir()) / RUN_INPUTS).read_text())
     assert started["model_fingerprint"] == storage.fingerprint(config.model_dir)
-    assert started["data_manifest_hash"]
+    assert started["data_hash"]
     check_inputs(config, resume=True)  # what the run started on: resumable
     other = make_tiny_pulse(tmp_path / "other-pulse", seed=1, merge="flat")
     with pytest.raises(ConfigError, match=f"--resume: the weights in model_dir {other} are not "

@@ -161,3 +161,25 @@ def test_ray_data_settings_are_restored_after_the_block_and_after_an_error():
                                                           no_such_setting=True):
         pass
     assert context.target_max_block_size == before[0]
+
+
+def test_data_hash_follows_the_shards_not_the_runs_timings():
+    """The manifest file holds the run's timings, so its own hash changed with every rerun of
+    prepare: a second `make demo` then refused to resume its training run."""
+    import copy
+
+    from ecgvlm.dataset import data_hash
+
+    manifest = {
+        "dataset_id": "d1", "wall_time_s": 9.3, "phase_wall_s": {"scan_s": 9.2},
+        "task_time_s": {"read_s": 5.2}, "code_version": {"git_sha": "a"},
+        "splits": {"train": {"n_samples": 2, "shards": [
+            {"file": "train/part-00000.parquet", "n_samples": 2, "sha256": "aa"}]}},
+    }
+    rerun = {**manifest, "wall_time_s": 18.0, "phase_wall_s": {"scan_s": 10.0},
+             "task_time_s": {"read_s": 0.0}, "code_version": {"git_sha": "b"}}
+    assert data_hash(rerun) == data_hash(manifest)
+    rebuilt = copy.deepcopy(manifest)
+    rebuilt["splits"]["train"]["shards"][0]["sha256"] = "bb"  # a shard with other content
+    assert data_hash(rebuilt) != data_hash(manifest)
+    assert data_hash({**manifest, "dataset_id": "d2"}) != data_hash(manifest)

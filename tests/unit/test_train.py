@@ -413,17 +413,17 @@ def test_resume_refuses_data_prepared_again_or_other_base_weights(tmp_path: Path
                          storage_path=str(tmp_path / "runs"), run_name="r")
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "model.safetensors").write_bytes(b"weights of the run's start")
-    summary = DataSummary({}, manifest_hash="m1")
+    summary = DataSummary({}, data_hash="m1")
     run_dir = Path(config.run_dir())
     run_dir.mkdir(parents=True)
     (run_dir / "checkpoint_manager_snapshot.json").write_text("{}")  # a started run
     (run_dir / RUN_INPUTS).write_text(json.dumps(run_inputs(config, summary)))
     check_run_dir(config, resume=True, inputs=run_inputs(config, summary))
     with pytest.raises(ConfigError) as raised:
-        check_run_dir(config, resume=True, inputs=run_inputs(config, DataSummary({}, manifest_hash="m2")))
+        check_run_dir(config, resume=True, inputs=run_inputs(config, DataSummary({}, data_hash="m2")))
     assert str(raised.value).startswith(
         f"--resume: the prepared data in data_dir {tmp_path / 'data'} are not those the run "
-        "started on (data_manifest_hash m1 then, m2 now; ")
+        "started on (data_hash m1 then, m2 now; ")
     (tmp_path / "model" / "model.safetensors").write_bytes(b"weights of another checkpoint")
     with pytest.raises(ConfigError, match=re.escape(
             f"--resume: the weights in model_dir {tmp_path / 'model'} are not those the run "
