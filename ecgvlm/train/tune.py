@@ -28,7 +28,7 @@ import math
 import os
 import posixpath
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -71,6 +71,12 @@ class SearchError(RuntimeError):
 
 #: The folder, under the search's, of the trials' Ray Train runs.
 TRIALS_DIR = "train"
+#: The search's config as it started, in its folder.
+SEARCH_CONFIG = "tune_config.yaml"
+#: What a resumed search cannot change: Tune restores its space, draws and scheduler as they
+#: were and would ignore new ones, while the table and the count of trials read the new.
+FIXED_ON_RESUME = ("search", "num_samples", "metric", "seed", "grace_period_steps",
+                   "reduction_factor", "train")
 
 
 @dataclass(frozen=True)
@@ -346,7 +352,25 @@ def check_search(config: TuneConfig, resume: bool = False) -> tuple[TuneConfig, 
     if not resume and exists:
         raise ConfigError(f"search {config.name!r} already exists under {config.storage_path}; "
                           "pass --resume to continue it or choose another name")
+    saved = storage.join(experiment, SEARCH_CONFIG)
+    if resume and storage.is_file(saved):
+        started = load_config(TuneConfig, saved)
+        for name, was, now in (d for field_name in FIXED_ON_RESUME for d in _differences(
+                field_name, getattr(started, field_name), getattr(config, field_name))):
+            raise ConfigError(
+                f"--resume: {name} = {now!r} differs from the search's {was!r} ({saved}); a "
+                "search's space, trials and scheduler are fixed when it starts (Tune would "
+                "go on with the old ones): resume with its values, or start a new name")
     return config, base
+
+
+def _differences(name: str, was: Any, now: Any) -> Iterator[tuple[str, Any, Any]]:
+    """(dotted name, was, now) of each value that differs, nested mappings key by key."""
+    if isinstance(was, Mapping) and isinstance(now, Mapping):
+        for key in sorted(set(was) | set(now)):
+            yield from _differences(f"{name}.{key}", was.get(key), now.get(key))
+    elif was != now:
+        yield name, was, now
 
 
 def run_search(config: TuneConfig, resume: bool = False) -> list[dict[str, Any]]:
@@ -404,7 +428,7 @@ def run_search(config: TuneConfig, resume: bool = False) -> list[dict[str, Any]]
                 callbacks=[FreeStoppedRuns(experiment)],
             ),
         )
-        save_config(config, storage.join(experiment, "tune_config.yaml"))
+        save_config(config, storage.join(experiment, SEARCH_CONFIG))
     # Ctrl-C stops the search at once (KeyboardInterrupt), as it stops a training run. Tune's
     # own handler would end the search and return its trials as if it had ended (the one cut
     # short looks stopped by ASHA), and the best so far would be written as the search's best.

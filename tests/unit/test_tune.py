@@ -168,6 +168,36 @@ def test_a_stopped_searchs_hint_says_what_its_rerun_will_accept(tmp_path: Path) 
         check_search(config)
 
 
+def test_a_resume_that_changes_the_search_is_refused(tmp_path: Path) -> None:
+    """Resumed with num_samples=5 (3 at its start), a search ran Tune's 3 and warned that
+    Tune had not drawn the other 2, as if Tune had failed; a new space was ignored too."""
+    import dataclasses
+
+    from ecgvlm.config import save_config
+    from ecgvlm.train.tune import SEARCH_CONFIG, check_search
+
+    config = _config(train_config=str(REPO / "configs" / "train_tiny_cpu.yaml"), num_samples=3,
+                     storage_path=str(tmp_path), name="s", output_dir=str(tmp_path / "best"))
+    started, _ = check_search(config)
+    experiment = tmp_path / "s"
+    experiment.mkdir()
+    save_config(started, experiment / SEARCH_CONFIG)  # as run_search keeps it
+    (experiment / "tuner.pkl").write_bytes(b"")  # Tune's files, as once it saved the trials
+    (experiment / "experiment_state-2026-12-08_00-00-00.json").write_text("{}")
+    check_search(config, resume=True)
+    check_search(dataclasses.replace(config, max_concurrent_trials=1), resume=True)
+    for changed, said in [
+        ({"num_samples": 5}, "num_samples = 5 differs from the search's 3"),
+        ({"search": {"learning_rate": {"loguniform": [1e-4, 5e-2]}}},
+         ("search.learning_rate.loguniform = [0.0001, 0.05] differs from the search's "
+          "[0.0001, 0.01]")),
+        ({"train": {"max_steps": 5}}, "train.max_steps = 5 differs from the search's None"),
+        ({"metric": "val_loss"}, "metric = 'val_loss' differs from the search's 'val_accuracy'"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(f"--resume: {said} ({experiment}")):
+            check_search(dataclasses.replace(config, **changed), resume=True)
+
+
 def test_a_trial_whose_restored_result_lost_its_config_is_described_by_its_run(tmp_path: Path):
     """Seen by hand: a search stopped 6 s after it started, resumed, gave a trial whose
     result held no config, and writing the best trial's config ended in KeyError."""
