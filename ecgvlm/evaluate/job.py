@@ -1203,6 +1203,11 @@ class EvalInputs:
     fingerprints: dict[str, str] = field(default_factory=dict)
 
 
+def generation_settings(config: EvalConfig) -> dict[str, Any]:
+    """The request settings an answer depends on, kept with the stored answers."""
+    return {"max_tokens": config.max_tokens, "temperature": config.temperature}
+
+
 def check_inputs(config: EvalConfig) -> EvalInputs:
     """Read and check, without Ray and writing nothing, what an evaluation needs from
     outside: the split (its shards whole, its columns, samples selected), an ``output_dir``
@@ -1232,7 +1237,7 @@ def check_inputs(config: EvalConfig) -> EvalInputs:
     fingerprints = {m: cards[m]["fingerprint"] for m in config.models
                     if m in cards and cards[m]["fingerprint"]}
     dataset_id = prepared_dataset_id(config.data_dir)
-    store.check_same_inputs(dataset_id, fingerprints)
+    store.check_same_inputs(dataset_id, fingerprints, generation_settings(config))
     return EvalInputs(shards, meta, {m: card["reason"] for m, card in cards.items()},
                       dataset_id, fingerprints)
 
@@ -1271,7 +1276,8 @@ def evaluate(config: EvalConfig, inputs: EvalInputs | None = None) -> tuple[Any,
     storage.check_writable(out)
     store = PredictionStore(out)
     save_config(config, storage.join(out, "config.yaml"))
-    store.record_inputs(config.data_dir, inputs.dataset_id, inputs.fingerprints)
+    store.record_inputs(config.data_dir, inputs.dataset_id, inputs.fingerprints,
+                        generation_settings(config))
 
     unavailable = {}
     for m in config.models:

@@ -263,13 +263,16 @@ class PredictionStore:
             return {}
         return json.loads(storage.read_text(path))
 
-    def check_same_inputs(self, dataset_id: str | None, fingerprints: dict[str, str]) -> None:
+    def check_same_inputs(self, dataset_id: str | None, fingerprints: dict[str, str],
+                          generation: dict[str, Any] | None = None) -> None:
         """Refuse to add to predictions made on another prepared data set, or by other
         weights under one of ``fingerprints``' model names (a retrained adapter served as
         ``pulse-lora`` again). Sample ids name records, not questions, so a resumed run would
         otherwise keep answers to other questions, or another model's, as this run's.
         Where either side is unknown (no manifest, an endpoint that gives no fingerprint, a
-        directory written before this was recorded) nothing is compared.
+        directory written before this was recorded) nothing is compared. ``generation``
+        (``max_tokens``, ``temperature``) must be as the stored answers were generated: a
+        quick run with ``max_tokens=8`` would otherwise leave its cut answers in the real one.
 
         Raises:
             EvaluationError: naming what is stored and what this run would use.
@@ -283,6 +286,13 @@ class PredictionStore:
                 f"{self.output_dir} holds predictions on the prepared data set {held} "
                 f"({stored.get('data_dir')}); this run's data_dir holds {dataset_id}: use "
                 "another output_dir (resuming would mix two experiments)")
+        for name, now in sorted((generation or {}).items()):
+            was = (stored.get("generation") or {}).get(name)
+            if was is not None and was != now:
+                raise EvaluationError(
+                    f"{self.output_dir} holds answers generated with {name} {was}; this run "
+                    f"asks {name} {now}: use another output_dir (resuming would keep the old "
+                    f"answers as this run's), or set {name}: {was}")
         for model, now in sorted(fingerprints.items()):
             was = (stored.get("fingerprints") or {}).get(model)
             if was and now and was != now:
@@ -294,14 +304,16 @@ class PredictionStore:
                     "out of models")
 
     def record_inputs(self, data_dir: str, dataset_id: str | None,
-                      fingerprints: dict[str, str]) -> None:
+                      fingerprints: dict[str, str],
+                      generation: dict[str, Any] | None = None) -> None:
         """Write what this run's predictions are made from (:meth:`check_same_inputs`), with
         the fingerprints of models asked before that this run does not ask."""
         import json
 
         kept = self._stored_inputs() if self._sources() else {}
         record = {"data_dir": data_dir, "dataset_id": dataset_id or kept.get("dataset_id"),
-                  "fingerprints": {**(kept.get("fingerprints") or {}), **fingerprints}}
+                  "fingerprints": {**(kept.get("fingerprints") or {}), **fingerprints},
+                  "generation": generation or kept.get("generation")}
         storage.write_text(storage.join(self.output_dir, INPUTS_NAME),
                            json.dumps(record, indent=2, sort_keys=True) + "\n")
 

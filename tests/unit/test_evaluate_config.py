@@ -1,5 +1,6 @@
 """The evaluation configs load, validate by field name, and the pure helpers behave."""
 
+import dataclasses
 from pathlib import Path
 
 import pandas as pd
@@ -297,6 +298,31 @@ def test_resume_refuses_predictions_of_another_data_set_or_other_weights(tmp_pat
     store.check_same_inputs("d1", {**asked, "pulse-lora:b": "dddd"})
     with pytest.raises(EvaluationError, match="pulse-lora:b's answers from other weights"):
         store.check_same_inputs("d1", {"pulse-lora:b": "eeee"})
+
+
+def test_resume_refuses_answers_generated_with_other_settings(tmp_path):
+    """A quick run with max_tokens 8 into the output_dir of the real one left its cut
+    answers as the real run's."""
+    from ecgvlm.evaluate.job import generation_settings
+
+    config = EvalConfig(data_dir="runs/prepared", max_tokens=8)
+    store = PredictionStore(tmp_path)
+    store.record_inputs("runs/prepared", "d1", {}, generation_settings(config))
+    store.append([{"sample_id": "s1", "dataset": "d", "model": "pulse", "split": "test"}])
+    store.check_same_inputs("d1", {}, generation_settings(config))
+    longer = generation_settings(dataclasses.replace(config, max_tokens=256))
+    with pytest.raises(EvaluationError) as raised:
+        store.check_same_inputs("d1", {}, longer)
+    assert str(raised.value) == (
+        f"{tmp_path} holds answers generated with max_tokens 8; this run asks max_tokens "
+        "256: use another output_dir (resuming would keep the old answers as this run's), or "
+        "set max_tokens: 8")
+    sampled = generation_settings(dataclasses.replace(config, temperature=0.7))
+    with pytest.raises(EvaluationError, match="generated with temperature 0.0; this run asks"):
+        store.check_same_inputs("d1", {}, sampled)
+    # A folder written before the settings were kept compares nothing.
+    (tmp_path / "inputs.json").write_text('{"dataset_id": "d1", "fingerprints": {}}')
+    store.check_same_inputs("d1", {}, longer)
 
 
 def test_an_endpoint_without_its_v1_is_named_with_the_likely_fix():
