@@ -62,6 +62,10 @@ _RUN_SNAPSHOT = "checkpoint_manager_snapshot.json"
 RUN_CONFIG = "train_config.yaml"
 # Config fields that shape the learning-rate schedule.
 SCHEDULE_FIELDS = ("learning_rate", "warmup_steps", "max_steps")
+# Config fields that decide what a run's evaluations measure: its checkpoints are ranked
+# against each other by them (checkpoint_rank), so a resume must keep them.
+EVALUATION_FIELDS = ("val_split", "eval_max_samples", "eval_max_new_tokens", "seed",
+                     "checkpoint_score_attribute", "checkpoint_score_order")
 # What the run started on (run_inputs), written into the run folder when a run starts.
 RUN_INPUTS = "run_inputs.json"
 
@@ -106,6 +110,14 @@ def check_run_dir(config: TrainConfig, resume: bool,
                     f"{before[name]!r} ({saved}); the learning-rate schedule "
                     f"({', '.join(SCHEDULE_FIELDS)}) is fixed when a run starts: resume with "
                     "the run's values, or start a new run_name"
+                )
+        for name in EVALUATION_FIELDS:
+            if name in before and before[name] != getattr(config, name):
+                raise ConfigError(
+                    f"--resume: {name} = {getattr(config, name)!r} differs from the run's "
+                    f"{before[name]!r} ({saved}); the run's checkpoints are ranked against "
+                    "each other by evaluations on its val subset, chosen when it starts: "
+                    "resume with the run's values, or start a new run_name"
                 )
     started = storage.join(run_dir, RUN_INPUTS)
     if resume and inputs is not None and storage.is_file(started):

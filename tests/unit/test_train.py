@@ -384,6 +384,14 @@ def test_resume_refuses_a_changed_learning_rate_schedule(tmp_path: Path) -> None
     for name, value in (("max_steps", 2000), ("learning_rate", 2e-4), ("warmup_steps", 0)):
         with pytest.raises(ConfigError, match=f"--resume: {name} = .* differs from the run's"):
             check_run_dir(dataclasses.replace(config, **{name: value}), resume=True)
+    # What the evaluations measure: the run's checkpoints are ranked against each other by
+    # them, so a bigger val subset on resume would compare accuracies of two subsets.
+    for name, value in (("eval_max_samples", 512), ("seed", 1), ("val_split", "test"),
+                        ("eval_max_new_tokens", 64), ("checkpoint_score_attribute", "val_loss"),
+                        ("checkpoint_score_order", "min")):
+        with pytest.raises(ConfigError, match=re.escape(
+                f"--resume: {name} = {value!r} differs from the run's ") + ".*ranked against"):
+            check_run_dir(dataclasses.replace(config, **{name: value}), resume=True)
 
 
 def test_a_stopped_runs_hint_says_what_its_rerun_will_accept(tmp_path: Path) -> None:
