@@ -566,9 +566,10 @@ def _task_cause(error: BaseException) -> BaseException:
 #: How each command picks up where Ctrl-C stopped it (said on the line that reports it).
 _RESUME_HINTS = {
     "prepare": "rerun the same command: the finished shards are kept",
-    "train": "rerun with --resume to continue from its last checkpoint (or as it was, if it "
-             "had recorded none)",
-    "tune": "rerun with --resume to continue the search",
+    # train and tune say their own once Ray has started (_train/_tune_resume_hint); before,
+    # nothing of the run exists yet.
+    "train": "rerun the same command",
+    "tune": "rerun the same command",
     "evaluate": "rerun the same command: the answers already stored are not asked again",
     "demo": "rerun it: the finished stages are reused",
 }
@@ -585,7 +586,7 @@ def report_user_errors(command: str, run: Callable[[], int | None]) -> int:
     try:
         return int(run() or 0)
     except KeyboardInterrupt as e:
-        hint = str(e) or _RESUME_HINTS.get(command)  # a command may know better (train)
+        hint = str(e) or _RESUME_HINTS.get(command)  # a command may know better
         print(f"ecgvlm {command}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return 130
     except Exception as raised:

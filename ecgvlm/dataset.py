@@ -1111,8 +1111,8 @@ def data_hash(manifest: Mapping[str, Any]) -> str:
     """What a prepared data set holds, as a hash: its ``dataset_id`` (config and records) and
     each split's shards with their SHA-256. The manifest file also holds the run's timings,
     so the file's own hash changed whenever ``prepare`` ran again, even one that rewrote no
-    shard: ``train --resume`` then took the data for another (seen on a second ``make
-    demo``)."""
+    shard: ``train --resume`` then took the data for another (seen on the demo run again
+    after its adapter was deleted)."""
     return _hash({
         "dataset_id": manifest.get("dataset_id"),
         "shards": {split: [[s.get("file"), s.get("sha256"), s.get("n_samples")]

@@ -100,25 +100,20 @@ def check_run_dir(config: TrainConfig, resume: bool,
         )
     saved = storage.join(run_dir, RUN_CONFIG)
     if resume and storage.is_file(saved):
-        # The resumed scheduler continues the saved one's step count under the new config's
-        # formula: a new horizon or peak would make the learning rate jump mid-run.
         before = yaml.safe_load(storage.read_text(saved)) or {}
-        for name in SCHEDULE_FIELDS:
-            if name in before and before[name] != getattr(config, name):
-                raise ConfigError(
-                    f"--resume: {name} = {getattr(config, name)!r} differs from the run's "
-                    f"{before[name]!r} ({saved}); the learning-rate schedule "
-                    f"({', '.join(SCHEDULE_FIELDS)}) is fixed when a run starts: resume with "
-                    "the run's values, or start a new run_name"
-                )
-        for name in EVALUATION_FIELDS:
-            if name in before and before[name] != getattr(config, name):
-                raise ConfigError(
-                    f"--resume: {name} = {getattr(config, name)!r} differs from the run's "
-                    f"{before[name]!r} ({saved}); the run's checkpoints are ranked against "
-                    "each other by evaluations on its val subset, chosen when it starts: "
-                    "resume with the run's values, or start a new run_name"
-                )
+        # The resumed scheduler continues the saved one's step count under the new config's
+        # formula: a new horizon or peak would make the learning rate jump.
+        schedule = (f"the learning-rate schedule ({', '.join(SCHEDULE_FIELDS)}) is fixed when "
+                    "a run starts")
+        ranking = ("the run's checkpoints are ranked against each other by evaluations on its "
+                   "val subset, chosen when it starts")
+        for fields, why in ((SCHEDULE_FIELDS, schedule), (EVALUATION_FIELDS, ranking)):
+            for name in fields:
+                if name in before and before[name] != getattr(config, name):
+                    raise ConfigError(
+                        f"--resume: {name} = {getattr(config, name)!r} differs from the run's "
+                        f"{before[name]!r} ({saved}); {why}: resume with the run's values, or "
+                        "start a new run_name")
     started = storage.join(run_dir, RUN_INPUTS)
     if resume and inputs is not None and storage.is_file(started):
         before = json.loads(storage.read_text(started))

@@ -44,7 +44,7 @@ from ecgvlm.config import (
 )
 from ecgvlm.train.config import TrainConfig, checkpoint_rank
 from ecgvlm.train.loop import HISTORY_NAME, PLACEMENT_GROUP_NAME
-from ecgvlm.train.run import _RUN_SNAPSHOT, RUN_CONFIG, check_output_dir, run_training
+from ecgvlm.train.run import _RUN_SNAPSHOT, check_output_dir, run_training
 
 #: Distributions a ``search`` entry may name, with the values each takes.
 DISTRIBUTIONS = {"loguniform": "[low, high]", "uniform": "[low, high]",
@@ -344,7 +344,9 @@ def check_search(config: TuneConfig, resume: bool = False) -> tuple[TuneConfig, 
     experiment = config.experiment_dir()
     exists = search_saved(experiment)
     if resume and not exists:
-        if storage.exists(storage.join(experiment, "tuner.pkl")):
+        import ray.tune  # can_restore only looks for tuner.pkl: Ray need not run
+
+        if ray.tune.Tuner.can_restore(experiment):
             raise ConfigError(f"--resume: search {config.name!r} under {config.storage_path} "
                               "was stopped before Tune saved its trials, so there is nothing "
                               "to resume: rerun without --resume to start it again")
@@ -443,7 +445,7 @@ def run_search(config: TuneConfig, resume: bool = False) -> list[dict[str, Any]]
             os.environ.pop(_NO_TUNE_SIGINT_HANDLER, None)
         else:
             os.environ[_NO_TUNE_SIGINT_HANDLER] = previous
-    rows = trial_rows(grid, experiment, config.metric, tuple(config.search))
+    rows = trial_rows(grid, experiment, config.metric)
     drawn = config.num_samples * math.prod(
         len(values) for spec in config.search.values() for kind, values in spec.items()
         if kind == "grid")
@@ -473,15 +475,9 @@ def trial_dirname(trial: Any) -> str:
     return str(trial.trial_id)
 
 
-def trial_rows(grid: Any, experiment: str, metric: str,
-               searched: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+def trial_rows(grid: Any, experiment: str, metric: str) -> list[dict[str, Any]]:
     """One row per trial, the best first: its values, steps reached, its best evaluation,
-    whether ASHA stopped it early, its error if it failed.
-
-    A value of ``searched`` that Tune's result does not carry is read from the config the
-    trial's run saved: a search stopped seconds after it started and then resumed gave a
-    trial whose restored result held no config at all (a ``KeyError`` when the best trial's
-    config was written)."""
+    whether ASHA stopped it early, its error if it failed."""
     rows = []
     for result in grid:
         # Tune's folder of a trial is its id (trial_dirname), with a suffix added when a
@@ -493,11 +489,7 @@ def trial_rows(grid: Any, experiment: str, metric: str,
         evals = [r for r in history if "val_loss" in r]
         steps = max((int(r["step"]) for r in history), default=0)
         best = max(evals, key=lambda r: score(r, metric), default=None)
-        values = dict(result.config or {})
-        saved = storage.join(run_dir, RUN_CONFIG)
-        if any(k not in values for k in searched) and storage.is_file(saved):
-            ran = load_config(TrainConfig, saved)
-            values |= {k: getattr(ran, k) for k in searched if k not in values}
+        values = result.config or {}
         rows.append({
             "trial": trial_id,
             **{k: values[k] for k in sorted(values)},

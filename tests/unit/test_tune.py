@@ -198,34 +198,10 @@ def test_a_resume_that_changes_the_search_is_refused(tmp_path: Path) -> None:
             check_search(dataclasses.replace(config, **changed), resume=True)
 
 
-def test_a_trial_whose_restored_result_lost_its_config_is_described_by_its_run(tmp_path: Path):
-    """Seen by hand: a search stopped 6 s after it started, resumed, gave a trial whose
-    result held no config, and writing the best trial's config ended in KeyError."""
-    import json
-    import types
-
-    from ecgvlm.config import save_config
-    from ecgvlm.train.tune import trial_rows, trial_run_dir
-
-    experiment = str(tmp_path / "s")
-    run_dir = Path(trial_run_dir(experiment, "ab_00000"))
-    run_dir.mkdir(parents=True)
-    save_config(TrainConfig(model_dir="m", data_dir="d", learning_rate=0.02, warmup_steps=1),
-                run_dir / "train_config.yaml")
-    (run_dir / "metrics.jsonl").write_text(
-        json.dumps({"step": 1, "val_loss": 2.0, "val_accuracy": 0.5}) + "\n")
-    restored = types.SimpleNamespace(metrics={"trial_id": "ab_00000"}, config={}, error=None,
-                                     path=str(tmp_path / "s" / "ab_00000"))
-    (row,) = trial_rows([restored], experiment, "val_accuracy", ("learning_rate", "warmup_steps"))
-    assert (row["learning_rate"], row["warmup_steps"], row["best_step"]) == (0.02, 1, 1)
-    drawn = types.SimpleNamespace(**{**vars(restored), "config": {"learning_rate": 0.03}})
-    (row,) = trial_rows([drawn], experiment, "val_accuracy", ("learning_rate", "warmup_steps"))
-    assert (row["learning_rate"], row["warmup_steps"]) == (0.03, 1)  # Tune's values first
-
-
 def test_a_trial_handed_no_drawn_value_refuses_to_train_the_base_config() -> None:
-    """The same resumed search's trial had trained the base config's learning rate (5e-3) and
-    warm-up (2, not even among the search's choices) as if Tune had drawn them."""
+    """A search resumed before Tune had saved its trials (now refused) ran a trial of the base
+    config's learning rate (5e-3) and warm-up (2, not even among the search's choices) as if
+    Tune had drawn them: Tune's restore had started a new search without the space."""
     from ecgvlm.train.tune import _trial
 
     with pytest.raises(ConfigError, match="was handed no value of learning_rate, warmup_steps"):
